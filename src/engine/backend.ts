@@ -1,0 +1,93 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { createRequire } from 'node:module';
+import * as path from 'node:path';
+import { UserError } from '../util/errors.js';
+
+/**
+ * Run-time backend choice. The native TensorFlow bindings are optional dependencies whose
+ * install downloads libtensorflow; where that failed they are simply absent, so each candidate
+ * is tried in order and the reason it was passed over is kept for `prefopt doctor`.
+ */
+export const BACKEND_ORDER = ['tensorflow-gpu', 'tensorflow', 'wasm', 'cpu'] as const;
+export type BackendName = (typeof BACKEND_ORDER)[number];
+
+export interface BackendReport {
+  chosen: BackendName;
+  tfName: string;
+  tried: { name: BackendName; ok: boolean; reason: string }[];
+  warning?: string;
+  requested?: string;
+}
+
+const require = createRequire(import.meta.url);
+let current: BackendReport | null = null;
+
+async function tryBackend(name: BackendName): Promise<string> {
+  switch (name) {
+    case 'tensorflow-gpu':
+      // Registers the 'tensorflow' backend on top of CUDA when libtensorflow_gpu is present.
+      await import('@tensorflow/tfjs-node-gpu' as string);
+      if (!(await tf.setBackend('tensorflow'))) throw new Error('tensorflow backend failed to initialise');
+      return 'tensorflow';
+    case 'tensorflow':
+      await import('@tensorflow/tfjs-node' as string);
+      if (!(await tf.setBackend('tensorflow'))) throw new Error('tensorflow backend failed to initialise');
+      return 'tensorflow';
+    case 'wasm': {
+      const wasm = await import('@tensorflow/tfjs-backend-wasm');
+      const dir = path.join(path.dirname(require.resolve('@tensorflow/tfjs-backend-wasm/package.json')), 'dist') + path.sep;
+      wasm.setWasmPaths(dir);
+      if (!(await tf.setBackend('wasm'))) throw new Error('wasm backend failed to initialise');
+      return 'wasm';
+    }
+    case 'cpu':
+      await import('@tensorflow/tfjs-backend-cpu');
+      if (!(await tf.setBackend('cpu'))) throw new Error('cpu backend failed to initialise');
+      return 'cpu';
+  }
+}
+
+function normalise(name: string): BackendName {
+  const n = name.trim().toLowerCase();
+  const alias: Record<string, BackendName> = {
+    'node-gpu': 'tensorflow-gpu', gpu: 'tensorflow-gpu', 'tensorflow-gpu': 'tensorflow-gpu', cuda: 'tensorflow-gpu',
+    node: 'tensorflow', tensorflow: 'tensorflow', wasm: 'wasm', cpu: 'cpu',
+  };
+  const b = alias[n];
+  if (!b) throw new UserError(`unknown backend "${name}": expected one of node-gpu, node, wasm, cpu`);
+  return b;
+}
+
+/**
+ * Select a backend: the explicit request (flag or PREFOPT_BACKEND) if given, which must work,
+ * else the first that loads in BACKEND_ORDER. Idempotent within a process.
+ */
+export async function initBackend(requested?: string): Promise<BackendReport> {
+  const req = requested ?? process.env.PREFOPT_BACKEND ?? undefined;
+  if (current && (!req || normalise(req) === current.chosen)) return current;
+  const order = req ? [normalise(req)] : [...BACKEND_ORDER];
+  const tried: BackendReport['tried'] = [];
+  for (const name of order) {
+    try {
+      const tfName = await tryBackend(name);
+      const report: BackendReport = { chosen: name, tfName, tried: [...tried, { name, ok: true, reason: 'loaded' }], requested: req };
+      if (name === 'cpu') report.warning = 'using the pure-JS cpu backend, about 25x slower than wasm';
+      current = report;
+      return report;
+    } catch (e: any) {
+      const reason = e?.code === 'ERR_MODULE_NOT_FOUND' || e?.code === 'MODULE_NOT_FOUND' ? 'not installed' : String(e?.message ?? e).split('\n')[0];
+      tried.push({ name, ok: false, reason });
+    }
+  }
+  const detail = tried.map((t) => `${t.name}: ${t.reason}`).join('; ');
+  throw new UserError(req ? `backend "${req}" is not usable here (${detail})` : `no tfjs backend could be loaded (${detail})`);
+}
+
+export function backendName(): string {
+  return tf.getBackend();
+}
+
+/** wasm only hands plain 2-D matmuls to its fast kernel; other backends take any form. */
+export function needsPlainMatmul(): boolean {
+  return tf.getBackend() === 'wasm';
+}

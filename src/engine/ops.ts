@@ -1,0 +1,99 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { needsPlainMatmul } from './backend.js';
+
+/**
+ * The few tensor primitives whose gradients need care. tfjs-wasm runs only 2-D, non-transposed,
+ * unbatched matMul on its fast kernel (transposed/batched forms fall to a scalar loop ~40x
+ * slower) and lacks UnsortedSegmentSum (the gather gradient). Every matmul in the model goes
+ * through `mm`/`bmm`, whose forward and backward both issue only plain 2-D products on wasm;
+ * transposes are materialised as copies, which cost O(size) against O(size·k) for the product.
+ */
+
+/** a [M,K] · b [K,N]. */
+export const mm: (a: tf.Tensor2D, b: tf.Tensor2D) => tf.Tensor2D = tf.customGrad(
+  ((a: tf.Tensor2D, b: tf.Tensor2D, save: tf.GradSaveFunc) => {
+    save([a, b]);
+    return {
+      value: tf.matMul(a, b),
+      gradFunc: (dy: tf.Tensor2D, saved: tf.Tensor[]) => {
+        const [sa, sb] = saved as tf.Tensor2D[];
+        return [tf.matMul(dy, tf.transpose(sb)), tf.matMul(tf.transpose(sa), dy)];
+      },
+    };
+  }) as any,
+) as any;
+
+function plainBmm(a: tf.Tensor3D, b: tf.Tensor3D): tf.Tensor3D {
+  if (!needsPlainMatmul()) return tf.matMul(a, b);
+  const n = a.shape[0];
+  if (n === 1) return tf.expandDims(tf.matMul(tf.squeeze(a, [0]) as tf.Tensor2D, tf.squeeze(b, [0]) as tf.Tensor2D), 0) as tf.Tensor3D;
+  const as = tf.unstack(a) as tf.Tensor2D[];
+  const bs = tf.unstack(b) as tf.Tensor2D[];
+  return tf.stack(as.map((x, i) => tf.matMul(x, bs[i]))) as tf.Tensor3D;
+}
+
+/** Batched a [B,M,K] · b [B,K,N]. */
+export const bmm: (a: tf.Tensor3D, b: tf.Tensor3D) => tf.Tensor3D = tf.customGrad(
+  ((a: tf.Tensor3D, b: tf.Tensor3D, save: tf.GradSaveFunc) => {
+    save([a, b]);
+    return {
+      value: plainBmm(a, b),
+      gradFunc: (dy: tf.Tensor3D, saved: tf.Tensor[]) => {
+        const [sa, sb] = saved as tf.Tensor3D[];
+        return [plainBmm(dy, tf.transpose(sb, [0, 2, 1])), plainBmm(tf.transpose(sa, [0, 2, 1]), dy)];
+      },
+    };
+  }) as any,
+) as any;
+
+/** x [..., in] · w [in, out] (+ b [out]). Weights are kept [in, out] in memory; see io/layout. */
+export function linear(x: tf.Tensor, w: tf.Tensor, b?: tf.Tensor | null): tf.Tensor {
+  const xs = x.shape as number[];
+  const inDim = xs[xs.length - 1];
+  const outDim = (w.shape as number[])[1];
+  const lead = xs.slice(0, -1);
+  let y: tf.Tensor = mm(tf.reshape(x, [-1, inDim]) as tf.Tensor2D, w as tf.Tensor2D);
+  if (b) y = tf.add(y, b);
+  return tf.reshape(y, [...lead, outDim]);
+}
+
+/**
+ * Embedding lookup. The gradient is one-hot(ids)ᵀ · dY, a plain matmul, since wasm has no
+ * UnsortedSegmentSum for gather's own gradient.
+ */
+export function embed(table: tf.Tensor2D, ids: tf.Tensor): tf.Tensor {
+  const flat = tf.reshape(ids, [-1]) as tf.Tensor1D;
+  const vocab = table.shape[0];
+  const f = tf.customGrad(((t: tf.Tensor2D, save: tf.GradSaveFunc) => {
+    return {
+      value: tf.gather(t, flat),
+      gradFunc: (dy: tf.Tensor2D) => [mmPlain(tf.transpose(tf.oneHot(flat, vocab)) as tf.Tensor2D, dy)],
+    };
+  }) as any) as any;
+  const out = f(table) as tf.Tensor2D;
+  return tf.reshape(out, [...ids.shape, table.shape[1]]);
+}
+
+function mmPlain(a: tf.Tensor2D, b: tf.Tensor2D): tf.Tensor2D {
+  return tf.matMul(a, b);
+}
+
+/**
+ * log p(label) for each row of logits [N, V]. One-hot masking instead of gather: gather with
+ * batchDims > 0 returns wrong values on wasm (tfjs#8658) and gatherND has no gradient.
+ * Labels outside [0, V) (e.g. -100) give 0; callers mask them anyway.
+ */
+export function labelLogProbs(logits: tf.Tensor2D, labels: tf.Tensor1D): tf.Tensor1D {
+  const lsm = tf.logSoftmax(logits);
+  const oh = tf.oneHot(labels, logits.shape[1]);
+  return tf.sum(tf.mul(lsm, oh), 1) as tf.Tensor1D;
+}
+
+export function rmsNorm(x: tf.Tensor, w: tf.Tensor, eps: number): tf.Tensor {
+  const ms = tf.mean(tf.square(x), -1, true);
+  return tf.mul(tf.mul(x, tf.rsqrt(tf.add(ms, eps))), w);
+}
+
+export function silu(x: tf.Tensor): tf.Tensor {
+  return tf.mul(x, tf.sigmoid(x));
+}

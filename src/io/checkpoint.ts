@@ -1,0 +1,182 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { UserError } from '../util/errors.js';
+import { ModelConfig, expectedShapes, parseConfig } from '../model/config.js';
+import { DType, SafetensorsFile, TORCH_DTYPE, readHeader, readTensor, writeSafetensors } from './safetensors.js';
+
+/**
+ * Hugging Face checkpoint directories (REFERENCE §1): config.json, one safetensors file or shards
+ * with an index, generation_config.json and tokenizer files carried along. Tensors are handled in
+ * HF layout here; the model decides how it keeps them in memory.
+ */
+export interface HostTensor {
+  shape: number[];
+  data: Float32Array;
+}
+
+export const TOKENIZER_FILES = ['tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'vocab.json', 'merges.txt', 'tokenizer.model'];
+
+/** Where each tensor of a checkpoint lives, without reading any data. */
+export class TensorSource {
+  constructor(
+    readonly dir: string,
+    readonly files: Map<string, SafetensorsFile>,
+    readonly where: Map<string, string>,
+  ) {}
+
+  static open(dir: string): TensorSource {
+    const single = path.join(dir, 'model.safetensors');
+    const index = path.join(dir, 'model.safetensors.index.json');
+    const files = new Map<string, SafetensorsFile>();
+    const where = new Map<string, string>();
+    if (fs.existsSync(index)) {
+      let idx: any;
+      try {
+        idx = JSON.parse(fs.readFileSync(index, 'utf8'));
+      } catch (e: any) {
+        throw new UserError(`${index}: invalid JSON (${e.message})`);
+      }
+      if (!idx?.weight_map || typeof idx.weight_map !== 'object') throw new UserError(`${index}: missing "weight_map"`);
+      for (const [name, f] of Object.entries<any>(idx.weight_map)) {
+        if (typeof f !== 'string' || f.includes('..') || path.isAbsolute(f)) throw new UserError(`${index}: tensor "${name}" maps to a bad file name ${JSON.stringify(f)}`);
+        const file = path.join(dir, f);
+        if (!files.has(f)) {
+          if (!fs.existsSync(file)) throw new UserError(`${index}: tensor "${name}" is in ${f}, which does not exist`);
+          files.set(f, readHeader(file));
+        }
+        if (!files.get(f)!.tensors.has(name)) throw new UserError(`${file}: tensor "${name}" is listed in the index but not in the file`);
+        where.set(name, f);
+      }
+    } else if (fs.existsSync(single)) {
+      const st = readHeader(single);
+      files.set('model.safetensors', st);
+      for (const name of st.tensors.keys()) where.set(name, 'model.safetensors');
+    } else {
+      throw new UserError(`${dir}: no model.safetensors or model.safetensors.index.json`);
+    }
+    return new TensorSource(dir, files, where);
+  }
+
+  has(name: string): boolean {
+    return this.where.has(name);
+  }
+  names(): string[] {
+    return [...this.where.keys()];
+  }
+  fileOf(name: string): string {
+    return path.join(this.dir, this.where.get(name)!);
+  }
+  shape(name: string): number[] {
+    const st = this.files.get(this.where.get(name)!)!;
+    return st.tensors.get(name)!.shape;
+  }
+  dtype(name: string): DType {
+    return this.files.get(this.where.get(name)!)!.tensors.get(name)!.dtype;
+  }
+  read(name: string): HostTensor {
+    const f = this.where.get(name);
+    if (!f) throw new UserError(`${this.dir}: missing tensor "${name}"`);
+    const st = this.files.get(f)!;
+    return { shape: st.tensors.get(name)!.shape, data: readTensor(st, name) };
+  }
+}
+
+export function loadConfig(dir: string): ModelConfig {
+  const file = path.join(dir, 'config.json');
+  if (!fs.existsSync(file)) throw new UserError(`${dir}: not a checkpoint directory (no config.json)`);
+  let raw: any;
+  try {
+    raw = JSON.parse(fs.readFileSync(file, 'utf8'));
+  } catch (e: any) {
+    throw new UserError(`${file}: invalid JSON (${e.message})`);
+  }
+  return parseConfig(raw, file);
+}
+
+/** Check every expected tensor is present with the config's shape; returns the source. */
+export function openCheckpoint(dir: string): { cfg: ModelConfig; src: TensorSource } {
+  const cfg = loadConfig(dir);
+  const src = TensorSource.open(dir);
+  for (const [name, shape] of expectedShapes(cfg)) {
+    if (!src.has(name)) throw new UserError(`${dir}: missing tensor "${name}" (config.json says ${cfg.arch} with ${cfg.num_hidden_layers} layers)`);
+    const got = src.shape(name);
+    if (got.length !== shape.length || got.some((d, i) => d !== shape[i])) {
+      throw new UserError(`${src.fileOf(name)}: tensor "${name}" has shape [${got}] but config.json implies [${shape}]`);
+    }
+  }
+  return { cfg, src };
+}
+
+export function checkFinite(name: string, file: string, data: Float32Array): void {
+  for (let i = 0; i < data.length; i++) {
+    if (!Number.isFinite(data[i])) throw new UserError(`${file}: tensor "${name}" holds a non-finite value (${data[i]}) at index ${i}`);
+  }
+}
+
+export interface SaveOptions {
+  dtype?: DType;
+  /** Split into shards above this many bytes (transformers' max_shard_size); default: one file. */
+  maxShardBytes?: number;
+  /** Copy tokenizer and generation config files from here. */
+  copyFrom?: string | null;
+  generationConfig?: Record<string, any> | null;
+}
+
+const BYTES: Record<string, number> = { F32: 4, F16: 2, BF16: 2 };
+
+/** Write config + weights (+ carried files) into `dir`, which should be a fresh temp dir. */
+export async function writeCheckpointFiles(
+  dir: string,
+  rawConfig: Record<string, any>,
+  entries: { name: string; shape: number[] }[],
+  getData: (name: string) => Float32Array | Promise<Float32Array>,
+  opts: SaveOptions = {},
+): Promise<void> {
+  const dtype = opts.dtype ?? 'F32';
+  fs.mkdirSync(dir, { recursive: true });
+  const config = { ...rawConfig, torch_dtype: TORCH_DTYPE[dtype] ?? 'float32' };
+  fs.writeFileSync(path.join(dir, 'config.json'), JSON.stringify(config, null, 2) + '\n');
+  const sizes = entries.map((e) => e.shape.reduce((a, b) => a * b, 1) * BYTES[dtype]);
+  const total = sizes.reduce((a, b) => a + b, 0);
+  if (!opts.maxShardBytes || total <= opts.maxShardBytes) {
+    await writeSafetensors(path.join(dir, 'model.safetensors'), entries, dtype, getData);
+  } else {
+    const shards: { name: string; shape: number[] }[][] = [[]];
+    let cur = 0;
+    entries.forEach((e, i) => {
+      if (cur > 0 && cur + sizes[i] > opts.maxShardBytes!) {
+        shards.push([]);
+        cur = 0;
+      }
+      shards[shards.length - 1].push(e);
+      cur += sizes[i];
+    });
+    const weightMap: Record<string, string> = {};
+    const n = String(shards.length).padStart(5, '0');
+    for (let s = 0; s < shards.length; s++) {
+      const fname = `model-${String(s + 1).padStart(5, '0')}-of-${n}.safetensors`;
+      await writeSafetensors(path.join(dir, fname), shards[s], dtype, getData);
+      for (const e of shards[s]) weightMap[e.name] = fname;
+    }
+    fs.writeFileSync(path.join(dir, 'model.safetensors.index.json'), JSON.stringify({ metadata: { total_size: total }, weight_map: weightMap }, null, 2) + '\n');
+  }
+  if (opts.copyFrom) copyCarriedFiles(opts.copyFrom, dir);
+  if (opts.generationConfig) fs.writeFileSync(path.join(dir, 'generation_config.json'), JSON.stringify(opts.generationConfig, null, 2) + '\n');
+}
+
+export function copyCarriedFiles(from: string, to: string): void {
+  for (const f of [...TOKENIZER_FILES, 'generation_config.json', 'chat_template.jinja']) {
+    const src = path.join(from, f);
+    if (fs.existsSync(src) && path.resolve(src) !== path.resolve(path.join(to, f))) fs.copyFileSync(src, path.join(to, f));
+  }
+}
+
+export function readGenerationConfig(dir: string): Record<string, any> | null {
+  const f = path.join(dir, 'generation_config.json');
+  if (!fs.existsSync(f)) return null;
+  try {
+    return JSON.parse(fs.readFileSync(f, 'utf8'));
+  } catch (e: any) {
+    throw new UserError(`${f}: invalid JSON (${e.message})`);
+  }
+}

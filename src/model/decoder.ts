@@ -1,0 +1,263 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { ModelConfig, expectedShapes, isLinearWeight } from './config.js';
+import { attentionMask } from './mask.js';
+import { ropeTables } from './rope.js';
+import { bmm, embed, linear, mm, rmsNorm, silu } from '../engine/ops.js';
+import { Rng } from '../util/rng.js';
+
+/**
+ * A Llama-family decoder (Llama, Qwen2, 360Zhinao) in one file, after nanoGPT's model.py.
+ * Parameters keep their Hugging Face names; linear weights are held transposed ([in, out]) so
+ * that every product is a plain x·W (see engine/ops). Adapters (LoRA) plug in per linear layer
+ * through `adapter`, and can be switched off to recover the base model exactly.
+ */
+
+/** Something that adds to the output of a named linear layer (e.g. LoRA). */
+export interface LinearAdapter {
+  targets(module: string): boolean;
+  apply(module: string, x: tf.Tensor, y: tf.Tensor): tf.Tensor;
+}
+
+/** Per-layer key/value tensors [B, KV, Tc, hd], kept across decode steps. */
+export class KVCache {
+  k: (tf.Tensor4D | null)[];
+  v: (tf.Tensor4D | null)[];
+  /** keyValid for every cached position, row-major [B, Tc]. */
+  valid: number[][];
+  constructor(layers: number, batch: number) {
+    this.k = new Array(layers).fill(null);
+    this.v = new Array(layers).fill(null);
+    this.valid = Array.from({ length: batch }, () => []);
+  }
+  get length(): number {
+    return this.valid[0]?.length ?? 0;
+  }
+  get batch(): number {
+    return this.valid.length;
+  }
+  /** Repeat each row `times` times (prefill a prompt once, then sample K continuations). */
+  repeatRows(times: number): void {
+    if (times === 1) return;
+    const idx: number[] = [];
+    for (let b = 0; b < this.batch; b++) for (let r = 0; r < times; r++) idx.push(b);
+    const ii = tf.tensor1d(idx, 'int32');
+    for (let l = 0; l < this.k.length; l++) {
+      const k = this.k[l]!;
+      const v = this.v[l]!;
+      this.k[l] = tf.keep(tf.gather(k, ii)) as tf.Tensor4D;
+      this.v[l] = tf.keep(tf.gather(v, ii)) as tf.Tensor4D;
+      k.dispose();
+      v.dispose();
+    }
+    ii.dispose();
+    this.valid = idx.map((b) => [...this.valid[b]]);
+  }
+  dispose(): void {
+    for (const t of [...this.k, ...this.v]) t?.dispose();
+    this.k.fill(null);
+    this.v.fill(null);
+  }
+}
+
+export interface ForwardBatch {
+  /** Token ids [B, T]. */
+  ids: ArrayLike<number>;
+  batch: number;
+  len: number;
+  /** Absolute positions [B*T]; default 0..T-1 (offset by the cache length). */
+  positions?: ArrayLike<number>;
+  /** [B*T] 1 for real tokens, 0 for padding; default all real. */
+  valid?: ArrayLike<number>;
+  /** [B*T] segment ids when several conversations are packed in one row. */
+  segments?: ArrayLike<number>;
+}
+
+export class Decoder {
+  adapter: LinearAdapter | null = null;
+  adapterEnabled = true;
+
+  constructor(
+    readonly cfg: ModelConfig,
+    readonly params: Map<string, tf.Variable>,
+  ) {}
+
+  /** Build from HF-layout host tensors (transposing linear weights). */
+  static fromHF(cfg: ModelConfig, get: (name: string) => { shape: number[]; data: Float32Array }, trainable = false): Decoder {
+    const params = new Map<string, tf.Variable>();
+    for (const [name] of expectedShapes(cfg)) {
+      const t = get(name);
+      params.set(name, tf.variable(toInternal(name, t.shape, t.data), trainable, name));
+    }
+    return new Decoder(cfg, params);
+  }
+
+  /** Fresh weights: N(0, 0.02) for matrices (transformers' initializer_range), ones for norms, zeros for biases. */
+  static init(cfg: ModelConfig, seed: number, std = 0.02): Decoder {
+    return Decoder.fromHF(cfg, (name) => {
+      const shape = expectedShapes(cfg).get(name)!;
+      const n = shape.reduce((a, b) => a * b, 1);
+      const data = new Float32Array(n);
+      if (name.endsWith('norm.weight')) data.fill(1);
+      else if (!name.endsWith('.bias')) {
+        const rng = new Rng(seed, name);
+        for (let i = 0; i < n; i++) data[i] = rng.normal() * std;
+      }
+      return { shape, data };
+    }, true);
+  }
+
+  p(name: string): tf.Variable {
+    const v = this.params.get(name);
+    if (!v) throw new Error(`model has no parameter ${name}`);
+    return v;
+  }
+
+  setTrainable(trainable: boolean): void {
+    for (const v of this.params.values()) v.trainable = trainable;
+  }
+
+  /** A linear layer by module name, with its bias and any adapter. */
+  lin(module: string, x: tf.Tensor): tf.Tensor {
+    const w = this.p(`${module}.weight`);
+    const b = this.params.get(`${module}.bias`) ?? null;
+    let y = linear(x, w, b);
+    if (this.adapter && this.adapterEnabled && this.adapter.targets(module)) y = this.adapter.apply(module, x, y);
+    return y;
+  }
+
+  /** Final hidden states [B, T, D]. With a cache, appends this chunk's keys/values to it. */
+  hidden(batch: ForwardBatch, cache?: KVCache): tf.Tensor3D {
+    const cfg = this.cfg;
+    const { batch: B, len: T } = batch;
+    const past = cache?.length ?? 0;
+    const Tk = past + T;
+    const positions = batch.positions ?? Array.from({ length: B * T }, (_, i) => past + (i % T));
+    const { cos, sin } = ropeTables(cfg, positions);
+    const hd = cfg.head_dim;
+    const cosT = tf.tensor4d(cos, [B, T, 1, hd]);
+    const sinT = tf.tensor4d(sin, [B, T, 1, hd]);
+    let keyValid: number[] | undefined;
+    if (cache) {
+      for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) cache.valid[b].push(batch.valid ? batch.valid[b * T + t] : 1);
+      keyValid = cache.valid.flat();
+    } else if (batch.valid) keyValid = Array.from(batch.valid);
+    const mask = tf.tensor4d(attentionMask({ batch: B, queryLen: T, keyLen: Tk, keyValid, segments: batch.segments }), [B, 1, T, Tk]);
+    const ids = tf.tensor2d(Array.from(batch.ids), [B, T], 'int32');
+    let x = embed(this.p('model.embed_tokens.weight') as tf.Tensor2D, ids) as tf.Tensor3D;
+    for (let l = 0; l < cfg.num_hidden_layers; l++) {
+      const p = `model.layers.${l}`;
+      const h = rmsNorm(x, this.p(`${p}.input_layernorm.weight`), cfg.rms_norm_eps) as tf.Tensor3D;
+      x = tf.add(x, this.attention(l, h, cosT, sinT, mask, cache)) as tf.Tensor3D;
+      const h2 = rmsNorm(x, this.p(`${p}.post_attention_layernorm.weight`), cfg.rms_norm_eps);
+      const act = tf.mul(silu(this.lin(`${p}.mlp.gate_proj`, h2)), this.lin(`${p}.mlp.up_proj`, h2));
+      x = tf.add(x, this.lin(`${p}.mlp.down_proj`, act)) as tf.Tensor3D;
+    }
+    return rmsNorm(x, this.p('model.norm.weight'), cfg.rms_norm_eps) as tf.Tensor3D;
+  }
+
+  private attention(l: number, h: tf.Tensor3D, cos: tf.Tensor, sin: tf.Tensor, mask: tf.Tensor, cache?: KVCache): tf.Tensor {
+    const cfg = this.cfg;
+    const [B, T] = h.shape;
+    const H = cfg.num_attention_heads;
+    const KV = cfg.num_key_value_heads;
+    const G = H / KV;
+    const hd = cfg.head_dim;
+    const p = `model.layers.${l}.self_attn`;
+    let q: tf.Tensor, k: tf.Tensor, v: tf.Tensor;
+    if (cfg.arch === 'zhinao') {
+      // Fused qkv grouped per kv head: [KV, G + 2, hd] = G query heads, one key, one value.
+      const qkv = tf.reshape(this.lin(`${p}.qkv_proj`, h), [B, T, KV, G + 2, hd]);
+      q = tf.reshape(tf.slice(qkv, [0, 0, 0, 0, 0], [B, T, KV, G, hd]), [B, T, H, hd]);
+      k = tf.reshape(tf.slice(qkv, [0, 0, 0, G, 0], [B, T, KV, 1, hd]), [B, T, KV, hd]);
+      v = tf.reshape(tf.slice(qkv, [0, 0, 0, G + 1, 0], [B, T, KV, 1, hd]), [B, T, KV, hd]);
+    } else {
+      q = tf.reshape(this.lin(`${p}.q_proj`, h), [B, T, H, hd]);
+      k = tf.reshape(this.lin(`${p}.k_proj`, h), [B, T, KV, hd]);
+      v = tf.reshape(this.lin(`${p}.v_proj`, h), [B, T, KV, hd]);
+    }
+    q = applyRope(q, cos, sin, hd);
+    k = applyRope(k, cos, sin, hd);
+    let kt = tf.transpose(k, [0, 2, 1, 3]) as tf.Tensor4D; // [B, KV, T, hd]
+    let vt = tf.transpose(v, [0, 2, 1, 3]) as tf.Tensor4D;
+    if (cache) {
+      const pk = cache.k[l];
+      const pv = cache.v[l];
+      if (pk && pv) {
+        kt = tf.concat([pk, kt], 2);
+        vt = tf.concat([pv, vt], 2);
+        pk.dispose();
+        pv.dispose();
+      }
+      cache.k[l] = tf.keep(kt);
+      cache.v[l] = tf.keep(vt);
+    }
+    const Tk = kt.shape[2];
+    // Group the G query heads that share a kv head into one matrix: no repeated keys needed.
+    const qg = tf.reshape(tf.transpose(tf.reshape(q, [B, T, KV, G, hd]), [0, 2, 3, 1, 4]), [B * KV, G * T, hd]) as tf.Tensor3D;
+    const kT = tf.reshape(tf.transpose(kt, [0, 1, 3, 2]), [B * KV, hd, Tk]) as tf.Tensor3D;
+    const raw = tf.mul(bmm(qg, kT), 1 / Math.sqrt(hd));
+    const scores = tf.add(tf.reshape(raw, [B, H, T, Tk]), mask);
+    const probs = tf.reshape(tf.softmax(scores), [B * KV, G * T, Tk]) as tf.Tensor3D;
+    const ctx = bmm(probs, tf.reshape(vt, [B * KV, Tk, hd]) as tf.Tensor3D); // [B*KV, G*T, hd]
+    const merged = tf.reshape(tf.transpose(tf.reshape(ctx, [B, H, T, hd]), [0, 2, 1, 3]), [B, T, H * hd]);
+    return this.lin(`${p}.o_proj`, merged);
+  }
+
+  /** The output projection's weight [D, V] (the transposed embedding when tied). */
+  headWeight(): tf.Tensor2D {
+    if (this.cfg.tie_word_embeddings) return tf.transpose(this.p('model.embed_tokens.weight')) as tf.Tensor2D;
+    return this.p('lm_head.weight') as tf.Tensor2D;
+  }
+
+  /** Logits [N, V] for hidden states [N, D]. */
+  logits(h: tf.Tensor2D): tf.Tensor2D {
+    return mm(h, this.headWeight());
+  }
+
+  /** The parameter in Hugging Face layout, on the host. */
+  hfData(name: string): Float32Array {
+    const v = this.p(name);
+    return fromInternal(name, v.shape, v.dataSync() as Float32Array);
+  }
+
+  hfEntries(): { name: string; shape: number[] }[] {
+    return [...expectedShapes(this.cfg)].map(([name, shape]) => ({ name, shape }));
+  }
+
+  paramCount(): number {
+    let n = 0;
+    for (const v of this.params.values()) n += v.size;
+    return n;
+  }
+
+  dispose(): void {
+    for (const v of this.params.values()) v.dispose();
+    this.params.clear();
+  }
+}
+
+function applyRope(x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor, hd: number): tf.Tensor {
+  const half = hd / 2;
+  const shape = x.shape as number[];
+  const x1 = tf.slice(x, [0, 0, 0, 0], [shape[0], shape[1], shape[2], half]);
+  const x2 = tf.slice(x, [0, 0, 0, half], [shape[0], shape[1], shape[2], half]);
+  const rot = tf.concat([tf.neg(x2), x1], 3);
+  return tf.add(tf.mul(x, cos), tf.mul(rot, sin));
+}
+
+/** HF layout → memory layout: linear weights [out, in] become [in, out]. */
+export function toInternal(name: string, shape: number[], data: Float32Array): tf.Tensor {
+  if (isLinearWeight(name) && shape.length === 2) return tf.tensor2d(transpose2d(data, shape[0], shape[1]), [shape[1], shape[0]]);
+  return tf.tensor(data, shape);
+}
+
+export function fromInternal(name: string, internalShape: number[], data: Float32Array): Float32Array {
+  if (isLinearWeight(name) && internalShape.length === 2) return transpose2d(data, internalShape[0], internalShape[1]);
+  return new Float32Array(data);
+}
+
+export function transpose2d(a: Float32Array, rows: number, cols: number): Float32Array {
+  const out = new Float32Array(a.length);
+  for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) out[c * rows + r] = a[r * cols + c];
+  return out;
+}

@@ -1,0 +1,36 @@
+/**
+ * Additive attention masks [B, 1, T, Tk] built on the host. Query t of row b (at absolute key
+ * index t + Tk − T) may see key j when j ≤ that index, key j is valid (not padding), and — for
+ * packed rows — both belong to the same segment. Blocked entries get a large negative number
+ * rather than −∞ so that a fully padded query row stays finite.
+ */
+export const MASKED = -1e9;
+
+export interface MaskSpec {
+  batch: number;
+  queryLen: number;
+  keyLen: number;
+  /** [B*Tk], 1 for real tokens; default all valid. */
+  keyValid?: ArrayLike<number>;
+  /** [B*Tk] segment ids for packed rows; queries use the last T entries. */
+  segments?: ArrayLike<number>;
+}
+
+export function attentionMask(s: MaskSpec): Float32Array {
+  const { batch: B, queryLen: T, keyLen: Tk } = s;
+  const out = new Float32Array(B * T * Tk);
+  const off = Tk - T;
+  for (let b = 0; b < B; b++) {
+    for (let t = 0; t < T; t++) {
+      const qi = off + t;
+      const row = (b * T + t) * Tk;
+      for (let j = 0; j < Tk; j++) {
+        let ok = j <= qi;
+        if (ok && s.keyValid) ok = s.keyValid[b * Tk + j] !== 0;
+        if (ok && s.segments) ok = s.segments[b * Tk + j] === s.segments[b * Tk + qi];
+        if (!ok) out[row + j] = MASKED;
+      }
+    }
+  }
+  return out;
+}
