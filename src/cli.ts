@@ -1,0 +1,147 @@
+import { Command, Option } from 'commander';
+import * as tf from '@tensorflow/tfjs-core';
+import * as os from 'node:os';
+import { initBackend } from './engine/backend.js';
+import { UserError } from './util/errors.js';
+import { log, setLogMode } from './util/log.js';
+import { generateCmd, initModel, logprobsCmd, trainTokenizer } from './commands/model.js';
+
+/**
+ * The `prefopt` command line. Each command parses its flags and hands a plain options object to
+ * a function in src/commands; recipes call the same functions.
+ */
+const num = (v: string) => {
+  const n = Number(v);
+  if (!Number.isFinite(n)) throw new UserError(`expected a number, found "${v}"`);
+  return n;
+};
+const int = (v: string) => {
+  const n = num(v);
+  if (!Number.isInteger(n)) throw new UserError(`expected an integer, found "${v}"`);
+  return n;
+};
+const collect = (v: string, prev: string[]) => [...prev, v];
+
+export function buildProgram(): Command {
+  const program = new Command();
+  program
+    .name('prefopt')
+    .description('Preference optimization of language models: SFT, LoRA DPO, iterative on-policy DPO, merging')
+    .option('--backend <name>', 'tfjs backend: node-gpu, node, wasm or cpu (default: first that loads; env PREFOPT_BACKEND)')
+    .option('--json', 'structured logs (one JSON object per line on stderr)')
+    .option('--quiet', 'no logs')
+    .showHelpAfterError();
+
+  const withBackend =
+    <A extends any[]>(fn: (...args: A) => Promise<void>) =>
+    async (...args: A) => {
+      const g = program.opts();
+      setLogMode({ json: g.json, quiet: g.quiet });
+      const b = await initBackend(g.backend);
+      if (b.warning) log('warning', {}, b.warning);
+      await fn(...args);
+    };
+
+  program
+    .command('doctor')
+    .description('show the tfjs backend chosen and why, and the machine')
+    .action(
+      withBackend(async () => {
+        const b = await initBackend(program.opts().backend);
+        const report = {
+          backend: b.chosen,
+          tfjs_backend: b.tfName,
+          requested: b.requested ?? null,
+          tried: b.tried,
+          warning: b.warning ?? null,
+          wasm_simd: b.chosen === 'wasm' ? tf.env().getBool('WASM_HAS_SIMD_SUPPORT' as any) : null,
+          wasm_threads: b.chosen === 'wasm' ? tf.env().getBool('WASM_HAS_MULTITHREAD_SUPPORT' as any) : null,
+          node: process.version,
+          cpus: os.cpus().length,
+          memory_gb: +(os.totalmem() / 2 ** 30).toFixed(1),
+        };
+        if (program.opts().json) process.stdout.write(JSON.stringify(report) + '\n');
+        else {
+          process.stdout.write(`backend: ${report.backend} (tfjs "${report.tfjs_backend}")${report.requested ? ` — requested "${report.requested}"` : ''}\n`);
+          for (const t of b.tried) process.stdout.write(`  ${t.ok ? 'ok  ' : 'skip'} ${t.name}: ${t.reason}\n`);
+          if (report.wasm_simd !== null) process.stdout.write(`wasm: simd=${report.wasm_simd} threads=${report.wasm_threads}\n`);
+          if (report.warning) process.stdout.write(`warning: ${report.warning}\n`);
+          process.stdout.write(`node ${report.node}, ${report.cpus} cpus, ${report.memory_gb} GiB\n`);
+        }
+      }),
+    );
+
+  program
+    .command('train-tokenizer')
+    .description('train a byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json)')
+    .requiredOption('--data <files...>', 'text, JSON or JSONL files')
+    .requiredOption('--out <dir>', 'output directory')
+    .option('--vocab-size <n>', 'vocabulary size including special tokens', int, 1024)
+    .action(withBackend(async (o) => trainTokenizer({ data: o.data, vocabSize: o.vocabSize, out: o.out })));
+
+  program
+    .command('init-model')
+    .description('create a randomly initialised checkpoint')
+    .requiredOption('--arch <arch>', 'llama, qwen2 or zhinao')
+    .option('--preset <name>', 'tiny, 5m or zhinao2-7b')
+    .option('--config <file>', 'JSON with hidden_size, intermediate_size, num_hidden_layers, … instead of a preset')
+    .requiredOption('--tokenizer <dir>', 'directory with tokenizer.json')
+    .requiredOption('--out <dir>', 'output checkpoint directory')
+    .option('--seed <n>', 'seed', int, 0)
+    .action(
+      withBackend(async (o) => {
+        if (!o.preset === !o.config) throw new UserError('give exactly one of --preset or --config');
+        await initModel(o);
+      }),
+    );
+
+  program
+    .command('logprobs')
+    .description('Σ log p(completion | prompt) per row of a JSONL file')
+    .requiredOption('--model <dir>', 'checkpoint directory')
+    .option('--adapter <dir>', 'PEFT LoRA adapter directory')
+    .requiredOption('--input <file>', 'JSONL rows {"prompt_ids","completion_ids"} or {"prompt","completion"}')
+    .option('--out <file>', 'output JSONL (default stdout)')
+    .option('--batch-size <n>', 'rows per forward pass', int, 8)
+    .action(withBackend(async (o) => logprobsCmd(o)));
+
+  program
+    .command('generate')
+    .description('sample completions with the KV cache')
+    .requiredOption('--model <dir>', 'checkpoint directory')
+    .option('--adapter <dir>', 'PEFT LoRA adapter directory')
+    .option('--prompt <text>', 'user message (or raw text with --raw)')
+    .option('--messages <file>', 'JSON list of {"role","content"} messages')
+    .option('--raw', 'do not apply the chat format to --prompt')
+    .option('--n <k>', 'samples', int, 1)
+    .option('--max-new-tokens <n>', 'tokens to generate at most', int, 128)
+    .option('--temperature <t>', 'sampling temperature; 0 = greedy', num)
+    .option('--top-k <k>', 'keep the k most likely tokens (0 = off)', int)
+    .option('--top-p <p>', 'nucleus sampling mass (1 = off)', num)
+    .option('--repetition-penalty <p>', 'transformers-style repetition penalty', num)
+    .option('--presence-penalty <p>', 'OpenAI-style presence penalty', num)
+    .option('--frequency-penalty <p>', 'OpenAI-style frequency penalty', num)
+    .option('--stop <s>', 'stop string (repeatable)', collect, [])
+    .option('--seed <n>', 'seed', int, 0)
+    .action(withBackend(async (o) => generateCmd({ ...o, json: program.opts().json })));
+
+  return program;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const program = buildProgram();
+  program.exitOverride();
+  try {
+    await program.parseAsync(argv);
+    return 0;
+  } catch (e: any) {
+    if (e?.code?.startsWith?.('commander.')) return e.exitCode ?? 1;
+    if (e instanceof UserError) {
+      if (program.opts().json) process.stderr.write(JSON.stringify({ event: 'error', message: e.message }) + '\n');
+      else process.stderr.write(`prefopt: error: ${e.message}\n`);
+      return 2;
+    }
+    process.stderr.write(`prefopt: internal error: ${e?.stack ?? e}\n`);
+    return 1;
+  }
+}

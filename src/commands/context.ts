@@ -1,0 +1,54 @@
+import * as path from 'node:path';
+import { Decoder } from '../model/decoder.js';
+import { loadModel } from '../model/load.js';
+import { TextTokenizer } from '../tokenizer/tokenizer.js';
+import { readGenerationConfig } from '../io/checkpoint.js';
+import { UserError } from '../util/errors.js';
+
+/**
+ * A loaded policy: the checkpoint, its tokenizer when it has one, its generation defaults, and
+ * an adapter when asked. One loader for every command that runs a model.
+ */
+export interface Policy {
+  dir: string;
+  model: Decoder;
+  tok: TextTokenizer | null;
+  gen: Record<string, any>;
+  padId: number;
+}
+
+export type AdapterLoader = (model: Decoder, dir: string) => void;
+let adapterLoader: AdapterLoader | null = null;
+
+/** LoRA registers itself here, so that model loading does not depend on training code. */
+export function registerAdapterLoader(f: AdapterLoader): void {
+  adapterLoader = f;
+}
+
+export function openPolicy(dir: string, opts: { adapter?: string; trainable?: boolean } = {}): Policy {
+  const model = loadModel(dir, { trainable: opts.trainable });
+  const tok = TextTokenizer.exists(dir) ? TextTokenizer.load(dir) : null;
+  if (tok && tok.vocabSize > model.cfg.vocab_size) {
+    throw new UserError(`${path.join(dir, 'tokenizer.json')}: tokenizer has ${tok.vocabSize} ids but config.json vocab_size is ${model.cfg.vocab_size}`);
+  }
+  if (opts.adapter) {
+    if (!adapterLoader) throw new Error('no adapter loader registered');
+    adapterLoader(model, opts.adapter);
+  }
+  const gen = readGenerationConfig(dir) ?? {};
+  const padId = model.cfg.pad_token_id ?? (tok?.id('<pad>') ?? 0);
+  return { dir, model, tok, gen, padId };
+}
+
+export function needTokenizer(p: Policy, why: string): TextTokenizer {
+  if (!p.tok) throw new UserError(`${p.dir}: has no tokenizer.json, needed for ${why}`);
+  return p.tok;
+}
+
+export function stopIdsOf(p: Policy): number[] {
+  const ids = new Set<number>();
+  const eos = p.gen.eos_token_id ?? p.model.cfg.eos_token_id;
+  for (const e of Array.isArray(eos) ? eos : eos == null ? [] : [eos]) ids.add(e);
+  for (const id of p.tok?.stopIds() ?? []) ids.add(id);
+  return [...ids];
+}

@@ -1,0 +1,181 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import * as tf from '@tensorflow/tfjs-core';
+import { Arch, PRESETS, PresetSpec, presetConfig, parseConfig } from '../model/config.js';
+import { Decoder } from '../model/decoder.js';
+import { saveModel } from '../model/load.js';
+import { TextTokenizer } from '../tokenizer/tokenizer.js';
+import { trainBpe } from '../tokenizer/bpe.js';
+import { EOD, IM_END, IM_START, PAD, ZHINAO_CHAT_TEMPLATE } from '../tokenizer/chat.js';
+import { readJsonl, readRecords, readText, toJsonl } from '../data/jsonl.js';
+import { checkIds, completionText, encodePair, isMessages, promptText } from '../data/encode.js';
+import { completionLogprobs } from '../infer/logprobs.js';
+import { generate } from '../infer/generate.js';
+import { SamplingParams } from '../infer/sampling.js';
+import { UserError } from '../util/errors.js';
+import { readJson, writeDirAtomic, writeFileAtomic } from '../util/fsutil.js';
+import { deriveSeed } from '../util/rng.js';
+import { log } from '../util/log.js';
+import { Policy, needTokenizer, openPolicy, stopIdsOf } from './context.js';
+
+export const SPECIAL_TOKENS = [EOD, PAD, IM_START, IM_END];
+
+/** Train a byte-level BPE tokenizer on text files (plain text or JSON/JSONL with string fields). */
+export async function trainTokenizer(opts: { data: string[]; vocabSize: number; out: string }): Promise<void> {
+  const texts: string[] = [];
+  for (const f of opts.data) {
+    if (/\.jsonl?$/.test(f)) {
+      const collect = (v: any): void => {
+        if (typeof v === 'string') texts.push(v);
+        else if (Array.isArray(v)) v.forEach(collect);
+        else if (v && typeof v === 'object') Object.values(v).forEach(collect);
+      };
+      for (const r of readRecords(f)) collect(r.value);
+    } else texts.push(...readText(f).split('\n'));
+  }
+  const json = trainBpe(texts, { vocabSize: opts.vocabSize, specialTokens: SPECIAL_TOKENS });
+  await writeDirAtomic(opts.out, (dir) => writeTokenizerFiles(dir, json));
+  log('tokenizer', { out: opts.out, vocab: Object.keys(json.model.vocab).length + SPECIAL_TOKENS.length });
+}
+
+export function writeTokenizerFiles(dir: string, json: any): void {
+  fs.writeFileSync(path.join(dir, 'tokenizer.json'), JSON.stringify(json));
+  const config = {
+    tokenizer_class: 'PreTrainedTokenizerFast',
+    bos_token: null,
+    eos_token: EOD,
+    pad_token: PAD,
+    unk_token: null,
+    additional_special_tokens: [IM_START, IM_END],
+    model_max_length: 4096,
+    clean_up_tokenization_spaces: false,
+    chat_template: ZHINAO_CHAT_TEMPLATE,
+  };
+  fs.writeFileSync(path.join(dir, 'tokenizer_config.json'), JSON.stringify(config, null, 2) + '\n');
+  fs.writeFileSync(path.join(dir, 'special_tokens_map.json'), JSON.stringify({ eos_token: EOD, pad_token: PAD, additional_special_tokens: [IM_START, IM_END] }, null, 2) + '\n');
+}
+
+export async function initModel(opts: { arch: string; preset?: string; config?: string; tokenizer: string; out: string; seed: number }): Promise<void> {
+  if (!['llama', 'qwen2', 'zhinao'].includes(opts.arch)) throw new UserError(`--arch must be llama, qwen2 or zhinao, found "${opts.arch}"`);
+  const tok = TextTokenizer.load(opts.tokenizer);
+  let spec: PresetSpec;
+  if (opts.config) spec = readJson(opts.config);
+  else {
+    const p = PRESETS[opts.preset ?? ''];
+    if (!p) throw new UserError(`--preset must be one of ${Object.keys(PRESETS).join(', ')}, found "${opts.preset}"`);
+    spec = p;
+  }
+  const special = { eos: tok.id(EOD) ?? null, pad: tok.id(PAD) ?? null, bos: null };
+  const raw = opts.config ? { ...presetConfig(opts.arch as Arch, spec, tok.vocabSize, special), ...spec } : presetConfig(opts.arch as Arch, spec, tok.vocabSize, special);
+  if (opts.config) {
+    raw.architectures = presetConfig(opts.arch as Arch, spec, tok.vocabSize, special).architectures;
+    raw.model_type = opts.arch;
+    raw.vocab_size = Math.max(raw.vocab_size ?? 0, tok.vocabSize);
+  }
+  const cfg = parseConfig(raw, opts.config ?? `preset ${opts.preset}`);
+  if (cfg.vocab_size < tok.vocabSize) throw new UserError(`vocab_size ${cfg.vocab_size} is smaller than the tokenizer's ${tok.vocabSize} ids`);
+  const model = Decoder.init(cfg, opts.seed);
+  const generationConfig = { eos_token_id: tok.stopIds(), pad_token_id: special.pad, max_new_tokens: 256, do_sample: true, temperature: 1.0, top_k: 0, top_p: 1.0 };
+  await saveModel(model, opts.out, { copyFrom: opts.tokenizer, generationConfig });
+  log('init-model', { out: opts.out, arch: cfg.arch, params: model.paramCount(), vocab: cfg.vocab_size });
+  model.dispose();
+}
+
+export interface LogprobsOptions {
+  model: string;
+  adapter?: string;
+  input: string;
+  out?: string;
+  batchSize: number;
+}
+
+/** Parse logprobs input rows into token ids; every problem names file:line. */
+export function logprobRows(p: Policy, file: string): { prompt: number[]; completion: number[] }[] {
+  const V = p.model.cfg.vocab_size;
+  return readJsonl(file).map(({ line, value: r }) => {
+    const where = `${file}:${line}`;
+    if (!r || typeof r !== 'object' || Array.isArray(r)) throw new UserError(`${where}: expected a JSON object`);
+    if ('prompt_ids' in r || 'completion_ids' in r) {
+      return { prompt: checkIds(r.prompt_ids, V, where, 'prompt_ids'), completion: checkIds(r.completion_ids, V, where, 'completion_ids', true) };
+    }
+    if (!('prompt' in r) || !('completion' in r)) throw new UserError(`${where}: expected {"prompt_ids","completion_ids"} or {"prompt","completion"}`);
+    const tok = needTokenizer(p, `text rows (${where})`);
+    const pt = promptText(tok, r.prompt, where);
+    const ct = completionText(tok, r.prompt, r.completion, where, 'completion');
+    const ids = encodePair(tok, pt, ct);
+    if (ids.prompt.length === 0) throw new UserError(`${where}: the prompt tokenizes to nothing; a completion needs a prefix to be scored`);
+    return ids;
+  });
+}
+
+export async function logprobsCmd(o: LogprobsOptions): Promise<void> {
+  const p = openPolicy(o.model, { adapter: o.adapter });
+  const rows = logprobRows(p, o.input);
+  const res = completionLogprobs(p.model, rows, { batchSize: o.batchSize, padId: p.padId });
+  const text = toJsonl(res);
+  if (o.out) writeFileAtomic(o.out, text);
+  else process.stdout.write(text);
+  log('logprobs', { rows: res.length, out: o.out ?? 'stdout' });
+  p.model.dispose();
+}
+
+export interface GenerateCli extends SamplingParams {
+  model: string;
+  adapter?: string;
+  prompt?: string;
+  messages?: string;
+  raw?: boolean;
+  n: number;
+  maxNewTokens: number;
+  stop: string[];
+  seed: number;
+  json?: boolean;
+}
+
+/** Sampling settings: command-line values over the checkpoint's generation_config. */
+export function samplingFrom(gen: Record<string, any>, o: Partial<SamplingParams>): SamplingParams {
+  return {
+    temperature: o.temperature ?? (gen.do_sample === false ? 0 : gen.temperature ?? 1),
+    topK: o.topK ?? gen.top_k ?? 0,
+    topP: o.topP ?? gen.top_p ?? 1,
+    repetitionPenalty: o.repetitionPenalty ?? gen.repetition_penalty ?? 1,
+    presencePenalty: o.presencePenalty ?? 0,
+    frequencyPenalty: o.frequencyPenalty ?? 0,
+  };
+}
+
+export async function generateCmd(o: GenerateCli): Promise<void> {
+  const p = openPolicy(o.model, { adapter: o.adapter });
+  const tok = needTokenizer(p, 'generate');
+  let text: string;
+  if (o.messages) {
+    const m = readJson(o.messages);
+    const msgs = isMessages(m) ? m : isMessages(m?.messages) ? m.messages : null;
+    if (!msgs) throw new UserError(`${o.messages}: expected a list of {"role","content"} messages or {"messages": [...]}`);
+    text = promptText(tok, msgs, o.messages);
+  } else if (o.prompt !== undefined) {
+    text = o.raw ? o.prompt : tok.applyChat([{ role: 'user', content: o.prompt }], true);
+  } else throw new UserError('give --prompt TEXT or --messages FILE');
+  const prompt = tok.encode(text);
+  if (prompt.length === 0) throw new UserError('the prompt is empty');
+  if (prompt.length + o.maxNewTokens > p.model.cfg.max_position_embeddings) {
+    log('warning', { prompt_tokens: prompt.length, max_new_tokens: o.maxNewTokens, context: p.model.cfg.max_position_embeddings }, 'prompt + max_new_tokens exceeds the context length');
+  }
+  const seeds = Array.from({ length: o.n }, (_, k) => deriveSeed(o.seed, 'generate', k));
+  const sampling = samplingFrom(p.gen, o);
+  const res = generate(p.model, [{ prompt, seeds }], {
+    ...sampling,
+    maxNewTokens: o.maxNewTokens,
+    stopIds: stopIdsOf(p),
+    stop: o.stop,
+    decode: (ids) => tok.decode(ids, true),
+    padId: p.padId,
+  })[0];
+  if (o.json) {
+    process.stdout.write(JSON.stringify({ prompt_tokens: prompt.length, samples: res.map((s) => ({ text: s.text, completion_tokens: s.ids.length, finish_reason: s.finishReason })) }) + '\n');
+  } else {
+    res.forEach((s, k) => process.stdout.write((o.n > 1 ? `--- sample ${k} (${s.finishReason})\n` : '') + s.text + '\n'));
+  }
+  p.model.dispose();
+  tf.disposeVariables();
+}

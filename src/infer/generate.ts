@@ -1,0 +1,149 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { Decoder, KVCache } from '../model/decoder.js';
+import { Rng } from '../util/rng.js';
+import { SamplingParams, applyPenalties, sampleToken } from './sampling.js';
+
+/**
+ * Batched sampling with the KV cache. Prompts are left-padded so every row decodes its next
+ * token in the same column; each prompt is prefilled once and its cache repeated for its
+ * `n` samples. Every sample has its own RNG seed, so a sample's text does not depend on which
+ * other samples share its batch — resumed runs regenerate exactly what they lost.
+ */
+export interface GenRequest {
+  prompt: number[];
+  /** One seed per sample; the number of seeds is the number of samples. */
+  seeds: number[];
+}
+
+export interface GenOptions extends SamplingParams {
+  maxNewTokens: number;
+  stopIds: number[];
+  /** Stop strings, checked on decoded text (needs decode). */
+  stop?: string[];
+  decode?: (ids: number[]) => string;
+  padId?: number;
+  /** Called with (request index, sample index, new token id) as tokens are produced. */
+  onToken?: (req: number, sample: number, id: number) => void;
+  /** Upper bound on rows decoded together. */
+  maxBatch?: number;
+}
+
+export interface GenSample {
+  ids: number[];
+  text?: string;
+  finishReason: 'stop' | 'length';
+}
+
+export function generate(model: Decoder, reqs: GenRequest[], opts: GenOptions): GenSample[][] {
+  const out: GenSample[][] = reqs.map(() => []);
+  const maxBatch = opts.maxBatch ?? 32;
+  // Group whole prompts so that a prompt's samples share one prefill.
+  let i = 0;
+  while (i < reqs.length) {
+    const group: number[] = [];
+    let rows = 0;
+    while (i < reqs.length && (group.length === 0 || rows + reqs[i].seeds.length <= maxBatch)) {
+      group.push(i);
+      rows += reqs[i].seeds.length;
+      i++;
+    }
+    const res = generateGroup(model, group.map((g) => reqs[g]), opts, group);
+    group.forEach((g, k) => (out[g] = res[k]));
+  }
+  return out;
+}
+
+function generateGroup(model: Decoder, reqs: GenRequest[], opts: GenOptions, globalIdx: number[]): GenSample[][] {
+  const cfg = model.cfg;
+  const padId = opts.padId ?? 0;
+  const P = Math.max(...reqs.map((r) => r.prompt.length));
+  const nSamples = reqs[0].seeds.length;
+  const uniform = reqs.every((r) => r.seeds.length === nSamples);
+  // Prefill each distinct prompt once; repeat the cache when every prompt has the same n.
+  const prefillRows = uniform ? reqs.map((r) => r.prompt) : reqs.flatMap((r) => r.seeds.map(() => r.prompt));
+  const B0 = prefillRows.length;
+  const ids: number[] = [];
+  const valid: number[] = [];
+  const positions: number[] = [];
+  for (const p of prefillRows) {
+    const pad = P - p.length;
+    for (let t = 0; t < P; t++) {
+      ids.push(t < pad ? padId : p[t - pad]);
+      valid.push(t < pad ? 0 : 1);
+      positions.push(Math.max(0, t - pad));
+    }
+  }
+  const cache = new KVCache(cfg.num_hidden_layers, B0);
+  const rows: { req: number; sample: number; rng: Rng; gen: number[]; seen: Set<number>; counts: Map<number, number>; done: boolean; finish: 'stop' | 'length'; pos: number }[] = [];
+  reqs.forEach((r, k) => r.seeds.forEach((seed, s) => rows.push({ req: k, sample: s, rng: new Rng(seed), gen: [], seen: new Set(r.prompt), counts: new Map(), done: false, finish: 'length', pos: r.prompt.length })));
+  const B = rows.length;
+  try {
+    let logits = lastLogits(model, { ids, batch: B0, len: P, valid, positions }, cache);
+    if (uniform && nSamples > 1) {
+      cache.repeatRows(nSamples);
+      const rep = new Float32Array(B * cfg.vocab_size);
+      for (let b = 0; b < B; b++) rep.set(logits.subarray(Math.floor(b / nSamples) * cfg.vocab_size, (Math.floor(b / nSamples) + 1) * cfg.vocab_size), b * cfg.vocab_size);
+      logits = rep;
+    }
+    const stopSet = new Set(opts.stopIds);
+    for (let step = 0; step < opts.maxNewTokens; step++) {
+      const next: number[] = [];
+      for (let b = 0; b < B; b++) {
+        const r = rows[b];
+        if (r.done) {
+          next.push(padId);
+          continue;
+        }
+        const lg = logits.slice(b * cfg.vocab_size, (b + 1) * cfg.vocab_size);
+        applyPenalties(lg, opts, r.seen, r.counts);
+        const tok = sampleToken(lg, opts, r.rng);
+        next.push(tok);
+        if (stopSet.has(tok)) {
+          r.done = true;
+          r.finish = 'stop';
+          continue;
+        }
+        r.gen.push(tok);
+        r.seen.add(tok);
+        r.counts.set(tok, (r.counts.get(tok) ?? 0) + 1);
+        opts.onToken?.(globalIdx[r.req], r.sample, tok);
+        if (opts.stop?.length && opts.decode) {
+          const text = opts.decode(r.gen);
+          if (opts.stop.some((s) => s && text.includes(s))) {
+            r.done = true;
+            r.finish = 'stop';
+          }
+        }
+      }
+      if (rows.every((r) => r.done) || step === opts.maxNewTokens - 1) break;
+      logits = lastLogits(model, { ids: next, batch: B, len: 1, valid: rows.map((r) => (r.done ? 0 : 1)), positions: rows.map((r) => r.pos + step) }, cache);
+    }
+  } finally {
+    cache.dispose();
+  }
+  const res: GenSample[][] = reqs.map(() => []);
+  for (const r of rows) {
+    const s: GenSample = { ids: r.gen, finishReason: r.finish };
+    if (opts.decode) {
+      let text = opts.decode(r.gen);
+      for (const st of opts.stop ?? []) {
+        const at = st ? text.indexOf(st) : -1;
+        if (at >= 0) text = text.slice(0, at);
+      }
+      s.text = text;
+    }
+    res[r.req][r.sample] = s;
+  }
+  return res;
+}
+
+function lastLogits(model: Decoder, batch: { ids: number[]; batch: number; len: number; valid: number[]; positions: number[] }, cache: KVCache): Float32Array {
+  const t = tf.tidy(() => {
+    const h = model.hidden(batch, cache);
+    const last = tf.reshape(tf.slice(h, [0, batch.len - 1, 0], [batch.batch, 1, model.cfg.hidden_size]), [batch.batch, model.cfg.hidden_size]) as tf.Tensor2D;
+    return model.logits(last);
+  });
+  const d = t.dataSync() as Float32Array;
+  t.dispose();
+  return d;
+}
