@@ -83,10 +83,18 @@ export class Decoder {
 
   /** Build from HF-layout host tensors (transposing linear weights). */
   static fromHF(cfg: ModelConfig, get: (name: string) => { shape: number[]; data: Float32Array }, trainable = false): Decoder {
+    // Variables stay unnamed: tfjs names are global, and two models (policy, reference) coexist.
     const params = new Map<string, tf.Variable>();
-    for (const [name] of expectedShapes(cfg)) {
-      const t = get(name);
-      params.set(name, tf.variable(toInternal(name, t.shape, t.data), trainable, name));
+    try {
+      for (const [name] of expectedShapes(cfg)) {
+        const t = get(name);
+        const init = toInternal(name, t.shape, t.data);
+        params.set(name, tf.variable(init, trainable));
+        init.dispose();
+      }
+    } catch (e) {
+      for (const v of params.values()) v.dispose();
+      throw e;
     }
     return new Decoder(cfg, params);
   }

@@ -1,0 +1,89 @@
+import { describe, expect, it } from 'vitest';
+import * as tf from '@tensorflow/tfjs-core';
+import { Decoder } from '../src/model/decoder.js';
+import { generate } from '../src/infer/generate.js';
+import { DEFAULT_SAMPLING, applyPenalties, filteredProbs, sampleToken } from '../src/infer/sampling.js';
+import { Rng } from '../src/util/rng.js';
+import { referenceLogits } from './helpers/reference.js';
+import { ARCH_SPECS, makeTestModel } from './helpers/models.js';
+
+const greedy = { ...DEFAULT_SAMPLING, temperature: 0 };
+
+describe('sampling processors', () => {
+  it('top-k and top-p keep the hand-computed sets', () => {
+    const logits = Float32Array.from([Math.log(0.5), Math.log(0.3), Math.log(0.15), Math.log(0.05)]);
+    const k2 = filteredProbs(logits, { ...DEFAULT_SAMPLING, topK: 2 });
+    expect(k2[0]).toBeCloseTo(0.5 / 0.8, 6);
+    expect(k2[1]).toBeCloseTo(0.3 / 0.8, 6);
+    expect(k2[2]).toBe(0);
+    const p = filteredProbs(logits, { ...DEFAULT_SAMPLING, topP: 0.85 });
+    expect(Array.from(p).map((x) => +x.toFixed(6))).toEqual([+(0.5 / 0.95).toFixed(6), +(0.3 / 0.95).toFixed(6), +(0.15 / 0.95).toFixed(6), 0]);
+    const t = filteredProbs(Float32Array.from([1, 0]), { ...DEFAULT_SAMPLING, temperature: 0.5 });
+    expect(t[0]).toBeCloseTo(Math.exp(2) / (Math.exp(2) + 1), 6);
+  });
+
+  it('penalties follow transformers (repetition) and OpenAI (presence/frequency)', () => {
+    const l = Float32Array.from([2, -2, 1, 0]);
+    applyPenalties(l, { ...DEFAULT_SAMPLING, repetitionPenalty: 2, presencePenalty: 0.5, frequencyPenalty: 0.25 }, new Set([0, 1]), new Map([[2, 3]]));
+    expect(Array.from(l)).toEqual([1, -4, 1 - 0.75 - 0.5, 0]);
+  });
+
+  it('sampling frequencies follow the probabilities', () => {
+    const logits = Float32Array.from([0, Math.log(3)]);
+    const rng = new Rng(7);
+    let ones = 0;
+    for (let i = 0; i < 4000; i++) ones += sampleToken(logits, DEFAULT_SAMPLING, rng);
+    expect(ones / 4000).toBeGreaterThan(0.72);
+    expect(ones / 4000).toBeLessThan(0.78);
+  });
+});
+
+describe('generate', () => {
+  const { cfg, w, ref } = makeTestModel(ARCH_SPECS['qwen2 biases tied rope 1e6'], 11, 0.3);
+
+  it('greedy decoding follows the float64 reference argmax', () => {
+    const model = Decoder.fromHF(cfg, (n) => w.get(n)!);
+    const prompt = [3, 5, 7];
+    const out = generate(model, [{ prompt, seeds: [0] }], { ...greedy, maxNewTokens: 6, stopIds: [] })[0][0];
+    const seq = [...prompt];
+    for (let i = 0; i < 6; i++) {
+      const lg = referenceLogits(ref, w, seq);
+      const last = lg[lg.length - 1];
+      seq.push(last.indexOf(Math.max(...last)));
+    }
+    expect(out.ids).toEqual(seq.slice(prompt.length));
+    expect(out.finishReason).toBe('length');
+    model.dispose();
+  });
+
+  it('a sample does not depend on its batch: left padding, shared prefill and per-sample seeds', () => {
+    const model = Decoder.fromHF(cfg, (n) => w.get(n)!);
+    const opts = { ...DEFAULT_SAMPLING, temperature: 1.0, topK: 10, maxNewTokens: 8, stopIds: [] };
+    const together = generate(model, [{ prompt: [1, 2, 3, 4, 5], seeds: [11, 12, 13] }, { prompt: [9, 8], seeds: [21, 22, 23] }], opts);
+    const aloneA = generate(model, [{ prompt: [1, 2, 3, 4, 5], seeds: [12] }], opts)[0][0];
+    const aloneB = generate(model, [{ prompt: [9, 8], seeds: [23] }], opts)[0][0];
+    expect(together[0][1].ids).toEqual(aloneA.ids);
+    expect(together[1][2].ids).toEqual(aloneB.ids);
+    const again = generate(model, [{ prompt: [1, 2, 3, 4, 5], seeds: [11, 12, 13] }, { prompt: [9, 8], seeds: [21, 22, 23] }], opts);
+    expect(again).toEqual(together);
+    // Different seeds give different samples (8 tokens over a 40-token vocabulary).
+    expect(new Set(together[0].map((s) => s.ids.join(','))).size).toBeGreaterThan(1);
+    model.dispose();
+  });
+
+  it('stops at a stop id and at a stop string, and leaves no tensors behind', () => {
+    const model = Decoder.fromHF(cfg, (n) => w.get(n)!);
+    const first = generate(model, [{ prompt: [3, 5, 7], seeds: [0] }], { ...greedy, maxNewTokens: 6, stopIds: [] })[0][0].ids;
+    const stopped = generate(model, [{ prompt: [3, 5, 7], seeds: [0] }], { ...greedy, maxNewTokens: 6, stopIds: [first[2]] })[0][0];
+    expect(stopped.ids).toEqual(first.slice(0, first.indexOf(first[2])));
+    expect(stopped.finishReason).toBe('stop');
+    const decode = (ids: number[]) => ids.map((i) => String.fromCharCode(97 + (i % 26))).join('');
+    const s = generate(model, [{ prompt: [3, 5, 7], seeds: [0] }], { ...greedy, maxNewTokens: 6, stopIds: [], decode, stop: [decode(first.slice(1, 3))] })[0][0];
+    expect(s.text).toBe(decode(first.slice(0, 1)));
+    expect(s.finishReason).toBe('stop');
+    const before = tf.memory().numTensors;
+    for (let i = 0; i < 3; i++) generate(model, [{ prompt: [1, 2], seeds: [i, i + 1] }], { ...DEFAULT_SAMPLING, maxNewTokens: 5, stopIds: [] });
+    expect(tf.memory().numTensors).toBe(before);
+    model.dispose();
+  });
+});
