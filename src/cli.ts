@@ -5,6 +5,9 @@ import { initBackend } from './engine/backend.js';
 import { UserError } from './util/errors.js';
 import { log, setLogMode } from './util/log.js';
 import { generateCmd, initModel, logprobsCmd, trainTokenizer } from './commands/model.js';
+import { addTrainOptions, trainConfigFrom } from './commands/train-options.js';
+import { DEFAULT_SFT, runSft } from './stages/sft.js';
+import { dtypeFromName } from './io/safetensors.js';
 
 /**
  * The `prefopt` command line. Each command parses its flags and hands a plain options object to
@@ -124,6 +127,41 @@ export function buildProgram(): Command {
     .option('--stop <s>', 'stop string (repeatable)', collect, [])
     .option('--seed <n>', 'seed', int, 0)
     .action(withBackend(async (o) => generateCmd({ ...o, json: program.opts().json })));
+
+  addTrainOptions(
+    program
+      .command('sft')
+      .description('full-parameter supervised fine-tuning on conversations (→ sft-base)')
+      .requiredOption('--model <dir>', 'base checkpoint')
+      .requiredOption('--data <file>', 'conversations: seed JSON/JSONL or {"messages": [...]} rows')
+      .requiredOption('--out <dir>', 'output checkpoint (also holds checkpoint-N/ and metrics.jsonl)')
+      .option('--eval-data <file>', 'held-out conversations (default: --eval-ratio of --data)')
+      .option('--eval-ratio <x>', 'fraction of --data held out', Number)
+      .option('--batch-size <n>', 'rows per micro-batch', int)
+      .option('--max-len <n>', 'model_max_length in tokens', int)
+      .option('--is-concat', 'pack whole conversations up to --max-len')
+      .option('--skip-bad-rows', 'skip malformed conversations and report how many')
+      .option('--dtype <d>', 'output weights: f32, f16 or bf16'),
+  ).action(
+    withBackend(async (o) => {
+      const res = await runSft({
+        ...DEFAULT_SFT,
+        model: o.model,
+        data: o.data,
+        out: o.out,
+        evalData: o.evalData,
+        evalRatio: o.evalRatio ?? DEFAULT_SFT.evalRatio,
+        batchSize: o.batchSize ?? DEFAULT_SFT.batchSize,
+        maxLen: o.maxLen ?? DEFAULT_SFT.maxLen,
+        isConcat: !!o.isConcat,
+        skipBadRows: !!o.skipBadRows,
+        resume: !!o.resume,
+        dtype: o.dtype ? dtypeFromName(o.dtype) : 'F32',
+        train: trainConfigFrom(o, DEFAULT_SFT.train),
+      });
+      log('sft-done', { out: o.out, steps: res.steps, loss: res.lastLoss ?? NaN, eval_loss: res.evalLoss ?? NaN, skipped: res.skipped, dropped: res.dropped });
+    }),
+  );
 
   return program;
 }

@@ -1,6 +1,8 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { createRequire } from 'node:module';
+import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { UserError } from '../util/errors.js';
 
 /**
@@ -21,6 +23,30 @@ export interface BackendReport {
 
 const require = createRequire(import.meta.url);
 let current: BackendReport | null = null;
+let gradientsLoaded = false;
+
+/** The package root: the nearest folder above this module with a package.json. */
+export function packageRoot(): string {
+  let d = path.dirname(fileURLToPath(import.meta.url));
+  while (!fs.existsSync(path.join(d, 'package.json'))) {
+    const up = path.dirname(d);
+    if (up === d) throw new Error('prefopt: cannot find the package root');
+    d = up;
+  }
+  return d;
+}
+
+/**
+ * tfjs-core's Node entry registers no gradients; scripts/bundle-gradients.mjs bundles tfjs's own
+ * gradient definitions at build time (the @tensorflow/tfjs package would bring 140 MB for this).
+ */
+async function loadGradients(): Promise<void> {
+  if (gradientsLoaded) return;
+  const f = path.join(packageRoot(), 'vendor', 'tfjs-gradients.js');
+  if (!fs.existsSync(f)) throw new UserError(`${f} is missing: run "npm run build"`);
+  await import(pathToFileURL(f).href);
+  gradientsLoaded = true;
+}
 
 async function tryBackend(name: BackendName): Promise<string> {
   switch (name) {
@@ -63,6 +89,7 @@ function normalise(name: string): BackendName {
  * else the first that loads in BACKEND_ORDER. Idempotent within a process.
  */
 export async function initBackend(requested?: string): Promise<BackendReport> {
+  await loadGradients();
   const req = requested ?? process.env.PREFOPT_BACKEND ?? undefined;
   if (current && (!req || normalise(req) === current.chosen)) return current;
   const order = req ? [normalise(req)] : [...BACKEND_ORDER];

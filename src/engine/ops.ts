@@ -65,9 +65,10 @@ export function embed(table: tf.Tensor2D, ids: tf.Tensor): tf.Tensor {
   const flat = tf.reshape(ids, [-1]) as tf.Tensor1D;
   const vocab = table.shape[0];
   const f = tf.customGrad(((t: tf.Tensor2D, save: tf.GradSaveFunc) => {
+    save([flat]); // the ids are not an input: keep them alive for the backward pass
     return {
       value: tf.gather(t, flat),
-      gradFunc: (dy: tf.Tensor2D) => [mmPlain(tf.transpose(tf.oneHot(flat, vocab)) as tf.Tensor2D, dy)],
+      gradFunc: (dy: tf.Tensor2D, saved: tf.Tensor[]) => [mmPlain(tf.transpose(tf.oneHot(saved[0] as tf.Tensor1D, vocab)) as tf.Tensor2D, dy)],
     };
   }) as any) as any;
   const out = f(table) as tf.Tensor2D;

@@ -1,0 +1,68 @@
+import { Command } from 'commander';
+import { DEFAULT_TRAIN, TrainConfig } from '../train/trainer.js';
+import { SCHEDULERS, SchedulerName } from '../train/schedule.js';
+import { UserError } from '../util/errors.js';
+
+/** The optimizer/schedule/checkpoint flags shared by every training command. */
+export function addTrainOptions(cmd: Command): Command {
+  const num = (v: string) => {
+    const n = Number(v);
+    if (!Number.isFinite(n)) throw new UserError(`expected a number, found "${v}"`);
+    return n;
+  };
+  return cmd
+    .option('--lr <x>', 'peak learning rate', num)
+    .option('--epochs <n>', 'epochs', num)
+    .option('--max-steps <n>', 'optimizer steps (overrides epochs)', num)
+    .option('--grad-accum <n>', 'micro-batches per optimizer step', num)
+    .option('--warmup-ratio <x>', 'fraction of steps spent warming up', num)
+    .option('--lr-scheduler <name>', SCHEDULERS.join(' | '))
+    .option('--weight-decay <x>', 'AdamW weight decay (not on norms and biases)', num)
+    .option('--adam-beta1 <x>', 'AdamW β1', num)
+    .option('--adam-beta2 <x>', 'AdamW β2', num)
+    .option('--adam-eps <x>', 'AdamW ε', num)
+    .option('--max-grad-norm <x>', 'clip the global gradient norm (0 = off)', num)
+    .option('--logging-steps <n>', 'log metrics every n steps', num)
+    .option('--save-steps <n>', 'checkpoint every n steps (0 = off)', num)
+    .option('--save-total-limit <n>', 'checkpoints kept', num)
+    .option('--eval-steps <n>', 'evaluate every n steps (0 = at the end)', num)
+    .option('--seed <n>', 'seed', num)
+    .option('--resume', 'continue from the newest checkpoint in --out');
+}
+
+const MAP: [keyof TrainConfig, string][] = [
+  ['lr', 'lr'], ['epochs', 'epochs'], ['maxSteps', 'maxSteps'], ['gradAccum', 'gradAccum'], ['warmupRatio', 'warmupRatio'],
+  ['scheduler', 'lrScheduler'], ['weightDecay', 'weightDecay'], ['beta1', 'adamBeta1'], ['beta2', 'adamBeta2'], ['eps', 'adamEps'],
+  ['maxGradNorm', 'maxGradNorm'], ['loggingSteps', 'loggingSteps'], ['saveSteps', 'saveSteps'], ['saveTotalLimit', 'saveTotalLimit'],
+  ['evalSteps', 'evalSteps'], ['seed', 'seed'],
+];
+
+export function trainConfigFrom(o: Record<string, any>, base: TrainConfig = DEFAULT_TRAIN): TrainConfig {
+  const c: any = { ...base };
+  for (const [k, flag] of MAP) if (o[flag] !== undefined) c[k] = o[flag];
+  return validateTrainConfig(c);
+}
+
+/** Range checks, naming the setting (recipe field names are the snake_case of these). */
+export function validateTrainConfig(c: TrainConfig, where = ''): TrainConfig {
+  const bad = (k: string, want: string, got: unknown) => {
+    throw new UserError(`${where}${k}: expected ${want}, found ${JSON.stringify(got)}`);
+  };
+  if (!(c.lr > 0)) bad('lr', 'a positive number', c.lr);
+  if (!(c.epochs > 0)) bad('epochs', 'a positive number', c.epochs);
+  if (!(Number.isInteger(c.maxSteps) && c.maxSteps >= 0)) bad('max_steps', 'an integer ≥ 0', c.maxSteps);
+  if (!(Number.isInteger(c.gradAccum) && c.gradAccum >= 1)) bad('grad_accum', 'an integer ≥ 1', c.gradAccum);
+  if (!(c.warmupRatio >= 0 && c.warmupRatio < 1)) bad('warmup_ratio', 'a number in [0, 1)', c.warmupRatio);
+  if (!SCHEDULERS.includes(c.scheduler as SchedulerName)) bad('lr_scheduler', SCHEDULERS.join(' | '), c.scheduler);
+  if (!(c.weightDecay >= 0)) bad('weight_decay', 'a number ≥ 0', c.weightDecay);
+  if (!(c.beta1 >= 0 && c.beta1 < 1)) bad('adam_beta1', 'a number in [0, 1)', c.beta1);
+  if (!(c.beta2 >= 0 && c.beta2 < 1)) bad('adam_beta2', 'a number in [0, 1)', c.beta2);
+  if (!(c.eps > 0)) bad('adam_eps', 'a positive number', c.eps);
+  if (!(c.maxGradNorm >= 0)) bad('max_grad_norm', 'a number ≥ 0', c.maxGradNorm);
+  for (const k of ['loggingSteps', 'saveSteps', 'saveTotalLimit', 'evalSteps'] as const) {
+    if (!(Number.isInteger(c[k]) && c[k] >= 0)) bad(k.replace(/[A-Z]/g, (m) => '_' + m.toLowerCase()), 'an integer ≥ 0', c[k]);
+  }
+  if (c.loggingSteps === 0) c.loggingSteps = 1;
+  if (!Number.isInteger(c.seed)) bad('seed', 'an integer', c.seed);
+  return c;
+}

@@ -1,0 +1,156 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import * as tf from '@tensorflow/tfjs-core';
+import { DEFAULT_TRAIN, TrainConfig, Trainer, TrainResult } from '../train/trainer.js';
+import { loadParams, saveParams } from '../train/params-io.js';
+import { SchedulerName } from '../train/schedule.js';
+import { loadConversations, packRows, tokenizeConversation, truncateRow } from '../data/conversations.js';
+import { SeqBatch, TokenRow, makeBatch, tokenLogps } from '../infer/batch.js';
+import { openPolicy, needTokenizer } from '../commands/context.js';
+import { saveModel } from '../model/load.js';
+import { Decoder } from '../model/decoder.js';
+import { Rng } from '../util/rng.js';
+import { UserError } from '../util/errors.js';
+import { log } from '../util/log.js';
+import { DType } from '../io/safetensors.js';
+
+/**
+ * Stage 1: full-parameter supervised fine-tuning (base → sft-base). The config is plain data
+ * (CLI flags and recipe stages fill the same object); the loop is the shared Trainer.
+ */
+export interface SftConfig {
+  model: string;
+  data: string;
+  out: string;
+  evalData?: string;
+  evalRatio: number;
+  batchSize: number;
+  maxLen: number;
+  isConcat: boolean;
+  skipBadRows: boolean;
+  resume: boolean;
+  dtype: DType;
+  train: TrainConfig;
+}
+
+export const DEFAULT_SFT: Omit<SftConfig, 'model' | 'data' | 'out'> = {
+  evalRatio: 0.05,
+  batchSize: 4,
+  maxLen: 512,
+  isConcat: false,
+  skipBadRows: false,
+  resume: false,
+  dtype: 'F32',
+  train: { ...DEFAULT_TRAIN, lr: 5e-6, epochs: 3, scheduler: 'cosine' as SchedulerName, warmupRatio: 0.01 },
+};
+
+/** Mean negative log-likelihood over trained tokens. */
+export function sftLoss(model: Decoder, b: SeqBatch): tf.Scalar {
+  const lp = tokenLogps(model, b);
+  return tf.div(tf.neg(tf.sum(lp)), Math.max(trainedTokens(b), 1)) as tf.Scalar;
+}
+
+export function trainedTokens(b: SeqBatch): number {
+  let n = 0;
+  for (let i = 0; i < b.batch; i++) for (let t = 1; t < b.len; t++) n += b.weights[i * b.len + t];
+  return n;
+}
+
+/** Tokens processed (padding excluded): the throughput unit. */
+export function validTokens(b: SeqBatch): number {
+  let n = 0;
+  for (let i = 0; i < b.valid!.length; i++) n += b.valid![i];
+  return n;
+}
+
+export function chunk<T>(xs: T[], n: number): T[][] {
+  const out: T[][] = [];
+  for (let i = 0; i < xs.length; i += n) out.push(xs.slice(i, i + n));
+  return out;
+}
+
+export interface SftResult extends TrainResult {
+  rows: number;
+  skipped: number;
+  dropped: number;
+  evalRows: number;
+}
+
+export async function runSft(c: SftConfig): Promise<SftResult> {
+  const policy = openPolicy(c.model, { trainable: true });
+  const tok = needTokenizer(policy, 'SFT on conversations');
+  const model = policy.model;
+  const maxLen = Math.min(c.maxLen, model.cfg.max_position_embeddings);
+  const load = (file: string) => {
+    const rep = loadConversations(file, c.skipBadRows);
+    if (rep.skipped.length) log('skipped-rows', { file, count: rep.skipped.length, first: rep.skipped[0].reason });
+    return rep;
+  };
+  const train = load(c.data);
+  let convs = train.items;
+  let evalConvs = c.evalData ? load(c.evalData).items : [];
+  if (!c.evalData && c.evalRatio > 0 && convs.length > 1) {
+    const order = new Rng(c.train.seed, 'eval-split').shuffle(convs.map((_, i) => i));
+    const nEval = Math.max(1, Math.round(convs.length * c.evalRatio));
+    const evalSet = new Set(order.slice(0, nEval));
+    evalConvs = convs.filter((_, i) => evalSet.has(i));
+    convs = convs.filter((_, i) => !evalSet.has(i));
+  }
+  const toRows = (cs: typeof convs): { rows: TokenRow[]; dropped: number } => {
+    const rows = cs.map((cv) => tokenizeConversation(tok, cv));
+    if (c.isConcat) {
+      const { packed, dropped } = packRows(rows, maxLen);
+      return { rows: packed, dropped };
+    }
+    return { rows: rows.map((r) => truncateRow(r, maxLen)), dropped: 0 };
+  };
+  const tr = toRows(convs);
+  const ev = toRows(evalConvs);
+  if (tr.rows.length === 0) throw new UserError(`${c.data}: no usable conversations (${tr.dropped} longer than max_len ${maxLen})`);
+  const shuffled = new Rng(c.train.seed, 'rows').shuffle([...tr.rows]);
+  const trainBatches = chunk(shuffled, c.batchSize).map((rs) => makeBatch(rs, policy.padId));
+  const evalBatches = chunk(ev.rows, c.batchSize).map((rs) => makeBatch(rs, policy.padId));
+  log('sft', { rows: tr.rows.length, eval_rows: ev.rows.length, batches: trainBatches.length, params: model.paramCount(), dropped: tr.dropped, skipped: train.skipped.length });
+  const trainer = new Trainer<SeqBatch>(
+    {
+      params: model.params,
+      trainBatches,
+      evalBatches,
+      tokens: (b) => validTokens(b),
+      loss: (b) => ({ loss: sftLoss(model, b) }),
+    },
+    c.train,
+    c.out,
+  );
+  try {
+    const res = await trainer.fit({
+      resume: c.resume,
+      label: 'sft',
+      saveState: (dir) => {
+        fs.mkdirSync(dir, { recursive: true });
+        return saveParams(model.params, path.join(dir, 'model.safetensors'));
+      },
+      loadState: (dir) => loadParams(model.params, path.join(dir, 'model.safetensors')),
+    });
+    await saveFinal(model, c.out, c.model, c.dtype);
+    return { ...res, rows: tr.rows.length, skipped: train.skipped.length, dropped: tr.dropped, evalRows: ev.rows.length };
+  } finally {
+    trainer.dispose();
+    model.dispose();
+  }
+}
+
+/**
+ * Write the final checkpoint into `out` (which also holds checkpoint-N/ and metrics.jsonl): files are
+ * built in a temp dir and moved in, config.json last, so a directory with config.json is whole.
+ */
+export async function saveFinal(model: Decoder, out: string, copyFrom: string, dtype: DType): Promise<void> {
+  const tmp = path.join(out, '.final.tmp');
+  fs.rmSync(tmp, { recursive: true, force: true });
+  fs.rmSync(path.join(out, 'config.json'), { force: true });
+  await saveModel(model, tmp, { copyFrom, dtype });
+  const files = fs.readdirSync(tmp).filter((f) => f !== 'config.json');
+  for (const f of files) fs.renameSync(path.join(tmp, f), path.join(out, f));
+  fs.renameSync(path.join(tmp, 'config.json'), path.join(out, 'config.json'));
+  fs.rmSync(tmp, { recursive: true, force: true });
+}

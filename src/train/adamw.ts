@@ -1,0 +1,71 @@
+import * as tf from '@tensorflow/tfjs-core';
+
+/**
+ * AdamW as torch.optim.AdamW computes it: decoupled weight decay θ ← θ·(1 − lr·λ), then
+ * θ ← θ − lr·m̂/(√v̂ + ε) with bias-corrected moments. Parameters named as norms or biases
+ * (and all 1-D tensors) get no decay, as in the 360Zhinao / HF recipes.
+ */
+export interface AdamWConfig {
+  beta1: number;
+  beta2: number;
+  eps: number;
+  weightDecay: number;
+}
+
+export const DEFAULT_ADAMW: AdamWConfig = { beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.1 };
+
+export function decays(name: string, shape: number[]): boolean {
+  return shape.length > 1 && !/norm|\.bias$/.test(name);
+}
+
+export class AdamW {
+  /** Number of updates applied so far (torch's `step` in the state). */
+  t = 0;
+  readonly m = new Map<string, tf.Variable>();
+  readonly v = new Map<string, tf.Variable>();
+
+  constructor(
+    readonly cfg: AdamWConfig,
+    readonly params: Map<string, tf.Variable>,
+  ) {
+    for (const [name, p] of params) {
+      this.m.set(name, tf.variable(tf.zerosLike(p), false));
+      this.v.set(name, tf.variable(tf.zerosLike(p), false));
+    }
+  }
+
+  /** One update with learning rate `lr` from gradients keyed by parameter name. */
+  step(grads: Map<string, tf.Tensor>, lr: number): void {
+    this.t += 1;
+    const { beta1, beta2, eps, weightDecay } = this.cfg;
+    const bc1 = 1 - Math.pow(beta1, this.t);
+    const bc2 = 1 - Math.pow(beta2, this.t);
+    tf.tidy(() => {
+      for (const [name, p] of this.params) {
+        const g = grads.get(name);
+        if (!g) continue;
+        const m = this.m.get(name)!;
+        const v = this.v.get(name)!;
+        const m2 = tf.add(tf.mul(m, beta1), tf.mul(g, 1 - beta1));
+        const v2 = tf.add(tf.mul(v, beta2), tf.mul(tf.square(g), 1 - beta2));
+        m.assign(m2);
+        v.assign(v2);
+        const denom = tf.add(tf.div(tf.sqrt(v2), Math.sqrt(bc2)), eps);
+        let next = tf.sub(p, tf.mul(tf.div(m2, denom), lr / bc1));
+        if (weightDecay > 0 && decays(name, p.shape)) next = tf.sub(next, tf.mul(p, lr * weightDecay));
+        p.assign(next);
+      }
+    });
+  }
+
+  dispose(): void {
+    for (const t of [...this.m.values(), ...this.v.values()]) t.dispose();
+  }
+}
+
+/** Global L2 norm of the gradients, and the factor that clips it to `maxNorm` (torch's clip_grad_norm_). */
+export function clipFactor(norm: number, maxNorm: number): number {
+  if (!(maxNorm > 0)) return 1;
+  const c = maxNorm / (norm + 1e-6);
+  return c < 1 ? c : 1;
+}

@@ -1,0 +1,321 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import * as tf from '@tensorflow/tfjs-core';
+import { AdamW, AdamWConfig, DEFAULT_ADAMW, clipFactor } from './adamw.js';
+import { SchedulerName, lrMultiplier, warmupSteps } from './schedule.js';
+import { writeSafetensors, readHeader, readTensor } from '../io/safetensors.js';
+import { writeDirAtomic, writeFileAtomic } from '../util/fsutil.js';
+import { Rng } from '../util/rng.js';
+import { UserError } from '../util/errors.js';
+import { Progress, log } from '../util/log.js';
+
+/**
+ * The training loop every stage shares (SFT, DPO, reward model, on-policy rounds). A stage
+ * supplies a TrainTask — its trainable parameters, its micro-batches and a loss over one — and
+ * the trainer owns the rest: AdamW, the schedule, accumulation, clipping, logging, evaluation,
+ * atomic checkpoints and exact resumption.
+ */
+export interface TrainConfig extends AdamWConfig {
+  lr: number;
+  epochs: number;
+  /** > 0 overrides epochs. */
+  maxSteps: number;
+  gradAccum: number;
+  warmupRatio: number;
+  scheduler: SchedulerName;
+  maxGradNorm: number;
+  loggingSteps: number;
+  saveSteps: number;
+  saveTotalLimit: number;
+  evalSteps: number;
+  seed: number;
+  /** Shuffle micro-batch order each epoch. */
+  shuffle: boolean;
+}
+
+export const DEFAULT_TRAIN: TrainConfig = {
+  ...DEFAULT_ADAMW,
+  lr: 1e-4,
+  epochs: 1,
+  maxSteps: 0,
+  gradAccum: 1,
+  warmupRatio: 0,
+  scheduler: 'cosine',
+  maxGradNorm: 1.0,
+  loggingSteps: 10,
+  saveSteps: 0,
+  saveTotalLimit: 2,
+  evalSteps: 0,
+  seed: 0,
+  shuffle: true,
+};
+
+export interface LossOut {
+  loss: tf.Scalar;
+  /** Extra scalars to log (averaged over micro-batches). */
+  metrics?: Record<string, tf.Scalar>;
+}
+
+export interface TrainTask<B> {
+  params: Map<string, tf.Variable>;
+  trainBatches: B[];
+  evalBatches?: B[];
+  tokens(b: B): number;
+  /** Called inside a gradient tape; `rng` drives dropout for this micro-batch. */
+  loss(b: B, rng: Rng, training: boolean): LossOut;
+  /** Extra evaluation (e.g. DPO metrics on held-out pairs), merged into eval logs. */
+  evaluate?(): Record<string, number>;
+}
+
+export interface TrainState {
+  step: number;
+  totalSteps: number;
+  optimizerT: number;
+  seed: number;
+  microPerEpoch: number;
+  lastLoss: number | null;
+}
+
+export interface TrainResult {
+  steps: number;
+  lastLoss: number | null;
+  evalLoss: number | null;
+  history: Record<string, number>[];
+}
+
+const CKPT_RE = /^checkpoint-(\d+)$/;
+
+export function listCheckpoints(dir: string): { step: number; dir: string }[] {
+  if (!fs.existsSync(dir)) return [];
+  return fs
+    .readdirSync(dir)
+    .map((n) => ({ m: CKPT_RE.exec(n), n }))
+    .filter((x) => x.m && fs.existsSync(path.join(dir, x.n, 'trainer_state.json')))
+    .map((x) => ({ step: Number(x.m![1]), dir: path.join(dir, x.n) }))
+    .sort((a, b) => a.step - b.step);
+}
+
+export class Trainer<B> {
+  readonly opt: AdamW;
+  readonly totalSteps: number;
+  readonly micro: number;
+  step = 0;
+  history: Record<string, number>[] = [];
+  private metricsFile: string;
+
+  constructor(
+    readonly task: TrainTask<B>,
+    readonly cfg: TrainConfig,
+    readonly workDir: string,
+  ) {
+    if (task.trainBatches.length === 0) throw new UserError('no training data: every row was filtered out or the file is empty');
+    this.micro = task.trainBatches.length;
+    const perEpoch = Math.max(1, Math.floor(this.micro / cfg.gradAccum));
+    this.totalSteps = cfg.maxSteps > 0 ? cfg.maxSteps : perEpoch * cfg.epochs;
+    this.opt = new AdamW(cfg, task.params);
+    this.metricsFile = path.join(workDir, 'metrics.jsonl');
+    fs.mkdirSync(workDir, { recursive: true });
+  }
+
+  /** The micro-batch index for global micro-step i: a fresh seeded permutation per epoch. */
+  private orderCache = new Map<number, number[]>();
+  batchAt(i: number): B {
+    const epoch = Math.floor(i / this.micro);
+    let order = this.orderCache.get(epoch);
+    if (!order) {
+      order = Array.from({ length: this.micro }, (_, k) => k);
+      if (this.cfg.shuffle) new Rng(this.cfg.seed, 'order', epoch).shuffle(order);
+      this.orderCache.clear();
+      this.orderCache.set(epoch, order);
+    }
+    return this.task.trainBatches[order[i % this.micro]];
+  }
+
+  lrAt(step: number): number {
+    return this.cfg.lr * lrMultiplier(this.cfg.scheduler, step, this.totalSteps, warmupSteps(this.totalSteps, this.cfg.warmupRatio));
+  }
+
+  /** One optimizer step over gradAccum micro-batches; returns the logged scalars. */
+  trainStep(): Record<string, number> {
+    const names = [...this.task.params.keys()];
+    const vars = names.map((n) => this.task.params.get(n)!);
+    const sums = new Map<string, tf.Tensor>();
+    const metricSums: Record<string, number> = {};
+    let lossSum = 0;
+    let tokens = 0;
+    const A = this.cfg.gradAccum;
+    for (let a = 0; a < A; a++) {
+      const i = this.step * A + a;
+      const b = this.batchAt(i);
+      tokens += this.task.tokens(b);
+      const rng = new Rng(this.cfg.seed, 'dropout', i);
+      let metrics: Record<string, tf.Scalar> = {};
+      const { value, grads } = tf.variableGrads(() => {
+        const out = this.task.loss(b, rng, true);
+        metrics = Object.fromEntries(Object.entries(out.metrics ?? {}).map(([k, v]) => [k, tf.keep(v)]));
+        return out.loss;
+      }, vars);
+      const lv = value.dataSync()[0];
+      value.dispose();
+      for (const [k, v] of Object.entries(metrics)) {
+        metricSums[k] = (metricSums[k] ?? 0) + v.dataSync()[0] / A;
+        v.dispose();
+      }
+      if (!Number.isFinite(lv)) {
+        for (const g of Object.values(grads)) g.dispose();
+        for (const g of sums.values()) g.dispose();
+        throw new UserError(`non-finite loss (${lv}) at step ${this.step + 1}, micro-batch ${i} (epoch ${Math.floor(i / this.micro)}); stopped, the last good checkpoint is kept`);
+      }
+      lossSum += lv / A;
+      names.forEach((n, k) => {
+        const g = grads[vars[k].name];
+        if (!g) return;
+        const prev = sums.get(n);
+        if (prev) {
+          sums.set(n, tf.add(prev, g));
+          prev.dispose();
+          g.dispose();
+        } else sums.set(n, g);
+      });
+    }
+    // Average over micro-batches, then clip by the global norm.
+    const sq = tf.tidy(() => tf.addN([...sums.values()].map((g) => tf.sum(tf.square(g)))));
+    const norm = Math.sqrt(sq.dataSync()[0]) / A;
+    sq.dispose();
+    if (!Number.isFinite(norm)) {
+      for (const g of sums.values()) g.dispose();
+      throw new UserError(`non-finite gradient norm at step ${this.step + 1}; stopped, the last good checkpoint is kept`);
+    }
+    const scale = clipFactor(norm, this.cfg.maxGradNorm) / A;
+    const scaled = new Map<string, tf.Tensor>();
+    for (const [n, g] of sums) {
+      scaled.set(n, tf.mul(g, scale));
+      g.dispose();
+    }
+    const lr = this.lrAt(this.step);
+    this.opt.step(scaled, lr);
+    for (const g of scaled.values()) g.dispose();
+    this.step += 1;
+    return { loss: lossSum, lr, grad_norm: norm, tokens, ...metricSums };
+  }
+
+  evalLoss(): number | null {
+    const eb = this.task.evalBatches;
+    if (!eb?.length) return null;
+    let s = 0;
+    let n = 0;
+    for (const b of eb) {
+      const v = tf.tidy(() => this.task.loss(b, new Rng(0), false).loss);
+      s += v.dataSync()[0];
+      v.dispose();
+      n++;
+    }
+    return s / n;
+  }
+
+  appendMetrics(row: Record<string, unknown>): void {
+    fs.appendFileSync(this.metricsFile, JSON.stringify(row) + '\n');
+  }
+
+  async fit(opts: { resume?: boolean; saveState: (dir: string) => Promise<void>; loadState: (dir: string) => void; label?: string }): Promise<TrainResult> {
+    if (opts.resume) {
+      const last = listCheckpoints(this.workDir).at(-1);
+      if (last) {
+        this.restore(last.dir, opts.loadState);
+        log('resume', { from: last.dir, step: this.step });
+      }
+    } else {
+      for (const c of listCheckpoints(this.workDir)) fs.rmSync(c.dir, { recursive: true, force: true });
+      fs.rmSync(this.metricsFile, { force: true });
+    }
+    const bar = new Progress(opts.label ?? 'train', this.totalSteps);
+    let lastLoss: number | null = null;
+    let evalLoss: number | null = null;
+    let window: Record<string, number>[] = [];
+    let t0 = Date.now();
+    while (this.step < this.totalSteps) {
+      const m = this.trainStep();
+      lastLoss = m.loss;
+      window.push(m);
+      bar.tick(this.step, `loss ${m.loss.toFixed(4)}`);
+      const atEnd = this.step === this.totalSteps;
+      if (this.step % this.cfg.loggingSteps === 0 || atEnd) {
+        const dt = (Date.now() - t0) / 1000;
+        const avg: Record<string, number> = {};
+        for (const k of Object.keys(window[0])) avg[k] = window.reduce((a, r) => a + (r[k] ?? 0), 0) / window.length;
+        const row = { step: this.step, epoch: +((this.step * this.cfg.gradAccum) / this.micro).toFixed(4), ...avg, lr: m.lr, tokens_per_s: (avg.tokens * window.length) / Math.max(dt, 1e-9) };
+        delete (row as any).tokens;
+        this.appendMetrics({ split: 'train', ...row });
+        this.history.push(row);
+        log('train', row);
+        window = [];
+        t0 = Date.now();
+      }
+      if ((this.cfg.evalSteps > 0 && this.step % this.cfg.evalSteps === 0) || atEnd) {
+        evalLoss = this.evalLoss();
+        const extra = this.task.evaluate?.() ?? {};
+        if (evalLoss !== null || Object.keys(extra).length) {
+          const row = { split: 'eval', step: this.step, ...(evalLoss !== null ? { loss: evalLoss } : {}), ...extra };
+          this.appendMetrics(row);
+          log('eval', row);
+        }
+      }
+      if (this.cfg.saveSteps > 0 && this.step % this.cfg.saveSteps === 0 && !atEnd) await this.checkpoint(opts.saveState, lastLoss);
+    }
+    bar.done();
+    return { steps: this.step, lastLoss, evalLoss, history: this.history };
+  }
+
+  async checkpoint(saveState: (dir: string) => Promise<void>, lastLoss: number | null): Promise<void> {
+    const dir = path.join(this.workDir, `checkpoint-${this.step}`);
+    await writeDirAtomic(dir, async (tmp) => {
+      await saveState(path.join(tmp, 'weights'));
+      const entries: { name: string; shape: number[] }[] = [];
+      const data = new Map<string, Float32Array>();
+      for (const [n, v] of this.opt.m) {
+        entries.push({ name: `${n}.exp_avg`, shape: v.shape });
+        data.set(`${n}.exp_avg`, v.dataSync() as Float32Array);
+        const s = this.opt.v.get(n)!;
+        entries.push({ name: `${n}.exp_avg_sq`, shape: s.shape });
+        data.set(`${n}.exp_avg_sq`, s.dataSync() as Float32Array);
+      }
+      await writeSafetensors(path.join(tmp, 'optimizer.safetensors'), entries, 'F32', (n) => data.get(n)!);
+      const state: TrainState = { step: this.step, totalSteps: this.totalSteps, optimizerT: this.opt.t, seed: this.cfg.seed, microPerEpoch: this.micro, lastLoss };
+      writeFileAtomic(path.join(tmp, 'trainer_state.json'), JSON.stringify(state, null, 2));
+    });
+    const all = listCheckpoints(this.workDir);
+    if (this.cfg.saveTotalLimit > 0) for (const c of all.slice(0, Math.max(0, all.length - this.cfg.saveTotalLimit))) fs.rmSync(c.dir, { recursive: true, force: true });
+    log('checkpoint', { dir, step: this.step });
+  }
+
+  restore(dir: string, loadState: (dir: string) => void): void {
+    const state: TrainState = JSON.parse(fs.readFileSync(path.join(dir, 'trainer_state.json'), 'utf8'));
+    if (state.microPerEpoch !== this.micro || state.seed !== this.cfg.seed) {
+      throw new UserError(`${dir}: checkpoint was made with ${state.microPerEpoch} micro-batches per epoch and seed ${state.seed}; this run has ${this.micro} and ${this.cfg.seed}. Resume with the same data and settings, or start fresh`);
+    }
+    loadState(path.join(dir, 'weights'));
+    const st = readHeader(path.join(dir, 'optimizer.safetensors'));
+    for (const [n, m] of this.opt.m) {
+      const a = tf.tensor(readTensor(st, `${n}.exp_avg`), m.shape);
+      const b = tf.tensor(readTensor(st, `${n}.exp_avg_sq`), m.shape);
+      m.assign(a);
+      this.opt.v.get(n)!.assign(b);
+      a.dispose();
+      b.dispose();
+    }
+    this.opt.t = state.optimizerT;
+    this.step = state.step;
+    // Metrics logged after this checkpoint belong to the lost part of the run: drop them.
+    if (fs.existsSync(this.metricsFile)) {
+      const keep = fs
+        .readFileSync(this.metricsFile, 'utf8')
+        .split('\n')
+        .filter((l) => l.trim() && JSON.parse(l).step <= this.step);
+      writeFileAtomic(this.metricsFile, keep.map((l) => l + '\n').join(''));
+    }
+  }
+
+  dispose(): void {
+    this.opt.dispose();
+  }
+}
