@@ -8,6 +8,12 @@ import { generateCmd, initModel, logprobsCmd, trainTokenizer } from './commands/
 import { addTrainOptions, trainConfigFrom } from './commands/train-options.js';
 import { DEFAULT_SFT, runSft } from './stages/sft.js';
 import { dtypeFromName } from './io/safetensors.js';
+import { registerAdapterLoader } from './commands/context.js';
+import { LoraAdapter, attach } from './lora/lora.js';
+import { dpoCmd, evalDpoCmd } from './commands/dpo.js';
+import { DEFAULT_DPO_STAGE } from './stages/dpo.js';
+
+registerAdapterLoader((model, dir) => attach(model, LoraAdapter.load(model, dir)));
 
 /**
  * The `prefopt` command line. Each command parses its flags and hands a plain options object to
@@ -162,6 +168,47 @@ export function buildProgram(): Command {
       log('sft-done', { out: o.out, steps: res.steps, loss: res.lastLoss ?? NaN, eval_loss: res.evalLoss ?? NaN, skipped: res.skipped, dropped: res.dropped });
     }),
   );
+
+  const dpoOptions = (cmd: Command) =>
+    cmd
+      .option('--beta <b>', 'DPO β (default 0.1)', num)
+      .option('--loss-type <t>', 'sigmoid | hinge | ipo | robust')
+      .option('--label-smoothing <e>', 'ε for cDPO / robust DPO', num)
+      .option('--max-length <n>', 'prompt + completion tokens at most', int)
+      .option('--max-prompt-length <n>', 'prompt tokens at most (longer prompts are skipped)', int)
+      .option('--batch-size <n>', 'pairs per micro-batch', int);
+
+  addTrainOptions(
+    dpoOptions(
+      program
+        .command('dpo')
+        .description('off-policy DPO with LoRA adapters (writes a PEFT adapter directory)')
+        .requiredOption('--model <dir>', 'base checkpoint (e.g. sft-base), frozen')
+        .requiredOption('--data <file>', 'preference pairs (TRL rows, conversations, or token ids)')
+        .requiredOption('--out <dir>', 'output adapter directory (also holds checkpoint-N/ and metrics.jsonl)'),
+    )
+      .option('--eval-data <file>', 'held-out pairs (default: --eval-ratio of --data)')
+      .option('--eval-ratio <x>', 'fraction of --data held out', num)
+      .option('--ref-model <dir>', 'explicit reference checkpoint (default: the base with the adapter off)')
+      .option('--adapter <dir>', 'start from this adapter')
+      .option('--lora-r <n>', 'LoRA rank', int)
+      .option('--lora-alpha <a>', 'LoRA alpha', num)
+      .option('--lora-dropout <p>', 'LoRA dropout', num)
+      .option('--lora-targets <list>', 'comma-separated modules (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; qkv_proj on Zhinao)')
+      .option('--use-rslora', 'scale by alpha/√r')
+      .option('--strict', 'unusable rows are errors instead of being skipped')
+      .option('--cache <db>', 'SQLite file for cached reference log-probs (default OUT/prefopt.db)'),
+  ).action(withBackend(async (o) => dpoCmd(o, trainConfigFrom(o, DEFAULT_DPO_STAGE.train))));
+
+  dpoOptions(
+    program
+      .command('eval-dpo')
+      .description('DPO metrics of a policy on preference data; prints one JSON object')
+      .requiredOption('--model <dir>', 'checkpoint')
+      .option('--adapter <dir>', 'PEFT adapter (policy = model + adapter; reference = model)')
+      .option('--ref-model <dir>', 'reference checkpoint')
+      .requiredOption('--data <file>', 'preference pairs'),
+  ).action(withBackend(async (o) => evalDpoCmd(o)));
 
   return program;
 }

@@ -141,16 +141,26 @@ export async function runSft(c: SftConfig): Promise<SftResult> {
 }
 
 /**
- * Write the final checkpoint into `out` (which also holds checkpoint-N/ and metrics.jsonl): files are
- * built in a temp dir and moved in, config.json last, so a directory with config.json is whole.
+ * Write the final checkpoint into `out` (which also holds checkpoint-N/ and metrics.jsonl).
  */
 export async function saveFinal(model: Decoder, out: string, copyFrom: string, dtype: DType): Promise<void> {
-  const tmp = path.join(out, '.final.tmp');
+  await publishFiles(out, 'config.json', (tmp) => saveModel(model, tmp, { copyFrom, dtype }));
+}
+
+/**
+ * Fill a temp dir and move its files into `out`, `lastFile` last: a directory holding `lastFile`
+ * is whole, while the directory itself keeps training state (checkpoints, metrics) beside it.
+ */
+export async function publishFiles(out: string, lastFile: string, fill: (tmp: string) => Promise<void>): Promise<void> {
+  fs.mkdirSync(out, { recursive: true });
+  const tmp = path.join(out, '.publish.tmp');
   fs.rmSync(tmp, { recursive: true, force: true });
-  fs.rmSync(path.join(out, 'config.json'), { force: true });
-  await saveModel(model, tmp, { copyFrom, dtype });
-  const files = fs.readdirSync(tmp).filter((f) => f !== 'config.json');
-  for (const f of files) fs.renameSync(path.join(tmp, f), path.join(out, f));
-  fs.renameSync(path.join(tmp, 'config.json'), path.join(out, 'config.json'));
-  fs.rmSync(tmp, { recursive: true, force: true });
+  fs.rmSync(path.join(out, lastFile), { force: true });
+  try {
+    await fill(tmp);
+    for (const f of fs.readdirSync(tmp).filter((f) => f !== lastFile)) fs.renameSync(path.join(tmp, f), path.join(out, f));
+    fs.renameSync(path.join(tmp, lastFile), path.join(out, lastFile));
+  } finally {
+    fs.rmSync(tmp, { recursive: true, force: true });
+  }
 }

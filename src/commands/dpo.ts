@@ -1,0 +1,61 @@
+import { DEFAULT_DPO_STAGE, evaluatePairs, runDpo } from '../stages/dpo.js';
+import { DpoParams, validateDpoParams, LossType } from '../dpo/loss.js';
+import { pairLogpsHost } from '../dpo/logps.js';
+import { loadPrefs } from '../data/prefs.js';
+import { DEFAULT_LORA, LoraConfig, withAdapterOff } from '../lora/lora.js';
+import { loadModel } from '../model/load.js';
+import { TrainConfig } from '../train/trainer.js';
+import { UserError } from '../util/errors.js';
+import { log } from '../util/log.js';
+import { openPolicy } from './context.js';
+
+export function dpoParamsFrom(o: Record<string, any>, base: DpoParams): DpoParams {
+  return validateDpoParams({ beta: o.beta ?? base.beta, lossType: (o.lossType ?? base.lossType) as LossType, labelSmoothing: o.labelSmoothing ?? base.labelSmoothing });
+}
+
+export function loraFrom(o: Record<string, any>, base: LoraConfig = DEFAULT_LORA): LoraConfig {
+  const targets = o.loraTargets ? String(o.loraTargets).split(',').map((s) => s.trim()).filter(Boolean) : base.targets;
+  return { r: o.loraR ?? base.r, alpha: o.loraAlpha ?? base.alpha, dropout: o.loraDropout ?? base.dropout, targets, useRslora: o.useRslora ?? base.useRslora };
+}
+
+export async function dpoCmd(o: Record<string, any>, train: TrainConfig): Promise<void> {
+  const res = await runDpo({
+    ...DEFAULT_DPO_STAGE,
+    model: o.model,
+    data: o.data,
+    out: o.out,
+    evalData: o.evalData,
+    evalRatio: o.evalRatio ?? DEFAULT_DPO_STAGE.evalRatio,
+    refModel: o.refModel,
+    adapter: o.adapter,
+    dpo: dpoParamsFrom(o, DEFAULT_DPO_STAGE.dpo),
+    lora: loraFrom(o),
+    maxLength: o.maxLength ?? DEFAULT_DPO_STAGE.maxLength,
+    maxPromptLength: o.maxPromptLength ?? DEFAULT_DPO_STAGE.maxPromptLength,
+    strict: !!o.strict,
+    batchSize: o.batchSize ?? DEFAULT_DPO_STAGE.batchSize,
+    train,
+    cacheDb: o.cache,
+    resume: !!o.resume,
+  });
+  log('dpo-done', { out: o.out, steps: res.steps, pairs: res.pairs, eval_pairs: res.evalPairs, cache_hits: res.cacheHits, ...Object.fromEntries(Object.entries(res.evalMetrics).map(([k, v]) => [`eval_${k}`, v])) });
+}
+
+/** Only evaluates: ONE JSON object of TRL's metric names, averaged over the rows. */
+export async function evalDpoCmd(o: Record<string, any>): Promise<void> {
+  const p = openPolicy(o.model, { adapter: o.adapter });
+  const params = dpoParamsFrom(o, DEFAULT_DPO_STAGE.dpo);
+  const ctx = p.model.cfg.max_position_embeddings;
+  const { pairs, skipped } = loadPrefs(o.data, p.tok, p.model.cfg.vocab_size, { maxLength: o.maxLength ?? ctx, maxPromptLength: o.maxPromptLength ?? ctx, strict: false, allowIdentical: true });
+  if (!pairs.length) throw new UserError(`${o.data}: no usable rows (${JSON.stringify(skipped)})`);
+  const bs = o.batchSize ?? 4;
+  let ref: { chosen: number[]; rejected: number[] };
+  if (o.refModel) {
+    const r = loadModel(o.refModel);
+    ref = pairLogpsHost(r, pairs, bs, p.padId);
+    r.dispose();
+  } else ref = withAdapterOff(p.model, () => pairLogpsHost(p.model, pairs, bs, p.padId));
+  const m = evaluatePairs(p.model, pairs, ref, params, bs, p.padId);
+  process.stdout.write(JSON.stringify({ ...m, rows: pairs.length, skipped: Object.values(skipped).reduce((a, b) => a + b, 0) }) + '\n');
+  p.model.dispose();
+}

@@ -1,0 +1,80 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { UserError } from '../util/errors.js';
+
+/**
+ * DPO losses as TRL computes them (REFERENCE §5). Inputs are summed completion log-probs of the
+ * policy and the reference for chosen (w) and rejected (l) answers, plus completion lengths for
+ * IPO. ℓ_w = π_w − ref_w, ℓ_l = π_l − ref_l, Δ = ℓ_w − ℓ_l, ε = label_smoothing.
+ */
+export type LossType = 'sigmoid' | 'hinge' | 'ipo' | 'robust';
+export const LOSS_TYPES: LossType[] = ['sigmoid', 'hinge', 'ipo', 'robust'];
+
+export interface DpoParams {
+  beta: number;
+  lossType: LossType;
+  labelSmoothing: number;
+}
+
+export const DEFAULT_DPO: DpoParams = { beta: 0.1, lossType: 'sigmoid', labelSmoothing: 0 };
+
+export interface PairLogps<T> {
+  policyChosen: T;
+  policyRejected: T;
+  refChosen: T;
+  refRejected: T;
+  lenChosen: T;
+  lenRejected: T;
+}
+
+/**
+ * log σ(x) = min(x, 0) − log(1 + e^(−|x|)), stable for any x. tf.logSigmoid's own gradient
+ * reads a tensor it did not save, which fails on wasm inside variableGrads.
+ */
+export function logSigmoid(x: tf.Tensor): tf.Tensor {
+  return tf.sub(tf.minimum(x, 0), tf.log1p(tf.exp(tf.neg(tf.abs(x)))));
+}
+
+/** Per-pair losses [P] (differentiable through the policy terms). */
+export function dpoLosses(x: PairLogps<tf.Tensor1D>, p: DpoParams): tf.Tensor1D {
+  const { beta, labelSmoothing: eps } = p;
+  const lw = tf.sub(x.policyChosen, x.refChosen);
+  const ll = tf.sub(x.policyRejected, x.refRejected);
+  const delta = tf.sub(lw, ll);
+  const bd = tf.mul(delta, beta);
+  switch (p.lossType) {
+    case 'sigmoid':
+      return tf.sub(tf.mul(logSigmoid(bd), -(1 - eps)), tf.mul(logSigmoid(tf.neg(bd)), eps)) as tf.Tensor1D;
+    case 'robust':
+      return tf.div(tf.add(tf.mul(logSigmoid(bd), -(1 - eps)), tf.mul(logSigmoid(tf.neg(bd)), eps)), 1 - 2 * eps) as tf.Tensor1D;
+    case 'hinge':
+      return tf.relu(tf.sub(1, bd)) as tf.Tensor1D;
+    case 'ipo': {
+      const h = tf.sub(tf.sub(tf.div(lw, x.lenChosen), tf.div(ll, x.lenRejected)), 1 / (2 * beta));
+      return tf.square(h) as tf.Tensor1D;
+    }
+  }
+}
+
+export const DPO_METRICS = ['loss', 'rewards/chosen', 'rewards/rejected', 'rewards/accuracies', 'rewards/margins', 'logps/chosen', 'logps/rejected'] as const;
+
+/** TRL's logged metrics, averaged over pairs, from host numbers. */
+export function dpoMetrics(rows: { pc: number; pr: number; rc: number; rr: number; loss: number }[], beta: number): Record<string, number> {
+  const n = rows.length || 1;
+  const mean = (f: (r: (typeof rows)[number]) => number) => rows.reduce((a, r) => a + f(r), 0) / n;
+  return {
+    loss: mean((r) => r.loss),
+    'rewards/chosen': mean((r) => beta * (r.pc - r.rc)),
+    'rewards/rejected': mean((r) => beta * (r.pr - r.rr)),
+    'rewards/accuracies': mean((r) => (r.pc - r.rc > r.pr - r.rr ? 1 : 0)),
+    'rewards/margins': mean((r) => beta * (r.pc - r.rc - (r.pr - r.rr))),
+    'logps/chosen': mean((r) => r.pc),
+    'logps/rejected': mean((r) => r.pr),
+  };
+}
+
+export function validateDpoParams(p: DpoParams, where = ''): DpoParams {
+  if (!LOSS_TYPES.includes(p.lossType)) throw new UserError(`${where}loss_type: expected ${LOSS_TYPES.join(' | ')}, found ${JSON.stringify(p.lossType)}`);
+  if (!(p.beta > 0)) throw new UserError(`${where}beta: expected a positive number, found ${p.beta}`);
+  if (!(p.labelSmoothing >= 0 && p.labelSmoothing < 0.5)) throw new UserError(`${where}label_smoothing: expected a number in [0, 0.5), found ${p.labelSmoothing}`);
+  return p;
+}

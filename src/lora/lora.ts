@@ -1,0 +1,236 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import * as tf from '@tensorflow/tfjs-core';
+import { Decoder, LinearAdapter, transpose2d } from '../model/decoder.js';
+import { mm } from '../engine/ops.js';
+import { readHeader, readTensor, writeSafetensors } from '../io/safetensors.js';
+import { writeDirAtomic } from '../util/fsutil.js';
+import { UserError } from '../util/errors.js';
+import { Rng } from '../util/rng.js';
+
+/**
+ * LoRA (REFERENCE §7): y = W·x + s·B·A·dropout(x), s = alpha/r (rsLoRA: alpha/√r), A [r, in]
+ * Kaiming-uniform, B [out, r] zeros — a new adapter changes nothing. The base stays frozen;
+ * only A and B are variables handed to the trainer. Kept transposed in memory like every weight.
+ * Files follow PEFT: adapter_config.json + adapter_model.safetensors, keys
+ * `base_model.model.<module>.lora_{A,B}.weight`.
+ */
+export interface LoraConfig {
+  r: number;
+  alpha: number;
+  dropout: number;
+  targets: string[];
+  useRslora: boolean;
+}
+
+/** Empty targets mean the attention projections of the architecture. */
+export const DEFAULT_LORA: LoraConfig = { r: 8, alpha: 16, dropout: 0.05, targets: [], useRslora: false };
+
+export function defaultTargets(arch: string): string[] {
+  return arch === 'zhinao' ? ['qkv_proj', 'o_proj'] : ['q_proj', 'k_proj', 'v_proj', 'o_proj'];
+}
+export const ALL_TARGETS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj', 'qkv_proj'];
+
+const PREFIX = 'base_model.model.';
+
+export class LoraAdapter implements LinearAdapter {
+  /** module → [A^T (in×r), B^T (r×out)] */
+  readonly weights = new Map<string, { a: tf.Variable; b: tf.Variable }>();
+  training = false;
+  private rng: Rng | null = null;
+  baseModelName = '';
+
+  constructor(readonly cfg: LoraConfig) {}
+
+  get scale(): number {
+    return this.cfg.useRslora ? this.cfg.alpha / Math.sqrt(this.cfg.r) : this.cfg.alpha / this.cfg.r;
+  }
+
+  /** Linear modules of `model` matched by the target names (the last path component). */
+  static modulesFor(model: Decoder, targets: string[]): string[] {
+    const mods = [...model.params.keys()].filter((n) => n.endsWith('_proj.weight')).map((n) => n.slice(0, -'.weight'.length));
+    const set = new Set(targets);
+    const hit = mods.filter((m) => set.has(m.split('.').at(-1)!));
+    for (const t of targets) {
+      if (!mods.some((m) => m.endsWith('.' + t))) {
+        const have = [...new Set(mods.map((m) => m.split('.').at(-1)))].join(', ');
+        throw new UserError(`LoRA target "${t}" matches no module of this ${model.cfg.arch} model (it has ${have})`);
+      }
+    }
+    return hit;
+  }
+
+  /** A fresh adapter with PEFT's initialisation. */
+  static create(model: Decoder, cfg: LoraConfig, seed: number): LoraAdapter {
+    if (!(Number.isInteger(cfg.r) && cfg.r > 0)) throw new UserError(`lora r must be a positive integer, found ${cfg.r}`);
+    if (!(cfg.dropout >= 0 && cfg.dropout < 1)) throw new UserError(`lora dropout must be in [0, 1), found ${cfg.dropout}`);
+    if (!cfg.targets.length) cfg = { ...cfg, targets: defaultTargets(model.cfg.arch) };
+    const ad = new LoraAdapter(cfg);
+    for (const m of LoraAdapter.modulesFor(model, cfg.targets)) {
+      const [inDim, outDim] = model.p(`${m}.weight`).shape;
+      const bound = 1 / Math.sqrt(inDim); // kaiming_uniform_(a=√5) on [r, in]
+      const rng = new Rng(seed, 'lora', m);
+      const a = new Float32Array(inDim * cfg.r).map(() => (rng.next() * 2 - 1) * bound);
+      ad.set(m, tf.tensor2d(a, [inDim, cfg.r]), tf.zeros([cfg.r, outDim]));
+    }
+    return ad;
+  }
+
+  private set(module: string, aT: tf.Tensor, bT: tf.Tensor): void {
+    this.weights.set(module, { a: tf.variable(aT, true), b: tf.variable(bT, true) });
+    aT.dispose();
+    bT.dispose();
+  }
+
+  targets(module: string): boolean {
+    return this.weights.has(module);
+  }
+
+  /** Dropout draws come from this stream while training (seeded per micro-batch by the trainer). */
+  setTraining(training: boolean, rng: Rng | null = null): void {
+    this.training = training;
+    this.rng = rng;
+  }
+
+  apply(module: string, x: tf.Tensor, y: tf.Tensor): tf.Tensor {
+    const w = this.weights.get(module)!;
+    const xs = x.shape as number[];
+    let x2 = tf.reshape(x, [-1, xs[xs.length - 1]]) as tf.Tensor2D;
+    if (this.training && this.cfg.dropout > 0 && this.rng) x2 = tf.dropout(x2, this.cfg.dropout, undefined, this.rng.nextU32()) as tf.Tensor2D;
+    const delta = mm(mm(x2, w.a as unknown as tf.Tensor2D), w.b as unknown as tf.Tensor2D);
+    return tf.add(y, tf.reshape(tf.mul(delta, this.scale), y.shape));
+  }
+
+  params(): Map<string, tf.Variable> {
+    const m = new Map<string, tf.Variable>();
+    for (const [mod, w] of this.weights) {
+      m.set(`${PREFIX}${mod}.lora_A.weight`, w.a);
+      m.set(`${PREFIX}${mod}.lora_B.weight`, w.b);
+    }
+    return m;
+  }
+
+  /** s·(B·A) in memory layout ([in, out]) for merging into the base weight. */
+  delta(module: string): tf.Tensor2D {
+    const w = this.weights.get(module)!;
+    return tf.tidy(() => tf.mul(tf.matMul(w.a, w.b), this.scale) as tf.Tensor2D);
+  }
+
+  peftConfig(): Record<string, unknown> {
+    return {
+      peft_type: 'LORA',
+      task_type: 'CAUSAL_LM',
+      base_model_name_or_path: this.baseModelName,
+      r: this.cfg.r,
+      lora_alpha: this.cfg.alpha,
+      lora_dropout: this.cfg.dropout,
+      target_modules: [...new Set([...this.weights.keys()].map((m) => m.split('.').at(-1)!))].sort(),
+      bias: 'none',
+      use_rslora: this.cfg.useRslora,
+      fan_in_fan_out: false,
+      inference_mode: true,
+      modules_to_save: null,
+      init_lora_weights: true,
+    };
+  }
+
+  /** Write a PEFT adapter directory atomically. */
+  async save(dir: string): Promise<void> {
+    await writeDirAtomic(dir, async (tmp) => {
+      fs.writeFileSync(path.join(tmp, 'adapter_config.json'), JSON.stringify(this.peftConfig(), null, 2) + '\n');
+      const entries: { name: string; shape: number[] }[] = [];
+      const get = new Map<string, () => Float32Array>();
+      for (const [mod, w] of [...this.weights].sort((x, y) => (x[0] < y[0] ? -1 : 1))) {
+        const [inDim, r] = w.a.shape as number[];
+        const outDim = (w.b.shape as number[])[1];
+        entries.push({ name: `${PREFIX}${mod}.lora_A.weight`, shape: [r, inDim] });
+        get.set(`${PREFIX}${mod}.lora_A.weight`, () => transpose2d(w.a.dataSync() as Float32Array, inDim, r));
+        entries.push({ name: `${PREFIX}${mod}.lora_B.weight`, shape: [outDim, r] });
+        get.set(`${PREFIX}${mod}.lora_B.weight`, () => transpose2d(w.b.dataSync() as Float32Array, r, outDim));
+      }
+      await writeSafetensors(path.join(tmp, 'adapter_model.safetensors'), entries, 'F32', (n) => get.get(n)!());
+    });
+  }
+
+  /** Read a PEFT adapter (ours or PEFT's own) for `model`, checking targets and shapes. */
+  static load(model: Decoder, dir: string): LoraAdapter {
+    const cfgFile = path.join(dir, 'adapter_config.json');
+    if (!fs.existsSync(cfgFile)) throw new UserError(`${dir}: not a PEFT adapter directory (no adapter_config.json)`);
+    let pc: any;
+    try {
+      pc = JSON.parse(fs.readFileSync(cfgFile, 'utf8'));
+    } catch (e: any) {
+      throw new UserError(`${cfgFile}: invalid JSON (${e.message})`);
+    }
+    if (pc.peft_type && pc.peft_type !== 'LORA') throw new UserError(`${cfgFile}: peft_type "${pc.peft_type}" is not supported (only LORA)`);
+    if (pc.fan_in_fan_out) throw new UserError(`${cfgFile}: fan_in_fan_out adapters are not supported`);
+    if (pc.bias && pc.bias !== 'none') throw new UserError(`${cfgFile}: bias "${pc.bias}" is not supported (only "none")`);
+    if (!(Number.isInteger(pc.r) && pc.r > 0)) throw new UserError(`${cfgFile}: "r" must be a positive integer`);
+    const cfg: LoraConfig = {
+      r: pc.r,
+      alpha: pc.lora_alpha ?? pc.r,
+      dropout: pc.lora_dropout ?? 0,
+      targets: Array.isArray(pc.target_modules) ? pc.target_modules : [],
+      useRslora: !!pc.use_rslora,
+    };
+    const wfile = path.join(dir, 'adapter_model.safetensors');
+    if (!fs.existsSync(wfile)) throw new UserError(`${dir}: no adapter_model.safetensors`);
+    const st = readHeader(wfile);
+    const ad = new LoraAdapter(cfg);
+    ad.baseModelName = pc.base_model_name_or_path ?? '';
+    // PEFT may write `.lora_A.weight` or, from older versions, `.lora_A.<adapter>.weight`.
+    const byModule = new Map<string, { A?: string; B?: string }>();
+    for (const key of st.tensors.keys()) {
+      const m = /^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$/.exec(key);
+      if (!m) throw new UserError(`${wfile}: tensor "${key}" is not a LoRA A/B weight`);
+      const e = byModule.get(m[1]) ?? {};
+      e[m[2] as 'A' | 'B'] = key;
+      byModule.set(m[1], e);
+    }
+    try {
+      for (const [mod, keys] of byModule) {
+        if (!keys.A || !keys.B) throw new UserError(`${wfile}: module "${mod}" lacks lora_${keys.A ? 'B' : 'A'}`);
+        const base = model.params.get(`${mod}.weight`);
+        if (!base) throw new UserError(`${wfile}: module "${mod}" does not exist in the model (${model.cfg.arch}); wrong base model?`);
+        const [inDim, outDim] = base.shape;
+        const aShape = st.tensors.get(keys.A)!.shape;
+        const bShape = st.tensors.get(keys.B)!.shape;
+        if (aShape.join() !== [cfg.r, inDim].join()) throw new UserError(`${wfile}: "${keys.A}" has shape [${aShape}], expected [${cfg.r}, ${inDim}] (r=${cfg.r})`);
+        if (bShape.join() !== [outDim, cfg.r].join()) throw new UserError(`${wfile}: "${keys.B}" has shape [${bShape}], expected [${outDim}, ${cfg.r}] (r=${cfg.r})`);
+        ad.set(mod, tf.tensor2d(transpose2d(readTensor(st, keys.A), cfg.r, inDim), [inDim, cfg.r]), tf.tensor2d(transpose2d(readTensor(st, keys.B), outDim, cfg.r), [cfg.r, outDim]));
+      }
+    } catch (e) {
+      ad.dispose();
+      throw e;
+    }
+    if (ad.weights.size === 0) throw new UserError(`${wfile}: holds no LoRA weights`);
+    if (!cfg.targets.length) cfg.targets = [...new Set([...ad.weights.keys()].map((m) => m.split('.').at(-1)!))];
+    return ad;
+  }
+
+  dispose(): void {
+    for (const w of this.weights.values()) {
+      w.a.dispose();
+      w.b.dispose();
+    }
+    this.weights.clear();
+  }
+}
+
+/** Attach `adapter` to `model` (the base is frozen), returning a switch for the reference pass. */
+export function attach(model: Decoder, adapter: LoraAdapter): void {
+  model.setTrainable(false);
+  model.adapter = adapter;
+  model.adapterEnabled = true;
+}
+
+/** Run `f` with the adapter switched off: the base model exactly, no second copy in memory. */
+export function withAdapterOff<T>(model: Decoder, f: () => T): T {
+  const was = model.adapterEnabled;
+  model.adapterEnabled = false;
+  try {
+    return f();
+  } finally {
+    model.adapterEnabled = was;
+  }
+}
