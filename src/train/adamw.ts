@@ -29,8 +29,8 @@ export class AdamW {
     readonly params: Map<string, tf.Variable>,
   ) {
     for (const [name, p] of params) {
-      this.m.set(name, tf.variable(tf.zerosLike(p), false));
-      this.v.set(name, tf.variable(tf.zerosLike(p), false));
+      this.m.set(name, zerosVar(p));
+      this.v.set(name, zerosVar(p));
     }
   }
 
@@ -61,6 +61,14 @@ export class AdamW {
   dispose(): void {
     for (const t of [...this.m.values(), ...this.v.values()]) t.dispose();
   }
+}
+
+/** tf.variable keeps its initial tensor alive as a separate handle: dispose it. */
+function zerosVar(p: tf.Tensor): tf.Variable {
+  const z = tf.zerosLike(p);
+  const v = tf.variable(z, false);
+  z.dispose();
+  return v;
 }
 
 /** Global L2 norm of the gradients, and the factor that clips it to `maxNorm` (torch's clip_grad_norm_). */
