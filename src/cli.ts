@@ -12,6 +12,8 @@ import { registerAdapterLoader } from './commands/context.js';
 import { LoraAdapter, attach } from './lora/lora.js';
 import { dpoCmd, evalDpoCmd } from './commands/dpo.js';
 import { DEFAULT_DPO_STAGE } from './stages/dpo.js';
+import { rmScoreCmd, rmTrainCmd } from './commands/rm.js';
+import { DEFAULT_RM } from './stages/rm.js';
 
 registerAdapterLoader((model, dir) => attach(model, LoraAdapter.load(model, dir)));
 
@@ -209,6 +211,36 @@ export function buildProgram(): Command {
       .option('--ref-model <dir>', 'reference checkpoint')
       .requiredOption('--data <file>', 'preference pairs'),
   ).action(withBackend(async (o) => evalDpoCmd(o)));
+
+  const rm = program.command('rm').description('reward models: train a Bradley–Terry model, score samples');
+  addTrainOptions(
+    rm
+      .command('train')
+      .description('train a Bradley–Terry reward model (saved as …ForSequenceClassification)')
+      .requiredOption('--model <dir>', 'backbone checkpoint (e.g. sft-base)')
+      .requiredOption('--data <file>', 'preference pairs; an optional "margin" column')
+      .requiredOption('--out <dir>', 'output reward-model checkpoint')
+      .option('--eval-data <file>', 'held-out pairs')
+      .option('--eval-ratio <x>', 'fraction of --data held out', num)
+      .option('--batch-size <n>', 'pairs per micro-batch', int)
+      .option('--max-length <n>', 'tokens per sequence at most', int)
+      .option('--max-prompt-length <n>', 'prompt tokens at most', int)
+      .option('--lora', 'train LoRA adapters (+ the score head) instead of all weights; merged on save')
+      .option('--lora-r <n>', 'LoRA rank', int)
+      .option('--lora-alpha <a>', 'LoRA alpha', num)
+      .option('--lora-dropout <p>', 'LoRA dropout', num)
+      .option('--lora-targets <list>', 'comma-separated modules')
+      .option('--strict', 'unusable rows are errors'),
+  ).action(withBackend(async (o) => rmTrainCmd(o, trainConfigFrom(o, DEFAULT_RM.train))));
+
+  rm.command('score')
+    .description('score {"prompt","completion"} rows; one {"reward": x} line per row, in order')
+    .requiredOption('--scorer <spec>', 'model:DIR | module:PATH[#export] | http:URL | builtin:NAME')
+    .requiredOption('--input <file>', 'JSONL rows')
+    .option('--out <file>', 'output JSONL (default stdout)')
+    .option('--concurrency <n>', 'requests in flight for http scorers', int)
+    .option('--timeout <ms>', 'per-request timeout for http scorers', int)
+    .action(withBackend(async (o) => rmScoreCmd(o)));
 
   return program;
 }

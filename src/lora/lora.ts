@@ -234,3 +234,15 @@ export function withAdapterOff<T>(model: Decoder, f: () => T): T {
     model.adapterEnabled = was;
   }
 }
+
+/** Fold the adapter into the base weights in place: W' = W + s·B·A (memory layout: W + s·Aᵀ·Bᵀ). */
+export function mergeInto(model: Decoder, adapter: LoraAdapter): void {
+  for (const mod of adapter.weights.keys()) {
+    const w = model.p(`${mod}.weight`);
+    const d = adapter.delta(mod);
+    const next = tf.add(w, d);
+    w.assign(next);
+    next.dispose();
+    d.dispose();
+  }
+}

@@ -35,6 +35,9 @@ export interface ModelConfig {
   bos_token_id: number | null;
   eos_token_id: number | number[] | null;
   pad_token_id: number | null;
+  /** 'lm' for …ForCausalLM; 'score' for …ForSequenceClassification (reward models). */
+  head: 'lm' | 'score';
+  num_labels: number;
   raw: Record<string, any>;
 }
 
@@ -60,7 +63,14 @@ export function parseConfig(raw: any, file = 'config.json'): ModelConfig {
   if (!raw || typeof raw !== 'object') throw new UserError(`${file}: expected a JSON object`);
   const classes: string[] = Array.isArray(raw.architectures) ? raw.architectures : [];
   let arch: Arch | undefined;
-  for (const c of classes) arch ??= ARCH_BY_CLASS[c];
+  let head: 'lm' | 'score' = 'lm';
+  for (const c of classes) {
+    const base = c.replace(/ForSequenceClassification$/, 'ForCausalLM');
+    if (!arch && ARCH_BY_CLASS[base]) {
+      arch = ARCH_BY_CLASS[base];
+      if (base !== c) head = 'score';
+    }
+  }
   arch ??= ARCH_BY_TYPE[raw.model_type];
   if (!arch) {
     throw new UserError(
@@ -97,6 +107,8 @@ export function parseConfig(raw: any, file = 'config.json'): ModelConfig {
     bos_token_id: raw.bos_token_id ?? null,
     eos_token_id: raw.eos_token_id ?? null,
     pad_token_id: raw.pad_token_id ?? null,
+    head,
+    num_labels: head === 'score' ? (raw.num_labels ?? Object.keys(raw.id2label ?? { 0: 0 }).length) : 0,
     raw,
   };
 }
@@ -142,7 +154,8 @@ export function expectedShapes(cfg: ModelConfig): Map<string, number[]> {
     m.set(`${p}.mlp.down_proj.weight`, [D, F]);
   }
   m.set('model.norm.weight', [D]);
-  if (!cfg.tie_word_embeddings) m.set('lm_head.weight', [V, D]);
+  if (cfg.head === 'score') m.set('score.weight', [cfg.num_labels, D]);
+  else if (!cfg.tie_word_embeddings) m.set('lm_head.weight', [V, D]);
   return m;
 }
 
