@@ -14,6 +14,9 @@ import { dpoCmd, evalDpoCmd } from './commands/dpo.js';
 import { DEFAULT_DPO_STAGE } from './stages/dpo.js';
 import { rmScoreCmd, rmTrainCmd } from './commands/rm.js';
 import { DEFAULT_RM } from './stages/rm.js';
+import { exportPairsCmd, onlineCmd, statusCmd } from './commands/online.js';
+import { DEFAULT_ONLINE } from './stages/online.js';
+import { DEFAULT_MAKE_DATA, makeData } from './quickstart/make-data.js';
 
 registerAdapterLoader((model, dir) => attach(model, LoraAdapter.load(model, dir)));
 
@@ -241,6 +244,76 @@ export function buildProgram(): Command {
     .option('--concurrency <n>', 'requests in flight for http scorers', int)
     .option('--timeout <ms>', 'per-request timeout for http scorers', int)
     .action(withBackend(async (o) => rmScoreCmd(o)));
+
+  addTrainOptions(
+    dpoOptions(
+      program
+        .command('online')
+        .description('iterative on-policy DPO: sample → score → pair → train, stored in SQLite, resumable')
+        .requiredOption('--model <dir>', 'sft-base checkpoint (frozen; the policy is its LoRA adapter)')
+        .option('--adapter <dir>', 'starting adapter (e.g. the off-policy DPO output)')
+        .requiredOption('--prompts <file>', 'JSONL {"prompt": text | messages, ...}')
+        .option('--eval-prompts <file>', 'held-out prompts evaluated after every round')
+        .requiredOption('--scorer <spec>', 'model:DIR | module:PATH[#export] | http:URL | builtin:NAME')
+        .option('--rounds <n>', 'rounds', int)
+        .option('--samples-per-prompt <k>', 'answers sampled per prompt', int)
+        .option('--prompts-per-round <n>', 'prompts per round (0 = all)', int)
+        .option('--prompt-mode <m>', 'slice (consecutive slices) | resample (seeded)')
+        .requiredOption('--workdir <dir>', 'run directory (database, adapters per round)'),
+    )
+      .option('--selection <rule>', 'max_min | max_random | max_second | max_min_length_penalty')
+      .option('--length-penalty <x>', 'reward per completion token subtracted by max_min_length_penalty', num)
+      .option('--min-margin <x>', 'drop pairs whose reward margin is below this', num)
+      .option('--reference <r>', 'sft (fixed) | previous (last round’s policy)')
+      .option('--max-new-tokens <n>', 'sampled tokens at most', int)
+      .option('--temperature <t>', 'sampling temperature (default 1.0)', num)
+      .option('--top-k <k>', 'top-k', int)
+      .option('--top-p <p>', 'top-p', num)
+      .option('--repetition-penalty <p>', 'repetition penalty', num)
+      .option('--presence-penalty <p>', 'presence penalty', num)
+      .option('--frequency-penalty <p>', 'frequency penalty', num)
+      .option('--sampler-url <url>', 'OpenAI-compatible endpoint (vLLM) instead of local sampling')
+      .option('--sampler-model <name>', 'model name at the endpoint ({round} is replaced by the round number)')
+      .option('--sampler-concurrency <n>', 'requests in flight', int)
+      .option('--sampler-timeout <ms>', 'per-request timeout', int)
+      .option('--lora-r <n>', 'LoRA rank', int)
+      .option('--lora-alpha <a>', 'LoRA alpha', num)
+      .option('--lora-dropout <p>', 'LoRA dropout', num)
+      .option('--lora-targets <list>', 'comma-separated modules'),
+  ).action(withBackend(async (o) => onlineCmd(o, trainConfigFrom(o, DEFAULT_ONLINE.train))));
+
+  program
+    .command('make-data')
+    .description('generate the embedded default (bilingual task, tokenizer, model shape) deterministically')
+    .option('--out <dir>', 'output directory', 'data/quickstart')
+    .option('--seed <n>', 'seed', int, DEFAULT_MAKE_DATA.seed)
+    .option('--sft <n>', 'SFT conversations', int, DEFAULT_MAKE_DATA.sft)
+    .option('--prefs <n>', 'preference pairs', int, DEFAULT_MAKE_DATA.prefs)
+    .option('--prompts <n>', 'on-policy prompts', int, DEFAULT_MAKE_DATA.prompts)
+    .option('--eval <n>', 'held-out evaluation prompts', int, DEFAULT_MAKE_DATA.eval)
+    .option('--noise <x>', 'fraction of SFT answers made wrong on purpose', num, DEFAULT_MAKE_DATA.noise)
+    .option('--vocab-size <n>', 'tokenizer size', int, DEFAULT_MAKE_DATA.vocabSize)
+    .action(
+      withBackend(async (o) => {
+        const counts = await makeData({ ...o });
+        log('make-data', { out: o.out, ...counts });
+      }),
+    );
+
+  program
+    .command('status')
+    .description('stages and rounds of a run directory, with counts and metrics')
+    .requiredOption('--workdir <dir>', 'run directory')
+    .action(async (o) => statusCmd({ workdir: o.workdir, json: program.opts().json }));
+
+  program
+    .command('export-pairs')
+    .description('export stored pairs for TRL / OpenRLHF')
+    .requiredOption('--workdir <dir>', 'run directory')
+    .option('--round <n>', 'one round only', int)
+    .option('--format <f>', 'trl | jsonl', 'trl')
+    .option('--out <file>', 'output file (default stdout)')
+    .action(async (o) => exportPairsCmd(o));
 
   return program;
 }

@@ -42,24 +42,25 @@ export function makeBatch(rows: TokenRow[], padId = 0): SeqBatch {
 }
 
 /**
- * log p(ids[t] | ids[<t]) · weights[t] for t ≥ 1, as [B, T−1] (column t−1 is token t).
- * Differentiable; call inside tf.tidy or a gradient function.
+ * log p(ids[t] | ids[<t]) · weights[t] for t ≥ 1, as [B, T]: column t−1 is token t and the last
+ * column is 0. Differentiable; call inside tf.tidy or a gradient function.
  */
 export function tokenLogps(model: Decoder, sb: SeqBatch): tf.Tensor2D {
   const { batch: B, len: T } = sb;
   const D = model.cfg.hidden_size;
-  const h = model.hidden(sb);
-  const hPrev = tf.reshape(tf.slice(h, [0, 0, 0], [B, T - 1, D]), [B * (T - 1), D]) as tf.Tensor2D;
-  const labels = new Int32Array(B * (T - 1));
-  const w = new Float32Array(B * (T - 1));
+  // Every position predicts the next token; the last column has weight 0. Scoring all T
+  // positions avoids slicing the hidden states (inner-axis slices are slow on wasm).
+  const labels = new Int32Array(B * T);
+  const w = new Float32Array(B * T);
   for (let b = 0; b < B; b++) {
-    for (let t = 1; t < T; t++) {
-      labels[b * (T - 1) + t - 1] = sb.ids[b * T + t];
-      w[b * (T - 1) + t - 1] = sb.weights[b * T + t];
+    for (let t = 0; t + 1 < T; t++) {
+      labels[b * T + t] = sb.ids[b * T + t + 1];
+      w[b * T + t] = sb.weights[b * T + t + 1];
     }
   }
-  const lp = labelLogProbs(model.logits(hPrev), tf.tensor1d(labels, 'int32'));
-  return tf.reshape(tf.mul(lp, tf.tensor1d(w)), [B, T - 1]) as tf.Tensor2D;
+  const h = tf.reshape(model.hidden(sb), [B * T, D]) as tf.Tensor2D;
+  const lp = labelLogProbs(model.logits(h), tf.tensor1d(labels, 'int32'));
+  return tf.reshape(tf.mul(lp, tf.tensor1d(w)), [B, T]) as tf.Tensor2D;
 }
 
 /** Rows from (prompt, completion) token lists: completion tokens are the scored ones. */

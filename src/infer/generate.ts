@@ -32,6 +32,8 @@ export interface GenSample {
   ids: number[];
   text?: string;
   finishReason: 'stop' | 'length';
+  /** The stop token that ended the sample, when one did (not part of ids/text). */
+  stopId?: number;
 }
 
 export function generate(model: Decoder, reqs: GenRequest[], opts: GenOptions): GenSample[][] {
@@ -74,8 +76,8 @@ function generateGroup(model: Decoder, reqs: GenRequest[], opts: GenOptions, glo
     }
   }
   const cache = new KVCache(cfg.num_hidden_layers, B0);
-  const rows: { req: number; sample: number; rng: Rng; gen: number[]; seen: Set<number>; counts: Map<number, number>; done: boolean; finish: 'stop' | 'length'; pos: number }[] = [];
-  reqs.forEach((r, k) => r.seeds.forEach((seed, s) => rows.push({ req: k, sample: s, rng: new Rng(seed), gen: [], seen: new Set(r.prompt), counts: new Map(), done: false, finish: 'length', pos: r.prompt.length })));
+  const rows: { req: number; sample: number; rng: Rng; gen: number[]; seen: Set<number>; counts: Map<number, number>; done: boolean; finish: 'stop' | 'length'; pos: number; stopId: number | undefined }[] = [];
+  reqs.forEach((r, k) => r.seeds.forEach((seed, s) => rows.push({ req: k, sample: s, rng: new Rng(seed), gen: [], seen: new Set(r.prompt), counts: new Map(), done: false, finish: 'length', pos: r.prompt.length, stopId: undefined })));
   const B = rows.length;
   try {
     let logits = lastLogits(model, { ids, batch: B0, len: P, valid, positions }, cache);
@@ -101,6 +103,7 @@ function generateGroup(model: Decoder, reqs: GenRequest[], opts: GenOptions, glo
         if (stopSet.has(tok)) {
           r.done = true;
           r.finish = 'stop';
+          r.stopId = tok;
           continue;
         }
         r.gen.push(tok);
@@ -123,7 +126,7 @@ function generateGroup(model: Decoder, reqs: GenRequest[], opts: GenOptions, glo
   }
   const res: GenSample[][] = reqs.map(() => []);
   for (const r of rows) {
-    const s: GenSample = { ids: r.gen, finishReason: r.finish };
+    const s: GenSample = { ids: r.gen, finishReason: r.finish, ...(r.stopId !== undefined ? { stopId: r.stopId } : {}) };
     if (opts.decode) {
       let text = opts.decode(r.gen);
       for (const st of opts.stop ?? []) {

@@ -26,7 +26,7 @@ export function completionLogprobs(
     const lp = tf.tidy(() => tokenLogps(model, sb));
     const data = lp.dataSync();
     lp.dispose();
-    const T1 = sb.len - 1;
+    const T1 = sb.len;
     idx.forEach((i, b) => {
       const P = rows[i].prompt.length;
       const C = rows[i].completion.length;

@@ -2,7 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { ModelConfig, expectedShapes, isLinearWeight } from './config.js';
 import { attentionMask } from './mask.js';
 import { ropeTables } from './rope.js';
-import { bmm, embed, linear, mm, rmsNorm, silu } from '../engine/ops.js';
+import { bmm, embed, linear, mm, rmsNorm, silu, split0 } from '../engine/ops.js';
 import { Rng } from '../util/rng.js';
 
 /**
@@ -174,17 +174,20 @@ export class Decoder {
     let q: tf.Tensor, k: tf.Tensor, v: tf.Tensor;
     if (cfg.arch === 'zhinao') {
       // Fused qkv grouped per kv head: [KV, G + 2, hd] = G query heads, one key, one value.
-      const qkv = tf.reshape(this.lin(`${p}.qkv_proj`, h), [B, T, KV, G + 2, hd]);
-      q = tf.reshape(tf.slice(qkv, [0, 0, 0, 0, 0], [B, T, KV, G, hd]), [B, T, H, hd]);
-      k = tf.reshape(tf.slice(qkv, [0, 0, 0, G, 0], [B, T, KV, 1, hd]), [B, T, KV, hd]);
-      v = tf.reshape(tf.slice(qkv, [0, 0, 0, G + 1, 0], [B, T, KV, 1, hd]), [B, T, KV, hd]);
+      // Bring the group axis to the front and split there: wasm slices inner axes very slowly.
+      const qkv = tf.transpose(tf.reshape(this.lin(`${p}.qkv_proj`, h), [B * T, KV, G + 2, hd]), [2, 0, 1, 3]); // [G+2, BT, KV, hd]
+      const [qs, ks, vs] = split0(qkv, [G, 1, 1]);
+      q = tf.reshape(tf.transpose(qs, [1, 2, 0, 3]), [B, T, H, hd]);
+      k = tf.reshape(ks, [B, T, KV, hd]);
+      v = tf.reshape(vs, [B, T, KV, hd]);
     } else {
       q = tf.reshape(this.lin(`${p}.q_proj`, h), [B, T, H, hd]);
       k = tf.reshape(this.lin(`${p}.k_proj`, h), [B, T, KV, hd]);
       v = tf.reshape(this.lin(`${p}.v_proj`, h), [B, T, KV, hd]);
     }
-    q = applyRope(q, cos, sin, hd);
-    k = applyRope(k, cos, sin, hd);
+    const rot = rotateHalfMatrix(hd);
+    q = applyRope(q, cos, sin, rot);
+    k = applyRope(k, cos, sin, rot);
     let kt = tf.transpose(k, [0, 2, 1, 3]) as tf.Tensor4D; // [B, KV, T, hd]
     let vt = tf.transpose(v, [0, 2, 1, 3]) as tf.Tensor4D;
     if (cache) {
@@ -244,13 +247,30 @@ export class Decoder {
   }
 }
 
-function applyRope(x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor, hd: number): tf.Tensor {
-  const half = hd / 2;
+/**
+ * x·cos + rotate_half(x)·sin, with rotate_half([x1, x2]) = [−x2, x1] done as x·R for a fixed
+ * signed permutation R: a plain matmul instead of inner-axis slices, which wasm runs very slowly.
+ */
+function applyRope(x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor, rot: tf.Tensor2D): tf.Tensor {
   const shape = x.shape as number[];
-  const x1 = tf.slice(x, [0, 0, 0, 0], [shape[0], shape[1], shape[2], half]);
-  const x2 = tf.slice(x, [0, 0, 0, half], [shape[0], shape[1], shape[2], half]);
-  const rot = tf.concat([tf.neg(x2), x1], 3);
-  return tf.add(tf.mul(x, cos), tf.mul(rot, sin));
+  const hd = shape[shape.length - 1];
+  const rotated = tf.reshape(mm(tf.reshape(x, [-1, hd]) as tf.Tensor2D, rot), shape);
+  return tf.add(tf.mul(x, cos), tf.mul(rotated, sin));
+}
+
+const rotCache = new Map<number, Float32Array>();
+function rotateHalfMatrix(hd: number): tf.Tensor2D {
+  let r = rotCache.get(hd);
+  if (!r) {
+    const half = hd / 2;
+    r = new Float32Array(hd * hd);
+    for (let j = 0; j < half; j++) {
+      r[(j + half) * hd + j] = -1; // out[j] = −x[j + half]
+      r[j * hd + j + half] = 1; // out[j + half] = x[j]
+    }
+    rotCache.set(hd, r);
+  }
+  return tf.tensor2d(r, [hd, hd]);
 }
 
 /** HF layout → memory layout: linear weights [out, in] become [in, out]. */

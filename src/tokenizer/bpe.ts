@@ -44,7 +44,12 @@ export function trainBpe(texts: string[], opts: BpeTrainOptions): Record<string,
   const b2u = bytesToUnicode();
   const enc = new TextEncoder();
   const wordCounts = new Map<string, number>();
-  for (const t of texts) for (const w of pretokenize(t)) wordCounts.set(w, (wordCounts.get(w) ?? 0) + 1);
+  // Special tokens are matched whole at encode time: keep their text out of the merges.
+  const specials = opts.specialTokens.map((t) => t.replace(/[.*+?^${}()|[\]\\]/g, '\\$&'));
+  const splitter = specials.length ? new RegExp(specials.join('|'), 'g') : null;
+  for (const t of texts) {
+    for (const piece of splitter ? t.split(splitter) : [t]) for (const w of pretokenize(piece)) wordCounts.set(w, (wordCounts.get(w) ?? 0) + 1);
+  }
   const words: { syms: string[]; n: number }[] = [...wordCounts.entries()]
     .sort((a, b) => (a[0] < b[0] ? -1 : 1))
     .map(([w, n]) => ({ syms: Array.from(enc.encode(w), (b) => b2u[b]), n }));

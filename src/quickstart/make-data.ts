@@ -1,0 +1,84 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { Rng } from '../util/rng.js';
+import { trainBpe } from '../tokenizer/bpe.js';
+import { formatChat } from '../tokenizer/chat.js';
+import { SPECIAL_TOKENS, writeTokenizerFiles } from '../commands/model.js';
+import { writeDirAtomic } from '../util/fsutil.js';
+import { toJsonl } from '../data/jsonl.js';
+import { Question, formatAnswer, makeQuestion, rejectedAnswer, wrongValue } from './task.js';
+import { PRESETS } from '../model/config.js';
+
+/**
+ * Generate the embedded default deterministically: SFT conversations in the seed format (a
+ * fraction deliberately wrong, so sft-base is imperfect), human-style preference pairs,
+ * prompts for the on-policy rounds, a held-out evaluation set, the tokenizer, and the model
+ * shape. Every question appears in one split only.
+ */
+export interface MakeDataOptions {
+  out: string;
+  seed: number;
+  sft: number;
+  prefs: number;
+  prompts: number;
+  eval: number;
+  noise: number;
+  vocabSize: number;
+}
+
+export const DEFAULT_MAKE_DATA: Omit<MakeDataOptions, 'out'> = { seed: 0, sft: 3000, prefs: 800, prompts: 384, eval: 240, noise: 0.3, vocabSize: 512 };
+
+export async function makeData(o: MakeDataOptions): Promise<Record<string, number>> {
+  const rng = new Rng(o.seed, 'quickstart');
+  const seen = new Set<string>();
+  const fresh = (): Question => {
+    for (;;) {
+      const q = makeQuestion(rng);
+      if (!seen.has(q.text)) {
+        seen.add(q.text);
+        return q;
+      }
+    }
+  };
+  // Held-out sets first so they never overlap the training splits.
+  const evalQs = Array.from({ length: o.eval }, fresh);
+  const promptQs = Array.from({ length: o.prompts }, fresh);
+  const sftQs = Array.from({ length: o.sft }, fresh);
+  const prefQs = Array.from({ length: o.prefs }, fresh);
+  let noisy = 0;
+  const sft = sftQs.map((q, i) => {
+    const wrong = rng.next() < o.noise;
+    if (wrong) noisy++;
+    return { id: i, conversations: [{ from: 'user', value: q.text }, { from: 'assistant', value: formatAnswer(q.lang, wrong ? wrongValue(q, rng) : q.answer) }] };
+  });
+  const prefs = prefQs.map((q) => ({
+    prompt: [{ role: 'user', content: q.text }],
+    chosen: [{ role: 'assistant', content: formatAnswer(q.lang, q.answer) }],
+    rejected: [{ role: 'assistant', content: rejectedAnswer(q, rng) }],
+  }));
+  const promptRow = (q: Question) => ({ prompt: [{ role: 'user', content: q.text }], answer: q.answer, kind: q.kind, lang: q.lang });
+  // The tokenizer sees every split's text in its chat form, as the model will.
+  const corpus = [
+    ...sft.map((c) => formatChat(c.conversations.map((t) => ({ role: t.from, content: t.value })), false)),
+    ...prefs.map((p) => formatChat([...p.prompt, p.chosen[0]], false) + p.rejected[0].content),
+    ...[...promptQs, ...evalQs].map((q) => formatChat([{ role: 'user', content: q.text }], true)),
+  ];
+  const tok = trainBpe(corpus, { vocabSize: o.vocabSize, specialTokens: SPECIAL_TOKENS });
+  await writeDirAtomic(o.out, (dir) => {
+    fs.writeFileSync(path.join(dir, 'sft.json'), '[\n' + sft.map((c) => JSON.stringify(c)).join(',\n') + '\n]\n');
+    fs.writeFileSync(path.join(dir, 'prefs.jsonl'), toJsonl(prefs));
+    fs.writeFileSync(path.join(dir, 'prompts.jsonl'), toJsonl(promptQs.map(promptRow)));
+    fs.writeFileSync(path.join(dir, 'eval.jsonl'), toJsonl(evalQs.map(promptRow)));
+    fs.mkdirSync(path.join(dir, 'tokenizer'));
+    writeTokenizerFiles(path.join(dir, 'tokenizer'), tok);
+    fs.writeFileSync(path.join(dir, 'model.json'), JSON.stringify(PRESETS.tiny, null, 2) + '\n');
+    fs.writeFileSync(
+      path.join(dir, 'README.md'),
+      `# Embedded default data (generated)\n\nMade by \`prefopt make-data --out ${o.out} --seed ${o.seed}\`; do not edit by hand.\n\n` +
+        `- sft.json: ${o.sft} conversations in the seed format, ${noisy} of them with a deliberately wrong answer\n` +
+        `- prefs.jsonl: ${o.prefs} preference pairs (TRL conversational rows)\n- prompts.jsonl: ${o.prompts} prompts for on-policy rounds, with answers\n` +
+        `- eval.jsonl: ${o.eval} held-out prompts with answers\n- tokenizer/: byte-level BPE, ${o.vocabSize} ids\n- model.json: the tiny model's shape\n`,
+    );
+  });
+  return { sft: sft.length, noisy, prefs: prefs.length, prompts: promptQs.length, eval: evalQs.length };
+}

@@ -1,0 +1,429 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { createHash } from 'node:crypto';
+import { DB, openDb, tx } from '../store/db.js';
+import { ensureRun, ensureStage, getMetrics, logEvent, putMetrics, setStage } from '../store/run.js';
+import { Policy, needTokenizer, openPolicy, stopIdsOf } from '../commands/context.js';
+import { DEFAULT_LORA, LoraAdapter, LoraConfig, attach, withAdapterOff } from '../lora/lora.js';
+import { DEFAULT_DPO, DpoParams } from '../dpo/loss.js';
+import { PrefPair } from '../data/prefs.js';
+import { PromptItem, loadPrompts } from '../data/prompts.js';
+import { completionLogprobs } from '../infer/logprobs.js';
+import { DEFAULT_SAMPLING } from '../infer/sampling.js';
+import { LocalSampler, OpenAISampler, OpenAISamplerConfig, SampleSettings, Sampler } from '../online/sampler.js';
+import { SELECTION_RULES, ScoredSample, SelectOptions, selectPair } from '../online/select.js';
+import { DEFAULT_TRAIN, TrainConfig } from '../train/trainer.js';
+import { DEFAULT_DPO_STAGE, runDpo } from './dpo.js';
+import { evaluatePolicy } from './evaluate.js';
+import { makeScorer } from '../../rm/spec.js';
+import { Scorer } from '../../rm/scorer.js';
+import { deriveSeed, Rng } from '../util/rng.js';
+import { UserError } from '../util/errors.js';
+import { Progress, log } from '../util/log.js';
+
+/**
+ * Stage 3: iterative on-policy DPO. Each round: sample K answers per prompt from the current
+ * policy → score them → pick (best, worst) pairs → DPO on the LoRA adapter → evaluate. Every
+ * unit of work commits in a transaction under a unique key and the round's `step` advances in
+ * the same transaction as the work that finishes it, so a run killed at any instant resumes
+ * where it stopped, redoing only uncommitted work. Sampling seeds derive from
+ * (run seed, round, prompt, k): resumed sampling reproduces the same answers.
+ */
+export type SamplerConfig = { type: 'local'; maxBatch?: number } | ({ type: 'openai' } & OpenAISamplerConfig);
+
+export interface OnlineConfig {
+  model: string;
+  adapter?: string;
+  prompts: string;
+  evalPrompts?: string;
+  scorer: string;
+  rounds: number;
+  samplesPerPrompt: number;
+  promptsPerRound: number;
+  promptMode: 'slice' | 'resample';
+  sampling: SampleSettings;
+  sampler: SamplerConfig;
+  selection: SelectOptions;
+  reference: 'sft' | 'previous';
+  dpo: DpoParams;
+  lora: LoraConfig;
+  maxLength: number;
+  maxPromptLength: number;
+  batchSize: number;
+  train: TrainConfig;
+  workdir: string;
+  seed: number;
+  evalMaxNewTokens: number;
+  /** Recipe integration: which run and stage this is in the run database. */
+  runName?: string;
+  stageName?: string;
+  /** Scorer files resolve relative to this directory (the recipe's). */
+  baseDir?: string;
+}
+
+export const DEFAULT_ONLINE: Omit<OnlineConfig, 'model' | 'prompts' | 'scorer' | 'workdir'> = {
+  rounds: 3,
+  samplesPerPrompt: 4,
+  promptsPerRound: 0,
+  promptMode: 'slice',
+  sampling: { ...DEFAULT_SAMPLING, temperature: 1.0, maxNewTokens: 64 },
+  sampler: { type: 'local' },
+  selection: { rule: 'max_min', lengthPenalty: 0, minMargin: 0 },
+  reference: 'sft',
+  dpo: DEFAULT_DPO,
+  lora: DEFAULT_LORA,
+  maxLength: 512,
+  maxPromptLength: 256,
+  batchSize: 8,
+  train: { ...DEFAULT_TRAIN, lr: 5e-4, epochs: 1, scheduler: 'linear', warmupRatio: 0.1, weightDecay: 0 },
+  seed: 0,
+  evalMaxNewTokens: 32,
+};
+
+export type RoundStep = 'sample' | 'score' | 'select' | 'train' | 'evaluate' | 'done';
+
+export function roundDir(workdir: string, r: number): string {
+  return path.join(workdir, `round-${r}`);
+}
+
+export function validateOnline(c: OnlineConfig): void {
+  const bad = (k: string, want: string, got: unknown) => {
+    throw new UserError(`${k}: expected ${want}, found ${JSON.stringify(got)}`);
+  };
+  if (!(Number.isInteger(c.rounds) && c.rounds >= 1)) bad('rounds', 'an integer ≥ 1', c.rounds);
+  if (!(Number.isInteger(c.samplesPerPrompt) && c.samplesPerPrompt >= 2)) bad('samples_per_prompt', 'an integer ≥ 2', c.samplesPerPrompt);
+  if (!(Number.isInteger(c.promptsPerRound) && c.promptsPerRound >= 0)) bad('prompts_per_round', 'an integer ≥ 0 (0 = all)', c.promptsPerRound);
+  if (!['slice', 'resample'].includes(c.promptMode)) bad('prompt_mode', 'slice | resample', c.promptMode);
+  if (!SELECTION_RULES.includes(c.selection.rule)) bad('selection', SELECTION_RULES.join(' | '), c.selection.rule);
+  if (!['sft', 'previous'].includes(c.reference)) bad('reference', 'sft | previous', c.reference);
+  if (!(c.sampling.temperature >= 0)) bad('temperature', 'a number ≥ 0', c.sampling.temperature);
+}
+
+function sha256File(f: string): string {
+  return createHash('sha256').update(fs.readFileSync(f)).digest('hex');
+}
+
+/** Which prompts a round uses: consecutive slices (wrapping), or a seeded resample. */
+export function roundPromptIndices(n: number, perRound: number, mode: 'slice' | 'resample', seed: number, r: number): number[] {
+  const P = perRound > 0 ? Math.min(perRound, n) : n;
+  if (mode === 'resample') return new Rng(seed, 'round-prompts', r).shuffle(Array.from({ length: n }, (_, i) => i)).slice(0, P);
+  return Array.from({ length: P }, (_, i) => ((r - 1) * P + i) % n);
+}
+
+export interface OnlineResult {
+  adapter: string | null;
+  rounds: Record<string, number | null>[];
+}
+
+export async function runOnline(c: OnlineConfig, dbIn?: DB): Promise<OnlineResult> {
+  validateOnline(c);
+  fs.mkdirSync(c.workdir, { recursive: true });
+  const db = dbIn ?? openDb(path.join(c.workdir, 'prefopt.db'));
+  const dbFile = db.name;
+  const scorers: Scorer[] = [];
+  try {
+    const runId = ensureRun(db, c.runName ?? 'online', c.seed);
+    const stage = ensureStage(db, runId, c.stageName ?? 'online_dpo', 'online_dpo', configKey(c));
+    if (stage.config_json !== JSON.stringify(configKey(c))) {
+      throw new UserError(`${dbFile}: this workdir holds an online stage with other settings (${diffKeys(JSON.parse(stage.config_json ?? '{}'), configKey(c)).join(', ')}); use a new --workdir`);
+    }
+    if (stage.status === 'done') return JSON.parse(stage.result_json!);
+    setStage(db, stage.id, 'running');
+    const prompts = loadPrompts(c.prompts);
+    const evalPrompts = c.evalPrompts ? loadPrompts(c.evalPrompts) : [];
+    const probe = openPolicy(c.model);
+    const tok = needTokenizer(probe, 'on-policy sampling');
+    probe.model.dispose();
+    // Prompts are stored once; their ids are what every round samples from.
+    tx(db, () => {
+      const ins = db.prepare('INSERT OR IGNORE INTO prompts (stage_id, idx, prompt_json, prompt_ids, answer) VALUES (?, ?, ?, ?, ?)');
+      for (const p of prompts) ins.run(stage.id, p.idx, JSON.stringify(p.row), JSON.stringify(tok.encode(tok.applyChat(p.messages, true))), p.row.answer === undefined ? null : String(p.row.answer));
+    });
+    let scorer: Scorer | null = null;
+    const getScorer = async () => {
+      if (!scorer) {
+        scorer = await makeScorer(c.scorer, { baseDir: c.baseDir });
+        scorers.push(scorer);
+      }
+      return scorer;
+    };
+    const rounds: Record<string, number | null>[] = [];
+    let adapter: string | null = c.adapter ?? null;
+    for (let r = 1; r <= c.rounds; r++) {
+      const res = await runRound(c, db, stage.id, r, adapter, prompts, evalPrompts, getScorer);
+      adapter = res.adapter;
+      rounds.push(getMetrics(db, stage.id, r));
+    }
+    const result: OnlineResult = { adapter, rounds };
+    setStage(db, stage.id, 'done', { output: adapter ?? undefined, result });
+    return result;
+  } finally {
+    for (const s of scorers) await s.close?.();
+    if (!dbIn) db.close();
+  }
+}
+
+/** The settings that define the stage's results; a resumed run must match them. */
+function configKey(c: OnlineConfig): Record<string, unknown> {
+  const { runName: _a, stageName: _b, baseDir: _c, ...rest } = c;
+  return JSON.parse(JSON.stringify(rest));
+}
+
+function diffKeys(a: Record<string, unknown>, b: Record<string, unknown>): string[] {
+  return [...new Set([...Object.keys(a), ...Object.keys(b)])].filter((k) => JSON.stringify(a[k]) !== JSON.stringify(b[k]));
+}
+
+interface RoundRow {
+  id: number;
+  step: RoundStep;
+  policy_path: string | null;
+}
+
+async function runRound(
+  c: OnlineConfig,
+  db: DB,
+  stageId: number,
+  r: number,
+  prevAdapter: string | null,
+  prompts: PromptItem[],
+  evalPrompts: PromptItem[],
+  getScorer: () => Promise<Scorer>,
+): Promise<{ adapter: string | null }> {
+  tx(db, () => db.prepare("INSERT OR IGNORE INTO rounds (stage_id, round, step, reference) VALUES (?, ?, 'sample', ?)").run(stageId, r, c.reference));
+  const round = () => db.prepare('SELECT id, step, policy_path FROM rounds WHERE stage_id = ? AND round = ?').get(stageId, r) as RoundRow;
+  const advance = (from: RoundStep, to: RoundStep, extra?: () => void) =>
+    tx(db, () => {
+      if (round().step !== from) throw new Error(`round ${r}: expected step ${from}`);
+      extra?.();
+      db.prepare(`UPDATE rounds SET step = ?${to === 'done' ? ", finished_at = datetime('now')" : ''} WHERE id = ?`).run(to, round().id);
+    });
+  const roundId = round().id;
+  const startAdapter = prevAdapter;
+  if (round().step === 'done') return { adapter: round().policy_path };
+  log('round', { round: r, step: round().step, policy: prevAdapter ?? '(base)' });
+
+  // The prompt list of this round is fixed once, in one transaction.
+  tx(db, () => {
+    const have = db.prepare('SELECT COUNT(*) n FROM round_prompts WHERE round_id = ?').get(roundId) as { n: number };
+    if (have.n > 0) return;
+    const ids = db.prepare('SELECT id, idx FROM prompts WHERE stage_id = ?').all(stageId) as { id: number; idx: number }[];
+    const byIdx = new Map(ids.map((x) => [x.idx, x.id]));
+    const ins = db.prepare('INSERT INTO round_prompts (round_id, prompt_id, position) VALUES (?, ?, ?)');
+    roundPromptIndices(prompts.length, c.promptsPerRound, c.promptMode, c.seed, r).forEach((idx, pos) => ins.run(roundId, byIdx.get(idx)!, pos));
+  });
+  const rp = db
+    .prepare('SELECT p.id, p.idx, p.prompt_ids, p.prompt_json FROM round_prompts rp JOIN prompts p ON p.id = rp.prompt_id WHERE rp.round_id = ? ORDER BY rp.position')
+    .all(roundId) as { id: number; idx: number; prompt_ids: string; prompt_json: string }[];
+
+  let policy: Policy | null = null;
+  const getPolicy = () => {
+    if (!policy) {
+      policy = openPolicy(c.model);
+      if (prevAdapter) attach(policy.model, LoraAdapter.load(policy.model, prevAdapter));
+    }
+    return policy;
+  };
+  const release = () => {
+    if (policy) {
+      (policy.model.adapter as LoraAdapter | null)?.dispose();
+      policy.model.dispose();
+      policy = null;
+    }
+  };
+  const times: Record<string, number> = {};
+  try {
+    // --- sample -------------------------------------------------------------------------------
+    if (round().step === 'sample') {
+      const t0 = Date.now();
+      const p = getPolicy();
+      const tok = p.tok!;
+      const sampler: Sampler =
+        c.sampler.type === 'openai'
+          ? new OpenAISampler({ ...c.sampler, model: c.sampler.model.replace('{round}', String(r)) }, tok, tok.id('<|im_end|>'))
+          : new LocalSampler(p.model, tok, stopIdsOf(p), p.padId, c.sampler.maxBatch ?? 64);
+      const done = new Set((db.prepare('SELECT prompt_id FROM samples WHERE round_id = ? GROUP BY prompt_id HAVING COUNT(*) = ?').all(roundId, c.samplesPerPrompt) as { prompt_id: number }[]).map((x) => x.prompt_id));
+      const todo = rp.filter((x) => !done.has(x.id));
+      const ins = db.prepare('INSERT INTO samples (round_id, prompt_id, k, text, token_ids, finish_reason, sampler_json, seed) VALUES (?, ?, ?, ?, ?, ?, ?, ?)');
+      const settings = JSON.stringify({ sampler: c.sampler.type, ...c.sampling });
+      const group = Math.max(1, Math.floor((c.sampler.type === 'local' ? c.sampler.maxBatch ?? 64 : 64) / c.samplesPerPrompt));
+      const bar = new Progress(`round ${r} sample`, rp.length);
+      for (let i = 0; i < todo.length; i += group) {
+        const part = todo.slice(i, i + group);
+        const reqs = part.map((x) => ({
+          messages: JSON.parse(x.prompt_json).prompt,
+          promptIds: JSON.parse(x.prompt_ids) as number[],
+          seeds: Array.from({ length: c.samplesPerPrompt }, (_, k) => deriveSeed(c.seed, 'sample', r, x.idx, k)),
+        }));
+        for (const q of reqs) if (typeof q.messages === 'string') q.messages = [{ role: 'user', content: q.messages }];
+        const out = await sampler.sample(reqs, c.sampling);
+        tx(db, () =>
+          part.forEach((x, j) =>
+            out[j].forEach((s, k) => ins.run(roundId, x.id, k, s.text, JSON.stringify(s.ids), s.finishReason, settings, reqs[j].seeds[k])),
+          ),
+        );
+        bar.tick(done.size + i + part.length);
+      }
+      bar.done();
+      times['time/sample_s'] = (Date.now() - t0) / 1000;
+      advance('sample', 'score', () => putMetrics(db, stageId, r, times));
+    }
+
+    // --- score --------------------------------------------------------------------------------
+    if (round().step === 'score') {
+      const t0 = Date.now();
+      const sc = await getScorer();
+      const rows = db
+        .prepare(
+          `SELECT s.id, s.prompt_id, s.k, s.text, p.prompt_json FROM samples s JOIN prompts p ON p.id = s.prompt_id
+           WHERE s.round_id = ? AND NOT EXISTS (SELECT 1 FROM scores x WHERE x.sample_id = s.id AND x.scorer = ? AND x.scorer_version = ?)
+           ORDER BY s.prompt_id, s.k`,
+        )
+        .all(roundId, sc.name, sc.version) as { id: number; prompt_id: number; k: number; text: string; prompt_json: string }[];
+      const byPrompt = new Map<number, typeof rows>();
+      for (const x of rows) byPrompt.set(x.prompt_id, [...(byPrompt.get(x.prompt_id) ?? []), x]);
+      const ins = db.prepare('INSERT INTO scores (sample_id, scorer, scorer_version, reward) VALUES (?, ?, ?, ?)');
+      const groups = [...byPrompt.values()];
+      for (let i = 0; i < groups.length; i += 16) {
+        const part = groups.slice(i, i + 16);
+        const results = await Promise.all(
+          part.map((g) => {
+            const row = JSON.parse(g[0].prompt_json);
+            const msgs = typeof row.prompt === 'string' ? [{ role: 'user', content: row.prompt }] : row.prompt;
+            return sc.score(msgs, g.map((x) => x.text), row);
+          }),
+        );
+        tx(db, () => part.forEach((g, j) => g.forEach((x, k) => ins.run(x.id, sc.name, sc.version, results[j][k]))));
+      }
+      times['time/score_s'] = (Date.now() - t0) / 1000;
+      advance('score', 'select', () => putMetrics(db, stageId, r, { 'time/score_s': times['time/score_s'] }));
+    }
+
+    // --- select -------------------------------------------------------------------------------
+    if (round().step === 'select') {
+      const sc = await getScorer();
+      const scored = db
+        .prepare('SELECT s.id, s.prompt_id, s.k, s.token_ids, x.reward FROM samples s JOIN scores x ON x.sample_id = s.id AND x.scorer = ? AND x.scorer_version = ? WHERE s.round_id = ? ORDER BY s.prompt_id, s.k')
+        .all(sc.name, sc.version, roundId) as { id: number; prompt_id: number; k: number; token_ids: string; reward: number }[];
+      const byPrompt = new Map<number, ScoredSample[]>();
+      for (const x of scored) {
+        const ids = JSON.parse(x.token_ids) as number[];
+        byPrompt.set(x.prompt_id, [...(byPrompt.get(x.prompt_id) ?? []), { id: x.id, k: x.k, reward: x.reward, nTokens: ids.length, key: x.token_ids }]);
+      }
+      advance('select', 'train', () => {
+        const ins = db.prepare('INSERT INTO pairs (round_id, prompt_id, chosen_sample_id, rejected_sample_id, margin, rule) VALUES (?, ?, ?, ?, ?, ?)');
+        const dropped: Record<string, number> = { tie: 0, below_margin: 0, too_few: 0 };
+        let margin = 0;
+        let n = 0;
+        const rewards = scored.map((x) => x.reward);
+        for (const x of rp) {
+          const sel = selectPair(byPrompt.get(x.id) ?? [], c.selection, new Rng(c.seed, 'select', r, x.idx));
+          if ('dropped' in sel) dropped[sel.dropped]++;
+          else {
+            ins.run(roundId, x.id, sel.chosen.id, sel.rejected.id, sel.margin, c.selection.rule);
+            margin += sel.margin;
+            n++;
+          }
+        }
+        putMetrics(db, stageId, r, {
+          'reward/mean': rewards.reduce((a, b) => a + b, 0) / Math.max(rewards.length, 1),
+          'reward/max': Math.max(...rewards),
+          'reward/min': Math.min(...rewards),
+          samples: rewards.length,
+          pairs: n,
+          'dropped/tie': dropped.tie,
+          'dropped/below_margin': dropped.below_margin,
+          'margin/mean': n ? margin / n : null,
+        });
+      });
+    }
+
+    // --- train --------------------------------------------------------------------------------
+    if (round().step === 'train') {
+      release();
+      const t0 = Date.now();
+      const pairs = db
+        .prepare(
+          `SELECT p.prompt_ids, cs.token_ids AS chosen, rs.token_ids AS rejected, pr.idx FROM pairs x
+           JOIN prompts p ON p.id = x.prompt_id JOIN samples cs ON cs.id = x.chosen_sample_id JOIN samples rs ON rs.id = x.rejected_sample_id
+           WHERE x.round_id = ? ORDER BY x.prompt_id`,
+        )
+        .all(roundId) as any[];
+      const out = roundDir(c.workdir, r);
+      let adapterOut: string | null = prevAdapter;
+      let dpo: Record<string, number> = {};
+      if (pairs.length) {
+        const data: PrefPair[] = pairs.map((x) => ({ prompt: JSON.parse(x.prompt_ids), chosen: JSON.parse(x.chosen), rejected: JSON.parse(x.rejected), where: `round ${r} prompt ${x.idx}` }));
+        const res = await runDpo({
+          ...DEFAULT_DPO_STAGE,
+          model: c.model,
+          data,
+          out,
+          evalRatio: 0,
+          adapter: prevAdapter ?? undefined,
+          refIsStartAdapter: c.reference === 'previous',
+          dpo: c.dpo,
+          lora: c.lora,
+          maxLength: c.maxLength,
+          maxPromptLength: c.maxPromptLength,
+          batchSize: c.batchSize,
+          train: { ...c.train, seed: deriveSeed(c.seed, 'train', r) },
+          cacheDb: db.name,
+          resume: true,
+        });
+        adapterOut = out;
+        dpo = Object.fromEntries(Object.entries(res.trainMetrics).filter(([k]) => k === 'loss' || k.includes('/')).map(([k, v]) => [`dpo/${k}`, v]));
+      } else log('round', { round: r, note: 'no pairs: every prompt tied; the policy is unchanged' });
+      times['time/train_s'] = (Date.now() - t0) / 1000;
+      advance('train', 'evaluate', () => {
+        db.prepare('UPDATE rounds SET policy_path = ? WHERE id = ?').run(adapterOut, roundId);
+        if (adapterOut && adapterOut === out) db.prepare('INSERT OR IGNORE INTO checkpoints (stage_id, round, kind, path, sha256) VALUES (?, ?, ?, ?, ?)').run(stageId, r, 'adapter', out, sha256File(path.join(out, 'adapter_model.safetensors')));
+        putMetrics(db, stageId, r, { ...dpo, 'time/train_s': times['time/train_s'] });
+      });
+    }
+
+    // --- evaluate -----------------------------------------------------------------------------
+    if (round().step === 'evaluate') {
+      const t0 = Date.now();
+      const adapterPath = round().policy_path;
+      release();
+      prevAdapter = adapterPath;
+      const p = getPolicy();
+      // KL(π‖ref) ≈ E over this round's samples of log π(y) − log ref(y).
+      const samples = db.prepare('SELECT p.prompt_ids, s.token_ids FROM samples s JOIN prompts p ON p.id = s.prompt_id WHERE s.round_id = ? ORDER BY s.id').all(roundId) as any[];
+      const rows = samples.map((x) => ({ prompt: JSON.parse(x.prompt_ids), completion: JSON.parse(x.token_ids) })).filter((x) => x.completion.length);
+      let kl: number | null = null;
+      if (rows.length && p.model.adapter) {
+        const lp = () => completionLogprobs(p.model, rows, { batchSize: c.batchSize * 2, padId: p.padId });
+        const pol = lp();
+        let ref: ReturnType<typeof lp>;
+        if (c.reference === 'previous' && startAdapter) {
+          const current = p.model.adapter;
+          const prev = LoraAdapter.load(p.model, startAdapter);
+          p.model.adapter = prev;
+          try {
+            ref = lp();
+          } finally {
+            p.model.adapter = current;
+            prev.dispose();
+          }
+        } else ref = withAdapterOff(p.model, lp);
+        kl = pol.reduce((a, x, i) => a + x.logp - ref[i].logp, 0) / rows.length;
+      }
+      let evalM: Record<string, number | null> = {};
+      if (evalPrompts.length) {
+        const e = await evaluatePolicy(p.model, p.tok!, evalPrompts, { scorer: await getScorer(), maxNewTokens: c.evalMaxNewTokens, stopIds: stopIdsOf(p), padId: p.padId });
+        evalM = { 'eval/accuracy': e.accuracy, 'eval/mean_reward': e.mean_reward };
+      }
+      times['time/evaluate_s'] = (Date.now() - t0) / 1000;
+      advance('evaluate', 'done', () => {
+        putMetrics(db, stageId, r, { kl, ...evalM, 'time/evaluate_s': times['time/evaluate_s'] });
+        logEvent(db, stageId, 'round_done', { round: r });
+      });
+      const m = getMetrics(db, stageId, r);
+      log('round-done', { round: r, reward: m['reward/mean'], pairs: m.pairs, ties: m['dropped/tie'], kl: m.kl, accuracy: m['eval/accuracy'] });
+    }
+    return { adapter: round().policy_path };
+  } finally {
+    release();
+  }
+}

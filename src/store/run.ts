@@ -1,0 +1,56 @@
+import { DB, tx } from './db.js';
+
+/** Small typed helpers over the run database, shared by the recipe runner and the stages. */
+export interface StageRow {
+  id: number;
+  run_id: number;
+  name: string;
+  kind: string;
+  status: 'pending' | 'running' | 'done' | 'failed';
+  config_json: string | null;
+  output: string | null;
+  result_json: string | null;
+}
+
+export function ensureRun(db: DB, name: string, seed: number, recipe?: { hash: string; json: string }): number {
+  return tx(db, () => {
+    const row = db.prepare('SELECT id FROM runs WHERE name = ?').get(name) as { id: number } | undefined;
+    if (row) return row.id;
+    return Number(db.prepare('INSERT INTO runs (name, seed, recipe_hash, recipe_json) VALUES (?, ?, ?, ?)').run(name, seed, recipe?.hash ?? null, recipe?.json ?? null).lastInsertRowid);
+  });
+}
+
+export function ensureStage(db: DB, runId: number, name: string, kind: string, config: unknown): StageRow {
+  return tx(db, () => {
+    const get = () => db.prepare('SELECT * FROM stages WHERE run_id = ? AND name = ?').get(runId, name) as StageRow | undefined;
+    const row = get();
+    if (row) return row;
+    db.prepare("INSERT INTO stages (run_id, name, kind, status, config_json) VALUES (?, ?, ?, 'pending', ?)").run(runId, name, kind, JSON.stringify(config));
+    return get()!;
+  });
+}
+
+export function setStage(db: DB, stageId: number, status: StageRow['status'], fields: { output?: string; result?: unknown } = {}): void {
+  tx(db, () => {
+    const now = "datetime('now')";
+    db.prepare(
+      `UPDATE stages SET status = ?, output = COALESCE(?, output), result_json = COALESCE(?, result_json),
+       started_at = CASE WHEN ? = 'running' AND started_at IS NULL THEN ${now} ELSE started_at END,
+       finished_at = CASE WHEN ? IN ('done','failed') THEN ${now} ELSE finished_at END WHERE id = ?`,
+    ).run(status, fields.output ?? null, fields.result === undefined ? null : JSON.stringify(fields.result), status, status, stageId);
+  });
+}
+
+export function logEvent(db: DB, stageId: number | null, kind: string, payload: unknown): void {
+  db.prepare('INSERT INTO events (stage_id, kind, json) VALUES (?, ?, ?)').run(stageId, kind, JSON.stringify(payload));
+}
+
+export function putMetrics(db: DB, stageId: number, round: number | null, values: Record<string, number | null | undefined>): void {
+  const st = db.prepare('INSERT INTO metrics (stage_id, round, name, value) VALUES (?, ?, ?, ?) ON CONFLICT (stage_id, round, name) DO UPDATE SET value = excluded.value');
+  for (const [k, v] of Object.entries(values)) if (v !== undefined) st.run(stageId, round, k, v === null || !Number.isFinite(v) ? null : v);
+}
+
+export function getMetrics(db: DB, stageId: number, round: number | null): Record<string, number | null> {
+  const rows = db.prepare('SELECT name, value FROM metrics WHERE stage_id = ? AND round IS ?').all(stageId, round) as { name: string; value: number | null }[];
+  return Object.fromEntries(rows.map((r) => [r.name, r.value]));
+}
