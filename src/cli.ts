@@ -1,6 +1,7 @@
 import { Command, Option } from 'commander';
 import * as tf from '@tensorflow/tfjs-core';
 import * as os from 'node:os';
+import * as path from 'node:path';
 import { initBackend } from './engine/backend.js';
 import { UserError } from './util/errors.js';
 import { log, setLogMode } from './util/log.js';
@@ -17,6 +18,9 @@ import { DEFAULT_RM } from './stages/rm.js';
 import { exportPairsCmd, onlineCmd, statusCmd } from './commands/online.js';
 import { DEFAULT_ONLINE } from './stages/online.js';
 import { DEFAULT_MAKE_DATA, makeData } from './quickstart/make-data.js';
+import { mergeLora, parseMergeConfig, runMerge } from './merge/merge.js';
+import { loadRecipe } from './recipe/recipe.js';
+import { RecipeRunner, formatTable } from './recipe/run.js';
 
 registerAdapterLoader((model, dir) => attach(model, LoraAdapter.load(model, dir)));
 
@@ -281,6 +285,63 @@ export function buildProgram(): Command {
       .option('--lora-dropout <p>', 'LoRA dropout', num)
       .option('--lora-targets <list>', 'comma-separated modules'),
   ).action(withBackend(async (o) => onlineCmd(o, trainConfigFrom(o, DEFAULT_ONLINE.train))));
+
+  program
+    .command('merge-lora')
+    .description('fold a LoRA adapter into its base: a plain HF checkpoint (W + s·B·A)')
+    .requiredOption('--model <dir>', 'base checkpoint')
+    .requiredOption('--adapter <dir>', 'PEFT adapter directory')
+    .requiredOption('--out <dir>', 'output checkpoint')
+    .option('--dtype <d>', 'f32 | f16 | bf16', 'f32')
+    .action(
+      withBackend(async (o) => {
+        const r = await mergeLora(o.model, o.adapter, o.out, o.dtype);
+        log('merge-lora', { out: o.out, tensors: r.tensors });
+      }),
+    );
+
+  program
+    .command('merge')
+    .description('merge checkpoints mergekit-style (linear, task_arithmetic, ties, dare_ties, dare_linear, slerp)')
+    .argument('<config>', 'mergekit-style YAML')
+    .requiredOption('--out <dir>', 'output checkpoint')
+    .action(
+      withBackend(async (config: string, o) => {
+        const r = await runMerge(parseMergeConfig(config), o.out, (p) => (path.isAbsolute(p) ? p : path.resolve(p)));
+        log('merge', { out: o.out, method: r.method, models: r.models, tensors: r.tensors });
+      }),
+    );
+
+  program
+    .command('validate')
+    .description('check a recipe; every problem is listed with its field path, expected and found value')
+    .argument('<recipe>', 'recipe file (YAML or JSON)')
+    .action(async (file: string) => {
+      const r = loadRecipe(file);
+      process.stdout.write(`${file}: ok (${r.stages.length} stages: ${r.stages.map((s) => `${s.name}/${s.type}`).join(' → ')})\n`);
+    });
+
+  program
+    .command('run')
+    .description('run a recipe: stages in order, recorded in the run database; rerunning resumes')
+    .argument('<recipe>', 'recipe file (YAML or JSON)')
+    .option('--workdir <dir>', 'run directory (default: the recipe\'s workdir, else runs/<name>)')
+    .option('--force', 'rerun from the first changed stage when the recipe changed')
+    .action(async (file: string, o) => {
+      const g = program.opts();
+      setLogMode({ json: g.json, quiet: g.quiet });
+      const recipe = loadRecipe(file);
+      const b = await initBackend(g.backend ?? (recipe.backend && recipe.backend !== 'auto' ? recipe.backend : undefined));
+      if (b.warning) log('warning', {}, b.warning);
+      log('run', { recipe: file, backend: b.chosen });
+      const s = await new RecipeRunner(recipe, o).run();
+      if (g.json) process.stdout.write(JSON.stringify(s) + '\n');
+      else {
+        process.stdout.write(`\nrun ${recipe.name}: ${s.stages.length} stages in ${s.seconds.toFixed(1)} s (${b.chosen}), workdir ${s.workdir}\n`);
+        for (const st of s.stages) process.stdout.write(`  ${st.name.padEnd(12)} ${st.type.padEnd(11)} ${st.skipped ? 'skipped (done before)' : st.seconds.toFixed(1) + ' s'}\n`);
+        if (s.table) process.stdout.write('\nheld-out evaluation\n' + formatTable(s.table) + '\n');
+      }
+    });
 
   program
     .command('make-data')

@@ -1,0 +1,162 @@
+import { Rng } from '../util/rng.js';
+
+/**
+ * Merge methods as mergekit defines them (REFERENCE §8), as pure functions over one tensor of
+ * each model (flat Float32Arrays of equal length). Arithmetic is done in float64.
+ * Registry style: each method names the parameters it reads.
+ */
+export interface MergeInput {
+  base: Float32Array | null;
+  models: Float32Array[];
+  weights: number[];
+  densities: number[];
+  lambda: number;
+  normalize: boolean;
+  t: number;
+  /** Seeded per tensor and model (DARE's drops). */
+  rng: (model: number) => Rng;
+}
+
+export interface MergeMethod {
+  needsBase: boolean;
+  /** How many models besides the base, if fixed. */
+  models?: number;
+  usesDensity: boolean;
+  defaultNormalize: boolean;
+  merge(x: MergeInput): Float32Array;
+}
+
+function deltas(x: MergeInput): Float64Array[] {
+  const b = x.base!;
+  return x.models.map((m) => {
+    const d = new Float64Array(m.length);
+    for (let i = 0; i < m.length; i++) d[i] = m[i] - b[i];
+    return d;
+  });
+}
+
+/** Keep the `density` fraction of entries with the largest magnitude (TIES trim). */
+export function trimTopK(d: Float64Array, density: number): Float64Array {
+  if (density >= 1) return d;
+  const k = Math.floor(density * d.length);
+  const out = new Float64Array(d.length);
+  if (k <= 0) return out;
+  const order = Array.from({ length: d.length }, (_, i) => i).sort((a, b) => Math.abs(d[b]) - Math.abs(d[a]) || a - b);
+  for (let j = 0; j < k; j++) out[order[j]] = d[order[j]];
+  return out;
+}
+
+/** DARE: drop each entry with probability 1 − density, rescale survivors by 1/density. */
+export function dareDrop(d: Float64Array, density: number, rng: Rng): Float64Array {
+  if (density >= 1) return d;
+  const out = new Float64Array(d.length);
+  for (let i = 0; i < d.length; i++) if (rng.next() < density) out[i] = d[i] / density;
+  return out;
+}
+
+/** Sign election and disjoint mean: Σ wᵢδᵢ·maskᵢ / Σ wᵢ·maskᵢ (or the plain masked sum). */
+export function tiesConsensus(ds: Float64Array[], w: number[], normalize: boolean): Float64Array {
+  const n = ds[0].length;
+  const out = new Float64Array(n);
+  for (let i = 0; i < n; i++) {
+    let s = 0;
+    for (let m = 0; m < ds.length; m++) s += w[m] * ds[m][i];
+    const sign = s >= 0 ? 1 : -1; // ties → +
+    let num = 0;
+    let den = 0;
+    for (let m = 0; m < ds.length; m++) {
+      const v = ds[m][i];
+      if (v !== 0 && Math.sign(w[m] * v) === sign) {
+        num += w[m] * v;
+        den += w[m];
+      }
+    }
+    out[i] = normalize ? (Math.abs(den) < 1e-8 ? 0 : num / den) : num;
+  }
+  return out;
+}
+
+function weightedSum(ds: Float64Array[], w: number[], normalize: boolean): Float64Array {
+  const out = new Float64Array(ds[0].length);
+  const total = normalize ? w.reduce((a, b) => a + b, 0) : 1;
+  for (let m = 0; m < ds.length; m++) for (let i = 0; i < out.length; i++) out[i] += (w[m] * ds[m][i]) / total;
+  return out;
+}
+
+function addToBase(base: Float32Array, d: Float64Array, lambda: number): Float32Array {
+  const out = new Float32Array(base.length);
+  for (let i = 0; i < base.length; i++) out[i] = base[i] + lambda * d[i];
+  return out;
+}
+
+export function slerpVectors(t: number, v0: Float32Array, v1: Float32Array): Float32Array {
+  let n0 = 0;
+  let n1 = 0;
+  let dot = 0;
+  for (let i = 0; i < v0.length; i++) {
+    n0 += v0[i] * v0[i];
+    n1 += v1[i] * v1[i];
+    dot += v0[i] * v1[i];
+  }
+  const cos = n0 > 0 && n1 > 0 ? dot / Math.sqrt(n0 * n1) : 1;
+  const out = new Float32Array(v0.length);
+  if (Math.abs(cos) > 0.9995) {
+    for (let i = 0; i < v0.length; i++) out[i] = (1 - t) * v0[i] + t * v1[i];
+    return out;
+  }
+  const theta = Math.acos(cos);
+  const s = Math.sin(theta);
+  const s0 = Math.sin((1 - t) * theta) / s;
+  const s1 = Math.sin(t * theta) / s;
+  for (let i = 0; i < v0.length; i++) out[i] = s0 * v0[i] + s1 * v1[i];
+  return out;
+}
+
+export const MERGE_METHODS: Record<string, MergeMethod> = {
+  linear: {
+    needsBase: false,
+    usesDensity: false,
+    defaultNormalize: true,
+    merge: (x) => {
+      const total = x.normalize ? x.weights.reduce((a, b) => a + b, 0) : 1;
+      const out = new Float32Array(x.models[0].length);
+      for (let i = 0; i < out.length; i++) {
+        let s = 0;
+        for (let m = 0; m < x.models.length; m++) s += x.weights[m] * x.models[m][i];
+        out[i] = s / total;
+      }
+      return out;
+    },
+  },
+  task_arithmetic: {
+    needsBase: true,
+    usesDensity: false,
+    defaultNormalize: false,
+    merge: (x) => addToBase(x.base!, weightedSum(deltas(x), x.weights, x.normalize), x.lambda),
+  },
+  ties: {
+    needsBase: true,
+    usesDensity: true,
+    defaultNormalize: true,
+    merge: (x) => addToBase(x.base!, tiesConsensus(deltas(x).map((d, m) => trimTopK(d, x.densities[m])), x.weights, x.normalize), x.lambda),
+  },
+  dare_ties: {
+    needsBase: true,
+    usesDensity: true,
+    defaultNormalize: true,
+    merge: (x) => addToBase(x.base!, tiesConsensus(deltas(x).map((d, m) => dareDrop(d, x.densities[m], x.rng(m))), x.weights, x.normalize), x.lambda),
+  },
+  dare_linear: {
+    needsBase: true,
+    usesDensity: true,
+    defaultNormalize: false,
+    merge: (x) => addToBase(x.base!, weightedSum(deltas(x).map((d, m) => dareDrop(d, x.densities[m], x.rng(m))), x.weights, x.normalize), x.lambda),
+  },
+  slerp: {
+    needsBase: true,
+    models: 1,
+    usesDensity: false,
+    defaultNormalize: false,
+    merge: (x) => slerpVectors(x.t, x.base!, x.models[0]),
+  },
+};

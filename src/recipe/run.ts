@@ -1,0 +1,331 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { Recipe, Stage, changedStages, refsIn } from './recipe.js';
+import { openDb, DB, tx } from '../store/db.js';
+import { ensureRun, ensureStage, logEvent, putMetrics, setStage } from '../store/run.js';
+import { DEFAULT_TRAIN, TrainConfig } from '../train/trainer.js';
+import { validateTrainConfig } from '../commands/train-options.js';
+import { initModel } from '../commands/model.js';
+import { DEFAULT_SFT, runSft } from '../stages/sft.js';
+import { DEFAULT_DPO_STAGE, runDpo } from '../stages/dpo.js';
+import { DEFAULT_RM, runRmTrain } from '../stages/rm.js';
+import { DEFAULT_ONLINE, roundDir, runOnline } from '../stages/online.js';
+import { runMerge, validateMergeConfig } from '../merge/merge.js';
+import { evaluatePolicy } from '../stages/evaluate.js';
+import { openPolicy, stopIdsOf, needTokenizer } from '../commands/context.js';
+import { LoraAdapter, LoraConfig, DEFAULT_LORA, attach } from '../lora/lora.js';
+import { dtypeFromName } from '../io/safetensors.js';
+import { loadPrompts } from '../data/prompts.js';
+import { makeScorer } from '../../rm/spec.js';
+import { UserError } from '../util/errors.js';
+import { log } from '../util/log.js';
+
+/**
+ * `prefopt run`: stages in order, recorded in the run database. Finished stages are skipped;
+ * an interrupted stage resumes (trainers from their last checkpoint, on-policy rounds from
+ * their last committed step); a changed recipe is refused unless forced.
+ */
+export interface RunOptions {
+  workdir?: string;
+  force?: boolean;
+}
+
+export interface RunSummary {
+  workdir: string;
+  stages: { name: string; type: string; status: string; seconds: number; skipped: boolean }[];
+  table: EvalRow[] | null;
+  seconds: number;
+}
+
+export interface EvalRow {
+  model: string;
+  accuracy: number | null;
+  mean_reward: number | null;
+}
+
+const TRAIN_KEYS: [keyof TrainConfig, string][] = [
+  ['lr', 'lr'], ['epochs', 'epochs'], ['maxSteps', 'max_steps'], ['gradAccum', 'grad_accum'], ['warmupRatio', 'warmup_ratio'], ['scheduler', 'lr_scheduler'],
+  ['weightDecay', 'weight_decay'], ['beta1', 'adam_beta1'], ['beta2', 'adam_beta2'], ['eps', 'adam_eps'], ['maxGradNorm', 'max_grad_norm'],
+  ['loggingSteps', 'logging_steps'], ['saveSteps', 'save_steps'], ['saveTotalLimit', 'save_total_limit'], ['evalSteps', 'eval_steps'], ['seed', 'seed'],
+];
+
+function trainFrom(st: Stage, base: TrainConfig, seed: number): TrainConfig {
+  const c: any = { ...base, seed };
+  for (const [k, f] of TRAIN_KEYS) if (st[f] !== undefined) c[k] = st[f];
+  return validateTrainConfig(c, `stage ${st.name}: `);
+}
+
+function loraFrom(v: any, base: LoraConfig = DEFAULT_LORA): LoraConfig {
+  if (!v) return base;
+  return { r: v.r ?? base.r, alpha: v.alpha ?? base.alpha, dropout: v.dropout ?? base.dropout, targets: v.targets ?? base.targets, useRslora: v.use_rslora ?? base.useRslora };
+}
+
+export class RecipeRunner {
+  readonly workdir: string;
+  private db!: DB;
+  private runId!: number;
+
+  constructor(
+    readonly recipe: Recipe,
+    readonly opts: RunOptions = {},
+  ) {
+    this.workdir = path.resolve(opts.workdir ?? (recipe.workdir ? path.resolve(recipe.dir, recipe.workdir) : path.join('runs', recipe.name)));
+  }
+
+  /** A path in the recipe: relative to the recipe file's directory. */
+  file(p: string): string {
+    return path.isAbsolute(p) ? p : path.resolve(this.recipe.dir, p);
+  }
+
+  stageOut(name: string): string {
+    return path.join(this.workdir, name);
+  }
+
+  /** Resolve "stage.output", "stage.round-N" or a path. */
+  resolve(v: string): string {
+    const refs = refsIn(v);
+    if (!refs.length) return this.file(v);
+    const { stage, what } = refs[0];
+    const st = this.recipe.stages.find((s) => s.name === stage)!;
+    if (what === 'output') {
+      if (st.type === 'online_dpo') {
+        const row = this.db.prepare('SELECT output FROM stages WHERE run_id = ? AND name = ?').get(this.runId, stage) as { output: string | null } | undefined;
+        if (!row?.output) throw new UserError(`stage ${stage} has no output yet`);
+        return row.output;
+      }
+      return this.stageOut(stage);
+    }
+    return roundDir(this.stageOut(stage), Number(what.slice('round-'.length)));
+  }
+
+  /** "a+b" → base dir and optional adapter dir. */
+  modelSpec(v: string): { model: string; adapter?: string } {
+    const [m, a] = v.split('+');
+    return { model: this.resolve(m.trim()), adapter: a ? this.resolve(a.trim()) : undefined };
+  }
+
+  open(): void {
+    fs.mkdirSync(this.workdir, { recursive: true });
+    this.db = openDb(path.join(this.workdir, 'prefopt.db'));
+    const existing = this.db.prepare('SELECT id, recipe_hash, recipe_json FROM runs WHERE name = ?').get(this.recipe.name) as { id: number; recipe_hash: string; recipe_json: string } | undefined;
+    const json = JSON.stringify({ ...this.recipe, dir: undefined, file: undefined, hash: undefined });
+    if (existing && existing.recipe_hash !== this.recipe.hash) {
+      const changes = changedStages(JSON.parse(existing.recipe_json), this.recipe);
+      if (!this.opts.force) {
+        throw new UserError(`${this.workdir}: holds run "${this.recipe.name}" made from a different recipe; changed: ${changes.join('; ') || 'run settings'}. Use --force to rerun the changed stages and everything after them, or another --workdir`);
+      }
+      // Reset the first changed stage and every stage after it.
+      const old = JSON.parse(existing.recipe_json);
+      const first = this.recipe.stages.findIndex((s, i) => JSON.stringify(s) !== JSON.stringify(old.stages?.[i]));
+      tx(this.db, () => {
+        for (const s of this.recipe.stages.slice(first < 0 ? this.recipe.stages.length : first)) {
+          this.db.prepare("UPDATE stages SET status = 'pending' WHERE run_id = ? AND name = ?").run(existing.id, s.name);
+        }
+        this.db.prepare('UPDATE runs SET recipe_hash = ?, recipe_json = ? WHERE id = ?').run(this.recipe.hash, json, existing.id);
+      });
+      log('force', { changed: changes.join('; ') });
+    }
+    this.runId = ensureRun(this.db, this.recipe.name, this.recipe.seed, { hash: this.recipe.hash, json });
+  }
+
+  async run(): Promise<RunSummary> {
+    const t0 = Date.now();
+    this.open();
+    const summary: RunSummary = { workdir: this.workdir, stages: [], table: null, seconds: 0 };
+    try {
+      for (const st of this.recipe.stages) {
+        const row = ensureStage(this.db, this.runId, st.name, st.type, st);
+        if (row.status === 'done') {
+          log('stage', { name: st.name, type: st.type, status: 'done (skipped)' });
+          summary.stages.push({ name: st.name, type: st.type, status: 'done', seconds: 0, skipped: true });
+          if (st.type === 'eval' && row.result_json) summary.table = JSON.parse(row.result_json).table;
+          continue;
+        }
+        const s0 = Date.now();
+        log('stage', { name: st.name, type: st.type, status: row.status === 'pending' ? 'start' : 'resume' });
+        setStage(this.db, row.id, 'running');
+        logEvent(this.db, row.id, 'stage_start', { resume: row.status !== 'pending' });
+        try {
+          const { output, result } = await this.runStage(st, row.id, row.status !== 'pending');
+          setStage(this.db, row.id, 'done', { output, result });
+          if (st.type === 'eval') summary.table = (result as any).table;
+        } catch (e: any) {
+          setStage(this.db, row.id, 'failed', { result: { error: String(e?.message ?? e) } });
+          throw e;
+        }
+        const secs = (Date.now() - s0) / 1000;
+        putMetrics(this.db, row.id, null, { 'time/stage_s': secs });
+        summary.stages.push({ name: st.name, type: st.type, status: 'done', seconds: secs, skipped: false });
+        log('stage', { name: st.name, status: 'done', seconds: secs });
+      }
+    } finally {
+      summary.seconds = (Date.now() - t0) / 1000;
+      this.db.close();
+    }
+    return summary;
+  }
+
+  private async runStage(st: Stage, stageId: number, resume: boolean): Promise<{ output: string; result: unknown }> {
+    const out = this.stageOut(st.name);
+    const seed = st.seed ?? this.recipe.seed;
+    switch (st.type) {
+      case 'init': {
+        await initModel({ arch: st.arch, preset: st.preset, config: st.config ? this.file(st.config) : undefined, tokenizer: this.resolve(st.tokenizer), out, seed });
+        return { output: out, result: {} };
+      }
+      case 'sft': {
+        const r = await runSft({
+          ...DEFAULT_SFT,
+          model: this.resolve(st.model),
+          data: this.file(st.data),
+          out,
+          evalData: st.eval_data ? this.file(st.eval_data) : undefined,
+          evalRatio: st.eval_ratio ?? DEFAULT_SFT.evalRatio,
+          batchSize: st.batch_size ?? DEFAULT_SFT.batchSize,
+          maxLen: st.max_len ?? DEFAULT_SFT.maxLen,
+          isConcat: st.is_concat ?? false,
+          skipBadRows: st.skip_bad_rows ?? false,
+          dtype: st.dtype ? dtypeFromName(st.dtype) : 'F32',
+          resume,
+          train: trainFrom(st, DEFAULT_SFT.train, seed),
+        });
+        putMetrics(this.db, stageId, null, { loss: r.lastLoss, eval_loss: r.evalLoss, steps: r.steps });
+        return { output: out, result: { steps: r.steps, loss: r.lastLoss, eval_loss: r.evalLoss, rows: r.rows, skipped: r.skipped } };
+      }
+      case 'dpo': {
+        const m = this.modelSpec(st.model);
+        const r = await runDpo({
+          ...DEFAULT_DPO_STAGE,
+          model: m.model,
+          data: this.file(st.data),
+          out,
+          evalData: st.eval_data ? this.file(st.eval_data) : undefined,
+          evalRatio: st.eval_ratio ?? DEFAULT_DPO_STAGE.evalRatio,
+          refModel: st.ref_model ? this.resolve(st.ref_model) : undefined,
+          adapter: st.adapter ? this.resolve(st.adapter) : m.adapter,
+          dpo: { beta: st.beta ?? 0.1, lossType: st.loss_type ?? 'sigmoid', labelSmoothing: st.label_smoothing ?? 0 },
+          lora: loraFrom(st.lora),
+          maxLength: st.max_length ?? DEFAULT_DPO_STAGE.maxLength,
+          maxPromptLength: st.max_prompt_length ?? DEFAULT_DPO_STAGE.maxPromptLength,
+          strict: st.strict ?? false,
+          batchSize: st.batch_size ?? DEFAULT_DPO_STAGE.batchSize,
+          train: trainFrom(st, DEFAULT_DPO_STAGE.train, seed),
+          cacheDb: this.db.name,
+          resume,
+        });
+        putMetrics(this.db, stageId, null, Object.fromEntries(Object.entries(r.evalMetrics).map(([k, v]) => [`eval/${k}`, v])));
+        return { output: out, result: { steps: r.steps, pairs: r.pairs, skipped: r.skipped, eval: r.evalMetrics, eval_before: r.evalBefore } };
+      }
+      case 'rm_train': {
+        const r = await runRmTrain({
+          ...DEFAULT_RM,
+          model: this.resolve(st.model),
+          data: this.file(st.data),
+          out,
+          evalData: st.eval_data ? this.file(st.eval_data) : undefined,
+          evalRatio: st.eval_ratio ?? DEFAULT_RM.evalRatio,
+          lora: st.lora ? loraFrom(st.lora) : null,
+          batchSize: st.batch_size ?? DEFAULT_RM.batchSize,
+          maxLength: st.max_length ?? DEFAULT_RM.maxLength,
+          maxPromptLength: st.max_prompt_length ?? DEFAULT_RM.maxPromptLength,
+          strict: st.strict ?? false,
+          resume,
+          train: trainFrom(st, DEFAULT_RM.train, seed),
+        });
+        putMetrics(this.db, stageId, null, Object.fromEntries(Object.entries(r.evalMetrics).map(([k, v]) => [`eval/${k}`, v])));
+        return { output: out, result: { steps: r.steps, pairs: r.pairs, eval: r.evalMetrics, eval_before: r.evalBefore } };
+      }
+      case 'online_dpo': {
+        const m = this.modelSpec(st.model);
+        const scorer = st.scorer.replace(/^model:(.+)$/, (_: string, p: string) => `model:${this.resolve(p)}`);
+        const sampler =
+          st.sampler?.type === 'openai'
+            ? { type: 'openai' as const, baseUrl: st.sampler.base_url, model: st.sampler.model ?? 'policy', concurrency: st.sampler.concurrency ?? 8, timeoutMs: st.sampler.timeout_ms ?? 120_000, retries: 3 }
+            : { type: 'local' as const, maxBatch: st.sampler?.max_batch };
+        if (sampler.type === 'openai' && !sampler.baseUrl) throw new UserError(`stage ${st.name}: sampler.base_url is required for type openai`);
+        const r = await runOnline(
+          {
+            ...DEFAULT_ONLINE,
+            model: m.model,
+            adapter: st.adapter ? this.resolve(st.adapter) : m.adapter,
+            prompts: this.file(st.prompts),
+            evalPrompts: st.eval_prompts ? this.file(st.eval_prompts) : undefined,
+            scorer,
+            rounds: st.rounds ?? DEFAULT_ONLINE.rounds,
+            samplesPerPrompt: st.samples_per_prompt ?? DEFAULT_ONLINE.samplesPerPrompt,
+            promptsPerRound: st.prompts_per_round ?? DEFAULT_ONLINE.promptsPerRound,
+            promptMode: st.prompt_mode ?? DEFAULT_ONLINE.promptMode,
+            sampling: {
+              temperature: st.temperature ?? 1,
+              topK: st.top_k ?? 0,
+              topP: st.top_p ?? 1,
+              repetitionPenalty: st.repetition_penalty ?? 1,
+              presencePenalty: st.presence_penalty ?? 0,
+              frequencyPenalty: st.frequency_penalty ?? 0,
+              maxNewTokens: st.max_new_tokens ?? DEFAULT_ONLINE.sampling.maxNewTokens,
+            },
+            sampler,
+            selection: { rule: st.selection ?? 'max_min', lengthPenalty: st.length_penalty ?? 0, minMargin: st.min_margin ?? 0 },
+            reference: st.reference ?? 'sft',
+            dpo: { beta: st.beta ?? 0.1, lossType: st.loss_type ?? 'sigmoid', labelSmoothing: st.label_smoothing ?? 0 },
+            lora: loraFrom(st.lora),
+            maxLength: st.max_length ?? DEFAULT_ONLINE.maxLength,
+            maxPromptLength: st.max_prompt_length ?? DEFAULT_ONLINE.maxPromptLength,
+            batchSize: st.batch_size ?? DEFAULT_ONLINE.batchSize,
+            train: trainFrom(st, DEFAULT_ONLINE.train, seed),
+            workdir: out,
+            seed,
+            evalMaxNewTokens: st.eval_max_new_tokens ?? DEFAULT_ONLINE.evalMaxNewTokens,
+            runName: this.recipe.name,
+            stageName: st.name,
+            baseDir: this.recipe.dir,
+          },
+          this.db,
+        );
+        return { output: r.adapter ?? '', result: r };
+      }
+      case 'merge': {
+        const cfg = validateMergeConfig({ ...st, name: undefined, type: undefined, seed: st.seed ?? this.recipe.seed }, `stage ${st.name}: `);
+        const r = await runMerge(cfg, out, (p) => this.resolve(p));
+        return { output: out, result: r };
+      }
+      case 'eval': {
+        const prompts = loadPrompts(this.file(st.prompts));
+        const scorer = st.scorer ? await makeScorer(st.scorer.replace(/^model:(.+)$/, (_: string, p: string) => `model:${this.resolve(p)}`), { baseDir: this.recipe.dir }) : null;
+        const table: EvalRow[] = [];
+        const samples: Record<string, unknown> = {};
+        try {
+          for (const [label, spec] of Object.entries<string>(st.models)) {
+            const m = this.modelSpec(spec);
+            const p = openPolicy(m.model);
+            if (m.adapter) attach(p.model, LoraAdapter.load(p.model, m.adapter));
+            try {
+              const e = await evaluatePolicy(p.model, needTokenizer(p, 'eval'), prompts, { scorer, maxNewTokens: st.max_new_tokens ?? 32, stopIds: stopIdsOf(p), padId: p.padId });
+              table.push({ model: label, accuracy: e.accuracy, mean_reward: e.mean_reward });
+              samples[label] = e.samples.slice(0, 5);
+              putMetrics(this.db, stageId, null, { [`${label}/accuracy`]: e.accuracy, [`${label}/mean_reward`]: e.mean_reward });
+              log('eval', { model: label, accuracy: e.accuracy, mean_reward: e.mean_reward });
+            } finally {
+              (p.model.adapter as LoraAdapter | null)?.dispose();
+              p.model.dispose();
+            }
+          }
+        } finally {
+          await scorer?.close?.();
+        }
+        fs.mkdirSync(out, { recursive: true });
+        fs.writeFileSync(path.join(out, 'results.json'), JSON.stringify({ table, samples }, null, 2) + '\n');
+        return { output: out, result: { table } };
+      }
+    }
+    throw new UserError(`unknown stage type ${st.type}`);
+  }
+}
+
+export function formatTable(rows: EvalRow[]): string {
+  const f = (x: number | null) => (x === null ? '   -  ' : x.toFixed(3).padStart(6));
+  const w = Math.max(8, ...rows.map((r) => r.model.length));
+  const lines = [`${'model'.padEnd(w)}  accuracy  mean_reward`, `${'-'.repeat(w)}  --------  -----------`];
+  for (const r of rows) lines.push(`${r.model.padEnd(w)}  ${f(r.accuracy)}    ${f(r.mean_reward)}`);
+  return lines.join('\n');
+}

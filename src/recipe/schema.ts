@@ -1,0 +1,95 @@
+/**
+ * A small schema language for recipes: every problem is reported with its field path, what was
+ * expected and what was found, and all problems are reported at once.
+ */
+export type Spec =
+  | { kind: 'string'; enum?: string[] }
+  | { kind: 'number'; min?: number; max?: number; exclusiveMin?: boolean; int?: boolean }
+  | { kind: 'boolean' }
+  | { kind: 'strings' }
+  | { kind: 'object'; fields: Record<string, Spec>; required?: string[]; open?: boolean }
+  | { kind: 'map'; of: Spec }
+  | { kind: 'list'; of: Spec }
+  | { kind: 'any' };
+
+export interface Problem {
+  path: string;
+  expected: string;
+  found: unknown;
+}
+
+export const str = (e?: string[]): Spec => ({ kind: 'string', enum: e });
+export const num = (o: { min?: number; max?: number; exclusiveMin?: boolean } = {}): Spec => ({ kind: 'number', ...o });
+export const int = (o: { min?: number; max?: number } = {}): Spec => ({ kind: 'number', int: true, ...o });
+export const bool: Spec = { kind: 'boolean' };
+export const strings: Spec = { kind: 'strings' };
+export const obj = (fields: Record<string, Spec>, required: string[] = [], open = false): Spec => ({ kind: 'object', fields, required, open });
+
+export function describe(s: Spec): string {
+  switch (s.kind) {
+    case 'string':
+      return s.enum ? s.enum.map((x) => JSON.stringify(x)).join(' | ') : 'a string';
+    case 'number': {
+      const lo = s.min !== undefined ? (s.exclusiveMin ? `> ${s.min}` : `≥ ${s.min}`) : '';
+      const hi = s.max !== undefined ? `≤ ${s.max}` : '';
+      return `${s.int ? 'an integer' : 'a number'}${lo || hi ? ' ' + [lo, hi].filter(Boolean).join(' and ') : ''}`;
+    }
+    case 'boolean':
+      return 'true or false';
+    case 'strings':
+      return 'a list of strings';
+    case 'object':
+      return 'a mapping';
+    case 'map':
+      return 'a mapping';
+    case 'list':
+      return 'a list';
+    case 'any':
+      return 'anything';
+  }
+}
+
+export function check(v: unknown, s: Spec, path: string, out: Problem[]): void {
+  const bad = (): void => void out.push({ path, expected: describe(s), found: v });
+  switch (s.kind) {
+    case 'string':
+      if (typeof v !== 'string' || (s.enum && !s.enum.includes(v))) bad();
+      return;
+    case 'number':
+      if (typeof v !== 'number' || !Number.isFinite(v) || (s.int && !Number.isInteger(v)) || (s.min !== undefined && (s.exclusiveMin ? v <= s.min : v < s.min)) || (s.max !== undefined && v > s.max)) bad();
+      return;
+    case 'boolean':
+      if (typeof v !== 'boolean') bad();
+      return;
+    case 'strings':
+      if (!Array.isArray(v) || v.some((x) => typeof x !== 'string')) bad();
+      return;
+    case 'any':
+      return;
+    case 'list':
+      if (!Array.isArray(v)) return bad();
+      v.forEach((x, i) => check(x, s.of, `${path}[${i}]`, out));
+      return;
+    case 'map':
+      if (!v || typeof v !== 'object' || Array.isArray(v)) return bad();
+      for (const [k, x] of Object.entries(v)) check(x, s.of, `${path}.${k}`, out);
+      return;
+    case 'object': {
+      if (!v || typeof v !== 'object' || Array.isArray(v)) return bad();
+      const o = v as Record<string, unknown>;
+      for (const k of s.required ?? []) if (o[k] === undefined) out.push({ path: `${path}.${k}`, expected: `${describe(s.fields[k])} (required)`, found: undefined });
+      for (const [k, x] of Object.entries(o)) {
+        const f = s.fields[k];
+        if (!f) {
+          if (!s.open) out.push({ path: `${path}.${k}`, expected: `one of the known fields (${Object.keys(s.fields).join(', ')})`, found: `unknown field "${k}"` });
+          continue;
+        }
+        if (x !== undefined && x !== null) check(x, f, `${path}.${k}`, out);
+      }
+    }
+  }
+}
+
+export function formatProblems(file: string, ps: Problem[]): string {
+  return ps.map((p) => `${file}: ${p.path.replace(/^\./, '')}: expected ${p.expected}, found ${p.found === undefined ? 'nothing' : JSON.stringify(p.found)}`).join('\n');
+}
