@@ -354,6 +354,7 @@ export function buildProgram(): Command {
     .option('--eval <n>', 'held-out evaluation prompts', int, DEFAULT_MAKE_DATA.eval)
     .option('--noise <x>', 'fraction of SFT answers made wrong on purpose', num, DEFAULT_MAKE_DATA.noise)
     .option('--vocab-size <n>', 'tokenizer size', int, DEFAULT_MAKE_DATA.vocabSize)
+    .option('--max-number <n>', 'numbers in questions run from 0 to this', int, DEFAULT_MAKE_DATA.maxNumber)
     .action(
       withBackend(async (o) => {
         const counts = await makeData({ ...o });

@@ -8,12 +8,13 @@ import { writeDirAtomic } from '../util/fsutil.js';
 import { toJsonl } from '../data/jsonl.js';
 import { Question, formatAnswer, makeQuestion, rejectedAnswer, wrongValue } from './task.js';
 import { PRESETS } from '../model/config.js';
+import { UserError } from '../util/errors.js';
 
 /**
  * Generate the embedded default deterministically: SFT conversations in the seed format (a
  * fraction deliberately wrong, so sft-base is imperfect), human-style preference pairs,
  * prompts for the on-policy rounds, a held-out evaluation set, the tokenizer, and the model
- * shape. Every question appears in one split only.
+ * shape. Held-out questions (evaluation and on-policy prompts) never appear in training data.
  */
 export interface MakeDataOptions {
   out: string;
@@ -24,27 +25,37 @@ export interface MakeDataOptions {
   eval: number;
   noise: number;
   vocabSize: number;
+  /** Numbers in questions run from 0 to this. */
+  maxNumber: number;
 }
 
-export const DEFAULT_MAKE_DATA: Omit<MakeDataOptions, 'out'> = { seed: 0, sft: 3000, prefs: 800, prompts: 384, eval: 240, noise: 0.3, vocabSize: 512 };
+export const DEFAULT_MAKE_DATA: Omit<MakeDataOptions, 'out'> = { seed: 0, sft: 3000, prefs: 800, prompts: 384, eval: 240, noise: 0.3, vocabSize: 512, maxNumber: 29 };
 
 export async function makeData(o: MakeDataOptions): Promise<Record<string, number>> {
   const rng = new Rng(o.seed, 'quickstart');
   const seen = new Set<string>();
+  // Held-out questions (evaluation, on-policy prompts) are distinct and never appear in the
+  // training splits; training questions may repeat when the number range is small.
   const fresh = (): Question => {
-    for (;;) {
-      const q = makeQuestion(rng);
+    for (let tries = 0; tries < 10_000; tries++) {
+      const q = makeQuestion(rng, o.maxNumber);
       if (!seen.has(q.text)) {
         seen.add(q.text);
         return q;
       }
     }
+    throw new UserError(`make-data: not enough distinct questions with numbers up to ${o.maxNumber} for ${o.eval} eval + ${o.prompts} prompts`);
   };
-  // Held-out sets first so they never overlap the training splits.
+  const train = (): Question => {
+    for (;;) {
+      const q = makeQuestion(rng, o.maxNumber);
+      if (!seen.has(q.text)) return q;
+    }
+  };
   const evalQs = Array.from({ length: o.eval }, fresh);
   const promptQs = Array.from({ length: o.prompts }, fresh);
-  const sftQs = Array.from({ length: o.sft }, fresh);
-  const prefQs = Array.from({ length: o.prefs }, fresh);
+  const sftQs = Array.from({ length: o.sft }, train);
+  const prefQs = Array.from({ length: o.prefs }, train);
   let noisy = 0;
   const sft = sftQs.map((q, i) => {
     const wrong = rng.next() < o.noise;

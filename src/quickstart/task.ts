@@ -18,13 +18,14 @@ export interface Question {
   answer: string;
 }
 
-export function makeQuestion(rng: Rng): Question {
+export function makeQuestion(rng: Rng, maxNumber = 99): Question {
   const kind: Kind = (['max', 'min', 'next'] as const)[rng.int(3)];
   const lang: Lang = rng.next() < 0.5 ? 'en' : 'zh';
-  let a = rng.int(100);
-  let b = rng.int(100);
-  while (b === a) b = rng.int(100);
-  if (kind === 'next') a = rng.int(99);
+  const n = maxNumber + 1;
+  let a = rng.int(n);
+  let b = rng.int(n);
+  while (b === a) b = rng.int(n);
+  if (kind === 'next') a = rng.int(n - 1);
   const text = {
     max: { en: `Which is larger, ${a} or ${b}?`, zh: `${a} 和 ${b} 哪个更大？` },
     min: { en: `Which is smaller, ${a} or ${b}?`, zh: `${a} 和 ${b} 哪个更小？` },

@@ -343,7 +343,7 @@ async function runRound(
       const t0 = Date.now();
       const pairs = db
         .prepare(
-          `SELECT p.prompt_ids, cs.token_ids AS chosen, rs.token_ids AS rejected, pr.idx FROM pairs x
+          `SELECT p.prompt_ids, cs.token_ids AS chosen, rs.token_ids AS rejected, p.idx FROM pairs x
            JOIN prompts p ON p.id = x.prompt_id JOIN samples cs ON cs.id = x.chosen_sample_id JOIN samples rs ON rs.id = x.rejected_sample_id
            WHERE x.round_id = ? ORDER BY x.prompt_id`,
         )
