@@ -1,5 +1,5 @@
 import PQueue from 'p-queue';
-import { UserError } from '../src/util/errors.js';
+import { UserError, netReason } from '../src/util/errors.js';
 import { Prompt, PromptRow, Scorer, checkScores, promptLabel } from './scorer.js';
 
 /**
@@ -75,7 +75,7 @@ export class HttpScorer implements Scorer {
         res = await fetch(this.url, { method: 'POST', body, headers: { 'content-type': 'application/json', ...this.opts.headers }, signal: ctl.signal });
       } catch (e: any) {
         if (ctl.signal.aborted) throw new UserError(`${this.url}: no answer within ${this.opts.timeoutMs} ms (timeout) for ${what}`);
-        throw new Retryable(`connection failed: ${e?.cause?.code ?? e?.message ?? e}`);
+        throw new Retryable(`connection failed: ${netReason(e)}`);
       }
       let text: string;
       try {

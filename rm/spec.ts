@@ -11,7 +11,7 @@ import { Prompt, PromptRow, Scorer, checkScores, promptLabel } from './scorer.js
  * Scorer specs, the same on the command line and in recipes:
  *   model:DIR                 a Bradley–Terry reward model checkpoint
  *   module:PATH[#exportName]  a JS/TS module exporting fn(prompt, completions, row?) → number[]
- *   http:URL                  a reward-model server (see rm/http.ts for the protocol)
+ *   http:URL or a bare http(s)://… URL   a reward-model server (see rm/http.ts for the protocol)
  *   builtin:NAME              a built-in rule (exact_answer, length)
  */
 export async function makeScorer(spec: string, opts: { http?: Partial<HttpScorerOptions>; baseDir?: string } = {}): Promise<Scorer> {
@@ -30,7 +30,8 @@ export async function makeScorer(spec: string, opts: { http?: Partial<HttpScorer
     }
     case 'http':
     case 'https':
-      return new HttpScorer(kind === 'https' ? spec : rest, { ...DEFAULT_HTTP, ...opts.http });
+      // "http:URL" with a full URL after the colon, or a bare "http(s)://..." URL.
+      return new HttpScorer(/^https?:\/\//.test(rest) ? rest : spec, { ...DEFAULT_HTTP, ...opts.http });
     case 'module':
       return moduleScorer(resolve(rest.split('#')[0]), rest.includes('#') ? rest.slice(rest.indexOf('#') + 1) : 'default');
     default:

@@ -4,7 +4,7 @@ import { TextTokenizer } from '../tokenizer/tokenizer.js';
 import { Message } from '../tokenizer/chat.js';
 import { generate } from '../infer/generate.js';
 import { SamplingParams } from '../infer/sampling.js';
-import { UserError } from '../util/errors.js';
+import { UserError, netReason } from '../util/errors.js';
 
 /**
  * Where on-policy samples come from: the local model with its KV cache, or an OpenAI-compatible
@@ -126,7 +126,7 @@ export class OpenAISampler implements Sampler {
           });
       } catch (e: any) {
         if (e instanceof UserError) throw e;
-        last = ctl.signal.aborted ? `timeout after ${this.cfg.timeoutMs} ms` : `connection failed: ${e?.cause?.code ?? e?.message ?? e}`;
+        last = ctl.signal.aborted ? `timeout after ${this.cfg.timeoutMs} ms` : `connection failed: ${netReason(e)}`;
       } finally {
         clearTimeout(timer);
       }

@@ -12,3 +12,9 @@ export class UserError extends Error {
 export function fail(message: string): never {
   throw new UserError(message);
 }
+
+/** The most specific reason inside a fetch() failure (undici nests it in `cause`). */
+export function netReason(e: any): string {
+  const c = e?.cause;
+  return c?.code ?? c?.errors?.[0]?.code ?? c?.message ?? e?.message ?? String(e);
+}
