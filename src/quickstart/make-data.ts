@@ -29,7 +29,7 @@ export interface MakeDataOptions {
   maxNumber: number;
 }
 
-export const DEFAULT_MAKE_DATA: Omit<MakeDataOptions, 'out'> = { seed: 0, sft: 3000, prefs: 800, prompts: 384, eval: 240, noise: 0.3, vocabSize: 512, maxNumber: 29 };
+export const DEFAULT_MAKE_DATA: Omit<MakeDataOptions, 'out'> = { seed: 0, sft: 3000, prefs: 800, prompts: 384, eval: 240, noise: 0.3, vocabSize: 512, maxNumber: 99 };
 
 export async function makeData(o: MakeDataOptions): Promise<Record<string, number>> {
   const rng = new Rng(o.seed, 'quickstart');
@@ -74,7 +74,8 @@ export async function makeData(o: MakeDataOptions): Promise<Record<string, numbe
     ...prefs.map((p) => formatChat([...p.prompt, p.chosen[0]], false) + p.rejected[0].content),
     ...[...promptQs, ...evalQs].map((q) => formatChat([{ role: 'user', content: q.text }], true)),
   ];
-  const tok = trainBpe(corpus, { vocabSize: o.vocabSize, specialTokens: SPECIAL_TOKENS });
+  // Numbers stay whole tokens: the task is about comparing and copying numbers.
+  const tok = trainBpe(corpus, { vocabSize: o.vocabSize, specialTokens: SPECIAL_TOKENS, digits: 'grouped' });
   await writeDirAtomic(o.out, (dir) => {
     fs.writeFileSync(path.join(dir, 'sft.json'), '[\n' + sft.map((c) => JSON.stringify(c)).join(',\n') + '\n]\n');
     fs.writeFileSync(path.join(dir, 'prefs.jsonl'), toJsonl(prefs));

@@ -26,14 +26,19 @@ export function bytesToUnicode(): string[] {
 /** Qwen2's split pattern without the inline (?i:) group, which JS regexes lack on Node 20. */
 export const SPLIT_PATTERN = "'(?:[sdmtSDMT]|ll|ve|re|LL|VE|RE)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
 
+/** The same with runs of digits kept together, so frequent numbers become single tokens. */
+export const SPLIT_PATTERN_GROUPED_DIGITS = SPLIT_PATTERN.replace('|\\p{N}|', '|\\p{N}+|');
+
 export interface BpeTrainOptions {
   vocabSize: number;
   specialTokens: string[];
   minFrequency?: number;
+  /** 'single' (Qwen2-style, the default) or 'grouped' digits. */
+  digits?: 'single' | 'grouped';
 }
 
-export function pretokenize(text: string): string[] {
-  return text.match(new RegExp(SPLIT_PATTERN, 'gu')) ?? [];
+export function pretokenize(text: string, pattern = SPLIT_PATTERN): string[] {
+  return text.match(new RegExp(pattern, 'gu')) ?? [];
 }
 
 /**
@@ -43,12 +48,13 @@ export function pretokenize(text: string): string[] {
 export function trainBpe(texts: string[], opts: BpeTrainOptions): Record<string, any> {
   const b2u = bytesToUnicode();
   const enc = new TextEncoder();
+  const pattern = opts.digits === 'grouped' ? SPLIT_PATTERN_GROUPED_DIGITS : SPLIT_PATTERN;
   const wordCounts = new Map<string, number>();
   // Special tokens are matched whole at encode time: keep their text out of the merges.
   const specials = opts.specialTokens.map((t) => t.replace(/[.*+?^${}()|[\]\\]/g, '\\$&'));
   const splitter = specials.length ? new RegExp(specials.join('|'), 'g') : null;
   for (const t of texts) {
-    for (const piece of splitter ? t.split(splitter) : [t]) for (const w of pretokenize(piece)) wordCounts.set(w, (wordCounts.get(w) ?? 0) + 1);
+    for (const piece of splitter ? t.split(splitter) : [t]) for (const w of pretokenize(piece, pattern)) wordCounts.set(w, (wordCounts.get(w) ?? 0) + 1);
   }
   const words: { syms: string[]; n: number }[] = [...wordCounts.entries()]
     .sort((a, b) => (a[0] < b[0] ? -1 : 1))
@@ -104,7 +110,7 @@ export function trainBpe(texts: string[], opts: BpeTrainOptions): Record<string,
     normalizer: null,
     pre_tokenizer: {
       type: 'Sequence',
-      pretokenizers: [{ type: 'Split', pattern: { Regex: SPLIT_PATTERN }, behavior: 'Isolated', invert: false }, byteLevel],
+      pretokenizers: [{ type: 'Split', pattern: { Regex: pattern }, behavior: 'Isolated', invert: false }, byteLevel],
     },
     post_processor: byteLevel,
     decoder: byteLevel,

@@ -53,6 +53,7 @@ export class TextTokenizer {
   }
 
   decode(ids: number[], skipSpecial = false): string {
+    if (ids.length === 0) return ''; // tokenizers.js refuses an empty list
     return this.tok.decode(ids, { skip_special_tokens: skipSpecial, clean_up_tokenization_spaces: false });
   }
 

@@ -1,0 +1,196 @@
+import { describe, expect, it } from 'vitest';
+import { spawn } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as http from 'node:http';
+import * as path from 'node:path';
+import Database from 'better-sqlite3';
+import { selectPair, ScoredSample, SelectOptions } from '../src/online/select.js';
+import { roundPromptIndices } from '../src/stages/online.js';
+import { Rng } from '../src/util/rng.js';
+import { prefopt } from './helpers/cli.js';
+import { onlineArgs, onlineFixture } from './helpers/online-fixture.js';
+
+const s = (k: number, reward: number, nTokens = 5, key = `k${k}`): ScoredSample => ({ id: 100 + k, k, reward, nTokens, key });
+const opt = (o: Partial<SelectOptions> = {}): SelectOptions => ({ rule: 'max_min', lengthPenalty: 0, minMargin: 0, ...o });
+
+describe('pair selection', () => {
+  const xs = [s(0, 0.5), s(1, 1.0), s(2, 0.1), s(3, 0.7)];
+  it('max_min, max_second, max_random', () => {
+    const mm = selectPair(xs, opt(), new Rng(0));
+    expect(mm).toMatchObject({ chosen: { k: 1 }, rejected: { k: 2 } });
+    expect((mm as any).margin).toBeCloseTo(0.9, 12);
+    expect(selectPair(xs, opt({ rule: 'max_second' }), new Rng(0))).toMatchObject({ chosen: { k: 1 }, rejected: { k: 3 } });
+    const seen = new Set<number>();
+    for (let i = 0; i < 50; i++) {
+      const r = selectPair(xs, opt({ rule: 'max_random' }), new Rng(i)) as any;
+      expect(r.chosen.k).toBe(1);
+      seen.add(r.rejected.k);
+    }
+    expect([...seen].sort()).toEqual([0, 2, 3]);
+    expect(selectPair(xs, opt({ rule: 'max_random' }), new Rng(5))).toEqual(selectPair(xs, opt({ rule: 'max_random' }), new Rng(5)));
+  });
+  it('max_min with a length penalty prefers short answers', () => {
+    const ys = [s(0, 1.0, 30), s(1, 0.9, 2), s(2, 0.0, 40)];
+    const r = selectPair(ys, opt({ rule: 'max_min_length_penalty', lengthPenalty: 0.01 }), new Rng(0)) as any;
+    expect(r.chosen.k).toBe(1); // 0.88 beats 0.70
+    expect(r.rejected.k).toBe(2); // −0.40
+    expect(r.margin).toBeCloseTo(0.88 + 0.4, 12);
+  });
+  it('drops ties (never chosen == rejected), identical answers, and pairs below the margin', () => {
+    expect(selectPair([s(0, 0.5), s(1, 0.5), s(2, 0.5)], opt(), new Rng(0))).toEqual({ dropped: 'tie' });
+    expect(selectPair([s(0, 0.5), s(1, 0.5)], opt({ rule: 'max_second' }), new Rng(0))).toEqual({ dropped: 'tie' });
+    expect(selectPair([s(0, 0.9, 5, 'same'), s(1, 0.1, 5, 'same')], opt(), new Rng(0))).toEqual({ dropped: 'tie' });
+    expect(selectPair(xs, opt({ minMargin: 0.95 }), new Rng(0))).toEqual({ dropped: 'below_margin' });
+    expect(selectPair([s(0, 1)], opt(), new Rng(0))).toEqual({ dropped: 'too_few' });
+  });
+  it('prompt slices wrap and resampling is seeded', () => {
+    expect(roundPromptIndices(10, 4, 'slice', 0, 1)).toEqual([0, 1, 2, 3]);
+    expect(roundPromptIndices(10, 4, 'slice', 0, 3)).toEqual([8, 9, 0, 1]);
+    expect(roundPromptIndices(10, 0, 'slice', 0, 2)).toEqual([0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    const a = roundPromptIndices(10, 4, 'resample', 3, 2);
+    expect(a).toEqual(roundPromptIndices(10, 4, 'resample', 3, 2));
+    expect(new Set(a).size).toBe(4);
+    expect(a).not.toEqual(roundPromptIndices(10, 4, 'resample', 3, 1));
+  });
+});
+
+/** Everything a run stored, in a form two runs can be compared by. */
+function dump(workdir: string) {
+  const db = new Database(path.join(workdir, 'prefopt.db'), { readonly: true });
+  const q = (sql: string) => db.prepare(sql).all();
+  const out = {
+    rounds: q('SELECT round, step, policy_path IS NOT NULL AS has_policy FROM rounds ORDER BY round'),
+    roundPrompts: q('SELECT r.round, p.idx, rp.position FROM round_prompts rp JOIN rounds r ON r.id = rp.round_id JOIN prompts p ON p.id = rp.prompt_id ORDER BY r.round, rp.position'),
+    samples: q('SELECT r.round, p.idx, s.k, s.text, s.token_ids, s.finish_reason, s.seed FROM samples s JOIN rounds r ON r.id = s.round_id JOIN prompts p ON p.id = s.prompt_id ORDER BY r.round, p.idx, s.k'),
+    scores: q('SELECT r.round, p.idx, s.k, x.reward, x.scorer FROM scores x JOIN samples s ON s.id = x.sample_id JOIN rounds r ON r.id = s.round_id JOIN prompts p ON p.id = s.prompt_id ORDER BY r.round, p.idx, s.k'),
+    pairs: q('SELECT r.round, p.idx, c.k AS ck, j.k AS jk, x.margin, x.rule FROM pairs x JOIN rounds r ON r.id = x.round_id JOIN prompts p ON p.id = x.prompt_id JOIN samples c ON c.id = x.chosen_sample_id JOIN samples j ON j.id = x.rejected_sample_id ORDER BY r.round, p.idx'),
+    adapters: [1, 2].map((r) => {
+      const f = path.join(workdir, `round-${r}`, 'adapter_model.safetensors');
+      return fs.existsSync(f) ? fs.readFileSync(f).toString('base64') : null;
+    }),
+  };
+  db.close();
+  return out;
+}
+
+describe('online stage', () => {
+  it('runs rounds into SQLite with no duplicates or gaps; status and export-pairs read it', async () => {
+    const f = await onlineFixture();
+    const wd = path.join(f.d, 'run');
+    const r = prefopt(onlineArgs(f, wd));
+    expect(r.code, r.stderr).toBe(0);
+    const d = dump(wd);
+    expect(d.rounds).toEqual([{ round: 1, step: 'done', has_policy: 1 }, { round: 2, step: 'done', has_policy: 1 }].map((x) => ({ ...x })));
+    expect(d.samples).toHaveLength(2 * 6 * 3);
+    expect(d.scores).toHaveLength(2 * 6 * 3);
+    for (const p of d.pairs as any[]) expect(p.ck).not.toBe(p.jk);
+    const st = JSON.parse(prefopt(['--json', 'status', '--workdir', wd]).stdout);
+    const rounds = st.runs[0].stages[0].rounds;
+    expect(rounds.map((x: any) => x.samples)).toEqual([18, 18]);
+    for (const x of rounds) expect(x.pairs + x.metrics['dropped/tie'] + x.metrics['dropped/below_margin']).toBe(6);
+    expect(rounds[0].metrics).toHaveProperty('kl');
+    const ex = prefopt(['export-pairs', '--workdir', wd, '--round', '1', '--format', 'trl']);
+    const rows = ex.stdout.trim().split('\n').filter(Boolean).map((l) => JSON.parse(l));
+    expect(rows).toHaveLength(rounds[0].pairs);
+    if (rows.length) expect(rows[0]).toMatchObject({ prompt: [{ role: 'user' }], chosen: [{ role: 'assistant' }], rejected: [{ role: 'assistant' }] });
+    // Same seed, fresh workdir: the same database contents.
+    const again = prefopt(onlineArgs(f, path.join(f.d, 'again')));
+    expect(again.code).toBe(0);
+    expect(dump(path.join(f.d, 'again'))).toEqual(d);
+    // A changed setting for the same workdir is refused.
+    const changed = prefopt(onlineArgs(f, wd, ['--temperature', '0.5']));
+    expect(changed.code).toBe(2);
+    expect(changed.stderr).toMatch(/other settings \(sampling\)/);
+  });
+
+  it('reference: fixed at sft keeps one reference hash, previous uses a new one each round', async () => {
+    const f = await onlineFixture();
+    const hashes = (wd: string) => {
+      const db = new Database(path.join(wd, 'prefopt.db'), { readonly: true });
+      const n = (db.prepare('SELECT COUNT(DISTINCT ref_hash) n FROM ref_logps').get() as any).n;
+      db.close();
+      return n;
+    };
+    expect(prefopt(onlineArgs(f, path.join(f.d, 'sft'), ['--reference', 'sft'])).code).toBe(0);
+    expect(prefopt(onlineArgs(f, path.join(f.d, 'prev'), ['--reference', 'previous'])).code).toBe(0);
+    expect(hashes(path.join(f.d, 'sft'))).toBe(1);
+    expect(hashes(path.join(f.d, 'prev'))).toBe(2);
+  });
+
+  it('an unreachable sampler or scorer endpoint fails the round clearly and the run stays resumable', async () => {
+    const f = await onlineFixture();
+    let healthy = false;
+    const server = http.createServer((req, res) => {
+      let body = '';
+      req.on('data', (c) => (body += c));
+      req.on('end', () => {
+        if (!healthy) return res.writeHead(500).end('down');
+        const { completions } = JSON.parse(body);
+        res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ scores: completions.map((c: string) => c.length % 3) }));
+      });
+    });
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+    const url = `http://127.0.0.1:${(server.address() as any).port}/score`;
+    const wd = path.join(f.d, 'net');
+    const args = onlineArgs(f, wd).map((a) => (a === f.scorer ? url : a));
+    const r1 = await runAsync(args);
+    expect(r1.code).toBe(2);
+    expect(r1.stderr).toContain(`${url}: gave up after`);
+    expect((dump(wd).rounds as any[])[0].step).toBe('score'); // samples committed, waiting for scores
+    healthy = true;
+    const r2 = await runAsync(args);
+    expect(r2.code, r2.stderr).toBe(0);
+    server.close();
+    const sampler = await runAsync(onlineArgs(f, path.join(f.d, 'sampler'), ['--sampler-url', 'http://127.0.0.1:9/v1', '--sampler-timeout', '500']));
+    expect(sampler.code).toBe(2);
+    expect(sampler.stderr).toMatch(/sampler http:\/\/127.0.0.1:9\/v1\/chat\/completions: unreachable after \d+ attempts .*the run stays resumable/);
+  });
+
+  it('survives SIGKILL at random points in every step: the database equals an uninterrupted run', async () => {
+    const f = await onlineFixture();
+    const ref = path.join(f.d, 'ref');
+    const t0 = Date.now();
+    expect((await runAsync(onlineArgs(f, ref))).code).toBe(0);
+    const T = Date.now() - t0;
+    const want = dump(ref);
+    const rng = new Rng(2024);
+    let kills = 0;
+    let sessions = 0;
+    const stepsHit = new Set<string>();
+    while (kills < 20) {
+      const wd = path.join(f.d, `crash-${sessions++}`);
+      for (;;) {
+        const killAt = 150 + rng.next() * T;
+        const r = await runAsync(onlineArgs(f, wd), killAt);
+        if (r.killed) {
+          kills++;
+          if (fs.existsSync(path.join(wd, 'prefopt.db'))) {
+            const rounds = dump(wd).rounds as any[];
+            stepsHit.add(rounds.map((x) => `${x.round}:${x.step}`).at(-1) ?? 'start');
+          }
+          continue;
+        }
+        expect(r.code, r.stderr).toBe(0);
+        break;
+      }
+      expect(dump(wd)).toEqual(want);
+    }
+    expect(kills).toBeGreaterThanOrEqual(20);
+    expect(stepsHit.size).toBeGreaterThanOrEqual(4);
+    console.log(`crash test: ${kills} kills over ${sessions} sessions; steps interrupted: ${[...stepsHit].sort().join(' ')}`);
+  }, 600_000);
+});
+
+function runAsync(args: string[], killAfterMs?: number): Promise<{ code: number | null; killed: boolean; stderr: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, [path.resolve('bin/prefopt.js'), ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    child.stderr.on('data', (c) => (stderr += c));
+    let killed = false;
+    const timer = killAfterMs ? setTimeout(() => ((killed = true), child.kill('SIGKILL')), killAfterMs) : null;
+    child.on('exit', (code) => {
+      if (timer) clearTimeout(timer);
+      resolve({ code, killed: killed && code === null, stderr });
+    });
+  });
+}
