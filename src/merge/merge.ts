@@ -101,7 +101,7 @@ export class ModelInput {
 /** "dir" or "dir+adapter", each part through `resolve` (recipe stage references). */
 export function openInput(spec: string, resolve: (s: string) => string = (s) => s): ModelInput {
   const [m, a] = spec.split('+');
-  return new ModelInput(spec, resolve(m.trim()), a ? resolve(a.trim()) : undefined);
+  return new ModelInput(spec, resolve(m.trim()), a ? resolve(a.trim()) || undefined : undefined);
 }
 
 export function parseMergeConfig(file: string): MergeConfig {

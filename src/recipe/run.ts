@@ -9,7 +9,7 @@ import { initModel } from '../commands/model.js';
 import { DEFAULT_SFT, runSft } from '../stages/sft.js';
 import { DEFAULT_DPO_STAGE, runDpo } from '../stages/dpo.js';
 import { DEFAULT_RM, runRmTrain } from '../stages/rm.js';
-import { DEFAULT_ONLINE, roundDir, runOnline } from '../stages/online.js';
+import { DEFAULT_ONLINE, runOnline } from '../stages/online.js';
 import { runMerge, validateMergeConfig } from '../merge/merge.js';
 import { evaluatePolicy } from '../stages/evaluate.js';
 import { openPolicy, stopIdsOf, needTokenizer } from '../commands/context.js';
@@ -95,13 +95,20 @@ export class RecipeRunner {
       }
       return this.stageOut(stage);
     }
-    return roundDir(this.stageOut(stage), Number(what.slice('round-'.length)));
+    // A round that made no pairs keeps the previous policy: ask the database which adapter it is.
+    const n = Number(what.slice('round-'.length));
+    const row = this.db
+      .prepare('SELECT r.policy_path, r.step FROM rounds r JOIN stages s ON s.id = r.stage_id WHERE s.run_id = ? AND s.name = ? AND r.round = ?')
+      .get(this.runId, stage, n) as { policy_path: string | null; step: string } | undefined;
+    if (!row || row.step !== 'done') throw new UserError(`stage ${stage} has no finished round ${n}`);
+    return row.policy_path ?? '';
   }
 
   /** "a+b" → base dir and optional adapter dir. */
   modelSpec(v: string): { model: string; adapter?: string } {
     const [m, a] = v.split('+');
-    return { model: this.resolve(m.trim()), adapter: a ? this.resolve(a.trim()) : undefined };
+    // An empty adapter path means the policy is the base itself (no adapter was ever trained).
+    return { model: this.resolve(m.trim()), adapter: a ? this.resolve(a.trim()) || undefined : undefined };
   }
 
   open(): void {

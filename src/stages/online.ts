@@ -124,8 +124,12 @@ export async function runOnline(c: OnlineConfig, dbIn?: DB): Promise<OnlineResul
   try {
     const runId = ensureRun(db, c.runName ?? 'online', c.seed);
     const stage = ensureStage(db, runId, c.stageName ?? 'online_dpo', 'online_dpo', configKey(c));
-    if (stage.config_json !== JSON.stringify(configKey(c))) {
-      throw new UserError(`${dbFile}: this workdir holds an online stage with other settings (${diffKeys(JSON.parse(stage.config_json ?? '{}'), configKey(c)).join(', ')}); use a new --workdir`);
+    // The settings that shaped the stored rounds; a resumed run must use the same ones.
+    const fp = JSON.stringify(configKey(c));
+    const stored = (db.prepare('SELECT fingerprint FROM stages WHERE id = ?').get(stage.id) as { fingerprint: string | null }).fingerprint;
+    if (stored === null) tx(db, () => db.prepare('UPDATE stages SET fingerprint = ? WHERE id = ?').run(fp, stage.id));
+    else if (stored !== fp) {
+      throw new UserError(`${dbFile}: this workdir holds an online stage with other settings (${diffKeys(JSON.parse(stored), configKey(c)).join(', ')}); use a new --workdir`);
     }
     if (stage.status === 'done') return JSON.parse(stage.result_json!);
     setStage(db, stage.id, 'running');

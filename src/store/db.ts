@@ -28,6 +28,7 @@ const MIGRATIONS: string[] = [
     kind TEXT NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('pending','running','done','failed')),
     config_json TEXT,
+    fingerprint TEXT,
     output TEXT,
     result_json TEXT,
     started_at TEXT,

@@ -1,0 +1,125 @@
+import { describe, expect, it } from 'vitest';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import YAML from 'yaml';
+import Database from 'better-sqlite3';
+import { validateRecipe } from '../src/recipe/recipe.js';
+import { formatProblems } from '../src/recipe/schema.js';
+import { prefopt } from './helpers/cli.js';
+
+const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'prefopt-recipe-'));
+
+function problems(r: unknown): string {
+  const { problems: ps } = validateRecipe(r, 'r.yaml');
+  return formatProblems('r.yaml', ps);
+}
+
+const ok = () => ({
+  name: 'x',
+  seed: 1,
+  stages: [
+    { name: 'sft', type: 'sft', model: 'base', data: 'd.json', lr: 1e-3 },
+    { name: 'dpo', type: 'dpo', model: 'sft.output', data: 'p.jsonl', lora: { r: 4 } },
+    { name: 'online', type: 'online_dpo', model: 'sft.output', adapter: 'dpo.output', prompts: 'q.jsonl', scorer: 'builtin:exact_answer' },
+    { name: 'eval', type: 'eval', prompts: 'q.jsonl', models: { a: 'sft.output', b: 'sft.output+online.round-1' } },
+  ],
+});
+
+describe('recipe validation', () => {
+  it('accepts a good recipe and the shipped ones', () => {
+    expect(problems(ok())).toBe('');
+    for (const f of ['recipes/quickstart.yaml', 'recipes/zhinao2-7b.yaml']) {
+      const r = prefopt(['validate', f]);
+      expect(r.code, r.stderr).toBe(0);
+    }
+  });
+
+  it('reports each kind of error with its field path, expected and found value', () => {
+    const cases: [(r: any) => void, RegExp][] = [
+      [(r) => (r.stages[0].learning_rate = 1), /stages\[0\]\.learning_rate: expected one of the known fields \(.*lr.*\), found "unknown field \\"learning_rate\\""/],
+      [(r) => (r.stages[0].lr = 'fast'), /stages\[0\]\.lr: expected a number > 0, found "fast"/],
+      [(r) => (r.stages[1].lora.r = 0), /stages\[1\]\.lora\.r: expected an integer ≥ 1, found 0/],
+      [(r) => delete r.stages[0].data, /stages\[0\]\.data: expected a string \(required\), found nothing/],
+      [(r) => (r.stages[1].type = 'ppo'), /stages\[1\]\.type: expected init \| sft \| dpo \| rm_train \| online_dpo \| merge \| eval, found "ppo"/],
+      [(r) => (r.stages[1].model = 'nosuch.output'), /stages\[1\]: expected a reference to a known stage, found "nosuch.output"/],
+      [(r) => (r.stages[0].model = 'dpo.output'), /stages\[0\]: expected references to earlier stages only \("dpo" runs later: a cycle or wrong order\), found "dpo.output"/],
+      [(r) => (r.stages[3].models.c = 'dpo.round-2'), /stages\[3\]: expected ".round-2" only on an online_dpo stage/],
+      [(r) => (r.stages[2].name = 'sft'), /stages\[2\]\.name: expected a unique stage name \(also used by stages\[0\]\)/],
+      [(r) => (r.stages[2].selection = 'best'), /stages\[2\]\.selection: expected "max_min" \| "max_random"/],
+      [(r) => (r.seed = 1.5), /seed: expected an integer, found 1.5/],
+      [(r) => (r.extra = true), /extra: expected one of the known fields/],
+    ];
+    for (const [mutate, re] of cases) {
+      const r = ok();
+      mutate(r);
+      expect(problems(r)).toMatch(re);
+    }
+  });
+
+  it('prefopt validate lists every problem and exits non-zero; missing files and bad YAML are clear', () => {
+    const d = tmp();
+    const f = path.join(d, 'bad.yaml');
+    const r = ok() as any;
+    r.stages[0].lr = -1;
+    r.stages[1].beta = 'x';
+    fs.writeFileSync(f, YAML.stringify(r));
+    const out = prefopt(['validate', f]);
+    expect(out.code).toBe(2);
+    expect(out.stderr).toContain('2 problem(s)');
+    expect(out.stderr).toContain(`${f}: stages[0].lr: expected a number > 0, found -1`);
+    expect(out.stderr).toContain(`${f}: stages[1].beta: expected a number > 0, found "x"`);
+    fs.writeFileSync(f, 'name: [unclosed');
+    expect(prefopt(['validate', f]).stderr).toMatch(/not valid YAML/);
+    expect(prefopt(['validate', path.join(d, 'missing.yaml')]).stderr).toMatch(/missing.yaml: cannot read \(ENOENT\)/);
+  });
+});
+
+describe('a shrunken quickstart end to end', () => {
+  it('runs every stage, records them in the database, resumes as a no-op, and refuses a changed recipe', () => {
+    const d = tmp();
+    const data = path.join(d, 'data');
+    expect(prefopt(['--quiet', 'make-data', '--out', data, '--sft', '160', '--prefs', '60', '--prompts', '24', '--eval', '16', '--vocab-size', '300']).code).toBe(0);
+    const recipe = YAML.parse(fs.readFileSync('recipes/quickstart.yaml', 'utf8'));
+    recipe.workdir = 'run';
+    for (const st of recipe.stages) {
+      for (const k of ['config', 'tokenizer', 'data', 'prompts', 'eval_prompts']) if (typeof st[k] === 'string') st[k] = st[k].replace('../data/quickstart', 'data');
+      if (['sft', 'dpo', 'rm_train', 'online_dpo'].includes(st.type)) {
+        st.max_steps = 3;
+        st.save_steps = 2;
+      }
+      if (st.type === 'online_dpo') Object.assign(st, { rounds: 2, prompts_per_round: 6, samples_per_prompt: 2, max_new_tokens: 6 });
+      if (st.type === 'eval') {
+        st.max_new_tokens = 6;
+        st.models = { 'sft-base': 'sft.output', dpo: 'sft.output+dpo.output', 'round-2': 'sft.output+online.round-2', merged: 'merged.output' };
+      }
+    }
+    const rf = path.join(d, 'quick.yaml');
+    fs.writeFileSync(rf, YAML.stringify(recipe));
+    const r = prefopt(['run', rf]);
+    expect(r.code, r.stderr.slice(-2000)).toBe(0);
+    expect(r.stdout).toContain('held-out evaluation');
+    for (const m of ['sft-base', 'dpo', 'round-2', 'merged']) expect(r.stdout).toMatch(new RegExp(`^${m}\\s+\\d\\.\\d{3}\\s+\\d\\.\\d{3}`, 'm'));
+    const wd = path.join(d, 'run');
+    for (const f of ['base/config.json', 'sft/model.safetensors', 'sft/metrics.jsonl', 'dpo/adapter_model.safetensors', 'dpo/adapter_config.json', 'rm/config.json', 'merged/model.safetensors', 'eval/results.json']) {
+      expect(fs.existsSync(path.join(wd, f)), f).toBe(true);
+    }
+    expect(JSON.parse(fs.readFileSync(path.join(wd, 'rm/config.json'), 'utf8')).architectures).toEqual(['ZhinaoForSequenceClassification']);
+    const db = new Database(path.join(wd, 'prefopt.db'), { readonly: true });
+    expect(db.prepare('SELECT name, status FROM stages ORDER BY id').all()).toEqual(recipe.stages.map((s: any) => ({ name: s.name, status: 'done' })));
+    expect((db.prepare('SELECT COUNT(*) n FROM samples').get() as any).n).toBe(2 * 6 * 2);
+    expect(db.prepare('SELECT round, step FROM rounds ORDER BY round').all()).toEqual([{ round: 1, step: 'done' }, { round: 2, step: 'done' }]);
+    expect((db.prepare('SELECT COUNT(*) n FROM ref_logps').get() as any).n).toBeGreaterThan(0);
+    db.close();
+    // Running again skips every stage.
+    const again = prefopt(['run', rf]);
+    expect(again.code).toBe(0);
+    expect((again.stdout.match(/skipped \(done before\)/g) ?? []).length).toBe(recipe.stages.length);
+    // A changed recipe is refused, naming the change, unless --force.
+    recipe.stages[2].beta = 0.2;
+    fs.writeFileSync(rf, YAML.stringify(recipe));
+    const changed = prefopt(['run', rf]);
+    expect(changed.code).toBe(2);
+    expect(changed.stderr).toMatch(/changed: dpo: beta/);
+  }, 300_000);
+});
