@@ -6,7 +6,7 @@ import { initBackend } from './engine/backend.js';
 import { UserError } from './util/errors.js';
 import { log, setLogMode } from './util/log.js';
 import { generateCmd, initModel, logprobsCmd, trainTokenizer } from './commands/model.js';
-import { addTrainOptions, trainConfigFrom } from './commands/train-options.js';
+import { addLoraOptions, addTrainOptions, trainConfigFrom } from './commands/train-options.js';
 import { DEFAULT_SFT, runSft } from './stages/sft.js';
 import { dtypeFromName } from './io/safetensors.js';
 import { registerAdapterLoader } from './commands/context.js';
@@ -188,23 +188,18 @@ export function buildProgram(): Command {
       .option('--batch-size <n>', 'pairs per micro-batch', int);
 
   addTrainOptions(
-    dpoOptions(
+    addLoraOptions(dpoOptions(
       program
         .command('dpo')
         .description('off-policy DPO with LoRA adapters (writes a PEFT adapter directory)')
         .requiredOption('--model <dir>', 'base checkpoint (e.g. sft-base), frozen')
         .requiredOption('--data <file>', 'preference pairs (TRL rows, conversations, or token ids)')
         .requiredOption('--out <dir>', 'output adapter directory (also holds checkpoint-N/ and metrics.jsonl)'),
-    )
+    ))
       .option('--eval-data <file>', 'held-out pairs (default: --eval-ratio of --data)')
       .option('--eval-ratio <x>', 'fraction of --data held out', num)
       .option('--ref-model <dir>', 'explicit reference checkpoint (default: the base with the adapter off)')
       .option('--adapter <dir>', 'start from this adapter')
-      .option('--lora-r <n>', 'LoRA rank', int)
-      .option('--lora-alpha <a>', 'LoRA alpha', num)
-      .option('--lora-dropout <p>', 'LoRA dropout', num)
-      .option('--lora-targets <list>', 'comma-separated modules (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; qkv_proj on Zhinao)')
-      .option('--use-rslora', 'scale by alpha/√r')
       .option('--strict', 'unusable rows are errors instead of being skipped')
       .option('--cache <db>', 'SQLite file for cached reference log-probs (default OUT/prefopt.db)'),
   ).action(withBackend(async (o) => dpoCmd(o, trainConfigFrom(o, DEFAULT_DPO_STAGE.train))));
@@ -221,7 +216,7 @@ export function buildProgram(): Command {
 
   const rm = program.command('rm').description('reward models: train a Bradley–Terry model, score samples');
   addTrainOptions(
-    rm
+    addLoraOptions(rm
       .command('train')
       .description('train a Bradley–Terry reward model (saved as …ForSequenceClassification)')
       .requiredOption('--model <dir>', 'backbone checkpoint (e.g. sft-base)')
@@ -232,11 +227,7 @@ export function buildProgram(): Command {
       .option('--batch-size <n>', 'pairs per micro-batch', int)
       .option('--max-length <n>', 'tokens per sequence at most', int)
       .option('--max-prompt-length <n>', 'prompt tokens at most', int)
-      .option('--lora', 'train LoRA adapters (+ the score head) instead of all weights; merged on save')
-      .option('--lora-r <n>', 'LoRA rank', int)
-      .option('--lora-alpha <a>', 'LoRA alpha', num)
-      .option('--lora-dropout <p>', 'LoRA dropout', num)
-      .option('--lora-targets <list>', 'comma-separated modules')
+      .option('--lora', 'train LoRA adapters (+ the score head) instead of all weights; merged on save'))
       .option('--strict', 'unusable rows are errors'),
   ).action(withBackend(async (o) => rmTrainCmd(o, trainConfigFrom(o, DEFAULT_RM.train))));
 
@@ -250,7 +241,7 @@ export function buildProgram(): Command {
     .action(withBackend(async (o) => rmScoreCmd(o)));
 
   addTrainOptions(
-    dpoOptions(
+    addLoraOptions(dpoOptions(
       program
         .command('online')
         .description('iterative on-policy DPO: sample → score → pair → train, stored in SQLite, resumable')
@@ -264,7 +255,7 @@ export function buildProgram(): Command {
         .option('--prompts-per-round <n>', 'prompts per round (0 = all)', int)
         .option('--prompt-mode <m>', 'slice (consecutive slices) | resample (seeded)')
         .requiredOption('--workdir <dir>', 'run directory (database, adapters per round)'),
-    )
+    ))
       .option('--selection <rule>', 'max_min | max_random | max_second | max_min_length_penalty')
       .option('--length-penalty <x>', 'reward per completion token subtracted by max_min_length_penalty', num)
       .option('--min-margin <x>', 'drop pairs whose reward margin is below this', num)
@@ -279,11 +270,7 @@ export function buildProgram(): Command {
       .option('--sampler-url <url>', 'OpenAI-compatible endpoint (vLLM) instead of local sampling')
       .option('--sampler-model <name>', 'model name at the endpoint ({round} is replaced by the round number)')
       .option('--sampler-concurrency <n>', 'requests in flight', int)
-      .option('--sampler-timeout <ms>', 'per-request timeout', int)
-      .option('--lora-r <n>', 'LoRA rank', int)
-      .option('--lora-alpha <a>', 'LoRA alpha', num)
-      .option('--lora-dropout <p>', 'LoRA dropout', num)
-      .option('--lora-targets <list>', 'comma-separated modules'),
+      .option('--sampler-timeout <ms>', 'per-request timeout', int),
   ).action(withBackend(async (o) => onlineCmd(o, trainConfigFrom(o, DEFAULT_ONLINE.train))));
 
   program
@@ -355,6 +342,7 @@ export function buildProgram(): Command {
     .option('--noise <x>', 'fraction of SFT answers made wrong on purpose', num, DEFAULT_MAKE_DATA.noise)
     .option('--vocab-size <n>', 'tokenizer size', int, DEFAULT_MAKE_DATA.vocabSize)
     .option('--max-number <n>', 'numbers in questions run from 0 to this', int, DEFAULT_MAKE_DATA.maxNumber)
+    .option('--kinds <list>', 'question kinds: max,min,next', (v: string) => v.split(','), DEFAULT_MAKE_DATA.kinds)
     .action(
       withBackend(async (o) => {
         const counts = await makeData({ ...o });

@@ -66,3 +66,14 @@ export function validateTrainConfig(c: TrainConfig, where = ''): TrainConfig {
   if (!Number.isInteger(c.seed)) bad('seed', 'an integer', c.seed);
   return c;
 }
+
+/** LoRA flags shared by dpo, rm train and online. */
+export function addLoraOptions(cmd: Command): Command {
+  const num = (v: string) => Number(v);
+  return cmd
+    .option('--lora-r <n>', 'LoRA rank', num)
+    .option('--lora-alpha <a>', 'LoRA alpha', num)
+    .option('--lora-dropout <p>', 'LoRA dropout', num)
+    .option('--lora-targets <list>', 'comma-separated modules (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; qkv_proj on Zhinao)')
+    .option('--use-rslora', 'scale by alpha/√r');
+}

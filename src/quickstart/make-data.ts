@@ -6,7 +6,7 @@ import { formatChat } from '../tokenizer/chat.js';
 import { SPECIAL_TOKENS, writeTokenizerFiles } from '../commands/model.js';
 import { writeDirAtomic } from '../util/fsutil.js';
 import { toJsonl } from '../data/jsonl.js';
-import { Question, formatAnswer, makeQuestion, rejectedAnswer, wrongValue } from './task.js';
+import { Kind, Question, formatAnswer, makeQuestion, rejectedAnswer, wrongValue } from './task.js';
 import { PRESETS } from '../model/config.js';
 import { UserError } from '../util/errors.js';
 
@@ -27,9 +27,11 @@ export interface MakeDataOptions {
   vocabSize: number;
   /** Numbers in questions run from 0 to this. */
   maxNumber: number;
+  /** Question kinds to draw from. */
+  kinds: Kind[];
 }
 
-export const DEFAULT_MAKE_DATA: Omit<MakeDataOptions, 'out'> = { seed: 0, sft: 3000, prefs: 800, prompts: 384, eval: 240, noise: 0.3, vocabSize: 512, maxNumber: 99 };
+export const DEFAULT_MAKE_DATA: Omit<MakeDataOptions, 'out'> = { seed: 0, sft: 3000, prefs: 800, prompts: 384, eval: 240, noise: 0.3, vocabSize: 512, maxNumber: 99, kinds: ['max', 'min', 'next'] };
 
 export async function makeData(o: MakeDataOptions): Promise<Record<string, number>> {
   const rng = new Rng(o.seed, 'quickstart');
@@ -38,7 +40,7 @@ export async function makeData(o: MakeDataOptions): Promise<Record<string, numbe
   // training splits; training questions may repeat when the number range is small.
   const fresh = (): Question => {
     for (let tries = 0; tries < 10_000; tries++) {
-      const q = makeQuestion(rng, o.maxNumber);
+      const q = makeQuestion(rng, o.maxNumber, o.kinds);
       if (!seen.has(q.text)) {
         seen.add(q.text);
         return q;
@@ -48,7 +50,7 @@ export async function makeData(o: MakeDataOptions): Promise<Record<string, numbe
   };
   const train = (): Question => {
     for (;;) {
-      const q = makeQuestion(rng, o.maxNumber);
+      const q = makeQuestion(rng, o.maxNumber, o.kinds);
       if (!seen.has(q.text)) return q;
     }
   };

@@ -18,8 +18,10 @@ export interface Question {
   answer: string;
 }
 
-export function makeQuestion(rng: Rng, maxNumber = 99): Question {
-  const kind: Kind = (['max', 'min', 'next'] as const)[rng.int(3)];
+export const KINDS: Kind[] = ['max', 'min', 'next'];
+
+export function makeQuestion(rng: Rng, maxNumber = 99, kinds: Kind[] = KINDS): Question {
+  const kind: Kind = kinds[rng.int(kinds.length)];
   const lang: Lang = rng.next() < 0.5 ? 'en' : 'zh';
   const n = maxNumber + 1;
   let a = rng.int(n);

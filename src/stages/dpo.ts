@@ -14,6 +14,7 @@ import { loadModel } from '../model/load.js';
 import { TensorSource } from '../io/checkpoint.js';
 import { openDb } from '../store/db.js';
 import { Rng } from '../util/rng.js';
+import { holdOut } from '../data/split.js';
 import { UserError } from '../util/errors.js';
 import { log } from '../util/log.js';
 import { chunk, publishFiles, validTokens } from './sft.js';
@@ -157,12 +158,7 @@ export async function runDpo(c: DpoConfig): Promise<DpoResult> {
   };
   let pairs = load(c.data);
   let evalPairs = c.evalData ? load(c.evalData) : [];
-  if (!c.evalData && c.evalRatio > 0 && pairs.length > 1) {
-    const order = new Rng(c.train.seed, 'eval-split').shuffle(pairs.map((_, i) => i));
-    const held = new Set(order.slice(0, Math.max(1, Math.round(pairs.length * c.evalRatio))));
-    evalPairs = pairs.filter((_, i) => held.has(i));
-    pairs = pairs.filter((_, i) => !held.has(i));
-  }
+  if (!c.evalData) ({ train: pairs, held: evalPairs } = holdOut(pairs, c.evalRatio, c.train.seed));
   if (!pairs.length) throw new UserError(`${typeof c.data === 'string' ? c.data : 'pairs'}: no usable preference pairs (skipped: ${JSON.stringify(skipped)})`);
   if (Object.keys(skipped).length) log('skipped-pairs', skipped);
   const adapter = c.adapter ? LoraAdapter.load(model, c.adapter) : LoraAdapter.create(model, c.lora, c.train.seed);

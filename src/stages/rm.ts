@@ -11,6 +11,7 @@ import { Decoder } from '../model/decoder.js';
 import { logSigmoid } from '../dpo/loss.js';
 import { rewardModelFrom, rewards } from '../../rm/bt.js';
 import { Rng } from '../util/rng.js';
+import { holdOut } from '../data/split.js';
 import { UserError } from '../util/errors.js';
 import { log } from '../util/log.js';
 import { chunk, publishFiles, validTokens } from './sft.js';
@@ -99,12 +100,7 @@ export async function runRmTrain(c: RmConfig): Promise<RmResult> {
   const lim = { maxLength: Math.min(c.maxLength, model.cfg.max_position_embeddings), maxPromptLength: c.maxPromptLength, strict: c.strict };
   let pairs = loadPrefs(c.data, policy.tok, model.cfg.vocab_size, lim).pairs;
   let evalPairs = c.evalData ? loadPrefs(c.evalData, policy.tok, model.cfg.vocab_size, lim).pairs : [];
-  if (!c.evalData && c.evalRatio > 0 && pairs.length > 1) {
-    const order = new Rng(c.train.seed, 'eval-split').shuffle(pairs.map((_, i) => i));
-    const held = new Set(order.slice(0, Math.max(1, Math.round(pairs.length * c.evalRatio))));
-    evalPairs = pairs.filter((_, i) => held.has(i));
-    pairs = pairs.filter((_, i) => !held.has(i));
-  }
+  if (!c.evalData) ({ train: pairs, held: evalPairs } = holdOut(pairs, c.evalRatio, c.train.seed));
   if (!pairs.length) throw new UserError(`${c.data}: no usable preference pairs`);
   let adapter: LoraAdapter | null = null;
   let params: Map<string, tf.Variable>;

@@ -10,6 +10,7 @@ import { openPolicy, needTokenizer } from '../commands/context.js';
 import { saveModel } from '../model/load.js';
 import { Decoder } from '../model/decoder.js';
 import { Rng } from '../util/rng.js';
+import { holdOut } from '../data/split.js';
 import { UserError } from '../util/errors.js';
 import { log } from '../util/log.js';
 import { DType } from '../io/safetensors.js';
@@ -89,13 +90,7 @@ export async function runSft(c: SftConfig): Promise<SftResult> {
   const train = load(c.data);
   let convs = train.items;
   let evalConvs = c.evalData ? load(c.evalData).items : [];
-  if (!c.evalData && c.evalRatio > 0 && convs.length > 1) {
-    const order = new Rng(c.train.seed, 'eval-split').shuffle(convs.map((_, i) => i));
-    const nEval = Math.max(1, Math.round(convs.length * c.evalRatio));
-    const evalSet = new Set(order.slice(0, nEval));
-    evalConvs = convs.filter((_, i) => evalSet.has(i));
-    convs = convs.filter((_, i) => !evalSet.has(i));
-  }
+  if (!c.evalData) ({ train: convs, held: evalConvs } = holdOut(convs, c.evalRatio, c.train.seed));
   const toRows = (cs: typeof convs): { rows: TokenRow[]; dropped: number } => {
     const rows = cs.map((cv) => tokenizeConversation(tok, cv));
     if (c.isConcat) {

@@ -1,0 +1,244 @@
+/**
+ * `npm run bench`: speed and memory of prefopt's hot paths on a ~5M-parameter model, measured
+ * side by side in ONE run, appended to bench/RESULTS.md with the date, backend and machine.
+ * A PyTorch reference of the same steps runs when /usr/bin/python3 has torch (bench/torch_ref.py);
+ * otherwise it is skipped with a notice and ratios are null. `--json` prints one JSON object last.
+ */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { spawnSync } from 'node:child_process';
+import * as tf from '@tensorflow/tfjs-core';
+import { initBackend, packageRoot } from '../src/engine/backend.js';
+import { Decoder } from '../src/model/decoder.js';
+import { PRESETS, parseConfig, presetConfig } from '../src/model/config.js';
+import { makeBatch } from '../src/infer/batch.js';
+import { sftLoss } from '../src/stages/sft.js';
+import { AdamW } from '../src/train/adamw.js';
+import { LoraAdapter, attach, withAdapterOff } from '../src/lora/lora.js';
+import { dpoLosses } from '../src/dpo/loss.js';
+import { pairBatch, sequenceLogps } from '../src/dpo/logps.js';
+import { generate } from '../src/infer/generate.js';
+import { DEFAULT_SAMPLING } from '../src/infer/sampling.js';
+import { rewardModelFrom, rewards } from '../rm/bt.js';
+import { saveModel } from '../src/model/load.js';
+import { runMerge } from '../src/merge/merge.js';
+import { openDb, tx } from '../src/store/db.js';
+import { Rng } from '../src/util/rng.js';
+
+const json = process.argv.includes('--json');
+const quick = process.argv.includes('--quick');
+const say = (s: string) => process.stderr.write(s + '\n');
+
+function timeIt(f: () => void, reps: number): number {
+  f(); // warm-up
+  const t0 = performance.now();
+  for (let i = 0; i < reps; i++) f();
+  return (performance.now() - t0) / reps / 1000;
+}
+
+let peakRss = 0;
+const rssTimer = setInterval(() => (peakRss = Math.max(peakRss, process.memoryUsage().rss)), 20);
+
+async function main() {
+  const b = await initBackend();
+  const V = 2048;
+  const cfg = parseConfig(presetConfig('qwen2', PRESETS['5m'], V, {}));
+  const B = 8;
+  const T = 128;
+  const rng = new Rng(0);
+  const rows = Array.from({ length: B }, () => ({ ids: Array.from({ length: T }, () => rng.int(V)), weights: Array(T).fill(1) }));
+  const sb = makeBatch(rows);
+  const reps = quick ? 1 : 3;
+  const tokens: Record<string, number> = {};
+  const extra: Record<string, number> = {};
+
+  // Forward (no grad) and SFT step (forward + backward + AdamW), full model.
+  const model = Decoder.init(cfg, 0);
+  const params = model.paramCount();
+  say(`model: qwen2 ${params} params, batch ${B}x${T}, backend ${b.chosen}`);
+  tokens.forward = (B * T) / timeIt(() => tf.tidy(() => sftLoss(model, sb)).dispose(), reps);
+  const opt = new AdamW({ beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.1 }, model.params);
+  const vars = [...model.params.values()];
+  const sftStep = () => {
+    const { value, grads } = tf.variableGrads(() => sftLoss(model, sb), vars);
+    value.dispose();
+    const g = new Map([...model.params].map(([n, v]) => [n, grads[v.name]]));
+    opt.step(g, 1e-4);
+    Object.values(grads).forEach((x) => x.dispose());
+  };
+  const rssBefore = process.memoryUsage().rss;
+  tokens.sft_step = (B * T) / timeIt(sftStep, reps);
+  extra.sft_rss_mb = Math.round(Math.max(peakRss, process.memoryUsage().rss) / 2 ** 20);
+  opt.dispose();
+  say(`forward ${tokens.forward.toFixed(0)} tok/s, SFT step ${tokens.sft_step.toFixed(0)} tok/s`);
+
+  // DPO step with LoRA (policy pass + reference pass with the adapter off) vs full-model DPO.
+  model.setTrainable(false);
+  const pairs = Array.from({ length: B / 2 }, () => ({ prompt: rows[0].ids.slice(0, 64), chosen: Array.from({ length: 64 }, () => rng.int(V)), rejected: Array.from({ length: 64 }, () => rng.int(V)), where: '' }));
+  const pb = pairBatch(pairs, 0);
+  const ad = LoraAdapter.create(model, { r: 16, alpha: 32, dropout: 0, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'], useRslora: false }, 0);
+  attach(model, ad);
+  const lp = ad.params();
+  const lopt = new AdamW({ beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0 }, lp);
+  const n = pairs.length;
+  const dpoStep = (trainable: Map<string, tf.Variable>, o: AdamW, refOff: boolean) => () => {
+    const ref = tf.tidy(() => (refOff ? withAdapterOff(model, () => sequenceLogps(model, pb)) : sequenceLogps(model, pb)));
+    const rd = ref.dataSync();
+    ref.dispose();
+    const tv = [...trainable.values()];
+    const { value, grads } = tf.variableGrads(() => {
+      const all = sequenceLogps(model, pb);
+      const l = dpoLosses({ policyChosen: tf.slice(all, [0], [n]) as tf.Tensor1D, policyRejected: tf.slice(all, [n], [n]) as tf.Tensor1D, refChosen: tf.tensor1d(rd.slice(0, n)), refRejected: tf.tensor1d(rd.slice(n)), lenChosen: tf.fill([n], 64) as tf.Tensor1D, lenRejected: tf.fill([n], 64) as tf.Tensor1D }, { beta: 0.1, lossType: 'sigmoid', labelSmoothing: 0 });
+      return tf.mean(l) as tf.Scalar;
+    }, tv);
+    value.dispose();
+    o.step(new Map([...trainable].map(([k, v]) => [k, grads[v.name]])), 1e-4);
+    Object.values(grads).forEach((x) => x.dispose());
+  };
+  const dpoTokens = 2 * n * 128;
+  tokens.dpo_step_lora = dpoTokens / timeIt(dpoStep(lp, lopt, true), reps);
+  const loraTensorsMb = (tf.memory().numBytes / 2 ** 20);
+  lopt.dispose();
+  ad.dispose();
+  model.adapter = null;
+  // Full-model DPO needs a second copy of the weights as the frozen reference.
+  const refModel = Decoder.init(cfg, 0);
+  model.setTrainable(true);
+  const fopt = new AdamW({ beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0 }, model.params);
+  const fullStep = () => {
+    const ref = tf.tidy(() => sequenceLogps(refModel, pb));
+    const rd = ref.dataSync();
+    ref.dispose();
+    const { value, grads } = tf.variableGrads(() => {
+      const all = sequenceLogps(model, pb);
+      return tf.mean(dpoLosses({ policyChosen: tf.slice(all, [0], [n]) as tf.Tensor1D, policyRejected: tf.slice(all, [n], [n]) as tf.Tensor1D, refChosen: tf.tensor1d(rd.slice(0, n)), refRejected: tf.tensor1d(rd.slice(n)), lenChosen: tf.fill([n], 64) as tf.Tensor1D, lenRejected: tf.fill([n], 64) as tf.Tensor1D }, { beta: 0.1, lossType: 'sigmoid', labelSmoothing: 0 })) as tf.Scalar;
+    }, vars);
+    value.dispose();
+    fopt.step(new Map([...model.params].map(([k, v]) => [k, grads[v.name]])), 1e-5);
+    Object.values(grads).forEach((x) => x.dispose());
+  };
+  tokens.dpo_step_full = dpoTokens / timeIt(fullStep, reps);
+  const fullTensorsMb = tf.memory().numBytes / 2 ** 20;
+  extra.dpo_lora_tensor_mb = +loraTensorsMb.toFixed(1);
+  extra.dpo_full_tensor_mb = +fullTensorsMb.toFixed(1);
+  fopt.dispose();
+  refModel.dispose();
+  say(`DPO step: LoRA ${tokens.dpo_step_lora.toFixed(0)} tok/s (${loraTensorsMb.toFixed(1)} MB of tensors), full ${tokens.dpo_step_full.toFixed(0)} tok/s (${fullTensorsMb.toFixed(1)} MB)`);
+
+  // Sampling with the KV cache: 4 prompts × K = 4 answers × 64 new tokens.
+  model.setTrainable(false);
+  const reqs = Array.from({ length: 4 }, (_, i) => ({ prompt: rows[i].ids.slice(0, 32), seeds: [1, 2, 3, 4].map((s) => s + 10 * i) }));
+  const newTok = quick ? 16 : 64;
+  const gt = timeIt(() => void generate(model, reqs, { ...DEFAULT_SAMPLING, maxNewTokens: newTok, stopIds: [] }), 1);
+  tokens.sampling = (16 * newTok) / gt;
+  say(`sampling ${tokens.sampling.toFixed(0)} new tok/s (4 prompts x 4 samples)`);
+
+  // Reward-model scoring throughput.
+  const rm = rewardModelFrom(model, 0);
+  const rsb = makeBatch(Array.from({ length: 16 }, (_, i) => ({ ids: rows[i % B].ids.slice(0, 96), weights: [] })));
+  const rmt = timeIt(() => tf.tidy(() => rewards(rm, rsb)).dataSync(), reps);
+  extra.rm_samples_per_s = +(16 / rmt).toFixed(1);
+  say(`reward model: ${extra.rm_samples_per_s} samples/s (96 tokens each)`);
+
+  // Store: rows/s of sample inserts in transactions.
+  const dbDir = fs.mkdtempSync(path.join(os.tmpdir(), 'prefopt-bench-'));
+  const db = openDb(path.join(dbDir, 'b.db'));
+  db.exec("INSERT INTO runs (name) VALUES ('b'); INSERT INTO stages (run_id, name, kind, status) VALUES (1, 's', 'online_dpo', 'running'); INSERT INTO rounds (stage_id, round, step) VALUES (1, 1, 'sample')");
+  const insP = db.prepare("INSERT INTO prompts (stage_id, idx, prompt_json, prompt_ids) VALUES (1, ?, '{}', '[]')");
+  tx(db, () => { for (let i = 0; i < 2000; i++) insP.run(i); });
+  const ins = db.prepare("INSERT INTO samples (round_id, prompt_id, k, text, token_ids, finish_reason, sampler_json, seed) VALUES (1, ?, ?, 'some sampled text of moderate length', '[1,2,3,4,5,6,7,8]', 'stop', '{}', 0)");
+  const st0 = performance.now();
+  for (let p = 1; p <= 2000; p += 16) tx(db, () => { for (let q = p; q < p + 16 && q <= 2000; q++) for (let k = 0; k < 4; k++) ins.run(q, k); });
+  extra.store_rows_per_s = Math.round(8000 / ((performance.now() - st0) / 1000));
+  db.close();
+  say(`store: ${extra.store_rows_per_s} sample rows/s (transactions of 64 rows)`);
+
+  // Merge peak memory: three checkpoints of ~50 MB each, TIES, streamed.
+  const mcfg = parseConfig(presetConfig('llama', { hidden_size: 512, intermediate_size: 1408, num_hidden_layers: 6, num_attention_heads: 8, num_key_value_heads: 8, max_position_embeddings: 512, rope_theta: 10000, tie_word_embeddings: false }, 4096, {}));
+  const dirs: string[] = [];
+  for (const s of [0, 1, 2]) {
+    const m = Decoder.init(mcfg, s);
+    dirs.push(path.join(dbDir, `m${s}`));
+    await saveModel(m, dirs.at(-1)!);
+    m.dispose();
+  }
+  const ckptMb = fs.statSync(path.join(dirs[0], 'model.safetensors')).size / 2 ** 20;
+  model.dispose();
+  rm.dispose();
+  global.gc?.();
+  await new Promise((r) => setTimeout(r, 100));
+  const baseRss = process.memoryUsage().rss;
+  let mergePeak = baseRss;
+  const mt = setInterval(() => (mergePeak = Math.max(mergePeak, process.memoryUsage().rss)), 5);
+  await runMerge({ merge_method: 'ties', base_model: dirs[0], models: [{ model: dirs[1], parameters: { weight: 1, density: 0.5 } }, { model: dirs[2], parameters: { weight: 1, density: 0.5 } }] }, path.join(dbDir, 'merged'));
+  clearInterval(mt);
+  extra.merge_checkpoint_mb = +ckptMb.toFixed(1);
+  extra.merge_rss_growth_mb = +((mergePeak - baseRss) / 2 ** 20).toFixed(1);
+  say(`merge: 3 x ${ckptMb.toFixed(1)} MB checkpoints, RSS grew by ${extra.merge_rss_growth_mb} MB during the merge`);
+  fs.rmSync(dbDir, { recursive: true, force: true });
+  void rssBefore;
+
+  // The PyTorch reference of the same steps, when available.
+  const ref = torchReference();
+  const ratio = (k: string) => (ref?.[k] ? +(tokens[k] / ref[k]).toFixed(3) : null);
+  const result = {
+    date: new Date().toISOString(),
+    backend: b.chosen,
+    machine: `${os.cpus()[0]?.model ?? 'cpu'} x${os.cpus().length}, ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB, node ${process.version}`,
+    model: { arch: 'qwen2', params, batch: `${B}x${T}` },
+    tokens_per_s: Object.fromEntries(Object.entries(tokens).map(([k, v]) => [k, +v.toFixed(1)])),
+    torch_tokens_per_s: ref,
+    ratios: { sft_step: ratio('sft_step'), dpo_step: ref?.dpo_step_lora ? +(tokens.dpo_step_lora / ref.dpo_step_lora).toFixed(3) : null, sampling: ratio('sampling') },
+    peak_rss_mb: Math.round(Math.max(peakRss, process.memoryUsage().rss) / 2 ** 20),
+    ...extra,
+  };
+  clearInterval(rssTimer);
+  appendResults(result);
+  if (json) process.stdout.write(JSON.stringify(result) + '\n');
+}
+
+function torchReference(): Record<string, number> | null {
+  const py = '/usr/bin/python3';
+  const script = path.join(packageRoot(), 'bench', 'torch_ref.py');
+  if (!fs.existsSync(py) || spawnSync(py, ['-c', 'import torch'], { encoding: 'utf8' }).status !== 0) {
+    say('PyTorch reference: skipped (/usr/bin/python3 has no torch; apt-get install python3-torch to compare)');
+    return null;
+  }
+  const r = spawnSync(py, [script], { encoding: 'utf8', timeout: 600_000 });
+  if (r.status !== 0) {
+    say(`PyTorch reference failed: ${r.stderr.slice(-300)}`);
+    return null;
+  }
+  return JSON.parse(r.stdout.trim().split('\n').at(-1)!);
+}
+
+function appendResults(r: any): void {
+  const file = path.join(packageRoot(), 'bench', 'RESULTS.md');
+  const head = fs.existsSync(file) ? '' : '# Benchmark results\n\nAppended by `npm run bench`; each section is one run, all figures measured side by side in that run.\n';
+  const t = r.tokens_per_s;
+  const f = (x: number | null | undefined) => (x === null || x === undefined ? 'n/a' : String(x));
+  const lines = [
+    '',
+    `## ${r.date} — backend ${r.backend}`,
+    '',
+    `Machine: ${r.machine}. Model: ${r.model.arch}, ${r.model.params} parameters, batch ${r.model.batch}.`,
+    '',
+    '| measure | prefopt | PyTorch | ratio |',
+    '|---|---|---|---|',
+    `| forward, tokens/s | ${t.forward} | ${f(r.torch_tokens_per_s?.forward)} | ${r.torch_tokens_per_s?.forward ? (t.forward / r.torch_tokens_per_s.forward).toFixed(3) : 'n/a'} |`,
+    `| SFT step (fwd+bwd+AdamW), tokens/s | ${t.sft_step} | ${f(r.torch_tokens_per_s?.sft_step)} | ${f(r.ratios.sft_step)} |`,
+    `| LoRA DPO step (policy + adapter-off reference), tokens/s | ${t.dpo_step_lora} | ${f(r.torch_tokens_per_s?.dpo_step_lora)} | ${f(r.ratios.dpo_step)} |`,
+    `| full-model DPO step (second model as reference), tokens/s | ${t.dpo_step_full} | | |`,
+    `| sampling with KV cache (4 prompts × 4 samples), new tokens/s | ${t.sampling} | ${f(r.torch_tokens_per_s?.sampling)} | ${f(r.ratios.sampling)} |`,
+    `| reward-model scoring, samples/s | ${r.rm_samples_per_s} | | |`,
+    `| store inserts, sample rows/s | ${r.store_rows_per_s} | | |`,
+    '',
+    `Memory: peak RSS ${r.peak_rss_mb} MB; SFT phase RSS ${r.sft_rss_mb} MB; live tensors during the LoRA DPO step ${r.dpo_lora_tensor_mb} MB vs ${r.dpo_full_tensor_mb} MB for full-model DPO (which holds a second copy of the weights); ` +
+      `a TIES merge of three ${r.merge_checkpoint_mb} MB checkpoints grew RSS by ${r.merge_rss_growth_mb} MB (streamed tensor by tensor).`,
+    '',
+  ];
+  fs.writeFileSync(file, head + (fs.existsSync(file) ? fs.readFileSync(file, 'utf8') : '') + lines.join('\n'));
+}
+
+await main();
