@@ -18,6 +18,7 @@ import { DEFAULT_RM } from './stages/rm.js';
 import { exportPairsCmd, onlineCmd, statusCmd } from './commands/online.js';
 import { DEFAULT_ONLINE } from './stages/online.js';
 import { DEFAULT_MAKE_DATA, makeData } from './quickstart/make-data.js';
+import { chatCmd, serveCmd } from './commands/serve.js';
 import { mergeLora, parseMergeConfig, runMerge } from './merge/merge.js';
 import { loadRecipe } from './recipe/recipe.js';
 import { RecipeRunner, formatTable } from './recipe/run.js';
@@ -298,6 +299,41 @@ export function buildProgram(): Command {
         log('merge', { out: o.out, method: r.method, models: r.models, tensors: r.tensors });
       }),
     );
+
+  const samplingOptions = (cmd: Command) =>
+    cmd
+      .option('--max-new-tokens <n>', 'tokens per answer at most', int, 256)
+      .option('--temperature <t>', 'sampling temperature; 0 = greedy', num)
+      .option('--top-k <k>', 'top-k', int)
+      .option('--top-p <p>', 'top-p', num)
+      .option('--repetition-penalty <p>', 'repetition penalty', num)
+      .option('--presence-penalty <p>', 'presence penalty', num)
+      .option('--frequency-penalty <p>', 'frequency penalty', num)
+      .option('--seed <n>', 'seed', int, 0);
+
+  samplingOptions(
+    program
+      .command('chat')
+      .description('chat in the terminal (tokens printed as generated; /clear, /exit)')
+      .requiredOption('--model <dir>', 'checkpoint')
+      .option('--adapter <dir>', 'PEFT adapter')
+      .option('--system <text>', 'system message'),
+  ).action(withBackend(async (o) => chatCmd(o)));
+
+  program
+    .command('serve')
+    .description('OpenAI-compatible server: POST /v1/chat/completions, GET /v1/models, GET /health')
+    .requiredOption('--model <dir>', 'checkpoint')
+    .option('--adapter <dir>', 'PEFT adapter')
+    .option('--host <host>', 'address to bind', '127.0.0.1')
+    .option('--port <n>', 'port (0 = any free one)', int, 8360)
+    .option('--api-key <key>', 'require Authorization: Bearer KEY (or env PREFOPT_API_KEY)')
+    .option('--concurrency <n>', 'requests generating at once', int, 1)
+    .option('--max-queue <n>', 'requests waiting at most (then 429)', int, 64)
+    .option('--max-body <bytes>', 'request body size limit', int, 1_000_000)
+    .option('--timeout <ms>', 'per-request timeout', int, 300_000)
+    .option('--name <id>', 'model id reported by /v1/models')
+    .action(withBackend(async (o) => serveCmd(o)));
 
   program
     .command('validate')

@@ -37,6 +37,18 @@ export interface GenSample {
 }
 
 export function generate(model: Decoder, reqs: GenRequest[], opts: GenOptions): GenSample[][] {
+  const it = generateSteps(model, reqs, opts);
+  for (;;) {
+    const r = it.next();
+    if (r.done) return r.value;
+  }
+}
+
+/**
+ * The same, one decode step at a time: yields after every step so a server or a chat can
+ * stream tokens (through `onToken`) and let other work run in between.
+ */
+export function* generateSteps(model: Decoder, reqs: GenRequest[], opts: GenOptions): Generator<void, GenSample[][], void> {
   const out: GenSample[][] = reqs.map(() => []);
   const maxBatch = opts.maxBatch ?? 32;
   // Group whole prompts so that a prompt's samples share one prefill.
@@ -49,13 +61,13 @@ export function generate(model: Decoder, reqs: GenRequest[], opts: GenOptions): 
       rows += reqs[i].seeds.length;
       i++;
     }
-    const res = generateGroup(model, group.map((g) => reqs[g]), opts, group);
+    const res = yield* generateGroup(model, group.map((g) => reqs[g]), opts, group);
     group.forEach((g, k) => (out[g] = res[k]));
   }
   return out;
 }
 
-function generateGroup(model: Decoder, reqs: GenRequest[], opts: GenOptions, globalIdx: number[]): GenSample[][] {
+function* generateGroup(model: Decoder, reqs: GenRequest[], opts: GenOptions, globalIdx: number[]): Generator<void, GenSample[][], void> {
   const cfg = model.cfg;
   const padId = opts.padId ?? 0;
   const P = Math.max(...reqs.map((r) => r.prompt.length));
@@ -119,6 +131,7 @@ function generateGroup(model: Decoder, reqs: GenRequest[], opts: GenOptions, glo
         }
       }
       if (rows.every((r) => r.done) || step === opts.maxNewTokens - 1) break;
+      yield;
       logits = lastLogits(model, { ids: next, batch: B, len: 1, valid: rows.map((r) => (r.done ? 0 : 1)), positions: rows.map((r) => r.pos + step) }, cache);
     }
   } finally {

