@@ -2,11 +2,12 @@
 steps (forward, SFT step with AdamW, LoRA DPO step with an adapter-off reference pass, KV-cached
 sampling), written plainly. Prints one JSON line of tokens/s. Run by bench/run.ts when
 /usr/bin/python3 has torch (Debian: apt-get install python3-torch)."""
-import json, math, time
+import json, math, os, time
 import torch
 import torch.nn.functional as F
 
 torch.manual_seed(0)
+torch.set_num_threads(os.cpu_count() or 1)
 V, D, L, H, KV, FF, B, T = 2048, 256, 6, 8, 4, 704, 8, 128
 HD = D // H
 
@@ -70,7 +71,10 @@ class Model(torch.nn.Module):
                 k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)
             new.append((k, v))
             k, v = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None or cache[i] is None)
+            s = q @ k.transpose(-1, -2) / math.sqrt(HD)
+            if t > 1:
+                s = s + torch.full((t, k.shape[2]), float("-inf")).triu(k.shape[2] - t + 1)
+            a = torch.softmax(s, -1) @ v
             x = x + blk.o(a.transpose(1, 2).reshape(b, t, D))
             h = rms(x, blk.n2)
             x = x + blk.d(F.silu(blk.g(h)) * blk.u(h))

@@ -2,7 +2,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { Recipe, Stage, changedStages, refsIn } from './recipe.js';
 import { openDb, DB, tx } from '../store/db.js';
-import { ensureRun, ensureStage, logEvent, putMetrics, setStage } from '../store/run.js';
+import { ensureRun, ensureStage, logEvent, putMetrics, resetStage, setStage } from '../store/run.js';
 import { DEFAULT_TRAIN, TrainConfig } from '../train/trainer.js';
 import { validateTrainConfig } from '../commands/train-options.js';
 import { initModel } from '../commands/model.js';
@@ -124,12 +124,12 @@ export class RecipeRunner {
       // Reset the first changed stage and every stage after it.
       const old = JSON.parse(existing.recipe_json);
       const first = this.recipe.stages.findIndex((s, i) => JSON.stringify(s) !== JSON.stringify(old.stages?.[i]));
-      tx(this.db, () => {
-        for (const s of this.recipe.stages.slice(first < 0 ? this.recipe.stages.length : first)) {
-          this.db.prepare("UPDATE stages SET status = 'pending' WHERE run_id = ? AND name = ?").run(existing.id, s.name);
-        }
-        this.db.prepare('UPDATE runs SET recipe_hash = ?, recipe_json = ? WHERE id = ?').run(this.recipe.hash, json, existing.id);
-      });
+      for (const s of this.recipe.stages.slice(first < 0 ? this.recipe.stages.length : first)) {
+        const row = this.db.prepare('SELECT id FROM stages WHERE run_id = ? AND name = ?').get(existing.id, s.name) as { id: number } | undefined;
+        if (row) resetStage(this.db, row.id);
+        fs.rmSync(this.stageOut(s.name), { recursive: true, force: true });
+      }
+      tx(this.db, () => this.db.prepare('UPDATE runs SET recipe_hash = ?, recipe_json = ? WHERE id = ?').run(this.recipe.hash, json, existing.id));
       log('force', { changed: changes.join('; ') });
     }
     this.runId = ensureRun(this.db, this.recipe.name, this.recipe.seed, { hash: this.recipe.hash, json });
@@ -141,7 +141,15 @@ export class RecipeRunner {
     const summary: RunSummary = { workdir: this.workdir, stages: [], table: null, seconds: 0 };
     try {
       for (const st of this.recipe.stages) {
-        const row = ensureStage(this.db, this.runId, st.name, st.type, st);
+        let row = ensureStage(this.db, this.runId, st.name, st.type, st);
+        if (row.config_json !== JSON.stringify(st)) {
+          // The stage was stored with other settings (an earlier forced run that failed part-way).
+          if (!this.opts.force) throw new UserError(`stage ${st.name}: ${this.workdir} holds it with other settings; use --force to rerun it`);
+          resetStage(this.db, row.id);
+          fs.rmSync(this.stageOut(st.name), { recursive: true, force: true });
+          this.db.prepare('UPDATE stages SET config_json = ? WHERE id = ?').run(JSON.stringify(st), row.id);
+          row = ensureStage(this.db, this.runId, st.name, st.type, st);
+        }
         if (row.status === 'done') {
           log('stage', { name: st.name, type: st.type, status: 'done (skipped)' });
           summary.stages.push({ name: st.name, type: st.type, status: 'done', seconds: 0, skipped: true });

@@ -392,26 +392,31 @@ async function runRound(
       release();
       prevAdapter = adapterPath;
       const p = getPolicy();
-      // KL(π‖ref) ≈ E over this round's samples of log π(y) − log ref(y).
+      // KL(π‖ref) of the policy that sampled this round: E_{y~π} log π(y) − log ref(y), over the
+      // round's own samples (an unbiased estimate, since they were drawn from π).
       const samples = db.prepare('SELECT p.prompt_ids, s.token_ids FROM samples s JOIN prompts p ON p.id = s.prompt_id WHERE s.round_id = ? ORDER BY s.id').all(roundId) as any[];
       const rows = samples.map((x) => ({ prompt: JSON.parse(x.prompt_ids), completion: JSON.parse(x.token_ids) })).filter((x) => x.completion.length);
       let kl: number | null = null;
-      if (rows.length && p.model.adapter) {
+      if (rows.length) {
         const lp = () => completionLogprobs(p.model, rows, { batchSize: c.batchSize * 2, padId: p.padId });
-        const pol = lp();
-        let ref: ReturnType<typeof lp>;
-        if (c.reference === 'previous' && startAdapter) {
+        const withAdapter = <T>(dir: string | null, f: () => T): T => {
+          if (!dir) return withAdapterOff(p.model, f);
           const current = p.model.adapter;
-          const prev = LoraAdapter.load(p.model, startAdapter);
-          p.model.adapter = prev;
+          const a = LoraAdapter.load(p.model, dir);
+          p.model.adapter = a;
+          p.model.adapterEnabled = true;
           try {
-            ref = lp();
+            return f();
           } finally {
             p.model.adapter = current;
-            prev.dispose();
+            a.dispose();
           }
-        } else ref = withAdapterOff(p.model, lp);
-        kl = pol.reduce((a, x, i) => a + x.logp - ref[i].logp, 0) / rows.length;
+        };
+        const sampler = withAdapter(startAdapter, lp);
+        // The reference: sft-base (adapter off), or the previous round's policy — which is the
+        // sampling policy itself, so KL is 0 by construction there.
+        const ref = c.reference === 'previous' ? sampler : withAdapterOff(p.model, lp);
+        kl = sampler.reduce((a, x, i) => a + x.logp - ref[i].logp, 0) / rows.length;
       }
       let evalM: Record<string, number | null> = {};
       if (evalPrompts.length) {

@@ -54,3 +54,19 @@ export function getMetrics(db: DB, stageId: number, round: number | null): Recor
   const rows = db.prepare('SELECT name, value FROM metrics WHERE stage_id = ? AND round IS ?').all(stageId, round) as { name: string; value: number | null }[];
   return Object.fromEntries(rows.map((r) => [r.name, r.value]));
 }
+
+/** Forget everything a stage stored (a forced rerun starts it from scratch). */
+export function resetStage(db: DB, stageId: number): void {
+  tx(db, () => {
+    const rounds = 'SELECT id FROM rounds WHERE stage_id = ?';
+    db.prepare(`DELETE FROM pairs WHERE round_id IN (${rounds})`).run(stageId);
+    db.prepare(`DELETE FROM scores WHERE sample_id IN (SELECT id FROM samples WHERE round_id IN (${rounds}))`).run(stageId);
+    db.prepare(`DELETE FROM samples WHERE round_id IN (${rounds})`).run(stageId);
+    db.prepare(`DELETE FROM round_prompts WHERE round_id IN (${rounds})`).run(stageId);
+    db.prepare('DELETE FROM rounds WHERE stage_id = ?').run(stageId);
+    db.prepare('DELETE FROM prompts WHERE stage_id = ?').run(stageId);
+    db.prepare('DELETE FROM metrics WHERE stage_id = ?').run(stageId);
+    db.prepare('DELETE FROM checkpoints WHERE stage_id = ?').run(stageId);
+    db.prepare("UPDATE stages SET status = 'pending', fingerprint = NULL, output = NULL, result_json = NULL, started_at = NULL, finished_at = NULL WHERE id = ?").run(stageId);
+  });
+}
