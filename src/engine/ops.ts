@@ -9,19 +9,27 @@ import { needsPlainMatmul } from './backend.js';
  * transposes are materialised as copies, which cost O(size) against O(size·k) for the product.
  */
 
-/** a [M,K] · b [K,N]. */
-export const mm: (a: tf.Tensor2D, b: tf.Tensor2D) => tf.Tensor2D = tf.customGrad(
-  ((a: tf.Tensor2D, b: tf.Tensor2D, save: tf.GradSaveFunc) => {
+function mmWith(needA: boolean, needB: boolean) {
+  return tf.customGrad(((a: tf.Tensor2D, b: tf.Tensor2D, save: tf.GradSaveFunc) => {
     save([a, b]);
     return {
       value: tf.matMul(a, b),
       gradFunc: (dy: tf.Tensor2D, saved: tf.Tensor[]) => {
         const [sa, sb] = saved as tf.Tensor2D[];
-        return [tf.matMul(dy, tf.transpose(sb)), tf.matMul(tf.transpose(sa), dy)];
+        // A frozen weight (LoRA's base) needs no gradient: skip its product entirely.
+        return [needA ? tf.matMul(dy, tf.transpose(sb)) : tf.zerosLike(sa), needB ? tf.matMul(tf.transpose(sa), dy) : tf.zerosLike(sb)];
       },
     };
-  }) as any,
-) as any;
+  }) as any) as (a: tf.Tensor2D, b: tf.Tensor2D) => tf.Tensor2D;
+}
+const MM = { both: mmWith(true, true), frozenB: mmWith(true, false) };
+
+const isFrozen = (t: tf.Tensor) => t instanceof tf.Variable && !t.trainable;
+
+/** a [M,K] · b [K,N]. */
+export function mm(a: tf.Tensor2D, b: tf.Tensor2D): tf.Tensor2D {
+  return (isFrozen(b) ? MM.frozenB : MM.both)(a, b);
+}
 
 /**
  * Split along axis 0 into pieces of the given sizes. On wasm the Slice kernel is very slow even
