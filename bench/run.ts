@@ -168,7 +168,7 @@ async function main() {
   rm.dispose();
   // Peak RSS of a merge process against a process that only loads the same code.
   const child = path.join(path.dirname(new URL(import.meta.url).pathname), 'merge-child.js');
-  const peak = (args: string[]) => JSON.parse(spawnSync(process.execPath, [child, ...args], { encoding: 'utf8' }).stdout.trim()).maxRssMb as number;
+  const peak = (args: string[]) => JSON.parse(spawnSync(process.execPath, ['--expose-gc', child, ...args], { encoding: 'utf8' }).stdout.trim()).maxRssMb as number;
   const baseline = peak([]);
   const merged = peak([path.join(dbDir, 'merged'), ...dirs]);
   extra.merge_checkpoint_mb = +ckptMb.toFixed(1);
@@ -176,6 +176,9 @@ async function main() {
   say(`merge: 3 x ${ckptMb.toFixed(1)} MB checkpoints; the merge process peaked ${extra.merge_rss_growth_mb} MB above a process that only loads the code`);
   fs.rmSync(dbDir, { recursive: true, force: true });
   void rssBefore;
+
+  // Serving: 8 concurrent streaming clients against `prefopt serve` on a ~5M model.
+  Object.assign(extra, await serveBench());
 
   // The PyTorch reference of the same steps, when available.
   const ref = torchReference();
@@ -194,6 +197,49 @@ async function main() {
   clearInterval(rssTimer);
   appendResults(result);
   if (json) process.stdout.write(JSON.stringify(result) + '\n');
+}
+
+async function serveBench(): Promise<Record<string, number>> {
+  const root = packageRoot();
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'prefopt-serve-bench-'));
+  const tokDir = path.join(root, 'data', 'quickstart', 'tokenizer');
+  const { TextTokenizer } = await import('../src/tokenizer/tokenizer.js');
+  const tok = TextTokenizer.load(tokDir);
+  const m = Decoder.init(parseConfig(presetConfig('qwen2', PRESETS['5m'], tok.vocabSize, { eos: tok.id('<eod>'), pad: tok.id('<pad>') })), 0);
+  await saveModel(m, path.join(dir, 'm'), { copyFrom: tokDir });
+  m.dispose();
+  const { spawn } = await import('node:child_process');
+  const child = spawn(process.execPath, [path.join(root, 'bin', 'prefopt.js'), 'serve', '--model', path.join(dir, 'm'), '--port', '0', '--max-queue', '64'], { stdio: ['ignore', 'pipe', 'ignore'] });
+  const url = await new Promise<string>((resolve) => child.stdout!.on('data', (c) => {
+    const mm = /listening on (\S+)/.exec(String(c));
+    if (mm) resolve(mm[1]);
+  }));
+  const ttft: number[] = [];
+  const one = async (i: number) => {
+    const t0 = performance.now();
+    const res = await fetch(`${url}/v1/chat/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ messages: [{ role: 'user', content: `Which is larger, ${i % 10} or ${(i + 3) % 10}?` }], max_tokens: 32, temperature: 1, seed: i, stream: true }) });
+    const reader = res.body!.getReader();
+    let first = true;
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      if (first && new TextDecoder().decode(value).includes('"content":"') && !new TextDecoder().decode(value).includes('"content":""')) {
+        ttft.push(performance.now() - t0);
+        first = false;
+      }
+    }
+  };
+  const t0 = performance.now();
+  await Promise.all(Array.from({ length: 8 }, async (_, c) => {
+    for (let k = 0; k < 4; k++) await one(c * 4 + k);
+  }));
+  const secs = (performance.now() - t0) / 1000;
+  child.kill('SIGTERM');
+  fs.rmSync(dir, { recursive: true, force: true });
+  ttft.sort((a, b) => a - b);
+  const r = { serve_requests_per_s: +(32 / secs).toFixed(2), serve_ttft_p50_ms: Math.round(ttft[Math.floor(ttft.length / 2)] ?? NaN), serve_ttft_p90_ms: Math.round(ttft[Math.floor(ttft.length * 0.9)] ?? NaN) };
+  say(`serve: 8 clients x 4 streamed requests (32 new tokens): ${r.serve_requests_per_s} req/s, time to first token p50 ${r.serve_ttft_p50_ms} ms, p90 ${r.serve_ttft_p90_ms} ms`);
+  return r;
 }
 
 function torchReference(): Record<string, number> | null {
@@ -231,6 +277,8 @@ function appendResults(r: any): void {
     `| sampling with KV cache (4 prompts × 4 samples), new tokens/s | ${t.sampling} | ${f(r.torch_tokens_per_s?.sampling)} | ${f(r.ratios.sampling)} |`,
     `| reward-model scoring, samples/s | ${r.rm_samples_per_s} | | |`,
     `| store inserts, sample rows/s | ${r.store_rows_per_s} | | |`,
+    `| serve: 8 concurrent streaming clients, requests/s (32 new tokens each) | ${r.serve_requests_per_s} | | |`,
+    `| serve: time to first token p50 / p90, ms | ${r.serve_ttft_p50_ms} / ${r.serve_ttft_p90_ms} | | |`,
     '',
     `Memory: peak RSS ${r.peak_rss_mb} MB; SFT phase RSS ${r.sft_rss_mb} MB; live tensors during the LoRA DPO step ${r.dpo_lora_tensor_mb} MB vs ${r.dpo_full_tensor_mb} MB for full-model DPO (which holds a second copy of the weights); ` +
       `a TIES merge of three ${r.merge_checkpoint_mb} MB checkpoints grew RSS by ${r.merge_rss_growth_mb} MB (streamed tensor by tensor).`,

@@ -141,9 +141,17 @@ describe('online stage', () => {
     const r2 = await runAsync(args);
     expect(r2.code, r2.stderr).toBe(0);
     server.close();
-    const sampler = await runAsync(onlineArgs(f, path.join(f.d, 'sampler'), ['--sampler-url', 'http://127.0.0.1:9/v1', '--sampler-timeout', '500']));
+    // A sampling endpoint that fails on purpose (HTTP 500), then one that is not there at all.
+    const failing = http.createServer((_req, res) => res.writeHead(500).end('overloaded'));
+    await new Promise<void>((r) => failing.listen(0, '127.0.0.1', () => r()));
+    const surl = `http://127.0.0.1:${(failing.address() as any).port}/v1`;
+    const sampler = await runAsync(onlineArgs(f, path.join(f.d, 'sampler'), ['--sampler-url', surl, '--sampler-timeout', '2000']));
+    failing.close();
     expect(sampler.code).toBe(2);
-    expect(sampler.stderr).toMatch(/sampler http:\/\/127.0.0.1:9\/v1\/chat\/completions: unreachable after \d+ attempts .*the run stays resumable/);
+    expect(sampler.stderr).toContain(`sampler ${surl}/chat/completions: unreachable after 4 attempts (HTTP 500); the run stays resumable`);
+    expect((dump(path.join(f.d, 'sampler')).rounds as any[])[0].step).toBe('sample');
+    const gone = await runAsync(onlineArgs(f, path.join(f.d, 'sampler2'), ['--sampler-url', surl, '--sampler-timeout', '500']));
+    expect(gone.stderr).toMatch(/unreachable after 4 attempts \(connection failed: ECONNREFUSED\)/);
   });
 
   it('survives SIGKILL at random points in every step: the database equals an uninterrupted run', async () => {

@@ -103,7 +103,9 @@ export function readTensor(st: SafetensorsFile, name: string): Float32Array {
   const t = st.tensors.get(name);
   if (!t) throw new UserError(`${st.file}: no tensor "${name}"`);
   const len = t.end - t.begin;
-  const buf = Buffer.alloc(len);
+  // F32 is read straight into the array that is returned: no second copy of a large tensor.
+  const direct = t.dtype === 'F32' ? new Float32Array(len / 4) : null;
+  const buf = direct ? Buffer.from(direct.buffer) : Buffer.alloc(len);
   const fd = fs.openSync(st.file, 'r');
   try {
     let got = 0;
@@ -115,7 +117,7 @@ export function readTensor(st: SafetensorsFile, name: string): Float32Array {
   } finally {
     fs.closeSync(fd);
   }
-  return decode(buf, t.dtype);
+  return direct ?? decode(buf, t.dtype);
 }
 
 export function decode(buf: Buffer, dtype: DType): Float32Array {
@@ -151,7 +153,7 @@ export function decode(buf: Buffer, dtype: DType): Float32Array {
 
 export function encode(data: Float32Array, dtype: DType): Buffer {
   const n = data.length;
-  if (dtype === 'F32') return Buffer.from(new Float32Array(data).buffer);
+  if (dtype === 'F32') return Buffer.from(data.buffer, data.byteOffset, data.byteLength);
   const buf = Buffer.alloc(n * DTYPE_BYTES[dtype]);
   switch (dtype) {
     case 'F64':

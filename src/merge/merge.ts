@@ -1,5 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import * as v8 from 'node:v8';
+import * as vm from 'node:vm';
 import YAML from 'yaml';
 import { TensorSource, loadConfig, writeCheckpointFiles } from '../io/checkpoint.js';
 import { DType, dtypeFromName, readHeader, readTensor } from '../io/safetensors.js';
@@ -179,8 +181,11 @@ export async function runMerge(c: MergeConfig, out: string, resolve: (s: string)
       tmp,
       ref.raw,
       entries,
-      (name) =>
-        method.merge({
+      (name) => {
+        // Let the previous tensor's buffers go before reading the next: peak memory stays near
+        // one tensor per model instead of whatever V8 lets pile up.
+        collectGarbage();
+        return method.merge({
           base: base ? base.read(name) : null,
           models: inputs.map((x) => x.read(name)),
           weights,
@@ -189,11 +194,25 @@ export async function runMerge(c: MergeConfig, out: string, resolve: (s: string)
           normalize,
           t: c.parameters?.t ?? 0.5,
           rng: (m) => new Rng(seed, 'dare', name, m),
-        }),
+        });
+      },
       { dtype, copyFrom: ref.dir },
     ),
   );
   return { tensors: names.length, models: all.length, method: c.merge_method };
+}
+
+let gcFn: (() => void) | null | undefined;
+function collectGarbage(): void {
+  if (gcFn === undefined) {
+    try {
+      v8.setFlagsFromString('--expose-gc');
+      gcFn = vm.runInNewContext('gc') as () => void;
+    } catch {
+      gcFn = null;
+    }
+  }
+  gcFn?.();
 }
 
 /** merge-lora: the base with one adapter folded in, as a plain checkpoint. */

@@ -26,6 +26,7 @@ export interface MergeMethod {
   merge(x: MergeInput): Float32Array;
 }
 
+/** Task vectors δᵢ = θᵢ − θ_base (float64: they are differences of nearby float32 values). */
 function deltas(x: MergeInput): Float64Array[] {
   const b = x.base!;
   return x.models.map((m) => {
@@ -35,14 +36,57 @@ function deltas(x: MergeInput): Float64Array[] {
   });
 }
 
-/** Keep the `density` fraction of entries with the largest magnitude (TIES trim). */
+/** The k-th largest value of `a` (1-based), by quickselect on a scratch copy: O(n), no sort. */
+function kthLargest(a: Float64Array, k: number): number {
+  const v = Float64Array.from(a);
+  let lo = 0;
+  let hi = v.length - 1;
+  const target = k - 1;
+  while (lo < hi) {
+    const pivot = v[(lo + hi) >>> 1];
+    let i = lo;
+    let j = hi;
+    while (i <= j) {
+      while (v[i] > pivot) i++;
+      while (v[j] < pivot) j--;
+      if (i <= j) {
+        const t = v[i];
+        v[i] = v[j];
+        v[j] = t;
+        i++;
+        j--;
+      }
+    }
+    if (target <= j) hi = j;
+    else if (target >= i) lo = i;
+    else return v[target];
+  }
+  return v[target];
+}
+
+/**
+ * Keep the `density` fraction (k = ⌊density·n⌋) of entries with the largest magnitude (TIES
+ * trim); among equal magnitudes at the threshold, earlier entries win.
+ */
 export function trimTopK(d: Float64Array, density: number): Float64Array {
   if (density >= 1) return d;
-  const k = Math.floor(density * d.length);
-  const out = new Float64Array(d.length);
+  const n = d.length;
+  const k = Math.floor(density * n);
+  const out = new Float64Array(n);
   if (k <= 0) return out;
-  const order = Array.from({ length: d.length }, (_, i) => i).sort((a, b) => Math.abs(d[b]) - Math.abs(d[a]) || a - b);
-  for (let j = 0; j < k; j++) out[order[j]] = d[order[j]];
+  const mag = new Float64Array(n);
+  for (let i = 0; i < n; i++) mag[i] = Math.abs(d[i]);
+  const th = kthLargest(mag, k);
+  let above = 0;
+  for (let i = 0; i < n; i++) if (mag[i] > th) above++;
+  let atTh = k - above;
+  for (let i = 0; i < n; i++) {
+    if (mag[i] > th) out[i] = d[i];
+    else if (mag[i] === th && atTh > 0) {
+      out[i] = d[i];
+      atTh--;
+    }
+  }
   return out;
 }
 
