@@ -2,7 +2,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { DEFAULT_TRAIN, TrainConfig, Trainer, TrainResult } from '../train/trainer.js';
-import { loadParams, saveParams } from '../train/params-io.js';
+import { paramsCheckpoint } from '../train/params-io.js';
 import { DEFAULT_LORA, LoraAdapter, LoraConfig, attach, withAdapterOff } from '../lora/lora.js';
 import { DEFAULT_DPO, DpoParams, dpoLosses, dpoMetrics, validateDpoParams } from '../dpo/loss.js';
 import { filesHash, pairBatch, pairLogpsHost, referenceLogps, sequenceLogps } from '../dpo/logps.js';
@@ -219,11 +219,7 @@ export async function runDpo(c: DpoConfig): Promise<DpoResult> {
     const res = await trainer.fit({
       resume: c.resume,
       label: 'dpo',
-      saveState: async (dir) => {
-        fs.mkdirSync(dir, { recursive: true });
-        await saveParams(params, path.join(dir, 'adapter.safetensors'));
-      },
-      loadState: (dir) => loadParams(params, path.join(dir, 'adapter.safetensors')),
+      ...paramsCheckpoint(params, 'adapter.safetensors'),
     });
     adapter.setTraining(false);
     const evalMetrics = evalPairs.length ? evaluatePairs(model, evalPairs, refEval, c.dpo, c.batchSize, policy.padId) : {};

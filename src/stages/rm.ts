@@ -2,7 +2,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { DEFAULT_TRAIN, TrainConfig, Trainer, TrainResult } from '../train/trainer.js';
-import { loadParams, saveParams } from '../train/params-io.js';
+import { paramsCheckpoint } from '../train/params-io.js';
 import { LoraAdapter, LoraConfig, attach, mergeInto } from '../lora/lora.js';
 import { PrefPair, loadPrefs } from '../data/prefs.js';
 import { SeqBatch, makeBatch, promptCompletionRow } from '../infer/batch.js';
@@ -146,11 +146,7 @@ export async function runRmTrain(c: RmConfig): Promise<RmResult> {
     const res = await trainer.fit({
       resume: c.resume,
       label: 'rm',
-      saveState: async (dir) => {
-        fs.mkdirSync(dir, { recursive: true });
-        await saveParams(params, path.join(dir, 'trainable.safetensors'));
-      },
-      loadState: (dir) => loadParams(params, path.join(dir, 'trainable.safetensors')),
+      ...paramsCheckpoint(params, 'trainable.safetensors'),
     });
     adapter?.setTraining(false);
     const evalMetrics = evalPairs.length ? rmEval(model, evalBatches) : {};

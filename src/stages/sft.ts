@@ -2,7 +2,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { DEFAULT_TRAIN, TrainConfig, Trainer, TrainResult } from '../train/trainer.js';
-import { loadParams, saveParams } from '../train/params-io.js';
+import { paramsCheckpoint } from '../train/params-io.js';
 import { SchedulerName } from '../train/schedule.js';
 import { loadConversations, packRows, tokenizeConversation, truncateRow } from '../data/conversations.js';
 import { SeqBatch, TokenRow, makeBatch, tokenLogps } from '../infer/batch.js';
@@ -121,11 +121,7 @@ export async function runSft(c: SftConfig): Promise<SftResult> {
     const res = await trainer.fit({
       resume: c.resume,
       label: 'sft',
-      saveState: (dir) => {
-        fs.mkdirSync(dir, { recursive: true });
-        return saveParams(model.params, path.join(dir, 'model.safetensors'));
-      },
-      loadState: (dir) => loadParams(model.params, path.join(dir, 'model.safetensors')),
+      ...paramsCheckpoint(model.params, 'model.safetensors'),
     });
     await saveFinal(model, c.out, c.model, c.dtype);
     return { ...res, rows: tr.rows.length, skipped: train.skipped.length, dropped: tr.dropped, evalRows: ev.rows.length };

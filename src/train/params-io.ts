@@ -21,3 +21,14 @@ export function loadParams(params: Map<string, tf.Variable>, file: string): void
     t.dispose();
   }
 }
+
+/** The trainer's saveState/loadState for a set of parameters kept in one safetensors file. */
+export function paramsCheckpoint(params: Map<string, tf.Variable>, fileName: string) {
+  return {
+    saveState: async (dir: string) => {
+      fs.mkdirSync(dir, { recursive: true });
+      await saveParams(params, `${dir}/${fileName}`);
+    },
+    loadState: (dir: string) => loadParams(params, `${dir}/${fileName}`),
+  };
+}
