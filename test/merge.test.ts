@@ -32,15 +32,15 @@ describe('merge methods on hand-sized tensors', () => {
   });
 
   it('ties: trimming keeps the largest |δ|, the sign election keeps agreeing entries, normalised', () => {
-    expect(Array.from(trimTopK(Float64Array.from([2, -1, 0, 1]), 0.5))).toEqual([2, -1, 0, 0].map((x, i) => (i === 1 ? -1 : x)));
-    expect(Array.from(trimTopK(Float64Array.from([-1, 1, 0, 3]), 0.5))).toEqual([0, 0, 0, 3].map((x, i) => (i === 0 ? -1 : x)));
+    expect(Array.from(trimTopK(Float32Array.from([2, -1, 0, 1]), 0.5))).toEqual([2, -1, 0, 0].map((x, i) => (i === 1 ? -1 : x)));
+    expect(Array.from(trimTopK(Float32Array.from([-1, 1, 0, 3]), 0.5))).toEqual([0, 0, 0, 3].map((x, i) => (i === 0 ? -1 : x)));
     // Full density: signs Σwδ = [1, 0, 0, 4] → [+, + (tie), +, +]; entry 0 keeps only δ1=2,
     // entry 1 keeps only δ2=1, entry 3 keeps both: (1 + 3)/2.
     close(MERGE_METHODS.ties.merge(input({ base, models: [m1, m2], weights: [1, 1], densities: [1, 1] })), [1 + 2, 1 + 1, 1, 1 + 2]);
     // Density 0.5 trims δ1 to [2, −1, 0, 0] and δ2 to [−1, 0, 0, 3] (ties broken by position).
     close(MERGE_METHODS.ties.merge(input({ base, models: [m1, m2], weights: [1, 1], densities: [0.5, 0.5] })), [1 + 2, 1 - 1, 1, 1 + 3]);
     // Unnormalised: the masked sum.
-    close(Array.from(tiesConsensus([Float64Array.from([2, -1]), Float64Array.from([3, -2])], [1, 1], false)), [5, -3]);
+    close(Array.from(tiesConsensus([Float32Array.from([2, -1]), Float32Array.from([3, -2])], [1, 1], false)), [5, -3]);
   });
 
   it('DARE with density 1 equals task arithmetic; density < 1 drops and rescales, seeded', () => {

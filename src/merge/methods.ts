@@ -26,19 +26,22 @@ export interface MergeMethod {
   merge(x: MergeInput): Float32Array;
 }
 
-/** Task vectors δᵢ = θᵢ − θ_base (float64: they are differences of nearby float32 values). */
-function deltas(x: MergeInput): Float64Array[] {
+/**
+ * Task vectors δᵢ = θᵢ − θ_base, in float32 like the tensors themselves (the difference of two
+ * nearby float32 values is exact or nearly so); sums below accumulate in float64 scalars. Every
+ * step works in place, so a merge holds about (models + 2) copies of one tensor at its peak.
+ */
+function deltas(x: MergeInput): Float32Array[] {
   const b = x.base!;
   return x.models.map((m) => {
-    const d = new Float64Array(m.length);
+    const d = new Float32Array(m.length);
     for (let i = 0; i < m.length; i++) d[i] = m[i] - b[i];
     return d;
   });
 }
 
-/** The k-th largest value of `a` (1-based), by quickselect on a scratch copy: O(n), no sort. */
-function kthLargest(a: Float64Array, k: number): number {
-  const v = Float64Array.from(a);
+/** The k-th largest value (1-based) of `v`, which is reordered: quickselect, O(n), no sort. */
+function kthLargestInPlace(v: Float32Array, k: number): number {
   let lo = 0;
   let hi = v.length - 1;
   const target = k - 1;
@@ -65,43 +68,40 @@ function kthLargest(a: Float64Array, k: number): number {
 }
 
 /**
- * Keep the `density` fraction (k = ⌊density·n⌋) of entries with the largest magnitude (TIES
- * trim); among equal magnitudes at the threshold, earlier entries win.
+ * TIES trim, in place: keep the k = ⌊density·n⌋ entries of largest magnitude, zero the rest;
+ * among equal magnitudes at the threshold, earlier entries win.
  */
-export function trimTopK(d: Float64Array, density: number): Float64Array {
+export function trimTopK(d: Float32Array, density: number): Float32Array {
   if (density >= 1) return d;
   const n = d.length;
   const k = Math.floor(density * n);
-  const out = new Float64Array(n);
-  if (k <= 0) return out;
-  const mag = new Float64Array(n);
+  if (k <= 0) return d.fill(0);
+  const mag = new Float32Array(n);
   for (let i = 0; i < n; i++) mag[i] = Math.abs(d[i]);
-  const th = kthLargest(mag, k);
+  const th = kthLargestInPlace(mag, k);
   let above = 0;
-  for (let i = 0; i < n; i++) if (mag[i] > th) above++;
+  for (let i = 0; i < n; i++) if (Math.abs(d[i]) > th) above++;
   let atTh = k - above;
   for (let i = 0; i < n; i++) {
-    if (mag[i] > th) out[i] = d[i];
-    else if (mag[i] === th && atTh > 0) {
-      out[i] = d[i];
-      atTh--;
-    }
+    const a = Math.abs(d[i]);
+    if (a > th) continue;
+    if (a === th && atTh > 0) atTh--;
+    else d[i] = 0;
   }
-  return out;
+  return d;
 }
 
-/** DARE: drop each entry with probability 1 − density, rescale survivors by 1/density. */
-export function dareDrop(d: Float64Array, density: number, rng: Rng): Float64Array {
+/** DARE, in place: drop each entry with probability 1 − density, rescale survivors by 1/density. */
+export function dareDrop(d: Float32Array, density: number, rng: Rng): Float32Array {
   if (density >= 1) return d;
-  const out = new Float64Array(d.length);
-  for (let i = 0; i < d.length; i++) if (rng.next() < density) out[i] = d[i] / density;
-  return out;
+  for (let i = 0; i < d.length; i++) d[i] = rng.next() < density ? d[i] / density : 0;
+  return d;
 }
 
 /** Sign election and disjoint mean: Σ wᵢδᵢ·maskᵢ / Σ wᵢ·maskᵢ (or the plain masked sum). */
-export function tiesConsensus(ds: Float64Array[], w: number[], normalize: boolean): Float64Array {
+export function tiesConsensus(ds: Float32Array[], w: number[], normalize: boolean): Float32Array {
   const n = ds[0].length;
-  const out = new Float64Array(n);
+  const out = new Float32Array(n);
   for (let i = 0; i < n; i++) {
     let s = 0;
     for (let m = 0; m < ds.length; m++) s += w[m] * ds[m][i];
@@ -120,17 +120,21 @@ export function tiesConsensus(ds: Float64Array[], w: number[], normalize: boolea
   return out;
 }
 
-function weightedSum(ds: Float64Array[], w: number[], normalize: boolean): Float64Array {
-  const out = new Float64Array(ds[0].length);
+function weightedSum(ds: Float32Array[], w: number[], normalize: boolean): Float32Array {
+  const out = new Float32Array(ds[0].length);
   const total = normalize ? w.reduce((a, b) => a + b, 0) : 1;
-  for (let m = 0; m < ds.length; m++) for (let i = 0; i < out.length; i++) out[i] += (w[m] * ds[m][i]) / total;
+  for (let i = 0; i < out.length; i++) {
+    let s = 0;
+    for (let m = 0; m < ds.length; m++) s += w[m] * ds[m][i];
+    out[i] = s / total;
+  }
   return out;
 }
 
-function addToBase(base: Float32Array, d: Float64Array, lambda: number): Float32Array {
-  const out = new Float32Array(base.length);
-  for (let i = 0; i < base.length; i++) out[i] = base[i] + lambda * d[i];
-  return out;
+/** θ_base + λ·d, written into d. */
+function addToBase(base: Float32Array, d: Float32Array, lambda: number): Float32Array {
+  for (let i = 0; i < base.length; i++) d[i] = base[i] + lambda * d[i];
+  return d;
 }
 
 export function slerpVectors(t: number, v0: Float32Array, v1: Float32Array): Float32Array {
