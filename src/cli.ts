@@ -19,6 +19,7 @@ import { exportPairsCmd, onlineCmd, statusCmd } from './commands/online.js';
 import { DEFAULT_ONLINE } from './stages/online.js';
 import { DEFAULT_MAKE_DATA, makeData } from './quickstart/make-data.js';
 import { chatCmd, serveCmd } from './commands/serve.js';
+import { writeReport } from './report/report.js';
 import { mergeLora, parseMergeConfig, runMerge } from './merge/merge.js';
 import { loadRecipe } from './recipe/recipe.js';
 import { RecipeRunner, formatTable } from './recipe/run.js';
@@ -364,6 +365,17 @@ export function buildProgram(): Command {
         for (const st of s.stages) process.stdout.write(`  ${st.name.padEnd(12)} ${st.type.padEnd(11)} ${st.skipped ? 'skipped (done before)' : st.seconds.toFixed(1) + ' s'}\n`);
         if (s.table) process.stdout.write('\nheld-out evaluation\n' + formatTable(s.table) + '\n');
       }
+      const report = await writeReport(s.workdir);
+      log('report', { file: report });
+    });
+
+  program
+    .command('report')
+    .description('write report.html (loss curves, DPO metrics, reward per round, accuracy per model) for a run directory')
+    .requiredOption('--workdir <dir>', 'run directory')
+    .action(async (o) => {
+      setLogMode({ json: program.opts().json, quiet: program.opts().quiet });
+      process.stdout.write((await writeReport(o.workdir)) + '\n');
     });
 
   program

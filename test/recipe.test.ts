@@ -105,6 +105,12 @@ describe('a shrunken quickstart end to end', () => {
       expect(fs.existsSync(path.join(wd, f)), f).toBe(true);
     }
     expect(JSON.parse(fs.readFileSync(path.join(wd, 'rm/config.json'), 'utf8')).architectures).toEqual(['ZhinaoForSequenceClassification']);
+    // The run ends with a self-contained report whose charts are real PNGs.
+    const html = fs.readFileSync(path.join(wd, 'report.html'), 'utf8');
+    const imgs = [...html.matchAll(/src="data:image\/png;base64,([^"]+)"/g)].map((m) => Buffer.from(m[1], 'base64'));
+    expect(imgs.length).toBeGreaterThanOrEqual(3);
+    for (const img of imgs) expect(img.subarray(1, 4).toString()).toBe('PNG');
+    expect(html).toContain('Held-out evaluation');
     const db = new Database(path.join(wd, 'prefopt.db'), { readonly: true });
     expect(db.prepare('SELECT name, status FROM stages ORDER BY id').all()).toEqual(recipe.stages.map((s: any) => ({ name: s.name, status: 'done' })));
     expect((db.prepare('SELECT COUNT(*) n FROM samples').get() as any).n).toBe(2 * 6 * 2);
