@@ -1,6 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { UserError } from '../util/errors.js';
+import { readJson } from '../util/fsutil.js';
 import { ModelConfig, expectedShapes, parseConfig } from '../model/config.js';
 import { DType, SafetensorsFile, TORCH_DTYPE, readHeader, readTensor, writeSafetensors } from './safetensors.js';
 
@@ -30,12 +31,7 @@ export class TensorSource {
     const files = new Map<string, SafetensorsFile>();
     const where = new Map<string, string>();
     if (fs.existsSync(index)) {
-      let idx: any;
-      try {
-        idx = JSON.parse(fs.readFileSync(index, 'utf8'));
-      } catch (e: any) {
-        throw new UserError(`${index}: invalid JSON (${e.message})`);
-      }
+      const idx = readJson(index);
       if (!idx?.weight_map || typeof idx.weight_map !== 'object') throw new UserError(`${index}: missing "weight_map"`);
       for (const [name, f] of Object.entries<any>(idx.weight_map)) {
         if (typeof f !== 'string' || f.includes('..') || path.isAbsolute(f)) throw new UserError(`${index}: tensor "${name}" maps to a bad file name ${JSON.stringify(f)}`);
@@ -84,13 +80,7 @@ export class TensorSource {
 export function loadConfig(dir: string): ModelConfig {
   const file = path.join(dir, 'config.json');
   if (!fs.existsSync(file)) throw new UserError(`${dir}: not a checkpoint directory (no config.json)`);
-  let raw: any;
-  try {
-    raw = JSON.parse(fs.readFileSync(file, 'utf8'));
-  } catch (e: any) {
-    throw new UserError(`${file}: invalid JSON (${e.message})`);
-  }
-  return parseConfig(raw, file);
+  return parseConfig(readJson(file), file);
 }
 
 /** Check every expected tensor is present with the config's shape; returns the source. */
@@ -173,10 +163,5 @@ export function copyCarriedFiles(from: string, to: string): void {
 
 export function readGenerationConfig(dir: string): Record<string, any> | null {
   const f = path.join(dir, 'generation_config.json');
-  if (!fs.existsSync(f)) return null;
-  try {
-    return JSON.parse(fs.readFileSync(f, 'utf8'));
-  } catch (e: any) {
-    throw new UserError(`${f}: invalid JSON (${e.message})`);
-  }
+  return fs.existsSync(f) ? readJson(f) : null;
 }

@@ -3,8 +3,8 @@ import * as path from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { Decoder, LinearAdapter, transpose2d } from '../model/decoder.js';
 import { mm } from '../engine/ops.js';
-import { readHeader, readTensor, writeSafetensors } from '../io/safetensors.js';
-import { writeDirAtomic } from '../util/fsutil.js';
+import { SafetensorsFile, readHeader, readTensor, writeSafetensors } from '../io/safetensors.js';
+import { readJson, writeDirAtomic } from '../util/fsutil.js';
 import { UserError } from '../util/errors.js';
 import { Rng } from '../util/rng.js';
 
@@ -43,7 +43,7 @@ export class LoraAdapter implements LinearAdapter {
   constructor(readonly cfg: LoraConfig) {}
 
   get scale(): number {
-    return this.cfg.useRslora ? this.cfg.alpha / Math.sqrt(this.cfg.r) : this.cfg.alpha / this.cfg.r;
+    return loraScale(this.cfg);
   }
 
   /** Linear modules of `model` matched by the target names (the last path component). */
@@ -154,42 +154,11 @@ export class LoraAdapter implements LinearAdapter {
 
   /** Read a PEFT adapter (ours or PEFT's own) for `model`, checking targets and shapes. */
   static load(model: Decoder, dir: string): LoraAdapter {
-    const cfgFile = path.join(dir, 'adapter_config.json');
-    if (!fs.existsSync(cfgFile)) throw new UserError(`${dir}: not a PEFT adapter directory (no adapter_config.json)`);
-    let pc: any;
-    try {
-      pc = JSON.parse(fs.readFileSync(cfgFile, 'utf8'));
-    } catch (e: any) {
-      throw new UserError(`${cfgFile}: invalid JSON (${e.message})`);
-    }
-    if (pc.peft_type && pc.peft_type !== 'LORA') throw new UserError(`${cfgFile}: peft_type "${pc.peft_type}" is not supported (only LORA)`);
-    if (pc.fan_in_fan_out) throw new UserError(`${cfgFile}: fan_in_fan_out adapters are not supported`);
-    if (pc.bias && pc.bias !== 'none') throw new UserError(`${cfgFile}: bias "${pc.bias}" is not supported (only "none")`);
-    if (!(Number.isInteger(pc.r) && pc.r > 0)) throw new UserError(`${cfgFile}: "r" must be a positive integer`);
-    const cfg: LoraConfig = {
-      r: pc.r,
-      alpha: pc.lora_alpha ?? pc.r,
-      dropout: pc.lora_dropout ?? 0,
-      targets: Array.isArray(pc.target_modules) ? pc.target_modules : [],
-      useRslora: !!pc.use_rslora,
-    };
-    const wfile = path.join(dir, 'adapter_model.safetensors');
-    if (!fs.existsSync(wfile)) throw new UserError(`${dir}: no adapter_model.safetensors`);
-    const st = readHeader(wfile);
+    const { cfg, baseModelName, st, file: wfile, modules: byModule } = readPeftAdapter(dir);
     const ad = new LoraAdapter(cfg);
-    ad.baseModelName = pc.base_model_name_or_path ?? '';
-    // PEFT may write `.lora_A.weight` or, from older versions, `.lora_A.<adapter>.weight`.
-    const byModule = new Map<string, { A?: string; B?: string }>();
-    for (const key of st.tensors.keys()) {
-      const m = /^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$/.exec(key);
-      if (!m) throw new UserError(`${wfile}: tensor "${key}" is not a LoRA A/B weight`);
-      const e = byModule.get(m[1]) ?? {};
-      e[m[2] as 'A' | 'B'] = key;
-      byModule.set(m[1], e);
-    }
+    ad.baseModelName = baseModelName;
     try {
       for (const [mod, keys] of byModule) {
-        if (!keys.A || !keys.B) throw new UserError(`${wfile}: module "${mod}" lacks lora_${keys.A ? 'B' : 'A'}`);
         const base = model.params.get(`${mod}.weight`);
         if (!base) throw new UserError(`${wfile}: module "${mod}" does not exist in the model (${model.cfg.arch}); wrong base model?`);
         const [inDim, outDim] = base.shape;
@@ -203,7 +172,6 @@ export class LoraAdapter implements LinearAdapter {
       ad.dispose();
       throw e;
     }
-    if (ad.weights.size === 0) throw new UserError(`${wfile}: holds no LoRA weights`);
     if (!cfg.targets.length) cfg.targets = [...new Set([...ad.weights.keys()].map((m) => m.split('.').at(-1)!))];
     return ad;
   }
@@ -215,6 +183,61 @@ export class LoraAdapter implements LinearAdapter {
     }
     this.weights.clear();
   }
+}
+
+/** s = alpha / r, or alpha / √r with rsLoRA. */
+export function loraScale(cfg: LoraConfig): number {
+  return cfg.useRslora ? cfg.alpha / Math.sqrt(cfg.r) : cfg.alpha / cfg.r;
+}
+
+export interface PeftAdapterFiles {
+  cfg: LoraConfig;
+  baseModelName: string;
+  /** adapter_model.safetensors and its header. */
+  file: string;
+  st: SafetensorsFile;
+  /** Module name → its lora_A and lora_B tensor keys. */
+  modules: Map<string, { A: string; B: string }>;
+}
+
+/**
+ * A PEFT LoRA adapter directory, validated: the config fields prefopt can honour, and every
+ * tensor grouped by module. PEFT writes `.lora_A.weight` or, in older versions,
+ * `.lora_A.<adapter>.weight`; anything else in the file is an error, never silently dropped.
+ */
+export function readPeftAdapter(dir: string): PeftAdapterFiles {
+  const cfgFile = path.join(dir, 'adapter_config.json');
+  if (!fs.existsSync(cfgFile)) throw new UserError(`${dir}: not a PEFT adapter directory (no adapter_config.json)`);
+  const pc = readJson(cfgFile);
+  if (pc.peft_type && pc.peft_type !== 'LORA') throw new UserError(`${cfgFile}: peft_type "${pc.peft_type}" is not supported (only LORA)`);
+  if (pc.fan_in_fan_out) throw new UserError(`${cfgFile}: fan_in_fan_out adapters are not supported`);
+  if (pc.bias && pc.bias !== 'none') throw new UserError(`${cfgFile}: bias "${pc.bias}" is not supported (only "none")`);
+  if (!(Number.isInteger(pc.r) && pc.r > 0)) throw new UserError(`${cfgFile}: "r" must be a positive integer`);
+  const cfg: LoraConfig = {
+    r: pc.r,
+    alpha: pc.lora_alpha ?? pc.r,
+    dropout: pc.lora_dropout ?? 0,
+    targets: Array.isArray(pc.target_modules) ? pc.target_modules : [],
+    useRslora: !!pc.use_rslora,
+  };
+  const file = path.join(dir, 'adapter_model.safetensors');
+  if (!fs.existsSync(file)) throw new UserError(`${dir}: no adapter_model.safetensors`);
+  const st = readHeader(file);
+  const partial = new Map<string, { A?: string; B?: string }>();
+  for (const key of st.tensors.keys()) {
+    const m = /^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$/.exec(key);
+    if (!m) throw new UserError(`${file}: tensor "${key}" is not a LoRA A/B weight`);
+    const e = partial.get(m[1]) ?? {};
+    e[m[2] as 'A' | 'B'] = key;
+    partial.set(m[1], e);
+  }
+  const modules = new Map<string, { A: string; B: string }>();
+  for (const [mod, keys] of partial) {
+    if (!keys.A || !keys.B) throw new UserError(`${file}: module "${mod}" lacks lora_${keys.A ? 'B' : 'A'}`);
+    modules.set(mod, { A: keys.A, B: keys.B });
+  }
+  if (modules.size === 0) throw new UserError(`${file}: holds no LoRA weights`);
+  return { cfg, baseModelName: pc.base_model_name_or_path ?? '', file, st, modules };
 }
 
 /** Attach `adapter` to `model` (the base is frozen), returning a switch for the reference pass. */

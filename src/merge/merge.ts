@@ -4,7 +4,8 @@ import * as v8 from 'node:v8';
 import * as vm from 'node:vm';
 import YAML from 'yaml';
 import { TensorSource, loadConfig, writeCheckpointFiles } from '../io/checkpoint.js';
-import { DType, dtypeFromName, readHeader, readTensor } from '../io/safetensors.js';
+import { DType, SafetensorsFile, dtypeFromName, readTensor } from '../io/safetensors.js';
+import { loraScale, readPeftAdapter } from '../lora/lora.js';
 import { writeDirAtomic } from '../util/fsutil.js';
 import { UserError } from '../util/errors.js';
 import { Rng } from '../util/rng.js';
@@ -32,25 +33,16 @@ export interface MergeConfig {
 
 /** A LoRA adapter applied on the host: W' = W + s·B·A for the tensors it targets. */
 export class HostAdapter {
-  private st;
+  private st: SafetensorsFile;
   readonly scale: number;
   readonly r: number;
-  private keys = new Map<string, { A: string; B: string }>();
+  private keys: Map<string, { A: string; B: string }>;
   constructor(readonly dir: string) {
-    const cf = path.join(dir, 'adapter_config.json');
-    if (!fs.existsSync(cf)) throw new UserError(`${dir}: not a PEFT adapter directory (no adapter_config.json)`);
-    const c = JSON.parse(fs.readFileSync(cf, 'utf8'));
-    this.r = c.r;
-    const alpha = c.lora_alpha ?? c.r;
-    this.scale = c.use_rslora ? alpha / Math.sqrt(c.r) : alpha / c.r;
-    this.st = readHeader(path.join(dir, 'adapter_model.safetensors'));
-    for (const k of this.st.tensors.keys()) {
-      const m = /^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$/.exec(k);
-      if (!m) continue;
-      const e = this.keys.get(m[1]) ?? ({} as { A: string; B: string });
-      e[m[2] as 'A' | 'B'] = k;
-      this.keys.set(m[1], e);
-    }
+    const a = readPeftAdapter(dir);
+    this.r = a.cfg.r;
+    this.scale = loraScale(a.cfg);
+    this.st = a.st;
+    this.keys = a.modules;
   }
   modules(): string[] {
     return [...this.keys.keys()];

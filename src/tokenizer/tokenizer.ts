@@ -3,6 +3,7 @@ import * as path from 'node:path';
 import { Tokenizer } from '@huggingface/tokenizers';
 import { Template } from '@huggingface/jinja';
 import { UserError } from '../util/errors.js';
+import { readJson } from '../util/fsutil.js';
 import { Message, ROLES, STOP_TOKENS, formatChat } from './chat.js';
 
 /**
@@ -41,10 +42,10 @@ export class TextTokenizer {
   static load(dir: string): TextTokenizer {
     const f = path.join(dir, 'tokenizer.json');
     if (!fs.existsSync(f)) throw new UserError(`${dir}: no tokenizer.json (pass token-id rows, or a checkpoint with tokenizer files)`);
-    const json = parse(f);
+    const json = readJson(f);
     if (!json?.model) throw new UserError(`${f}: not a tokenizer.json (no "model")`);
     const cf = path.join(dir, 'tokenizer_config.json');
-    const config = fs.existsSync(cf) ? parse(cf) : {};
+    const config = fs.existsSync(cf) ? readJson(cf) : {};
     return new TextTokenizer(dir, json, config);
   }
 
@@ -98,12 +99,4 @@ function tokenString(t: any): string {
   if (typeof t === 'string') return t;
   if (t && typeof t.content === 'string') return t.content;
   return '';
-}
-
-function parse(f: string): any {
-  try {
-    return JSON.parse(fs.readFileSync(f, 'utf8'));
-  } catch (e: any) {
-    throw new UserError(`${f}: ${e.code === 'ENOENT' ? 'missing' : 'invalid JSON (' + e.message + ')'}`);
-  }
 }

@@ -4,7 +4,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { AdamW, AdamWConfig, DEFAULT_ADAMW, clipFactor } from './adamw.js';
 import { SchedulerName, lrMultiplier, warmupSteps } from './schedule.js';
 import { writeSafetensors, readHeader, readTensor } from '../io/safetensors.js';
-import { writeDirAtomic, writeFileAtomic } from '../util/fsutil.js';
+import { readJson, writeDirAtomic, writeFileAtomic } from '../util/fsutil.js';
 import { Rng } from '../util/rng.js';
 import { UserError } from '../util/errors.js';
 import { Progress, log } from '../util/log.js';
@@ -289,7 +289,7 @@ export class Trainer<B> {
   }
 
   restore(dir: string, loadState: (dir: string) => void): void {
-    const state: TrainState = JSON.parse(fs.readFileSync(path.join(dir, 'trainer_state.json'), 'utf8'));
+    const state: TrainState = readJson(path.join(dir, 'trainer_state.json'));
     if (state.microPerEpoch !== this.micro || state.seed !== this.cfg.seed) {
       throw new UserError(`${dir}: checkpoint was made with ${state.microPerEpoch} micro-batches per epoch and seed ${state.seed}; this run has ${this.micro} and ${this.cfg.seed}. Resume with the same data and settings, or start fresh`);
     }

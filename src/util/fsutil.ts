@@ -1,6 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
+import { UserError } from './errors.js';
 
 /**
  * Files and directories appear whole or not at all: everything is written under a temporary
@@ -54,16 +55,17 @@ export async function writeDirAtomic(dest: string, fill: (dir: string) => void |
   }
 }
 
+/** A JSON file, or a UserError naming it: "cannot read (ENOENT)" or "invalid JSON (…)". */
 export function readJson(file: string): any {
   let text: string;
   try {
     text = fs.readFileSync(file, 'utf8');
   } catch (e: any) {
-    throw new (class extends Error {})(`${file}: cannot read (${e.code ?? e.message})`);
+    throw new UserError(`${file}: cannot read (${e.code ?? e.message})`);
   }
   try {
     return JSON.parse(text);
   } catch (e: any) {
-    throw new Error(`${file}: invalid JSON (${e.message})`);
+    throw new UserError(`${file}: invalid JSON (${e.message})`);
   }
 }
