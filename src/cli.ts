@@ -42,6 +42,21 @@ const int = (v: string) => {
 };
 const collect = (v: string, prev: string[]) => [...prev, v];
 
+/**
+ * The sampling flags of generate, chat and online. Unset flags fall back to the checkpoint's
+ * generation_config (generate, chat) or the stage defaults (online).
+ */
+function addSamplingOptions(cmd: Command, maxNewTokens?: number): Command {
+  if (maxNewTokens !== undefined) cmd.option('--max-new-tokens <n>', 'tokens to generate at most', int, maxNewTokens);
+  return cmd
+    .option('--temperature <t>', 'sampling temperature; 0 = greedy', num)
+    .option('--top-k <k>', 'keep the k most likely tokens (0 = off)', int)
+    .option('--top-p <p>', 'nucleus sampling mass (1 = off)', num)
+    .option('--repetition-penalty <p>', 'transformers-style repetition penalty', num)
+    .option('--presence-penalty <p>', 'OpenAI-style presence penalty', num)
+    .option('--frequency-penalty <p>', 'OpenAI-style frequency penalty', num);
+}
+
 export function buildProgram(): Command {
   const program = new Command();
   program
@@ -125,7 +140,7 @@ export function buildProgram(): Command {
     .option('--batch-size <n>', 'rows per forward pass', int, 8)
     .action(withBackend(async (o) => logprobsCmd(o)));
 
-  program
+  const generate = program
     .command('generate')
     .description('sample completions with the KV cache')
     .requiredOption('--model <dir>', 'checkpoint directory')
@@ -134,16 +149,9 @@ export function buildProgram(): Command {
     .option('--messages <file>', 'JSON list of {"role","content"} messages')
     .option('--raw', 'do not apply the chat format to --prompt')
     .option('--n <k>', 'samples', int, 1)
-    .option('--max-new-tokens <n>', 'tokens to generate at most', int, 128)
-    .option('--temperature <t>', 'sampling temperature; 0 = greedy', num)
-    .option('--top-k <k>', 'keep the k most likely tokens (0 = off)', int)
-    .option('--top-p <p>', 'nucleus sampling mass (1 = off)', num)
-    .option('--repetition-penalty <p>', 'transformers-style repetition penalty', num)
-    .option('--presence-penalty <p>', 'OpenAI-style presence penalty', num)
-    .option('--frequency-penalty <p>', 'OpenAI-style frequency penalty', num)
     .option('--stop <s>', 'stop string (repeatable)', collect, [])
-    .option('--seed <n>', 'seed', int, 0)
-    .action(withBackend(async (o) => generateCmd({ ...o, json: program.opts().json })));
+    .option('--seed <n>', 'seed', int, 0);
+  addSamplingOptions(generate, 128).action(withBackend(async (o) => generateCmd({ ...o, json: program.opts().json })));
 
   addTrainOptions(
     program
@@ -243,7 +251,7 @@ export function buildProgram(): Command {
     .action(withBackend(async (o) => rmScoreCmd(o)));
 
   addTrainOptions(
-    addLoraOptions(dpoOptions(
+    addSamplingOptions(addLoraOptions(dpoOptions(
       program
         .command('online')
         .description('iterative on-policy DPO: sample → score → pair → train, stored in SQLite, resumable')
@@ -257,18 +265,12 @@ export function buildProgram(): Command {
         .option('--prompts-per-round <n>', 'prompts per round (0 = all)', int)
         .option('--prompt-mode <m>', 'slice (consecutive slices) | resample (seeded)')
         .requiredOption('--workdir <dir>', 'run directory (database, adapters per round)'),
-    ))
+    )))
       .option('--selection <rule>', 'max_min | max_random | max_second | max_min_length_penalty')
       .option('--length-penalty <x>', 'reward per completion token subtracted by max_min_length_penalty', num)
       .option('--min-margin <x>', 'drop pairs whose reward margin is below this', num)
       .option('--reference <r>', 'sft (fixed) | previous (last round’s policy)')
-      .option('--max-new-tokens <n>', 'sampled tokens at most', int)
-      .option('--temperature <t>', 'sampling temperature (default 1.0)', num)
-      .option('--top-k <k>', 'top-k', int)
-      .option('--top-p <p>', 'top-p', num)
-      .option('--repetition-penalty <p>', 'repetition penalty', num)
-      .option('--presence-penalty <p>', 'presence penalty', num)
-      .option('--frequency-penalty <p>', 'frequency penalty', num)
+      .option('--max-new-tokens <n>', `sampled tokens at most (default ${DEFAULT_ONLINE.sampling.maxNewTokens})`, int)
       .option('--sampler-url <url>', 'OpenAI-compatible endpoint (vLLM) instead of local sampling')
       .option('--sampler-model <name>', 'model name at the endpoint ({round} is replaced by the round number)')
       .option('--sampler-concurrency <n>', 'requests in flight', int)
@@ -301,24 +303,15 @@ export function buildProgram(): Command {
       }),
     );
 
-  const samplingOptions = (cmd: Command) =>
-    cmd
-      .option('--max-new-tokens <n>', 'tokens per answer at most', int, 256)
-      .option('--temperature <t>', 'sampling temperature; 0 = greedy', num)
-      .option('--top-k <k>', 'top-k', int)
-      .option('--top-p <p>', 'top-p', num)
-      .option('--repetition-penalty <p>', 'repetition penalty', num)
-      .option('--presence-penalty <p>', 'presence penalty', num)
-      .option('--frequency-penalty <p>', 'frequency penalty', num)
-      .option('--seed <n>', 'seed', int, 0);
-
-  samplingOptions(
+  addSamplingOptions(
     program
       .command('chat')
       .description('chat in the terminal (tokens printed as generated; /clear, /exit)')
       .requiredOption('--model <dir>', 'checkpoint')
       .option('--adapter <dir>', 'PEFT adapter')
-      .option('--system <text>', 'system message'),
+      .option('--system <text>', 'system message')
+      .option('--seed <n>', 'seed', int, 0),
+    256,
   ).action(withBackend(async (o) => chatCmd(o)));
 
   program

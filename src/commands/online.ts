@@ -7,6 +7,7 @@ import { UserError } from '../util/errors.js';
 import { writeFileAtomic } from '../util/fsutil.js';
 import { log } from '../util/log.js';
 import { toJsonl } from '../data/jsonl.js';
+import { rowMessages } from '../data/prompts.js';
 import { dpoParamsFrom, loraFrom } from './dpo.js';
 import { samplingFrom } from './model.js';
 
@@ -121,7 +122,7 @@ export function exportPairsCmd(o: { workdir: string; round?: number; format: str
       .all(o.round ?? null, o.round ?? null) as any[];
     const out = rows.map((x) => {
       const row = JSON.parse(x.prompt_json);
-      const prompt = typeof row.prompt === 'string' ? [{ role: 'user', content: row.prompt }] : row.prompt;
+      const prompt = rowMessages(row);
       if (o.format === 'trl') return { prompt, chosen: [{ role: 'assistant', content: x.chosen }], rejected: [{ role: 'assistant', content: x.rejected }] };
       return { round: x.round, prompt_index: x.idx, prompt, chosen: x.chosen, rejected: x.rejected, prompt_ids: JSON.parse(x.prompt_ids), chosen_ids: JSON.parse(x.chosen_ids), rejected_ids: JSON.parse(x.rejected_ids), chosen_reward: x.chosen_reward, rejected_reward: x.rejected_reward, margin: x.margin, rule: x.rule };
     });

@@ -30,17 +30,27 @@ export function addTrainOptions(cmd: Command): Command {
     .option('--resume', 'continue from the newest checkpoint in --out');
 }
 
-const MAP: [keyof TrainConfig, string][] = [
-  ['lr', 'lr'], ['epochs', 'epochs'], ['maxSteps', 'maxSteps'], ['gradAccum', 'gradAccum'], ['warmupRatio', 'warmupRatio'],
-  ['scheduler', 'lrScheduler'], ['weightDecay', 'weightDecay'], ['beta1', 'adamBeta1'], ['beta2', 'adamBeta2'], ['eps', 'adamEps'],
-  ['maxGradNorm', 'maxGradNorm'], ['loggingSteps', 'loggingSteps'], ['saveSteps', 'saveSteps'], ['saveTotalLimit', 'saveTotalLimit'],
-  ['evalSteps', 'evalSteps'], ['seed', 'seed'],
+/** Training settings by their recipe field name; the CLI flag is the same name in kebab-case. */
+export const TRAIN_FIELDS: [keyof TrainConfig, string][] = [
+  ['lr', 'lr'], ['epochs', 'epochs'], ['maxSteps', 'max_steps'], ['gradAccum', 'grad_accum'], ['warmupRatio', 'warmup_ratio'],
+  ['scheduler', 'lr_scheduler'], ['weightDecay', 'weight_decay'], ['beta1', 'adam_beta1'], ['beta2', 'adam_beta2'], ['eps', 'adam_eps'],
+  ['maxGradNorm', 'max_grad_norm'], ['loggingSteps', 'logging_steps'], ['saveSteps', 'save_steps'], ['saveTotalLimit', 'save_total_limit'],
+  ['evalSteps', 'eval_steps'], ['seed', 'seed'],
 ];
 
-export function trainConfigFrom(o: Record<string, any>, base: TrainConfig = DEFAULT_TRAIN): TrainConfig {
+const camel = (snake: string) => snake.replace(/_(\w)/g, (_, c: string) => c.toUpperCase());
+
+/**
+ * A TrainConfig from parsed CLI options (commander's camelCase names) or from a recipe stage
+ * (snake_case fields), over `base`, range-checked.
+ */
+export function trainConfigFrom(o: Record<string, any>, base: TrainConfig = DEFAULT_TRAIN, from: 'flags' | 'recipe' = 'flags', where = ''): TrainConfig {
   const c: any = { ...base };
-  for (const [k, flag] of MAP) if (o[flag] !== undefined) c[k] = o[flag];
-  return validateTrainConfig(c);
+  for (const [k, field] of TRAIN_FIELDS) {
+    const v = o[from === 'flags' ? camel(field) : field];
+    if (v !== undefined) c[k] = v;
+  }
+  return validateTrainConfig(c, where);
 }
 
 /** Range checks, naming the setting (recipe field names are the snake_case of these). */

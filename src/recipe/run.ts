@@ -3,8 +3,8 @@ import * as path from 'node:path';
 import { Recipe, Stage, changedStages, refsIn } from './recipe.js';
 import { openDb, DB, tx } from '../store/db.js';
 import { ensureRun, ensureStage, logEvent, putMetrics, resetStage, setStage } from '../store/run.js';
-import { DEFAULT_TRAIN, TrainConfig } from '../train/trainer.js';
-import { validateTrainConfig } from '../commands/train-options.js';
+import { TrainConfig } from '../train/trainer.js';
+import { trainConfigFrom } from '../commands/train-options.js';
 import { initModel } from '../commands/model.js';
 import { DEFAULT_SFT, runSft } from '../stages/sft.js';
 import { DEFAULT_DPO_STAGE, runDpo } from '../stages/dpo.js';
@@ -43,16 +43,8 @@ export interface EvalRow {
   mean_reward: number | null;
 }
 
-const TRAIN_KEYS: [keyof TrainConfig, string][] = [
-  ['lr', 'lr'], ['epochs', 'epochs'], ['maxSteps', 'max_steps'], ['gradAccum', 'grad_accum'], ['warmupRatio', 'warmup_ratio'], ['scheduler', 'lr_scheduler'],
-  ['weightDecay', 'weight_decay'], ['beta1', 'adam_beta1'], ['beta2', 'adam_beta2'], ['eps', 'adam_eps'], ['maxGradNorm', 'max_grad_norm'],
-  ['loggingSteps', 'logging_steps'], ['saveSteps', 'save_steps'], ['saveTotalLimit', 'save_total_limit'], ['evalSteps', 'eval_steps'], ['seed', 'seed'],
-];
-
 function trainFrom(st: Stage, base: TrainConfig, seed: number): TrainConfig {
-  const c: any = { ...base, seed };
-  for (const [k, f] of TRAIN_KEYS) if (st[f] !== undefined) c[k] = st[f];
-  return validateTrainConfig(c, `stage ${st.name}: `);
+  return trainConfigFrom(st, { ...base, seed }, 'recipe', `stage ${st.name}: `);
 }
 
 function loraFrom(v: any, base: LoraConfig = DEFAULT_LORA): LoraConfig {

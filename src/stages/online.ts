@@ -7,7 +7,7 @@ import { Policy, needTokenizer, openPolicy, stopIdsOf } from '../commands/contex
 import { DEFAULT_LORA, LoraAdapter, LoraConfig, attach, withAdapterOff } from '../lora/lora.js';
 import { DEFAULT_DPO, DpoParams } from '../dpo/loss.js';
 import { PrefPair } from '../data/prefs.js';
-import { PromptItem, loadPrompts } from '../data/prompts.js';
+import { PromptItem, loadPrompts, rowMessages } from '../data/prompts.js';
 import { completionLogprobs } from '../infer/logprobs.js';
 import { DEFAULT_SAMPLING } from '../infer/sampling.js';
 import { LocalSampler, OpenAISampler, OpenAISamplerConfig, SampleSettings, Sampler } from '../online/sampler.js';
@@ -254,11 +254,10 @@ async function runRound(
       for (let i = 0; i < todo.length; i += group) {
         const part = todo.slice(i, i + group);
         const reqs = part.map((x) => ({
-          messages: JSON.parse(x.prompt_json).prompt,
+          messages: rowMessages(JSON.parse(x.prompt_json)),
           promptIds: JSON.parse(x.prompt_ids) as number[],
           seeds: Array.from({ length: c.samplesPerPrompt }, (_, k) => deriveSeed(c.seed, 'sample', r, x.idx, k)),
         }));
-        for (const q of reqs) if (typeof q.messages === 'string') q.messages = [{ role: 'user', content: q.messages }];
         const out = await sampler.sample(reqs, c.sampling);
         tx(db, () =>
           part.forEach((x, j) =>
@@ -292,8 +291,7 @@ async function runRound(
         const results = await Promise.all(
           part.map((g) => {
             const row = JSON.parse(g[0].prompt_json);
-            const msgs = typeof row.prompt === 'string' ? [{ role: 'user', content: row.prompt }] : row.prompt;
-            return sc.score(msgs, g.map((x) => x.text), row);
+            return sc.score(rowMessages(row), g.map((x) => x.text), row);
           }),
         );
         tx(db, () => part.forEach((g, j) => g.forEach((x, k) => ins.run(x.id, sc.name, sc.version, results[j][k]))));
