@@ -82,22 +82,23 @@ async function main() {
   const lp = ad.params();
   const lopt = new AdamW({ beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0 }, lp);
   const n = pairs.length;
-  const dpoStep = (trainable: Map<string, tf.Variable>, o: AdamW, refOff: boolean) => () => {
-    const ref = tf.tidy(() => (refOff ? withAdapterOff(model, () => sequenceLogps(model, pb)) : sequenceLogps(model, pb)));
+  // One DPO step: reference log-probs without gradients, then the policy pass and an update of
+  // `trainable`. LoRA and full-model DPO differ only in the reference and what trains.
+  const dpoStep = (trainable: Map<string, tf.Variable>, o: AdamW, lr: number, reference: () => tf.Tensor1D) => () => {
+    const ref = tf.tidy(reference);
     const rd = ref.dataSync();
     ref.dispose();
-    const tv = [...trainable.values()];
     const { value, grads } = tf.variableGrads(() => {
       const all = sequenceLogps(model, pb);
       const l = dpoLosses({ policyChosen: tf.slice(all, [0], [n]) as tf.Tensor1D, policyRejected: tf.slice(all, [n], [n]) as tf.Tensor1D, refChosen: tf.tensor1d(rd.slice(0, n)), refRejected: tf.tensor1d(rd.slice(n)), lenChosen: tf.fill([n], 64) as tf.Tensor1D, lenRejected: tf.fill([n], 64) as tf.Tensor1D }, { beta: 0.1, lossType: 'sigmoid', labelSmoothing: 0 });
       return tf.mean(l) as tf.Scalar;
-    }, tv);
+    }, [...trainable.values()]);
     value.dispose();
-    o.step(new Map([...trainable].map(([k, v]) => [k, grads[v.name]])), 1e-4);
+    o.step(new Map([...trainable].map(([k, v]) => [k, grads[v.name]])), lr);
     Object.values(grads).forEach((x) => x.dispose());
   };
   const dpoTokens = 2 * n * 128;
-  tokens.dpo_step_lora = dpoTokens / timeIt(dpoStep(lp, lopt, true), reps);
+  tokens.dpo_step_lora = dpoTokens / timeIt(dpoStep(lp, lopt, 1e-4, () => withAdapterOff(model, () => sequenceLogps(model, pb))), reps);
   const loraTensorsMb = (tf.memory().numBytes / 2 ** 20);
   lopt.dispose();
   ad.dispose();
@@ -106,19 +107,7 @@ async function main() {
   const refModel = Decoder.init(cfg, 0);
   model.setTrainable(true);
   const fopt = new AdamW({ beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0 }, model.params);
-  const fullStep = () => {
-    const ref = tf.tidy(() => sequenceLogps(refModel, pb));
-    const rd = ref.dataSync();
-    ref.dispose();
-    const { value, grads } = tf.variableGrads(() => {
-      const all = sequenceLogps(model, pb);
-      return tf.mean(dpoLosses({ policyChosen: tf.slice(all, [0], [n]) as tf.Tensor1D, policyRejected: tf.slice(all, [n], [n]) as tf.Tensor1D, refChosen: tf.tensor1d(rd.slice(0, n)), refRejected: tf.tensor1d(rd.slice(n)), lenChosen: tf.fill([n], 64) as tf.Tensor1D, lenRejected: tf.fill([n], 64) as tf.Tensor1D }, { beta: 0.1, lossType: 'sigmoid', labelSmoothing: 0 })) as tf.Scalar;
-    }, vars);
-    value.dispose();
-    fopt.step(new Map([...model.params].map(([k, v]) => [k, grads[v.name]])), 1e-5);
-    Object.values(grads).forEach((x) => x.dispose());
-  };
-  tokens.dpo_step_full = dpoTokens / timeIt(fullStep, reps);
+  tokens.dpo_step_full = dpoTokens / timeIt(dpoStep(model.params, fopt, 1e-5, () => sequenceLogps(refModel, pb)), reps);
   const fullTensorsMb = tf.memory().numBytes / 2 ** 20;
   extra.dpo_lora_tensor_mb = +loraTensorsMb.toFixed(1);
   extra.dpo_full_tensor_mb = +fullTensorsMb.toFixed(1);

@@ -37,11 +37,30 @@ export function pairHash(p: PrefPair): string {
   return createHash('sha256').update(JSON.stringify([p.prompt, p.chosen, p.rejected])).digest('hex');
 }
 
-/** sha256 over the files that define a reference model (weights and adapter), streamed. */
+/**
+ * sha256 over the files that define a reference model (weights and adapter), streamed. A file
+ * unchanged since it was last hashed in this process (same size and mtime) is not read again:
+ * every on-policy round asks for the same multi-gigabyte base weights.
+ */
 export function filesHash(files: string[]): string {
+  const key = [...files].sort().map((f) => {
+    const st = fs.statSync(f);
+    return `${f}\0${st.size}\0${st.mtimeMs}`;
+  }).join('\n');
+  let h = hashCache.get(key);
+  if (!h) {
+    h = hashFiles([...files].sort());
+    hashCache.set(key, h);
+  }
+  return h;
+}
+
+const hashCache = new Map<string, string>();
+
+function hashFiles(files: string[]): string {
   const h = createHash('sha256');
   const buf = Buffer.alloc(1 << 20);
-  for (const f of [...files].sort()) {
+  for (const f of files) {
     h.update(f.split('/').at(-1)! + '\0');
     const fd = fs.openSync(f, 'r');
     try {

@@ -144,6 +144,7 @@ export class Decoder {
     const hd = cfg.head_dim;
     const cosT = tf.tensor4d(cos, [B, T, 1, hd]);
     const sinT = tf.tensor4d(sin, [B, T, 1, hd]);
+    const rot = rotateHalfMatrix(hd);
     let keyValid: number[] | undefined;
     if (cache) {
       for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) cache.valid[b].push(batch.valid ? batch.valid[b * T + t] : 1);
@@ -155,7 +156,7 @@ export class Decoder {
     for (let l = 0; l < cfg.num_hidden_layers; l++) {
       const p = `model.layers.${l}`;
       const h = rmsNorm(x, this.p(`${p}.input_layernorm.weight`), cfg.rms_norm_eps) as tf.Tensor3D;
-      x = tf.add(x, this.attention(l, h, cosT, sinT, mask, cache)) as tf.Tensor3D;
+      x = tf.add(x, this.attention(l, h, cosT, sinT, rot, mask, cache)) as tf.Tensor3D;
       const h2 = rmsNorm(x, this.p(`${p}.post_attention_layernorm.weight`), cfg.rms_norm_eps);
       const act = tf.mul(silu(this.lin(`${p}.mlp.gate_proj`, h2)), this.lin(`${p}.mlp.up_proj`, h2));
       x = tf.add(x, this.lin(`${p}.mlp.down_proj`, act)) as tf.Tensor3D;
@@ -163,7 +164,7 @@ export class Decoder {
     return rmsNorm(x, this.p('model.norm.weight'), cfg.rms_norm_eps) as tf.Tensor3D;
   }
 
-  private attention(l: number, h: tf.Tensor3D, cos: tf.Tensor, sin: tf.Tensor, mask: tf.Tensor, cache?: KVCache): tf.Tensor {
+  private attention(l: number, h: tf.Tensor3D, cos: tf.Tensor, sin: tf.Tensor, rot: tf.Tensor2D, mask: tf.Tensor, cache?: KVCache): tf.Tensor {
     const cfg = this.cfg;
     const [B, T] = h.shape;
     const H = cfg.num_attention_heads;
@@ -185,7 +186,6 @@ export class Decoder {
       k = tf.reshape(this.lin(`${p}.k_proj`, h), [B, T, KV, hd]);
       v = tf.reshape(this.lin(`${p}.v_proj`, h), [B, T, KV, hd]);
     }
-    const rot = rotateHalfMatrix(hd);
     q = applyRope(q, cos, sin, rot);
     k = applyRope(k, cos, sin, rot);
     let kt = tf.transpose(k, [0, 2, 1, 3]) as tf.Tensor4D; // [B, KV, T, hd]
