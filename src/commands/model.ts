@@ -66,12 +66,10 @@ export async function initModel(opts: { arch: string; preset?: string; config?: 
     spec = p;
   }
   const special = { eos: tok.id(EOD) ?? null, pad: tok.id(PAD) ?? null, bos: null };
-  const raw = opts.config ? { ...presetConfig(opts.arch as Arch, spec, tok.vocabSize, special), ...spec } : presetConfig(opts.arch as Arch, spec, tok.vocabSize, special);
-  if (opts.config) {
-    raw.architectures = presetConfig(opts.arch as Arch, spec, tok.vocabSize, special).architectures;
-    raw.model_type = opts.arch;
-    raw.vocab_size = Math.max(raw.vocab_size ?? 0, tok.vocabSize);
-  }
+  const base = presetConfig(opts.arch as Arch, spec, tok.vocabSize, special);
+  // A --config file may set any config.json field, but --arch decides the architecture and the
+  // vocabulary must hold every tokenizer id.
+  const raw = opts.config ? { ...base, ...spec, architectures: base.architectures, model_type: opts.arch, vocab_size: Math.max(spec.vocab_size ?? 0, tok.vocabSize) } : base;
   const cfg = parseConfig(raw, opts.config ?? `preset ${opts.preset}`);
   if (cfg.vocab_size < tok.vocabSize) throw new UserError(`vocab_size ${cfg.vocab_size} is smaller than the tokenizer's ${tok.vocabSize} ids`);
   const model = Decoder.init(cfg, opts.seed);
