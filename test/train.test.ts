@@ -5,7 +5,7 @@ import * as path from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { AdamW, clipFactor } from '../src/train/adamw.js';
 import { lrMultiplier, warmupSteps } from '../src/train/schedule.js';
-import { DEFAULT_TRAIN, Trainer, TrainTask } from '../src/train/trainer.js';
+import { DEFAULT_TRAIN, Trainer, TrainTask, nonFinite } from '../src/train/trainer.js';
 import { loadParams, saveParams } from '../src/train/params-io.js';
 import { mm, embed, labelLogProbs } from '../src/engine/ops.js';
 import { Rng } from '../src/util/rng.js';
@@ -111,7 +111,7 @@ describe('custom gradients', () => {
 });
 
 /** A linear-regression task on the shared trainer: small, exact, and deterministic. */
-function regressionTask(seed: number, nanAt = -1): TrainTask<{ x: number[][]; y: number[]; i: number }> {
+function regressionTask(seed: number, nanAt = -1, infGradAt = -1): TrainTask<{ x: number[][]; y: number[]; i: number }> {
   const rng = new Rng(seed, 'data');
   const trueW = [1.5, -2, 0.5];
   const batches = Array.from({ length: 12 }, (_, i) => {
@@ -120,8 +120,10 @@ function regressionTask(seed: number, nanAt = -1): TrainTask<{ x: number[][]; y:
   });
   const w = tf.variable(tf.zeros([3, 1]));
   const b = tf.variable(tf.zeros([1]));
+  // A parameter at 0 whose loss term √z is finite (0) while its gradient 1/(2√z) is +Inf.
+  const z = tf.variable(tf.zeros([2]));
   return {
-    params: new Map([['w.weight', w], ['w.bias', b]]),
+    params: new Map([['w.weight', w], ['w.bias', b], ['z.weight', z]]),
     trainBatches: batches,
     evalBatches: batches.slice(0, 2),
     tokens: (bt) => bt.x.length,
@@ -129,6 +131,7 @@ function regressionTask(seed: number, nanAt = -1): TrainTask<{ x: number[][]; y:
       const pred = tf.add(mm(tf.tensor2d(bt.x), w as unknown as tf.Tensor2D), b);
       let l = tf.mean(tf.square(tf.sub(tf.reshape(pred, [-1]), tf.tensor1d(bt.y)))) as tf.Scalar;
       if (bt.i === nanAt) l = tf.mul(l, NaN) as tf.Scalar;
+      l = tf.add(l, bt.i === infGradAt ? tf.sum(tf.sqrt(z)) : tf.mul(tf.sum(z), 0)) as tf.Scalar;
       return { loss: l };
     },
   };
@@ -188,6 +191,28 @@ describe('Trainer', () => {
     await expect(tr.fit(io(task))).rejects.toThrow(/non-finite loss \(NaN\) at step 4, micro-batch 7/);
     expect(fs.existsSync(path.join(dir, 'checkpoint-4'))).toBe(false);
     tr.dispose();
+  });
+
+  it('a finite loss with an infinite gradient stops before the update; --detect-anomaly names the tensor and micro-batch', async () => {
+    for (const detectAnomaly of [false, true]) {
+      const dir = tmp();
+      const task = regressionTask(3, -1, 7);
+      const tr = new Trainer(task, { ...cfg, shuffle: false, detectAnomaly }, dir);
+      await expect(tr.fit(io(task))).rejects.toThrow(
+        detectAnomaly ? /^non-finite gradient of z\.weight at step 4, micro-batch 7 \(epoch 0\); stopped before the update/ : /^non-finite gradient norm at step 4, micro-batches 6–7; stopped before the update.*--detect-anomaly/,
+      );
+      expect(tr.step).toBe(3);
+      // The weights are those after step 3 (no partial update), and so is nothing on disk beyond it.
+      for (const v of task.params.values()) expect(Array.from(v.dataSync()).every(Number.isFinite)).toBe(true);
+      expect(fs.readdirSync(dir).filter((n) => n.startsWith('checkpoint-'))).toEqual([]);
+      tr.dispose();
+    }
+  });
+
+  it('nonFinite names exactly the tensors holding NaN or ±Inf (huge finite values pass)', () => {
+    const ts: [string, tf.Tensor][] = [['a', tf.tensor1d([1, 3e38, 3e38])], ['b', tf.tensor1d([0, -Infinity])], ['c', tf.tensor2d([[NaN, 1]])], ['d', tf.tensor1d([-3e38, 2])]];
+    expect(nonFinite(ts)).toEqual(['b', 'c']);
+    ts.forEach(([, t]) => t.dispose());
   });
 
   it('holds tensor count flat across steps', () => {

@@ -27,6 +27,7 @@ export function addTrainOptions(cmd: Command): Command {
     .option('--save-total-limit <n>', 'checkpoints kept', num)
     .option('--eval-steps <n>', 'evaluate every n steps (0 = at the end)', num)
     .option('--seed <n>', 'seed', num)
+    .option('--detect-anomaly', 'check every gradient and weight each step; name the first NaN/Inf tensor')
     .option('--resume', 'continue from the newest checkpoint in --out');
 }
 
@@ -35,7 +36,7 @@ export const TRAIN_FIELDS: [keyof TrainConfig, string][] = [
   ['lr', 'lr'], ['epochs', 'epochs'], ['maxSteps', 'max_steps'], ['gradAccum', 'grad_accum'], ['warmupRatio', 'warmup_ratio'],
   ['scheduler', 'lr_scheduler'], ['weightDecay', 'weight_decay'], ['beta1', 'adam_beta1'], ['beta2', 'adam_beta2'], ['eps', 'adam_eps'],
   ['maxGradNorm', 'max_grad_norm'], ['loggingSteps', 'logging_steps'], ['saveSteps', 'save_steps'], ['saveTotalLimit', 'save_total_limit'],
-  ['evalSteps', 'eval_steps'], ['seed', 'seed'],
+  ['evalSteps', 'eval_steps'], ['seed', 'seed'], ['detectAnomaly', 'detect_anomaly'],
 ];
 
 const camel = (snake: string) => snake.replace(/_(\w)/g, (_, c: string) => c.toUpperCase());

@@ -1,7 +1,6 @@
 import * as fs from 'node:fs';
-import * as path from 'node:path';
-import { randomBytes } from 'node:crypto';
 import { UserError } from '../util/errors.js';
+import { writeFileVia } from '../util/fsutil.js';
 
 /**
  * safetensors, read and written by hand (REFERENCE §3): u64 LE header length, JSON header,
@@ -256,10 +255,7 @@ export async function writeSafetensors(
   const hbuf = Buffer.from(htext, 'utf8');
   const lenBuf = Buffer.alloc(8);
   lenBuf.writeBigUInt64LE(BigInt(hbuf.length));
-  fs.mkdirSync(path.dirname(path.resolve(file)), { recursive: true });
-  const tmp = path.join(path.dirname(file), `.${path.basename(file)}.${randomBytes(4).toString('hex')}.tmp`);
-  const fd = fs.openSync(tmp, 'w');
-  try {
+  await writeFileVia(file, async (fd) => {
     fs.writeSync(fd, lenBuf);
     fs.writeSync(fd, hbuf);
     for (const e of entries) {
@@ -268,14 +264,7 @@ export async function writeSafetensors(
       if (data.length !== numel) throw new Error(`tensor ${e.name}: ${data.length} values for shape ${JSON.stringify(e.shape)}`);
       fs.writeSync(fd, encode(data, dtype));
     }
-    fs.fsyncSync(fd);
-    fs.closeSync(fd);
-    fs.renameSync(tmp, file);
-  } catch (err) {
-    try { fs.closeSync(fd); } catch { /* already closed */ }
-    fs.rmSync(tmp, { force: true });
-    throw err;
-  }
+  });
 }
 
 export function dtypeFromName(s: string): DType {

@@ -32,6 +32,7 @@ const train: Record<string, Spec> = {
   save_total_limit: int({ min: 0 }),
   eval_steps: int({ min: 0 }),
   seed: int(),
+  detect_anomaly: bool,
 };
 const lora = obj({ r: int({ min: 1 }), alpha: num({ min: 0, exclusiveMin: true }), dropout: num({ min: 0, max: 0.99 }), targets: strings, use_rslora: bool });
 const dpoFields: Record<string, Spec> = {

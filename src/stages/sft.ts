@@ -146,9 +146,11 @@ export async function publishFiles(out: string, lastFile: string, fill: (tmp: st
   fs.mkdirSync(out, { recursive: true });
   const tmp = path.join(out, '.publish.tmp');
   fs.rmSync(tmp, { recursive: true, force: true });
-  fs.rmSync(path.join(out, lastFile), { force: true });
   try {
+    // The previous model stays whole until the new one is complete (a failed write keeps it);
+    // from here on, a directory without `lastFile` is never read as a model.
     await fill(tmp);
+    fs.rmSync(path.join(out, lastFile), { force: true });
     for (const f of fs.readdirSync(tmp).filter((f) => f !== lastFile)) fs.renameSync(path.join(tmp, f), path.join(out, f));
     fs.renameSync(path.join(tmp, lastFile), path.join(out, lastFile));
   } finally {

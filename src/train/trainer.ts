@@ -31,6 +31,12 @@ export interface TrainConfig extends AdamWConfig {
   seed: number;
   /** Shuffle micro-batch order each epoch. */
   shuffle: boolean;
+  /**
+   * Check every gradient after each micro-batch and every weight after each update, naming the
+   * first non-finite tensor (torch.autograd's detect_anomaly, at parameter granularity). Costs
+   * one extra reduction per tensor.
+   */
+  detectAnomaly: boolean;
 }
 
 export const DEFAULT_TRAIN: TrainConfig = {
@@ -48,7 +54,18 @@ export const DEFAULT_TRAIN: TrainConfig = {
   evalSteps: 0,
   seed: 0,
   shuffle: true,
+  detectAnomaly: false,
 };
+
+/**
+ * The names of the tensors holding a NaN or ±Inf, in order. x·0 is 0 for every finite x and NaN
+ * otherwise, so one sum per tensor decides it exactly (a sum of squares could overflow).
+ */
+export function nonFinite(tensors: [string, tf.Tensor][]): string[] {
+  if (tensors.length === 0) return [];
+  const flags = tf.tidy(() => tf.stack(tensors.map(([, t]) => tf.sum(tf.mul(t, 0)))).dataSync());
+  return tensors.filter((_, k) => !Number.isFinite(flags[k])).map(([n]) => n);
+}
 
 export interface LossOut {
   loss: tf.Scalar;
@@ -161,10 +178,18 @@ export class Trainer<B> {
         metricSums[k] = (metricSums[k] ?? 0) + v.dataSync()[0] / A;
         v.dispose();
       }
-      if (!Number.isFinite(lv)) {
+      const where = `step ${this.step + 1}, micro-batch ${i} (epoch ${Math.floor(i / this.micro)})`;
+      const stop = (what: string) => {
         for (const g of Object.values(grads)) g.dispose();
         for (const g of sums.values()) g.dispose();
-        throw new UserError(`non-finite loss (${lv}) at step ${this.step + 1}, micro-batch ${i} (epoch ${Math.floor(i / this.micro)}); stopped, the last good checkpoint is kept`);
+        return new UserError(`${what} at ${where}; stopped before the update, the last good checkpoint is kept`);
+      };
+      if (!Number.isFinite(lv)) throw stop(`non-finite loss (${lv})`);
+      if (this.cfg.detectAnomaly) {
+        const badMetric = Object.entries(metricSums).find(([, v]) => !Number.isFinite(v));
+        if (badMetric) throw stop(`non-finite metric ${badMetric[0]} (${badMetric[1]})`);
+        const bad = nonFinite(names.flatMap((n, k) => (grads[vars[k].name] ? [[n, grads[vars[k].name]] as [string, tf.Tensor]] : [])));
+        if (bad.length) throw stop(`non-finite gradient of ${bad[0]}${bad.length > 1 ? ` (and ${bad.length - 1} more tensors)` : ''}`);
       }
       lossSum += lv / A;
       names.forEach((n, k) => {
@@ -184,7 +209,8 @@ export class Trainer<B> {
     sq.dispose();
     if (!Number.isFinite(norm)) {
       for (const g of sums.values()) g.dispose();
-      throw new UserError(`non-finite gradient norm at step ${this.step + 1}; stopped, the last good checkpoint is kept`);
+      const first = this.step * A;
+      throw new UserError(`non-finite gradient norm at step ${this.step + 1}, micro-batch${A > 1 ? `es ${first}–${first + A - 1}` : ` ${first}`}; stopped before the update, the last good checkpoint is kept (--detect-anomaly names the tensor)`);
     }
     const scale = clipFactor(norm, this.cfg.maxGradNorm) / A;
     const scaled = new Map<string, tf.Tensor>();
@@ -195,6 +221,10 @@ export class Trainer<B> {
     const lr = this.lrAt(this.step);
     this.opt.step(scaled, lr);
     for (const g of scaled.values()) g.dispose();
+    if (this.cfg.detectAnomaly) {
+      const bad = nonFinite(names.map((n, k) => [n, vars[k]]));
+      if (bad.length) throw new UserError(`non-finite weight ${bad[0]} after the update of step ${this.step + 1} (lr ${lr}); stopped, the last good checkpoint is kept`);
+    }
     this.step += 1;
     return { loss: lossSum, lr, grad_norm: norm, tokens, ...metricSums };
   }

@@ -8,26 +8,117 @@ import { UserError } from './errors.js';
  * name next to its destination and renamed into place, so a crash or a failed write never
  * leaves something a later run could mistake for good output.
  */
+const TMP_RE = /^\.(.+)\.(\d+)\.[0-9a-f]{8}\.tmp(\.old)?$/;
+
 function tmpName(dest: string): string {
+  sweepStale(dest);
   return path.join(path.dirname(dest), `.${path.basename(dest)}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`);
 }
 
-export function writeFileAtomic(dest: string, data: string | Uint8Array): void {
-  fs.mkdirSync(path.dirname(path.resolve(dest)), { recursive: true });
-  const tmp = tmpName(dest);
+function alive(pid: number): boolean {
   try {
-    const fd = fs.openSync(tmp, 'w');
-    try {
-      fs.writeFileSync(fd, data);
-      fs.fsyncSync(fd);
-    } finally {
-      fs.closeSync(fd);
-    }
-    fs.renameSync(tmp, dest);
-  } catch (e) {
-    fs.rmSync(tmp, { force: true });
-    throw e;
+    process.kill(pid, 0);
+    return true;
+  } catch (e: any) {
+    return e.code === 'EPERM';
   }
+}
+
+/**
+ * Temp files of a writer that died (SIGKILL, power loss) are never read, only wasted space: they
+ * are removed the next time something is written beside them, if their process is gone.
+ */
+function sweepStale(dest: string): void {
+  const dir = path.dirname(dest);
+  let names: string[];
+  try {
+    names = fs.readdirSync(dir);
+  } catch {
+    return;
+  }
+  const base = path.basename(dest);
+  for (const n of names) {
+    const m = TMP_RE.exec(n);
+    if (m && m[1] === base && Number(m[2]) !== process.pid && !alive(Number(m[2]))) fs.rmSync(path.join(dir, n), { recursive: true, force: true });
+  }
+}
+
+const IO_CODES: Record<string, string> = {
+  ENOSPC: 'no space left on device',
+  EDQUOT: 'disk quota exceeded',
+  EFBIG: 'file too large',
+  EIO: 'input/output error',
+  EROFS: 'read-only file system',
+  EACCES: 'permission denied',
+  EPERM: 'operation not permitted',
+};
+
+/** A failed write names its destination and says that what was there before is untouched. */
+export function writeError(dest: string, e: any): Error {
+  if (e instanceof UserError || !(e?.code in IO_CODES)) return e;
+  return new UserError(`${dest}: write failed (${e.code}: ${IO_CODES[e.code]}); nothing was replaced, the previous contents are unchanged`);
+}
+
+/**
+ * Write `dest` through `write(fd)` into a temp file, fsync it and rename it into place; on any
+ * failure the temp file is removed and `dest` is left as it was.
+ */
+export async function writeFileVia(dest: string, write: (fd: number) => void | Promise<void>): Promise<void> {
+  const t = openTemp(dest);
+  try {
+    await write(t.fd);
+  } catch (e) {
+    throw t.abort(e);
+  }
+  t.commit();
+}
+
+export function writeFileAtomic(dest: string, data: string | Uint8Array): void {
+  const t = openTemp(dest);
+  try {
+    fs.writeFileSync(t.fd, data);
+  } catch (e) {
+    throw t.abort(e);
+  }
+  t.commit();
+}
+
+function openTemp(dest: string) {
+  let tmp = '';
+  try {
+    fs.mkdirSync(path.dirname(path.resolve(dest)), { recursive: true });
+    tmp = tmpName(dest);
+  } catch (e) {
+    throw writeError(dest, e);
+  }
+  let fd: number;
+  try {
+    fd = fs.openSync(tmp, 'w');
+  } catch (e) {
+    throw writeError(dest, e);
+  }
+  const abort = (e: unknown): Error => {
+    try {
+      fs.closeSync(fd);
+    } catch {
+      /* already closed */
+    }
+    fs.rmSync(tmp, { force: true });
+    return writeError(dest, e);
+  };
+  return {
+    fd,
+    abort,
+    commit() {
+      try {
+        fs.fsyncSync(fd);
+        fs.closeSync(fd);
+        fs.renameSync(tmp, dest);
+      } catch (e) {
+        throw abort(e);
+      }
+    },
+  };
 }
 
 /**
@@ -36,10 +127,10 @@ export function writeFileAtomic(dest: string, data: string | Uint8Array): void {
  */
 export async function writeDirAtomic(dest: string, fill: (dir: string) => void | Promise<void>): Promise<void> {
   const abs = path.resolve(dest);
-  fs.mkdirSync(path.dirname(abs), { recursive: true });
   const tmp = tmpName(abs);
-  fs.mkdirSync(tmp);
   try {
+    fs.mkdirSync(path.dirname(abs), { recursive: true });
+    fs.mkdirSync(tmp);
     await fill(tmp);
     if (fs.existsSync(abs)) {
       const old = tmpName(abs) + '.old';
@@ -51,7 +142,7 @@ export async function writeDirAtomic(dest: string, fill: (dir: string) => void |
     }
   } catch (e) {
     fs.rmSync(tmp, { recursive: true, force: true });
-    throw e;
+    throw writeError(dest, e);
   }
 }
 
