@@ -29,6 +29,7 @@ export function checkScores(x: unknown, n: number, source: string, sample: strin
 }
 
 function describe(x: unknown): string {
+  if (typeof x === 'number') return String(x); // JSON would print NaN and ±Infinity as null
   const s = JSON.stringify(x);
   return s === undefined ? String(x) : s.length > 60 ? s.slice(0, 57) + '...' : s;
 }

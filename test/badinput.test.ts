@@ -43,6 +43,7 @@ describe('bad-input corpus through the CLI', () => {
       for (const leftover of ['config.json', 'adapter_config.json', 'model.safetensors', 'adapter_model.safetensors']) expect(fs.existsSync(path.join(out, leftover)), `${out}/${leftover}`).toBe(false);
       if (!c.args(c.file, out).includes('--workdir')) expect(fs.existsSync(out) && fs.statSync(out).isFile()).toBe(false);
     }
+    console.log(`bad-input corpus: ${cases.length} data-file cases through the CLI`);
   }, 120_000);
 
   it('checkpoints, adapters and tokenizers that do not fit are refused by path', async () => {

@@ -1,5 +1,4 @@
 import { describe, expect, it } from 'vitest';
-import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as http from 'node:http';
 import * as path from 'node:path';
@@ -7,7 +6,7 @@ import Database from 'better-sqlite3';
 import { selectPair, ScoredSample, SelectOptions } from '../src/online/select.js';
 import { roundPromptIndices } from '../src/stages/online.js';
 import { Rng } from '../src/util/rng.js';
-import { prefopt } from './helpers/cli.js';
+import { prefopt, prefoptAsync } from './helpers/cli.js';
 import { onlineArgs, onlineFixture } from './helpers/online-fixture.js';
 
 const s = (k: number, reward: number, nTokens = 5, key = `k${k}`): ScoredSample => ({ id: 100 + k, k, reward, nTokens, key });
@@ -133,24 +132,24 @@ describe('online stage', () => {
     const url = `http://127.0.0.1:${(server.address() as any).port}/score`;
     const wd = path.join(f.d, 'net');
     const args = onlineArgs(f, wd).map((a) => (a === f.scorer ? url : a));
-    const r1 = await runAsync(args);
+    const r1 = await prefoptAsync(args);
     expect(r1.code).toBe(2);
     expect(r1.stderr).toContain(`${url}: gave up after`);
     expect((dump(wd).rounds as any[])[0].step).toBe('score'); // samples committed, waiting for scores
     healthy = true;
-    const r2 = await runAsync(args);
+    const r2 = await prefoptAsync(args);
     expect(r2.code, r2.stderr).toBe(0);
     server.close();
     // A sampling endpoint that fails on purpose (HTTP 500), then one that is not there at all.
     const failing = http.createServer((_req, res) => res.writeHead(500).end('overloaded'));
     await new Promise<void>((r) => failing.listen(0, '127.0.0.1', () => r()));
     const surl = `http://127.0.0.1:${(failing.address() as any).port}/v1`;
-    const sampler = await runAsync(onlineArgs(f, path.join(f.d, 'sampler'), ['--sampler-url', surl, '--sampler-timeout', '2000']));
+    const sampler = await prefoptAsync(onlineArgs(f, path.join(f.d, 'sampler'), ['--sampler-url', surl, '--sampler-timeout', '2000']));
     failing.close();
     expect(sampler.code).toBe(2);
     expect(sampler.stderr).toContain(`sampler ${surl}/chat/completions: unreachable after 4 attempts (HTTP 500); the run stays resumable`);
     expect((dump(path.join(f.d, 'sampler')).rounds as any[])[0].step).toBe('sample');
-    const gone = await runAsync(onlineArgs(f, path.join(f.d, 'sampler2'), ['--sampler-url', surl, '--sampler-timeout', '500']));
+    const gone = await prefoptAsync(onlineArgs(f, path.join(f.d, 'sampler2'), ['--sampler-url', surl, '--sampler-timeout', '500']));
     expect(gone.stderr).toMatch(/unreachable after 4 attempts \(connection failed: ECONNREFUSED\)/);
   });
 
@@ -158,7 +157,7 @@ describe('online stage', () => {
     const f = await onlineFixture();
     const ref = path.join(f.d, 'ref');
     const t0 = Date.now();
-    expect((await runAsync(onlineArgs(f, ref))).code).toBe(0);
+    expect((await prefoptAsync(onlineArgs(f, ref))).code).toBe(0);
     const T = Date.now() - t0;
     const want = dump(ref);
     const rng = new Rng(2024);
@@ -169,7 +168,7 @@ describe('online stage', () => {
       const wd = path.join(f.d, `crash-${sessions++}`);
       for (;;) {
         const killAt = 150 + rng.next() * T;
-        const r = await runAsync(onlineArgs(f, wd), killAt);
+        const r = await prefoptAsync(onlineArgs(f, wd), { killAfterMs: killAt });
         if (r.killed) {
           kills++;
           if (fs.existsSync(path.join(wd, 'prefopt.db'))) {
@@ -189,17 +188,3 @@ describe('online stage', () => {
     console.log(`crash test: ${kills} kills over ${sessions} sessions; steps interrupted: ${[...stepsHit].sort().join(' ')}`);
   }, 600_000);
 });
-
-function runAsync(args: string[], killAfterMs?: number): Promise<{ code: number | null; killed: boolean; stderr: string }> {
-  return new Promise((resolve) => {
-    const child = spawn(process.execPath, [path.resolve('bin/prefopt.js'), ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
-    let stderr = '';
-    child.stderr.on('data', (c) => (stderr += c));
-    let killed = false;
-    const timer = killAfterMs ? setTimeout(() => ((killed = true), child.kill('SIGKILL')), killAfterMs) : null;
-    child.on('exit', (code) => {
-      if (timer) clearTimeout(timer);
-      resolve({ code, killed: killed && code === null, stderr });
-    });
-  });
-}

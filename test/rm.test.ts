@@ -34,7 +34,7 @@ describe('rule scorers', () => {
 
   it('module scorers load .js and .ts exports; throwing or non-number results name the module and sample', async () => {
     const d = tmp();
-    fs.writeFileSync(path.join(d, 'len.mjs'), 'export default (p, cs) => cs.map((c) => c.length);\nexport const bad = () => [1, "x"];\nexport const boom = () => { throw new Error("kaput"); };\n');
+    fs.writeFileSync(path.join(d, 'len.mjs'), 'export default (p, cs) => cs.map((c) => c.length);\nexport const bad = () => [1, "x"];\nexport const nan = () => [0.5, NaN];\nexport const inf = () => [-Infinity];\nexport const boom = () => { throw new Error("kaput"); };\n');
     fs.writeFileSync(path.join(d, 'typed.ts'), 'export function score(p: unknown, cs: string[]): number[] { return cs.map((c: string) => (c.includes("yes") ? 1 : 0)); }\n');
     const a = await makeScorer(`module:${path.join(d, 'len.mjs')}`);
     expect(await a.score('hi', ['abc', 'de'])).toEqual([3, 2]);
@@ -42,6 +42,10 @@ describe('rule scorers', () => {
     expect(await t.score('hi', ['yes', 'no'])).toEqual([1, 0]);
     const bad = await makeScorer(`module:${path.join(d, 'len.mjs')}#bad`);
     await expect(bad.score('q?', ['a', 'b'])).rejects.toThrow(/len.mjs#bad: score 1 for prompt "q\?" is "x", not a finite number/);
+    const nan = await makeScorer(`module:${path.join(d, 'len.mjs')}#nan`);
+    await expect(nan.score('q?', ['a', 'b'])).rejects.toThrow(/len.mjs#nan: score 1 for prompt "q\?" is NaN, not a finite number/);
+    const inf = await makeScorer(`module:${path.join(d, 'len.mjs')}#inf`);
+    await expect(inf.score('q?', ['a'])).rejects.toThrow(/len.mjs#inf: score 0 for prompt "q\?" is -Infinity, not a finite number/);
     const boom = await makeScorer(`module:${path.join(d, 'len.mjs')}#boom`);
     await expect(boom.score('q?', ['a'])).rejects.toThrow(/len.mjs#boom threw on the sample for prompt "q\?": kaput/);
     await expect(makeScorer(`module:${path.join(d, 'len.mjs')}#nope`)).rejects.toThrow(/export "nope" is not a function/);

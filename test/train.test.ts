@@ -5,7 +5,7 @@ import * as path from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { AdamW, clipFactor } from '../src/train/adamw.js';
 import { lrMultiplier, warmupSteps } from '../src/train/schedule.js';
-import { DEFAULT_TRAIN, Trainer, TrainTask, nonFinite } from '../src/train/trainer.js';
+import { DEFAULT_TRAIN, Trainer, TrainTask, nonFinite, readMetricsFile } from '../src/train/trainer.js';
 import { loadParams, saveParams } from '../src/train/params-io.js';
 import { mm, embed, labelLogProbs } from '../src/engine/ops.js';
 import { Rng } from '../src/util/rng.js';
@@ -213,6 +213,14 @@ describe('Trainer', () => {
     const ts: [string, tf.Tensor][] = [['a', tf.tensor1d([1, 3e38, 3e38])], ['b', tf.tensor1d([0, -Infinity])], ['c', tf.tensor2d([[NaN, 1]])], ['d', tf.tensor1d([-3e38, 2])]];
     expect(nonFinite(ts)).toEqual(['b', 'c']);
     ts.forEach(([, t]) => t.dispose());
+  });
+
+  it('metrics.jsonl: a torn last line (killed mid-append) is dropped, a bad line elsewhere names file and line', () => {
+    const f = path.join(tmp(), 'metrics.jsonl');
+    fs.writeFileSync(f, '{"step":1,"loss":2}\n{"step":2,"loss":1.5}\n{"step":3,"lo');
+    expect(readMetricsFile(f)).toEqual([{ step: 1, loss: 2 }, { step: 2, loss: 1.5 }]);
+    fs.writeFileSync(f, '{"step":1}\n{"st\n{"step":3}\n');
+    expect(() => readMetricsFile(f)).toThrow(new RegExp(`${f}:2: invalid JSON in the metrics log`));
   });
 
   it('holds tensor count flat across steps', () => {

@@ -5,6 +5,7 @@ import { compile } from 'vega-lite';
 import { Resvg } from '@resvg/resvg-js';
 import { openDb } from '../store/db.js';
 import { writeFileAtomic } from '../util/fsutil.js';
+import { readMetricsFile } from '../train/trainer.js';
 import { UserError } from '../util/errors.js';
 
 /**
@@ -23,12 +24,7 @@ async function png(spec: Record<string, unknown>): Promise<string> {
 }
 
 function readMetrics(file: string, source: string): Row[] {
-  if (!fs.existsSync(file)) return [];
-  return fs
-    .readFileSync(file, 'utf8')
-    .split('\n')
-    .filter((l) => l.trim())
-    .map((l) => ({ ...JSON.parse(l), source }));
+  return readMetricsFile(file).map((r) => ({ ...r, source }) as Row);
 }
 
 const esc = (s: string) => s.replace(/[&<>"]/g, (c) => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;' })[c]!);

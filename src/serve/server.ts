@@ -7,6 +7,9 @@ import { deriveSeed } from '../util/rng.js';
 import { ApiError, ChatRequest, parseChatRequest } from './validate.js';
 import { log } from '../util/log.js';
 
+/** Thrown when the client hung up: nothing is left to answer. */
+const CLIENT_GONE = Symbol('client gone');
+
 /**
  * An OpenAI-compatible server for a prefopt checkpoint: POST /v1/chat/completions (plain and
  * streamed as server-sent events), GET /v1/models, GET /health. Requests queue behind one model
@@ -35,8 +38,16 @@ export class ChatServer {
   ) {
     needTokenizer(policy, 'serving chat');
     this.queue = new PQueue({ concurrency: o.concurrency });
-    this.server = http.createServer((req, res) => {
-      this.handle(req, res).catch((e) => this.fail(res, e instanceof ApiError ? e : new ApiError(500, `internal error: ${e?.message ?? e}`)));
+    // Node checks request timeouts every connectionsCheckingInterval (30 s by default): check
+    // often enough that a slow client is cut off near --timeout, not up to 30 s later.
+    this.server = http.createServer({ connectionsCheckingInterval: Math.max(50, Math.min(30_000, o.requestTimeoutMs / 4)) }, (req, res) => {
+      // A client that hangs up mid-request must not take the process down with it.
+      req.on('error', () => res.destroy());
+      res.on('error', () => res.destroy());
+      this.handle(req, res).catch((e) => {
+        if (e === CLIENT_GONE || res.destroyed) return void res.destroy();
+        this.fail(res, e instanceof ApiError ? e : new ApiError(500, `internal error: ${e?.message ?? e}`));
+      });
     });
     this.server.requestTimeout = o.requestTimeoutMs;
     this.server.headersTimeout = Math.min(o.requestTimeoutMs, 60_000);
@@ -72,12 +83,18 @@ export class ChatServer {
   }
 
   private async readBody(req: http.IncomingMessage): Promise<any> {
+    const tooLarge = () => new ApiError(413, `the request body is larger than ${this.o.maxBodyBytes} bytes`);
+    if (Number(req.headers['content-length'] ?? 0) > this.o.maxBodyBytes) throw tooLarge();
     const chunks: Buffer[] = [];
     let size = 0;
-    for await (const c of req) {
-      size += (c as Buffer).length;
-      if (size > this.o.maxBodyBytes) throw new ApiError(400, `the request body is larger than ${this.o.maxBodyBytes} bytes`);
-      chunks.push(c as Buffer);
+    try {
+      for await (const c of req) {
+        size += (c as Buffer).length;
+        if (size > this.o.maxBodyBytes) throw tooLarge();
+        chunks.push(c as Buffer);
+      }
+    } catch (e) {
+      throw e instanceof ApiError ? e : CLIENT_GONE;
     }
     try {
       return JSON.parse(Buffer.concat(chunks).toString('utf8'));
@@ -128,17 +145,23 @@ export class ChatServer {
     };
   }
 
-  private async run(r: ChatRequest, prompt: number[], onToken?: (req: number, sample: number, id: number) => void) {
+  /** Generate for one request; stops early (CLIENT_GONE) once the client has hung up. */
+  private async run(res: http.ServerResponse, r: ChatRequest, prompt: number[], onToken?: (req: number, sample: number, id: number) => void) {
     const it = generateSteps(this.policy.model, [{ prompt, seeds: this.seeds(r) }], this.genOpts(r, onToken));
-    for (;;) {
-      const s = it.next();
-      if (s.done) return s.value[0];
-      await new Promise((res) => setImmediate(res)); // let sockets and other requests breathe
+    try {
+      for (;;) {
+        if (res.destroyed) throw CLIENT_GONE;
+        const s = it.next();
+        if (s.done) return s.value[0];
+        await new Promise((ok) => setImmediate(ok)); // let sockets and other requests breathe
+      }
+    } finally {
+      it.return?.(undefined as any);
     }
   }
 
   private async complete(res: http.ServerResponse, r: ChatRequest, prompt: number[]): Promise<void> {
-    const samples = await this.run(r, prompt);
+    const samples = await this.run(res, r, prompt);
     const completion = samples.reduce((a, s) => a + s.ids.length, 0);
     this.json(res, 200, {
       id: `chatcmpl-${randomBytes(12).toString('hex')}`,
@@ -161,7 +184,7 @@ export class ChatServer {
     const shown = new Array<number>(r.n).fill(0);
     // Stream decoded text as it grows; hold back anything that could still become a stop string.
     const hold = Math.max(0, ...r.stop.map((s) => s.length - 1));
-    const samples = await this.run(r, prompt, (_q, k, tid) => {
+    const samples = await this.run(res, r, prompt, (_q, k, tid) => {
       ids[k].push(tid);
       const text = tok.decode(ids[k], true);
       if (text.endsWith('\ufffd')) return; // an incomplete UTF-8 sequence: wait for the rest
@@ -189,6 +212,7 @@ export class ChatServer {
   }
 
   private fail(res: http.ServerResponse, e: ApiError): void {
+    if (res.destroyed) return;
     if (e.status >= 500) log('error', { message: e.message });
     if (res.headersSent) {
       res.end();

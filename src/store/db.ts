@@ -163,6 +163,7 @@ function dbMessage(e: any): string {
   const code = e?.code ?? '';
   if (code === 'SQLITE_BUSY' || code === 'SQLITE_LOCKED') return 'the database is locked by another process';
   if (code === 'SQLITE_NOTADB' || code === 'SQLITE_CORRUPT') return 'the file is not a valid SQLite database (corrupted?)';
+  if (code === 'SQLITE_FULL' || code.startsWith('SQLITE_IOERR')) return `write failed (${code}: disk full, file too large or I/O error); the transaction was rolled back, the run stays resumable`;
   return e?.message ?? String(e);
 }
 

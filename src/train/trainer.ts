@@ -112,6 +112,26 @@ export function listCheckpoints(dir: string): { step: number; dir: string }[] {
     .sort((a, b) => a.step - b.step);
 }
 
+/**
+ * The rows of a metrics.jsonl. A process killed in the middle of an append leaves a torn last
+ * line: it is dropped (the row was never complete); a bad line anywhere else is an error.
+ */
+export function readMetricsFile(file: string): Record<string, unknown>[] {
+  if (!fs.existsSync(file)) return [];
+  const lines = fs.readFileSync(file, 'utf8').split('\n');
+  const rows: Record<string, unknown>[] = [];
+  lines.forEach((l, i) => {
+    if (!l.trim()) return;
+    try {
+      rows.push(JSON.parse(l));
+    } catch {
+      const last = lines.slice(i + 1).every((x) => !x.trim());
+      if (!last) throw new UserError(`${file}:${i + 1}: invalid JSON in the metrics log`);
+    }
+  });
+  return rows;
+}
+
 export class Trainer<B> {
   readonly opt: AdamW;
   readonly totalSteps: number;
@@ -248,13 +268,13 @@ export class Trainer<B> {
   }
 
   async fit(opts: { resume?: boolean; saveState: (dir: string) => Promise<void>; loadState: (dir: string) => void; label?: string }): Promise<TrainResult> {
-    if (opts.resume) {
-      const last = listCheckpoints(this.workDir).at(-1);
-      if (last) {
-        this.restore(last.dir, opts.loadState);
-        log('resume', { from: last.dir, step: this.step });
-      }
+    const last = opts.resume ? listCheckpoints(this.workDir).at(-1) : undefined;
+    if (last) {
+      this.restore(last.dir, opts.loadState);
+      log('resume', { from: last.dir, step: this.step });
     } else {
+      // A fresh start (or a resume with nothing to resume from): earlier rows describe a run
+      // that is being redone.
       for (const c of listCheckpoints(this.workDir)) fs.rmSync(c.dir, { recursive: true, force: true });
       fs.rmSync(this.metricsFile, { force: true });
     }
@@ -337,11 +357,8 @@ export class Trainer<B> {
     this.step = state.step;
     // Metrics logged after this checkpoint belong to the lost part of the run: drop them.
     if (fs.existsSync(this.metricsFile)) {
-      const keep = fs
-        .readFileSync(this.metricsFile, 'utf8')
-        .split('\n')
-        .filter((l) => l.trim() && JSON.parse(l).step <= this.step);
-      writeFileAtomic(this.metricsFile, keep.map((l) => l + '\n').join(''));
+      const keep = readMetricsFile(this.metricsFile).filter((r) => (r.step as number) <= this.step);
+      writeFileAtomic(this.metricsFile, keep.map((r) => JSON.stringify(r) + '\n').join(''));
     }
   }
 
