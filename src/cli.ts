@@ -91,6 +91,8 @@ export function buildProgram(): Command {
           warning: b.warning ?? null,
           wasm_simd: b.chosen === 'wasm' ? tf.env().getBool('WASM_HAS_SIMD_SUPPORT' as any) : null,
           wasm_threads: b.chosen === 'wasm' ? tf.env().getBool('WASM_HAS_MULTITHREAD_SUPPORT' as any) : null,
+          native_matmul: b.native.active && (b.chosen === 'wasm' || b.chosen === 'cpu') ? { kernel: b.native.kernel, library: b.native.library ?? null, threads: b.native.threads, avx2: b.native.avx2 } : null,
+          native_reason: b.native.reason,
           node: process.version,
           cpus: os.cpus().length,
           memory_gb: +(os.totalmem() / 2 ** 30).toFixed(1),
@@ -100,6 +102,7 @@ export function buildProgram(): Command {
           process.stdout.write(`backend: ${report.backend} (tfjs "${report.tfjs_backend}")${report.requested ? ` — requested "${report.requested}"` : ''}\n`);
           for (const t of b.tried) process.stdout.write(`  ${t.ok ? 'ok  ' : 'skip'} ${t.name}: ${t.reason}\n`);
           if (report.wasm_simd !== null) process.stdout.write(`wasm: simd=${report.wasm_simd} threads=${report.wasm_threads}\n`);
+          if (b.chosen === 'wasm' || b.chosen === 'cpu') process.stdout.write(`matmul: ${report.native_matmul ? `native, ${b.native.reason}, ${b.native.threads} threads` : `tfjs ${b.chosen} kernel — ${b.native.reason}`}\n`);
           if (report.warning) process.stdout.write(`warning: ${report.warning}\n`);
           process.stdout.write(`node ${report.node}, ${report.cpus} cpus, ${report.memory_gb} GiB\n`);
         }

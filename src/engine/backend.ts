@@ -4,6 +4,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { UserError } from '../util/errors.js';
+import { NativeReport, nativeMatmulActive, registerNativeKernels } from './native.js';
 
 /**
  * Run-time backend choice. The native TensorFlow bindings are optional dependencies whose
@@ -19,6 +20,8 @@ export interface BackendReport {
   tried: { name: BackendName; ok: boolean; reason: string }[];
   warning?: string;
   requested?: string;
+  /** The native matmul path (wasm and cpu backends only). */
+  native: NativeReport;
 }
 
 const require = createRequire(import.meta.url);
@@ -97,7 +100,7 @@ export async function initBackend(requested?: string): Promise<BackendReport> {
   for (const name of order) {
     try {
       const tfName = await tryBackend(name);
-      const report: BackendReport = { chosen: name, tfName, tried: [...tried, { name, ok: true, reason: 'loaded' }], requested: req };
+      const report: BackendReport = { chosen: name, tfName, tried: [...tried, { name, ok: true, reason: 'loaded' }], requested: req, native: registerNativeKernels(tfName) };
       if (name === 'cpu') report.warning = 'using the pure-JS cpu backend, about 25x slower than wasm';
       current = report;
       return report;
@@ -114,7 +117,15 @@ export function backendName(): string {
   return tf.getBackend();
 }
 
-/** wasm only hands plain 2-D matmuls to its fast kernel; other backends take any form. */
+/**
+ * wasm's own kernel is fast only for plain 2-D matmuls; with the native kernel registered (or
+ * on other backends) any form — transposed, batched — goes straight to BatchMatMul.
+ */
 export function needsPlainMatmul(): boolean {
+  return tf.getBackend() === 'wasm' && !nativeMatmulActive();
+}
+
+/** wasm's Slice kernel costs ~1 ms per 32 KB even for contiguous pieces. */
+export function slowSlice(): boolean {
   return tf.getBackend() === 'wasm';
 }

@@ -1,13 +1,20 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { needsPlainMatmul } from './backend.js';
+import { needsPlainMatmul, slowSlice } from './backend.js';
 
 /**
  * The few tensor primitives whose gradients need care. tfjs-wasm runs only 2-D, non-transposed,
  * unbatched matMul on its fast kernel (transposed/batched forms fall to a scalar loop ~40x
  * slower) and lacks UnsortedSegmentSum (the gather gradient). Every matmul in the model goes
- * through `mm`/`bmm`, whose forward and backward both issue only plain 2-D products on wasm;
- * transposes are materialised as copies, which cost O(size) against O(size·k) for the product.
+ * through `mm`/`bmm`. With the native kernel (engine/native.ts) or another backend, transposes
+ * are flags of one BatchMatMul; on bare wasm they are materialised as copies, which cost
+ * O(size) against O(size·k) for the product, and batches are split into 2-D products.
  */
+
+/** op(a)·op(b) for 2-D a, b. */
+function mmT(a: tf.Tensor2D, b: tf.Tensor2D, ta: boolean, tb: boolean): tf.Tensor2D {
+  if (!needsPlainMatmul()) return tf.matMul(a, b, ta, tb);
+  return tf.matMul(ta ? tf.transpose(a) : a, tb ? tf.transpose(b) : b);
+}
 
 function mmWith(needA: boolean, needB: boolean) {
   return tf.customGrad(((a: tf.Tensor2D, b: tf.Tensor2D, save: tf.GradSaveFunc) => {
@@ -17,7 +24,7 @@ function mmWith(needA: boolean, needB: boolean) {
       gradFunc: (dy: tf.Tensor2D, saved: tf.Tensor[]) => {
         const [sa, sb] = saved as tf.Tensor2D[];
         // A frozen weight (LoRA's base) needs no gradient: skip its product entirely.
-        return [needA ? tf.matMul(dy, tf.transpose(sb)) : tf.zerosLike(sa), needB ? tf.matMul(tf.transpose(sa), dy) : tf.zerosLike(sb)];
+        return [needA ? mmT(dy, sb, false, true) : tf.zerosLike(sa), needB ? mmT(sa, dy, true, false) : tf.zerosLike(sb)];
       },
     };
   }) as any) as (a: tf.Tensor2D, b: tf.Tensor2D) => tf.Tensor2D;
@@ -37,7 +44,7 @@ export function mm(a: tf.Tensor2D, b: tf.Tensor2D): tf.Tensor2D {
  * the gradient is a plain concat.
  */
 export function split0(x: tf.Tensor, sizes: number[]): tf.Tensor[] {
-  if (!needsPlainMatmul()) return tf.split(x, sizes, 0);
+  if (!slowSlice()) return tf.split(x, sizes, 0);
   const shape = x.shape as number[];
   const inner = shape.slice(1).reduce((a, b) => a * b, 1);
   let off = 0;
@@ -58,8 +65,11 @@ export function split0(x: tf.Tensor, sizes: number[]): tf.Tensor[] {
   });
 }
 
-function plainBmm(a: tf.Tensor3D, b: tf.Tensor3D): tf.Tensor3D {
-  if (!needsPlainMatmul()) return tf.matMul(a, b);
+/** op(a)·op(b) per batch entry, for 3-D a, b. */
+function bmmT(a: tf.Tensor3D, b: tf.Tensor3D, ta: boolean, tb: boolean): tf.Tensor3D {
+  if (!needsPlainMatmul()) return tf.matMul(a, b, ta, tb);
+  if (ta) a = tf.transpose(a, [0, 2, 1]);
+  if (tb) b = tf.transpose(b, [0, 2, 1]);
   const [n, m, k] = a.shape;
   const p = b.shape[2];
   if (n === 1) return tf.reshape(tf.matMul(tf.reshape(a, [m, k]) as tf.Tensor2D, tf.reshape(b, [k, p]) as tf.Tensor2D), [1, m, p]) as tf.Tensor3D;
@@ -80,10 +90,10 @@ export const bmm: (a: tf.Tensor3D, b: tf.Tensor3D) => tf.Tensor3D = tf.customGra
   ((a: tf.Tensor3D, b: tf.Tensor3D, save: tf.GradSaveFunc) => {
     save([a, b]);
     return {
-      value: plainBmm(a, b),
+      value: bmmT(a, b, false, false),
       gradFunc: (dy: tf.Tensor3D, saved: tf.Tensor[]) => {
         const [sa, sb] = saved as tf.Tensor3D[];
-        return [plainBmm(dy, tf.transpose(sb, [0, 2, 1])), plainBmm(tf.transpose(sa, [0, 2, 1]), dy)];
+        return [bmmT(dy, sb, false, true), bmmT(sa, dy, true, false)];
       },
     };
   }) as any,
@@ -111,15 +121,11 @@ export function embed(table: tf.Tensor2D, ids: tf.Tensor): tf.Tensor {
     save([flat]); // the ids are not an input: keep them alive for the backward pass
     return {
       value: tf.gather(t, flat),
-      gradFunc: (dy: tf.Tensor2D, saved: tf.Tensor[]) => [mmPlain(tf.transpose(tf.oneHot(saved[0] as tf.Tensor1D, vocab)) as tf.Tensor2D, dy)],
+      gradFunc: (dy: tf.Tensor2D, saved: tf.Tensor[]) => [mmT(tf.oneHot(saved[0] as tf.Tensor1D, vocab) as tf.Tensor2D, dy, true, false)],
     };
   }) as any) as any;
   const out = f(table) as tf.Tensor2D;
   return tf.reshape(out, [...ids.shape, table.shape[1]]);
-}
-
-function mmPlain(a: tf.Tensor2D, b: tf.Tensor2D): tf.Tensor2D {
-  return tf.matMul(a, b);
 }
 
 /**

@@ -18,6 +18,7 @@ import { dtypeFromName } from '../io/safetensors.js';
 import { loadPrompts } from '../data/prompts.js';
 import { makeScorer } from '../../rm/spec.js';
 import { UserError } from '../util/errors.js';
+import { removeDir } from '../util/fsutil.js';
 import { log } from '../util/log.js';
 
 /**
@@ -119,7 +120,7 @@ export class RecipeRunner {
       for (const s of this.recipe.stages.slice(first < 0 ? this.recipe.stages.length : first)) {
         const row = this.db.prepare('SELECT id FROM stages WHERE run_id = ? AND name = ?').get(existing.id, s.name) as { id: number } | undefined;
         if (row) resetStage(this.db, row.id);
-        fs.rmSync(this.stageOut(s.name), { recursive: true, force: true });
+        removeDir(this.stageOut(s.name));
       }
       tx(this.db, () => this.db.prepare('UPDATE runs SET recipe_hash = ?, recipe_json = ? WHERE id = ?').run(this.recipe.hash, json, existing.id));
       log('force', { changed: changes.join('; ') });
@@ -138,7 +139,7 @@ export class RecipeRunner {
           // The stage was stored with other settings (an earlier forced run that failed part-way).
           if (!this.opts.force) throw new UserError(`stage ${st.name}: ${this.workdir} holds it with other settings; use --force to rerun it`);
           resetStage(this.db, row.id);
-          fs.rmSync(this.stageOut(st.name), { recursive: true, force: true });
+          removeDir(this.stageOut(st.name));
           this.db.prepare('UPDATE stages SET config_json = ? WHERE id = ?').run(JSON.stringify(st), row.id);
           row = ensureStage(this.db, this.runId, st.name, st.type, st);
         }

@@ -4,7 +4,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { AdamW, AdamWConfig, DEFAULT_ADAMW, clipFactor } from './adamw.js';
 import { SchedulerName, lrMultiplier, warmupSteps } from './schedule.js';
 import { writeSafetensors, readHeader, readTensor } from '../io/safetensors.js';
-import { readJson, writeDirAtomic, writeFileAtomic } from '../util/fsutil.js';
+import { readJson, removeDir, writeDirAtomic, writeFileAtomic } from '../util/fsutil.js';
 import { Rng } from '../util/rng.js';
 import { UserError } from '../util/errors.js';
 import { Progress, log } from '../util/log.js';
@@ -275,7 +275,7 @@ export class Trainer<B> {
     } else {
       // A fresh start (or a resume with nothing to resume from): earlier rows describe a run
       // that is being redone.
-      for (const c of listCheckpoints(this.workDir)) fs.rmSync(c.dir, { recursive: true, force: true });
+      for (const c of listCheckpoints(this.workDir)) removeDir(c.dir);
       fs.rmSync(this.metricsFile, { force: true });
     }
     const bar = new Progress(opts.label ?? 'train', this.totalSteps);
@@ -334,7 +334,7 @@ export class Trainer<B> {
       writeFileAtomic(path.join(tmp, 'trainer_state.json'), JSON.stringify(state, null, 2));
     });
     const all = listCheckpoints(this.workDir);
-    if (this.cfg.saveTotalLimit > 0) for (const c of all.slice(0, Math.max(0, all.length - this.cfg.saveTotalLimit))) fs.rmSync(c.dir, { recursive: true, force: true });
+    if (this.cfg.saveTotalLimit > 0) for (const c of all.slice(0, Math.max(0, all.length - this.cfg.saveTotalLimit))) removeDir(c.dir);
     log('checkpoint', { dir, step: this.step });
   }
 

@@ -146,6 +146,19 @@ export async function writeDirAtomic(dest: string, fill: (dir: string) => void |
   }
 }
 
+/**
+ * Remove a directory so that it vanishes at once: renamed aside first, then deleted. A kill in
+ * the middle of a recursive delete would otherwise leave a half-emptied checkpoint or model
+ * that still looks like one (its marker file deleted last, or not at all).
+ */
+export function removeDir(dir: string): void {
+  const abs = path.resolve(dir);
+  if (!fs.existsSync(abs)) return;
+  const aside = tmpName(abs) + '.old';
+  fs.renameSync(abs, aside);
+  fs.rmSync(aside, { recursive: true, force: true });
+}
+
 /** A JSON file, or a UserError naming it: "cannot read (ENOENT)" or "invalid JSON (…)". */
 export function readJson(file: string): any {
   let text: string;

@@ -1,0 +1,12 @@
+{
+  "targets": [
+    {
+      "target_name": "prefopt_native",
+      "sources": ["native/gemm.cc"],
+      "cflags_cc": ["-O3", "-std=c++17", "-fno-exceptions"],
+      "cflags_cc!": ["-fno-rtti"],
+      "libraries": ["-ldl", "-lpthread"],
+      "xcode_settings": { "OTHER_CPLUSPLUSFLAGS": ["-O3", "-std=c++17"] }
+    }
+  ]
+}

@@ -1,0 +1,281 @@
+// prefopt's native matmul: C[b] = op(A[b]) · op(B[b]) in float32, row-major, called
+// synchronously from JavaScript on Float32Arrays (usually views into the wasm heap, so nothing
+// is copied). A system CBLAS (OpenBLAS, BLIS, MKL, Accelerate) is opened at run time with
+// dlopen, so the build needs no BLAS headers and the addon still loads where none is installed;
+// without one, a packed AVX2/FMA kernel (portable C++ elsewhere) runs on all cores.
+#include <node_api.h>
+#include <dlfcn.h>
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define PREFOPT_X86 1
+#endif
+
+namespace {
+
+// ---- CBLAS through dlopen -------------------------------------------------------------------
+enum { kRowMajor = 101, kNoTrans = 111, kTrans = 112 };
+typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*, int);
+typedef void (*set_threads_fn)(int);
+
+sgemm_fn g_sgemm = nullptr;
+std::string g_lib;
+int g_threads = 1;
+
+void open_blas(const char* want) {
+  const char* candidates[] = {
+      "libopenblas.so.0", "libopenblas.so", "libopenblasp-r0.so", "libblis.so.4", "libblis.so", "libmkl_rt.so", "libmkl_rt.so.2",
+      "libopenblas.dylib", "/opt/homebrew/opt/openblas/lib/libopenblas.dylib",
+      "/System/Library/Frameworks/Accelerate.framework/Accelerate"};
+  for (const char* name : candidates) {
+    if (want && *want && !strstr(name, want)) continue;
+    void* h = dlopen(name, RTLD_NOW | RTLD_LOCAL);
+    if (!h) continue;
+    auto f = reinterpret_cast<sgemm_fn>(dlsym(h, "cblas_sgemm"));
+    if (!f) {
+      dlclose(h);
+      continue;
+    }
+    g_sgemm = f;
+    g_lib = name;
+    // Use every core, and the same count on every call so that results are reproducible.
+    if (auto st = reinterpret_cast<set_threads_fn>(dlsym(h, "openblas_set_num_threads"))) st(g_threads);
+    else if (auto bt = reinterpret_cast<set_threads_fn>(dlsym(h, "bli_thread_set_num_threads"))) bt(g_threads);
+    return;
+  }
+}
+
+// ---- built-in kernel ------------------------------------------------------------------------
+// Blocked like GotoBLAS: for each KC-slice of K, B is packed into 16-wide column panels
+// (contiguous per k) and each 6x16 tile of C is accumulated in 12 vector registers.
+constexpr int MR = 6, NR = 16, KC = 256;
+
+struct Op {
+  const float* p;
+  bool trans;
+  int ld;
+  float at(int r, int c) const { return trans ? p[(size_t)c * ld + r] : p[(size_t)r * ld + c]; }
+};
+
+// Bp[panel][k][0..NR) for k in [k0, k0+kb), zero-padded past N.
+void pack_b(const Op& B, int k0, int kb, int N, float* Bp) {
+  int panels = (N + NR - 1) / NR;
+  for (int p = 0; p < panels; p++) {
+    float* dst = Bp + (size_t)p * kb * NR;
+    int j0 = p * NR, jn = std::min(NR, N - j0);
+    for (int k = 0; k < kb; k++) {
+      float* d = dst + (size_t)k * NR;
+      if (!B.trans && jn == NR) memcpy(d, B.p + (size_t)(k0 + k) * B.ld + j0, NR * sizeof(float));
+      else {
+        for (int j = 0; j < jn; j++) d[j] = B.at(k0 + k, j0 + j);
+        for (int j = jn; j < NR; j++) d[j] = 0.f;
+      }
+    }
+  }
+}
+
+#ifdef PREFOPT_X86
+__attribute__((target("avx2,fma"))) void tile_avx2(const float* const* a, const float* bp, int kb, float* c, int ldc, int rows, int cols, bool acc) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int k = 0; k < kb; k++) {
+    __m256 b0 = _mm256_loadu_ps(bp + k * NR), b1 = _mm256_loadu_ps(bp + k * NR + 8);
+    __m256 x;
+    x = _mm256_broadcast_ss(a[0] + k); c00 = _mm256_fmadd_ps(x, b0, c00); c01 = _mm256_fmadd_ps(x, b1, c01);
+    x = _mm256_broadcast_ss(a[1] + k); c10 = _mm256_fmadd_ps(x, b0, c10); c11 = _mm256_fmadd_ps(x, b1, c11);
+    x = _mm256_broadcast_ss(a[2] + k); c20 = _mm256_fmadd_ps(x, b0, c20); c21 = _mm256_fmadd_ps(x, b1, c21);
+    x = _mm256_broadcast_ss(a[3] + k); c30 = _mm256_fmadd_ps(x, b0, c30); c31 = _mm256_fmadd_ps(x, b1, c31);
+    x = _mm256_broadcast_ss(a[4] + k); c40 = _mm256_fmadd_ps(x, b0, c40); c41 = _mm256_fmadd_ps(x, b1, c41);
+    x = _mm256_broadcast_ss(a[5] + k); c50 = _mm256_fmadd_ps(x, b0, c50); c51 = _mm256_fmadd_ps(x, b1, c51);
+  }
+  alignas(32) float t[MR][NR];
+  _mm256_store_ps(t[0], c00); _mm256_store_ps(t[0] + 8, c01);
+  _mm256_store_ps(t[1], c10); _mm256_store_ps(t[1] + 8, c11);
+  _mm256_store_ps(t[2], c20); _mm256_store_ps(t[2] + 8, c21);
+  _mm256_store_ps(t[3], c30); _mm256_store_ps(t[3] + 8, c31);
+  _mm256_store_ps(t[4], c40); _mm256_store_ps(t[4] + 8, c41);
+  _mm256_store_ps(t[5], c50); _mm256_store_ps(t[5] + 8, c51);
+  for (int r = 0; r < rows; r++) {
+    float* cr = c + (size_t)r * ldc;
+    if (acc) for (int j = 0; j < cols; j++) cr[j] += t[r][j];
+    else memcpy(cr, t[r], cols * sizeof(float));
+  }
+}
+bool g_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+bool g_avx2 = false;
+#endif
+
+void tile_plain(const float* const* a, const float* bp, int kb, float* c, int ldc, int rows, int cols, bool acc) {
+  float t[MR][NR] = {};
+  for (int k = 0; k < kb; k++)
+    for (int r = 0; r < MR; r++) {
+      float x = a[r][k];
+      for (int j = 0; j < NR; j++) t[r][j] += x * bp[k * NR + j];
+    }
+  for (int r = 0; r < rows; r++)
+    for (int j = 0; j < cols; j++) c[(size_t)r * ldc + j] = (acc ? c[(size_t)r * ldc + j] : 0.f) + t[r][j];
+}
+
+// Rows [r0, r1) of C = A·B, with A already row-major (lda = K).
+void gemm_rows(const float* A, int K, const float* Bp, int k0, int kb, int N, float* C, int r0, int r1, int M) {
+  int panels = (N + NR - 1) / NR;
+  for (int i = r0; i < r1; i += MR) {
+    int rows = std::min(MR, r1 - i);
+    const float* a[MR];
+    // Rows past the end read the last valid row; their results are discarded.
+    for (int r = 0; r < MR; r++) a[r] = A + (size_t)std::min(i + r, M - 1) * K + k0;
+    for (int p = 0; p < panels; p++) {
+      int cols = std::min(NR, N - p * NR);
+      float* c = C + (size_t)i * N + p * NR;
+#ifdef PREFOPT_X86
+      if (g_avx2) {
+        tile_avx2(a, Bp + (size_t)p * kb * NR, kb, c, N, rows, cols, k0 > 0);
+        continue;
+      }
+#endif
+      tile_plain(a, Bp + (size_t)p * kb * NR, kb, c, N, rows, cols, k0 > 0);
+    }
+  }
+}
+
+template <class F>
+void parallel(int n, int threads, F f) {
+  if (threads <= 1 || n <= 1) {
+    f(0, n);
+    return;
+  }
+  threads = std::min(threads, n);
+  std::vector<std::thread> ts;
+  for (int t = 1; t < threads; t++) ts.emplace_back([=] { f((int)((int64_t)n * t / threads), (int)((int64_t)n * (t + 1) / threads)); });
+  f(0, (int)((int64_t)n / threads));
+  for (auto& t : ts) t.join();
+}
+
+// One product C[M,N] = op(A)·op(B); `threads` split the rows of C.
+void gemm_builtin(bool ta, bool tb, int M, int N, int K, const float* A, const float* B, float* C, int threads) {
+  if (K == 0) {
+    memset(C, 0, sizeof(float) * M * N);
+    return;
+  }
+  std::vector<float> at;
+  const float* Ar = A;
+  if (ta) {  // pack op(A) row-major: an O(MK) copy against O(MNK) work
+    at.resize((size_t)M * K);
+    for (int k = 0; k < K; k++)
+      for (int i = 0; i < M; i++) at[(size_t)i * K + k] = A[(size_t)k * M + i];
+    Ar = at.data();
+  }
+  Op b{B, tb, tb ? K : N};
+  int panels = (N + NR - 1) / NR;
+  std::vector<float> bp((size_t)panels * KC * NR);
+  for (int k0 = 0; k0 < K; k0 += KC) {
+    int kb = std::min(KC, K - k0);
+    pack_b(b, k0, kb, N, bp.data());
+    int tiles = (M + MR - 1) / MR;
+    parallel(tiles, threads, [&](int t0, int t1) { gemm_rows(Ar, K, bp.data(), k0, kb, N, C, t0 * MR, std::min(M, t1 * MR), M); });
+  }
+}
+
+// ---- N-API ----------------------------------------------------------------------------------
+float* f32(napi_env env, napi_value v, size_t need, const char* what) {
+  napi_typedarray_type type;
+  size_t length;
+  void* data;
+  napi_value ab;
+  size_t off;
+  if (napi_get_typedarray_info(env, v, &type, &length, &data, &ab, &off) != napi_ok || type != napi_float32_array) {
+    napi_throw_type_error(env, nullptr, (std::string(what) + " must be a Float32Array").c_str());
+    return nullptr;
+  }
+  if (length < need) {
+    napi_throw_range_error(env, nullptr, (std::string(what) + " is shorter than the shapes say").c_str());
+    return nullptr;
+  }
+  return static_cast<float*>(data);
+}
+
+int64_t i64(napi_env env, napi_value v) {
+  int64_t x = 0;
+  napi_get_value_int64(env, v, &x);
+  return x;
+}
+
+// matmul(transA, transB, batch, M, N, K, A, strideA, B, strideB, C, useBlas): C[b] = op(A[b])·op(B[b]),
+// A[b] at b·strideA (0 broadcasts one matrix over the batch), C dense [batch, M, N].
+napi_value Matmul(napi_env env, napi_callback_info info) {
+  size_t argc = 12;
+  napi_value argv[12];
+  napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
+  if (argc < 12) {
+    napi_throw_type_error(env, nullptr, "matmul takes 12 arguments");
+    return nullptr;
+  }
+  bool ta, tb, useBlas;
+  napi_get_value_bool(env, argv[0], &ta);
+  napi_get_value_bool(env, argv[1], &tb);
+  napi_get_value_bool(env, argv[11], &useBlas);
+  int64_t batch = i64(env, argv[2]), M = i64(env, argv[3]), N = i64(env, argv[4]), K = i64(env, argv[5]);
+  int64_t sa = i64(env, argv[7]), sb = i64(env, argv[9]);
+  if (batch < 0 || M < 0 || N < 0 || K < 0 || M > INT32_MAX || N > INT32_MAX || K > INT32_MAX) {
+    napi_throw_range_error(env, nullptr, "matmul: bad shape");
+    return nullptr;
+  }
+  float* A = f32(env, argv[6], batch ? (batch - 1) * sa + M * K : 0, "A");
+  if (!A) return nullptr;
+  float* B = f32(env, argv[8], batch ? (batch - 1) * sb + K * N : 0, "B");
+  if (!B) return nullptr;
+  float* C = f32(env, argv[10], batch * M * N, "C");
+  if (!C) return nullptr;
+  if (useBlas && g_sgemm) {
+    for (int64_t b = 0; b < batch; b++)
+      g_sgemm(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, (int)M, (int)N, (int)K, 1.f, A + b * sa, ta ? (int)M : (int)K, B + b * sb,
+              tb ? (int)K : (int)N, 0.f, C + b * M * N, (int)N);
+    return nullptr;
+  }
+  // Small products are not worth a thread; many of them split over the batch instead.
+  double work = (double)M * N * K;
+  if (batch > 1 && work * batch > 2e5) {
+    parallel((int)batch, g_threads, [&](int b0, int b1) {
+      for (int b = b0; b < b1; b++) gemm_builtin(ta, tb, (int)M, (int)N, (int)K, A + b * sa, B + b * sb, C + (int64_t)b * M * N, 1);
+    });
+  } else {
+    for (int64_t b = 0; b < batch; b++) gemm_builtin(ta, tb, (int)M, (int)N, (int)K, A + b * sa, B + b * sb, C + b * M * N, work > 2e5 ? g_threads : 1);
+  }
+  return nullptr;
+}
+
+napi_value Info(napi_env env, napi_callback_info) {
+  napi_value o, v;
+  napi_create_object(env, &o);
+  napi_create_string_utf8(env, g_lib.c_str(), NAPI_AUTO_LENGTH, &v);
+  napi_set_named_property(env, o, "blas", v);
+  napi_create_int32(env, g_threads, &v);
+  napi_set_named_property(env, o, "threads", v);
+  napi_get_boolean(env, g_avx2, &v);
+  napi_set_named_property(env, o, "avx2", v);
+  return o;
+}
+
+napi_value Init(napi_env env, napi_value exports) {
+  const char* t = getenv("PREFOPT_THREADS");
+  g_threads = t && atoi(t) > 0 ? atoi(t) : std::max(1u, std::thread::hardware_concurrency());
+  const char* want = getenv("PREFOPT_BLAS");  // "builtin" skips the system BLAS; a name picks one
+  if (!want || strcmp(want, "builtin") != 0) open_blas(want);
+  napi_property_descriptor props[] = {
+      {"matmul", nullptr, Matmul, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"info", nullptr, Info, nullptr, nullptr, nullptr, napi_default, nullptr},
+  };
+  napi_define_properties(env, exports, 2, props);
+  return exports;
+}
+
+}  // namespace
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, Init)
