@@ -71,32 +71,69 @@ export function nativeMatmul(ta: boolean, tb: boolean, batch: number, m: number,
 
 interface Shapes {
   batchShape: number[];
-  batch: number;
   m: number;
   n: number;
   k: number;
-  sa: number;
-  sb: number;
+  /** Offsets (in matrices) of A and B for each output batch entry, by numpy broadcasting. */
+  pairs: [number, number][];
 }
 
-/** The product's shape, or null for a batch broadcast the kernel does not cover. */
+/** The product's shape and operand pairing; batch dimensions broadcast like numpy's. */
 function shapesOf(a: number[], b: number[], ta: boolean, tb: boolean): Shapes | null {
   const m = ta ? a[a.length - 1] : a[a.length - 2];
   const k = ta ? a[a.length - 2] : a[a.length - 1];
   const n = tb ? b[b.length - 2] : b[b.length - 1];
-  const ba = a.slice(0, -2);
-  const bb = b.slice(0, -2);
-  const na = ba.reduce((x, y) => x * y, 1);
-  const nb = bb.reduce((x, y) => x * y, 1);
-  if (na !== nb && na !== 1 && nb !== 1) return null;
-  const batchShape = na >= nb ? (ba.length >= bb.length ? ba : bb) : bb;
-  if (na === nb && ba.length !== bb.length) return null;
-  return { batchShape, batch: Math.max(na, nb), m, n, k, sa: na === 1 ? 0 : m * k, sb: nb === 1 ? 0 : k * n };
+  const rank = Math.max(a.length, b.length) - 2;
+  const pad = (s: number[]) => [...new Array(rank - (s.length - 2)).fill(1), ...s.slice(0, -2)];
+  const ba = pad(a);
+  const bb = pad(b);
+  const batchShape: number[] = [];
+  for (let i = 0; i < rank; i++) {
+    if (ba[i] !== bb[i] && ba[i] !== 1 && bb[i] !== 1) return null;
+    batchShape.push(Math.max(ba[i], bb[i]));
+  }
+  const total = batchShape.reduce((x, y) => x * y, 1);
+  const pairs: [number, number][] = [];
+  for (let o = 0; o < total; o++) {
+    let rest = o;
+    let ia = 0;
+    let ib = 0;
+    let sa = 1;
+    let sb = 1;
+    for (let i = rank - 1; i >= 0; i--) {
+      const idx = rest % batchShape[i];
+      rest = Math.floor(rest / batchShape[i]);
+      ia += (ba[i] === 1 ? 0 : idx) * sa;
+      ib += (bb[i] === 1 ? 0 : idx) * sb;
+      sa *= ba[i];
+      sb *= bb[i];
+    }
+    pairs.push([ia, ib]);
+  }
+  return { batchShape, m, n, k, pairs };
+}
+
+/** Run the pairs as few kernel calls as possible: one when the offsets advance evenly. */
+function runPairs(s: Shapes, ta: boolean, tb: boolean, A: Float32Array, B: Float32Array, C: Float32Array, useBlas: boolean): void {
+  const { m, n, k, pairs } = s;
+  const even = (j: 0 | 1) => {
+    const d = pairs.length > 1 ? pairs[1][j] - pairs[0][j] : 0;
+    return (d === 0 || d === 1) && pairs.every((p, i) => p[j] === pairs[0][j] + i * d) ? d : -1;
+  };
+  const da = even(0);
+  const db = even(1);
+  if (pairs.length === 0) return;
+  if (da >= 0 && db >= 0) {
+    addon!.matmul(ta, tb, pairs.length, m, n, k, A.subarray(pairs[0][0] * m * k), da * m * k, B.subarray(pairs[0][1] * k * n), db * k * n, C, useBlas);
+    return;
+  }
+  pairs.forEach(([ia, ib], o) => addon!.matmul(ta, tb, 1, m, n, k, A.subarray(ia * m * k, (ia + 1) * m * k), 0, B.subarray(ib * k * n, (ib + 1) * k * n), 0, C.subarray(o * m * n, (o + 1) * m * n), useBlas));
 }
 
 /**
  * Register the native BatchMatMul for `backend` ('wasm' or 'cpu'), keeping tfjs's own kernel
- * for what it does not cover (non-float32 inputs, general broadcasting).
+ * for what it does not cover (non-float32 inputs, shapes that do not broadcast). Two-sided
+ * batch broadcasts ([2,1,…] against [1,3,…]) come out right here, unlike tfjs 4.22's kernels.
  */
 export function registerNativeKernels(backend: string): NativeReport {
   const r = loadNative();
@@ -116,11 +153,11 @@ export function registerNativeKernels(backend: string): NativeReport {
       const out = be.makeOutput(outShape, 'float32');
       // Views are taken after the output is allocated: allocation may grow (and move) the heap.
       const C = be.typedArrayFromHeap(out) as Float32Array;
-      if (C.length) addon!.matmul(ta, tb, s.batch, s.m, s.n, s.k, be.typedArrayFromHeap(a), s.sa, be.typedArrayFromHeap(b), s.sb, C, useBlas);
+      if (C.length) runPairs(s, ta, tb, be.typedArrayFromHeap(a), be.typedArrayFromHeap(b), C, useBlas);
       return out;
     }
-    const C = new Float32Array(s.batch * s.m * s.n);
-    if (C.length) addon!.matmul(ta, tb, s.batch, s.m, s.n, s.k, be.data.get(a.dataId).values, s.sa, be.data.get(b.dataId).values, s.sb, C, useBlas);
+    const C = new Float32Array(s.pairs.length * s.m * s.n);
+    if (C.length) runPairs(s, ta, tb, be.data.get(a.dataId).values, be.data.get(b.dataId).values, C, useBlas);
     return be.makeTensorInfo(outShape, 'float32', C);
   };
   tf.unregisterKernel('BatchMatMul', backend);

@@ -1,0 +1,102 @@
+import { describe, expect, it } from 'vitest';
+import { spawnSync } from 'node:child_process';
+import * as tf from '@tensorflow/tfjs-core';
+import { loadNative, nativeMatmul, nativeMatmulActive } from '../src/engine/native.js';
+import { Rng } from '../src/util/rng.js';
+
+/** float64 reference: C[b] = op(A[b])·op(B[b]). */
+function ref(ta: boolean, tb: boolean, batch: number, M: number, N: number, K: number, A: Float32Array, sa: number, B: Float32Array, sb: number): Float64Array {
+  const C = new Float64Array(batch * M * N);
+  for (let b = 0; b < batch; b++)
+    for (let i = 0; i < M; i++)
+      for (let j = 0; j < N; j++) {
+        let s = 0;
+        for (let k = 0; k < K; k++) s += A[b * sa + (ta ? k * M + i : i * K + k)] * B[b * sb + (tb ? j * K + k : k * N + j)];
+        C[(b * M + i) * N + j] = s;
+      }
+  return C;
+}
+
+const rand = (rng: Rng, n: number) => Float32Array.from({ length: n }, () => rng.normal());
+
+/** max |got − want| / (1 + |want|): float32 sums of K products of unit normals. */
+function relErr(got: ArrayLike<number>, want: ArrayLike<number>): number {
+  let e = 0;
+  for (let i = 0; i < want.length; i++) e = Math.max(e, Math.abs(got[i] - want[i]) / (1 + Math.abs(want[i])));
+  return e;
+}
+
+const hasCompiler = spawnSync('g++', ['--version']).status === 0;
+const native = loadNative();
+
+describe('native matmul', () => {
+  it('is built at install wherever a C++ compiler exists', () => {
+    if (!hasCompiler) return console.log(`no g++ here: ${native.reason}`);
+    expect(native.active, native.reason).toBe(true);
+    console.log(`native matmul: ${native.reason}, ${native.threads} threads`);
+  });
+
+  it.runIf(native.active)('equals a float64 product for every transpose, odd sizes, batches and broadcasts (built-in and BLAS)', () => {
+    const rng = new Rng(11);
+    const shapes = [[1, 1, 1, 1], [1, 5, 7, 3], [1, 17, 33, 300], [3, 13, 16, 6], [4, 37, 70, 129], [2, 64, 64, 0], [1, 300, 257, 64]];
+    for (const useBlas of native.kernel === 'blas' ? [false, true] : [false]) {
+      for (const [batch, M, N, K] of shapes)
+        for (const ta of [false, true])
+          for (const tb of [false, true])
+            for (const bcast of batch > 1 ? ['none', 'a', 'b'] : ['none']) {
+              const sa = bcast === 'a' ? 0 : M * K;
+              const sb = bcast === 'b' ? 0 : K * N;
+              const A = rand(rng, Math.max(1, (batch - 1) * sa + M * K));
+              const B = rand(rng, Math.max(1, (batch - 1) * sb + K * N));
+              const C = new Float32Array(batch * M * N).fill(NaN);
+              nativeMatmul(ta, tb, batch, M, N, K, A, sa, B, sb, C, useBlas);
+              const e = relErr(C, ref(ta, tb, batch, M, N, K, A, sa, B, sb));
+              expect(e, `${useBlas ? 'blas' : 'builtin'} ${batch}×${M}×${N}×${K} ta=${ta} tb=${tb} bcast=${bcast}`).toBeLessThan(2e-5 * Math.sqrt(Math.max(K, 1)));
+            }
+    }
+  });
+
+  it.runIf(native.active)('is deterministic: the same product twice is bit-identical', () => {
+    const rng = new Rng(3);
+    const [M, N, K] = [200, 300, 500];
+    const A = rand(rng, M * K);
+    const B = rand(rng, K * N);
+    for (const useBlas of [false, true]) {
+      const c1 = new Float32Array(M * N);
+      const c2 = new Float32Array(M * N);
+      nativeMatmul(false, true, 1, M, N, K, A, 0, B, 0, c1, useBlas);
+      nativeMatmul(false, true, 1, M, N, K, A, 0, B, 0, c2, useBlas);
+      expect(Buffer.from(c1.buffer).equals(Buffer.from(c2.buffer))).toBe(true);
+    }
+  });
+
+  it.runIf(native.active)('serves tf.matMul on the active backend: transposes and batch broadcasts on both sides', () => {
+    expect(nativeMatmulActive()).toBe(true);
+    const rng = new Rng(5);
+    const A = rand(rng, 2 * 3 * 4 * 5);
+    const B = rand(rng, 5 * 6);
+    const a = tf.tensor4d(A, [2, 3, 4, 5]);
+    const b = tf.tensor2d(B, [5, 6]);
+    const c = tf.matMul(a, b);
+    expect(c.shape).toEqual([2, 3, 4, 6]);
+    expect(relErr(c.dataSync(), ref(false, false, 6, 4, 6, 5, A, 20, B, 0))).toBeLessThan(1e-5);
+    const bt = tf.tensor3d(rand(rng, 6 * 5 * 4), [6, 5, 4]);
+    const at = tf.reshape(a, [6, 4, 5]);
+    const ct = tf.matMul(bt, at, true, true); // [6,4,5]ᵀ·[6,4,5]ᵀ → [6,4,4]
+    expect(relErr(ct.dataSync(), ref(true, true, 6, 4, 4, 5, bt.dataSync() as Float32Array, 20, A, 20))).toBeLessThan(1e-5);
+    // A two-sided batch broadcast ([2,1] against [1,3]): numpy semantics (tfjs 4.22's own kernels get it wrong).
+    const x = tf.tensor4d(rand(rng, 2 * 4 * 5), [2, 1, 4, 5]);
+    const y = tf.tensor4d(rand(rng, 3 * 5 * 6), [1, 3, 5, 6]);
+    const xy = tf.matMul(x, y);
+    expect(xy.shape).toEqual([2, 3, 4, 6]);
+    const X = x.dataSync() as Float32Array;
+    const Y = y.dataSync() as Float32Array;
+    const got = xy.dataSync();
+    for (let i = 0; i < 2; i++)
+      for (let j = 0; j < 3; j++) {
+        const want = ref(false, false, 1, 4, 6, 5, X.subarray(i * 20, (i + 1) * 20), 0, Y.subarray(j * 30, (j + 1) * 30), 0);
+        expect(relErr(got.subarray((i * 3 + j) * 24, (i * 3 + j + 1) * 24), want)).toBeLessThan(1e-5);
+      }
+    [a, b, c, bt, at, ct, x, y, xy].forEach((t) => t.dispose());
+  });
+});
