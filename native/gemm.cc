@@ -53,8 +53,11 @@ void open_blas(const char* want) {
 }
 
 // ---- built-in kernel ------------------------------------------------------------------------
-// Blocked like GotoBLAS: for each KC-slice of K, B is packed into 16-wide column panels
-// (contiguous per k) and each 6x16 tile of C is accumulated in 12 vector registers.
+// Blocked like GotoBLAS: for each KC-slice of K, B is packed into 16-wide column panels and A
+// into 6-row panels (both contiguous per k, whatever the transposes), and each 6x16 tile of C
+// is accumulated in 12 vector registers. Threads take disjoint column ranges of C (or row
+// ranges when C is narrow) and pack what they read themselves: one parallel region per call,
+// no sharing, and every element of C is summed in the same order whatever the thread count.
 constexpr int MR = 6, NR = 16, KC = 256;
 
 struct Op {
@@ -64,11 +67,10 @@ struct Op {
   float at(int r, int c) const { return trans ? p[(size_t)c * ld + r] : p[(size_t)r * ld + c]; }
 };
 
-// Bp[panel][k][0..NR) for k in [k0, k0+kb), zero-padded past N.
-void pack_b(const Op& B, int k0, int kb, int N, float* Bp) {
-  int panels = (N + NR - 1) / NR;
-  for (int p = 0; p < panels; p++) {
-    float* dst = Bp + (size_t)p * kb * NR;
+// Bp[panel - p0][k][0..NR) for panels [p0, p1), k in [k0, k0+kb), zero-padded past N.
+void pack_b(const Op& B, int k0, int kb, int N, int p0, int p1, float* Bp) {
+  for (int p = p0; p < p1; p++) {
+    float* dst = Bp + (size_t)(p - p0) * kb * NR;
     int j0 = p * NR, jn = std::min(NR, N - j0);
     for (int k = 0; k < kb; k++) {
       float* d = dst + (size_t)k * NR;
@@ -81,18 +83,50 @@ void pack_b(const Op& B, int k0, int kb, int N, float* Bp) {
   }
 }
 
+// Ap[k][0..MR) = op(A)[i + r][k0 + k], zero past M.
+void pack_a(const Op& A, int i, int M, int k0, int kb, float* Ap) {
+  int rows = std::min(MR, M - i);
+  if (A.trans) {
+    for (int k = 0; k < kb; k++) {
+      const float* src = A.p + (size_t)(k0 + k) * A.ld + i;
+      float* d = Ap + k * MR;
+      for (int r = 0; r < rows; r++) d[r] = src[r];
+      for (int r = rows; r < MR; r++) d[r] = 0.f;
+    }
+  } else {
+    for (int r = 0; r < MR; r++) {
+      const float* src = A.p + (size_t)(i + std::min(r, rows - 1)) * A.ld + k0;
+      float keep = r < rows ? 1.f : 0.f;
+      for (int k = 0; k < kb; k++) Ap[k * MR + r] = src[k] * keep;
+    }
+  }
+}
+
 #ifdef PREFOPT_X86
-__attribute__((target("avx2,fma"))) void tile_avx2(const float* const* a, const float* bp, int kb, float* c, int ldc, int rows, int cols, bool acc) {
+__attribute__((target("avx2,fma"))) void tile_avx2(const float* ap, const float* bp, int kb, float* c, int ldc, int rows, int cols, bool acc) {
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  for (int k = 0; k < kb; k++) {
-    __m256 b0 = _mm256_loadu_ps(bp + k * NR), b1 = _mm256_loadu_ps(bp + k * NR + 8);
+  for (int k = 0; k < kb; k++, ap += MR, bp += NR) {
+    __m256 b0 = _mm256_loadu_ps(bp), b1 = _mm256_loadu_ps(bp + 8);
     __m256 x;
-    x = _mm256_broadcast_ss(a[0] + k); c00 = _mm256_fmadd_ps(x, b0, c00); c01 = _mm256_fmadd_ps(x, b1, c01);
-    x = _mm256_broadcast_ss(a[1] + k); c10 = _mm256_fmadd_ps(x, b0, c10); c11 = _mm256_fmadd_ps(x, b1, c11);
-    x = _mm256_broadcast_ss(a[2] + k); c20 = _mm256_fmadd_ps(x, b0, c20); c21 = _mm256_fmadd_ps(x, b1, c21);
-    x = _mm256_broadcast_ss(a[3] + k); c30 = _mm256_fmadd_ps(x, b0, c30); c31 = _mm256_fmadd_ps(x, b1, c31);
-    x = _mm256_broadcast_ss(a[4] + k); c40 = _mm256_fmadd_ps(x, b0, c40); c41 = _mm256_fmadd_ps(x, b1, c41);
-    x = _mm256_broadcast_ss(a[5] + k); c50 = _mm256_fmadd_ps(x, b0, c50); c51 = _mm256_fmadd_ps(x, b1, c51);
+    x = _mm256_broadcast_ss(ap + 0); c00 = _mm256_fmadd_ps(x, b0, c00); c01 = _mm256_fmadd_ps(x, b1, c01);
+    x = _mm256_broadcast_ss(ap + 1); c10 = _mm256_fmadd_ps(x, b0, c10); c11 = _mm256_fmadd_ps(x, b1, c11);
+    x = _mm256_broadcast_ss(ap + 2); c20 = _mm256_fmadd_ps(x, b0, c20); c21 = _mm256_fmadd_ps(x, b1, c21);
+    x = _mm256_broadcast_ss(ap + 3); c30 = _mm256_fmadd_ps(x, b0, c30); c31 = _mm256_fmadd_ps(x, b1, c31);
+    x = _mm256_broadcast_ss(ap + 4); c40 = _mm256_fmadd_ps(x, b0, c40); c41 = _mm256_fmadd_ps(x, b1, c41);
+    x = _mm256_broadcast_ss(ap + 5); c50 = _mm256_fmadd_ps(x, b0, c50); c51 = _mm256_fmadd_ps(x, b1, c51);
+  }
+  if (rows == MR && cols == NR) {
+    __m256 v[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+    for (int r = 0; r < MR; r++) {
+      float* cr = c + (size_t)r * ldc;
+      if (acc) {
+        v[r][0] = _mm256_add_ps(v[r][0], _mm256_loadu_ps(cr));
+        v[r][1] = _mm256_add_ps(v[r][1], _mm256_loadu_ps(cr + 8));
+      }
+      _mm256_storeu_ps(cr, v[r][0]);
+      _mm256_storeu_ps(cr + 8, v[r][1]);
+    }
+    return;
   }
   alignas(32) float t[MR][NR];
   _mm256_store_ps(t[0], c00); _mm256_store_ps(t[0] + 8, c01);
@@ -112,35 +146,40 @@ bool g_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 bool g_avx2 = false;
 #endif
 
-void tile_plain(const float* const* a, const float* bp, int kb, float* c, int ldc, int rows, int cols, bool acc) {
+void tile_plain(const float* ap, const float* bp, int kb, float* c, int ldc, int rows, int cols, bool acc) {
   float t[MR][NR] = {};
   for (int k = 0; k < kb; k++)
     for (int r = 0; r < MR; r++) {
-      float x = a[r][k];
+      float x = ap[k * MR + r];
       for (int j = 0; j < NR; j++) t[r][j] += x * bp[k * NR + j];
     }
   for (int r = 0; r < rows; r++)
     for (int j = 0; j < cols; j++) c[(size_t)r * ldc + j] = (acc ? c[(size_t)r * ldc + j] : 0.f) + t[r][j];
 }
 
-// Rows [r0, r1) of C = A·B, with A already row-major (lda = K).
-void gemm_rows(const float* A, int K, const float* Bp, int k0, int kb, int N, float* C, int r0, int r1, int M) {
-  int panels = (N + NR - 1) / NR;
-  for (int i = r0; i < r1; i += MR) {
-    int rows = std::min(MR, r1 - i);
-    const float* a[MR];
-    // Rows past the end read the last valid row; their results are discarded.
-    for (int r = 0; r < MR; r++) a[r] = A + (size_t)std::min(i + r, M - 1) * K + k0;
-    for (int p = 0; p < panels; p++) {
-      int cols = std::min(NR, N - p * NR);
-      float* c = C + (size_t)i * N + p * NR;
+// The block of C with rows [r0, r1) (multiples of MR) and panels [p0, p1).
+void gemm_block(const Op& A, const Op& B, int M, int N, int K, float* C, int r0, int r1, int p0, int p1) {
+  if (r0 >= r1 || p0 >= p1) return;
+  std::vector<float> bp((size_t)(p1 - p0) * std::min(KC, K) * NR);
+  alignas(32) float ap[MR * KC];
+  for (int k0 = 0; k0 < K; k0 += KC) {
+    int kb = std::min(KC, K - k0);
+    pack_b(B, k0, kb, N, p0, p1, bp.data());
+    for (int i = r0; i < r1; i += MR) {
+      pack_a(A, i, M, k0, kb, ap);
+      int rows = std::min(MR, M - i);
+      for (int p = p0; p < p1; p++) {
+        int cols = std::min(NR, N - p * NR);
+        float* c = C + (size_t)i * N + p * NR;
+        const float* b = bp.data() + (size_t)(p - p0) * kb * NR;
 #ifdef PREFOPT_X86
-      if (g_avx2) {
-        tile_avx2(a, Bp + (size_t)p * kb * NR, kb, c, N, rows, cols, k0 > 0);
-        continue;
-      }
+        if (g_avx2) {
+          tile_avx2(ap, b, kb, c, N, rows, cols, k0 > 0);
+          continue;
+        }
 #endif
-      tile_plain(a, Bp + (size_t)p * kb * NR, kb, c, N, rows, cols, k0 > 0);
+        tile_plain(ap, b, kb, c, N, rows, cols, k0 > 0);
+      }
     }
   }
 }
@@ -158,29 +197,18 @@ void parallel(int n, int threads, F f) {
   for (auto& t : ts) t.join();
 }
 
-// One product C[M,N] = op(A)·op(B); `threads` split the rows of C.
+// One product C[M,N] = op(A)·op(B) on `threads` threads.
 void gemm_builtin(bool ta, bool tb, int M, int N, int K, const float* A, const float* B, float* C, int threads) {
   if (K == 0) {
     memset(C, 0, sizeof(float) * M * N);
     return;
   }
-  std::vector<float> at;
-  const float* Ar = A;
-  if (ta) {  // pack op(A) row-major: an O(MK) copy against O(MNK) work
-    at.resize((size_t)M * K);
-    for (int k = 0; k < K; k++)
-      for (int i = 0; i < M; i++) at[(size_t)i * K + k] = A[(size_t)k * M + i];
-    Ar = at.data();
-  }
-  Op b{B, tb, tb ? K : N};
-  int panels = (N + NR - 1) / NR;
-  std::vector<float> bp((size_t)panels * KC * NR);
-  for (int k0 = 0; k0 < K; k0 += KC) {
-    int kb = std::min(KC, K - k0);
-    pack_b(b, k0, kb, N, bp.data());
-    int tiles = (M + MR - 1) / MR;
-    parallel(tiles, threads, [&](int t0, int t1) { gemm_rows(Ar, K, bp.data(), k0, kb, N, C, t0 * MR, std::min(M, t1 * MR), M); });
-  }
+  Op a{A, ta, ta ? M : K}, b{B, tb, tb ? K : N};
+  int panels = (N + NR - 1) / NR, tiles = (M + MR - 1) / MR;
+  if (panels >= 2 * threads || panels >= tiles)
+    parallel(panels, threads, [&](int p0, int p1) { gemm_block(a, b, M, N, K, C, 0, M, p0, p1); });
+  else
+    parallel(tiles, threads, [&](int t0, int t1) { gemm_block(a, b, M, N, K, C, t0 * MR, std::min(M, t1 * MR), 0, panels); });
 }
 
 // ---- N-API ----------------------------------------------------------------------------------
@@ -266,8 +294,13 @@ napi_value Info(napi_env env, napi_callback_info) {
 napi_value Init(napi_env env, napi_value exports) {
   const char* t = getenv("PREFOPT_THREADS");
   g_threads = t && atoi(t) > 0 ? atoi(t) : std::max(1u, std::thread::hardware_concurrency());
-  const char* want = getenv("PREFOPT_BLAS");  // "builtin" skips the system BLAS; a name picks one
-  if (!want || strcmp(want, "builtin") != 0) open_blas(want);
+  // The built-in AVX2 kernel measured faster than Debian's OpenBLAS 0.3.21 on this project's
+  // machines (bench/RESULTS.md), so a system BLAS is used where that kernel cannot run, or when
+  // PREFOPT_BLAS names one (openblas, blis, mkl_rt, Accelerate). Never chosen by timing: the
+  // kernel decides the rounding, and the same seed must give the same result.
+  const char* want = getenv("PREFOPT_BLAS");
+  bool builtin_only = want && strcmp(want, "builtin") == 0;
+  if (!builtin_only && ((want && *want) || !g_avx2)) open_blas(want);
   napi_property_descriptor props[] = {
       {"matmul", nullptr, Matmul, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"info", nullptr, Info, nullptr, nullptr, nullptr, napi_default, nullptr},
