@@ -100,3 +100,21 @@ describe('native matmul', () => {
     [a, b, c, bt, at, ct, x, y, xy].forEach((t) => t.dispose());
   });
 });
+
+describe('zero-copy Identity and Cast on wasm', () => {
+  it('a clone survives its source, same-dtype casts share data, other casts still convert, and numTensors/bytes stay balanced', () => {
+    const before = tf.memory();
+    const x = tf.tensor1d([1.5, -2, 3]);
+    const y = tf.clone(x);
+    const z = tf.cast(x, 'float32');
+    x.dispose();
+    expect(Array.from(y.dataSync())).toEqual([1.5, -2, 3]);
+    expect(Array.from(z.dataSync())).toEqual([1.5, -2, 3]);
+    const i = tf.cast(y, 'int32');
+    expect(i.dtype).toBe('int32');
+    expect(Array.from(i.dataSync())).toEqual([1, -2, 3]);
+    [y, z, i].forEach((t) => t.dispose());
+    expect(tf.memory().numTensors).toBe(before.numTensors);
+    expect(tf.memory().numBytes).toBe(before.numBytes);
+  });
+});

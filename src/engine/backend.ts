@@ -5,6 +5,7 @@ import * as path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { UserError } from '../util/errors.js';
 import { NativeReport, nativeMatmulActive, registerNativeKernels } from './native.js';
+import { registerZeroCopyKernels } from './wasm-kernels.js';
 
 /**
  * Run-time backend choice. The native TensorFlow bindings are optional dependencies whose
@@ -67,6 +68,7 @@ async function tryBackend(name: BackendName): Promise<string> {
       const dir = path.join(path.dirname(require.resolve('@tensorflow/tfjs-backend-wasm/package.json')), 'dist') + path.sep;
       wasm.setWasmPaths(dir);
       if (!(await tf.setBackend('wasm'))) throw new Error('wasm backend failed to initialise');
+      registerZeroCopyKernels();
       return 'wasm';
     }
     case 'cpu':
