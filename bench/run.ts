@@ -53,6 +53,16 @@ async function main() {
   const tokens: Record<string, number> = {};
   const extra: Record<string, number> = {};
 
+  // The GEMM rate of the active matmul kernel: one 1024³ product.
+  {
+    const ga = tf.randomNormal([1024, 1024]) as tf.Tensor2D;
+    const gb = tf.randomNormal([1024, 1024]) as tf.Tensor2D;
+    extra.gemm_gflops = +((2 * 1024 ** 3) / timeIt(() => tf.matMul(ga, gb).dispose(), quick ? 3 : 10) / 1e9).toFixed(1);
+    ga.dispose();
+    gb.dispose();
+    say(`GEMM 1024³: ${extra.gemm_gflops} GFLOP/s (${b.native.active ? b.native.reason : 'tfjs kernel'})`);
+  }
+
   // Forward (no grad) and SFT step (forward + backward + AdamW), full model.
   const model = Decoder.init(cfg, 0);
   const params = model.paramCount();
@@ -69,6 +79,7 @@ async function main() {
   };
   const rssBefore = process.memoryUsage().rss;
   tokens.sft_step = (B * T) / timeIt(sftStep, reps);
+  const profile = await kernelProfile(sftStep);
   extra.sft_rss_mb = Math.round(Math.max(peakRss, process.memoryUsage().rss) / 2 ** 20);
   opt.dispose();
   say(`forward ${tokens.forward.toFixed(0)} tok/s, SFT step ${tokens.sft_step.toFixed(0)} tok/s`);
@@ -172,6 +183,13 @@ async function main() {
   // The PyTorch reference of the same steps, when available.
   const ref = torchReference();
   const ratio = (k: string) => (ref?.[k] ? +(tokens[k] / ref[k]).toFixed(3) : null);
+  // Model FLOP utilisation against the best GEMM rate measured on this machine in this run.
+  const peakGemm = Math.max(extra.gemm_gflops, ref?.gemm_gflops ?? 0) * 1e9;
+  const fwd = forwardFlopsPerToken(cfg, T);
+  // SFT: forward + backward (2x) = 3x; LoRA DPO: reference forward + policy forward + the
+  // backward's input gradients only (frozen weights get none) = 3x as well.
+  const mfu = (tps: number | undefined) => (tps ? +((tps * 3 * fwd) / peakGemm).toFixed(3) : null);
+  extra.mfu = { peak_gemm_gflops: +(peakGemm / 1e9).toFixed(1), sft_step: mfu(tokens.sft_step), dpo_step: mfu(tokens.dpo_step_lora), torch_sft_step: mfu(ref?.sft_step), torch_dpo_step: mfu(ref?.dpo_step_lora) } as any;
   const result = {
     date: new Date().toISOString(),
     backend: b.chosen,
@@ -181,6 +199,8 @@ async function main() {
     torch_tokens_per_s: ref,
     ratios: { sft_step: ratio('sft_step'), dpo_step: ref?.dpo_step_lora ? +(tokens.dpo_step_lora / ref.dpo_step_lora).toFixed(3) : null, sampling: ratio('sampling') },
     peak_rss_mb: Math.round(Math.max(peakRss, process.memoryUsage().rss) / 2 ** 20),
+    native: b.native.active ? b.native.reason : `off (${b.native.reason})`,
+    profile,
     ...extra,
   };
   clearInterval(rssTimer);
@@ -231,6 +251,31 @@ async function serveBench(): Promise<Record<string, number>> {
   return r;
 }
 
+/** Forward FLOPs per token: every weight product (lm head included) and dense attention over T. */
+function forwardFlopsPerToken(cfg: ReturnType<typeof parseConfig>, T: number): number {
+  const D = cfg.hidden_size;
+  const hd = cfg.head_dim;
+  const q = D * cfg.num_attention_heads * hd;
+  const kv = 2 * D * cfg.num_key_value_heads * hd;
+  const mlp = 3 * D * cfg.intermediate_size;
+  const perLayer = 2 * (q + kv + q + mlp) + 4 * T * cfg.num_attention_heads * hd;
+  return cfg.num_hidden_layers * perLayer + 2 * D * cfg.vocab_size;
+}
+
+/** Where one call of `f` spends its time, by tfjs kernel (wall time of each kernel call). */
+async function kernelProfile(f: () => void): Promise<{ kernel: string; ms: number; calls: number }[]> {
+  const info = await tf.profile(() => void f());
+  const by = new Map<string, { ms: number; calls: number }>();
+  for (const k of info.kernels) {
+    if (k.name === 'forward') continue; // customGrad's wrapper: its kernels are counted themselves
+    const e = by.get(k.name) ?? { ms: 0, calls: 0 };
+    e.ms += Number(k.kernelTimeMs) || 0;
+    e.calls++;
+    by.set(k.name, e);
+  }
+  return [...by].map(([kernel, e]) => ({ kernel, ms: +e.ms.toFixed(1), calls: e.calls })).sort((a, b) => b.ms - a.ms);
+}
+
 function torchReference(): Record<string, number> | null {
   const py = '/usr/bin/python3';
   const script = path.join(packageRoot(), 'bench', 'torch_ref.py');
@@ -238,19 +283,30 @@ function torchReference(): Record<string, number> | null {
     say('PyTorch reference: skipped (/usr/bin/python3 has no torch; apt-get install python3-torch to compare)');
     return null;
   }
-  const r = spawnSync(py, [script], { encoding: 'utf8', timeout: 600_000 });
-  if (r.status !== 0) {
-    say(`PyTorch reference failed: ${r.stderr.slice(-300)}`);
-    return null;
+  // OpenBLAS 0.3.21 (Debian 12) picks a slow kernel on some new CPUs (Sapphire Rapids here:
+  // ~30 GFLOP/s, against ~150 with its Haswell kernel), so the reference is the faster of
+  // PyTorch as installed and PyTorch with OPENBLAS_CORETYPE=Haswell: the best it does here.
+  const runs: Record<string, number>[] = [];
+  for (const env of [{}, ...(process.env.OPENBLAS_CORETYPE ? [] : [{ OPENBLAS_CORETYPE: 'Haswell' }])]) {
+    const r = spawnSync(py, [script], { encoding: 'utf8', timeout: 600_000, env: { ...process.env, ...env } });
+    if (r.status !== 0) {
+      say(`PyTorch reference failed (${JSON.stringify(env)}): ${r.stderr.slice(-300)}`);
+      continue;
+    }
+    runs.push({ ...JSON.parse(r.stdout.trim().split('\n').at(-1)!), openblas_haswell: 'OPENBLAS_CORETYPE' in env ? 1 : 0 });
   }
-  return JSON.parse(r.stdout.trim().split('\n').at(-1)!);
+  if (!runs.length) return null;
+  const best = runs.reduce((a, b) => (b.sft_step > a.sft_step ? b : a));
+  say(`PyTorch reference: ${runs.map((r) => `${r.openblas_haswell ? 'OPENBLAS_CORETYPE=Haswell' : 'as installed'} SFT ${r.sft_step.toFixed(0)} tok/s, GEMM ${r.gemm_gflops.toFixed(0)} GFLOP/s`).join('; ')}`);
+  return best;
 }
 
 function appendResults(r: any): void {
   const file = path.join(packageRoot(), 'bench', 'RESULTS.md');
   const head = fs.existsSync(file) ? '' : '# Benchmark results\n\nAppended by `npm run bench`; each section is one run, all figures measured side by side in that run.\n';
   const t = r.tokens_per_s;
-  const f = (x: number | null | undefined) => (x === null || x === undefined ? 'n/a' : String(x));
+  const f = (x: number | string | null | undefined) => (x === null || x === undefined ? 'n/a' : String(x));
+  const pct = (x: number | null) => (x === null ? 'n/a' : `${(x * 100).toFixed(1)}%`);
   const lines = [
     '',
     `## ${r.date} — backend ${r.backend}`,
@@ -268,6 +324,11 @@ function appendResults(r: any): void {
     `| store inserts, sample rows/s | ${r.store_rows_per_s} | | |`,
     `| serve: 8 concurrent streaming clients, requests/s (32 new tokens each) | ${r.serve_requests_per_s} | | |`,
     `| serve: time to first token p50 / p90, ms | ${r.serve_ttft_p50_ms} / ${r.serve_ttft_p90_ms} | | |`,
+    '',
+    `Matmul: ${r.native}; GEMM 1024³ ${r.gemm_gflops} GFLOP/s (PyTorch ${f(r.torch_tokens_per_s?.gemm_gflops?.toFixed?.(1))}${r.torch_tokens_per_s?.openblas_haswell ? ', its faster configuration here: OPENBLAS_CORETYPE=Haswell' : ''}). ` +
+      `Model FLOP utilisation against the best measured GEMM (${r.mfu.peak_gemm_gflops} GFLOP/s): SFT step ${pct(r.mfu.sft_step)} (PyTorch ${pct(r.mfu.torch_sft_step)}), LoRA DPO step ${pct(r.mfu.dpo_step)} (PyTorch ${pct(r.mfu.torch_dpo_step)}).`,
+    '',
+    `Profile of one SFT step by kernel (ms, calls): ${r.profile.slice(0, 10).map((p: any) => `${p.kernel} ${p.ms} (${p.calls})`).join(', ')}; total ${r.profile.reduce((a: number, p: any) => a + p.ms, 0).toFixed(0)} ms.`,
     '',
     `Memory: peak RSS ${r.peak_rss_mb} MB; SFT phase RSS ${r.sft_rss_mb} MB; live tensors during the LoRA DPO step ${r.dpo_lora_tensor_mb} MB vs ${r.dpo_full_tensor_mb} MB for full-model DPO (which holds a second copy of the weights); ` +
       `a TIES merge of three ${r.merge_checkpoint_mb} MB checkpoints grew RSS by ${r.merge_rss_growth_mb} MB (streamed tensor by tensor).`,

@@ -92,6 +92,9 @@ def bench(f, reps=3):
 m = Model()
 ids = torch.randint(0, V, (B, T))
 out = {}
+# The machine's GEMM rate as PyTorch sees it: one 1024^3 float32 product.
+ga, gb = torch.randn(1024, 1024), torch.randn(1024, 1024)
+out["gemm_gflops"] = 2 * 1024**3 / bench(lambda: ga @ gb, 10) / 1e9
 with torch.no_grad():
     out["forward"] = B * T / bench(lambda: m(ids))
 opt = torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
