@@ -16,7 +16,7 @@ import { makeBatch } from '../src/infer/batch.js';
 import { sftLoss } from '../src/stages/sft.js';
 import { AdamW } from '../src/train/adamw.js';
 import { LoraAdapter, attach, withAdapterOff } from '../src/lora/lora.js';
-import { dpoLosses } from '../src/dpo/loss.js';
+import { DEFAULT_DPO, dpoLosses } from '../src/dpo/loss.js';
 import { pairBatch, sequenceLogps } from '../src/dpo/logps.js';
 import { generate } from '../src/infer/generate.js';
 import { DEFAULT_SAMPLING } from '../src/infer/sampling.js';
@@ -101,7 +101,7 @@ async function main() {
     ref.dispose();
     const { value, grads } = tf.variableGrads(() => {
       const all = sequenceLogps(model, pb);
-      const l = dpoLosses({ policyChosen: tf.slice(all, [0], [n]) as tf.Tensor1D, policyRejected: tf.slice(all, [n], [n]) as tf.Tensor1D, refChosen: tf.tensor1d(rd.slice(0, n)), refRejected: tf.tensor1d(rd.slice(n)), lenChosen: tf.fill([n], 64) as tf.Tensor1D, lenRejected: tf.fill([n], 64) as tf.Tensor1D }, { beta: 0.1, lossType: 'sigmoid', labelSmoothing: 0 });
+      const l = dpoLosses({ policyChosen: tf.slice(all, [0], [n]) as tf.Tensor1D, policyRejected: tf.slice(all, [n], [n]) as tf.Tensor1D, refChosen: tf.tensor1d(rd.slice(0, n)), refRejected: tf.tensor1d(rd.slice(n)), lenChosen: tf.fill([n], 64) as tf.Tensor1D, lenRejected: tf.fill([n], 64) as tf.Tensor1D }, { ...DEFAULT_DPO, beta: 0.1 });
       return tf.mean(l) as tf.Scalar;
     }, [...trainable.values()]);
     value.dispose();

@@ -196,6 +196,7 @@ export function buildProgram(): Command {
       .option('--beta <b>', 'DPO β (default 0.1)', num)
       .option('--loss-type <t>', 'sigmoid | hinge | ipo | robust')
       .option('--label-smoothing <e>', 'ε for cDPO / robust DPO', num)
+      .option('--rpo-alpha <a>', "TRL's rpo_alpha: add α × the chosen answers' NLL to the loss (0 = off)", num)
       .option('--max-length <n>', 'prompt + completion tokens at most', int)
       .option('--max-prompt-length <n>', 'prompt tokens at most (longer prompts are skipped)', int)
       .option('--batch-size <n>', 'pairs per micro-batch', int);

@@ -248,6 +248,16 @@ describe('DPO stage', () => {
     const m = JSON.parse(r.stdout);
     expect(m.rows).toBe(40);
     expect(m['rewards/accuracies']).toBeGreaterThan(0.8);
+    // rpo_alpha adds α × the chosen NLL per token (all 40 rows in one batch; every chosen answer
+    // is 3 tokens), TRL's RPO term, to every pair's loss; nothing else changes.
+    const evalJson = (extra: string[]) => JSON.parse(prefopt(['eval-dpo', '--model', path.join(d, 'base'), '--adapter', path.join(d, 'dpo'), '--data', evalRows, '--beta', '0.1', '--batch-size', '40', '--json', ...extra]).stdout);
+    const plain = evalJson([]);
+    const rpo = evalJson(['--rpo-alpha', '0.5']);
+    const nll = -plain['logps/chosen'] / 3;
+    expect(plain.nll_loss).toBeUndefined();
+    expect(rpo.nll_loss).toBeCloseTo(nll, 5);
+    expect(rpo.loss).toBeCloseTo(plain.loss + 0.5 * nll, 5);
+    expect(rpo['rewards/margins']).toBe(plain['rewards/margins']);
   });
 
   it('holds the tensor count flat across DPO steps', async () => {

@@ -10,7 +10,7 @@ import { log } from '../util/log.js';
 import { openPolicy } from './context.js';
 
 export function dpoParamsFrom(o: Record<string, any>, base: DpoParams): DpoParams {
-  return validateDpoParams({ beta: o.beta ?? base.beta, lossType: (o.lossType ?? base.lossType) as LossType, labelSmoothing: o.labelSmoothing ?? base.labelSmoothing });
+  return validateDpoParams({ beta: o.beta ?? base.beta, lossType: (o.lossType ?? base.lossType) as LossType, labelSmoothing: o.labelSmoothing ?? base.labelSmoothing, rpoAlpha: o.rpoAlpha ?? base.rpoAlpha });
 }
 
 export function loraFrom(o: Record<string, any>, base: LoraConfig = DEFAULT_LORA): LoraConfig {

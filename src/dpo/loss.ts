@@ -13,9 +13,20 @@ export interface DpoParams {
   beta: number;
   lossType: LossType;
   labelSmoothing: number;
+  /**
+   * TRL's rpo_alpha (0 = off): adds α · NLL of the chosen answers (token mean over the batch) to
+   * every pair's loss, as in RPO / iterative RPO. Without it DPO can lower the chosen answers'
+   * likelihood too, and the policy drifts to text neither answer contained.
+   */
+  rpoAlpha: number;
 }
 
-export const DEFAULT_DPO: DpoParams = { beta: 0.1, lossType: 'sigmoid', labelSmoothing: 0 };
+export const DEFAULT_DPO: DpoParams = { beta: 0.1, lossType: 'sigmoid', labelSmoothing: 0, rpoAlpha: 0 };
+
+/** The chosen answers' negative log-likelihood per token over a batch: −Σ log π(w) / Σ |w|. */
+export function chosenNll(policyChosen: tf.Tensor1D, lenChosen: tf.Tensor1D): tf.Scalar {
+  return tf.div(tf.neg(tf.sum(policyChosen)), tf.sum(lenChosen)) as tf.Scalar;
+}
 
 export interface PairLogps<T> {
   policyChosen: T;
@@ -57,11 +68,12 @@ export function dpoLosses(x: PairLogps<tf.Tensor1D>, p: DpoParams): tf.Tensor1D 
 
 export const DPO_METRICS = ['loss', 'rewards/chosen', 'rewards/rejected', 'rewards/accuracies', 'rewards/margins', 'logps/chosen', 'logps/rejected'] as const;
 
-/** TRL's logged metrics, averaged over pairs, from host numbers. */
-export function dpoMetrics(rows: { pc: number; pr: number; rc: number; rr: number; loss: number }[], beta: number): Record<string, number> {
+/** TRL's logged metrics, averaged over pairs, from host numbers (`nll` only with rpo_alpha). */
+export function dpoMetrics(rows: { pc: number; pr: number; rc: number; rr: number; loss: number; nll?: number }[], beta: number): Record<string, number> {
   const n = rows.length || 1;
   const mean = (f: (r: (typeof rows)[number]) => number) => rows.reduce((a, r) => a + f(r), 0) / n;
   return {
+    ...(rows.length && rows[0].nll !== undefined ? { nll_loss: mean((r) => r.nll!) } : {}),
     loss: mean((r) => r.loss),
     'rewards/chosen': mean((r) => beta * (r.pc - r.rc)),
     'rewards/rejected': mean((r) => beta * (r.pr - r.rr)),
@@ -76,5 +88,6 @@ export function validateDpoParams(p: DpoParams, where = ''): DpoParams {
   if (!LOSS_TYPES.includes(p.lossType)) throw new UserError(`${where}loss_type: expected ${LOSS_TYPES.join(' | ')}, found ${JSON.stringify(p.lossType)}`);
   if (!(p.beta > 0)) throw new UserError(`${where}beta: expected a positive number, found ${p.beta}`);
   if (!(p.labelSmoothing >= 0 && p.labelSmoothing < 0.5)) throw new UserError(`${where}label_smoothing: expected a number in [0, 0.5), found ${p.labelSmoothing}`);
+  if (!(p.rpoAlpha >= 0)) throw new UserError(`${where}rpo_alpha: expected a number ≥ 0, found ${p.rpoAlpha}`);
   return p;
 }

@@ -6,7 +6,7 @@ import { formatChat } from '../tokenizer/chat.js';
 import { SPECIAL_TOKENS, writeTokenizerFiles } from '../commands/model.js';
 import { writeDirAtomic } from '../util/fsutil.js';
 import { toJsonl } from '../data/jsonl.js';
-import { Kind, Question, formatAnswer, makeQuestion, rejectedAnswer, wrongValue } from './task.js';
+import { Kind, Question, formatAnswer, makeQuestion, rejectedAnswer, twin, wrongValue } from './task.js';
 import { PRESETS } from '../model/config.js';
 import { UserError } from '../util/errors.js';
 
@@ -14,7 +14,11 @@ import { UserError } from '../util/errors.js';
  * Generate the embedded default deterministically: SFT conversations in the seed format (a
  * fraction deliberately wrong, so sft-base is imperfect), human-style preference pairs,
  * prompts for the on-policy rounds, a held-out evaluation set, the tokenizer, and the model
- * shape. Held-out questions (evaluation and on-policy prompts) never appear in training data.
+ * shape. Evaluation questions never appear in any training split; the same question in the
+ * other language does, so held-out accuracy measures whether a skill carries across languages
+ * (with single-digit numbers there are only 378 distinct questions, 18 of them "next": holding
+ * out unseen number pairs would hold out whole kinds). On-policy prompts come from the training
+ * pool, as a real recipe's prompts overlap its SFT data.
  */
 export interface MakeDataOptions {
   out: string;
@@ -40,27 +44,38 @@ export const DEFAULT_MAKE_DATA: Omit<MakeDataOptions, 'out'> = { seed: 0, sft: 3
 
 export async function makeData(o: MakeDataOptions): Promise<Record<string, number>> {
   const rng = new Rng(o.seed, 'quickstart');
-  const seen = new Set<string>();
-  // Held-out questions (evaluation, on-policy prompts) are distinct and never appear in the
-  // training splits; training questions may repeat when the number range is small.
+  const held = new Set<string>();
+  const twins = new Set<string>();
+  // Evaluation questions: distinct, each with its other-language twin left to training.
   const fresh = (): Question => {
     for (let tries = 0; tries < 10_000; tries++) {
       const q = makeQuestion(rng, o.maxNumber, o.kinds);
-      if (!seen.has(q.text)) {
-        seen.add(q.text);
+      if (!held.has(q.text) && !twins.has(q.text)) {
+        held.add(q.text);
+        twins.add(twin(q).text);
         return q;
       }
     }
-    throw new UserError(`make-data: not enough distinct questions with numbers up to ${o.maxNumber} for ${o.eval} eval + ${o.prompts} prompts`);
+    throw new UserError(`make-data: not enough distinct questions with numbers up to ${o.maxNumber} for ${o.eval} evaluation questions`);
   };
   const train = (): Question => {
     for (;;) {
       const q = makeQuestion(rng, o.maxNumber, o.kinds);
-      if (!seen.has(q.text)) return q;
+      if (!held.has(q.text)) return q;
     }
   };
   const evalQs = Array.from({ length: o.eval }, fresh);
-  const promptQs = Array.from({ length: o.prompts }, fresh);
+  const promptSeen = new Set<string>();
+  const promptQs = Array.from({ length: o.prompts }, () => {
+    for (let tries = 0; tries < 10_000; tries++) {
+      const q = train();
+      if (!promptSeen.has(q.text)) {
+        promptSeen.add(q.text);
+        return q;
+      }
+    }
+    throw new UserError(`make-data: not enough distinct training questions for ${o.prompts} prompts`);
+  });
   const sftQs = Array.from({ length: o.sft }, train);
   const prefQs = Array.from({ length: o.prefs }, train);
   let noisy = 0;
@@ -96,7 +111,7 @@ export async function makeData(o: MakeDataOptions): Promise<Record<string, numbe
       `# Embedded default data (generated)\n\nMade by \`prefopt make-data --out ${o.out} --seed ${o.seed}\`; do not edit by hand.\n\n` +
         `- sft.json: ${o.sft} conversations in the seed format, ${noisy} of them with a deliberately wrong answer\n` +
         `- prefs.jsonl: ${o.prefs} preference pairs (TRL conversational rows)\n- prompts.jsonl: ${o.prompts} prompts for on-policy rounds, with answers\n` +
-        `- eval.jsonl: ${o.eval} held-out prompts with answers\n- tokenizer/: byte-level BPE, ${Object.keys(tok.model.vocab).length + SPECIAL_TOKENS.length} ids (numbers kept whole)\n- model.json: the tiny model's shape\n`,
+        `- eval.jsonl: ${o.eval} held-out prompts with answers (never in a training split; the same question in the other language is)\n- tokenizer/: byte-level BPE, ${Object.keys(tok.model.vocab).length + SPECIAL_TOKENS.length} ids (numbers kept whole)\n- model.json: the tiny model's shape\n`,
     );
   });
   return { sft: sft.length, noisy, prefs: prefs.length, prompts: promptQs.length, eval: evalQs.length };

@@ -28,6 +28,11 @@ export function makeQuestion(rng: Rng, maxNumber = 99, kinds: Kind[] = KINDS): Q
   let b = rng.int(n);
   while (b === a) b = rng.int(n);
   if (kind === 'next') a = rng.int(n - 1);
+  return question(kind, lang, a, b);
+}
+
+/** The question about a and b (b unused by "next") in one language. */
+export function question(kind: Kind, lang: Lang, a: number, b: number): Question {
   const text = {
     max: { en: `Which is larger, ${a} or ${b}?`, zh: `${a} 和 ${b} 哪个更大？` },
     min: { en: `Which is smaller, ${a} or ${b}?`, zh: `${a} 和 ${b} 哪个更小？` },
@@ -35,6 +40,11 @@ export function makeQuestion(rng: Rng, maxNumber = 99, kinds: Kind[] = KINDS): Q
   }[kind][lang];
   const answer = String(kind === 'max' ? Math.max(a, b) : kind === 'min' ? Math.min(a, b) : a + 1);
   return { kind, lang, a, b, text, answer };
+}
+
+/** The same question in the other language. */
+export function twin(q: Question): Question {
+  return question(q.kind, q.lang === 'en' ? 'zh' : 'en', q.a, q.b);
 }
 
 export function formatAnswer(lang: Lang, value: string): string {

@@ -39,6 +39,7 @@ const dpoFields: Record<string, Spec> = {
   beta: num({ min: 0, exclusiveMin: true }),
   loss_type: str(LOSS_TYPES),
   label_smoothing: num({ min: 0, max: 0.49 }),
+  rpo_alpha: num({ min: 0 }),
   max_length: int({ min: 2 }),
   max_prompt_length: int({ min: 1 }),
   batch_size: int({ min: 1 }),

@@ -4,7 +4,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { DEFAULT_TRAIN, TrainConfig, Trainer, TrainResult } from '../train/trainer.js';
 import { paramsCheckpoint } from '../train/params-io.js';
 import { DEFAULT_LORA, LoraAdapter, LoraConfig, attach, withAdapterOff } from '../lora/lora.js';
-import { DEFAULT_DPO, DpoParams, dpoLosses, dpoMetrics, validateDpoParams } from '../dpo/loss.js';
+import { DEFAULT_DPO, DpoParams, chosenNll, dpoLosses, dpoMetrics, validateDpoParams } from '../dpo/loss.js';
 import { filesHash, pairBatch, pairLogpsHost, referenceLogps, sequenceLogps } from '../dpo/logps.js';
 import { PrefPair, loadPrefs } from '../data/prefs.js';
 import { SeqBatch } from '../infer/batch.js';
@@ -81,28 +81,29 @@ function makeDpoBatches(pairs: PrefPair[], ref: { chosen: number[]; rejected: nu
   }));
 }
 
-function batchLosses(model: Decoder, b: DpoBatch, p: DpoParams): { losses: tf.Tensor1D; pc: tf.Tensor1D; pr: tf.Tensor1D } {
+/** Per-pair losses (with rpo_alpha's NLL term added to each, as TRL does) and the policy log-probs. */
+function batchLosses(model: Decoder, b: DpoBatch, p: DpoParams): { losses: tf.Tensor1D; pc: tf.Tensor1D; pr: tf.Tensor1D; nll: tf.Scalar | null } {
   const all = sequenceLogps(model, b.sb);
   const pc = tf.slice(all, [0], [b.n]) as tf.Tensor1D;
   const pr = tf.slice(all, [b.n], [b.n]) as tf.Tensor1D;
-  const losses = dpoLosses(
-    { policyChosen: pc, policyRejected: pr, refChosen: tf.tensor1d(b.refChosen), refRejected: tf.tensor1d(b.refRejected), lenChosen: tf.tensor1d(b.lenChosen), lenRejected: tf.tensor1d(b.lenRejected) },
-    p,
-  );
-  return { losses, pc, pr };
+  const lenChosen = tf.tensor1d(b.lenChosen);
+  let losses = dpoLosses({ policyChosen: pc, policyRejected: pr, refChosen: tf.tensor1d(b.refChosen), refRejected: tf.tensor1d(b.refRejected), lenChosen, lenRejected: tf.tensor1d(b.lenRejected) }, p);
+  const nll = p.rpoAlpha > 0 ? chosenNll(pc, lenChosen) : null;
+  if (nll) losses = tf.add(losses, tf.mul(nll, p.rpoAlpha)) as tf.Tensor1D;
+  return { losses, pc, pr, nll };
 }
 
 /** TRL's metrics over pairs for the model as it is now (adapter state untouched). */
 export function evaluatePairs(model: Decoder, pairs: PrefPair[], ref: { chosen: number[]; rejected: number[] }, p: DpoParams, bs: number, padId: number): Record<string, number> {
-  const rows: { pc: number; pr: number; rc: number; rr: number; loss: number }[] = [];
+  const rows: Parameters<typeof dpoMetrics>[0] = [];
   for (const b of makeDpoBatches(pairs, ref, bs, padId)) {
     const out = tf.tidy(() => {
       const r = batchLosses(model, b, p);
-      return [r.losses, r.pc, r.pr];
+      return [r.losses, r.pc, r.pr, ...(r.nll ? [r.nll] : [])];
     });
-    const [l, pc, pr] = out.map((t) => Array.from(t.dataSync()));
+    const [l, pc, pr, nll] = out.map((t) => Array.from(t.dataSync()));
     out.forEach((t) => t.dispose());
-    for (let i = 0; i < b.n; i++) rows.push({ pc: pc[i], pr: pr[i], rc: b.refChosen[i], rr: b.refRejected[i], loss: l[i] });
+    for (let i = 0; i < b.n; i++) rows.push({ pc: pc[i], pr: pr[i], rc: b.refChosen[i], rr: b.refRejected[i], loss: l[i], ...(nll ? { nll: nll[0] } : {}) });
   }
   return dpoMetrics(rows, p.beta);
 }
@@ -189,7 +190,7 @@ export async function runDpo(c: DpoConfig): Promise<DpoResult> {
         tokens: (b) => validTokens(b.sb),
         loss: (b, rng, training) => {
           adapter.setTraining(training, rng);
-          const { losses, pc, pr } = batchLosses(model, b, c.dpo);
+          const { losses, pc, pr, nll } = batchLosses(model, b, c.dpo);
           const rc = tf.tensor1d(b.refChosen);
           const rr = tf.tensor1d(b.refRejected);
           const lw = tf.sub(pc, rc);
@@ -203,6 +204,7 @@ export async function runDpo(c: DpoConfig): Promise<DpoResult> {
               'rewards/margins': tf.mean(tf.mul(tf.sub(lw, ll), c.dpo.beta)) as tf.Scalar,
               'logps/chosen': tf.mean(pc) as tf.Scalar,
               'logps/rejected': tf.mean(pr) as tf.Scalar,
+              ...(nll ? { nll_loss: nll } : {}),
             },
           };
         },
