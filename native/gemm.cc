@@ -6,6 +6,7 @@
 #include <node_api.h>
 #include <dlfcn.h>
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -279,6 +280,81 @@ napi_value Matmul(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
+// ---- log-softmax at the label --------------------------------------------------------------
+// The language-model loss reads one log-probability per row of logits [N, V]; as separate wasm
+// kernels (max, sub, exp, sum, log, one-hot, mul, sum and the same again backward) it cost as
+// much as the matmuls of the lm head. Fused: one pass for the row's log-sum-exp, one for the
+// gradient. Rows split over threads; each row is summed in order, so results are reproducible.
+int32_t* i32(napi_env env, napi_value v, size_t need) {
+  napi_typedarray_type type;
+  size_t length;
+  void* data;
+  napi_value ab;
+  size_t off;
+  if (napi_get_typedarray_info(env, v, &type, &length, &data, &ab, &off) != napi_ok || type != napi_int32_array || length < need) {
+    napi_throw_type_error(env, nullptr, "labels must be an Int32Array as long as the rows");
+    return nullptr;
+  }
+  return static_cast<int32_t*>(data);
+}
+
+// labelLogProbs(x, N, V, labels, out, lse): out[i] = x[i, y_i] − lse_i (0 when y_i ∉ [0, V)).
+napi_value LabelLogProbs(napi_env env, napi_callback_info info) {
+  size_t argc = 6;
+  napi_value argv[6];
+  napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
+  int64_t N = i64(env, argv[1]), V = i64(env, argv[2]);
+  float* x = f32(env, argv[0], N * V, "logits");
+  if (!x) return nullptr;
+  int32_t* y = i32(env, argv[3], N);
+  if (!y) return nullptr;
+  float* out = f32(env, argv[4], N, "out");
+  if (!out) return nullptr;
+  float* lse = f32(env, argv[5], N, "lse");
+  if (!lse) return nullptr;
+  parallel((int)N, N * V > 65536 ? g_threads : 1, [&](int r0, int r1) {
+    for (int r = r0; r < r1; r++) {
+      const float* row = x + (int64_t)r * V;
+      float m = row[0];
+      for (int64_t j = 1; j < V; j++) m = std::max(m, row[j]);
+      double s = 0;
+      for (int64_t j = 0; j < V; j++) s += std::exp(row[j] - m);
+      lse[r] = m + (float)std::log(s);
+      out[r] = y[r] >= 0 && y[r] < V ? row[y[r]] - lse[r] : 0.f;
+    }
+  });
+  return nullptr;
+}
+
+// labelLogProbsGrad(x, N, V, labels, lse, dy, dx): dx[i, j] = dy_i · (1[j = y_i] − softmax(x_i)_j).
+napi_value LabelLogProbsGrad(napi_env env, napi_callback_info info) {
+  size_t argc = 7;
+  napi_value argv[7];
+  napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
+  int64_t N = i64(env, argv[1]), V = i64(env, argv[2]);
+  float* x = f32(env, argv[0], N * V, "logits");
+  if (!x) return nullptr;
+  int32_t* y = i32(env, argv[3], N);
+  if (!y) return nullptr;
+  float* lse = f32(env, argv[4], N, "lse");
+  if (!lse) return nullptr;
+  float* dy = f32(env, argv[5], N, "dy");
+  if (!dy) return nullptr;
+  float* dx = f32(env, argv[6], N * V, "dx");
+  if (!dx) return nullptr;
+  parallel((int)N, N * V > 65536 ? g_threads : 1, [&](int r0, int r1) {
+    for (int r = r0; r < r1; r++) {
+      const float* row = x + (int64_t)r * V;
+      float* d = dx + (int64_t)r * V;
+      bool valid = y[r] >= 0 && y[r] < V;
+      float g = valid ? dy[r] : 0.f;
+      for (int64_t j = 0; j < V; j++) d[j] = -g * std::exp(row[j] - lse[r]);
+      if (valid) d[y[r]] += g;
+    }
+  });
+  return nullptr;
+}
+
 napi_value Info(napi_env env, napi_callback_info) {
   napi_value o, v;
   napi_create_object(env, &o);
@@ -303,9 +379,11 @@ napi_value Init(napi_env env, napi_value exports) {
   if (!builtin_only && ((want && *want) || !g_avx2)) open_blas(want);
   napi_property_descriptor props[] = {
       {"matmul", nullptr, Matmul, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"labelLogProbs", nullptr, LabelLogProbs, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"labelLogProbsGrad", nullptr, LabelLogProbsGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"info", nullptr, Info, nullptr, nullptr, nullptr, napi_default, nullptr},
   };
-  napi_define_properties(env, exports, 2, props);
+  napi_define_properties(env, exports, 4, props);
   return exports;
 }
 

@@ -12,6 +12,8 @@ import * as path from 'node:path';
  * system BLAS.
  */
 interface Addon {
+  labelLogProbs(x: Float32Array, n: number, v: number, labels: Int32Array, out: Float32Array, lse: Float32Array): void;
+  labelLogProbsGrad(x: Float32Array, n: number, v: number, labels: Int32Array, lse: Float32Array, dy: Float32Array, dx: Float32Array): void;
   matmul(ta: boolean, tb: boolean, batch: number, m: number, n: number, k: number, a: Float32Array, sa: number, b: Float32Array, sb: number, c: Float32Array, useBlas: boolean): void;
   info(): { blas: string; threads: number; avx2: boolean };
 }
@@ -67,6 +69,31 @@ export function nativeMatmulActive(): boolean {
 export function nativeMatmul(ta: boolean, tb: boolean, batch: number, m: number, n: number, k: number, a: Float32Array, sa: number, b: Float32Array, sb: number, c: Float32Array, useBlas = true): void {
   if (!addon) throw new Error('the native addon is not loaded');
   addon.matmul(ta, tb, batch, m, n, k, a, sa, b, sb, c, useBlas);
+}
+
+/**
+ * log softmax(logits)[i, labels[i]] for logits [N, V] (0 where a label is outside [0, V)), with
+ * its gradient, in two native passes instead of a dozen wasm kernels each way. Only while the
+ * native kernels serve the current backend; callers fall back to tfjs ops otherwise.
+ */
+export function fusedLabelLogProbs(logits: tf.Tensor2D, labels: tf.Tensor1D): tf.Tensor1D {
+  const [n, v] = logits.shape;
+  const y = labels.dtype === 'int32' ? (labels.dataSync() as Int32Array) : Int32Array.from(labels.dataSync());
+  const lse = new Float32Array(n);
+  const f = tf.customGrad(((x: tf.Tensor2D, save: tf.GradSaveFunc) => {
+    save([x]);
+    const out = new Float32Array(n);
+    addon!.labelLogProbs(x.dataSync() as Float32Array, n, v, y, out, lse);
+    return {
+      value: tf.tensor1d(out),
+      gradFunc: (dy: tf.Tensor1D, saved: tf.Tensor[]) => {
+        const dx = new Float32Array(n * v);
+        addon!.labelLogProbsGrad(saved[0].dataSync() as Float32Array, n, v, y, lse, dy.dataSync() as Float32Array, dx);
+        return tf.tensor2d(dx, [n, v]);
+      },
+    };
+  }) as any) as (x: tf.Tensor2D) => tf.Tensor1D;
+  return f(logits);
 }
 
 interface Shapes {

@@ -1,5 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { needsPlainMatmul, slowSlice } from './backend.js';
+import { fusedLabelLogProbs, nativeMatmulActive } from './native.js';
 
 /**
  * The few tensor primitives whose gradients need care. tfjs-wasm runs only 2-D, non-transposed,
@@ -134,6 +135,7 @@ export function embed(table: tf.Tensor2D, ids: tf.Tensor): tf.Tensor {
  * Labels outside [0, V) (e.g. -100) give 0; callers mask them anyway.
  */
 export function labelLogProbs(logits: tf.Tensor2D, labels: tf.Tensor1D): tf.Tensor1D {
+  if (nativeMatmulActive()) return fusedLabelLogProbs(logits, labels);
   const lsm = tf.logSoftmax(logits);
   const oh = tf.oneHot(labels, logits.shape[1]);
   return tf.sum(tf.mul(lsm, oh), 1) as tf.Tensor1D;
