@@ -298,16 +298,29 @@ int32_t* i32(napi_env env, napi_value v, size_t need) {
   return static_cast<int32_t*>(data);
 }
 
+// Both loss functions start (logits, N, V, labels, …); false after throwing.
+bool loss_args(napi_env env, napi_callback_info info, size_t n, napi_value* argv, int64_t& N, int64_t& V, float*& x, int32_t*& y) {
+  size_t argc = n;
+  napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
+  if (argc < n) {
+    napi_throw_type_error(env, nullptr, "wrong number of arguments");
+    return false;
+  }
+  N = i64(env, argv[1]);
+  V = i64(env, argv[2]);
+  x = f32(env, argv[0], N * V, "logits");
+  if (!x) return false;
+  y = i32(env, argv[3], N);
+  return y != nullptr;
+}
+
 // labelLogProbs(x, N, V, labels, out, lse): out[i] = x[i, y_i] − lse_i (0 when y_i ∉ [0, V)).
 napi_value LabelLogProbs(napi_env env, napi_callback_info info) {
-  size_t argc = 6;
   napi_value argv[6];
-  napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
-  int64_t N = i64(env, argv[1]), V = i64(env, argv[2]);
-  float* x = f32(env, argv[0], N * V, "logits");
-  if (!x) return nullptr;
-  int32_t* y = i32(env, argv[3], N);
-  if (!y) return nullptr;
+  int64_t N, V;
+  float* x;
+  int32_t* y;
+  if (!loss_args(env, info, 6, argv, N, V, x, y)) return nullptr;
   float* out = f32(env, argv[4], N, "out");
   if (!out) return nullptr;
   float* lse = f32(env, argv[5], N, "lse");
@@ -328,14 +341,11 @@ napi_value LabelLogProbs(napi_env env, napi_callback_info info) {
 
 // labelLogProbsGrad(x, N, V, labels, lse, dy, dx): dx[i, j] = dy_i · (1[j = y_i] − softmax(x_i)_j).
 napi_value LabelLogProbsGrad(napi_env env, napi_callback_info info) {
-  size_t argc = 7;
   napi_value argv[7];
-  napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
-  int64_t N = i64(env, argv[1]), V = i64(env, argv[2]);
-  float* x = f32(env, argv[0], N * V, "logits");
-  if (!x) return nullptr;
-  int32_t* y = i32(env, argv[3], N);
-  if (!y) return nullptr;
+  int64_t N, V;
+  float* x;
+  int32_t* y;
+  if (!loss_args(env, info, 7, argv, N, V, x, y)) return nullptr;
   float* lse = f32(env, argv[4], N, "lse");
   if (!lse) return nullptr;
   float* dy = f32(env, argv[5], N, "dy");
