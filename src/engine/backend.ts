@@ -2,8 +2,9 @@ import * as tf from '@tensorflow/tfjs-core';
 import { createRequire } from 'node:module';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { fileURLToPath, pathToFileURL } from 'node:url';
+import { pathToFileURL } from 'node:url';
 import { UserError } from '../util/errors.js';
+import { packageRoot } from '../util/package-root.js';
 import { NativeReport, nativeMatmulActive, registerNativeKernels } from './native.js';
 import { registerZeroCopyKernels } from './wasm-kernels.js';
 
@@ -28,17 +29,6 @@ export interface BackendReport {
 const require = createRequire(import.meta.url);
 let current: BackendReport | null = null;
 let gradientsLoaded = false;
-
-/** The package root: the nearest folder above this module with a package.json. */
-export function packageRoot(): string {
-  let d = path.dirname(fileURLToPath(import.meta.url));
-  while (!fs.existsSync(path.join(d, 'package.json'))) {
-    const up = path.dirname(d);
-    if (up === d) throw new Error('prefopt: cannot find the package root');
-    d = up;
-  }
-  return d;
-}
 
 /**
  * tfjs-core's Node entry registers no gradients; scripts/bundle-gradients.mjs bundles tfjs's own

@@ -2,6 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { createRequire } from 'node:module';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { packageRoot } from '../util/package-root.js';
 
 /**
  * The native matmul (native/gemm.cc, built at install by node-gyp) registered as the
@@ -33,24 +34,12 @@ let addon: Addon | null = null;
 let report: NativeReport | null = null;
 const registered = new Set<string>();
 
-function findAddon(): string | null {
-  let d = path.dirname(new URL(import.meta.url).pathname);
-  for (;;) {
-    const f = path.join(d, 'build', 'Release', 'prefopt_native.node');
-    if (fs.existsSync(f)) return f;
-    if (fs.existsSync(path.join(d, 'package.json'))) return null;
-    const up = path.dirname(d);
-    if (up === d) return null;
-    d = up;
-  }
-}
-
 export function loadNative(): NativeReport {
   if (report) return report;
   const off = ['0', 'off', 'false', 'no'].includes(String(process.env.PREFOPT_NATIVE ?? '').toLowerCase());
   if (off) return (report = { active: false, kernel: null, reason: 'disabled by PREFOPT_NATIVE' });
-  const file = findAddon();
-  if (!file) return (report = { active: false, kernel: null, reason: 'the native addon is not built (npm install builds it with node-gyp when a C++ compiler is present)' });
+  const file = path.join(packageRoot(), 'build', 'Release', 'prefopt_native.node');
+  if (!fs.existsSync(file)) return (report = { active: false, kernel: null, reason: 'the native addon is not built (npm install builds it with node-gyp when a C++ compiler is present)' });
   try {
     addon = require(file) as Addon;
   } catch (e: any) {
@@ -80,15 +69,17 @@ export function fusedLabelLogProbs(logits: tf.Tensor2D, labels: tf.Tensor1D): tf
   const [n, v] = logits.shape;
   const y = labels.dtype === 'int32' ? (labels.dataSync() as Int32Array) : Int32Array.from(labels.dataSync());
   const lse = new Float32Array(n);
-  const f = tf.customGrad(((x: tf.Tensor2D, save: tf.GradSaveFunc) => {
-    save([x]);
+  const f = tf.customGrad(((x: tf.Tensor2D) => {
+    // The host copy the forward pass reads serves the backward pass too: nothing is saved on
+    // the tape and the logits are not copied out of the backend a second time.
+    const xs = x.dataSync() as Float32Array;
     const out = new Float32Array(n);
-    addon!.labelLogProbs(x.dataSync() as Float32Array, n, v, y, out, lse);
+    addon!.labelLogProbs(xs, n, v, y, out, lse);
     return {
       value: tf.tensor1d(out),
-      gradFunc: (dy: tf.Tensor1D, saved: tf.Tensor[]) => {
+      gradFunc: (dy: tf.Tensor1D) => {
         const dx = new Float32Array(n * v);
-        addon!.labelLogProbsGrad(saved[0].dataSync() as Float32Array, n, v, y, lse, dy.dataSync() as Float32Array, dx);
+        addon!.labelLogProbsGrad(xs, n, v, y, lse, dy.dataSync() as Float32Array, dx);
         return tf.tensor2d(dx, [n, v]);
       },
     };
@@ -149,7 +140,6 @@ function runPairs(s: Shapes, ta: boolean, tb: boolean, A: Float32Array, B: Float
   };
   const da = even(0);
   const db = even(1);
-  if (pairs.length === 0) return;
   if (da >= 0 && db >= 0) {
     addon!.matmul(ta, tb, pairs.length, m, n, k, A.subarray(pairs[0][0] * m * k), da * m * k, B.subarray(pairs[0][1] * k * n), db * k * n, C, useBlas);
     return;
