@@ -1,4 +1,4 @@
-import { describe, expect, it, beforeAll, afterAll } from 'vitest';
+import { describe, expect, it, beforeAll, afterAll, onTestFinished } from 'vitest';
 import { spawn, ChildProcess } from 'node:child_process';
 import * as path from 'node:path';
 import * as net from 'node:net';
@@ -168,6 +168,7 @@ describe('prefopt serve under request fuzzing', () => {
   it('random bytes, mutated JSON, odd routes, hang-ups and stalled bodies: only 2xx/4xx, and the server keeps serving', async () => {
     const f = await onlineFixture();
     const srv = await startServer(['--model', f.base, '--api-key', 'k', '--max-body', '4000', '--timeout', '1000', '--max-queue', '4']);
+    onTestFinished(() => void srv.child.kill('SIGKILL')); // also when an assertion fails
     const port = Number(new URL(srv.url).port);
     const auth = { authorization: 'Bearer k', 'content-type': 'application/json' };
     const valid = { model: 'm', messages: [{ role: 'system', content: 'be brief' }, { role: 'user', content: 'What is 1 plus 2?' }], max_tokens: 3, temperature: 0.7, top_p: 0.9, n: 2, stop: ['\n'], seed: 5, stream: false };
@@ -221,7 +222,6 @@ describe('prefopt serve under request fuzzing', () => {
     expect(srv.stderr()).not.toMatch(/internal error/);
     expect(statuses[200]).toBeGreaterThan(20);
     expect(statuses[400]).toBeGreaterThan(100);
-    srv.child.kill('SIGKILL');
     const total = Object.values(counts).reduce((a, b) => a + b, 0);
     console.log(`serve fuzzing: ${total} requests — ${Object.entries(counts).map(([k, v]) => `${k} ${v}`).join(', ')}; statuses ${JSON.stringify(statuses)}`);
   }, 120_000);

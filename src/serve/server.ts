@@ -27,6 +27,12 @@ export interface ServeOptions {
   requestTimeoutMs: number;
 }
 
+/** OpenAI's usage block: prompt tokens once, completion tokens over all n samples. */
+function usage(prompt: number[], samples: { ids: number[] }[]) {
+  const completion = samples.reduce((a, s) => a + s.ids.length, 0);
+  return { prompt_tokens: prompt.length, completion_tokens: completion, total_tokens: prompt.length + completion };
+}
+
 export class ChatServer {
   readonly server: http.Server;
   private queue: PQueue;
@@ -162,14 +168,13 @@ export class ChatServer {
 
   private async complete(res: http.ServerResponse, r: ChatRequest, prompt: number[]): Promise<void> {
     const samples = await this.run(res, r, prompt);
-    const completion = samples.reduce((a, s) => a + s.ids.length, 0);
     this.json(res, 200, {
       id: `chatcmpl-${randomBytes(12).toString('hex')}`,
       object: 'chat.completion',
       created: Math.floor(Date.now() / 1000),
       model: this.o.modelName,
       choices: samples.map((s, i) => ({ index: i, message: { role: 'assistant', content: s.text ?? '' }, finish_reason: s.finishReason, logprobs: null })),
-      usage: { prompt_tokens: prompt.length, completion_tokens: completion, total_tokens: prompt.length + completion },
+      usage: usage(prompt, samples),
     });
   }
 
@@ -200,8 +205,7 @@ export class ChatServer {
       if (text.length > shown[k]) send([{ index: k, delta: { content: text.slice(shown[k]) }, finish_reason: null }]);
       send([{ index: k, delta: {}, finish_reason: s.finishReason }]);
     });
-    const completion = samples.reduce((a, s) => a + s.ids.length, 0);
-    send([], { prompt_tokens: prompt.length, completion_tokens: completion, total_tokens: prompt.length + completion });
+    send([], usage(prompt, samples));
     res.end('data: [DONE]\n\n');
   }
 
@@ -212,7 +216,6 @@ export class ChatServer {
   }
 
   private fail(res: http.ServerResponse, e: ApiError): void {
-    if (res.destroyed) return;
     if (e.status >= 500) log('error', { message: e.message });
     if (res.headersSent) {
       res.end();
