@@ -6,7 +6,7 @@ import { initBackend } from './engine/backend.js';
 import { UserError } from './util/errors.js';
 import { log, setLogMode } from './util/log.js';
 import { generateCmd, initModel, logprobsCmd, trainTokenizer } from './commands/model.js';
-import { addLoraOptions, addTrainOptions, trainConfigFrom } from './commands/train-options.js';
+import { addLoraOptions, addTrainOptions, int, num, trainConfigFrom } from './commands/train-options.js';
 import { DEFAULT_SFT, runSft } from './stages/sft.js';
 import { dtypeFromName } from './io/safetensors.js';
 import { registerAdapterLoader } from './commands/context.js';
@@ -30,16 +30,6 @@ registerAdapterLoader((model, dir) => attach(model, LoraAdapter.load(model, dir)
  * The `prefopt` command line. Each command parses its flags and hands a plain options object to
  * a function in src/commands; recipes call the same functions.
  */
-const num = (v: string) => {
-  const n = Number(v);
-  if (!Number.isFinite(n)) throw new UserError(`expected a number, found "${v}"`);
-  return n;
-};
-const int = (v: string) => {
-  const n = num(v);
-  if (!Number.isInteger(n)) throw new UserError(`expected an integer, found "${v}"`);
-  return n;
-};
 const collect = (v: string, prev: string[]) => [...prev, v];
 
 /**

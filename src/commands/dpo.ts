@@ -1,5 +1,6 @@
 import { DEFAULT_DPO_STAGE, evaluatePairs, runDpo } from '../stages/dpo.js';
-import { DpoParams, validateDpoParams, LossType } from '../dpo/loss.js';
+import { DpoParams, validateDpoParams } from '../dpo/loss.js';
+import { camel } from './train-options.js';
 import { pairLogpsHost } from '../dpo/logps.js';
 import { loadPrefs } from '../data/prefs.js';
 import { DEFAULT_LORA, LoraConfig, withAdapterOff } from '../lora/lora.js';
@@ -9,8 +10,17 @@ import { UserError } from '../util/errors.js';
 import { log } from '../util/log.js';
 import { openPolicy } from './context.js';
 
-export function dpoParamsFrom(o: Record<string, any>, base: DpoParams): DpoParams {
-  return validateDpoParams({ beta: o.beta ?? base.beta, lossType: (o.lossType ?? base.lossType) as LossType, labelSmoothing: o.labelSmoothing ?? base.labelSmoothing, rpoAlpha: o.rpoAlpha ?? base.rpoAlpha });
+/** DPO settings by recipe field name (TRL's); the CLI flag is the same name in kebab-case. */
+const DPO_FIELDS: [keyof DpoParams, string][] = [['beta', 'beta'], ['lossType', 'loss_type'], ['labelSmoothing', 'label_smoothing'], ['rpoAlpha', 'rpo_alpha']];
+
+/** DpoParams from parsed CLI options or a recipe stage, over `base`, range-checked. */
+export function dpoParamsFrom(o: Record<string, any>, base: DpoParams, from: 'flags' | 'recipe' = 'flags', where = ''): DpoParams {
+  const p: any = { ...base };
+  for (const [k, field] of DPO_FIELDS) {
+    const v = o[from === 'flags' ? camel(field) : field];
+    if (v !== undefined) p[k] = v;
+  }
+  return validateDpoParams(p, where);
 }
 
 export function loraFrom(o: Record<string, any>, base: LoraConfig = DEFAULT_LORA): LoraConfig {

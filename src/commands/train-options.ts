@@ -3,13 +3,20 @@ import { DEFAULT_TRAIN, TrainConfig } from '../train/trainer.js';
 import { SCHEDULERS, SchedulerName } from '../train/schedule.js';
 import { UserError } from '../util/errors.js';
 
+/** Flag parsers: a finite number, an integer. */
+export const num = (v: string): number => {
+  const n = Number(v);
+  if (!Number.isFinite(n)) throw new UserError(`expected a number, found "${v}"`);
+  return n;
+};
+export const int = (v: string): number => {
+  const n = num(v);
+  if (!Number.isInteger(n)) throw new UserError(`expected an integer, found "${v}"`);
+  return n;
+};
+
 /** The optimizer/schedule/checkpoint flags shared by every training command. */
 export function addTrainOptions(cmd: Command): Command {
-  const num = (v: string) => {
-    const n = Number(v);
-    if (!Number.isFinite(n)) throw new UserError(`expected a number, found "${v}"`);
-    return n;
-  };
   return cmd
     .option('--lr <x>', 'peak learning rate', num)
     .option('--epochs <n>', 'epochs', num)
@@ -39,7 +46,8 @@ export const TRAIN_FIELDS: [keyof TrainConfig, string][] = [
   ['evalSteps', 'eval_steps'], ['seed', 'seed'], ['detectAnomaly', 'detect_anomaly'],
 ];
 
-const camel = (snake: string) => snake.replace(/_(\w)/g, (_, c: string) => c.toUpperCase());
+/** A recipe field's CLI option name as commander stores it: rpo_alpha → rpoAlpha. */
+export const camel = (snake: string) => snake.replace(/_(\w)/g, (_, c: string) => c.toUpperCase());
 
 /**
  * A TrainConfig from parsed CLI options (commander's camelCase names) or from a recipe stage
@@ -80,7 +88,6 @@ export function validateTrainConfig(c: TrainConfig, where = ''): TrainConfig {
 
 /** LoRA flags shared by dpo, rm train and online. */
 export function addLoraOptions(cmd: Command): Command {
-  const num = (v: string) => Number(v);
   return cmd
     .option('--lora-r <n>', 'LoRA rank', num)
     .option('--lora-alpha <a>', 'LoRA alpha', num)

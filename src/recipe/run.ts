@@ -18,7 +18,7 @@ import { dtypeFromName } from '../io/safetensors.js';
 import { loadPrompts } from '../data/prompts.js';
 import { makeScorer } from '../../rm/spec.js';
 import { UserError } from '../util/errors.js';
-import { DEFAULT_DPO, DpoParams } from '../dpo/loss.js';
+import { dpoParamsFrom } from '../commands/dpo.js';
 import { removeDir } from '../util/fsutil.js';
 import { log } from '../util/log.js';
 
@@ -47,11 +47,6 @@ export interface EvalRow {
 
 function trainFrom(st: Stage, base: TrainConfig, seed: number): TrainConfig {
   return trainConfigFrom(st, { ...base, seed }, 'recipe', `stage ${st.name}: `);
-}
-
-/** A stage's DPO settings (recipe field names are TRL's). */
-function dpoFrom(st: any): DpoParams {
-  return { beta: st.beta ?? DEFAULT_DPO.beta, lossType: st.loss_type ?? DEFAULT_DPO.lossType, labelSmoothing: st.label_smoothing ?? DEFAULT_DPO.labelSmoothing, rpoAlpha: st.rpo_alpha ?? DEFAULT_DPO.rpoAlpha };
 }
 
 function loraFrom(v: any, base: LoraConfig = DEFAULT_LORA): LoraConfig {
@@ -217,7 +212,7 @@ export class RecipeRunner {
           evalRatio: st.eval_ratio ?? DEFAULT_DPO_STAGE.evalRatio,
           refModel: st.ref_model ? this.resolve(st.ref_model) : undefined,
           adapter: st.adapter ? this.resolve(st.adapter) : m.adapter,
-          dpo: dpoFrom(st),
+          dpo: dpoParamsFrom(st, DEFAULT_DPO_STAGE.dpo, 'recipe', `stage ${st.name}: `),
           lora: loraFrom(st.lora),
           maxLength: st.max_length ?? DEFAULT_DPO_STAGE.maxLength,
           maxPromptLength: st.max_prompt_length ?? DEFAULT_DPO_STAGE.maxPromptLength,
@@ -281,7 +276,7 @@ export class RecipeRunner {
             sampler,
             selection: { rule: st.selection ?? 'max_min', lengthPenalty: st.length_penalty ?? 0, minMargin: st.min_margin ?? 0 },
             reference: st.reference ?? 'sft',
-            dpo: dpoFrom(st),
+            dpo: dpoParamsFrom(st, DEFAULT_ONLINE.dpo, 'recipe', `stage ${st.name}: `),
             lora: loraFrom(st.lora),
             maxLength: st.max_length ?? DEFAULT_ONLINE.maxLength,
             maxPromptLength: st.max_prompt_length ?? DEFAULT_ONLINE.maxPromptLength,
