@@ -44,38 +44,34 @@ export const DEFAULT_MAKE_DATA: Omit<MakeDataOptions, 'out'> = { seed: 0, sft: 3
 
 export async function makeData(o: MakeDataOptions): Promise<Record<string, number>> {
   const rng = new Rng(o.seed, 'quickstart');
-  const held = new Set<string>();
-  const twins = new Set<string>();
-  // Evaluation questions: distinct, each with its other-language twin left to training.
-  const fresh = (): Question => {
+  // A question from `draw` whose text is not yet in `taken`, which it joins.
+  const distinct = (draw: () => Question, taken: Set<string>, what: string): Question => {
     for (let tries = 0; tries < 10_000; tries++) {
-      const q = makeQuestion(rng, o.maxNumber, o.kinds);
-      if (!held.has(q.text) && !twins.has(q.text)) {
-        held.add(q.text);
-        twins.add(twin(q).text);
+      const q = draw();
+      if (!taken.has(q.text)) {
+        taken.add(q.text);
         return q;
       }
     }
-    throw new UserError(`make-data: not enough distinct questions with numbers up to ${o.maxNumber} for ${o.eval} evaluation questions`);
+    throw new UserError(`make-data: not enough distinct questions with numbers up to ${o.maxNumber} for ${what}`);
   };
+  const held = new Set<string>();
   const train = (): Question => {
     for (;;) {
       const q = makeQuestion(rng, o.maxNumber, o.kinds);
       if (!held.has(q.text)) return q;
     }
   };
-  const evalQs = Array.from({ length: o.eval }, fresh);
-  const promptSeen = new Set<string>();
-  const promptQs = Array.from({ length: o.prompts }, () => {
-    for (let tries = 0; tries < 10_000; tries++) {
-      const q = train();
-      if (!promptSeen.has(q.text)) {
-        promptSeen.add(q.text);
-        return q;
-      }
-    }
-    throw new UserError(`make-data: not enough distinct training questions for ${o.prompts} prompts`);
+  // Evaluation questions: distinct, each with its other-language twin left to training.
+  const evalBlocked = new Set<string>();
+  const evalQs = Array.from({ length: o.eval }, () => {
+    const q = distinct(() => makeQuestion(rng, o.maxNumber, o.kinds), evalBlocked, `${o.eval} evaluation questions`);
+    held.add(q.text);
+    evalBlocked.add(twin(q).text);
+    return q;
   });
+  const promptSeen = new Set<string>();
+  const promptQs = Array.from({ length: o.prompts }, () => distinct(train, promptSeen, `${o.prompts} prompts`));
   const sftQs = Array.from({ length: o.sft }, train);
   const prefQs = Array.from({ length: o.prefs }, train);
   let noisy = 0;
