@@ -84,15 +84,11 @@ export function writeFileAtomic(dest: string, data: string | Uint8Array): void {
 }
 
 function openTemp(dest: string) {
-  let tmp = '';
+  let tmp: string;
+  let fd: number;
   try {
     fs.mkdirSync(path.dirname(path.resolve(dest)), { recursive: true });
     tmp = tmpName(dest);
-  } catch (e) {
-    throw writeError(dest, e);
-  }
-  let fd: number;
-  try {
     fd = fs.openSync(tmp, 'w');
   } catch (e) {
     throw writeError(dest, e);
