@@ -195,12 +195,15 @@ async function runRound(
 ): Promise<{ adapter: string | null }> {
   tx(db, () => db.prepare("INSERT OR IGNORE INTO rounds (stage_id, round, step, reference) VALUES (?, ?, 'sample', ?)").run(stageId, r, c.reference));
   const round = () => db.prepare('SELECT id, step, policy_path FROM rounds WHERE stage_id = ? AND round = ?').get(stageId, r) as RoundRow;
-  const advance = (from: RoundStep, to: RoundStep, extra?: () => void) =>
+  const advance = (from: RoundStep, to: RoundStep, extra?: () => void) => {
     tx(db, () => {
       if (round().step !== from) throw new Error(`round ${r}: expected step ${from}`);
       extra?.();
       db.prepare(`UPDATE rounds SET step = ?${to === 'done' ? ", finished_at = datetime('now')" : ''} WHERE id = ?`).run(to, round().id);
     });
+    // Logged after the commit: a reader of the log never sees a step the database does not have.
+    log('step', { round: r, step: to });
+  };
   const roundId = round().id;
   const startAdapter = prevAdapter;
   if (round().step === 'done') return { adapter: round().policy_path };

@@ -18,6 +18,8 @@ export interface AsyncRunOptions {
    * in `dir`: aims the kill into a write.
    */
   killOnTemp?: { dir: string; nth: number; delayMs: number };
+  /** SIGKILL `delayMs` after stderr first contains `text`: aims the kill just after a logged event. */
+  killOnStderr?: { text: string; delayMs: number };
   /** RLIMIT_FSIZE in KiB (SIGXFSZ ignored): writes past it fail with EFBIG, like a full disk. */
   fileSizeLimitKb?: number;
 }
@@ -46,7 +48,6 @@ export function prefoptAsync(args: string[], o: AsyncRunOptions = {}): Promise<A
         ? spawn('bash', ['-c', `trap '' XFSZ; ulimit -f ${o.fileSizeLimitKb}; exec "$0" "$@"`, process.execPath, BIN, ...args], { stdio: ['ignore', 'ignore', 'pipe'] })
         : spawn(process.execPath, [BIN, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
     let stderr = '';
-    child.stderr.on('data', (c) => (stderr += c));
     let killed = false;
     let tempAtKill = false;
     const kill = () => {
@@ -54,6 +55,14 @@ export function prefoptAsync(args: string[], o: AsyncRunOptions = {}): Promise<A
       killed = true;
       child.kill('SIGKILL');
     };
+    let aimed = false;
+    child.stderr.on('data', (c) => {
+      stderr += c;
+      if (o.killOnStderr && !aimed && stderr.includes(o.killOnStderr.text)) {
+        aimed = true;
+        setTimeout(kill, o.killOnStderr.delayMs);
+      }
+    });
     const timer = o.killAfterMs !== undefined ? setTimeout(kill, o.killAfterMs) : null;
     let watcher: fs.FSWatcher | null = null;
     if (o.killOnTemp) {
