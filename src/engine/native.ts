@@ -3,18 +3,17 @@ import { createRequire } from 'node:module';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { packageRoot } from '../util/package-root.js';
+import { FusedAddon, registerFusedKernels } from './fused.js';
 
 /**
- * The native matmul (native/gemm.cc, built at install by node-gyp) registered as the
- * BatchMatMul kernel of the wasm and cpu backends. It reads and writes tensor memory in place
+ * The native addon (native/, built at install by node-gyp): its matmul registered as the
+ * BatchMatMul kernel of the wasm and cpu backends, and its fused kernels (engine/fused). It reads and writes tensor memory in place
  * (the wasm heap or the cpu backend's arrays) and calls a system CBLAS when one can be opened,
  * else its own AVX2 kernel, on every core. Where the addon did not build, nothing is registered
  * and tfjs's own kernels run. PREFOPT_NATIVE=0 turns it off; PREFOPT_BLAS=builtin skips the
  * system BLAS.
  */
-interface Addon {
-  labelLogProbs(x: Float32Array, n: number, v: number, labels: Int32Array, out: Float32Array, lse: Float32Array): void;
-  labelLogProbsGrad(x: Float32Array, n: number, v: number, labels: Int32Array, lse: Float32Array, dy: Float32Array, dx: Float32Array): void;
+interface Addon extends FusedAddon {
   matmul(ta: boolean, tb: boolean, batch: number, m: number, n: number, k: number, a: Float32Array, sa: number, b: Float32Array, sb: number, c: Float32Array, useBlas: boolean): void;
   info(): { blas: string; threads: number; avx2: boolean };
 }
@@ -58,33 +57,6 @@ export function nativeMatmulActive(): boolean {
 export function nativeMatmul(ta: boolean, tb: boolean, batch: number, m: number, n: number, k: number, a: Float32Array, sa: number, b: Float32Array, sb: number, c: Float32Array, useBlas = true): void {
   if (!addon) throw new Error('the native addon is not loaded');
   addon.matmul(ta, tb, batch, m, n, k, a, sa, b, sb, c, useBlas);
-}
-
-/**
- * log softmax(logits)[i, labels[i]] for logits [N, V] (0 where a label is outside [0, V)), with
- * its gradient, in two native passes instead of a dozen wasm kernels each way. Only while the
- * native kernels serve the current backend; callers fall back to tfjs ops otherwise.
- */
-export function fusedLabelLogProbs(logits: tf.Tensor2D, labels: tf.Tensor1D): tf.Tensor1D {
-  const [n, v] = logits.shape;
-  const y = labels.dtype === 'int32' ? (labels.dataSync() as Int32Array) : Int32Array.from(labels.dataSync());
-  const lse = new Float32Array(n);
-  const f = tf.customGrad(((x: tf.Tensor2D) => {
-    // The host copy the forward pass reads serves the backward pass too: nothing is saved on
-    // the tape and the logits are not copied out of the backend a second time.
-    const xs = x.dataSync() as Float32Array;
-    const out = new Float32Array(n);
-    addon!.labelLogProbs(xs, n, v, y, out, lse);
-    return {
-      value: tf.tensor1d(out),
-      gradFunc: (dy: tf.Tensor1D) => {
-        const dx = new Float32Array(n * v);
-        addon!.labelLogProbsGrad(xs, n, v, y, lse, dy.dataSync() as Float32Array, dx);
-        return tf.tensor2d(dx, [n, v]);
-      },
-    };
-  }) as any) as (x: tf.Tensor2D) => tf.Tensor1D;
-  return f(logits);
 }
 
 interface Shapes {
@@ -179,6 +151,7 @@ export function registerNativeKernels(backend: string): NativeReport {
   };
   tf.unregisterKernel('BatchMatMul', backend);
   tf.registerKernel({ kernelName: 'BatchMatMul', backendName: backend, kernelFunc, setupFunc: original.setupFunc, disposeFunc: original.disposeFunc });
+  registerFusedKernels(backend, addon!);
   registered.add(backend);
   return r;
 }

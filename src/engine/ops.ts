@@ -1,6 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { needsPlainMatmul, slowSlice } from './backend.js';
-import { fusedLabelLogProbs, nativeMatmulActive } from './native.js';
+import { fused, fusedActive } from './fused.js';
 
 /**
  * The few tensor primitives whose gradients need care. tfjs-wasm runs only 2-D, non-transposed,
@@ -112,11 +112,12 @@ export function linear(x: tf.Tensor, w: tf.Tensor, b?: tf.Tensor | null): tf.Ten
 }
 
 /**
- * Embedding lookup. The gradient is one-hot(ids)ᵀ · dY, a plain matmul, since wasm has no
- * UnsortedSegmentSum for gather's own gradient.
+ * Embedding lookup. Fused: a row copy and a scatter-add. Otherwise the gradient is
+ * one-hot(ids)ᵀ · dY, a plain matmul, since wasm has no UnsortedSegmentSum for gather's own.
  */
 export function embed(table: tf.Tensor2D, ids: tf.Tensor): tf.Tensor {
   const flat = tf.reshape(ids, [-1]) as tf.Tensor1D;
+  if (fusedActive()) return tf.reshape(fused.embed(table, flat), [...ids.shape, table.shape[1]]);
   const vocab = table.shape[0];
   const f = tf.customGrad(((t: tf.Tensor2D, save: tf.GradSaveFunc) => {
     save([flat]); // the ids are not an input: keep them alive for the backward pass
@@ -135,17 +136,60 @@ export function embed(table: tf.Tensor2D, ids: tf.Tensor): tf.Tensor {
  * Labels outside [0, V) (e.g. -100) give 0; callers mask them anyway.
  */
 export function labelLogProbs(logits: tf.Tensor2D, labels: tf.Tensor1D): tf.Tensor1D {
-  if (nativeMatmulActive()) return fusedLabelLogProbs(logits, labels);
+  if (fusedActive()) return fused.labelLogProbs(logits, labels);
   const lsm = tf.logSoftmax(logits);
   const oh = tf.oneHot(labels, logits.shape[1]);
   return tf.sum(tf.mul(lsm, oh), 1) as tf.Tensor1D;
 }
 
+/*
+ * The decoder's elementwise pieces. Each has a fused native kernel (engine/fused) where the
+ * addon serves the backend, and the plain tfjs composition below everywhere else; tests hold
+ * the two to the same float64 reference.
+ */
+
 export function rmsNorm(x: tf.Tensor, w: tf.Tensor, eps: number): tf.Tensor {
+  if (fusedActive()) return fused.rmsNorm(x, w, eps);
   const ms = tf.mean(tf.square(x), -1, true);
   return tf.mul(tf.mul(x, tf.rsqrt(tf.add(ms, eps))), w);
 }
 
-export function silu(x: tf.Tensor): tf.Tensor {
-  return tf.mul(x, tf.sigmoid(x));
+/** silu(g) · u, the gated MLP's activation. */
+export function swiglu(g: tf.Tensor, u: tf.Tensor): tf.Tensor {
+  if (fusedActive()) return fused.swiglu(g, u);
+  return tf.mul(tf.mul(g, tf.sigmoid(g)), u);
+}
+
+/**
+ * Rotary embedding of x [B, T, H, hd] with cos, sin [B, T, 1, hd]: x·cos + rotate_half(x)·sin.
+ * rotate_half([x1, x2]) = [−x2, x1] is done as x·R for a fixed signed permutation R: a plain
+ * matmul instead of inner-axis slices, which wasm runs very slowly.
+ */
+export function rope(x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor): tf.Tensor {
+  if (fusedActive()) return fused.rope(x, cos, sin);
+  const shape = x.shape as number[];
+  const hd = shape[shape.length - 1];
+  const rotated = tf.reshape(mm(tf.reshape(x, [-1, hd]) as tf.Tensor2D, tf.tensor2d(rotateHalf(hd), [hd, hd])), shape);
+  return tf.add(tf.mul(x, cos), tf.mul(rotated, sin));
+}
+
+const rotCache = new Map<number, Float32Array>();
+function rotateHalf(hd: number): Float32Array {
+  let r = rotCache.get(hd);
+  if (!r) {
+    const half = hd / 2;
+    r = new Float32Array(hd * hd);
+    for (let j = 0; j < half; j++) {
+      r[(j + half) * hd + j] = -1; // out[j] = −x[j + half]
+      r[j * hd + j + half] = 1; // out[j + half] = x[j]
+    }
+    rotCache.set(hd, r);
+  }
+  return r;
+}
+
+/** Attention probabilities softmax(scale·scores + mask) for scores [B, H, T, Tk], mask [B, 1, T, Tk]. */
+export function maskedSoftmax(scores: tf.Tensor4D, mask: tf.Tensor4D, scale: number): tf.Tensor4D {
+  if (fusedActive()) return fused.maskedSoftmax(scores, mask, scale) as tf.Tensor4D;
+  return tf.softmax(tf.add(tf.mul(scores, scale), mask)) as tf.Tensor4D;
 }

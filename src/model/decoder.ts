@@ -2,7 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { ModelConfig, expectedShapes, isLinearWeight } from './config.js';
 import { attentionMask } from './mask.js';
 import { ropeTables } from './rope.js';
-import { bmm, embed, linear, mm, rmsNorm, silu, split0 } from '../engine/ops.js';
+import { bmm, embed, linear, maskedSoftmax, mm, rmsNorm, rope, split0, swiglu } from '../engine/ops.js';
 import { Rng } from '../util/rng.js';
 
 /**
@@ -144,7 +144,6 @@ export class Decoder {
     const hd = cfg.head_dim;
     const cosT = tf.tensor4d(cos, [B, T, 1, hd]);
     const sinT = tf.tensor4d(sin, [B, T, 1, hd]);
-    const rot = rotateHalfMatrix(hd);
     let keyValid: number[] | undefined;
     if (cache) {
       for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) cache.valid[b].push(batch.valid ? batch.valid[b * T + t] : 1);
@@ -156,15 +155,15 @@ export class Decoder {
     for (let l = 0; l < cfg.num_hidden_layers; l++) {
       const p = `model.layers.${l}`;
       const h = rmsNorm(x, this.p(`${p}.input_layernorm.weight`), cfg.rms_norm_eps) as tf.Tensor3D;
-      x = tf.add(x, this.attention(l, h, cosT, sinT, rot, mask, cache)) as tf.Tensor3D;
+      x = tf.add(x, this.attention(l, h, cosT, sinT, mask, cache)) as tf.Tensor3D;
       const h2 = rmsNorm(x, this.p(`${p}.post_attention_layernorm.weight`), cfg.rms_norm_eps);
-      const act = tf.mul(silu(this.lin(`${p}.mlp.gate_proj`, h2)), this.lin(`${p}.mlp.up_proj`, h2));
+      const act = swiglu(this.lin(`${p}.mlp.gate_proj`, h2), this.lin(`${p}.mlp.up_proj`, h2));
       x = tf.add(x, this.lin(`${p}.mlp.down_proj`, act)) as tf.Tensor3D;
     }
     return rmsNorm(x, this.p('model.norm.weight'), cfg.rms_norm_eps) as tf.Tensor3D;
   }
 
-  private attention(l: number, h: tf.Tensor3D, cos: tf.Tensor, sin: tf.Tensor, rot: tf.Tensor2D, mask: tf.Tensor, cache?: KVCache): tf.Tensor {
+  private attention(l: number, h: tf.Tensor3D, cos: tf.Tensor, sin: tf.Tensor, mask: tf.Tensor4D, cache?: KVCache): tf.Tensor {
     const cfg = this.cfg;
     const [B, T] = h.shape;
     const H = cfg.num_attention_heads;
@@ -186,8 +185,8 @@ export class Decoder {
       k = tf.reshape(this.lin(`${p}.k_proj`, h), [B, T, KV, hd]);
       v = tf.reshape(this.lin(`${p}.v_proj`, h), [B, T, KV, hd]);
     }
-    q = applyRope(q, cos, sin, rot);
-    k = applyRope(k, cos, sin, rot);
+    q = rope(q, cos, sin);
+    k = rope(k, cos, sin);
     let kt = tf.transpose(k, [0, 2, 1, 3]) as tf.Tensor4D; // [B, KV, T, hd]
     let vt = tf.transpose(v, [0, 2, 1, 3]) as tf.Tensor4D;
     if (cache) {
@@ -206,9 +205,8 @@ export class Decoder {
     // Group the G query heads that share a kv head into one matrix: no repeated keys needed.
     const qg = tf.reshape(tf.transpose(tf.reshape(q, [B, T, KV, G, hd]), [0, 2, 3, 1, 4]), [B * KV, G * T, hd]) as tf.Tensor3D;
     const kT = tf.reshape(tf.transpose(kt, [0, 1, 3, 2]), [B * KV, hd, Tk]) as tf.Tensor3D;
-    const raw = tf.mul(bmm(qg, kT), 1 / Math.sqrt(hd));
-    const scores = tf.add(tf.reshape(raw, [B, H, T, Tk]), mask);
-    const probs = tf.reshape(tf.softmax(scores), [B * KV, G * T, Tk]) as tf.Tensor3D;
+    const scores = tf.reshape(bmm(qg, kT), [B, H, T, Tk]) as tf.Tensor4D;
+    const probs = tf.reshape(maskedSoftmax(scores, mask, 1 / Math.sqrt(hd)), [B * KV, G * T, Tk]) as tf.Tensor3D;
     const ctx = bmm(probs, tf.reshape(vt, [B * KV, Tk, hd]) as tf.Tensor3D); // [B*KV, G*T, hd]
     const merged = tf.reshape(tf.transpose(tf.reshape(ctx, [B, H, T, hd]), [0, 2, 1, 3]), [B, T, H * hd]);
     return this.lin(`${p}.o_proj`, merged);
@@ -245,32 +243,6 @@ export class Decoder {
     for (const v of this.params.values()) v.dispose();
     this.params.clear();
   }
-}
-
-/**
- * x·cos + rotate_half(x)·sin, with rotate_half([x1, x2]) = [−x2, x1] done as x·R for a fixed
- * signed permutation R: a plain matmul instead of inner-axis slices, which wasm runs very slowly.
- */
-function applyRope(x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor, rot: tf.Tensor2D): tf.Tensor {
-  const shape = x.shape as number[];
-  const hd = shape[shape.length - 1];
-  const rotated = tf.reshape(mm(tf.reshape(x, [-1, hd]) as tf.Tensor2D, rot), shape);
-  return tf.add(tf.mul(x, cos), tf.mul(rotated, sin));
-}
-
-const rotCache = new Map<number, Float32Array>();
-function rotateHalfMatrix(hd: number): tf.Tensor2D {
-  let r = rotCache.get(hd);
-  if (!r) {
-    const half = hd / 2;
-    r = new Float32Array(hd * hd);
-    for (let j = 0; j < half; j++) {
-      r[(j + half) * hd + j] = -1; // out[j] = −x[j + half]
-      r[j * hd + j + half] = 1; // out[j + half] = x[j]
-    }
-    rotCache.set(hd, r);
-  }
-  return tf.tensor2d(r, [hd, hd]);
 }
 
 /** HF layout → memory layout: linear weights [out, in] become [in, out]. */

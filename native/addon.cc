@@ -1,0 +1,287 @@
+// N-API glue: argument checking and dispatch to the kernels in gemm.cc and fused.cc. Every
+// tensor argument is a typed array the caller owns (a view into the wasm heap, or the cpu
+// backend's array); lengths are checked against the shapes before any kernel touches them.
+#include <node_api.h>
+#include "kernels.h"
+#include "parallel.h"
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+namespace prefopt {
+
+int g_threads = 1;
+
+Pool& pool() {
+  static Pool* p = new Pool();  // never destroyed: its threads live as long as the process
+  return *p;
+}
+
+namespace {
+
+// The arguments of one call; the first problem throws a JS error and makes ok() false.
+class Args {
+ public:
+  Args(napi_env env, napi_callback_info info, size_t want, const char* fn) : env_(env), fn_(fn) {
+    size_t argc = 16;
+    napi_get_cb_info(env, info, &argc, argv_, nullptr, nullptr);
+    if (argc < want) fail("wrong number of arguments", napi_throw_type_error);
+  }
+  bool ok() const { return ok_; }
+  int64_t num(int i) {
+    int64_t x = 0;
+    if (ok_ && (napi_get_value_int64(env_, argv_[i], &x) != napi_ok || x < 0 || x > INT32_MAX)) fail("a size is not a non-negative 32-bit integer", napi_throw_range_error);
+    return x;
+  }
+  double real(int i) {
+    double x = 0;
+    if (ok_ && napi_get_value_double(env_, argv_[i], &x) != napi_ok) fail("a scalar argument is not a number", napi_throw_type_error);
+    return x;
+  }
+  bool flag(int i) {
+    bool x = false;
+    if (ok_) napi_get_value_bool(env_, argv_[i], &x);
+    return x;
+  }
+  float* f32(int i, int64_t need, const char* what) { return static_cast<float*>(array(i, need, what, napi_float32_array, "Float32Array")); }
+  // An output the caller may not want: null gives nullptr.
+  float* f32_or_null(int i, int64_t need, const char* what) {
+    napi_valuetype t;
+    if (ok_ && napi_typeof(env_, argv_[i], &t) == napi_ok && t == napi_null) return nullptr;
+    return f32(i, need, what);
+  }
+  int32_t* i32(int i, int64_t need, const char* what) { return static_cast<int32_t*>(array(i, need, what, napi_int32_array, "Int32Array")); }
+
+ private:
+  void* array(int i, int64_t need, const char* what, napi_typedarray_type want, const char* tname) {
+    if (!ok_) return nullptr;
+    napi_typedarray_type type;
+    size_t length;
+    void* data;
+    napi_value ab;
+    size_t off;
+    if (napi_get_typedarray_info(env_, argv_[i], &type, &length, &data, &ab, &off) != napi_ok || type != want) {
+      fail((std::string(what) + " must be an " + tname).c_str(), napi_throw_type_error);
+      return nullptr;
+    }
+    if ((int64_t)length < need) {
+      fail((std::string(what) + " is shorter than the shapes say").c_str(), napi_throw_range_error);
+      return nullptr;
+    }
+    return data;
+  }
+  void fail(const char* msg, napi_status (*thrower)(napi_env, const char*, const char*)) {
+    if (!ok_) return;
+    ok_ = false;
+    thrower(env_, nullptr, (std::string(fn_) + ": " + msg).c_str());
+  }
+  napi_env env_;
+  const char* fn_;
+  napi_value argv_[16];
+  bool ok_ = true;
+};
+
+// matmul(transA, transB, batch, M, N, K, A, strideA, B, strideB, C, useBlas)
+napi_value Matmul(napi_env env, napi_callback_info info) {
+  Args a(env, info, 12, "matmul");
+  bool ta = a.flag(0), tb = a.flag(1), useBlas = a.flag(11);
+  int64_t batch = a.num(2), M = a.num(3), N = a.num(4), K = a.num(5), sa = a.num(7), sb = a.num(9);
+  const float* A = a.f32(6, batch ? (batch - 1) * sa + M * K : 0, "A");
+  const float* B = a.f32(8, batch ? (batch - 1) * sb + K * N : 0, "B");
+  float* C = a.f32(10, batch * M * N, "C");
+  if (a.ok()) matmul(ta, tb, batch, M, N, K, A, sa, B, sb, C, useBlas);
+  return nullptr;
+}
+
+// labelLogProbs(x, N, V, labels, out)
+napi_value LabelLogProbs(napi_env env, napi_callback_info info) {
+  Args a(env, info, 5, "labelLogProbs");
+  int64_t N = a.num(1), V = a.num(2);
+  const float* x = a.f32(0, N * V, "logits");
+  const int32_t* y = a.i32(3, N, "labels");
+  float* out = a.f32(4, N, "out");
+  if (a.ok()) label_logprobs(x, N, V, y, out, nullptr);
+  return nullptr;
+}
+
+// labelLogProbsGrad(x, N, V, labels, out, dy, dx)
+napi_value LabelLogProbsGrad(napi_env env, napi_callback_info info) {
+  Args a(env, info, 7, "labelLogProbsGrad");
+  int64_t N = a.num(1), V = a.num(2);
+  const float* x = a.f32(0, N * V, "logits");
+  const int32_t* y = a.i32(3, N, "labels");
+  const float* out = a.f32(4, N, "out");
+  const float* dy = a.f32(5, N, "dy");
+  float* dx = a.f32(6, N * V, "dx");
+  if (a.ok()) label_logprobs_grad(x, N, V, y, out, dy, dx);
+  return nullptr;
+}
+
+// rmsNorm(x, w, N, D, eps, y)
+napi_value RmsNorm(napi_env env, napi_callback_info info) {
+  Args a(env, info, 6, "rmsNorm");
+  int64_t N = a.num(2), D = a.num(3);
+  float eps = (float)a.real(4);
+  const float* x = a.f32(0, N * D, "x");
+  const float* w = a.f32(1, D, "w");
+  float* y = a.f32(5, N * D, "y");
+  if (a.ok()) rms_norm(x, w, N, D, eps, y);
+  return nullptr;
+}
+
+// rmsNormGrad(x, w, dy, N, D, eps, dx, dw)
+napi_value RmsNormGrad(napi_env env, napi_callback_info info) {
+  Args a(env, info, 8, "rmsNormGrad");
+  int64_t N = a.num(3), D = a.num(4);
+  float eps = (float)a.real(5);
+  const float* x = a.f32(0, N * D, "x");
+  const float* w = a.f32(1, D, "w");
+  const float* dy = a.f32(2, N * D, "dy");
+  float* dx = a.f32_or_null(6, N * D, "dx");
+  float* dw = a.f32_or_null(7, D, "dw");
+  if (a.ok()) rms_norm_grad(x, w, dy, N, D, eps, dx, dw);
+  return nullptr;
+}
+
+// swiglu(g, u, n, y)
+napi_value Swiglu(napi_env env, napi_callback_info info) {
+  Args a(env, info, 4, "swiglu");
+  int64_t n = a.num(2);
+  const float* g = a.f32(0, n, "g");
+  const float* u = a.f32(1, n, "u");
+  float* y = a.f32(3, n, "y");
+  if (a.ok()) swiglu(g, u, n, y);
+  return nullptr;
+}
+
+// swigluGrad(g, u, dy, n, dg, du)
+napi_value SwigluGrad(napi_env env, napi_callback_info info) {
+  Args a(env, info, 6, "swigluGrad");
+  int64_t n = a.num(3);
+  const float* g = a.f32(0, n, "g");
+  const float* u = a.f32(1, n, "u");
+  const float* dy = a.f32(2, n, "dy");
+  float* dg = a.f32_or_null(4, n, "dg");
+  float* du = a.f32_or_null(5, n, "du");
+  if (a.ok()) swiglu_grad(g, u, dy, n, dg, du);
+  return nullptr;
+}
+
+// rope(x, cos, sin, rows, H, hd, inverse, y)
+napi_value Rope(napi_env env, napi_callback_info info) {
+  Args a(env, info, 8, "rope");
+  int64_t rows = a.num(3), H = a.num(4), hd = a.num(5);
+  bool inverse = a.flag(6);
+  const float* x = a.f32(0, rows * H * hd, "x");
+  const float* c = a.f32(1, rows * hd, "cos");
+  const float* s = a.f32(2, rows * hd, "sin");
+  float* y = a.f32(7, rows * H * hd, "y");
+  if (a.ok() && hd % 2) {
+    napi_throw_range_error(env, nullptr, "rope: head_dim must be even");
+    return nullptr;
+  }
+  if (a.ok()) rope(x, c, s, rows, H, hd, inverse, y);
+  return nullptr;
+}
+
+// maskedSoftmax(s, mask, scale, B, H, T, Tk, p)
+napi_value MaskedSoftmax(napi_env env, napi_callback_info info) {
+  Args a(env, info, 8, "maskedSoftmax");
+  float scale = (float)a.real(2);
+  int64_t B = a.num(3), H = a.num(4), T = a.num(5), Tk = a.num(6);
+  const float* s = a.f32(0, B * H * T * Tk, "scores");
+  const float* m = a.f32(1, B * T * Tk, "mask");
+  float* p = a.f32(7, B * H * T * Tk, "p");
+  if (a.ok()) masked_softmax(s, m, scale, B, H, T, Tk, p);
+  return nullptr;
+}
+
+// maskedSoftmaxGrad(p, dp, scale, rows, Tk, ds)
+napi_value MaskedSoftmaxGrad(napi_env env, napi_callback_info info) {
+  Args a(env, info, 6, "maskedSoftmaxGrad");
+  float scale = (float)a.real(2);
+  int64_t rows = a.num(3), Tk = a.num(4);
+  const float* p = a.f32(0, rows * Tk, "p");
+  const float* dp = a.f32(1, rows * Tk, "dp");
+  float* ds = a.f32(5, rows * Tk, "ds");
+  if (a.ok()) masked_softmax_grad(p, dp, scale, rows, Tk, ds);
+  return nullptr;
+}
+
+// Ids index memory directly: every one is checked against the table first.
+bool ids_in_range(napi_env env, const int32_t* ids, int64_t N, int64_t V) {
+  for (int64_t i = 0; i < N; i++)
+    if (ids[i] < 0 || ids[i] >= V) {
+      napi_throw_range_error(env, nullptr, ("embed: token id " + std::to_string(ids[i]) + " at position " + std::to_string(i) + " is outside the vocabulary [0, " + std::to_string(V) + ")").c_str());
+      return false;
+    }
+  return true;
+}
+
+// embed(table, V, D, ids, N, out)
+napi_value Embed(napi_env env, napi_callback_info info) {
+  Args a(env, info, 6, "embed");
+  int64_t V = a.num(1), D = a.num(2), N = a.num(4);
+  const float* table = a.f32(0, V * D, "table");
+  const int32_t* ids = a.i32(3, N, "ids");
+  float* out = a.f32(5, N * D, "out");
+  if (a.ok() && ids_in_range(env, ids, N, V)) embed(table, D, ids, N, out);
+  return nullptr;
+}
+
+// embedGrad(ids, N, dy, V, D, dtable)
+napi_value EmbedGrad(napi_env env, napi_callback_info info) {
+  Args a(env, info, 6, "embedGrad");
+  int64_t N = a.num(1), V = a.num(3), D = a.num(4);
+  const int32_t* ids = a.i32(0, N, "ids");
+  const float* dy = a.f32(2, N * D, "dy");
+  float* dt = a.f32(5, V * D, "dtable");
+  if (a.ok() && ids_in_range(env, ids, N, V)) embed_grad(ids, N, dy, V, D, dt);
+  return nullptr;
+}
+
+napi_value Info(napi_env env, napi_callback_info) {
+  napi_value o, v;
+  napi_create_object(env, &o);
+  napi_create_string_utf8(env, g_lib.c_str(), NAPI_AUTO_LENGTH, &v);
+  napi_set_named_property(env, o, "blas", v);
+  napi_create_int32(env, g_threads, &v);
+  napi_set_named_property(env, o, "threads", v);
+  napi_get_boolean(env, g_avx2, &v);
+  napi_set_named_property(env, o, "avx2", v);
+  return o;
+}
+
+napi_value Init(napi_env env, napi_value exports) {
+  const char* t = getenv("PREFOPT_THREADS");
+  g_threads = t && atoi(t) > 0 ? atoi(t) : std::max(1u, std::thread::hardware_concurrency());
+  // The built-in AVX2 kernel measured faster than Debian's OpenBLAS 0.3.21 on this project's
+  // machines (bench/RESULTS.md), so a system BLAS is used where that kernel cannot run, or when
+  // PREFOPT_BLAS names one (openblas, blis, mkl_rt, Accelerate). Never chosen by timing: the
+  // kernel decides the rounding, and the same seed must give the same result.
+  const char* want = getenv("PREFOPT_BLAS");
+  bool builtin_only = want && strcmp(want, "builtin") == 0;
+  if (!builtin_only && ((want && *want) || !g_avx2)) open_blas(want);
+  napi_property_descriptor props[] = {
+      {"matmul", nullptr, Matmul, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"labelLogProbs", nullptr, LabelLogProbs, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"labelLogProbsGrad", nullptr, LabelLogProbsGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"rmsNorm", nullptr, RmsNorm, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"rmsNormGrad", nullptr, RmsNormGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"swiglu", nullptr, Swiglu, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"swigluGrad", nullptr, SwigluGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"rope", nullptr, Rope, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"maskedSoftmax", nullptr, MaskedSoftmax, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"maskedSoftmaxGrad", nullptr, MaskedSoftmaxGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"embed", nullptr, Embed, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"embedGrad", nullptr, EmbedGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"info", nullptr, Info, nullptr, nullptr, nullptr, napi_default, nullptr},
+  };
+  napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
+  return exports;
+}
+
+}  // namespace
+}  // namespace prefopt
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, prefopt::Init)

@@ -1,0 +1,284 @@
+// Fused kernels for the pieces of a decoder step that tfjs would run as chains of elementwise
+// and reduction kernels (a dozen passes over memory each way for RMSNorm, SwiGLU, rotary
+// embeddings, the attention softmax and the loss). Each is one or two passes here. Rows are
+// split over the thread pool; a row is always summed in the same order, and reductions across
+// rows (dw of RMSNorm) are split by column, so the bits never depend on the thread count.
+#include "kernels.h"
+#include "parallel.h"
+#include <algorithm>
+#include <cmath>
+#include <vector>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define PREFOPT_X86 1
+#endif
+
+namespace prefopt {
+namespace {
+
+// Below this many elements a kernel is not worth waking a second thread.
+constexpr int64_t kParallelMin = 1 << 15;
+int threads_for(int64_t elems) { return elems >= kParallelMin ? g_threads : 1; }
+
+#ifdef PREFOPT_X86
+// exp(x) for 8 lanes: x = n·ln2 + r, |r| ≤ ln2/2, a degree-6 polynomial for e^r (Cephes' expf
+// coefficients, within 2 ulp), scaled by 2^n through the exponent bits. Below −87.3 the result
+// is exactly 0, like expf's underflow, so masked attention scores (−1e9) give exact zeros.
+__attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3f);
+  __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.7f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
+}
+
+__attribute__((target("avx2,fma"))) void exp_avx2(float* v, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(v + i, exp8(_mm256_loadu_ps(v + i)));
+  if (i < n) {
+    alignas(32) float t[8] = {-1e30f, -1e30f, -1e30f, -1e30f, -1e30f, -1e30f, -1e30f, -1e30f};
+    std::copy(v + i, v + n, t);
+    _mm256_store_ps(t, exp8(_mm256_load_ps(t)));
+    std::copy(t, t + (n - i), v + i);
+  }
+}
+#endif
+
+// v[i] = exp(v[i]): the one transcendental every kernel here needs.
+void exp_inplace(float* v, int64_t n) {
+#ifdef PREFOPT_X86
+  if (g_avx2) return exp_avx2(v, n);
+#endif
+  for (int64_t i = 0; i < n; i++) v[i] = std::exp(v[i]);
+}
+
+// Σ v in a fixed order, eight running sums (as a vector unit adds), combined in double.
+double sum_of(const float* v, int64_t n) {
+  float acc[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; k++) acc[k] += v[i + k];
+  double s = 0;
+  for (int k = 0; k < 8; k++) s += acc[k];
+  for (; i < n; i++) s += v[i];
+  return s;
+}
+
+float max_of(const float* v, int64_t n) {
+  float m = -INFINITY;
+  for (int64_t i = 0; i < n; i++) m = std::max(m, v[i]);
+  return m;
+}
+
+// Rows of length D in pieces of at most kChunk for the elementwise kernels' scratch buffers.
+constexpr int64_t kChunk = 4096;
+
+}  // namespace
+
+void label_logprobs(const float* x, int64_t N, int64_t V, const int32_t* y, float* out, float* lse) {
+  parallel((int)N, threads_for(N * V), [&](int r0, int r1) {
+    std::vector<float> e(V);
+    for (int r = r0; r < r1; r++) {
+      const float* row = x + (int64_t)r * V;
+      float m = max_of(row, V);
+      for (int64_t j = 0; j < V; j++) e[j] = row[j] - m;
+      exp_inplace(e.data(), V);
+      float l = m + (float)std::log(sum_of(e.data(), V));
+      if (lse) lse[r] = l;
+      out[r] = y[r] >= 0 && y[r] < V ? row[y[r]] - l : 0.f;
+    }
+  });
+}
+
+void label_logprobs_grad(const float* x, int64_t N, int64_t V, const int32_t* y, const float* out, const float* dy, float* dx) {
+  parallel((int)N, threads_for(N * V), [&](int r0, int r1) {
+    for (int r = r0; r < r1; r++) {
+      const float* row = x + (int64_t)r * V;
+      float* d = dx + (int64_t)r * V;
+      if (!(y[r] >= 0 && y[r] < V)) {
+        std::fill(d, d + V, 0.f);  // a masked label contributes nothing
+        continue;
+      }
+      float l = row[y[r]] - out[r];
+      float g = dy[r];
+      for (int64_t j = 0; j < V; j++) d[j] = row[j] - l;
+      exp_inplace(d, V);
+      for (int64_t j = 0; j < V; j++) d[j] *= -g;
+      d[y[r]] += g;
+    }
+  });
+}
+
+namespace {
+float inv_rms(const float* x, int64_t D, float eps) {
+  double s = 0;
+  for (int64_t j = 0; j < D; j++) s += (double)x[j] * x[j];
+  return (float)(1.0 / std::sqrt(s / D + eps));
+}
+}  // namespace
+
+void rms_norm(const float* x, const float* w, int64_t N, int64_t D, float eps, float* y) {
+  parallel((int)N, threads_for(N * D), [&](int r0, int r1) {
+    for (int r = r0; r < r1; r++) {
+      const float* xr = x + (int64_t)r * D;
+      float* yr = y + (int64_t)r * D;
+      float k = inv_rms(xr, D, eps);
+      for (int64_t j = 0; j < D; j++) yr[j] = xr[j] * k * w[j];
+    }
+  });
+}
+
+// With r = (mean(x²) + eps)^(-1/2) and g = dy ⊙ w: dx = r·g − x · r³ · mean(g ⊙ x), dw = Σ_rows dy ⊙ x · r.
+void rms_norm_grad(const float* x, const float* w, const float* dy, int64_t N, int64_t D, float eps, float* dx, float* dw) {
+  std::vector<float> rs(N);
+  parallel((int)N, threads_for(N * D), [&](int r0, int r1) {
+    for (int r = r0; r < r1; r++) {
+      const float* xr = x + (int64_t)r * D;
+      const float* gr = dy + (int64_t)r * D;
+      float k = inv_rms(xr, D, eps);
+      rs[r] = k;
+      if (!dx) continue;
+      float* d = dx + (int64_t)r * D;
+      double c = 0;
+      for (int64_t j = 0; j < D; j++) c += (double)gr[j] * w[j] * xr[j];
+      float k3c = (float)(c / D) * k * k * k;
+      for (int64_t j = 0; j < D; j++) d[j] = k * gr[j] * w[j] - xr[j] * k3c;
+    }
+  });
+  if (!dw) return;
+  parallel((int)D, threads_for(N * D), [&](int c0, int c1) {
+    std::vector<double> acc(c1 - c0, 0.0);
+    for (int64_t r = 0; r < N; r++) {
+      const float* xr = x + r * D;
+      const float* gr = dy + r * D;
+      for (int c = c0; c < c1; c++) acc[c - c0] += (double)(gr[c] * xr[c] * rs[r]);
+    }
+    for (int c = c0; c < c1; c++) dw[c] = (float)acc[c - c0];
+  });
+}
+
+// σ(g) for a chunk, into s.
+namespace {
+void sigmoid_chunk(const float* g, int64_t n, float* s) {
+  for (int64_t i = 0; i < n; i++) s[i] = -g[i];
+  exp_inplace(s, n);
+  for (int64_t i = 0; i < n; i++) s[i] = 1.f / (1.f + s[i]);
+}
+}  // namespace
+
+void swiglu(const float* g, const float* u, int64_t n, float* y) {
+  int64_t chunks = (n + kChunk - 1) / kChunk;
+  parallel((int)chunks, threads_for(n), [&](int c0, int c1) {
+    float s[kChunk];
+    for (int c = c0; c < c1; c++) {
+      int64_t i0 = c * kChunk, m = std::min(kChunk, n - i0);
+      sigmoid_chunk(g + i0, m, s);
+      for (int64_t i = 0; i < m; i++) y[i0 + i] = g[i0 + i] * s[i] * u[i0 + i];
+    }
+  });
+}
+
+// d/dg [g σ(g)] = σ(g) (1 + g (1 − σ(g))).
+void swiglu_grad(const float* g, const float* u, const float* dy, int64_t n, float* dg, float* du) {
+  int64_t chunks = (n + kChunk - 1) / kChunk;
+  parallel((int)chunks, threads_for(n), [&](int c0, int c1) {
+    float s[kChunk];
+    for (int c = c0; c < c1; c++) {
+      int64_t i0 = c * kChunk, m = std::min(kChunk, n - i0);
+      sigmoid_chunk(g + i0, m, s);
+      for (int64_t i = 0; i < m; i++) {
+        float gi = g[i0 + i], si = s[i], d = dy[i0 + i];
+        if (du) du[i0 + i] = d * gi * si;
+        if (dg) dg[i0 + i] = d * u[i0 + i] * si * (1.f + gi * (1.f - si));
+      }
+    }
+  });
+}
+
+// Forward: y_j = x_j c_j − x_{j+h} s_j, y_{j+h} = x_{j+h} c_{j+h} + x_j s_{j+h} (j < h = hd/2).
+// Inverse (the transpose): x_j = y_j c_j + y_{j+h} s_{j+h}, x_{j+h} = y_{j+h} c_{j+h} − y_j s_j.
+void rope(const float* x, const float* cos, const float* sin, int64_t rows, int64_t H, int64_t hd, bool inverse, float* y) {
+  int64_t h = hd / 2;
+  parallel((int)rows, threads_for(rows * H * hd), [&](int r0, int r1) {
+    for (int r = r0; r < r1; r++) {
+      const float* c = cos + (int64_t)r * hd;
+      const float* s = sin + (int64_t)r * hd;
+      for (int64_t head = 0; head < H; head++) {
+        const float* xi = x + ((int64_t)r * H + head) * hd;
+        float* yo = y + ((int64_t)r * H + head) * hd;
+        if (!inverse) {
+          for (int64_t j = 0; j < h; j++) {
+            yo[j] = xi[j] * c[j] - xi[j + h] * s[j];
+            yo[j + h] = xi[j + h] * c[j + h] + xi[j] * s[j + h];
+          }
+        } else {
+          for (int64_t j = 0; j < h; j++) {
+            yo[j] = xi[j] * c[j] + xi[j + h] * s[j + h];
+            yo[j + h] = xi[j + h] * c[j + h] - xi[j] * s[j];
+          }
+        }
+      }
+    }
+  });
+}
+
+void masked_softmax(const float* s, const float* mask, float scale, int64_t B, int64_t H, int64_t T, int64_t Tk, float* p) {
+  int64_t rows = B * H * T;
+  parallel((int)rows, threads_for(rows * Tk), [&](int r0, int r1) {
+    for (int r = r0; r < r1; r++) {
+      const float* sr = s + (int64_t)r * Tk;
+      const float* mr = mask + ((r / (H * T)) * T + r % T) * Tk;
+      float* pr = p + (int64_t)r * Tk;
+      for (int64_t j = 0; j < Tk; j++) pr[j] = sr[j] * scale + mr[j];
+      float m = max_of(pr, Tk);
+      for (int64_t j = 0; j < Tk; j++) pr[j] -= m;
+      exp_inplace(pr, Tk);
+      float inv = (float)(1.0 / sum_of(pr, Tk));
+      for (int64_t j = 0; j < Tk; j++) pr[j] *= inv;
+    }
+  });
+}
+
+void masked_softmax_grad(const float* p, const float* dp, float scale, int64_t rows, int64_t Tk, float* ds) {
+  parallel((int)rows, threads_for(rows * Tk), [&](int r0, int r1) {
+    for (int r = r0; r < r1; r++) {
+      const float* pr = p + (int64_t)r * Tk;
+      const float* gr = dp + (int64_t)r * Tk;
+      float* d = ds + (int64_t)r * Tk;
+      double dot = 0;
+      for (int64_t j = 0; j < Tk; j++) dot += (double)pr[j] * gr[j];
+      float fd = (float)dot;
+      for (int64_t j = 0; j < Tk; j++) d[j] = scale * pr[j] * (gr[j] - fd);
+    }
+  });
+}
+
+void embed(const float* table, int64_t D, const int32_t* ids, int64_t N, float* out) {
+  parallel((int)N, threads_for(N * D), [&](int r0, int r1) {
+    for (int r = r0; r < r1; r++) std::copy(table + (int64_t)ids[r] * D, table + (int64_t)(ids[r] + 1) * D, out + (int64_t)r * D);
+  });
+}
+
+// Split by column so that every entry of dtable adds its rows in the same order on any thread count.
+void embed_grad(const int32_t* ids, int64_t N, const float* dy, int64_t V, int64_t D, float* dtable) {
+  parallel((int)D, threads_for(N * D), [&](int c0, int c1) {
+    for (int64_t v = 0; v < V; v++) std::fill(dtable + v * D + c0, dtable + v * D + c1, 0.f);
+    for (int64_t r = 0; r < N; r++) {
+      const float* g = dy + r * D;
+      float* d = dtable + (int64_t)ids[r] * D;
+      for (int c = c0; c < c1; c++) d[c] += g[c];
+    }
+  });
+}
+
+}  // namespace prefopt

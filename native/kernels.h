@@ -1,0 +1,45 @@
+// What the native kernels offer to the N-API glue (addon.cc). All tensors are float32,
+// row-major and dense; every kernel runs on up to g_threads threads and gives the same bits
+// whatever the thread count.
+#pragma once
+#include <cstdint>
+#include <string>
+
+namespace prefopt {
+
+extern int g_threads;
+extern bool g_avx2;
+extern std::string g_lib;  // the system BLAS in use, "" for the built-in kernel
+
+// gemm.cc
+void open_blas(const char* want);
+bool blas_loaded();
+// C[b] = op(A[b])·op(B[b]); A[b] at b·sa (0 broadcasts one matrix over the batch), C dense.
+void matmul(bool ta, bool tb, int64_t batch, int64_t M, int64_t N, int64_t K, const float* A, int64_t sa, const float* B, int64_t sb, float* C, bool useBlas);
+
+// fused.cc — each forward with the backward pass that goes with it.
+// out[i] = x[i, y_i] − logsumexp(x_i) (0 where y_i ∉ [0, V)); lse may be null.
+void label_logprobs(const float* x, int64_t N, int64_t V, const int32_t* y, float* out, float* lse);
+// dx[i, j] = dy_i · (1[j = y_i] − softmax(x_i)_j), softmax from x and out (= x[y] − lse).
+void label_logprobs_grad(const float* x, int64_t N, int64_t V, const int32_t* y, const float* out, const float* dy, float* dx);
+// y = x / sqrt(mean(x²) + eps) · w over rows of length D.
+void rms_norm(const float* x, const float* w, int64_t N, int64_t D, float eps, float* y);
+// Backward passes write only the gradients asked for (null: not wanted).
+void rms_norm_grad(const float* x, const float* w, const float* dy, int64_t N, int64_t D, float eps, float* dx, float* dw);
+// y = silu(g) · u.
+void swiglu(const float* g, const float* u, int64_t n, float* y);
+void swiglu_grad(const float* g, const float* u, const float* dy, int64_t n, float* dg, float* du);
+// Rotary embedding ("rotate half") of x [rows, H, hd] with cos/sin [rows, hd]; `inverse`
+// applies the transpose (the backward pass).
+void rope(const float* x, const float* cos, const float* sin, int64_t rows, int64_t H, int64_t hd, bool inverse, float* y);
+// P = softmax(scale·S + mask) over rows of S [B, H, T, Tk] with mask [B, 1, T, Tk].
+void masked_softmax(const float* s, const float* mask, float scale, int64_t B, int64_t H, int64_t T, int64_t Tk, float* p);
+// dS = scale · P ⊙ (dP − Σ_j P dP) per row.
+void masked_softmax_grad(const float* p, const float* dp, float scale, int64_t rows, int64_t Tk, float* ds);
+
+// out[i] = table[ids[i]] for an embedding table [V, D]; ids already checked to be in [0, V).
+void embed(const float* table, int64_t D, const int32_t* ids, int64_t N, float* out);
+// dtable = Σ_i onehot(ids[i]) ⊗ dy[i] (zeros where no id points), summed in row order.
+void embed_grad(const int32_t* ids, int64_t N, const float* dy, int64_t V, int64_t D, float* dtable);
+
+}  // namespace prefopt

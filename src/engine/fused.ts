@@ -1,0 +1,218 @@
+import * as tf from '@tensorflow/tfjs-core';
+
+/**
+ * The native addon's fused kernels (native/fused.cc) as tfjs kernels of the wasm and cpu
+ * backends, each with its gradient. A kernel reads its inputs and writes its outputs in place
+ * (wasm heap views, or the cpu backend's arrays): no copies through JavaScript. Callers go
+ * through engine/ops, which falls back to plain tfjs ops where these are not registered (the
+ * TensorFlow backends, or no addon).
+ */
+export interface FusedAddon {
+  labelLogProbs(x: Float32Array, n: number, v: number, labels: Int32Array, out: Float32Array): void;
+  labelLogProbsGrad(x: Float32Array, n: number, v: number, labels: Int32Array, out: Float32Array, dy: Float32Array, dx: Float32Array): void;
+  rmsNorm(x: Float32Array, w: Float32Array, n: number, d: number, eps: number, y: Float32Array): void;
+  rmsNormGrad(x: Float32Array, w: Float32Array, dy: Float32Array, n: number, d: number, eps: number, dx: Float32Array | null, dw: Float32Array | null): void;
+  swiglu(g: Float32Array, u: Float32Array, n: number, y: Float32Array): void;
+  swigluGrad(g: Float32Array, u: Float32Array, dy: Float32Array, n: number, dg: Float32Array | null, du: Float32Array | null): void;
+  rope(x: Float32Array, cos: Float32Array, sin: Float32Array, rows: number, heads: number, hd: number, inverse: boolean, y: Float32Array): void;
+  maskedSoftmax(s: Float32Array, mask: Float32Array, scale: number, b: number, h: number, t: number, tk: number, p: Float32Array): void;
+  maskedSoftmaxGrad(p: Float32Array, dp: Float32Array, scale: number, rows: number, tk: number, ds: Float32Array): void;
+  embed(table: Float32Array, v: number, d: number, ids: Int32Array, n: number, out: Float32Array): void;
+  embedGrad(ids: Int32Array, n: number, dy: Float32Array, v: number, d: number, dtable: Float32Array): void;
+}
+
+/** Input views: Float32Array, or Int32Array for int32 inputs (labels). */
+type Arr = any;
+type Info = tf.TensorInfo;
+type Run = (addon: FusedAddon, ins: Arr[], outs: Float32Array[], inputs: Info[], attrs: any) => void;
+
+interface Def {
+  inputs: string[];
+  /** Output shapes from the input shapes. */
+  outputs: (inputs: Info[], attrs: any) => number[][];
+  run: Run;
+}
+
+const size = (s: number[]) => s.reduce((a, b) => a * b, 1);
+const last = (t: Info) => t.shape[t.shape.length - 1];
+const same = (i: number) => (ins: Info[]) => [ins[i].shape as number[]];
+
+const DEFS: Record<string, Def> = {
+  // table [V, D], ids [N] → [N, D].
+  PrefoptEmbed: {
+    inputs: ['table', 'ids'],
+    outputs: (ins) => [[ins[1].shape[0], ins[0].shape[1]]],
+    run: (a, [t, ids], [out], ins) => a.embed(t, ins[0].shape[0], ins[0].shape[1], ids, ins[1].shape[0], out),
+  },
+  PrefoptEmbedGrad: {
+    inputs: ['ids', 'dy'],
+    outputs: (_ins, { vocab, dim }) => [[vocab, dim]],
+    run: (a, [ids, dy], [dt], ins, { vocab, dim }) => a.embedGrad(ids, ins[0].shape[0], dy, vocab, dim, dt),
+  },
+  PrefoptLabelLogProbs: {
+    inputs: ['logits', 'labels'],
+    outputs: (ins) => [[ins[0].shape[0]]],
+    run: (a, [x, y], [out], ins) => a.labelLogProbs(x, ins[0].shape[0], ins[0].shape[1], y, out),
+  },
+  PrefoptLabelLogProbsGrad: {
+    inputs: ['logits', 'labels', 'out', 'dy'],
+    outputs: same(0),
+    run: (a, [x, y, out, dy], [dx], ins) => a.labelLogProbsGrad(x, ins[0].shape[0], ins[0].shape[1], y, out, dy, dx),
+  },
+  PrefoptRmsNorm: {
+    inputs: ['x', 'w'],
+    outputs: same(0),
+    run: (a, [x, w], [y], ins, { eps }) => a.rmsNorm(x, w, size(ins[0].shape) / last(ins[0]), last(ins[0]), eps, y),
+  },
+  // The gradient with respect to input `wrt` (0: x, 1: w).
+  PrefoptRmsNormGrad: {
+    inputs: ['x', 'w', 'dy'],
+    outputs: (ins, { wrt }) => [ins[wrt].shape],
+    run: (a, [x, w, dy], [d], ins, { eps, wrt }) => a.rmsNormGrad(x, w, dy, size(ins[0].shape) / last(ins[0]), last(ins[0]), eps, wrt === 0 ? d : null, wrt === 1 ? d : null),
+  },
+  PrefoptSwiglu: {
+    inputs: ['g', 'u'],
+    outputs: same(0),
+    run: (a, [g, u], [y], ins) => a.swiglu(g, u, size(ins[0].shape), y),
+  },
+  PrefoptSwigluGrad: {
+    inputs: ['g', 'u', 'dy'],
+    outputs: same(0),
+    run: (a, [g, u, dy], [d], ins, { wrt }) => a.swigluGrad(g, u, dy, size(ins[0].shape), wrt === 0 ? d : null, wrt === 1 ? d : null),
+  },
+  // x [B, T, H, hd]; cos, sin [B, T, 1, hd].
+  PrefoptRope: {
+    inputs: ['x', 'cos', 'sin'],
+    outputs: same(0),
+    run: (a, [x, c, s], [y], ins, { inverse }) => {
+      const [B, T, H, hd] = ins[0].shape;
+      a.rope(x, c, s, B * T, H, hd, !!inverse, y);
+    },
+  },
+  // scores [B, H, T, Tk]; mask [B, 1, T, Tk].
+  PrefoptMaskedSoftmax: {
+    inputs: ['scores', 'mask'],
+    outputs: same(0),
+    run: (a, [s, m], [p], ins, { scale }) => {
+      const [B, H, T, Tk] = ins[0].shape;
+      a.maskedSoftmax(s, m, scale, B, H, T, Tk, p);
+    },
+  },
+  PrefoptMaskedSoftmaxGrad: {
+    inputs: ['p', 'dp'],
+    outputs: same(0),
+    run: (a, [p, dp], [ds], ins, { scale }) => a.maskedSoftmaxGrad(p, dp, scale, size(ins[0].shape) / last(ins[0]), last(ins[0]), ds),
+  },
+};
+
+const run = (name: string, inputs: Record<string, tf.Tensor>, attrs: Record<string, unknown> = {}) =>
+  tf.engine().runKernel(name, inputs as any, attrs as any) as tf.Tensor | tf.Tensor[];
+
+const GRADS: tf.GradConfig[] = [
+  {
+    kernelName: 'PrefoptEmbed',
+    inputsToSave: ['table', 'ids'],
+    gradFunc: (dy, [table, ids]) => ({
+      table: () => run('PrefoptEmbedGrad', { ids, dy: dy as tf.Tensor }, { vocab: table.shape[0], dim: table.shape[1] }) as tf.Tensor,
+      ids: () => tf.zerosLike(ids),
+    }),
+  },
+  {
+    kernelName: 'PrefoptLabelLogProbs',
+    inputsToSave: ['logits', 'labels'],
+    outputsToSave: [true],
+    gradFunc: (dy, [logits, labels, out]) => ({
+      logits: () => run('PrefoptLabelLogProbsGrad', { logits, labels, out, dy: dy as tf.Tensor }) as tf.Tensor,
+      labels: () => tf.zerosLike(labels),
+    }),
+  },
+  // Each input's gradient is its own kernel call: tfjs asks only for the inputs that lead to
+  // what is being differentiated (a frozen norm weight under LoRA), each inside its own tidy.
+  {
+    kernelName: 'PrefoptRmsNorm',
+    inputsToSave: ['x', 'w'],
+    gradFunc: (dy, [x, w], attrs: any) => {
+      const grad = (wrt: number) => () => run('PrefoptRmsNormGrad', { x, w, dy: dy as tf.Tensor }, { eps: attrs.eps, wrt }) as tf.Tensor;
+      return { x: grad(0), w: grad(1) };
+    },
+  },
+  {
+    kernelName: 'PrefoptSwiglu',
+    inputsToSave: ['g', 'u'],
+    gradFunc: (dy, [g, u]) => {
+      const grad = (wrt: number) => () => run('PrefoptSwigluGrad', { g, u, dy: dy as tf.Tensor }, { wrt }) as tf.Tensor;
+      return { g: grad(0), u: grad(1) };
+    },
+  },
+  {
+    kernelName: 'PrefoptRope',
+    inputsToSave: ['cos', 'sin'],
+    gradFunc: (dy, [cos, sin]) => ({
+      x: () => run('PrefoptRope', { x: dy as tf.Tensor, cos, sin }, { inverse: true }) as tf.Tensor,
+      cos: () => tf.zerosLike(cos),
+      sin: () => tf.zerosLike(sin),
+    }),
+  },
+  {
+    kernelName: 'PrefoptMaskedSoftmax',
+    inputsToSave: ['mask'],
+    outputsToSave: [true],
+    gradFunc: (dy, [mask, p], attrs: any) => ({
+      scores: () => run('PrefoptMaskedSoftmaxGrad', { p, dp: dy as tf.Tensor }, { scale: attrs.scale }) as tf.Tensor,
+      mask: () => tf.zerosLike(mask),
+    }),
+  },
+];
+
+const registered = new Set<string>();
+let gradsRegistered = false;
+// PREFOPT_FUSED=0 keeps the native matmul but runs the plain tfjs compositions (to compare).
+let enabled = !['0', 'off', 'false', 'no'].includes(String(process.env.PREFOPT_FUSED ?? '').toLowerCase());
+
+/** Register every fused kernel for `backend` ('wasm' or 'cpu'). */
+export function registerFusedKernels(backend: string, addon: FusedAddon): void {
+  if (registered.has(backend)) return;
+  for (const [name, def] of Object.entries(DEFS)) {
+    const kernelFunc = ({ inputs, backend: be, attrs }: any) => {
+      const ins: Info[] = def.inputs.map((n) => inputs[n]);
+      const shapes = def.outputs(ins, attrs);
+      if (backend === 'wasm') {
+        const outs = shapes.map((s) => be.makeOutput(s, 'float32'));
+        // Views are taken after every output is allocated: allocation may grow (and move) the heap.
+        def.run(addon, ins.map((t) => be.typedArrayFromHeap(t)), outs.map((t: Info) => be.typedArrayFromHeap(t)), ins, attrs);
+        return outs.length === 1 ? outs[0] : outs;
+      }
+      const arrs = shapes.map((s) => new Float32Array(size(s)));
+      def.run(addon, ins.map((t) => be.data.get(t.dataId).values), arrs, ins, attrs);
+      const outs = arrs.map((a, i) => be.makeTensorInfo(shapes[i], 'float32', a));
+      return outs.length === 1 ? outs[0] : outs;
+    };
+    tf.registerKernel({ kernelName: name, backendName: backend, kernelFunc });
+  }
+  if (!gradsRegistered) for (const g of GRADS) tf.registerGradient(g);
+  gradsRegistered = true;
+  registered.add(backend);
+}
+
+/** Whether the fused kernels serve the current backend. */
+export function fusedActive(): boolean {
+  return enabled && registered.has(tf.getBackend());
+}
+
+/** Turn the fused kernels off or on (tests and the bench compare both paths in one process). */
+export function setFused(on: boolean): void {
+  enabled = on;
+}
+
+const f32 = (t: tf.Tensor) => (t.dtype === 'float32' ? t : tf.cast(t, 'float32'));
+
+/** The fused forms; only while fusedActive(). */
+export const fused = {
+  embed: (table: tf.Tensor2D, ids: tf.Tensor1D) => run('PrefoptEmbed', { table: f32(table), ids: ids.dtype === 'int32' ? ids : tf.cast(ids, 'int32') }) as tf.Tensor2D,
+  labelLogProbs: (logits: tf.Tensor2D, labels: tf.Tensor1D) =>
+    run('PrefoptLabelLogProbs', { logits: f32(logits), labels: labels.dtype === 'int32' ? labels : tf.cast(labels, 'int32') }) as tf.Tensor1D,
+  rmsNorm: (x: tf.Tensor, w: tf.Tensor, eps: number) => run('PrefoptRmsNorm', { x: f32(x), w: f32(w) }, { eps }) as tf.Tensor,
+  swiglu: (g: tf.Tensor, u: tf.Tensor) => run('PrefoptSwiglu', { g: f32(g), u: f32(u) }) as tf.Tensor,
+  rope: (x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor) => run('PrefoptRope', { x: f32(x), cos, sin }, { inverse: false }) as tf.Tensor,
+  maskedSoftmax: (scores: tf.Tensor, mask: tf.Tensor, scale: number) => run('PrefoptMaskedSoftmax', { scores: f32(scores), mask }, { scale }) as tf.Tensor,
+};

@@ -1,0 +1,274 @@
+import { describe, expect, it } from 'vitest';
+import * as tf from '@tensorflow/tfjs-core';
+import { fusedActive, setFused } from '../src/engine/fused.js';
+import { loadNative } from '../src/engine/native.js';
+import { embed, labelLogProbs, maskedSoftmax, rmsNorm, rope, swiglu } from '../src/engine/ops.js';
+import { Decoder } from '../src/model/decoder.js';
+import { parseConfig, presetConfig } from '../src/model/config.js';
+import { makeBatch } from '../src/infer/batch.js';
+import { sftLoss } from '../src/stages/sft.js';
+import { Rng } from '../src/util/rng.js';
+
+/*
+ * Every fused kernel and the plain tfjs composition it replaces, held to the same float64
+ * reference: values from a float64 forward pass, gradients by central differences of
+ * Σ dy ⊙ f in float64 (so the backward formulas are checked against the forward, not against
+ * themselves). Tolerances: float32 rounding of sums over ≤ 64 terms, |error| ≤ 2e-5·(1 + |want|)
+ * for values, ≤ 1e-4·(1 + |want|) for gradients.
+ */
+const native = loadNative();
+const rand = (rng: Rng, n: number, s = 1) => Float64Array.from({ length: n }, () => s * rng.normal());
+const f32 = (a: ArrayLike<number>) => Float32Array.from(a);
+
+function close(got: ArrayLike<number>, want: ArrayLike<number>, tol: number, what: string) {
+  expect(got.length, what).toBe(want.length);
+  let worst = 0;
+  let at = -1;
+  for (let i = 0; i < want.length; i++) {
+    const e = Math.abs(got[i] - want[i]) / (1 + Math.abs(want[i]));
+    if (!(e <= worst)) [worst, at] = [e, i];
+  }
+  expect(worst, `${what}: worst at ${at}: got ${got[at]}, want ${want[at]}`).toBeLessThanOrEqual(tol);
+}
+
+/** ∂/∂x_i of Σ dy ⊙ f(x) by central differences, everything in float64. */
+function numGrad(f: (x: Float64Array) => Float64Array, x: Float64Array, dy: Float64Array, h = 1e-5): Float64Array {
+  const g = new Float64Array(x.length);
+  const dot = (y: Float64Array) => y.reduce((s, v, i) => s + v * dy[i], 0);
+  for (let i = 0; i < x.length; i++) {
+    const xp = Float64Array.from(x);
+    const xm = Float64Array.from(x);
+    xp[i] += h;
+    xm[i] -= h;
+    g[i] = (dot(f(xp)) - dot(f(xm))) / (2 * h);
+  }
+  return g;
+}
+
+/** Value and gradients of op(...inputs) with upstream dy, through whichever path is active. */
+function run(op: (...xs: tf.Tensor[]) => tf.Tensor, inputs: tf.Tensor[], dy: Float64Array, wrt: number[]) {
+  return tf.tidy(() => {
+    const y = op(...inputs);
+    const dyt = tf.tensor(f32(dy), y.shape);
+    const grads = tf.grads((...xs: tf.Tensor[]) => tf.sum(tf.mul(op(...inputs.map((t, i) => (wrt.includes(i) ? xs[wrt.indexOf(i)] : t))), dyt)))(wrt.map((i) => inputs[i]));
+    return { y: y.dataSync(), grads: grads.map((g) => g.dataSync()) };
+  });
+}
+
+/** Both paths: the fused kernels (where the addon is built) and the tfjs composition. */
+function bothPaths(check: (path: string) => void) {
+  const paths = native.active ? [true, false] : [false];
+  try {
+    for (const on of paths) {
+      setFused(on);
+      expect(fusedActive()).toBe(on);
+      check(on ? 'fused' : 'tfjs');
+    }
+  } finally {
+    setFused(true);
+  }
+}
+
+// float64 references
+function refRmsNorm(x: Float64Array, w: Float64Array, D: number, eps: number): Float64Array {
+  const y = new Float64Array(x.length);
+  for (let r = 0; r < x.length / D; r++) {
+    let s = 0;
+    for (let j = 0; j < D; j++) s += x[r * D + j] ** 2;
+    const k = 1 / Math.sqrt(s / D + eps);
+    for (let j = 0; j < D; j++) y[r * D + j] = x[r * D + j] * k * w[j];
+  }
+  return y;
+}
+const refSwiglu = (g: Float64Array, u: Float64Array) => g.map((v, i) => (v / (1 + Math.exp(-v))) * u[i]);
+function refRope(x: Float64Array, c: Float64Array, s: Float64Array, rows: number, H: number, hd: number): Float64Array {
+  const y = new Float64Array(x.length);
+  const h = hd / 2;
+  for (let r = 0; r < rows; r++)
+    for (let k = 0; k < H; k++)
+      for (let j = 0; j < hd; j++) {
+        const i = (r * H + k) * hd;
+        const rot = j < h ? -x[i + j + h] : x[i + j - h];
+        y[i + j] = x[i + j] * c[r * hd + j] + rot * s[r * hd + j];
+      }
+  return y;
+}
+function refSoftmax(sc: Float64Array, mask: Float64Array, scale: number, B: number, H: number, T: number, Tk: number): Float64Array {
+  const p = new Float64Array(sc.length);
+  for (let b = 0; b < B; b++)
+    for (let h = 0; h < H; h++)
+      for (let t = 0; t < T; t++) {
+        const o = ((b * H + h) * T + t) * Tk;
+        const m = (b * T + t) * Tk;
+        const z = Array.from({ length: Tk }, (_, j) => scale * sc[o + j] + mask[m + j]);
+        const mx = Math.max(...z);
+        const e = z.map((v) => Math.exp(v - mx));
+        const s = e.reduce((a, v) => a + v, 0);
+        e.forEach((v, j) => (p[o + j] = v / s));
+      }
+  return p;
+}
+
+describe('fused kernels against float64', () => {
+  it('RMSNorm: value, gradient for x and for the weight; rows long enough to use every thread', () => {
+    const rng = new Rng(1);
+    for (const [N, D] of [[6, 12], [300, 160]]) {
+      const X = rand(rng, N * D);
+      const W = rand(rng, D, 0.5).map((v) => 1 + v);
+      const DY = rand(rng, N * D);
+      const eps = 1e-6;
+      const want = refRmsNorm(X, W, D, eps);
+      const small = N * D < 1000;
+      const gx = small ? numGrad((x) => refRmsNorm(x, W, D, eps), X, DY) : null;
+      const gw = numGrad((w) => refRmsNorm(X, w, D, eps), W, DY);
+      bothPaths((path) => {
+        const r = run((x, w) => rmsNorm(x, w, eps), [tf.tensor2d(f32(X), [N, D]), tf.tensor1d(f32(W))], DY, [0, 1]);
+        close(r.y, want, 2e-5, `${path} rmsNorm ${N}×${D}`);
+        if (gx) close(r.grads[0], gx, 1e-4, `${path} ∂x`);
+        close(r.grads[1], gw, 1e-4 * Math.sqrt(N), `${path} ∂w`);
+      });
+    }
+  });
+
+  it('SwiGLU: value and both gradients, across the kernel\'s 4096-element chunks, for large |g|', () => {
+    const rng = new Rng(2);
+    const n = 9000;
+    const G = rand(rng, n, 3);
+    G[0] = 40;
+    G[1] = -40;
+    const U = rand(rng, n);
+    const DY = rand(rng, n);
+    // Elementwise: the derivative of element i by a central difference of element i alone.
+    const d = (f: (a: number) => number, a: number, h = 1e-5) => (f(a + h) - f(a - h)) / (2 * h);
+    const silu = (v: number) => v / (1 + Math.exp(-v));
+    const wantG = G.map((g, i) => DY[i] * U[i] * d(silu, g));
+    const wantU = G.map((g, i) => DY[i] * silu(g));
+    bothPaths((path) => {
+      const r = run((g, u) => swiglu(g, u), [tf.tensor1d(f32(G)), tf.tensor1d(f32(U))], DY, [0, 1]);
+      close(r.y, refSwiglu(G, U), 2e-6 * 40, `${path} swiglu`);
+      close(r.grads[0], wantG, 1e-4, `${path} ∂g`);
+      close(r.grads[1], wantU, 1e-5, `${path} ∂u`);
+    });
+  });
+
+  it('rotary embedding: value and the transposed rotation as its gradient', () => {
+    const rng = new Rng(3);
+    const [B, T, H, hd] = [2, 3, 4, 8];
+    const X = rand(rng, B * T * H * hd);
+    const ang = rand(rng, B * T * hd, 2);
+    const C = ang.map(Math.cos);
+    const S = ang.map(Math.sin);
+    const DY = rand(rng, X.length);
+    const want = refRope(X, C, S, B * T, H, hd);
+    const gx = numGrad((x) => refRope(x, C, S, B * T, H, hd), X, DY);
+    bothPaths((path) => {
+      const r = run((x, c, s) => rope(x, c, s), [tf.tensor4d(f32(X), [B, T, H, hd]), tf.tensor4d(f32(C), [B, T, 1, hd]), tf.tensor4d(f32(S), [B, T, 1, hd])], DY, [0]);
+      close(r.y, want, 2e-6, `${path} rope`);
+      close(r.grads[0], gx, 1e-5, `${path} ∂x`);
+    });
+  });
+
+  it('masked, scaled softmax: value and gradient; masked keys get exactly 0, a fully masked row is uniform', () => {
+    const rng = new Rng(4);
+    const [B, H, T, Tk] = [2, 3, 4, 6];
+    const S = rand(rng, B * H * T * Tk, 3);
+    const M = new Float64Array(B * T * Tk);
+    for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) for (let j = 0; j < Tk; j++) if (j > t + 2 || (b === 1 && t === 0)) M[(b * T + t) * Tk + j] = -1e9;
+    const DY = rand(rng, S.length);
+    const scale = 0.35;
+    const want = refSoftmax(S, M, scale, B, H, T, Tk);
+    const gs = numGrad((s) => refSoftmax(s, M, scale, B, H, T, Tk), S, DY);
+    // Row (b = 1, t = 0) is fully masked: in float32, −1e9 swallows the scores and the row comes
+    // out uniform (float64 would still see them), so it is checked on its own.
+    const full = (i: number) => Math.floor(i / (H * T * Tk)) === 1 && Math.floor(i / Tk) % T === 0;
+    const rest = (a: ArrayLike<number>) => Array.from(a).filter((_, i) => !full(i));
+    bothPaths((path) => {
+      const r = run((s, m) => maskedSoftmax(s as tf.Tensor4D, m as tf.Tensor4D, scale), [tf.tensor4d(f32(S), [B, H, T, Tk]), tf.tensor4d(f32(M), [B, 1, T, Tk])], DY, [0]);
+      close(rest(r.y), rest(want), 2e-6, `${path} softmax`);
+      close(rest(r.grads[0]), rest(gs), 1e-5, `${path} ∂scores`);
+      for (let i = 0; i < want.length; i++) if (!full(i) && want[i] < 1e-300) expect(r.y[i], `${path} masked entry ${i}`).toBe(0);
+      close(Array.from(r.y).filter((_, i) => full(i)), new Float64Array(H * Tk).fill(1 / Tk), 1e-7, `${path} fully masked row`);
+    });
+  });
+
+  it('log-softmax at the label: value and gradient; labels outside [0, V) give 0 and no gradient', () => {
+    const rng = new Rng(8);
+    const [N, V] = [37, 301];
+    const X = rand(rng, N * V, 4);
+    const Y = Int32Array.from({ length: N }, (_, i) => (i === 3 ? -100 : i === 5 ? V : rng.int(V)));
+    const DY = rand(rng, N);
+    const want = new Float64Array(N);
+    const grad = new Float64Array(N * V);
+    for (let i = 0; i < N; i++) {
+      const row = X.subarray(i * V, (i + 1) * V);
+      const m = Math.max(...row);
+      const lse = m + Math.log(row.reduce((s, v) => s + Math.exp(v - m), 0));
+      if (!(Y[i] >= 0 && Y[i] < V)) continue;
+      want[i] = row[Y[i]] - lse;
+      for (let j = 0; j < V; j++) grad[i * V + j] = DY[i] * ((j === Y[i] ? 1 : 0) - Math.exp(row[j] - lse));
+    }
+    bothPaths((path) => {
+      const y = tf.tensor1d(Y, 'int32');
+      const r = run((x) => labelLogProbs(x as tf.Tensor2D, y), [tf.tensor2d(f32(X), [N, V])], DY, [0]);
+      y.dispose();
+      close(r.y, want, 2e-5, `${path} log p`);
+      close(r.grads[0], grad, 1e-5, `${path} ∂logits`);
+    });
+  });
+
+  it('embedding: rows by id, and the gradient sums the rows of repeated ids; an id outside the table is refused', () => {
+    const rng = new Rng(6);
+    const [V, D] = [11, 7];
+    const T = rand(rng, V * D);
+    const ids = [3, 0, 3, 10, 5, 3];
+    const DY = rand(rng, ids.length * D);
+    const T32 = f32(T); // rows are copied exactly
+    const want = Float64Array.from({ length: ids.length * D }, (_, i) => T32[ids[Math.floor(i / D)] * D + (i % D)]);
+    const grad = new Float64Array(V * D);
+    ids.forEach((id, r) => {
+      for (let c = 0; c < D; c++) grad[id * D + c] += DY[r * D + c];
+    });
+    bothPaths((path) => {
+      const idt = tf.tensor2d(ids, [2, 3], 'int32');
+      const r = run((t) => embed(t as tf.Tensor2D, idt), [tf.tensor2d(f32(T), [V, D])], DY, [0]);
+      idt.dispose();
+      close(r.y, want, 0, `${path} rows`);
+      close(r.grads[0], grad, 1e-6, `${path} ∂table`);
+    });
+    if (native.active) {
+      const bad = tf.tensor1d([1, V], 'int32');
+      const t = tf.zeros([V, D]) as tf.Tensor2D;
+      expect(() => embed(t, bad)).toThrow(/token id 11 at position 1 is outside the vocabulary \[0, 11\)/);
+      tf.dispose([bad, t]);
+    }
+  });
+
+  it('a whole decoder step: loss and every gradient agree between the fused and the tfjs path; no tensor leaks', () => {
+    if (!native.active) return;
+    const V = 97;
+    const cfg = parseConfig(presetConfig('qwen2', { hidden_size: 32, intermediate_size: 48, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 64, rope_theta: 10000, tie_word_embeddings: true }, V, {}));
+    const model = Decoder.init(cfg, 5, 0.3);
+    const rng = new Rng(9);
+    // Rows of different lengths: padding masks and fully masked query rows are exercised too.
+    const batch = makeBatch([10, 7, 4].map((n) => ({ ids: Array.from({ length: n }, () => rng.int(V)), weights: Array(n).fill(1) })));
+    const vars = [...model.params.values()];
+    const step = () => {
+      const { value, grads } = tf.variableGrads(() => sftLoss(model, batch), vars);
+      const out = { loss: value.dataSync()[0], grads: vars.map((v) => grads[v.name].dataSync()) };
+      value.dispose();
+      Object.values(grads).forEach((g) => g.dispose());
+      return out;
+    };
+    setFused(true);
+    step();
+    const before = tf.memory().numTensors;
+    const a = step();
+    expect(tf.memory().numTensors).toBe(before);
+    setFused(false);
+    const b = step();
+    setFused(true);
+    expect(Math.abs(a.loss - b.loss)).toBeLessThan(1e-5 * Math.abs(b.loss));
+    a.grads.forEach((g, i) => close(g, b.grads[i], 2e-5, `gradient ${[...model.params.keys()][i]}`));
+    model.dispose();
+  });
+});
