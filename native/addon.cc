@@ -247,21 +247,22 @@ napi_value Info(napi_env env, napi_callback_info) {
   napi_set_named_property(env, o, "blas", v);
   napi_create_int32(env, g_threads, &v);
   napi_set_named_property(env, o, "threads", v);
-  napi_get_boolean(env, g_avx2, &v);
-  napi_set_named_property(env, o, "avx2", v);
+  napi_create_string_utf8(env, isa_name(g_isa), NAPI_AUTO_LENGTH, &v);
+  napi_set_named_property(env, o, "isa", v);
   return o;
 }
 
 napi_value Init(napi_env env, napi_value exports) {
   const char* t = getenv("PREFOPT_THREADS");
   g_threads = t && atoi(t) > 0 ? atoi(t) : std::max(1u, std::thread::hardware_concurrency());
-  // The built-in AVX2 kernel measured faster than Debian's OpenBLAS 0.3.21 on this project's
-  // machines (bench/RESULTS.md), so a system BLAS is used where that kernel cannot run, or when
+  // The built-in AVX2 and AVX-512 kernels measured faster than Debian's OpenBLAS 0.3.21 on this
+  // project's machines (bench/RESULTS.md), so a system BLAS is used where neither can run, or when
   // PREFOPT_BLAS names one (openblas, blis, mkl_rt, Accelerate). Never chosen by timing: the
   // kernel decides the rounding, and the same seed must give the same result.
+  g_isa = detect_isa();
   const char* want = getenv("PREFOPT_BLAS");
   bool builtin_only = want && strcmp(want, "builtin") == 0;
-  if (!builtin_only && ((want && *want) || !g_avx2)) open_blas(want);
+  if (!builtin_only && ((want && *want) || g_isa == kPortable)) open_blas(want);
   napi_property_descriptor props[] = {
       {"matmul", nullptr, Matmul, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"labelLogProbs", nullptr, LabelLogProbs, nullptr, nullptr, nullptr, napi_default, nullptr},

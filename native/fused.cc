@@ -57,7 +57,7 @@ __attribute__((target("avx2,fma"))) void exp_avx2(float* v, int64_t n) {
 // v[i] = exp(v[i]): the one transcendental every kernel here needs.
 void exp_inplace(float* v, int64_t n) {
 #ifdef PREFOPT_X86
-  if (g_avx2) return exp_avx2(v, n);
+  if (g_isa >= kAVX2) return exp_avx2(v, n);
 #endif
   for (int64_t i = 0; i < n; i++) v[i] = std::exp(v[i]);
 }

@@ -8,7 +8,12 @@
 namespace prefopt {
 
 extern int g_threads;
-extern bool g_avx2;
+// The widest vector instructions the kernels use: what the CPU has, capped by PREFOPT_ISA
+// (avx512, avx2 or portable). Set once when the addon loads.
+enum Isa { kPortable = 0, kAVX2 = 1, kAVX512 = 2 };
+extern Isa g_isa;
+Isa detect_isa();
+const char* isa_name(Isa isa);
 extern std::string g_lib;  // the system BLAS in use, "" for the built-in kernel
 
 // gemm.cc

@@ -81,7 +81,7 @@ export function buildProgram(): Command {
           warning: b.warning ?? null,
           wasm_simd: b.chosen === 'wasm' ? tf.env().getBool('WASM_HAS_SIMD_SUPPORT' as any) : null,
           wasm_threads: b.chosen === 'wasm' ? tf.env().getBool('WASM_HAS_MULTITHREAD_SUPPORT' as any) : null,
-          native_matmul: b.native.active && (b.chosen === 'wasm' || b.chosen === 'cpu') ? { kernel: b.native.kernel, library: b.native.library ?? null, threads: b.native.threads, avx2: b.native.avx2 } : null,
+          native_matmul: b.native.active && (b.chosen === 'wasm' || b.chosen === 'cpu') ? { kernel: b.native.kernel, library: b.native.library ?? null, threads: b.native.threads, isa: b.native.isa } : null,
           native_reason: b.native.reason,
           node: process.version,
           cpus: os.cpus().length,

@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { spawnSync } from 'node:child_process';
+import * as path from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { loadNative, nativeMatmul, nativeMatmulActive } from '../src/engine/native.js';
 import { Rng } from '../src/util/rng.js';
@@ -68,6 +69,29 @@ describe('native matmul', () => {
       nativeMatmul(false, true, 1, M, N, K, A, 0, B, 0, c2, useBlas);
       expect(Buffer.from(c1.buffer).equals(Buffer.from(c2.buffer))).toBe(true);
     }
+  });
+
+  it.runIf(native.active)('gives the same bits with AVX-512, AVX2 and portable code (PREFOPT_ISA), and on one thread or all', () => {
+    // Each kernel sums every element of C as one chain of fused multiply-adds in k order: the
+    // instruction set and the thread split may not change a bit. K > 256 crosses a KC block.
+    const script = `
+      const m = require(${JSON.stringify(path.resolve('build/Release/prefopt_native.node'))});
+      const h = require('node:crypto').createHash('sha256');
+      let seed = 1;
+      const rnd = (n) => Float32Array.from({ length: n }, () => ((seed = (seed * 16807) % 2147483647) / 2147483647) - 0.5);
+      for (const [M, N, K, ta, tb] of [[37, 70, 300, false, false], [200, 45, 520, true, false], [13, 129, 64, false, true], [64, 64, 1000, true, true]]) {
+        const A = rnd(M * K), B = rnd(K * N), C = new Float32Array(M * N);
+        m.matmul(ta, tb, 1, M, N, K, A, 0, B, 0, C, false);
+        h.update(Buffer.from(C.buffer));
+      }
+      console.log(m.info().isa + ' ' + h.digest('hex'));`;
+    const runs = [['avx512', '2'], ['avx2', '2'], ['portable', '2'], ['avx512', '1']].map(([isa, threads]) => {
+      const r = spawnSync(process.execPath, ['-e', script], { env: { ...process.env, PREFOPT_ISA: isa, PREFOPT_THREADS: threads, PREFOPT_BLAS: 'builtin' }, encoding: 'utf8' });
+      expect(r.status, r.stderr).toBe(0);
+      return r.stdout.trim().split(' ');
+    });
+    console.log(`ISAs compared: ${[...new Set(runs.map((r) => r[0]))].join(', ')}`);
+    expect(new Set(runs.map((r) => r[1])).size).toBe(1);
   });
 
   it.runIf(native.active)('serves tf.matMul on the active backend: transposes and batch broadcasts on both sides', () => {

@@ -15,7 +15,7 @@ import { FusedAddon, registerFusedKernels } from './fused.js';
  */
 interface Addon extends FusedAddon {
   matmul(ta: boolean, tb: boolean, batch: number, m: number, n: number, k: number, a: Float32Array, sa: number, b: Float32Array, sb: number, c: Float32Array, useBlas: boolean): void;
-  info(): { blas: string; threads: number; avx2: boolean };
+  info(): { blas: string; threads: number; isa: string };
 }
 
 export interface NativeReport {
@@ -24,7 +24,8 @@ export interface NativeReport {
   kernel: 'blas' | 'builtin' | null;
   library?: string;
   threads?: number;
-  avx2?: boolean;
+  /** The vector instructions the kernels use: AVX-512, AVX2/FMA or portable (PREFOPT_ISA caps it). */
+  isa?: string;
   reason: string;
 }
 
@@ -45,7 +46,7 @@ export function loadNative(): NativeReport {
     return (report = { active: false, kernel: null, reason: `the native addon does not load: ${String(e?.message ?? e).split('\n')[0]}` });
   }
   const i = addon.info();
-  return (report = { active: true, kernel: i.blas ? 'blas' : 'builtin', library: i.blas || undefined, threads: i.threads, avx2: i.avx2, reason: i.blas ? `system BLAS ${i.blas}` : `built-in kernel (${i.avx2 ? 'AVX2/FMA' : 'portable'})` });
+  return (report = { active: true, kernel: i.blas ? 'blas' : 'builtin', library: i.blas || undefined, threads: i.threads, isa: i.isa, reason: i.blas ? `system BLAS ${i.blas}` : `built-in kernel (${i.isa})` });
 }
 
 /** Whether BatchMatMul on the current backend runs natively (any transpose, any batch). */
