@@ -240,6 +240,27 @@ napi_value EmbedGrad(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
+// biasAdd(x, b, N, D, y)
+napi_value BiasAdd(napi_env env, napi_callback_info info) {
+  Args a(env, info, 5, "biasAdd");
+  int64_t N = a.num(2), D = a.num(3);
+  const float* x = a.f32(0, N * D, "x");
+  const float* b = a.f32(1, D, "b");
+  float* y = a.f32(4, N * D, "y");
+  if (a.ok()) bias_add(x, b, N, D, y);
+  return nullptr;
+}
+
+// columnSum(dy, N, D, out)
+napi_value ColumnSum(napi_env env, napi_callback_info info) {
+  Args a(env, info, 4, "columnSum");
+  int64_t N = a.num(1), D = a.num(2);
+  const float* dy = a.f32(0, N * D, "dy");
+  float* out = a.f32(3, D, "out");
+  if (a.ok()) column_sum(dy, N, D, out);
+  return nullptr;
+}
+
 napi_value Info(napi_env env, napi_callback_info) {
   napi_value o, v;
   napi_create_object(env, &o);
@@ -276,6 +297,8 @@ napi_value Init(napi_env env, napi_value exports) {
       {"maskedSoftmaxGrad", nullptr, MaskedSoftmaxGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"embed", nullptr, Embed, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"embedGrad", nullptr, EmbedGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"biasAdd", nullptr, BiasAdd, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"columnSum", nullptr, ColumnSum, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"info", nullptr, Info, nullptr, nullptr, nullptr, napi_default, nullptr},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);

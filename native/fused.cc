@@ -281,4 +281,20 @@ void embed_grad(const int32_t* ids, int64_t N, const float* dy, int64_t V, int64
   });
 }
 
+void bias_add(const float* x, const float* b, int64_t N, int64_t D, float* y) {
+  parallel((int)N, threads_for(N * D), [&](int r0, int r1) {
+    for (int64_t r = r0; r < r1; r++)
+      for (int64_t c = 0; c < D; c++) y[r * D + c] = x[r * D + c] + b[c];
+  });
+}
+
+// Split by column: each sum runs over the rows in order, whatever the thread count.
+void column_sum(const float* dy, int64_t N, int64_t D, float* out) {
+  parallel((int)D, threads_for(N * D), [&](int c0, int c1) {
+    std::fill(out + c0, out + c1, 0.f);
+    for (int64_t r = 0; r < N; r++)
+      for (int c = c0; c < c1; c++) out[c] += dy[r * D + c];
+  });
+}
+
 }  // namespace prefopt

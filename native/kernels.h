@@ -42,6 +42,9 @@ void masked_softmax(const float* s, const float* mask, float scale, int64_t B, i
 // dS = scale · P ⊙ (dP − Σ_j P dP) per row.
 void masked_softmax_grad(const float* p, const float* dp, float scale, int64_t rows, int64_t Tk, float* ds);
 
+// y = x + b over rows of length D; its gradient for b is the column sum of dy.
+void bias_add(const float* x, const float* b, int64_t N, int64_t D, float* y);
+void column_sum(const float* dy, int64_t N, int64_t D, float* out);
 // out[i] = table[ids[i]] for an embedding table [V, D]; ids already checked to be in [0, V).
 void embed(const float* table, int64_t D, const int32_t* ids, int64_t N, float* out);
 // dtable = Σ_i onehot(ids[i]) ⊗ dy[i] (zeros where no id points), summed in row order.

@@ -2,7 +2,7 @@ import { describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
 import { fusedActive, setFused } from '../src/engine/fused.js';
 import { loadNative } from '../src/engine/native.js';
-import { embed, labelLogProbs, maskedSoftmax, rmsNorm, rope, swiglu } from '../src/engine/ops.js';
+import { embed, labelLogProbs, linear, maskedSoftmax, rmsNorm, rope, swiglu } from '../src/engine/ops.js';
 import { Decoder } from '../src/model/decoder.js';
 import { parseConfig, presetConfig } from '../src/model/config.js';
 import { makeBatch } from '../src/infer/batch.js';
@@ -241,6 +241,34 @@ describe('fused kernels against float64', () => {
       expect(() => embed(t, bad)).toThrow(/token id 11 at position 1 is outside the vocabulary \[0, 11\)/);
       tf.dispose([bad, t]);
     }
+  });
+
+  it('linear layer with a bias: value, and gradients for input, weight and bias (the bias: column sums over every row)', () => {
+    const rng = new Rng(7);
+    const [B, T, I, O] = [3, 50, 9, 40]; // 150 rows × 40 columns: large enough for every thread
+    const X = rand(rng, B * T * I);
+    const W = rand(rng, I * O);
+    const Bs = rand(rng, O);
+    const DY = rand(rng, B * T * O);
+    const f = (x: Float64Array, w: Float64Array, b: Float64Array) => {
+      const y = new Float64Array(B * T * O);
+      for (let r = 0; r < B * T; r++) for (let o = 0; o < O; o++) {
+        let s = b[o];
+        for (let i = 0; i < I; i++) s += x[r * I + i] * w[i * O + o];
+        y[r * O + o] = s;
+      }
+      return y;
+    };
+    const want = f(X, W, Bs);
+    const gb = new Float64Array(O);
+    for (let r = 0; r < B * T; r++) for (let o = 0; o < O; o++) gb[o] += DY[r * O + o];
+    const gx = numGrad((x) => f(x, W, Bs), X, DY);
+    bothPaths((path) => {
+      const r = run((x, w, b) => linear(x, w, b), [tf.tensor3d(f32(X), [B, T, I]), tf.tensor2d(f32(W), [I, O]), tf.tensor1d(f32(Bs))], DY, [0, 2]);
+      close(r.y, want, 2e-5, `${path} x·W + b`);
+      close(r.grads[0], gx, 1e-4, `${path} ∂x`);
+      close(r.grads[1], gb, 2e-5 * Math.sqrt(B * T), `${path} ∂b`);
+    });
   });
 
   it('a whole decoder step: loss and every gradient agree between the fused and the tfjs path; no tensor leaks', () => {

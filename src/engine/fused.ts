@@ -17,6 +17,8 @@ export interface FusedAddon {
   rope(x: Float32Array, cos: Float32Array, sin: Float32Array, rows: number, heads: number, hd: number, inverse: boolean, y: Float32Array): void;
   maskedSoftmax(s: Float32Array, mask: Float32Array, scale: number, b: number, h: number, t: number, tk: number, p: Float32Array): void;
   maskedSoftmaxGrad(p: Float32Array, dp: Float32Array, scale: number, rows: number, tk: number, ds: Float32Array): void;
+  biasAdd(x: Float32Array, b: Float32Array, n: number, d: number, y: Float32Array): void;
+  columnSum(dy: Float32Array, n: number, d: number, out: Float32Array): void;
   embed(table: Float32Array, v: number, d: number, ids: Int32Array, n: number, out: Float32Array): void;
   embedGrad(ids: Int32Array, n: number, dy: Float32Array, v: number, d: number, dtable: Float32Array): void;
 }
@@ -38,6 +40,18 @@ const last = (t: Info) => t.shape[t.shape.length - 1];
 const same = (i: number) => (ins: Info[]) => [ins[i].shape as number[]];
 
 const DEFS: Record<string, Def> = {
+  // x [..., D] + b [D].
+  PrefoptBiasAdd: {
+    inputs: ['x', 'b'],
+    outputs: same(0),
+    run: (a, [x, b], [y], ins) => a.biasAdd(x, b, size(ins[0].shape) / last(ins[0]), last(ins[0]), y),
+  },
+  // Σ over every axis but the last.
+  PrefoptColumnSum: {
+    inputs: ['dy'],
+    outputs: (ins) => [[last(ins[0])]],
+    run: (a, [dy], [out], ins) => a.columnSum(dy, size(ins[0].shape) / last(ins[0]), last(ins[0]), out),
+  },
   // table [V, D], ids [N] → [N, D].
   PrefoptEmbed: {
     inputs: ['table', 'ids'],
@@ -109,6 +123,13 @@ const run = (name: string, inputs: Record<string, tf.Tensor>, attrs: Record<stri
   tf.engine().runKernel(name, inputs as any, attrs as any) as tf.Tensor | tf.Tensor[];
 
 const GRADS: tf.GradConfig[] = [
+  {
+    kernelName: 'PrefoptBiasAdd',
+    gradFunc: (dy) => ({
+      x: () => tf.clone(dy as tf.Tensor),
+      b: () => run('PrefoptColumnSum', { dy: dy as tf.Tensor }) as tf.Tensor,
+    }),
+  },
   {
     kernelName: 'PrefoptEmbed',
     inputsToSave: ['table', 'ids'],
@@ -208,6 +229,7 @@ const f32 = (t: tf.Tensor) => (t.dtype === 'float32' ? t : tf.cast(t, 'float32')
 
 /** The fused forms; only while fusedActive(). */
 export const fused = {
+  biasAdd: (x: tf.Tensor, b: tf.Tensor) => run('PrefoptBiasAdd', { x: f32(x), b: f32(b) }) as tf.Tensor,
   embed: (table: tf.Tensor2D, ids: tf.Tensor1D) => run('PrefoptEmbed', { table: f32(table), ids: ids.dtype === 'int32' ? ids : tf.cast(ids, 'int32') }) as tf.Tensor2D,
   labelLogProbs: (logits: tf.Tensor2D, labels: tf.Tensor1D) =>
     run('PrefoptLabelLogProbs', { logits: f32(logits), labels: labels.dtype === 'int32' ? labels : tf.cast(labels, 'int32') }) as tf.Tensor1D,

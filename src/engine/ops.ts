@@ -107,7 +107,7 @@ export function linear(x: tf.Tensor, w: tf.Tensor, b?: tf.Tensor | null): tf.Ten
   const outDim = (w.shape as number[])[1];
   const lead = xs.slice(0, -1);
   let y: tf.Tensor = mm(tf.reshape(x, [-1, inDim]) as tf.Tensor2D, w as tf.Tensor2D);
-  if (b) y = tf.add(y, b);
+  if (b) y = fusedActive() ? fused.biasAdd(y, b) : tf.add(y, b);
   return tf.reshape(y, [...lead, outDim]);
 }
 
