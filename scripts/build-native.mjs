@@ -1,4 +1,4 @@
-// Build the optional native matmul addon (native/gemm.cc) with node-gyp at install time. It
+// Build the optional native addon (native/: matmul and fused kernels) with node-gyp at install time. It
 // never fails the install: without a compiler, or on a platform where the build breaks, prefopt
 // runs on the wasm kernels, and `prefopt doctor` says so.
 import { spawnSync } from 'node:child_process';
