@@ -10,6 +10,7 @@ import * as path from 'node:path';
 import { spawnSync } from 'node:child_process';
 import * as tf from '@tensorflow/tfjs-core';
 import { initBackend } from '../src/engine/backend.js';
+import { fusedActive, setFused } from '../src/engine/fused.js';
 import { packageRoot } from '../src/util/package-root.js';
 import { Decoder } from '../src/model/decoder.js';
 import { PRESETS, parseConfig, presetConfig } from '../src/model/config.js';
@@ -81,6 +82,12 @@ async function main() {
   const rssBefore = process.memoryUsage().rss;
   tokens.sft_step = (B * T) / timeIt(sftStep, reps);
   const profile = await kernelProfile(sftStep);
+  if (fusedActive()) {
+    // The same step with the fused kernels off (tfjs compositions, native matmul still on).
+    setFused(false);
+    extra.sft_step_unfused = +((B * T) / timeIt(sftStep, reps)).toFixed(1);
+    setFused(true);
+  }
   extra.sft_rss_mb = Math.round(Math.max(peakRss, process.memoryUsage().rss) / 2 ** 20);
   opt.dispose();
   say(`forward ${tokens.forward.toFixed(0)} tok/s, SFT step ${tokens.sft_step.toFixed(0)} tok/s`);
@@ -332,7 +339,8 @@ function appendResults(r: any): void {
     `Matmul: ${r.native}; GEMM 1024³ ${r.gemm_gflops} GFLOP/s (PyTorch ${f(r.torch_tokens_per_s?.gemm_gflops?.toFixed?.(1))}${r.torch_tokens_per_s?.openblas_coretype ? `, its fastest configuration here: OPENBLAS_CORETYPE=${r.torch_tokens_per_s.openblas_coretype}` : ''}). ` +
       `Model FLOP utilisation against the best measured GEMM (${r.mfu.peak_gemm_gflops} GFLOP/s): SFT step ${pct(r.mfu.sft_step)} (PyTorch ${pct(r.mfu.torch_sft_step)}), LoRA DPO step ${pct(r.mfu.dpo_step)} (PyTorch ${pct(r.mfu.torch_dpo_step)}).`,
     '',
-    `Profile of one SFT step by kernel (ms, calls): ${r.profile.slice(0, 10).map((p: any) => `${p.kernel} ${p.ms} (${p.calls})`).join(', ')}; total ${r.profile.reduce((a: number, p: any) => a + p.ms, 0).toFixed(0)} ms.`,
+    `Profile of one SFT step by kernel (ms, calls): ${r.profile.slice(0, 10).map((p: any) => `${p.kernel} ${p.ms} (${p.calls})`).join(', ')}; total ${r.profile.reduce((a: number, p: any) => a + p.ms, 0).toFixed(0)} ms.` +
+      (r.sft_step_unfused ? ` The same SFT step with the fused kernels off (PREFOPT_FUSED=0): ${r.sft_step_unfused} tokens/s (fused: ${t.sft_step}).` : ''),
     '',
     `Memory: peak RSS ${r.peak_rss_mb} MB; SFT phase RSS ${r.sft_rss_mb} MB; live tensors during the LoRA DPO step ${r.dpo_lora_tensor_mb} MB vs ${r.dpo_full_tensor_mb} MB for full-model DPO (which holds a second copy of the weights); ` +
       `a TIES merge of three ${r.merge_checkpoint_mb} MB checkpoints grew RSS by ${r.merge_rss_growth_mb} MB (streamed tensor by tensor).`,

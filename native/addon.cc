@@ -184,27 +184,42 @@ napi_value Rope(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
-// maskedSoftmax(s, mask, scale, B, H, T, Tk, p)
-napi_value MaskedSoftmax(napi_env env, napi_callback_info info) {
-  Args a(env, info, 8, "maskedSoftmax");
-  float scale = (float)a.real(2);
-  int64_t B = a.num(3), H = a.num(4), T = a.num(5), Tk = a.num(6);
-  const float* s = a.f32(0, B * H * T * Tk, "scores");
-  const float* m = a.f32(1, B * T * Tk, "mask");
-  float* p = a.f32(7, B * H * T * Tk, "p");
-  if (a.ok()) masked_softmax(s, m, scale, B, H, T, Tk, p);
+// attention(q, k, v, mask, scale, B, T, Tk, H, KV, hd, o)
+napi_value Attention(napi_env env, napi_callback_info info) {
+  Args a(env, info, 12, "attention");
+  float scale = (float)a.real(4);
+  int64_t B = a.num(5), T = a.num(6), Tk = a.num(7), H = a.num(8), KV = a.num(9), hd = a.num(10);
+  const float* q = a.f32(0, B * T * H * hd, "q");
+  const float* k = a.f32(1, B * Tk * KV * hd, "k");
+  const float* v = a.f32(2, B * Tk * KV * hd, "v");
+  const float* m = a.f32(3, B * T * Tk, "mask");
+  float* o = a.f32(11, B * T * H * hd, "o");
+  if (a.ok() && (KV == 0 || H % KV)) {
+    napi_throw_range_error(env, nullptr, "attention: heads must be a multiple of kv heads");
+    return nullptr;
+  }
+  if (a.ok()) attention(q, k, v, m, scale, B, T, Tk, H, KV, hd, o);
   return nullptr;
 }
 
-// maskedSoftmaxGrad(p, dp, scale, rows, Tk, ds)
-napi_value MaskedSoftmaxGrad(napi_env env, napi_callback_info info) {
-  Args a(env, info, 6, "maskedSoftmaxGrad");
-  float scale = (float)a.real(2);
-  int64_t rows = a.num(3), Tk = a.num(4);
-  const float* p = a.f32(0, rows * Tk, "p");
-  const float* dp = a.f32(1, rows * Tk, "dp");
-  float* ds = a.f32(5, rows * Tk, "ds");
-  if (a.ok()) masked_softmax_grad(p, dp, scale, rows, Tk, ds);
+// attentionGrad(q, k, v, mask, scale, B, T, Tk, H, KV, hd, dout, dq, dk, dv)
+napi_value AttentionGrad(napi_env env, napi_callback_info info) {
+  Args a(env, info, 15, "attentionGrad");
+  float scale = (float)a.real(4);
+  int64_t B = a.num(5), T = a.num(6), Tk = a.num(7), H = a.num(8), KV = a.num(9), hd = a.num(10);
+  const float* q = a.f32(0, B * T * H * hd, "q");
+  const float* k = a.f32(1, B * Tk * KV * hd, "k");
+  const float* v = a.f32(2, B * Tk * KV * hd, "v");
+  const float* m = a.f32(3, B * T * Tk, "mask");
+  const float* dout = a.f32(11, B * T * H * hd, "dout");
+  float* dq = a.f32(12, B * T * H * hd, "dq");
+  float* dk = a.f32(13, B * Tk * KV * hd, "dk");
+  float* dv = a.f32(14, B * Tk * KV * hd, "dv");
+  if (a.ok() && (KV == 0 || H % KV)) {
+    napi_throw_range_error(env, nullptr, "attentionGrad: heads must be a multiple of kv heads");
+    return nullptr;
+  }
+  if (a.ok()) attention_grad(q, k, v, m, scale, B, T, Tk, H, KV, hd, dout, dq, dk, dv);
   return nullptr;
 }
 
@@ -293,8 +308,8 @@ napi_value Init(napi_env env, napi_value exports) {
       {"swiglu", nullptr, Swiglu, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"swigluGrad", nullptr, SwigluGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"rope", nullptr, Rope, nullptr, nullptr, nullptr, napi_default, nullptr},
-      {"maskedSoftmax", nullptr, MaskedSoftmax, nullptr, nullptr, nullptr, napi_default, nullptr},
-      {"maskedSoftmaxGrad", nullptr, MaskedSoftmaxGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"attention", nullptr, Attention, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"attentionGrad", nullptr, AttentionGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"embed", nullptr, Embed, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"embedGrad", nullptr, EmbedGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"biasAdd", nullptr, BiasAdd, nullptr, nullptr, nullptr, napi_default, nullptr},

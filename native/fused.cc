@@ -167,40 +167,37 @@ void rms_norm_grad(const float* x, const float* w, const float* dy, int64_t N, i
   });
 }
 
-// σ(g) for a chunk, into s.
 namespace {
-void sigmoid_chunk(const float* g, int64_t n, float* s) {
-  for (int64_t i = 0; i < n; i++) s[i] = -g[i];
-  exp_inplace(s, n);
-  for (int64_t i = 0; i < n; i++) s[i] = 1.f / (1.f + s[i]);
-}
-}  // namespace
-
-void swiglu(const float* g, const float* u, int64_t n, float* y) {
+// Calls f(i0, m, s) over [0, n) in chunks of m ≤ kChunk elements, with s[i] = σ(g[i0 + i]).
+template <class F>
+void over_sigmoid(const float* g, int64_t n, F f) {
   int64_t chunks = (n + kChunk - 1) / kChunk;
   parallel((int)chunks, threads_for(n), [&](int c0, int c1) {
     float s[kChunk];
     for (int c = c0; c < c1; c++) {
       int64_t i0 = c * kChunk, m = std::min(kChunk, n - i0);
-      sigmoid_chunk(g + i0, m, s);
-      for (int64_t i = 0; i < m; i++) y[i0 + i] = g[i0 + i] * s[i] * u[i0 + i];
+      for (int64_t i = 0; i < m; i++) s[i] = -g[i0 + i];
+      exp_inplace(s, m);
+      for (int64_t i = 0; i < m; i++) s[i] = 1.f / (1.f + s[i]);
+      f(i0, m, s);
     }
+  });
+}
+}  // namespace
+
+void swiglu(const float* g, const float* u, int64_t n, float* y) {
+  over_sigmoid(g, n, [&](int64_t i0, int64_t m, const float* s) {
+    for (int64_t i = 0; i < m; i++) y[i0 + i] = g[i0 + i] * s[i] * u[i0 + i];
   });
 }
 
 // d/dg [g σ(g)] = σ(g) (1 + g (1 − σ(g))).
 void swiglu_grad(const float* g, const float* u, const float* dy, int64_t n, float* dg, float* du) {
-  int64_t chunks = (n + kChunk - 1) / kChunk;
-  parallel((int)chunks, threads_for(n), [&](int c0, int c1) {
-    float s[kChunk];
-    for (int c = c0; c < c1; c++) {
-      int64_t i0 = c * kChunk, m = std::min(kChunk, n - i0);
-      sigmoid_chunk(g + i0, m, s);
-      for (int64_t i = 0; i < m; i++) {
-        float gi = g[i0 + i], si = s[i], d = dy[i0 + i];
-        if (du) du[i0 + i] = d * gi * si;
-        if (dg) dg[i0 + i] = d * u[i0 + i] * si * (1.f + gi * (1.f - si));
-      }
+  over_sigmoid(g, n, [&](int64_t i0, int64_t m, const float* s) {
+    for (int64_t i = 0; i < m; i++) {
+      float gi = g[i0 + i], si = s[i], d = dy[i0 + i];
+      if (du) du[i0 + i] = d * gi * si;
+      if (dg) dg[i0 + i] = d * u[i0 + i] * si * (1.f + gi * (1.f - si));
     }
   });
 }
@@ -232,33 +229,76 @@ void rope(const float* x, const float* cos, const float* sin, int64_t rows, int6
   });
 }
 
-void masked_softmax(const float* s, const float* mask, float scale, int64_t B, int64_t H, int64_t T, int64_t Tk, float* p) {
-  int64_t rows = B * H * T;
-  parallel((int)rows, threads_for(rows * Tk), [&](int r0, int r1) {
-    for (int r = r0; r < r1; r++) {
-      const float* sr = s + (int64_t)r * Tk;
-      const float* mr = mask + ((r / (H * T)) * T + r % T) * Tk;
-      float* pr = p + (int64_t)r * Tk;
-      for (int64_t j = 0; j < Tk; j++) pr[j] = sr[j] * scale + mr[j];
-      float m = max_of(pr, Tk);
-      for (int64_t j = 0; j < Tk; j++) pr[j] -= m;
-      exp_inplace(pr, Tk);
-      float inv = (float)(1.0 / sum_of(pr, Tk));
-      for (int64_t j = 0; j < Tk; j++) pr[j] *= inv;
+namespace {
+// p = softmax(scale·s + m) over one row of Tk keys (p may alias s).
+void softmax_row(const float* s, const float* m, float scale, int64_t Tk, float* p) {
+  for (int64_t j = 0; j < Tk; j++) p[j] = s[j] * scale + m[j];
+  float mx = max_of(p, Tk);
+  for (int64_t j = 0; j < Tk; j++) p[j] -= mx;
+  exp_inplace(p, Tk);
+  float inv = (float)(1.0 / sum_of(p, Tk));
+  for (int64_t j = 0; j < Tk; j++) p[j] *= inv;
+}
+
+// ds = scale · p ⊙ (dp − Σ_j p dp) over one row (ds may alias dp).
+void softmax_grad_row(const float* p, const float* dp, float scale, int64_t Tk, float* ds) {
+  double dot = 0;
+  for (int64_t j = 0; j < Tk; j++) dot += (double)p[j] * dp[j];
+  float fd = (float)dot;
+  for (int64_t j = 0; j < Tk; j++) ds[j] = scale * p[j] * (dp[j] - fd);
+}
+
+// Where one query head's and one kv head's rows live: q, o [B, T, H, hd] and k, v [B, Tk, KV, hd].
+struct AttnDims {
+  int64_t B, T, Tk, H, KV, hd;
+  int64_t q_at(int64_t b, int64_t h) const { return (b * T * H + h) * hd; }
+  int64_t kv_at(int64_t b, int64_t g) const { return (b * Tk * KV + g) * hd; }
+  const float* mask_row(const float* mask, int64_t b, int64_t t) const { return mask + (b * T + t) * Tk; }
+};
+
+// P = softmax(scale · Q_h K_gᵀ + mask) for query head h of row b, into p [T, Tk].
+void attn_probs(const AttnDims& d, const float* q, const float* k, const float* mask, float scale, int64_t b, int64_t h, int64_t g, float* p) {
+  gemm(false, true, (int)d.T, (int)d.Tk, (int)d.hd, q + d.q_at(b, h), d.H * d.hd, k + d.kv_at(b, g), d.KV * d.hd, p, d.Tk, false, 1);
+  for (int64_t t = 0; t < d.T; t++) softmax_row(p + t * d.Tk, d.mask_row(mask, b, t), scale, d.Tk, p + t * d.Tk);
+}
+}  // namespace
+
+// Work is split by (row, kv head): each unit owns its slices of dK and dV and adds its G query
+// heads into them in order, so the sums never depend on the thread count.
+void attention(const float* q, const float* k, const float* v, const float* mask, float scale, int64_t B, int64_t T, int64_t Tk, int64_t H, int64_t KV, int64_t hd, float* o) {
+  AttnDims d{B, T, Tk, H, KV, hd};
+  int64_t G = H / KV;
+  parallel((int)(B * KV), threads_for(B * H * T * Tk * 4), [&](int u0, int u1) {
+    std::vector<float> p(T * Tk);
+    for (int u = u0; u < u1; u++) {
+      int64_t b = u / KV, g = u % KV;
+      for (int64_t h = g * G; h < (g + 1) * G; h++) {
+        attn_probs(d, q, k, mask, scale, b, h, g, p.data());
+        gemm(false, false, (int)T, (int)hd, (int)Tk, p.data(), Tk, v + d.kv_at(b, g), KV * hd, o + d.q_at(b, h), H * hd, false, 1);
+      }
     }
   });
 }
 
-void masked_softmax_grad(const float* p, const float* dp, float scale, int64_t rows, int64_t Tk, float* ds) {
-  parallel((int)rows, threads_for(rows * Tk), [&](int r0, int r1) {
-    for (int r = r0; r < r1; r++) {
-      const float* pr = p + (int64_t)r * Tk;
-      const float* gr = dp + (int64_t)r * Tk;
-      float* d = ds + (int64_t)r * Tk;
-      double dot = 0;
-      for (int64_t j = 0; j < Tk; j++) dot += (double)pr[j] * gr[j];
-      float fd = (float)dot;
-      for (int64_t j = 0; j < Tk; j++) d[j] = scale * pr[j] * (gr[j] - fd);
+// With P recomputed: dP = dO Vᵀ, dS = scale · P ⊙ (dP − rowsum(P ⊙ dP)), dQ = dS K, dK = Σ_h dSᵀ Q,
+// dV = Σ_h Pᵀ dO.
+void attention_grad(const float* q, const float* k, const float* v, const float* mask, float scale, int64_t B, int64_t T, int64_t Tk, int64_t H, int64_t KV, int64_t hd,
+                    const float* dout, float* dq, float* dk, float* dv) {
+  AttnDims d{B, T, Tk, H, KV, hd};
+  int64_t G = H / KV;
+  parallel((int)(B * KV), threads_for(B * H * T * Tk * 8), [&](int u0, int u1) {
+    std::vector<float> p(T * Tk), ds(T * Tk);
+    for (int u = u0; u < u1; u++) {
+      int64_t b = u / KV, g = u % KV;
+      for (int64_t h = g * G; h < (g + 1) * G; h++) {
+        bool acc = h > g * G;
+        attn_probs(d, q, k, mask, scale, b, h, g, p.data());
+        gemm(true, false, (int)Tk, (int)hd, (int)T, p.data(), Tk, dout + d.q_at(b, h), H * hd, dv + d.kv_at(b, g), KV * hd, acc, 1);
+        gemm(false, true, (int)T, (int)Tk, (int)hd, dout + d.q_at(b, h), H * hd, v + d.kv_at(b, g), KV * hd, ds.data(), Tk, false, 1);
+        for (int64_t t = 0; t < T; t++) softmax_grad_row(p.data() + t * Tk, ds.data() + t * Tk, scale, Tk, ds.data() + t * Tk);
+        gemm(false, false, (int)T, (int)hd, (int)Tk, ds.data(), Tk, k + d.kv_at(b, g), KV * hd, dq + d.q_at(b, h), H * hd, false, 1);
+        gemm(true, false, (int)Tk, (int)hd, (int)T, ds.data(), Tk, q + d.q_at(b, h), H * hd, dk + d.kv_at(b, g), KV * hd, acc, 1);
+      }
     }
   });
 }

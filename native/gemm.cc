@@ -89,7 +89,7 @@ constexpr int KC = 256;
 struct Op {
   const float* p;
   bool trans;
-  int ld;
+  int64_t ld;
   float at(int r, int c) const { return trans ? p[(size_t)c * ld + r] : p[(size_t)r * ld + c]; }
   // Strides of op(A) rows and columns in memory.
   int64_t rs() const { return trans ? 1 : ld; }
@@ -229,19 +229,29 @@ void tile_plain(const Tile& t) {
   store_tile<MR, NR>(t, s);
 }
 
+// C and whether to add to it: row stride ldc; acc adds the product to what C holds.
+struct Out {
+  float* p;
+  int64_t ld;
+  bool acc;
+};
+
 // The block of C with rows [r0, r1) (multiples of MR) and panels [p0, p1).
 template <int MR, int NR, void (*TILE)(const Tile&)>
-void gemm_block(const Op& A, const Op& B, int M, int N, int K, float* C, int r0, int r1, int p0, int p1) {
+void gemm_block(const Op& A, const Op& B, int M, int N, int K, const Out& C, int r0, int r1, int p0, int p1) {
   if (r0 >= r1 || p0 >= p1) return;
-  std::vector<float> bp((size_t)(p1 - p0) * std::min(KC, K) * NR);
+  // Per-thread scratch, grown when needed and never cleared: attention makes many small products.
+  thread_local std::vector<float> bp;
+  size_t need = (size_t)(p1 - p0) * std::min(KC, K) * NR;
+  if (bp.size() < need) bp.resize(need);
   for (int k0 = 0; k0 < K; k0 += KC) {
     int kb = std::min(KC, K - k0);
     pack_b<NR>(B, k0, kb, N, p0, p1, bp.data());
     for (int i = r0; i < r1; i += MR) {
-      Tile t{A.p + i * A.rs() + k0 * A.cs(), A.rs(), A.cs(), nullptr, kb, nullptr, N, std::min(MR, M - i), 0, k0 > 0};
+      Tile t{A.p + i * A.rs() + k0 * A.cs(), A.rs(), A.cs(), nullptr, kb, nullptr, (int)C.ld, std::min(MR, M - i), 0, k0 > 0 || C.acc};
       for (int p = p0; p < p1; p++) {
         t.cols = std::min(NR, N - p * NR);
-        t.c = C + (size_t)i * N + p * NR;
+        t.c = C.p + i * C.ld + p * NR;
         t.bp = bp.data() + (size_t)(p - p0) * kb * NR;
         TILE(t);
       }
@@ -250,7 +260,7 @@ void gemm_block(const Op& A, const Op& B, int M, int N, int K, float* C, int r0,
 }
 
 template <int MR, int NR, void (*TILE)(const Tile&)>
-void gemm_with(const Op& a, const Op& b, int M, int N, int K, float* C, int threads) {
+void gemm_with(const Op& a, const Op& b, int M, int N, int K, const Out& C, int threads) {
   int panels = (N + NR - 1) / NR, tiles = (M + MR - 1) / MR;
   if (panels >= 2 * threads || panels >= tiles)
     parallel(panels, threads, [&](int p0, int p1) { gemm_block<MR, NR, TILE>(a, b, M, N, K, C, 0, M, p0, p1); });
@@ -258,20 +268,28 @@ void gemm_with(const Op& a, const Op& b, int M, int N, int K, float* C, int thre
     parallel(tiles, threads, [&](int t0, int t1) { gemm_block<MR, NR, TILE>(a, b, M, N, K, C, t0 * MR, std::min(M, t1 * MR), 0, panels); });
 }
 
-// One product C[M,N] = op(A)·op(B) on `threads` threads.
-void gemm_builtin(bool ta, bool tb, int M, int N, int K, const float* A, const float* B, float* C, int threads) {
+}  // namespace
+
+void gemm(bool ta, bool tb, int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate, int threads) {
+  Out c{C, ldc, accumulate};
   if (K == 0) {
-    memset(C, 0, sizeof(float) * M * N);
+    if (!accumulate)
+      for (int i = 0; i < M; i++) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
     return;
   }
-  Op a{A, ta, ta ? M : K}, b{B, tb, tb ? K : N};
+  Op a{A, ta, lda}, b{B, tb, ldb};
 #ifdef PREFOPT_X86
-  if (g_isa == kAVX512) return gemm_with<12, 32, tile_avx512>(a, b, M, N, K, C, threads);
-  if (g_isa == kAVX2) return gemm_with<6, 16, tile_avx2>(a, b, M, N, K, C, threads);
+  if (g_isa == kAVX512) return gemm_with<12, 32, tile_avx512>(a, b, M, N, K, c, threads);
+  if (g_isa == kAVX2) return gemm_with<6, 16, tile_avx2>(a, b, M, N, K, c, threads);
 #endif
-  gemm_with<6, 16, tile_plain>(a, b, M, N, K, C, threads);
+  gemm_with<6, 16, tile_plain>(a, b, M, N, K, c, threads);
 }
 
+namespace {
+// One dense product C[M,N] = op(A)·op(B).
+void gemm_builtin(bool ta, bool tb, int M, int N, int K, const float* A, const float* B, float* C, int threads) {
+  gemm(ta, tb, M, N, K, A, ta ? M : K, B, tb ? K : N, C, N, false, threads);
+}
 }  // namespace
 
 void matmul(bool ta, bool tb, int64_t batch, int64_t M, int64_t N, int64_t K, const float* A, int64_t sa, const float* B, int64_t sb, float* C, bool useBlas) {

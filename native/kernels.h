@@ -22,6 +22,10 @@ bool blas_loaded();
 // C[b] = op(A[b])·op(B[b]); A[b] at b·sa (0 broadcasts one matrix over the batch), C dense.
 void matmul(bool ta, bool tb, int64_t batch, int64_t M, int64_t N, int64_t K, const float* A, int64_t sa, const float* B, int64_t sb, float* C, bool useBlas);
 
+// The built-in kernel on strided operands: C = op(A)·op(B) (+ C when accumulate), row strides
+// lda, ldb, ldc, on up to `threads` threads.
+void gemm(bool ta, bool tb, int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate, int threads);
+
 // fused.cc — each forward with the backward pass that goes with it.
 // out[i] = x[i, y_i] − logsumexp(x_i) (0 where y_i ∉ [0, V)); lse may be null.
 void label_logprobs(const float* x, int64_t N, int64_t V, const int32_t* y, float* out, float* lse);
@@ -37,11 +41,12 @@ void swiglu_grad(const float* g, const float* u, const float* dy, int64_t n, flo
 // Rotary embedding ("rotate half") of x [rows, H, hd] with cos/sin [rows, hd]; `inverse`
 // applies the transpose (the backward pass).
 void rope(const float* x, const float* cos, const float* sin, int64_t rows, int64_t H, int64_t hd, bool inverse, float* y);
-// P = softmax(scale·S + mask) over rows of S [B, H, T, Tk] with mask [B, 1, T, Tk].
-void masked_softmax(const float* s, const float* mask, float scale, int64_t B, int64_t H, int64_t T, int64_t Tk, float* p);
-// dS = scale · P ⊙ (dP − Σ_j P dP) per row.
-void masked_softmax_grad(const float* p, const float* dp, float scale, int64_t rows, int64_t Tk, float* ds);
-
+// Attention for q [B, T, H, hd] and k, v [B, Tk, KV, hd] (query head h uses kv head
+// h / (H / KV)) with an additive mask [B, 1, T, Tk]: o [B, T, H, hd] =
+// softmax(scale · q kᵀ + mask) v. The backward pass recomputes the probabilities.
+void attention(const float* q, const float* k, const float* v, const float* mask, float scale, int64_t B, int64_t T, int64_t Tk, int64_t H, int64_t KV, int64_t hd, float* o);
+void attention_grad(const float* q, const float* k, const float* v, const float* mask, float scale, int64_t B, int64_t T, int64_t Tk, int64_t H, int64_t KV, int64_t hd,
+                    const float* dout, float* dq, float* dk, float* dv);
 // y = x + b over rows of length D; its gradient for b is the column sum of dy.
 void bias_add(const float* x, const float* b, int64_t N, int64_t D, float* y);
 void column_sum(const float* dy, int64_t N, int64_t D, float* out);

@@ -2,7 +2,7 @@ import { describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
 import { fusedActive, setFused } from '../src/engine/fused.js';
 import { loadNative } from '../src/engine/native.js';
-import { embed, labelLogProbs, linear, maskedSoftmax, rmsNorm, rope, swiglu } from '../src/engine/ops.js';
+import { attention, embed, labelLogProbs, linear, rmsNorm, rope, swiglu } from '../src/engine/ops.js';
 import { Decoder } from '../src/model/decoder.js';
 import { parseConfig, presetConfig } from '../src/model/config.js';
 import { makeBatch } from '../src/infer/batch.js';
@@ -93,20 +93,25 @@ function refRope(x: Float64Array, c: Float64Array, s: Float64Array, rows: number
       }
   return y;
 }
-function refSoftmax(sc: Float64Array, mask: Float64Array, scale: number, B: number, H: number, T: number, Tk: number): Float64Array {
-  const p = new Float64Array(sc.length);
+/** softmax(scale · q kᵀ + mask) v per query head; head h reads kv head ⌊h / (H / KV)⌋. */
+function refAttention(q: Float64Array, k: Float64Array, v: Float64Array, mask: Float64Array, scale: number, [B, T, Tk, H, KV, hd]: number[]): Float64Array {
+  const o = new Float64Array(B * T * H * hd);
   for (let b = 0; b < B; b++)
-    for (let h = 0; h < H; h++)
+    for (let h = 0; h < H; h++) {
+      const g = Math.floor(h / (H / KV));
       for (let t = 0; t < T; t++) {
-        const o = ((b * H + h) * T + t) * Tk;
-        const m = (b * T + t) * Tk;
-        const z = Array.from({ length: Tk }, (_, j) => scale * sc[o + j] + mask[m + j]);
+        const z = Array.from({ length: Tk }, (_, j) => {
+          let s = 0;
+          for (let d = 0; d < hd; d++) s += q[((b * T + t) * H + h) * hd + d] * k[((b * Tk + j) * KV + g) * hd + d];
+          return scale * s + mask[(b * T + t) * Tk + j];
+        });
         const mx = Math.max(...z);
-        const e = z.map((v) => Math.exp(v - mx));
-        const s = e.reduce((a, v) => a + v, 0);
-        e.forEach((v, j) => (p[o + j] = v / s));
+        const e = z.map((x) => Math.exp(x - mx));
+        const sum = e.reduce((a, x) => a + x, 0);
+        for (let d = 0; d < hd; d++) o[((b * T + t) * H + h) * hd + d] = e.reduce((a, x, j) => a + (x / sum) * v[((b * Tk + j) * KV + g) * hd + d], 0);
       }
-  return p;
+    }
+  return o;
 }
 
 describe('fused kernels against float64', () => {
@@ -168,27 +173,49 @@ describe('fused kernels against float64', () => {
     });
   });
 
-  it('masked, scaled softmax: value and gradient; masked keys get exactly 0, a fully masked row is uniform', () => {
+  it('attention (grouped heads, queries after a cache): value and the gradients for q, k and v; masked keys ignored', () => {
     const rng = new Rng(4);
-    const [B, H, T, Tk] = [2, 3, 4, 6];
-    const S = rand(rng, B * H * T * Tk, 3);
+    const dims = [2, 3, 5, 4, 2, 6]; // B, T, Tk (2 cached keys), H, KV, hd
+    const [B, T, Tk, H, KV, hd] = dims;
+    const Q = rand(rng, B * T * H * hd);
+    const K = rand(rng, B * Tk * KV * hd);
+    const V = rand(rng, B * Tk * KV * hd);
+    // Causal over the 2 cached keys, and row 1's first key is padding.
     const M = new Float64Array(B * T * Tk);
-    for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) for (let j = 0; j < Tk; j++) if (j > t + 2 || (b === 1 && t === 0)) M[(b * T + t) * Tk + j] = -1e9;
-    const DY = rand(rng, S.length);
-    const scale = 0.35;
-    const want = refSoftmax(S, M, scale, B, H, T, Tk);
-    const gs = numGrad((s) => refSoftmax(s, M, scale, B, H, T, Tk), S, DY);
-    // Row (b = 1, t = 0) is fully masked: in float32, −1e9 swallows the scores and the row comes
-    // out uniform (float64 would still see them), so it is checked on its own.
-    const full = (i: number) => Math.floor(i / (H * T * Tk)) === 1 && Math.floor(i / Tk) % T === 0;
-    const rest = (a: ArrayLike<number>) => Array.from(a).filter((_, i) => !full(i));
+    for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) for (let j = 0; j < Tk; j++) if (j > t + 2 || (b === 1 && j === 0)) M[(b * T + t) * Tk + j] = -1e9;
+    const DY = rand(rng, Q.length);
+    const scale = 1 / Math.sqrt(hd);
+    const f = (q: Float64Array, k: Float64Array, v: Float64Array) => refAttention(q, k, v, M, scale, dims);
+    const want = f(Q, K, V);
+    const gq = numGrad((q) => f(q, K, V), Q, DY);
+    const gk = numGrad((k) => f(Q, k, V), K, DY);
+    const gv = numGrad((v) => f(Q, K, v), V, DY);
     bothPaths((path) => {
-      const r = run((s, m) => maskedSoftmax(s as tf.Tensor4D, m as tf.Tensor4D, scale), [tf.tensor4d(f32(S), [B, H, T, Tk]), tf.tensor4d(f32(M), [B, 1, T, Tk])], DY, [0]);
-      close(rest(r.y), rest(want), 2e-6, `${path} softmax`);
-      close(rest(r.grads[0]), rest(gs), 1e-5, `${path} ∂scores`);
-      for (let i = 0; i < want.length; i++) if (!full(i) && want[i] < 1e-300) expect(r.y[i], `${path} masked entry ${i}`).toBe(0);
-      close(Array.from(r.y).filter((_, i) => full(i)), new Float64Array(H * Tk).fill(1 / Tk), 1e-7, `${path} fully masked row`);
+      const mask = tf.tensor4d(f32(M), [B, 1, T, Tk]);
+      const r = run((q, k, v) => attention(q as tf.Tensor4D, k as tf.Tensor4D, v as tf.Tensor4D, mask, scale), [tf.tensor4d(f32(Q), [B, T, H, hd]), tf.tensor4d(f32(K), [B, Tk, KV, hd]), tf.tensor4d(f32(V), [B, Tk, KV, hd])], DY, [0, 1, 2]);
+      mask.dispose();
+      close(r.y, want, 2e-6, `${path} attention`);
+      close(r.grads[0], gq, 1e-5, `${path} ∂q`);
+      close(r.grads[1], gk, 1e-5, `${path} ∂k`);
+      close(r.grads[2], gv, 1e-5, `${path} ∂v`);
     });
+  });
+
+  it('attention: a fully masked query row (padding) averages the values, on both paths', () => {
+    const rng = new Rng(5);
+    const [B, T, H, hd] = [1, 2, 2, 4];
+    const q = tf.tensor4d(f32(rand(rng, B * T * H * hd)), [B, T, H, hd]);
+    const V = rand(rng, B * T * 1 * hd);
+    const k = tf.tensor4d(f32(rand(rng, V.length)), [B, T, 1, hd]);
+    const v = tf.tensor4d(f32(V), [B, T, 1, hd]);
+    const mask = tf.tensor4d([-1e9, -1e9, 0, -1e9], [B, 1, T, T]); // query 0 sees nothing
+    const mean = Array.from({ length: hd }, (_, d) => (V[d] + V[hd + d]) / 2);
+    bothPaths((path) => {
+      const o = attention(q, k, v, mask, 0.5).dataSync();
+      close(o.subarray(0, hd), mean, 1e-6, `${path} head 0`);
+      close(o.subarray(hd, 2 * hd), mean, 1e-6, `${path} head 1`);
+    });
+    tf.dispose([q, k, v, mask]);
   });
 
   it('log-softmax at the label: value and gradient; labels outside [0, V) give 0 and no gradient', () => {

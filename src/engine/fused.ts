@@ -15,8 +15,8 @@ export interface FusedAddon {
   swiglu(g: Float32Array, u: Float32Array, n: number, y: Float32Array): void;
   swigluGrad(g: Float32Array, u: Float32Array, dy: Float32Array, n: number, dg: Float32Array | null, du: Float32Array | null): void;
   rope(x: Float32Array, cos: Float32Array, sin: Float32Array, rows: number, heads: number, hd: number, inverse: boolean, y: Float32Array): void;
-  maskedSoftmax(s: Float32Array, mask: Float32Array, scale: number, b: number, h: number, t: number, tk: number, p: Float32Array): void;
-  maskedSoftmaxGrad(p: Float32Array, dp: Float32Array, scale: number, rows: number, tk: number, ds: Float32Array): void;
+  attention(q: Float32Array, k: Float32Array, v: Float32Array, mask: Float32Array, scale: number, b: number, t: number, tk: number, h: number, kv: number, hd: number, o: Float32Array): void;
+  attentionGrad(q: Float32Array, k: Float32Array, v: Float32Array, mask: Float32Array, scale: number, b: number, t: number, tk: number, h: number, kv: number, hd: number, dout: Float32Array, dq: Float32Array, dk: Float32Array, dv: Float32Array): void;
   biasAdd(x: Float32Array, b: Float32Array, n: number, d: number, y: Float32Array): void;
   columnSum(dy: Float32Array, n: number, d: number, out: Float32Array): void;
   embed(table: Float32Array, v: number, d: number, ids: Int32Array, n: number, out: Float32Array): void;
@@ -103,19 +103,24 @@ const DEFS: Record<string, Def> = {
       a.rope(x, c, s, B * T, H, hd, !!inverse, y);
     },
   },
-  // scores [B, H, T, Tk]; mask [B, 1, T, Tk].
-  PrefoptMaskedSoftmax: {
-    inputs: ['scores', 'mask'],
+  // q [B, T, H, hd]; k, v [B, Tk, KV, hd]; mask [B, 1, T, Tk] → [B, T, H, hd].
+  PrefoptAttention: {
+    inputs: ['q', 'k', 'v', 'mask'],
     outputs: same(0),
-    run: (a, [s, m], [p], ins, { scale }) => {
-      const [B, H, T, Tk] = ins[0].shape;
-      a.maskedSoftmax(s, m, scale, B, H, T, Tk, p);
+    run: (a, [q, k, v, m], [o], ins, { scale }) => {
+      const [B, T, H, hd] = ins[0].shape;
+      const [, Tk, KV] = ins[1].shape;
+      a.attention(q, k, v, m, scale, B, T, Tk, H, KV, hd, o);
     },
   },
-  PrefoptMaskedSoftmaxGrad: {
-    inputs: ['p', 'dp'],
-    outputs: same(0),
-    run: (a, [p, dp], [ds], ins, { scale }) => a.maskedSoftmaxGrad(p, dp, scale, size(ins[0].shape) / last(ins[0]), last(ins[0]), ds),
+  PrefoptAttentionGrad: {
+    inputs: ['q', 'k', 'v', 'mask', 'dy'],
+    outputs: (ins) => [ins[0].shape, ins[1].shape, ins[2].shape],
+    run: (a, [q, k, v, m, dy], [dq, dk, dv], ins, { scale }) => {
+      const [B, T, H, hd] = ins[0].shape;
+      const [, Tk, KV] = ins[1].shape;
+      a.attentionGrad(q, k, v, m, scale, B, T, Tk, H, KV, hd, dy, dq, dk, dv);
+    },
   },
 };
 
@@ -174,15 +179,6 @@ const GRADS: tf.GradConfig[] = [
       sin: () => tf.zerosLike(sin),
     }),
   },
-  {
-    kernelName: 'PrefoptMaskedSoftmax',
-    inputsToSave: ['mask'],
-    outputsToSave: [true],
-    gradFunc: (dy, [mask, p], attrs: any) => ({
-      scores: () => run('PrefoptMaskedSoftmaxGrad', { p, dp: dy as tf.Tensor }, { scale: attrs.scale }) as tf.Tensor,
-      mask: () => tf.zerosLike(mask),
-    }),
-  },
 ];
 
 const registered = new Set<string>();
@@ -236,5 +232,18 @@ export const fused = {
   rmsNorm: (x: tf.Tensor, w: tf.Tensor, eps: number) => run('PrefoptRmsNorm', { x: f32(x), w: f32(w) }, { eps }) as tf.Tensor,
   swiglu: (g: tf.Tensor, u: tf.Tensor) => run('PrefoptSwiglu', { g: f32(g), u: f32(u) }) as tf.Tensor,
   rope: (x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor) => run('PrefoptRope', { x: f32(x), cos, sin }, { inverse: false }) as tf.Tensor,
-  maskedSoftmax: (scores: tf.Tensor, mask: tf.Tensor, scale: number) => run('PrefoptMaskedSoftmax', { scores: f32(scores), mask }, { scale }) as tf.Tensor,
+  /**
+   * A custom gradient rather than a registered one: one kernel computes dq, dk and dv together,
+   * and tfjs asks registered gradients for each input separately.
+   */
+  attention: (q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, mask: tf.Tensor, scale: number) => {
+    const f = tf.customGrad(((qi: tf.Tensor, ki: tf.Tensor, vi: tf.Tensor, save: tf.GradSaveFunc) => {
+      save([qi, ki, vi, mask]); // the mask is not an input: keep it alive for the backward pass
+      return {
+        value: run('PrefoptAttention', { q: qi, k: ki, v: vi, mask }, { scale }) as tf.Tensor,
+        gradFunc: (dy: tf.Tensor, [sq, sk, sv, sm]: tf.Tensor[]) => run('PrefoptAttentionGrad', { q: sq, k: sk, v: sv, mask: sm, dy }, { scale }) as tf.Tensor[],
+      };
+    }) as any) as (q: tf.Tensor, k: tf.Tensor, v: tf.Tensor) => tf.Tensor;
+    return f(f32(q), f32(k), f32(v));
+  },
 };

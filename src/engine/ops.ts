@@ -188,8 +188,22 @@ function rotateHalf(hd: number): Float32Array {
   return r;
 }
 
-/** Attention probabilities softmax(scale·scores + mask) for scores [B, H, T, Tk], mask [B, 1, T, Tk]. */
-export function maskedSoftmax(scores: tf.Tensor4D, mask: tf.Tensor4D, scale: number): tf.Tensor4D {
-  if (fusedActive()) return fused.maskedSoftmax(scores, mask, scale) as tf.Tensor4D;
-  return tf.softmax(tf.add(tf.mul(scores, scale), mask)) as tf.Tensor4D;
+/**
+ * softmax(scale · q kᵀ + mask) v for q [B, T, H, hd] and k, v [B, Tk, KV, hd]; query head h
+ * reads kv head h / (H / KV) (grouped-query attention); mask [B, 1, T, Tk] is additive.
+ * Returns [B, T, H, hd]. The tfjs form groups the G query heads of a kv head into one matrix,
+ * so keys are never repeated.
+ */
+export function attention(q: tf.Tensor4D, k: tf.Tensor4D, v: tf.Tensor4D, mask: tf.Tensor4D, scale: number): tf.Tensor4D {
+  if (fusedActive()) return fused.attention(q, k, v, mask, scale) as tf.Tensor4D;
+  const [B, T, H, hd] = q.shape;
+  const [, Tk, KV] = k.shape;
+  const G = H / KV;
+  const qg = tf.reshape(tf.transpose(tf.reshape(q, [B, T, KV, G, hd]), [0, 2, 3, 1, 4]), [B * KV, G * T, hd]) as tf.Tensor3D;
+  const kT = tf.reshape(tf.transpose(k, [0, 2, 3, 1]), [B * KV, hd, Tk]) as tf.Tensor3D;
+  const vt = tf.reshape(tf.transpose(v, [0, 2, 1, 3]), [B * KV, Tk, hd]) as tf.Tensor3D;
+  const scores = tf.reshape(bmm(qg, kT), [B, H, T, Tk]);
+  const probs = tf.reshape(tf.softmax(tf.add(tf.mul(scores, scale), mask)), [B * KV, G * T, Tk]) as tf.Tensor3D;
+  const ctx = bmm(probs, vt); // [B*KV, G*T, hd]
+  return tf.transpose(tf.reshape(ctx, [B, H, T, hd]), [0, 2, 1, 3]) as tf.Tensor4D;
 }

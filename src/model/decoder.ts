@@ -2,7 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { ModelConfig, expectedShapes, isLinearWeight } from './config.js';
 import { attentionMask } from './mask.js';
 import { ropeTables } from './rope.js';
-import { bmm, embed, linear, maskedSoftmax, mm, rmsNorm, rope, split0, swiglu } from '../engine/ops.js';
+import { attention, embed, linear, mm, rmsNorm, rope, split0, swiglu } from '../engine/ops.js';
 import { Rng } from '../util/rng.js';
 
 /**
@@ -18,7 +18,7 @@ export interface LinearAdapter {
   apply(module: string, x: tf.Tensor, y: tf.Tensor): tf.Tensor;
 }
 
-/** Per-layer key/value tensors [B, KV, Tc, hd], kept across decode steps. */
+/** Per-layer key/value tensors [B, Tc, KV, hd], kept across decode steps. */
 export class KVCache {
   k: (tf.Tensor4D | null)[];
   v: (tf.Tensor4D | null)[];
@@ -187,28 +187,20 @@ export class Decoder {
     }
     q = rope(q, cos, sin);
     k = rope(k, cos, sin);
-    let kt = tf.transpose(k, [0, 2, 1, 3]) as tf.Tensor4D; // [B, KV, T, hd]
-    let vt = tf.transpose(v, [0, 2, 1, 3]) as tf.Tensor4D;
     if (cache) {
       const pk = cache.k[l];
       const pv = cache.v[l];
       if (pk && pv) {
-        kt = tf.concat([pk, kt], 2);
-        vt = tf.concat([pv, vt], 2);
+        k = tf.concat([pk, k], 1);
+        v = tf.concat([pv, v], 1);
         pk.dispose();
         pv.dispose();
       }
-      cache.k[l] = tf.keep(kt);
-      cache.v[l] = tf.keep(vt);
+      cache.k[l] = tf.keep(k as tf.Tensor4D);
+      cache.v[l] = tf.keep(v as tf.Tensor4D);
     }
-    const Tk = kt.shape[2];
-    // Group the G query heads that share a kv head into one matrix: no repeated keys needed.
-    const qg = tf.reshape(tf.transpose(tf.reshape(q, [B, T, KV, G, hd]), [0, 2, 3, 1, 4]), [B * KV, G * T, hd]) as tf.Tensor3D;
-    const kT = tf.reshape(tf.transpose(kt, [0, 1, 3, 2]), [B * KV, hd, Tk]) as tf.Tensor3D;
-    const scores = tf.reshape(bmm(qg, kT), [B, H, T, Tk]) as tf.Tensor4D;
-    const probs = tf.reshape(maskedSoftmax(scores, mask, 1 / Math.sqrt(hd)), [B * KV, G * T, Tk]) as tf.Tensor3D;
-    const ctx = bmm(probs, tf.reshape(vt, [B * KV, Tk, hd]) as tf.Tensor3D); // [B*KV, G*T, hd]
-    const merged = tf.reshape(tf.transpose(tf.reshape(ctx, [B, H, T, hd]), [0, 2, 1, 3]), [B, T, H * hd]);
+    const ctx = attention(q as tf.Tensor4D, k as tf.Tensor4D, v as tf.Tensor4D, mask, 1 / Math.sqrt(hd)); // [B, T, H, hd]
+    const merged = tf.reshape(ctx, [B, T, H * hd]);
     return this.lin(`${p}.o_proj`, merged);
   }
 
