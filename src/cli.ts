@@ -2,6 +2,7 @@ import { Command, Option } from 'commander';
 import * as tf from '@tensorflow/tfjs-core';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { fusedActive } from './engine/fused.js';
 import { initBackend } from './engine/backend.js';
 import { UserError } from './util/errors.js';
 import { log, setLogMode } from './util/log.js';
@@ -83,6 +84,7 @@ export function buildProgram(): Command {
           wasm_threads: b.chosen === 'wasm' ? tf.env().getBool('WASM_HAS_MULTITHREAD_SUPPORT' as any) : null,
           native_matmul: b.native.active && (b.chosen === 'wasm' || b.chosen === 'cpu') ? { kernel: b.native.kernel, library: b.native.library ?? null, threads: b.native.threads, isa: b.native.isa } : null,
           native_reason: b.native.reason,
+          fused_kernels: fusedActive(),
           node: process.version,
           cpus: os.cpus().length,
           memory_gb: +(os.totalmem() / 2 ** 30).toFixed(1),
@@ -92,7 +94,10 @@ export function buildProgram(): Command {
           process.stdout.write(`backend: ${report.backend} (tfjs "${report.tfjs_backend}")${report.requested ? ` — requested "${report.requested}"` : ''}\n`);
           for (const t of b.tried) process.stdout.write(`  ${t.ok ? 'ok  ' : 'skip'} ${t.name}: ${t.reason}\n`);
           if (report.wasm_simd !== null) process.stdout.write(`wasm: simd=${report.wasm_simd} threads=${report.wasm_threads}\n`);
-          if (b.chosen === 'wasm' || b.chosen === 'cpu') process.stdout.write(`matmul: ${report.native_matmul ? `native, ${b.native.reason}, ${b.native.threads} threads` : `tfjs ${b.chosen} kernel — ${b.native.reason}`}\n`);
+          if (b.chosen === 'wasm' || b.chosen === 'cpu') {
+            process.stdout.write(`matmul: ${report.native_matmul ? `native, ${b.native.reason}, ${b.native.threads} threads` : `tfjs ${b.chosen} kernel — ${b.native.reason}`}\n`);
+            process.stdout.write(`fused kernels (attention, RMSNorm, SwiGLU, rotary, loss): ${report.fused_kernels ? 'native' : b.native.active ? 'off (PREFOPT_FUSED=0): tfjs compositions' : 'tfjs compositions'}\n`);
+          }
           if (report.warning) process.stdout.write(`warning: ${report.warning}\n`);
           process.stdout.write(`node ${report.node}, ${report.cpus} cpus, ${report.memory_gb} GiB\n`);
         }
