@@ -276,6 +276,34 @@ napi_value ColumnSum(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
+// adamw(p, g, m, v, n, [gscale, beta1, 1−beta1, beta2, 1−beta2, √bc2, eps, lr/bc1, lr·wd], p2, m2, v2)
+napi_value AdamW(napi_env env, napi_callback_info info) {
+  Args a(env, info, 9, "adamw");
+  int64_t n = a.num(4);
+  const float* p = a.f32(0, n, "p");
+  const float* g = a.f32(1, n, "g");
+  const float* m = a.f32(2, n, "m");
+  const float* v = a.f32(3, n, "v");
+  const float* s = a.f32(5, 9, "scalars");
+  float* p2 = a.f32(6, n, "p2");
+  float* m2 = a.f32(7, n, "m2");
+  float* v2 = a.f32(8, n, "v2");
+  if (!a.ok()) return nullptr;
+  AdamWArgs w{s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8]};
+  adamw(p, g, m, v, n, w, p2, m2, v2);
+  return nullptr;
+}
+
+// sumSquares(x, n, out): out[0] = Σ x² (summed in double, stored as float32).
+napi_value SumSquares(napi_env env, napi_callback_info info) {
+  Args a(env, info, 3, "sumSquares");
+  int64_t n = a.num(1);
+  const float* x = a.f32(0, n, "x");
+  float* out = a.f32(2, 1, "out");
+  if (a.ok()) out[0] = (float)sum_squares(x, n);
+  return nullptr;
+}
+
 napi_value Info(napi_env env, napi_callback_info) {
   napi_value o, v;
   napi_create_object(env, &o);
@@ -314,6 +342,8 @@ napi_value Init(napi_env env, napi_value exports) {
       {"embedGrad", nullptr, EmbedGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"biasAdd", nullptr, BiasAdd, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"columnSum", nullptr, ColumnSum, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"adamw", nullptr, AdamW, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"sumSquares", nullptr, SumSquares, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"info", nullptr, Info, nullptr, nullptr, nullptr, napi_default, nullptr},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);

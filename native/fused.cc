@@ -337,4 +337,35 @@ void column_sum(const float* dy, int64_t N, int64_t D, float* out) {
   });
 }
 
+void adamw(const float* p, const float* g, const float* m, const float* v, int64_t n, const AdamWArgs& a, float* p2, float* m2, float* v2) {
+  int64_t chunks = (n + kChunk - 1) / kChunk;
+  parallel((int)chunks, threads_for(n), [&](int c0, int c1) {
+    for (int64_t i = c0 * kChunk, end = std::min(n, (int64_t)c1 * kChunk); i < end; i++) {
+      float gi = g[i] * a.gscale;
+      float mi = m[i] * a.beta1 + gi * a.one_minus_beta1;
+      float vi = v[i] * a.beta2 + gi * gi * a.one_minus_beta2;
+      float next = p[i] - (mi / (std::sqrt(vi) / a.sqrt_bc2 + a.eps)) * a.step;
+      if (a.decay != 0.f) next -= p[i] * a.decay;
+      p2[i] = next;
+      m2[i] = mi;
+      v2[i] = vi;
+    }
+  });
+}
+
+double sum_squares(const float* x, int64_t n) {
+  int64_t chunks = (n + kChunk - 1) / kChunk;
+  std::vector<double> part(chunks);
+  parallel((int)chunks, threads_for(n), [&](int c0, int c1) {
+    for (int c = c0; c < c1; c++) {
+      double s = 0;
+      for (int64_t i = c * kChunk, end = std::min(n, (int64_t)(c + 1) * kChunk); i < end; i++) s += (double)x[i] * x[i];
+      part[c] = s;
+    }
+  });
+  double s = 0;
+  for (double v : part) s += v;
+  return s;
+}
+
 }  // namespace prefopt

@@ -50,6 +50,16 @@ void attention_grad(const float* q, const float* k, const float* v, const float*
 // y = x + b over rows of length D; its gradient for b is the column sum of dy.
 void bias_add(const float* x, const float* b, int64_t N, int64_t D, float* y);
 void column_sum(const float* dy, int64_t N, int64_t D, float* out);
+// One AdamW update of n parameters (torch.optim.AdamW's formula, in the order prefopt's tfjs
+// form computes it): g = grad·gscale; m' = β1 m + (1−β1) g; v' = β2 v + (1−β2) g²;
+// p' = p − (m' / (√v' / √bc2 + eps))·(lr / bc1) − p·(lr·wd). Scalars come in already rounded
+// to float32, as tfjs would use them.
+struct AdamWArgs {
+  float gscale, beta1, one_minus_beta1, beta2, one_minus_beta2, sqrt_bc2, eps, step, decay;
+};
+void adamw(const float* p, const float* g, const float* m, const float* v, int64_t n, const AdamWArgs& a, float* p2, float* m2, float* v2);
+// Σ x² in double, in fixed chunks combined in order.
+double sum_squares(const float* x, int64_t n);
 // out[i] = table[ids[i]] for an embedding table [V, D]; ids already checked to be in [0, V).
 void embed(const float* table, int64_t D, const int32_t* ids, int64_t N, float* out);
 // dtable = Σ_i onehot(ids[i]) ⊗ dy[i] (zeros where no id points), summed in row order.

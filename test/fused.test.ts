@@ -2,7 +2,7 @@ import { describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
 import { fusedActive, setFused } from '../src/engine/fused.js';
 import { loadNative } from '../src/engine/native.js';
-import { attention, embed, labelLogProbs, linear, rmsNorm, rope, swiglu } from '../src/engine/ops.js';
+import { attention, embed, labelLogProbs, linear, rmsNorm, rope, sumSquares, swiglu } from '../src/engine/ops.js';
 import { Decoder } from '../src/model/decoder.js';
 import { parseConfig, presetConfig } from '../src/model/config.js';
 import { makeBatch } from '../src/infer/batch.js';
@@ -295,6 +295,19 @@ describe('fused kernels against float64', () => {
       close(r.y, want, 2e-5, `${path} x·W + b`);
       close(r.grads[0], gx, 1e-4, `${path} ∂x`);
       close(r.grads[1], gb, 2e-5 * Math.sqrt(B * T), `${path} ∂b`);
+    });
+  });
+
+  it('sum of squares (the gradient norm) over more elements than one chunk', () => {
+    const rng = new Rng(12);
+    const X = rand(rng, 100_003);
+    const want = f32(X).reduce((a, v) => a + v * v, 0);
+    bothPaths((path) => {
+      const x = tf.tensor1d(f32(X));
+      const got = sumSquares(x).dataSync()[0];
+      x.dispose();
+      // The kernel sums in double; tfjs in float32 (~√n·2⁻²⁴ relative).
+      expect(Math.abs(got - want) / want, path).toBeLessThan(path === 'fused' ? 1e-7 : 1e-4);
     });
   });
 

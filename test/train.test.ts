@@ -4,6 +4,8 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { AdamW, clipFactor } from '../src/train/adamw.js';
+import { setFused } from '../src/engine/fused.js';
+import { loadNative } from '../src/engine/native.js';
 import { lrMultiplier, warmupSteps } from '../src/train/schedule.js';
 import { DEFAULT_TRAIN, Trainer, TrainTask, nonFinite, readMetricsFile } from '../src/train/trainer.js';
 import { loadParams, saveParams } from '../src/train/params-io.js';
@@ -12,8 +14,21 @@ import { Rng } from '../src/util/rng.js';
 
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'prefopt-train-'));
 
+/** Runs `f` with the fused kernels on (where the addon is built) and off. */
+function bothPaths(f: (path: string) => void) {
+  const paths = loadNative().active ? [true, false] : [false];
+  try {
+    for (const on of paths) {
+      setFused(on);
+      f(on ? 'fused' : 'tfjs');
+    }
+  } finally {
+    setFused(true);
+  }
+}
+
 describe('AdamW', () => {
-  it('one step equals the hand-computed torch update on a 2-parameter problem', () => {
+  it('one step equals the hand-computed torch update on a 2-parameter problem', () => bothPaths(() => {
     // loss = (w0·x0 + w1·x1 − y)², w = [0.5, −0.3] as a [1,2] matrix (decayed), b = 0.2 as a bias (not decayed).
     const w = tf.variable(tf.tensor2d([[0.5, -0.3]]));
     const b = tf.variable(tf.tensor1d([0.2]));
@@ -38,6 +53,33 @@ describe('AdamW', () => {
     const vh = v / (1 - 0.95 ** 2);
     expect(b.dataSync()[0]).toBeCloseTo(p1 - (lr * mh) / (Math.sqrt(vh) + 1e-8), 6);
     opt.dispose();
+  }));
+
+  it('the fused kernel computes the tfjs form bit for bit: decay, no decay, a gradient scale, several steps', () => {
+    if (!loadNative().active) return;
+    const rng = new Rng(3);
+    const rand = (n: number) => Float32Array.from({ length: n }, () => rng.normal());
+    const shapes: [string, number[]][] = [['layer.weight', [37, 29]], ['layer.bias', [29]], ['norm.weight', [300]]];
+    const init = shapes.map(([, s]) => rand(s.reduce((a, b) => a * b, 1)));
+    const grads = [1, 2, 3].map(() => shapes.map(([, s]) => rand(s.reduce((a, b) => a * b, 1))));
+    const run = (on: boolean) => {
+      setFused(on);
+      const params = new Map(shapes.map(([n, s], i) => [n, tf.variable(tf.tensor(init[i], s))]));
+      const opt = new AdamW({ beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.1 }, params);
+      grads.forEach((gs, k) => {
+        const g = new Map(shapes.map(([n, s], i) => [n, tf.tensor(gs[i], s)]));
+        opt.step(g, 3e-3 * (k + 1), k === 1 ? 0.37 : 1);
+        g.forEach((t) => t.dispose());
+      });
+      const out = [...params.values(), ...opt.m.values(), ...opt.v.values()].map((t) => Array.from(t.dataSync()));
+      params.forEach((p) => p.dispose());
+      opt.dispose();
+      setFused(true);
+      return out;
+    };
+    const a = run(true);
+    const b = run(false);
+    a.forEach((x, i) => expect(x, `tensor ${i}`).toEqual(b[i]));
   });
 
   it('clips like clip_grad_norm_', () => {

@@ -19,6 +19,8 @@ export interface FusedAddon {
   attentionGrad(q: Float32Array, k: Float32Array, v: Float32Array, mask: Float32Array, scale: number, b: number, t: number, tk: number, h: number, kv: number, hd: number, dout: Float32Array, dq: Float32Array, dk: Float32Array, dv: Float32Array): void;
   biasAdd(x: Float32Array, b: Float32Array, n: number, d: number, y: Float32Array): void;
   columnSum(dy: Float32Array, n: number, d: number, out: Float32Array): void;
+  adamw(p: Float32Array, g: Float32Array, m: Float32Array, v: Float32Array, n: number, scalars: Float32Array, p2: Float32Array, m2: Float32Array, v2: Float32Array): void;
+  sumSquares(x: Float32Array, n: number, out: Float32Array): void;
   embed(table: Float32Array, v: number, d: number, ids: Int32Array, n: number, out: Float32Array): void;
   embedGrad(ids: Int32Array, n: number, dy: Float32Array, v: number, d: number, dtable: Float32Array): void;
 }
@@ -40,6 +42,17 @@ const last = (t: Info) => t.shape[t.shape.length - 1];
 const same = (i: number) => (ins: Info[]) => [ins[i].shape as number[]];
 
 const DEFS: Record<string, Def> = {
+  // p, g, m, v of one parameter → p', m', v' (no gradient: an optimizer step).
+  PrefoptAdamW: {
+    inputs: ['p', 'g', 'm', 'v'],
+    outputs: (ins) => [ins[0].shape, ins[0].shape, ins[0].shape],
+    run: (a, [p, g, m, v], [p2, m2, v2], ins, { scalars }) => a.adamw(p, g, m, v, size(ins[0].shape), Float32Array.from(scalars), p2, m2, v2),
+  },
+  PrefoptSumSquares: {
+    inputs: ['x'],
+    outputs: () => [[]],
+    run: (a, [x], [out], ins) => a.sumSquares(x, size(ins[0].shape), out),
+  },
   // x [..., D] + b [D].
   PrefoptBiasAdd: {
     inputs: ['x', 'b'],
@@ -225,6 +238,9 @@ const f32 = (t: tf.Tensor) => (t.dtype === 'float32' ? t : tf.cast(t, 'float32')
 
 /** The fused forms; only while fusedActive(). */
 export const fused = {
+  /** The scalars of engine/ops' AdamW form, rounded to float32 as tfjs rounds them. */
+  adamw: (p: tf.Tensor, g: tf.Tensor, m: tf.Tensor, v: tf.Tensor, scalars: number[]) => run('PrefoptAdamW', { p, g: f32(g), m, v }, { scalars }) as tf.Tensor[],
+  sumSquares: (x: tf.Tensor) => run('PrefoptSumSquares', { x: f32(x) }) as tf.Scalar,
   biasAdd: (x: tf.Tensor, b: tf.Tensor) => run('PrefoptBiasAdd', { x: f32(x), b: f32(b) }) as tf.Tensor,
   embed: (table: tf.Tensor2D, ids: tf.Tensor1D) => run('PrefoptEmbed', { table: f32(table), ids: ids.dtype === 'int32' ? ids : tf.cast(ids, 'int32') }) as tf.Tensor2D,
   labelLogProbs: (logits: tf.Tensor2D, labels: tf.Tensor1D) =>

@@ -142,6 +142,12 @@ export function labelLogProbs(logits: tf.Tensor2D, labels: tf.Tensor1D): tf.Tens
   return tf.sum(tf.mul(lsm, oh), 1) as tf.Tensor1D;
 }
 
+/** Σ x² as a scalar (for the global gradient norm). */
+export function sumSquares(x: tf.Tensor): tf.Scalar {
+  if (fusedActive()) return fused.sumSquares(x);
+  return tf.sum(tf.square(x));
+}
+
 /*
  * The decoder's elementwise pieces. Each has a fused native kernel (engine/fused) where the
  * addon serves the backend, and the plain tfjs composition below everywhere else; tests hold

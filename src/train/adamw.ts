@@ -1,4 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
+import { fused, fusedActive } from '../engine/fused.js';
 
 /**
  * AdamW as torch.optim.AdamW computes it: decoupled weight decay θ ← θ·(1 − lr·λ), then
@@ -34,25 +35,38 @@ export class AdamW {
     }
   }
 
-  /** One update with learning rate `lr` from gradients keyed by parameter name. */
-  step(grads: Map<string, tf.Tensor>, lr: number): void {
+  /**
+   * One update with learning rate `lr` from gradients keyed by parameter name, each multiplied
+   * by `gradScale` first (gradient clipping and micro-batch averaging, folded in). The fused
+   * kernel computes the same float32 operations in the same order as the tfjs form below.
+   */
+  step(grads: Map<string, tf.Tensor>, lr: number, gradScale = 1): void {
     this.t += 1;
     const { beta1, beta2, eps, weightDecay } = this.cfg;
     const bc1 = 1 - Math.pow(beta1, this.t);
     const bc2 = 1 - Math.pow(beta2, this.t);
     tf.tidy(() => {
       for (const [name, p] of this.params) {
-        const g = grads.get(name);
-        if (!g) continue;
+        const graw = grads.get(name);
+        if (!graw) continue;
         const m = this.m.get(name)!;
         const v = this.v.get(name)!;
+        const decay = weightDecay > 0 && decays(name, p.shape) ? lr * weightDecay : 0;
+        if (fusedActive()) {
+          const [p2, m2, v2] = fused.adamw(p, graw, m, v, [gradScale, beta1, 1 - beta1, beta2, 1 - beta2, Math.sqrt(bc2), eps, lr / bc1, decay]);
+          m.assign(m2);
+          v.assign(v2);
+          p.assign(p2);
+          continue;
+        }
+        const g = gradScale === 1 ? graw : tf.mul(graw, gradScale);
         const m2 = tf.add(tf.mul(m, beta1), tf.mul(g, 1 - beta1));
         const v2 = tf.add(tf.mul(v, beta2), tf.mul(tf.square(g), 1 - beta2));
         m.assign(m2);
         v.assign(v2);
         const denom = tf.add(tf.div(tf.sqrt(v2), Math.sqrt(bc2)), eps);
         let next = tf.sub(p, tf.mul(tf.div(m2, denom), lr / bc1));
-        if (weightDecay > 0 && decays(name, p.shape)) next = tf.sub(next, tf.mul(p, lr * weightDecay));
+        if (decay) next = tf.sub(next, tf.mul(p, decay));
         p.assign(next);
       }
     });

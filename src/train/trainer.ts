@@ -2,6 +2,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { AdamW, AdamWConfig, DEFAULT_ADAMW, clipFactor } from './adamw.js';
+import { sumSquares } from '../engine/ops.js';
 import { SchedulerName, lrMultiplier, warmupSteps } from './schedule.js';
 import { writeSafetensors, readHeader, readTensor } from '../io/safetensors.js';
 import { readJson, removeDir, writeDirAtomic, writeFileAtomic } from '../util/fsutil.js';
@@ -224,7 +225,7 @@ export class Trainer<B> {
       });
     }
     // Average over micro-batches, then clip by the global norm.
-    const sq = tf.tidy(() => tf.addN([...sums.values()].map((g) => tf.sum(tf.square(g)))));
+    const sq = tf.tidy(() => tf.addN([...sums.values()].map((g) => sumSquares(g))));
     const norm = Math.sqrt(sq.dataSync()[0]) / A;
     sq.dispose();
     if (!Number.isFinite(norm)) {
@@ -233,14 +234,9 @@ export class Trainer<B> {
       throw new UserError(`non-finite gradient norm at step ${this.step + 1}, micro-batch${A > 1 ? `es ${first}–${first + A - 1}` : ` ${first}`}; stopped before the update, the last good checkpoint is kept (--detect-anomaly names the tensor)`);
     }
     const scale = clipFactor(norm, this.cfg.maxGradNorm) / A;
-    const scaled = new Map<string, tf.Tensor>();
-    for (const [n, g] of sums) {
-      scaled.set(n, tf.mul(g, scale));
-      g.dispose();
-    }
     const lr = this.lrAt(this.step);
-    this.opt.step(scaled, lr);
-    for (const g of scaled.values()) g.dispose();
+    this.opt.step(sums, lr, scale);
+    for (const g of sums.values()) g.dispose();
     if (this.cfg.detectAnomaly) {
       const bad = nonFinite(names.map((n, k) => [n, vars[k]]));
       if (bad.length) throw new UserError(`non-finite weight ${bad[0]} after the update of step ${this.step + 1} (lr ${lr}); stopped, the last good checkpoint is kept`);
