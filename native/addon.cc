@@ -4,6 +4,7 @@
 #include <node_api.h>
 #include "kernels.h"
 #include "parallel.h"
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -90,6 +91,21 @@ napi_value Matmul(napi_env env, napi_callback_info info) {
   const float* B = a.f32(8, batch ? (batch - 1) * sb + K * N : 0, "B");
   float* C = a.f32(10, batch * M * N, "C");
   if (a.ok()) matmul(ta, tb, batch, M, N, K, A, sa, B, sb, C, useBlas);
+  return nullptr;
+}
+
+// matmulAdd(M, N, K, A, B, C, out): out = C + A·B, all dense row-major (one pass over C
+// instead of a product and a separate add).
+napi_value MatmulAdd(napi_env env, napi_callback_info info) {
+  Args a(env, info, 7, "matmulAdd");
+  int64_t M = a.num(0), N = a.num(1), K = a.num(2);
+  const float* A = a.f32(3, M * K, "A");
+  const float* B = a.f32(4, K * N, "B");
+  const float* C = a.f32(5, M * N, "C");
+  float* out = a.f32(6, M * N, "out");
+  if (!a.ok()) return nullptr;
+  std::copy(C, C + M * N, out);
+  gemm(false, false, (int)M, (int)N, (int)K, A, K, B, N, out, N, true, M * N * K > 200000 ? g_threads : 1);
   return nullptr;
 }
 
@@ -255,6 +271,17 @@ napi_value EmbedGrad(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
+// add(a, b, n, y)
+napi_value Add(napi_env env, napi_callback_info info) {
+  Args a(env, info, 4, "add");
+  int64_t n = a.num(2);
+  const float* x = a.f32(0, n, "a");
+  const float* y = a.f32(1, n, "b");
+  float* out = a.f32(3, n, "y");
+  if (a.ok()) add(x, y, n, out);
+  return nullptr;
+}
+
 // biasAdd(x, b, N, D, y)
 napi_value BiasAdd(napi_env env, napi_callback_info info) {
   Args a(env, info, 5, "biasAdd");
@@ -329,6 +356,7 @@ napi_value Init(napi_env env, napi_value exports) {
   if (!builtin_only && ((want && *want) || g_isa == kPortable)) open_blas(want);
   napi_property_descriptor props[] = {
       {"matmul", nullptr, Matmul, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"matmulAdd", nullptr, MatmulAdd, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"labelLogProbs", nullptr, LabelLogProbs, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"labelLogProbsGrad", nullptr, LabelLogProbsGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"rmsNorm", nullptr, RmsNorm, nullptr, nullptr, nullptr, napi_default, nullptr},
@@ -340,6 +368,7 @@ napi_value Init(napi_env env, napi_value exports) {
       {"attentionGrad", nullptr, AttentionGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"embed", nullptr, Embed, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"embedGrad", nullptr, EmbedGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"add", nullptr, Add, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"biasAdd", nullptr, BiasAdd, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"columnSum", nullptr, ColumnSum, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"adamw", nullptr, AdamW, nullptr, nullptr, nullptr, napi_default, nullptr},

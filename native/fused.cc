@@ -368,4 +368,11 @@ double sum_squares(const float* x, int64_t n) {
   return s;
 }
 
+void add(const float* a, const float* b, int64_t n, float* y) {
+  int64_t chunks = (n + kChunk - 1) / kChunk;
+  parallel((int)chunks, threads_for(n), [&](int c0, int c1) {
+    for (int64_t i = c0 * kChunk, end = std::min(n, (int64_t)c1 * kChunk); i < end; i++) y[i] = a[i] + b[i];
+  });
+}
+
 }  // namespace prefopt

@@ -279,8 +279,10 @@ void gemm(bool ta, bool tb, int M, int N, int K, const float* A, int64_t lda, co
   }
   Op a{A, ta, lda}, b{B, tb, ldb};
 #ifdef PREFOPT_X86
-  if (g_isa == kAVX512) return gemm_with<12, 32, tile_avx512>(a, b, M, N, K, c, threads);
-  if (g_isa == kAVX2) return gemm_with<6, 16, tile_avx2>(a, b, M, N, K, c, threads);
+  // Narrow products (LoRA's rank-16 factors) would leave half of a 32-wide tile empty; the
+  // 16-wide kernel computes the same bits.
+  if (g_isa == kAVX512 && N > 16) return gemm_with<12, 32, tile_avx512>(a, b, M, N, K, c, threads);
+  if (g_isa >= kAVX2) return gemm_with<6, 16, tile_avx2>(a, b, M, N, K, c, threads);
 #endif
   gemm_with<6, 16, tile_plain>(a, b, M, N, K, c, threads);
 }

@@ -47,6 +47,8 @@ void rope(const float* x, const float* cos, const float* sin, int64_t rows, int6
 void attention(const float* q, const float* k, const float* v, const float* mask, float scale, int64_t B, int64_t T, int64_t Tk, int64_t H, int64_t KV, int64_t hd, float* o);
 void attention_grad(const float* q, const float* k, const float* v, const float* mask, float scale, int64_t B, int64_t T, int64_t Tk, int64_t H, int64_t KV, int64_t hd,
                     const float* dout, float* dq, float* dk, float* dv);
+// y = a + b elementwise (same shapes): residual connections and gradient accumulation.
+void add(const float* a, const float* b, int64_t n, float* y);
 // y = x + b over rows of length D; its gradient for b is the column sum of dy.
 void bias_add(const float* x, const float* b, int64_t N, int64_t D, float* y);
 void column_sum(const float* dy, int64_t N, int64_t D, float* out);

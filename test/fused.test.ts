@@ -2,7 +2,7 @@ import { describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
 import { fusedActive, setFused } from '../src/engine/fused.js';
 import { loadNative } from '../src/engine/native.js';
-import { attention, embed, labelLogProbs, linear, rmsNorm, rope, sumSquares, swiglu } from '../src/engine/ops.js';
+import { attention, embed, labelLogProbs, linear, mmAdd, rmsNorm, rope, sumSquares, swiglu } from '../src/engine/ops.js';
 import { Decoder } from '../src/model/decoder.js';
 import { parseConfig, presetConfig } from '../src/model/config.js';
 import { makeBatch } from '../src/infer/batch.js';
@@ -295,6 +295,31 @@ describe('fused kernels against float64', () => {
       close(r.y, want, 2e-5, `${path} x·W + b`);
       close(r.grads[0], gx, 1e-4, `${path} ∂x`);
       close(r.grads[1], gb, 2e-5 * Math.sqrt(B * T), `${path} ∂b`);
+    });
+  });
+
+  it('c + a·b (LoRA\'s update): value and the gradients for a, b and c', () => {
+    const rng = new Rng(13);
+    const [M, K, N] = [70, 16, 45];
+    const A = rand(rng, M * K);
+    const Bm = rand(rng, K * N);
+    const C = rand(rng, M * N);
+    const DY = rand(rng, M * N);
+    const f = (a: Float64Array, b: Float64Array, c: Float64Array) => c.map((v, i) => {
+      const [r, col] = [Math.floor(i / N), i % N];
+      let s = v;
+      for (let k = 0; k < K; k++) s += a[r * K + k] * b[k * N + col];
+      return s;
+    });
+    const want = f(A, Bm, C);
+    const ga = numGrad((a) => f(a, Bm, C), A, DY);
+    const gb = numGrad((b) => f(A, b, C), Bm, DY);
+    bothPaths((path) => {
+      const r = run((a, b, c) => mmAdd(a as tf.Tensor2D, b as tf.Tensor2D, c as tf.Tensor2D), [tf.tensor2d(f32(A), [M, K]), tf.tensor2d(f32(Bm), [K, N]), tf.tensor2d(f32(C), [M, N])], DY, [0, 1, 2]);
+      close(r.y, want, 2e-6, `${path} c + a·b`);
+      close(r.grads[0], ga, 1e-5, `${path} ∂a`);
+      close(r.grads[1], gb, 1e-4, `${path} ∂b`);
+      close(r.grads[2], DY, 1e-7, `${path} ∂c`);
     });
   });
 

@@ -19,6 +19,8 @@ export interface FusedAddon {
   attentionGrad(q: Float32Array, k: Float32Array, v: Float32Array, mask: Float32Array, scale: number, b: number, t: number, tk: number, h: number, kv: number, hd: number, dout: Float32Array, dq: Float32Array, dk: Float32Array, dv: Float32Array): void;
   biasAdd(x: Float32Array, b: Float32Array, n: number, d: number, y: Float32Array): void;
   columnSum(dy: Float32Array, n: number, d: number, out: Float32Array): void;
+  add(a: Float32Array, b: Float32Array, n: number, y: Float32Array): void;
+  matmulAdd(m: number, n: number, k: number, a: Float32Array, b: Float32Array, c: Float32Array, out: Float32Array): void;
   adamw(p: Float32Array, g: Float32Array, m: Float32Array, v: Float32Array, n: number, scalars: Float32Array, p2: Float32Array, m2: Float32Array, v2: Float32Array): void;
   sumSquares(x: Float32Array, n: number, out: Float32Array): void;
   embed(table: Float32Array, v: number, d: number, ids: Int32Array, n: number, out: Float32Array): void;
@@ -42,6 +44,12 @@ const last = (t: Info) => t.shape[t.shape.length - 1];
 const same = (i: number) => (ins: Info[]) => [ins[i].shape as number[]];
 
 const DEFS: Record<string, Def> = {
+  // c [M, N] + a [M, K] · b [K, N].
+  PrefoptMatMulAdd: {
+    inputs: ['a', 'b', 'c'],
+    outputs: (ins) => [ins[2].shape],
+    run: (x, [a, b, c], [out], ins) => x.matmulAdd(ins[0].shape[0], ins[1].shape[1], ins[0].shape[1], a, b, c, out),
+  },
   // p, g, m, v of one parameter → p', m', v' (no gradient: an optimizer step).
   PrefoptAdamW: {
     inputs: ['p', 'g', 'm', 'v'],
@@ -137,10 +145,31 @@ const DEFS: Record<string, Def> = {
   },
 };
 
+/**
+ * tfjs kernels replaced where the native form covers the inputs (the original runs otherwise);
+ * their gradients stay tfjs's. Add: residual connections and gradient accumulation, ~100 per
+ * DPO step, single-threaded in tfjs-wasm.
+ */
+const OVERRIDES: Record<string, { covers: (ins: Info[]) => boolean; def: Def }> = {
+  Add: {
+    covers: ([a, b]) => a.dtype === 'float32' && b.dtype === 'float32' && a.shape.length === b.shape.length && a.shape.every((d, i) => d === b.shape[i]) && size(a.shape) >= 4096,
+    def: { inputs: ['a', 'b'], outputs: same(0), run: (x, [a, b], [y], ins) => x.add(a, b, size(ins[0].shape), y) },
+  },
+};
+
 const run = (name: string, inputs: Record<string, tf.Tensor>, attrs: Record<string, unknown> = {}) =>
   tf.engine().runKernel(name, inputs as any, attrs as any) as tf.Tensor | tf.Tensor[];
 
 const GRADS: tf.GradConfig[] = [
+  {
+    kernelName: 'PrefoptMatMulAdd',
+    inputsToSave: ['a', 'b'],
+    gradFunc: (dy, [a, b]) => ({
+      a: () => tf.matMul(dy as tf.Tensor2D, b as tf.Tensor2D, false, true),
+      b: () => tf.matMul(a as tf.Tensor2D, dy as tf.Tensor2D, true, false),
+      c: () => tf.clone(dy as tf.Tensor),
+    }),
+  },
   {
     kernelName: 'PrefoptBiasAdd',
     gradFunc: (dy) => ({
@@ -202,22 +231,28 @@ let enabled = !['0', 'off', 'false', 'no'].includes(String(process.env.PREFOPT_F
 /** Register every fused kernel for `backend` ('wasm' or 'cpu'). */
 export function registerFusedKernels(backend: string, addon: FusedAddon): void {
   if (registered.has(backend)) return;
-  for (const [name, def] of Object.entries(DEFS)) {
-    const kernelFunc = ({ inputs, backend: be, attrs }: any) => {
-      const ins: Info[] = def.inputs.map((n) => inputs[n]);
-      const shapes = def.outputs(ins, attrs);
-      if (backend === 'wasm') {
-        const outs = shapes.map((s) => be.makeOutput(s, 'float32'));
-        // Views are taken after every output is allocated: allocation may grow (and move) the heap.
-        def.run(addon, ins.map((t) => be.typedArrayFromHeap(t)), outs.map((t: Info) => be.typedArrayFromHeap(t)), ins, attrs);
-        return outs.length === 1 ? outs[0] : outs;
-      }
-      const arrs = shapes.map((s) => new Float32Array(size(s)));
-      def.run(addon, ins.map((t) => be.data.get(t.dataId).values), arrs, ins, attrs);
-      const outs = arrs.map((a, i) => be.makeTensorInfo(shapes[i], 'float32', a));
+  const native = (def: Def) => ({ inputs, backend: be, attrs }: any) => {
+    const ins: Info[] = def.inputs.map((n) => inputs[n]);
+    const shapes = def.outputs(ins, attrs);
+    if (backend === 'wasm') {
+      const outs = shapes.map((s) => be.makeOutput(s, 'float32'));
+      // Views are taken after every output is allocated: allocation may grow (and move) the heap.
+      def.run(addon, ins.map((t) => be.typedArrayFromHeap(t)), outs.map((t: Info) => be.typedArrayFromHeap(t)), ins, attrs);
       return outs.length === 1 ? outs[0] : outs;
-    };
-    tf.registerKernel({ kernelName: name, backendName: backend, kernelFunc });
+    }
+    const arrs = shapes.map((s) => new Float32Array(size(s)));
+    def.run(addon, ins.map((t) => be.data.get(t.dataId).values), arrs, ins, attrs);
+    const outs = arrs.map((a, i) => be.makeTensorInfo(shapes[i], 'float32', a));
+    return outs.length === 1 ? outs[0] : outs;
+  };
+  for (const [name, def] of Object.entries(DEFS)) tf.registerKernel({ kernelName: name, backendName: backend, kernelFunc: native(def) });
+  for (const [name, { covers, def }] of Object.entries(OVERRIDES)) {
+    const original = tf.getKernel(name, backend);
+    if (!original) continue;
+    const fast = native(def);
+    const kernelFunc = (args: any) => (enabled && covers(def.inputs.map((n) => args.inputs[n])) ? fast(args) : original.kernelFunc(args));
+    tf.unregisterKernel(name, backend);
+    tf.registerKernel({ kernelName: name, backendName: backend, kernelFunc, setupFunc: original.setupFunc, disposeFunc: original.disposeFunc });
   }
   if (!gradsRegistered) for (const g of GRADS) tf.registerGradient(g);
   gradsRegistered = true;
@@ -238,6 +273,7 @@ const f32 = (t: tf.Tensor) => (t.dtype === 'float32' ? t : tf.cast(t, 'float32')
 
 /** The fused forms; only while fusedActive(). */
 export const fused = {
+  matMulAdd: (a: tf.Tensor2D, b: tf.Tensor2D, c: tf.Tensor2D) => run('PrefoptMatMulAdd', { a: f32(a), b: f32(b), c: f32(c) }) as tf.Tensor2D,
   /** The scalars of engine/ops' AdamW form, rounded to float32 as tfjs rounds them. */
   adamw: (p: tf.Tensor, g: tf.Tensor, m: tf.Tensor, v: tf.Tensor, scalars: number[]) => run('PrefoptAdamW', { p, g: f32(g), m, v }, { scalars }) as tf.Tensor[],
   sumSquares: (x: tf.Tensor) => run('PrefoptSumSquares', { x: f32(x) }) as tf.Scalar,

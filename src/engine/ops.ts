@@ -39,6 +39,18 @@ export function mm(a: tf.Tensor2D, b: tf.Tensor2D): tf.Tensor2D {
   return (isFrozen(b) ? MM.frozenB : MM.both)(a, b);
 }
 
+/** c + a·b for a [M,K], b [K,N], c [M,N] (LoRA's update added to the base layer's output). */
+export function mmAdd(a: tf.Tensor2D, b: tf.Tensor2D, c: tf.Tensor2D): tf.Tensor2D {
+  if (fusedActive()) return fused.matMulAdd(a, b, c);
+  return tf.add(c, mm(a, b));
+}
+
+/** a [M,K] · bᵀ for b [N,K]: a transpose flag of the native matmul, or a copy on bare wasm. */
+export function mmTransB(a: tf.Tensor2D, b: tf.Tensor2D): tf.Tensor2D {
+  if (needsPlainMatmul()) return mm(a, tf.transpose(b) as tf.Tensor2D);
+  return tf.matMul(a, b, false, true);
+}
+
 /**
  * Split along axis 0 into pieces of the given sizes. On wasm the Slice kernel is very slow even
  * for contiguous pieces (~1 ms per 32 KB), while a copy through host memory costs microseconds;

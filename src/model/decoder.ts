@@ -2,7 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { ModelConfig, expectedShapes, isLinearWeight } from './config.js';
 import { attentionMask } from './mask.js';
 import { ropeTables } from './rope.js';
-import { attention, embed, linear, mm, rmsNorm, rope, split0, swiglu } from '../engine/ops.js';
+import { attention, embed, linear, mm, mmTransB, rmsNorm, rope, split0, swiglu } from '../engine/ops.js';
 import { Rng } from '../util/rng.js';
 
 /**
@@ -204,15 +204,10 @@ export class Decoder {
     return this.lin(`${p}.o_proj`, merged);
   }
 
-  /** The output projection's weight [D, V] (the transposed embedding when tied). */
-  headWeight(): tf.Tensor2D {
-    if (this.cfg.tie_word_embeddings) return tf.transpose(this.p('model.embed_tokens.weight')) as tf.Tensor2D;
-    return this.p('lm_head.weight') as tf.Tensor2D;
-  }
-
-  /** Logits [N, V] for hidden states [N, D]. */
+  /** Logits [N, V] for hidden states [N, D]; a tied head multiplies by the embedding [V, D] transposed. */
   logits(h: tf.Tensor2D): tf.Tensor2D {
-    return mm(h, this.headWeight());
+    if (this.cfg.tie_word_embeddings) return mmTransB(h, this.p('model.embed_tokens.weight') as tf.Tensor2D);
+    return mm(h, this.p('lm_head.weight') as tf.Tensor2D);
   }
 
   /** The parameter in Hugging Face layout, on the host. */
