@@ -159,14 +159,19 @@ napi_value RmsNormGrad(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
-// swiglu(g, u, n, y)
-napi_value Swiglu(napi_env env, napi_callback_info info) {
-  Args a(env, info, 4, "swiglu");
+// swiglu(g, u, n, y) and add(a, b, n, y): y = f(a, b) elementwise over n values. The
+// property's data is the kernel's JS name, for messages.
+template <void (*F)(const float*, const float*, int64_t, float*)>
+napi_value Binary(napi_env env, napi_callback_info info) {
+  void* name = nullptr;
+  size_t argc = 0;
+  napi_get_cb_info(env, info, &argc, nullptr, nullptr, &name);
+  Args a(env, info, 4, static_cast<const char*>(name));
   int64_t n = a.num(2);
-  const float* g = a.f32(0, n, "g");
-  const float* u = a.f32(1, n, "u");
-  float* y = a.f32(3, n, "y");
-  if (a.ok()) swiglu(g, u, n, y);
+  const float* x = a.f32(0, n, "first input");
+  const float* y = a.f32(1, n, "second input");
+  float* out = a.f32(3, n, "output");
+  if (a.ok()) F(x, y, n, out);
   return nullptr;
 }
 
@@ -271,17 +276,6 @@ napi_value EmbedGrad(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
-// add(a, b, n, y)
-napi_value Add(napi_env env, napi_callback_info info) {
-  Args a(env, info, 4, "add");
-  int64_t n = a.num(2);
-  const float* x = a.f32(0, n, "a");
-  const float* y = a.f32(1, n, "b");
-  float* out = a.f32(3, n, "y");
-  if (a.ok()) add(x, y, n, out);
-  return nullptr;
-}
-
 // biasAdd(x, b, N, D, y)
 napi_value BiasAdd(napi_env env, napi_callback_info info) {
   Args a(env, info, 5, "biasAdd");
@@ -361,14 +355,14 @@ napi_value Init(napi_env env, napi_value exports) {
       {"labelLogProbsGrad", nullptr, LabelLogProbsGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"rmsNorm", nullptr, RmsNorm, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"rmsNormGrad", nullptr, RmsNormGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
-      {"swiglu", nullptr, Swiglu, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"swiglu", nullptr, Binary<swiglu>, nullptr, nullptr, nullptr, napi_default, (void*)"swiglu"},
       {"swigluGrad", nullptr, SwigluGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"rope", nullptr, Rope, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"attention", nullptr, Attention, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"attentionGrad", nullptr, AttentionGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"embed", nullptr, Embed, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"embedGrad", nullptr, EmbedGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
-      {"add", nullptr, Add, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"add", nullptr, Binary<add>, nullptr, nullptr, nullptr, napi_default, (void*)"add"},
       {"biasAdd", nullptr, BiasAdd, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"columnSum", nullptr, ColumnSum, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"adamw", nullptr, AdamW, nullptr, nullptr, nullptr, napi_default, nullptr},
