@@ -62,7 +62,7 @@ class Args {
     napi_value ab;
     size_t off;
     if (napi_get_typedarray_info(env_, argv_[i], &type, &length, &data, &ab, &off) != napi_ok || type != want) {
-      fail((std::string(what) + " must be an " + tname).c_str(), napi_throw_type_error);
+      fail((std::string(what) + " must be a " + tname).c_str(), napi_throw_type_error);
       return nullptr;
     }
     if ((int64_t)length < need) {
