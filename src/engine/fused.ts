@@ -1,4 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
+import { overrideKernel, runInPlace } from './kernels.js';
 
 /**
  * The native addon's fused kernels (native/fused.cc) as tfjs kernels of the wasm and cpu
@@ -39,7 +40,7 @@ interface Def {
   run: Run;
 }
 
-const size = (s: number[]) => s.reduce((a, b) => a * b, 1);
+const size = (s: number[]) => tf.util.sizeFromShape(s);
 const last = (t: Info) => t.shape[t.shape.length - 1];
 const same = (i: number) => (ins: Info[]) => [ins[i].shape as number[]];
 
@@ -233,26 +234,13 @@ export function registerFusedKernels(backend: string, addon: FusedAddon): void {
   if (registered.has(backend)) return;
   const native = (def: Def) => ({ inputs, backend: be, attrs }: any) => {
     const ins: Info[] = def.inputs.map((n) => inputs[n]);
-    const shapes = def.outputs(ins, attrs);
-    if (backend === 'wasm') {
-      const outs = shapes.map((s) => be.makeOutput(s, 'float32'));
-      // Views are taken after every output is allocated: allocation may grow (and move) the heap.
-      def.run(addon, ins.map((t) => be.typedArrayFromHeap(t)), outs.map((t: Info) => be.typedArrayFromHeap(t)), ins, attrs);
-      return outs.length === 1 ? outs[0] : outs;
-    }
-    const arrs = shapes.map((s) => new Float32Array(size(s)));
-    def.run(addon, ins.map((t) => be.data.get(t.dataId).values), arrs, ins, attrs);
-    const outs = arrs.map((a, i) => be.makeTensorInfo(shapes[i], 'float32', a));
+    const outs = runInPlace(backend, be, ins, def.outputs(ins, attrs), (views, outViews) => def.run(addon, views, outViews, ins, attrs));
     return outs.length === 1 ? outs[0] : outs;
   };
   for (const [name, def] of Object.entries(DEFS)) tf.registerKernel({ kernelName: name, backendName: backend, kernelFunc: native(def) });
   for (const [name, { covers, def }] of Object.entries(OVERRIDES)) {
-    const original = tf.getKernel(name, backend);
-    if (!original) continue;
     const fast = native(def);
-    const kernelFunc = (args: any) => (enabled && covers(def.inputs.map((n) => args.inputs[n])) ? fast(args) : original.kernelFunc(args));
-    tf.unregisterKernel(name, backend);
-    tf.registerKernel({ kernelName: name, backendName: backend, kernelFunc, setupFunc: original.setupFunc, disposeFunc: original.disposeFunc });
+    overrideKernel(name, backend, (args, original) => (enabled && covers(def.inputs.map((n) => args.inputs[n])) ? fast(args) : original(args)));
   }
   if (!gradsRegistered) for (const g of GRADS) tf.registerGradient(g);
   gradsRegistered = true;
@@ -270,17 +258,17 @@ export function setFused(on: boolean): void {
 }
 
 const f32 = (t: tf.Tensor) => (t.dtype === 'float32' ? t : tf.cast(t, 'float32'));
+const i32 = (t: tf.Tensor) => (t.dtype === 'int32' ? t : tf.cast(t, 'int32'));
 
 /** The fused forms; only while fusedActive(). */
 export const fused = {
   matMulAdd: (a: tf.Tensor2D, b: tf.Tensor2D, c: tf.Tensor2D) => run('PrefoptMatMulAdd', { a: f32(a), b: f32(b), c: f32(c) }) as tf.Tensor2D,
-  /** The scalars of engine/ops' AdamW form, rounded to float32 as tfjs rounds them. */
+  /** The scalars of train/adamw's tfjs form; the kernel rounds them to float32 as tfjs does. */
   adamw: (p: tf.Tensor, g: tf.Tensor, m: tf.Tensor, v: tf.Tensor, scalars: number[]) => run('PrefoptAdamW', { p, g: f32(g), m, v }, { scalars }) as tf.Tensor[],
   sumSquares: (x: tf.Tensor) => run('PrefoptSumSquares', { x: f32(x) }) as tf.Scalar,
   biasAdd: (x: tf.Tensor, b: tf.Tensor) => run('PrefoptBiasAdd', { x: f32(x), b: f32(b) }) as tf.Tensor,
-  embed: (table: tf.Tensor2D, ids: tf.Tensor1D) => run('PrefoptEmbed', { table: f32(table), ids: ids.dtype === 'int32' ? ids : tf.cast(ids, 'int32') }) as tf.Tensor2D,
-  labelLogProbs: (logits: tf.Tensor2D, labels: tf.Tensor1D) =>
-    run('PrefoptLabelLogProbs', { logits: f32(logits), labels: labels.dtype === 'int32' ? labels : tf.cast(labels, 'int32') }) as tf.Tensor1D,
+  embed: (table: tf.Tensor2D, ids: tf.Tensor1D) => run('PrefoptEmbed', { table: f32(table), ids: i32(ids) }) as tf.Tensor2D,
+  labelLogProbs: (logits: tf.Tensor2D, labels: tf.Tensor1D) => run('PrefoptLabelLogProbs', { logits: f32(logits), labels: i32(labels) }) as tf.Tensor1D,
   rmsNorm: (x: tf.Tensor, w: tf.Tensor, eps: number) => run('PrefoptRmsNorm', { x: f32(x), w: f32(w) }, { eps }) as tf.Tensor,
   swiglu: (g: tf.Tensor, u: tf.Tensor) => run('PrefoptSwiglu', { g: f32(g), u: f32(u) }) as tf.Tensor,
   rope: (x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor) => run('PrefoptRope', { x: f32(x), cos, sin }, { inverse: false }) as tf.Tensor,

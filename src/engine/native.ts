@@ -4,14 +4,15 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { packageRoot } from '../util/package-root.js';
 import { FusedAddon, registerFusedKernels } from './fused.js';
+import { overrideKernel, runInPlace } from './kernels.js';
 
 /**
  * The native addon (native/, built at install by node-gyp): its matmul registered as the
- * BatchMatMul kernel of the wasm and cpu backends, and its fused kernels (engine/fused). It reads and writes tensor memory in place
- * (the wasm heap or the cpu backend's arrays) and calls a system CBLAS when one can be opened,
- * else its own AVX2 kernel, on every core. Where the addon did not build, nothing is registered
- * and tfjs's own kernels run. PREFOPT_NATIVE=0 turns it off; PREFOPT_BLAS=builtin skips the
- * system BLAS.
+ * BatchMatMul kernel of the wasm and cpu backends, and its fused kernels (engine/fused). It
+ * reads and writes tensor memory in place (the wasm heap or the cpu backend's arrays) with its
+ * own AVX-512/AVX2 kernels on every core, or a system CBLAS where those cannot run. Where the
+ * addon did not build, nothing is registered and tfjs's own kernels run. PREFOPT_NATIVE=0 turns
+ * it off; PREFOPT_BLAS=builtin skips the system BLAS.
  */
 interface Addon extends FusedAddon {
   matmul(ta: boolean, tb: boolean, batch: number, m: number, n: number, k: number, a: Float32Array, sa: number, b: Float32Array, sb: number, c: Float32Array, useBlas: boolean): void;
@@ -128,30 +129,19 @@ function runPairs(s: Shapes, ta: boolean, tb: boolean, A: Float32Array, B: Float
 export function registerNativeKernels(backend: string): NativeReport {
   const r = loadNative();
   if (!r.active || registered.has(backend) || (backend !== 'wasm' && backend !== 'cpu')) return r;
-  const original = tf.getKernel('BatchMatMul', backend);
-  if (!original) return r;
   const useBlas = r.kernel === 'blas';
-  const kernelFunc = (args: any) => {
+  const matmul = (args: any, original: tf.KernelFunc) => {
     const { inputs, backend: be, attrs } = args;
     const { a, b } = inputs;
     const ta = !!attrs.transposeA;
     const tb = !!attrs.transposeB;
     const s = a.dtype === 'float32' && b.dtype === 'float32' ? shapesOf(a.shape, b.shape, ta, tb) : null;
-    if (!s) return original.kernelFunc(args);
-    const outShape = [...s.batchShape, s.m, s.n];
-    if (backend === 'wasm') {
-      const out = be.makeOutput(outShape, 'float32');
-      // Views are taken after the output is allocated: allocation may grow (and move) the heap.
-      const C = be.typedArrayFromHeap(out) as Float32Array;
-      if (C.length) runPairs(s, ta, tb, be.typedArrayFromHeap(a), be.typedArrayFromHeap(b), C, useBlas);
-      return out;
-    }
-    const C = new Float32Array(s.pairs.length * s.m * s.n);
-    if (C.length) runPairs(s, ta, tb, be.data.get(a.dataId).values, be.data.get(b.dataId).values, C, useBlas);
-    return be.makeTensorInfo(outShape, 'float32', C);
+    if (!s) return original(args);
+    return runInPlace(backend, be, [a, b], [[...s.batchShape, s.m, s.n]], ([A, B], [C]) => {
+      if (C.length) runPairs(s, ta, tb, A, B, C, useBlas);
+    })[0];
   };
-  tf.unregisterKernel('BatchMatMul', backend);
-  tf.registerKernel({ kernelName: 'BatchMatMul', backendName: backend, kernelFunc, setupFunc: original.setupFunc, disposeFunc: original.disposeFunc });
+  if (!overrideKernel('BatchMatMul', backend, matmul)) return r;
   registerFusedKernels(backend, addon!);
   registered.add(backend);
   return r;

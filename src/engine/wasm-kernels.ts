@@ -1,4 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
+import { overrideKernel } from './kernels.js';
 
 /**
  * tfjs-wasm copies data for Identity and for a Cast to the same dtype. The autodiff tape clones
@@ -14,21 +15,11 @@ export function registerZeroCopyKernels(): void {
     be.incRef(x.dataId);
     return { dataId: x.dataId, shape: x.shape, dtype: x.dtype };
   };
-  for (const name of ['Identity', 'Cast']) {
-    const original = tf.getKernel(name, 'wasm');
-    if (!original) continue;
-    tf.unregisterKernel(name, 'wasm');
-    tf.registerKernel({
-      kernelName: name,
-      backendName: 'wasm',
-      setupFunc: original.setupFunc,
-      disposeFunc: original.disposeFunc,
-      kernelFunc: (args: any) => {
-        const x = args.inputs.x as tf.TensorInfo;
-        const same = name === 'Identity' ? x.dtype !== 'string' : args.attrs.dtype === x.dtype;
-        return same ? share(args.backend, x) : original.kernelFunc(args);
-      },
+  for (const name of ['Identity', 'Cast'])
+    overrideKernel(name, 'wasm', (args, original) => {
+      const x = args.inputs.x as tf.TensorInfo;
+      const same = name === 'Identity' ? x.dtype !== 'string' : args.attrs.dtype === x.dtype;
+      return same ? share(args.backend, x) : original(args);
     });
-  }
   done = true;
 }

@@ -1,0 +1,32 @@
+import * as tf from '@tensorflow/tfjs-core';
+
+/**
+ * Plumbing shared by prefopt's own tfjs kernels on the wasm and cpu backends: tensor memory as
+ * typed arrays read and written in place, and replacing one of tfjs's kernels while keeping the
+ * original for the cases the replacement does not cover.
+ */
+
+/**
+ * Allocate float32 outputs of `shapes` on backend `be` ('wasm' or 'cpu'), then call
+ * fill(input views, output views) on the tensors' own memory.
+ */
+export function runInPlace(backend: string, be: any, inputs: tf.TensorInfo[], shapes: number[][], fill: (ins: any[], outs: Float32Array[]) => void): tf.TensorInfo[] {
+  if (backend === 'wasm') {
+    const outs = shapes.map((s) => be.makeOutput(s, 'float32') as tf.TensorInfo);
+    // Views are taken after every output is allocated: allocation may grow (and move) the heap.
+    fill(inputs.map((t) => be.typedArrayFromHeap(t)), outs.map((t) => be.typedArrayFromHeap(t)));
+    return outs;
+  }
+  const arrs = shapes.map((s) => new Float32Array(tf.util.sizeFromShape(s)));
+  fill(inputs.map((t) => be.data.get(t.dataId).values), arrs);
+  return arrs.map((a, i) => be.makeTensorInfo(shapes[i], 'float32', a));
+}
+
+/** Replace tfjs's kernel `name` on `backend` with `f`, which may pass any call on to the original. */
+export function overrideKernel(name: string, backend: string, f: (args: any, original: tf.KernelFunc) => tf.TensorInfo | tf.TensorInfo[]): boolean {
+  const original = tf.getKernel(name, backend);
+  if (!original) return false;
+  tf.unregisterKernel(name, backend);
+  tf.registerKernel({ kernelName: name, backendName: backend, kernelFunc: (args) => f(args, original.kernelFunc), setupFunc: original.setupFunc, disposeFunc: original.disposeFunc });
+  return true;
+}
