@@ -52,6 +52,11 @@ class Args {
     return f32(i, need, what);
   }
   int32_t* i32(int i, int64_t need, const char* what) { return static_cast<int32_t*>(array(i, need, what, napi_int32_array, "Int32Array")); }
+  // A condition on the shapes; false throws `msg` (a RangeError naming the function).
+  bool require(bool cond, const char* msg) {
+    if (ok_ && !cond) fail(msg, napi_throw_range_error);
+    return ok_;
+  }
 
  private:
   void* array(int i, int64_t need, const char* what, napi_typedarray_type want, const char* tname) {
@@ -94,8 +99,7 @@ napi_value Matmul(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
-// matmulAdd(M, N, K, A, B, C, out): out = C + A·B, all dense row-major (one pass over C
-// instead of a product and a separate add).
+// matmulAdd(M, N, K, A, B, C, out)
 napi_value MatmulAdd(napi_env env, napi_callback_info info) {
   Args a(env, info, 7, "matmulAdd");
   int64_t M = a.num(0), N = a.num(1), K = a.num(2);
@@ -103,9 +107,7 @@ napi_value MatmulAdd(napi_env env, napi_callback_info info) {
   const float* B = a.f32(4, K * N, "B");
   const float* C = a.f32(5, M * N, "C");
   float* out = a.f32(6, M * N, "out");
-  if (!a.ok()) return nullptr;
-  std::copy(C, C + M * N, out);
-  gemm(false, false, (int)M, (int)N, (int)K, A, K, B, N, out, N, true, M * N * K > 200000 ? g_threads : 1);
+  if (a.ok()) matmul_add(M, N, K, A, B, C, out);
   return nullptr;
 }
 
@@ -116,7 +118,7 @@ napi_value LabelLogProbs(napi_env env, napi_callback_info info) {
   const float* x = a.f32(0, N * V, "logits");
   const int32_t* y = a.i32(3, N, "labels");
   float* out = a.f32(4, N, "out");
-  if (a.ok()) label_logprobs(x, N, V, y, out, nullptr);
+  if (a.ok()) label_logprobs(x, N, V, y, out);
   return nullptr;
 }
 
@@ -197,50 +199,49 @@ napi_value Rope(napi_env env, napi_callback_info info) {
   const float* c = a.f32(1, rows * hd, "cos");
   const float* s = a.f32(2, rows * hd, "sin");
   float* y = a.f32(7, rows * H * hd, "y");
-  if (a.ok() && hd % 2) {
-    napi_throw_range_error(env, nullptr, "rope: head_dim must be even");
-    return nullptr;
-  }
-  if (a.ok()) rope(x, c, s, rows, H, hd, inverse, y);
+  if (a.require(hd % 2 == 0, "head_dim must be even")) rope(x, c, s, rows, H, hd, inverse, y);
   return nullptr;
+}
+
+// The arguments attention and its gradient share: (q, k, v, mask, scale, B, T, Tk, H, KV, hd, …).
+struct AttnArgs {
+  float scale;
+  int64_t B, T, Tk, H, KV, hd;
+  const float *q, *k, *v, *mask;
+  int64_t q_size() const { return B * T * H * hd; }
+  int64_t kv_size() const { return B * Tk * KV * hd; }
+};
+
+AttnArgs attn_args(Args& a) {
+  AttnArgs x;
+  x.scale = (float)a.real(4);
+  x.B = a.num(5), x.T = a.num(6), x.Tk = a.num(7), x.H = a.num(8), x.KV = a.num(9), x.hd = a.num(10);
+  x.q = a.f32(0, x.q_size(), "q");
+  x.k = a.f32(1, x.kv_size(), "k");
+  x.v = a.f32(2, x.kv_size(), "v");
+  x.mask = a.f32(3, x.B * x.T * x.Tk, "mask");
+  a.require(x.KV > 0 && x.H % x.KV == 0, "heads must be a multiple of kv heads");
+  return x;
 }
 
 // attention(q, k, v, mask, scale, B, T, Tk, H, KV, hd, o)
 napi_value Attention(napi_env env, napi_callback_info info) {
   Args a(env, info, 12, "attention");
-  float scale = (float)a.real(4);
-  int64_t B = a.num(5), T = a.num(6), Tk = a.num(7), H = a.num(8), KV = a.num(9), hd = a.num(10);
-  const float* q = a.f32(0, B * T * H * hd, "q");
-  const float* k = a.f32(1, B * Tk * KV * hd, "k");
-  const float* v = a.f32(2, B * Tk * KV * hd, "v");
-  const float* m = a.f32(3, B * T * Tk, "mask");
-  float* o = a.f32(11, B * T * H * hd, "o");
-  if (a.ok() && (KV == 0 || H % KV)) {
-    napi_throw_range_error(env, nullptr, "attention: heads must be a multiple of kv heads");
-    return nullptr;
-  }
-  if (a.ok()) attention(q, k, v, m, scale, B, T, Tk, H, KV, hd, o);
+  AttnArgs x = attn_args(a);
+  float* o = a.f32(11, x.q_size(), "o");
+  if (a.ok()) attention(x.q, x.k, x.v, x.mask, x.scale, x.B, x.T, x.Tk, x.H, x.KV, x.hd, o);
   return nullptr;
 }
 
 // attentionGrad(q, k, v, mask, scale, B, T, Tk, H, KV, hd, dout, dq, dk, dv)
 napi_value AttentionGrad(napi_env env, napi_callback_info info) {
   Args a(env, info, 15, "attentionGrad");
-  float scale = (float)a.real(4);
-  int64_t B = a.num(5), T = a.num(6), Tk = a.num(7), H = a.num(8), KV = a.num(9), hd = a.num(10);
-  const float* q = a.f32(0, B * T * H * hd, "q");
-  const float* k = a.f32(1, B * Tk * KV * hd, "k");
-  const float* v = a.f32(2, B * Tk * KV * hd, "v");
-  const float* m = a.f32(3, B * T * Tk, "mask");
-  const float* dout = a.f32(11, B * T * H * hd, "dout");
-  float* dq = a.f32(12, B * T * H * hd, "dq");
-  float* dk = a.f32(13, B * Tk * KV * hd, "dk");
-  float* dv = a.f32(14, B * Tk * KV * hd, "dv");
-  if (a.ok() && (KV == 0 || H % KV)) {
-    napi_throw_range_error(env, nullptr, "attentionGrad: heads must be a multiple of kv heads");
-    return nullptr;
-  }
-  if (a.ok()) attention_grad(q, k, v, m, scale, B, T, Tk, H, KV, hd, dout, dq, dk, dv);
+  AttnArgs x = attn_args(a);
+  const float* dout = a.f32(11, x.q_size(), "dout");
+  float* dq = a.f32(12, x.q_size(), "dq");
+  float* dk = a.f32(13, x.kv_size(), "dk");
+  float* dv = a.f32(14, x.kv_size(), "dv");
+  if (a.ok()) attention_grad(x.q, x.k, x.v, x.mask, x.scale, x.B, x.T, x.Tk, x.H, x.KV, x.hd, dout, dq, dk, dv);
   return nullptr;
 }
 

@@ -80,12 +80,21 @@ float max_of(const float* v, int64_t n) {
   return m;
 }
 
-// Rows of length D in pieces of at most kChunk for the elementwise kernels' scratch buffers.
+// Elementwise kernels work in chunks of kChunk values: the unit of thread splitting and of
+// their scratch buffers. f(c, i0, i1) runs for chunk c = [i0, i1) of [0, n).
 constexpr int64_t kChunk = 4096;
+
+template <class F>
+void for_chunks(int64_t n, F f) {
+  int64_t chunks = (n + kChunk - 1) / kChunk;
+  parallel((int)chunks, threads_for(n), [&](int c0, int c1) {
+    for (int64_t c = c0; c < c1; c++) f(c, c * kChunk, std::min(n, (c + 1) * kChunk));
+  });
+}
 
 }  // namespace
 
-void label_logprobs(const float* x, int64_t N, int64_t V, const int32_t* y, float* out, float* lse) {
+void label_logprobs(const float* x, int64_t N, int64_t V, const int32_t* y, float* out) {
   parallel((int)N, threads_for(N * V), [&](int r0, int r1) {
     std::vector<float> e(V);
     for (int r = r0; r < r1; r++) {
@@ -94,7 +103,6 @@ void label_logprobs(const float* x, int64_t N, int64_t V, const int32_t* y, floa
       for (int64_t j = 0; j < V; j++) e[j] = row[j] - m;
       exp_inplace(e.data(), V);
       float l = m + (float)std::log(sum_of(e.data(), V));
-      if (lse) lse[r] = l;
       out[r] = y[r] >= 0 && y[r] < V ? row[y[r]] - l : 0.f;
     }
   });
@@ -171,16 +179,13 @@ namespace {
 // Calls f(i0, m, s) over [0, n) in chunks of m ≤ kChunk elements, with s[i] = σ(g[i0 + i]).
 template <class F>
 void over_sigmoid(const float* g, int64_t n, F f) {
-  int64_t chunks = (n + kChunk - 1) / kChunk;
-  parallel((int)chunks, threads_for(n), [&](int c0, int c1) {
+  for_chunks(n, [&](int64_t, int64_t i0, int64_t i1) {
     float s[kChunk];
-    for (int c = c0; c < c1; c++) {
-      int64_t i0 = c * kChunk, m = std::min(kChunk, n - i0);
-      for (int64_t i = 0; i < m; i++) s[i] = -g[i0 + i];
-      exp_inplace(s, m);
-      for (int64_t i = 0; i < m; i++) s[i] = 1.f / (1.f + s[i]);
-      f(i0, m, s);
-    }
+    int64_t m = i1 - i0;
+    for (int64_t i = 0; i < m; i++) s[i] = -g[i0 + i];
+    exp_inplace(s, m);
+    for (int64_t i = 0; i < m; i++) s[i] = 1.f / (1.f + s[i]);
+    f(i0, m, s);
   });
 }
 }  // namespace
@@ -338,9 +343,8 @@ void column_sum(const float* dy, int64_t N, int64_t D, float* out) {
 }
 
 void adamw(const float* p, const float* g, const float* m, const float* v, int64_t n, const AdamWArgs& a, float* p2, float* m2, float* v2) {
-  int64_t chunks = (n + kChunk - 1) / kChunk;
-  parallel((int)chunks, threads_for(n), [&](int c0, int c1) {
-    for (int64_t i = c0 * kChunk, end = std::min(n, (int64_t)c1 * kChunk); i < end; i++) {
+  for_chunks(n, [&](int64_t, int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; i++) {
       float gi = g[i] * a.gscale;
       float mi = m[i] * a.beta1 + gi * a.one_minus_beta1;
       float vi = v[i] * a.beta2 + gi * gi * a.one_minus_beta2;
@@ -354,14 +358,11 @@ void adamw(const float* p, const float* g, const float* m, const float* v, int64
 }
 
 double sum_squares(const float* x, int64_t n) {
-  int64_t chunks = (n + kChunk - 1) / kChunk;
-  std::vector<double> part(chunks);
-  parallel((int)chunks, threads_for(n), [&](int c0, int c1) {
-    for (int c = c0; c < c1; c++) {
-      double s = 0;
-      for (int64_t i = c * kChunk, end = std::min(n, (int64_t)(c + 1) * kChunk); i < end; i++) s += (double)x[i] * x[i];
-      part[c] = s;
-    }
+  std::vector<double> part((n + kChunk - 1) / kChunk);
+  for_chunks(n, [&](int64_t c, int64_t i0, int64_t i1) {
+    double s = 0;
+    for (int64_t i = i0; i < i1; i++) s += (double)x[i] * x[i];
+    part[c] = s;
   });
   double s = 0;
   for (double v : part) s += v;
@@ -369,9 +370,8 @@ double sum_squares(const float* x, int64_t n) {
 }
 
 void add(const float* a, const float* b, int64_t n, float* y) {
-  int64_t chunks = (n + kChunk - 1) / kChunk;
-  parallel((int)chunks, threads_for(n), [&](int c0, int c1) {
-    for (int64_t i = c0 * kChunk, end = std::min(n, (int64_t)c1 * kChunk); i < end; i++) y[i] = a[i] + b[i];
+  for_chunks(n, [&](int64_t, int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; i++) y[i] = a[i] + b[i];
   });
 }
 

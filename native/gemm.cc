@@ -1,14 +1,13 @@
 // prefopt's native matmul: C[b] = op(A[b]) · op(B[b]) in float32, row-major, on tensor memory
 // handed over from JavaScript (usually views into the wasm heap, so nothing is copied). A system
 // CBLAS (OpenBLAS, BLIS, MKL, Accelerate) is opened at run time with dlopen, so the build needs
-// no BLAS headers and the addon still loads where none is installed; without one, a packed
-// AVX2/FMA kernel (portable C++ elsewhere) runs on all cores.
+// no BLAS headers and the addon still loads where none is installed; without one, prefopt's own
+// AVX-512 or AVX2/FMA kernels (portable C++ elsewhere) run on all cores.
 #include "kernels.h"
 #include "parallel.h"
 #include <dlfcn.h>
 #include <algorithm>
 #include <cmath>
-#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -292,6 +291,9 @@ namespace {
 void gemm_builtin(bool ta, bool tb, int M, int N, int K, const float* A, const float* B, float* C, int threads) {
   gemm(ta, tb, M, N, K, A, ta ? M : K, B, tb ? K : N, C, N, false, threads);
 }
+
+// Small products are not worth waking a second thread.
+bool worth_threads(double work) { return work > 2e5; }
 }  // namespace
 
 void matmul(bool ta, bool tb, int64_t batch, int64_t M, int64_t N, int64_t K, const float* A, int64_t sa, const float* B, int64_t sb, float* C, bool useBlas) {
@@ -301,17 +303,20 @@ void matmul(bool ta, bool tb, int64_t batch, int64_t M, int64_t N, int64_t K, co
               tb ? (int)K : (int)N, 0.f, C + b * M * N, (int)N);
     return;
   }
-  // Small products are not worth a thread; many of them split over the batch instead.
+  // Many small products split over the batch instead.
   double work = (double)M * N * K;
-  if (batch > 1 && work * batch > 2e5) {
+  if (batch > 1 && worth_threads(work * batch)) {
     parallel((int)batch, g_threads, [&](int b0, int b1) {
       for (int b = b0; b < b1; b++) gemm_builtin(ta, tb, (int)M, (int)N, (int)K, A + b * sa, B + b * sb, C + (int64_t)b * M * N, 1);
     });
   } else {
-    for (int64_t b = 0; b < batch; b++) gemm_builtin(ta, tb, (int)M, (int)N, (int)K, A + b * sa, B + b * sb, C + b * M * N, work > 2e5 ? g_threads : 1);
+    for (int64_t b = 0; b < batch; b++) gemm_builtin(ta, tb, (int)M, (int)N, (int)K, A + b * sa, B + b * sb, C + b * M * N, worth_threads(work) ? g_threads : 1);
   }
 }
 
-bool blas_loaded() { return g_sgemm != nullptr; }
+void matmul_add(int64_t M, int64_t N, int64_t K, const float* A, const float* B, const float* C, float* out) {
+  std::copy(C, C + M * N, out);
+  gemm(false, false, (int)M, (int)N, (int)K, A, K, B, N, out, N, true, worth_threads((double)M * N * K) ? g_threads : 1);
+}
 
 }  // namespace prefopt

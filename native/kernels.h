@@ -18,17 +18,19 @@ extern std::string g_lib;  // the system BLAS in use, "" for the built-in kernel
 
 // gemm.cc
 void open_blas(const char* want);
-bool blas_loaded();
 // C[b] = op(A[b])·op(B[b]); A[b] at b·sa (0 broadcasts one matrix over the batch), C dense.
 void matmul(bool ta, bool tb, int64_t batch, int64_t M, int64_t N, int64_t K, const float* A, int64_t sa, const float* B, int64_t sb, float* C, bool useBlas);
+// out = C + A·B for dense A [M, K], B [K, N], C [M, N]: one pass over C instead of a product
+// and a separate add (LoRA's update).
+void matmul_add(int64_t M, int64_t N, int64_t K, const float* A, const float* B, const float* C, float* out);
 
 // The built-in kernel on strided operands: C = op(A)·op(B) (+ C when accumulate), row strides
 // lda, ldb, ldc, on up to `threads` threads.
 void gemm(bool ta, bool tb, int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate, int threads);
 
 // fused.cc — each forward with the backward pass that goes with it.
-// out[i] = x[i, y_i] − logsumexp(x_i) (0 where y_i ∉ [0, V)); lse may be null.
-void label_logprobs(const float* x, int64_t N, int64_t V, const int32_t* y, float* out, float* lse);
+// out[i] = x[i, y_i] − logsumexp(x_i) (0 where y_i ∉ [0, V)).
+void label_logprobs(const float* x, int64_t N, int64_t V, const int32_t* y, float* out);
 // dx[i, j] = dy_i · (1[j = y_i] − softmax(x_i)_j), softmax from x and out (= x[y] − lse).
 void label_logprobs_grad(const float* x, int64_t N, int64_t V, const int32_t* y, const float* out, const float* dy, float* dx);
 // y = x / sqrt(mean(x²) + eps) · w over rows of length D.
