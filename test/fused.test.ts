@@ -6,6 +6,7 @@ import { attention, embed, labelLogProbs, linear, mmAdd, rmsNorm, rope, sumSquar
 import { Decoder } from '../src/model/decoder.js';
 import { parseConfig, presetConfig } from '../src/model/config.js';
 import { makeBatch } from '../src/infer/batch.js';
+import { attentionMask } from '../src/model/mask.js';
 import { sftLoss } from '../src/stages/sft.js';
 import { Rng } from '../src/util/rng.js';
 
@@ -173,16 +174,12 @@ describe('fused kernels against float64', () => {
     });
   });
 
-  it('attention (grouped heads, queries after a cache): value and the gradients for q, k and v; masked keys ignored', () => {
-    const rng = new Rng(4);
-    const dims = [2, 3, 5, 4, 2, 6]; // B, T, Tk (2 cached keys), H, KV, hd
+  /** Value and ∂q, ∂k, ∂v of attention with mask M [B, 1, T, Tk] against float64, on both paths. */
+  function checkAttention(rng: Rng, dims: number[], M: Float64Array) {
     const [B, T, Tk, H, KV, hd] = dims;
     const Q = rand(rng, B * T * H * hd);
     const K = rand(rng, B * Tk * KV * hd);
     const V = rand(rng, B * Tk * KV * hd);
-    // Causal over the 2 cached keys, and row 1's first key is padding.
-    const M = new Float64Array(B * T * Tk);
-    for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) for (let j = 0; j < Tk; j++) if (j > t + 2 || (b === 1 && j === 0)) M[(b * T + t) * Tk + j] = -1e9;
     const DY = rand(rng, Q.length);
     const scale = 1 / Math.sqrt(hd);
     const f = (q: Float64Array, k: Float64Array, v: Float64Array) => refAttention(q, k, v, M, scale, dims);
@@ -199,6 +196,25 @@ describe('fused kernels against float64', () => {
       close(r.grads[1], gk, 1e-5, `${path} ∂k`);
       close(r.grads[2], gv, 1e-5, `${path} ∂v`);
     });
+  }
+
+  it('attention (grouped heads, queries after a cache): value and the gradients for q, k and v; masked keys ignored', () => {
+    const dims = [2, 3, 5, 4, 2, 6]; // B, T, Tk (2 cached keys), H, KV, hd
+    const [B, T, Tk] = dims;
+    // Causal over the 2 cached keys, and row 1's first key is padding.
+    const M = new Float64Array(B * T * Tk);
+    for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) for (let j = 0; j < Tk; j++) if (j > t + 2 || (b === 1 && j === 0)) M[(b * T + t) * Tk + j] = -1e9;
+    checkAttention(new Rng(4), dims, M);
+  });
+
+  it('attention over several blocks of query rows (the fused kernel skips keys a whole block cannot see): causal, left padding, packed segments', () => {
+    const dims = [2, 40, 42, 2, 1, 3]; // 40 queries: blocks of 32 and 8 rows
+    const [B, T, Tk] = dims;
+    const keyValid = Array.from({ length: B * Tk }, (_, i) => (i >= Tk && i < Tk + 2 ? 0 : 1)); // row 1: 2 keys of left padding
+    const segments = Array.from({ length: B * Tk }, (_, i) => (i < Tk ? (i < 20 ? 0 : 1) : 0)); // row 0: two packed sequences
+    const M = Float64Array.from(attentionMask({ batch: B, queryLen: T, keyLen: Tk, keyValid, segments }));
+    expect(M.filter((m) => m === 0).length).toBeLessThan(M.length / 2); // mostly dead keys: the skipping is exercised
+    checkAttention(new Rng(14), dims, M);
   });
 
   it('attention: a fully masked query row (padding) averages the values, on both paths', () => {
