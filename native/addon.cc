@@ -99,15 +99,21 @@ napi_value Matmul(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
-// matmulAdd(M, N, K, A, B, C, out)
-napi_value MatmulAdd(napi_env env, napi_callback_info info) {
-  Args a(env, info, 7, "matmulAdd");
-  int64_t M = a.num(0), N = a.num(1), K = a.num(2);
-  const float* A = a.f32(3, M * K, "A");
-  const float* B = a.f32(4, K * N, "B");
-  const float* C = a.f32(5, M * N, "C");
-  float* out = a.f32(6, M * N, "out");
-  if (a.ok()) matmul_add(M, N, K, A, B, C, out);
+// matmul2(M, N, ta1, tb1, K1, A1, B1, ta2, tb2, K2, A2, B2, C): C = op(A1)·op(B1) + op(A2)·op(B2)
+napi_value Matmul2(napi_env env, napi_callback_info info) {
+  Args a(env, info, 13, "matmul2");
+  int64_t M = a.num(0), N = a.num(1);
+  DenseTerm t[2];
+  for (int i = 0; i < 2; i++) {
+    int at = 2 + 5 * i;
+    t[i].ta = a.flag(at);
+    t[i].tb = a.flag(at + 1);
+    t[i].K = a.num(at + 2);
+    t[i].A = a.f32(at + 3, M * t[i].K, i ? "A2" : "A1");
+    t[i].B = a.f32(at + 4, t[i].K * N, i ? "B2" : "B1");
+  }
+  float* C = a.f32(12, M * N, "C");
+  if (a.ok()) matmul2(M, N, t[0], t[1], C);
   return nullptr;
 }
 
@@ -351,7 +357,7 @@ napi_value Init(napi_env env, napi_value exports) {
   if (!builtin_only && ((want && *want) || g_isa == kPortable)) open_blas(want);
   napi_property_descriptor props[] = {
       {"matmul", nullptr, Matmul, nullptr, nullptr, nullptr, napi_default, nullptr},
-      {"matmulAdd", nullptr, MatmulAdd, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"matmul2", nullptr, Matmul2, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"labelLogProbs", nullptr, LabelLogProbs, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"labelLogProbsGrad", nullptr, LabelLogProbsGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"rmsNorm", nullptr, RmsNorm, nullptr, nullptr, nullptr, napi_default, nullptr},

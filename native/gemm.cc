@@ -235,55 +235,78 @@ struct Out {
   bool acc;
 };
 
-// The block of C with rows [r0, r1) (multiples of MR) and panels [p0, p1).
+// One product op(A)·op(B) of a sum C = Σ op(A_i)·op(B_i).
+struct Term {
+  Op a, b;
+  int K;
+};
+
+// The block of C with rows [r0, r1) (multiples of MR) and panels [p0, p1). Each term's K runs in
+// KC-slices after the previous term's, as if the terms were one product over the concatenated K:
+// LoRA's update costs one more slice over C, not a second product and an add.
 template <int MR, int NR, void (*TILE)(const Tile&)>
-void gemm_block(const Op& A, const Op& B, int M, int N, int K, const Out& C, int r0, int r1, int p0, int p1) {
+void gemm_block(const Term* terms, int nterms, int M, int N, const Out& C, int r0, int r1, int p0, int p1) {
   if (r0 >= r1 || p0 >= p1) return;
   // Per-thread scratch, grown when needed and never cleared: attention makes many small products.
   thread_local std::vector<float> bp;
-  size_t need = (size_t)(p1 - p0) * std::min(KC, K) * NR;
+  int kmax = 0;
+  for (int s = 0; s < nterms; s++) kmax = std::max(kmax, std::min(KC, terms[s].K));
+  size_t need = (size_t)(p1 - p0) * kmax * NR;
   if (bp.size() < need) bp.resize(need);
-  for (int k0 = 0; k0 < K; k0 += KC) {
-    int kb = std::min(KC, K - k0);
-    pack_b<NR>(B, k0, kb, N, p0, p1, bp.data());
-    for (int i = r0; i < r1; i += MR) {
-      Tile t{A.p + i * A.rs() + k0 * A.cs(), A.rs(), A.cs(), nullptr, kb, nullptr, (int)C.ld, std::min(MR, M - i), 0, k0 > 0 || C.acc};
-      for (int p = p0; p < p1; p++) {
-        t.cols = std::min(NR, N - p * NR);
-        t.c = C.p + i * C.ld + p * NR;
-        t.bp = bp.data() + (size_t)(p - p0) * kb * NR;
-        TILE(t);
+  bool acc = C.acc;
+  for (int s = 0; s < nterms; s++) {
+    const Op &A = terms[s].a, &B = terms[s].b;
+    for (int k0 = 0; k0 < terms[s].K; k0 += KC) {
+      int kb = std::min(KC, terms[s].K - k0);
+      pack_b<NR>(B, k0, kb, N, p0, p1, bp.data());
+      for (int i = r0; i < r1; i += MR) {
+        Tile t{A.p + i * A.rs() + k0 * A.cs(), A.rs(), A.cs(), nullptr, kb, nullptr, (int)C.ld, std::min(MR, M - i), 0, acc};
+        for (int p = p0; p < p1; p++) {
+          t.cols = std::min(NR, N - p * NR);
+          t.c = C.p + i * C.ld + p * NR;
+          t.bp = bp.data() + (size_t)(p - p0) * kb * NR;
+          TILE(t);
+        }
       }
+      acc = true;
     }
   }
 }
 
 template <int MR, int NR, void (*TILE)(const Tile&)>
-void gemm_with(const Op& a, const Op& b, int M, int N, int K, const Out& C, int threads) {
+void gemm_with(const Term* terms, int nterms, int M, int N, const Out& C, int threads) {
   int panels = (N + NR - 1) / NR, tiles = (M + MR - 1) / MR;
   if (panels >= 2 * threads || panels >= tiles)
-    parallel(panels, threads, [&](int p0, int p1) { gemm_block<MR, NR, TILE>(a, b, M, N, K, C, 0, M, p0, p1); });
+    parallel(panels, threads, [&](int p0, int p1) { gemm_block<MR, NR, TILE>(terms, nterms, M, N, C, 0, M, p0, p1); });
   else
-    parallel(tiles, threads, [&](int t0, int t1) { gemm_block<MR, NR, TILE>(a, b, M, N, K, C, t0 * MR, std::min(M, t1 * MR), 0, panels); });
+    parallel(tiles, threads, [&](int t0, int t1) { gemm_block<MR, NR, TILE>(terms, nterms, M, N, C, t0 * MR, std::min(M, t1 * MR), 0, panels); });
 }
 
 }  // namespace
 
-void gemm(bool ta, bool tb, int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate, int threads) {
+void gemm_sum(int M, int N, const GemmTerm* terms, int nterms, float* C, int64_t ldc, bool accumulate, int threads) {
   Out c{C, ldc, accumulate};
-  if (K == 0) {
+  Term t[kMaxTerms];  // on the stack: attention calls this hundreds of times per head
+  int n = 0;
+  for (int i = 0; i < nterms && n < kMaxTerms; i++)
+    if (terms[i].K > 0) t[n++] = Term{Op{terms[i].A, terms[i].ta, terms[i].lda}, Op{terms[i].B, terms[i].tb, terms[i].ldb}, terms[i].K};
+  if (n == 0) {
     if (!accumulate)
       for (int i = 0; i < M; i++) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
     return;
   }
-  Op a{A, ta, lda}, b{B, tb, ldb};
 #ifdef PREFOPT_X86
   // Narrow products (LoRA's rank-16 factors) would leave half of a 32-wide tile empty; the
   // 16-wide kernel computes the same bits.
-  if (g_isa == kAVX512 && N > 16) return gemm_with<12, 32, tile_avx512>(a, b, M, N, K, c, threads);
-  if (g_isa >= kAVX2) return gemm_with<6, 16, tile_avx2>(a, b, M, N, K, c, threads);
+  if (g_isa == kAVX512 && N > 16) return gemm_with<12, 32, tile_avx512>(t, n, M, N, c, threads);
+  if (g_isa >= kAVX2) return gemm_with<6, 16, tile_avx2>(t, n, M, N, c, threads);
 #endif
-  gemm_with<6, 16, tile_plain>(a, b, M, N, K, c, threads);
+  gemm_with<6, 16, tile_plain>(t, n, M, N, c, threads);
+}
+
+void gemm(bool ta, bool tb, int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate, int threads) {
+  GemmTerm t{ta, tb, K, A, lda, B, ldb};
+  gemm_sum(M, N, &t, 1, C, ldc, accumulate, threads);
 }
 
 namespace {
@@ -314,9 +337,11 @@ void matmul(bool ta, bool tb, int64_t batch, int64_t M, int64_t N, int64_t K, co
   }
 }
 
-void matmul_add(int64_t M, int64_t N, int64_t K, const float* A, const float* B, const float* C, float* out) {
-  std::copy(C, C + M * N, out);
-  gemm(false, false, (int)M, (int)N, (int)K, A, K, B, N, out, N, true, worth_threads((double)M * N * K) ? g_threads : 1);
+void matmul2(int64_t M, int64_t N, const DenseTerm& t1, const DenseTerm& t2, float* C) {
+  // Dense operands: a row of op(A) is K long unless A is transposed (then M), and so on.
+  auto term = [&](const DenseTerm& t) { return GemmTerm{t.ta, t.tb, (int)t.K, t.A, t.ta ? M : t.K, t.B, t.tb ? t.K : N}; };
+  GemmTerm ts[2] = {term(t1), term(t2)};
+  gemm_sum((int)M, (int)N, ts, 2, C, N, false, worth_threads((double)M * N * (t1.K + t2.K)) ? g_threads : 1);
 }
 
 }  // namespace prefopt

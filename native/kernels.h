@@ -20,13 +20,29 @@ extern std::string g_lib;  // the system BLAS in use, "" for the built-in kernel
 void open_blas(const char* want);
 // C[b] = op(A[b])·op(B[b]); A[b] at b·sa (0 broadcasts one matrix over the batch), C dense.
 void matmul(bool ta, bool tb, int64_t batch, int64_t M, int64_t N, int64_t K, const float* A, int64_t sa, const float* B, int64_t sb, float* C, bool useBlas);
-// out = C + A·B for dense A [M, K], B [K, N], C [M, N]: one pass over C instead of a product
-// and a separate add (LoRA's update).
-void matmul_add(int64_t M, int64_t N, int64_t K, const float* A, const float* B, const float* C, float* out);
+// C [M, N] = op(A1)·op(B1) + op(A2)·op(B2) for dense operands, in one pass over C (LoRA's base
+// product and its update, forward and backward).
+struct DenseTerm {
+  bool ta, tb;
+  int64_t K;
+  const float *A, *B;
+};
+void matmul2(int64_t M, int64_t N, const DenseTerm& t1, const DenseTerm& t2, float* C);
 
 // The built-in kernel on strided operands: C = op(A)·op(B) (+ C when accumulate), row strides
 // lda, ldb, ldc, on up to `threads` threads.
 void gemm(bool ta, bool tb, int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate, int threads);
+// C = Σ_i op(A_i)·op(B_i) (+ C), the terms' K one after another in a single pass over C.
+struct GemmTerm {
+  bool ta, tb;
+  int K;
+  const float* A;
+  int64_t lda;
+  const float* B;
+  int64_t ldb;
+};
+constexpr int kMaxTerms = 4;  // the callers (gemm, matmul2) pass one or two
+void gemm_sum(int M, int N, const GemmTerm* terms, int nterms, float* C, int64_t ldc, bool accumulate, int threads);
 
 // fused.cc — each forward with the backward pass that goes with it.
 // out[i] = x[i, y_i] − logsumexp(x_i) (0 where y_i ∉ [0, V)).

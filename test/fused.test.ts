@@ -2,13 +2,14 @@ import { describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
 import { fusedActive, setFused } from '../src/engine/fused.js';
 import { loadNative } from '../src/engine/native.js';
-import { attention, embed, labelLogProbs, linear, mmAdd, rmsNorm, rope, sumSquares, swiglu } from '../src/engine/ops.js';
+import { attention, embed, labelLogProbs, linear, loraLinear, rmsNorm, rope, sumSquares, swiglu } from '../src/engine/ops.js';
 import { Decoder } from '../src/model/decoder.js';
 import { parseConfig, presetConfig } from '../src/model/config.js';
 import { makeBatch } from '../src/infer/batch.js';
 import { attentionMask } from '../src/model/mask.js';
 import { sftLoss } from '../src/stages/sft.js';
 import { Rng } from '../src/util/rng.js';
+import { LoraAdapter, attach } from '../src/lora/lora.js';
 
 /*
  * Every fused kernel and the plain tfjs composition it replaces, held to the same float64
@@ -314,29 +315,50 @@ describe('fused kernels against float64', () => {
     });
   });
 
-  it('c + a·b (LoRA\'s update): value and the gradients for a, b and c', () => {
+  it('LoRA layer x·W + b + s·(xd·A)·B (W frozen): value and the gradients for x, A, B and the bias, with xd = x and with a dropped-out xd', () => {
     const rng = new Rng(13);
-    const [M, K, N] = [70, 16, 45];
-    const A = rand(rng, M * K);
-    const Bm = rand(rng, K * N);
-    const C = rand(rng, M * N);
+    const [M, K, N, r, s] = [20, 40, 45, 16, 0.5]; // more than one tile of C each way
+    const X = rand(rng, M * K);
+    const XD = X.map((v, i) => (i % 3 === 0 ? 0 : v / 0.75));
+    const W = rand(rng, K * N, 0.3);
+    const A = rand(rng, K * r, 0.3);
+    const Bm = rand(rng, r * N, 0.3);
+    const bias = rand(rng, N);
     const DY = rand(rng, M * N);
-    const f = (a: Float64Array, b: Float64Array, c: Float64Array) => c.map((v, i) => {
-      const [r, col] = [Math.floor(i / N), i % N];
-      let s = v;
-      for (let k = 0; k < K; k++) s += a[r * K + k] * b[k * N + col];
-      return s;
-    });
-    const want = f(A, Bm, C);
-    const ga = numGrad((a) => f(a, Bm, C), A, DY);
-    const gb = numGrad((b) => f(A, b, C), Bm, DY);
-    bothPaths((path) => {
-      const r = run((a, b, c) => mmAdd(a as tf.Tensor2D, b as tf.Tensor2D, c as tf.Tensor2D), [tf.tensor2d(f32(A), [M, K]), tf.tensor2d(f32(Bm), [K, N]), tf.tensor2d(f32(C), [M, N])], DY, [0, 1, 2]);
-      close(r.y, want, 2e-6, `${path} c + a·b`);
-      close(r.grads[0], ga, 1e-5, `${path} ∂a`);
-      close(r.grads[1], gb, 1e-4, `${path} ∂b`);
-      close(r.grads[2], DY, 1e-7, `${path} ∂c`);
-    });
+    const prod = (a: Float64Array, b: Float64Array, m: number, k: number, n: number) => {
+      const c = new Float64Array(m * n);
+      for (let i = 0; i < m; i++) for (let j = 0; j < n; j++) for (let l = 0; l < k; l++) c[i * n + j] += a[i * k + l] * b[l * n + j];
+      return c;
+    };
+    const f = (x: Float64Array, xd: Float64Array, a: Float64Array, b: Float64Array, bs: Float64Array) => {
+      const base = prod(x, W, M, K, N);
+      const upd = prod(prod(xd, a, M, K, r), b, M, r, N);
+      return base.map((v, i) => v + bs[i % N] + s * upd[i]);
+    };
+    for (const dropout of [false, true]) {
+      const xd = dropout ? XD : X;
+      const want = f(X, xd, A, Bm, bias);
+      const gx = numGrad((x) => f(x, dropout ? XD : x, A, Bm, bias), X, DY);
+      const gxd = dropout ? numGrad((v) => f(X, v, A, Bm, bias), XD, DY) : null;
+      const ga = numGrad((a) => f(X, xd, a, Bm, bias), A, DY);
+      const gb = numGrad((b) => f(X, xd, A, b, bias), Bm, DY);
+      const gbias = numGrad((v) => f(X, xd, A, Bm, v), bias, DY);
+      const w = tf.variable(tf.tensor2d(f32(W), [K, N]), false);
+      bothPaths((path) => {
+        const what = `${path}${dropout ? ', dropout' : ''}`;
+        const inputs = [tf.tensor2d(f32(X), [M, K]), tf.tensor2d(f32(A), [K, r]), tf.tensor2d(f32(Bm), [r, N]), tf.tensor1d(f32(bias)), tf.tensor2d(f32(XD), [M, K])];
+        const op = (x: tf.Tensor, a: tf.Tensor, b: tf.Tensor, bs: tf.Tensor, xdt: tf.Tensor) => loraLinear(x as tf.Tensor2D, w, bs, a as tf.Tensor2D, b as tf.Tensor2D, s, dropout ? (xdt as tf.Tensor2D) : null);
+        const res = run(op, inputs, DY, dropout ? [0, 1, 2, 3, 4] : [0, 1, 2, 3]);
+        tf.dispose(inputs);
+        close(res.y, want, 1e-5, `${what} value`);
+        close(res.grads[0], gx, 1e-4, `${what} ∂x`);
+        close(res.grads[1], ga, 1e-4, `${what} ∂A`);
+        close(res.grads[2], gb, 1e-4, `${what} ∂B`);
+        close(res.grads[3], gbias, 1e-4, `${what} ∂bias`);
+        if (gxd) close(res.grads[4], gxd, 1e-4, `${what} ∂xd`);
+      });
+      w.dispose();
+    }
   });
 
   it('sum of squares (the gradient norm) over more elements than one chunk', () => {
@@ -352,32 +374,45 @@ describe('fused kernels against float64', () => {
     });
   });
 
-  it('a whole decoder step: loss and every gradient agree between the fused and the tfjs path; no tensor leaks', () => {
-    if (!native.active) return;
-    const V = 97;
-    const cfg = parseConfig(presetConfig('qwen2', { hidden_size: 32, intermediate_size: 48, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 64, rope_theta: 10000, tie_word_embeddings: true }, V, {}));
-    const model = Decoder.init(cfg, 5, 0.3);
-    const rng = new Rng(9);
-    // Rows of different lengths: padding masks and fully masked query rows are exercised too.
-    const batch = makeBatch([10, 7, 4].map((n) => ({ ids: Array.from({ length: n }, () => rng.int(V)), weights: Array(n).fill(1) })));
-    const vars = [...model.params.values()];
-    const step = () => {
-      const { value, grads } = tf.variableGrads(() => sftLoss(model, batch), vars);
-      const out = { loss: value.dataSync()[0], grads: vars.map((v) => grads[v.name].dataSync()) };
-      value.dispose();
-      Object.values(grads).forEach((g) => g.dispose());
-      return out;
-    };
-    setFused(true);
-    step();
-    const before = tf.memory().numTensors;
-    const a = step();
-    expect(tf.memory().numTensors).toBe(before);
-    setFused(false);
-    const b = step();
-    setFused(true);
-    expect(Math.abs(a.loss - b.loss)).toBeLessThan(1e-5 * Math.abs(b.loss));
-    a.grads.forEach((g, i) => close(g, b.grads[i], 2e-5, `gradient ${[...model.params.keys()][i]}`));
-    model.dispose();
-  });
+  // Base weights trained (SFT), or frozen under LoRA adapters (with and without dropout).
+  for (const mode of ['full', 'lora', 'lora+dropout'] as const)
+    it(`a whole decoder step (${mode}): loss and every gradient agree between the fused and the tfjs path; no tensor leaks`, () => {
+      if (!native.active) return;
+      const V = 97;
+      const cfg = parseConfig(presetConfig('qwen2', { hidden_size: 32, intermediate_size: 48, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 64, rope_theta: 10000, tie_word_embeddings: true }, V, {}));
+      const model = Decoder.init(cfg, 5, 0.3);
+      const rng = new Rng(9);
+      // Rows of different lengths: padding masks and fully masked query rows are exercised too.
+      const batch = makeBatch([10, 7, 4].map((n) => ({ ids: Array.from({ length: n }, () => rng.int(V)), weights: Array(n).fill(1) })));
+      let adapter: LoraAdapter | null = null;
+      if (mode !== 'full') {
+        adapter = LoraAdapter.create(model, { r: 4, alpha: 8, dropout: mode === 'lora' ? 0 : 0.25, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'], useRslora: false }, 3);
+        // B starts at zero (as PEFT's); give it values so that every gradient is non-trivial.
+        for (const [name, v] of adapter.params()) if (name.includes('lora_B')) v.assign(tf.randomNormal(v.shape, 0, 0.3, 'float32', 4));
+        attach(model, adapter);
+        model.setTrainable(false);
+      }
+      const vars = adapter ? [...adapter.params().values()] : [...model.params.values()];
+      const step = () => {
+        adapter?.setTraining(mode === 'lora+dropout', new Rng(11)); // the same dropout masks on both paths
+        const { value, grads } = tf.variableGrads(() => sftLoss(model, batch), vars);
+        const out = { loss: value.dataSync()[0], grads: vars.map((v) => grads[v.name].dataSync()) };
+        value.dispose();
+        Object.values(grads).forEach((g) => g.dispose());
+        return out;
+      };
+      setFused(true);
+      step();
+      const before = tf.memory().numTensors;
+      const a = step();
+      expect(tf.memory().numTensors).toBe(before);
+      setFused(false);
+      const b = step();
+      setFused(true);
+      expect(Math.abs(a.loss - b.loss)).toBeLessThan(1e-5 * Math.abs(b.loss));
+      a.grads.forEach((g, i) => close(g, b.grads[i], 2e-5, `gradient ${vars[i].name}`));
+      expect(a.grads.every((g) => g.some((x) => x !== 0))).toBe(true);
+      adapter?.dispose();
+      model.dispose();
+    });
 });

@@ -21,7 +21,7 @@ export interface FusedAddon {
   biasAdd(x: Float32Array, b: Float32Array, n: number, d: number, y: Float32Array): void;
   columnSum(dy: Float32Array, n: number, d: number, out: Float32Array): void;
   add(a: Float32Array, b: Float32Array, n: number, y: Float32Array): void;
-  matmulAdd(m: number, n: number, k: number, a: Float32Array, b: Float32Array, c: Float32Array, out: Float32Array): void;
+  matmul2(m: number, n: number, ta1: boolean, tb1: boolean, k1: number, a1: Float32Array, b1: Float32Array, ta2: boolean, tb2: boolean, k2: number, a2: Float32Array, b2: Float32Array, c: Float32Array): void;
   adamw(p: Float32Array, g: Float32Array, m: Float32Array, v: Float32Array, n: number, scalars: Float32Array, p2: Float32Array, m2: Float32Array, v2: Float32Array): void;
   sumSquares(x: Float32Array, n: number, out: Float32Array): void;
   embed(table: Float32Array, v: number, d: number, ids: Int32Array, n: number, out: Float32Array): void;
@@ -43,13 +43,19 @@ interface Def {
 const size = (s: number[]) => tf.util.sizeFromShape(s);
 const last = (t: Info) => t.shape[t.shape.length - 1];
 const same = (i: number) => (ins: Info[]) => [ins[i].shape as number[]];
+/** [M, N, K1, K2] of op(a1)·op(b1) + op(a2)·op(b2). */
+const mm2Dims = ([a1, b1, a2]: Info[], t: boolean[]) => [a1.shape[t[0] ? 1 : 0], b1.shape[t[1] ? 0 : 1], a1.shape[t[0] ? 0 : 1], a2.shape[t[2] ? 0 : 1]];
 
 const DEFS: Record<string, Def> = {
-  // c [M, N] + a [M, K] · b [K, N].
-  PrefoptMatMulAdd: {
-    inputs: ['a', 'b', 'c'],
-    outputs: (ins) => [ins[2].shape],
-    run: (x, [a, b, c], [out], ins) => x.matmulAdd(ins[0].shape[0], ins[1].shape[1], ins[0].shape[1], a, b, c, out),
+  // op(a1)·op(b1) + op(a2)·op(b2) for 2-D operands; attrs.t = [ta1, tb1, ta2, tb2]. Used inside
+  // custom gradients only (LoRA's layer), so it has no gradient of its own.
+  PrefoptMatMul2: {
+    inputs: ['a1', 'b1', 'a2', 'b2'],
+    outputs: (ins, { t }) => [mm2Dims(ins, t).slice(0, 2)],
+    run: (x, [a1, b1, a2, b2], [c], ins, { t }) => {
+      const [M, N, K1, K2] = mm2Dims(ins, t);
+      x.matmul2(M, N, t[0], t[1], K1, a1, b1, t[2], t[3], K2, a2, b2, c);
+    },
   },
   // p, g, m, v of one parameter → p', m', v' (no gradient: an optimizer step).
   PrefoptAdamW: {
@@ -163,15 +169,6 @@ const run = (name: string, inputs: Record<string, tf.Tensor>, attrs: Record<stri
 
 const GRADS: tf.GradConfig[] = [
   {
-    kernelName: 'PrefoptMatMulAdd',
-    inputsToSave: ['a', 'b'],
-    gradFunc: (dy, [a, b]) => ({
-      a: () => tf.matMul(dy as tf.Tensor2D, b as tf.Tensor2D, false, true),
-      b: () => tf.matMul(a as tf.Tensor2D, dy as tf.Tensor2D, true, false),
-      c: () => tf.clone(dy as tf.Tensor),
-    }),
-  },
-  {
     kernelName: 'PrefoptBiasAdd',
     gradFunc: (dy) => ({
       x: () => tf.clone(dy as tf.Tensor),
@@ -262,7 +259,14 @@ const i32 = (t: tf.Tensor) => (t.dtype === 'int32' ? t : tf.cast(t, 'int32'));
 
 /** The fused forms; only while fusedActive(). */
 export const fused = {
-  matMulAdd: (a: tf.Tensor2D, b: tf.Tensor2D, c: tf.Tensor2D) => run('PrefoptMatMulAdd', { a: f32(a), b: f32(b), c: f32(c) }) as tf.Tensor2D,
+  /** op(a1)·op(b1) + op(a2)·op(b2); t = [ta1, tb1, ta2, tb2]. */
+  matMul2: (a1: tf.Tensor2D, b1: tf.Tensor2D, a2: tf.Tensor2D, b2: tf.Tensor2D, t: boolean[]) => {
+    const rows = (x: tf.Tensor2D, tr: boolean) => x.shape[tr ? 1 : 0];
+    const cols = (x: tf.Tensor2D, tr: boolean) => x.shape[tr ? 0 : 1];
+    if (rows(a1, t[0]) !== rows(a2, t[2]) || cols(b1, t[1]) !== cols(b2, t[3]) || cols(a1, t[0]) !== rows(b1, t[1]) || cols(a2, t[2]) !== rows(b2, t[3]))
+      throw new Error(`matMul2: shapes ${a1.shape}·${b1.shape} + ${a2.shape}·${b2.shape} (transposes ${t}) do not agree`);
+    return run('PrefoptMatMul2', { a1: f32(a1), b1: f32(b1), a2: f32(a2), b2: f32(b2) }, { t }) as tf.Tensor2D;
+  },
   /** The scalars of train/adamw's tfjs form; the kernel rounds them to float32 as tfjs does. */
   adamw: (p: tf.Tensor, g: tf.Tensor, m: tf.Tensor, v: tf.Tensor, scalars: number[]) => run('PrefoptAdamW', { p, g: f32(g), m, v }, { scalars }) as tf.Tensor[],
   sumSquares: (x: tf.Tensor) => run('PrefoptSumSquares', { x: f32(x) }) as tf.Scalar,

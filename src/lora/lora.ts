@@ -2,7 +2,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { Decoder, LinearAdapter, transpose2d } from '../model/decoder.js';
-import { mm, mmAdd } from '../engine/ops.js';
+import { loraLinear } from '../engine/ops.js';
 import { SafetensorsFile, readHeader, readTensor, writeSafetensors } from '../io/safetensors.js';
 import { readJson, writeDirAtomic } from '../util/fsutil.js';
 import { UserError } from '../util/errors.js';
@@ -92,16 +92,13 @@ export class LoraAdapter implements LinearAdapter {
     this.rng = rng;
   }
 
-  apply(module: string, x: tf.Tensor, y: tf.Tensor): tf.Tensor {
-    const w = this.weights.get(module)!;
+  linear(module: string, x: tf.Tensor, w: tf.Tensor, bias: tf.Tensor | null): tf.Tensor {
+    const lw = this.weights.get(module)!;
     const xs = x.shape as number[];
-    let x2 = tf.reshape(x, [-1, xs[xs.length - 1]]) as tf.Tensor2D;
-    if (this.training && this.cfg.dropout > 0 && this.rng) x2 = tf.dropout(x2, this.cfg.dropout, undefined, this.rng.nextU32()) as tf.Tensor2D;
-    // The scale goes on the rank-r product (M×r, not M×out), and the update is added to y
-    // inside the second product.
-    const xa = tf.mul(mm(x2, w.a as unknown as tf.Tensor2D), this.scale) as tf.Tensor2D;
-    const ys = y.shape as number[];
-    return tf.reshape(mmAdd(xa, w.b as unknown as tf.Tensor2D, tf.reshape(y, [-1, ys[ys.length - 1]]) as tf.Tensor2D), ys);
+    const x2 = tf.reshape(x, [-1, xs[xs.length - 1]]) as tf.Tensor2D;
+    const dropped = this.training && this.cfg.dropout > 0 && this.rng ? (tf.dropout(x2, this.cfg.dropout, undefined, this.rng.nextU32()) as tf.Tensor2D) : null;
+    const y = loraLinear(x2, w as tf.Tensor2D, bias, lw.a as unknown as tf.Tensor2D, lw.b as unknown as tf.Tensor2D, this.scale, dropped);
+    return tf.reshape(y, [...xs.slice(0, -1), y.shape[1]]);
   }
 
   params(): Map<string, tf.Variable> {

@@ -12,10 +12,10 @@ import { Rng } from '../util/rng.js';
  * through `adapter`, and can be switched off to recover the base model exactly.
  */
 
-/** Something that adds to the output of a named linear layer (e.g. LoRA). */
+/** Something that computes a named linear layer in place of x·W + b (e.g. LoRA: that plus a low-rank update). */
 export interface LinearAdapter {
   targets(module: string): boolean;
-  apply(module: string, x: tf.Tensor, y: tf.Tensor): tf.Tensor;
+  linear(module: string, x: tf.Tensor, w: tf.Tensor, bias: tf.Tensor | null): tf.Tensor;
 }
 
 /** Per-layer key/value tensors [B, Tc, KV, hd], kept across decode steps. */
@@ -128,9 +128,8 @@ export class Decoder {
   lin(module: string, x: tf.Tensor): tf.Tensor {
     const w = this.p(`${module}.weight`);
     const b = this.params.get(`${module}.bias`) ?? null;
-    let y = linear(x, w, b);
-    if (this.adapter && this.adapterEnabled && this.adapter.targets(module)) y = this.adapter.apply(module, x, y);
-    return y;
+    if (this.adapter && this.adapterEnabled && this.adapter.targets(module)) return this.adapter.linear(module, x, w, b);
+    return linear(x, w, b);
   }
 
   /** Final hidden states [B, T, D]. With a cache, appends this chunk's keys/values to it. */
