@@ -81,7 +81,10 @@ async function main() {
   };
   const rssBefore = process.memoryUsage().rss;
   tokens.sft_step = (B * T) / timeIt(sftStep, reps);
-  const profile = await kernelProfile(sftStep);
+  const profile = kernelProfile(sftStep);
+  const fwdFlops = forwardFlopsPerToken(cfg, T);
+  // SFT: forward + backward (2x) = 3x the forward's FLOPs.
+  const pairedSft = pairedMfu(sftStep, 3 * fwdFlops * B * T, quick ? 2 : 5);
   if (fusedActive()) {
     // The same step with the fused kernels off (tfjs compositions, native matmul still on).
     setFused(false);
@@ -117,7 +120,11 @@ async function main() {
     Object.values(grads).forEach((x) => x.dispose());
   };
   const dpoTokens = 2 * n * 128;
-  tokens.dpo_step_lora = dpoTokens / timeIt(dpoStep(lp, lopt, 1e-4, () => withAdapterOff(model, () => sequenceLogps(model, pb))), reps);
+  const loraStep = dpoStep(lp, lopt, 1e-4, () => withAdapterOff(model, () => sequenceLogps(model, pb)));
+  tokens.dpo_step_lora = dpoTokens / timeIt(loraStep, reps);
+  // LoRA DPO: reference forward + policy forward + the backward's input gradients only (frozen
+  // weights get none) = 3x the forward's FLOPs as well.
+  const pairedDpo = pairedMfu(loraStep, 3 * fwdFlops * dpoTokens, quick ? 2 : 5);
   const loraTensorsMb = (tf.memory().numBytes / 2 ** 20);
   lopt.dispose();
   ad.dispose();
@@ -193,11 +200,15 @@ async function main() {
   const ratio = (k: string) => (ref?.[k] ? +(tokens[k] / ref[k]).toFixed(3) : null);
   // Model FLOP utilisation against the best GEMM rate measured on this machine in this run.
   const peakGemm = Math.max(extra.gemm_gflops, ref?.gemm_gflops_any ?? 0) * 1e9;
-  const fwd = forwardFlopsPerToken(cfg, T);
-  // SFT: forward + backward (2x) = 3x; LoRA DPO: reference forward + policy forward + the
-  // backward's input gradients only (frozen weights get none) = 3x as well.
-  const mfu = (tps: number | undefined) => (tps ? +((tps * 3 * fwd) / peakGemm).toFixed(3) : null);
-  extra.mfu = { peak_gemm_gflops: +(peakGemm / 1e9).toFixed(1), sft_step: mfu(tokens.sft_step), dpo_step: mfu(tokens.dpo_step_lora), torch_sft_step: mfu(ref?.sft_step), torch_dpo_step: mfu(ref?.dpo_step_lora) } as any;
+  const mfu = (tps: number | undefined) => (tps ? +((tps * 3 * fwdFlops) / peakGemm).toFixed(3) : null);
+  extra.mfu = {
+    peak_gemm_gflops: +(peakGemm / 1e9).toFixed(1),
+    sft_step: mfu(tokens.sft_step),
+    dpo_step: mfu(tokens.dpo_step_lora),
+    torch_sft_step: mfu(ref?.sft_step),
+    torch_dpo_step: mfu(ref?.dpo_step_lora),
+    paired: { sft_step: pairedSft, dpo_step: pairedDpo },
+  } as any;
   const result = {
     date: new Date().toISOString(),
     backend: b.chosen,
@@ -270,18 +281,70 @@ function forwardFlopsPerToken(cfg: ReturnType<typeof parseConfig>, T: number): n
   return cfg.num_hidden_layers * perLayer + 2 * D * cfg.vocab_size;
 }
 
-/** Where one call of `f` spends its time, by tfjs kernel (wall time of each kernel call). */
-async function kernelProfile(f: () => void): Promise<{ kernel: string; ms: number; calls: number }[]> {
-  const info = await tf.profile(() => void f());
+/**
+ * Where one call of `f` spends its time, by tfjs kernel: the wall time of each kernel call,
+ * taken by wrapping the backend's registered kernels for the call. (tf.profile reads every
+ * output back to check it for NaNs, which tripled the figures of small kernels.)
+ */
+function kernelProfile(f: () => void): { kernel: string; ms: number; calls: number }[] {
   const by = new Map<string, { ms: number; calls: number }>();
-  for (const k of info.kernels) {
-    if (k.name === 'forward') continue; // customGrad's wrapper: its kernels are counted themselves
-    const e = by.get(k.name) ?? { ms: 0, calls: 0 };
-    e.ms += Number(k.kernelTimeMs) || 0;
-    e.calls++;
-    by.set(k.name, e);
+  const kernels = tf.getKernelsForBackend(tf.getBackend());
+  for (const k of kernels) {
+    tf.unregisterKernel(k.kernelName, k.backendName);
+    tf.registerKernel({
+      ...k,
+      kernelFunc: ((args: any) => {
+        const t0 = performance.now();
+        const out = k.kernelFunc(args);
+        const e = by.get(k.kernelName) ?? { ms: 0, calls: 0 };
+        e.ms += performance.now() - t0;
+        e.calls++;
+        by.set(k.kernelName, e);
+        return out;
+      }) as tf.KernelFunc,
+    });
+  }
+  try {
+    f();
+  } finally {
+    for (const k of kernels) {
+      tf.unregisterKernel(k.kernelName, k.backendName);
+      tf.registerKernel(k);
+    }
   }
   return [...by].map(([kernel, e]) => ({ kernel, ms: +e.ms.toFixed(1), calls: e.calls })).sort((a, b) => b.ms - a.ms);
+}
+
+/**
+ * Model FLOP utilisation in rounds: each round times the 1024³ GEMM (best of 3) and then the
+ * step (best of 2) back to back, and divides the step's FLOP rate by that GEMM's. This VM's
+ * speed drifts by up to ±40% over minutes, so a peak taken at one moment and steps timed at
+ * another measure the drift as much as the code. The median round, with the range.
+ */
+function pairedMfu(step: () => void, flops: number, rounds: number): { median: number; min: number; max: number; gemm_gflops: number[] } {
+  const ga = tf.randomNormal([1024, 1024]) as tf.Tensor2D;
+  const gb = tf.randomNormal([1024, 1024]) as tf.Tensor2D;
+  const best = (g: () => void, n: number) => {
+    let t = Infinity;
+    for (let i = 0; i < n; i++) {
+      const t0 = performance.now();
+      g();
+      t = Math.min(t, performance.now() - t0);
+    }
+    return t / 1000;
+  };
+  const mfu: number[] = [];
+  const gemm: number[] = [];
+  step();
+  for (let r = 0; r < rounds; r++) {
+    const g = (2 * 1024 ** 3) / best(() => tf.matMul(ga, gb).dispose(), 3);
+    mfu.push(flops / best(step, 2) / g);
+    gemm.push(+(g / 1e9).toFixed(1));
+  }
+  tf.dispose([ga, gb]);
+  const sorted = [...mfu].sort((a, b) => a - b);
+  const r3 = (x: number) => +x.toFixed(3);
+  return { median: r3(sorted[Math.floor(sorted.length / 2)]), min: r3(sorted[0]), max: r3(sorted.at(-1)!), gemm_gflops: gemm };
 }
 
 function torchReference(): Record<string, number> | null {
@@ -337,9 +400,13 @@ function appendResults(r: any): void {
     `| serve: time to first token p50 / p90, ms | ${r.serve_ttft_p50_ms} / ${r.serve_ttft_p90_ms} | | |`,
     '',
     `Matmul: ${r.native}; GEMM 1024³ ${r.gemm_gflops} GFLOP/s (PyTorch ${f(r.torch_tokens_per_s?.gemm_gflops?.toFixed?.(1))}${r.torch_tokens_per_s?.openblas_coretype ? `, its fastest configuration here: OPENBLAS_CORETYPE=${r.torch_tokens_per_s.openblas_coretype}` : ''}). ` +
-      `Model FLOP utilisation against the best measured GEMM (${r.mfu.peak_gemm_gflops} GFLOP/s): SFT step ${pct(r.mfu.sft_step)} (PyTorch ${pct(r.mfu.torch_sft_step)}), LoRA DPO step ${pct(r.mfu.dpo_step)} (PyTorch ${pct(r.mfu.torch_dpo_step)}).`,
+      `Model FLOP utilisation against the best GEMM measured anywhere in the run (${r.mfu.peak_gemm_gflops} GFLOP/s): SFT step ${pct(r.mfu.sft_step)} (PyTorch ${pct(r.mfu.torch_sft_step)}), LoRA DPO step ${pct(r.mfu.dpo_step)} (PyTorch ${pct(r.mfu.torch_dpo_step)}). ` +
+      (r.mfu.paired
+        ? `Paired with a 1024³ GEMM timed just before each step (${r.mfu.paired.sft_step.gemm_gflops.length} rounds each; the machine's GEMM rate meanwhile: ${[...r.mfu.paired.sft_step.gemm_gflops, ...r.mfu.paired.dpo_step.gemm_gflops].join(', ')} GFLOP/s): ` +
+          `SFT step ${pct(r.mfu.paired.sft_step.median)} median (${pct(r.mfu.paired.sft_step.min)}–${pct(r.mfu.paired.sft_step.max)}), LoRA DPO step ${pct(r.mfu.paired.dpo_step.median)} (${pct(r.mfu.paired.dpo_step.min)}–${pct(r.mfu.paired.dpo_step.max)}).`
+        : ''),
     '',
-    `Profile of one SFT step by kernel (ms, calls): ${r.profile.slice(0, 10).map((p: any) => `${p.kernel} ${p.ms} (${p.calls})`).join(', ')}; total ${r.profile.reduce((a: number, p: any) => a + p.ms, 0).toFixed(0)} ms.` +
+    `Profile of one SFT step by kernel (wall ms, calls): ${r.profile.slice(0, 10).map((p: any) => `${p.kernel} ${p.ms} (${p.calls})`).join(', ')}; total ${r.profile.reduce((a: number, p: any) => a + p.ms, 0).toFixed(0)} ms.` +
       (r.sft_step_unfused ? ` The same SFT step with the fused kernels off (PREFOPT_FUSED=0): ${r.sft_step_unfused} tokens/s (fused: ${t.sft_step}).` : ''),
     '',
     `Memory: peak RSS ${r.peak_rss_mb} MB; SFT phase RSS ${r.sft_rss_mb} MB; live tensors during the LoRA DPO step ${r.dpo_lora_tensor_mb} MB vs ${r.dpo_full_tensor_mb} MB for full-model DPO (which holds a second copy of the weights); ` +
