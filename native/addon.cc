@@ -196,6 +196,19 @@ napi_value SwigluGrad(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
+// splitQkv(qkv, N, KV, G, hd, q, k, v, merge): merge writes qkv from q, k, v
+napi_value SplitQkv(napi_env env, napi_callback_info info) {
+  Args a(env, info, 9, "splitQkv");
+  int64_t N = a.num(1), KV = a.num(2), G = a.num(3), hd = a.num(4);
+  bool merge = a.flag(8);
+  float* qkv = a.f32(0, N * KV * (G + 2) * hd, "qkv");
+  float* q = a.f32(5, N * KV * G * hd, "q");
+  float* k = a.f32(6, N * KV * hd, "k");
+  float* v = a.f32(7, N * KV * hd, "v");
+  if (a.ok()) split_qkv(qkv, N, KV, G, hd, q, k, v, merge);
+  return nullptr;
+}
+
 // rope(x, cos, sin, rows, H, hd, inverse, y)
 napi_value Rope(napi_env env, napi_callback_info info) {
   Args a(env, info, 8, "rope");
@@ -369,6 +382,7 @@ napi_value Init(napi_env env, napi_value exports) {
       {"attentionGrad", nullptr, AttentionGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"embed", nullptr, Embed, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"embedGrad", nullptr, EmbedGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"splitQkv", nullptr, SplitQkv, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"add", nullptr, Binary<add>, nullptr, nullptr, nullptr, napi_default, (void*)"add"},
       {"biasAdd", nullptr, BiasAdd, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"columnSum", nullptr, ColumnSum, nullptr, nullptr, nullptr, napi_default, nullptr},

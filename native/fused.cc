@@ -449,6 +449,22 @@ void attention_grad(const float* q, const float* k, const float* v, const float*
   });
 }
 
+void split_qkv(float* qkv, int64_t N, int64_t KV, int64_t G, int64_t hd, float* q, float* k, float* v, bool merge) {
+  const int64_t group = (G + 2) * hd;  // one kv head's G queries, key and value
+  parallel((int)N, threads_for(N * KV * group), [&](int r0, int r1) {
+    for (int64_t r = r0; r < r1; r++)
+      for (int64_t g = 0; g < KV; g++) {
+        float* src = qkv + (r * KV + g) * group;
+        float* parts[3] = {q + (r * KV + g) * G * hd, k + (r * KV + g) * hd, v + (r * KV + g) * hd};
+        int64_t len[3] = {G * hd, hd, hd};
+        for (int i = 0; i < 3; src += len[i], i++) {
+          if (merge) std::copy(parts[i], parts[i] + len[i], src);
+          else std::copy(src, src + len[i], parts[i]);
+        }
+      }
+  });
+}
+
 void embed(const float* table, int64_t D, const int32_t* ids, int64_t N, float* out) {
   parallel((int)N, threads_for(N * D), [&](int r0, int r1) {
     for (int r = r0; r < r1; r++) std::copy(table + (int64_t)ids[r] * D, table + (int64_t)(ids[r] + 1) * D, out + (int64_t)r * D);

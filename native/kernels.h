@@ -65,6 +65,9 @@ void rope(const float* x, const float* cos, const float* sin, int64_t rows, int6
 void attention(const float* q, const float* k, const float* v, const float* mask, float scale, int64_t B, int64_t T, int64_t Tk, int64_t H, int64_t KV, int64_t hd, float* o);
 void attention_grad(const float* q, const float* k, const float* v, const float* mask, float scale, int64_t B, int64_t T, int64_t Tk, int64_t H, int64_t KV, int64_t hd,
                     const float* dout, float* dq, float* dk, float* dv);
+// 360Zhinao's fused projection qkv [N, KV, G+2, hd] (per kv head: its G query heads, then its key
+// and value) → q [N, KV·G, hd], k, v [N, KV, hd]; with merge, the reverse (the gradient).
+void split_qkv(float* qkv, int64_t N, int64_t KV, int64_t G, int64_t hd, float* q, float* k, float* v, bool merge);
 // y = a + b elementwise (same shapes): residual connections and gradient accumulation.
 void add(const float* a, const float* b, int64_t n, float* y);
 // y = x + b over rows of length D; its gradient for b is the column sum of dy.

@@ -2,7 +2,7 @@ import { describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
 import { fusedActive, setFused } from '../src/engine/fused.js';
 import { loadNative } from '../src/engine/native.js';
-import { attention, embed, labelLogProbs, linear, loraLinear, rmsNorm, rope, sumSquares, swiglu } from '../src/engine/ops.js';
+import { attention, embed, labelLogProbs, linear, loraLinear, rmsNorm, rope, splitQkv, sumSquares, swiglu } from '../src/engine/ops.js';
 import { Decoder } from '../src/model/decoder.js';
 import { parseConfig, presetConfig } from '../src/model/config.js';
 import { makeBatch } from '../src/infer/batch.js';
@@ -172,6 +172,51 @@ describe('fused kernels against float64', () => {
       const r = run((x, c, s) => rope(x, c, s), [tf.tensor4d(f32(X), [B, T, H, hd]), tf.tensor4d(f32(C), [B, T, 1, hd]), tf.tensor4d(f32(S), [B, T, 1, hd])], DY, [0]);
       close(r.y, want, 2e-6, `${path} rope`);
       close(r.grads[0], gx, 1e-5, `${path} ∂x`);
+    });
+  });
+
+  it('360Zhinao qkv split: each kv head\'s G queries, key and value in place, and the gradient puts them back (also when k and v get none)', () => {
+    const rng = new Rng(15);
+    const [N, KV, G, hd] = [37, 3, 2, 4];
+    const X = rand(rng, N * KV * (G + 2) * hd);
+    const at = (n: number, kv: number, slot: number, d: number) => ((n * KV + kv) * (G + 2) + slot) * hd + d;
+    const wantQ: number[] = [], wantK: number[] = [], wantV: number[] = [];
+    for (let n = 0; n < N; n++)
+      for (let kv = 0; kv < KV; kv++) {
+        for (let g = 0; g < G; g++) for (let d = 0; d < hd; d++) wantQ.push(X[at(n, kv, g, d)]);
+        for (let d = 0; d < hd; d++) wantK.push(X[at(n, kv, G, d)]);
+        for (let d = 0; d < hd; d++) wantV.push(X[at(n, kv, G + 1, d)]);
+      }
+    const [DQ, DK, DV] = [rand(rng, wantQ.length), rand(rng, wantK.length), rand(rng, wantV.length)];
+    // The gradient is the same placement run backwards.
+    const grad = (withKv: boolean) => {
+      const g = new Float64Array(X.length);
+      let iq = 0, ik = 0, iv = 0;
+      for (let n = 0; n < N; n++)
+        for (let kv = 0; kv < KV; kv++) {
+          for (let s = 0; s < G; s++) for (let d = 0; d < hd; d++) g[at(n, kv, s, d)] = DQ[iq++];
+          for (let d = 0; d < hd; d++) g[at(n, kv, G, d)] = withKv ? DK[ik++] : 0;
+          for (let d = 0; d < hd; d++) g[at(n, kv, G + 1, d)] = withKv ? DV[iv++] : 0;
+        }
+      return g;
+    };
+    bothPaths((path) => {
+      const x = tf.tensor2d(f32(X), [N, KV * (G + 2) * hd]);
+      const [q, k, v] = splitQkv(x, KV, G, hd);
+      expect(q.shape).toEqual([N, KV * G, hd]);
+      expect(k.shape).toEqual([N, KV, hd]);
+      close(q.dataSync(), f32(wantQ), 0, `${path} q`);
+      close(k.dataSync(), f32(wantK), 0, `${path} k`);
+      close(v.dataSync(), f32(wantV), 0, `${path} v`);
+      const dot = (t: tf.Tensor, d: Float64Array) => tf.sum(tf.mul(t, tf.tensor(f32(d), t.shape)));
+      const all = tf.grad((xi: tf.Tensor) => {
+        const [a, b, c] = splitQkv(xi as tf.Tensor2D, KV, G, hd);
+        return tf.addN([dot(a, DQ), dot(b, DK), dot(c, DV)]);
+      })(x);
+      close(all.dataSync(), f32(grad(true)), 0, `${path} ∂qkv`);
+      const qOnly = tf.grad((xi: tf.Tensor) => dot(splitQkv(xi as tf.Tensor2D, KV, G, hd)[0], DQ))(x);
+      close(qOnly.dataSync(), f32(grad(false)), 0, `${path} ∂qkv from q alone`);
+      tf.dispose([x, q, k, v, all, qOnly]);
     });
   });
 
@@ -374,18 +419,18 @@ describe('fused kernels against float64', () => {
     });
   });
 
-  // Base weights trained (SFT), or frozen under LoRA adapters (with and without dropout).
-  for (const mode of ['full', 'lora', 'lora+dropout'] as const)
+  // Base weights trained (SFT; also 360Zhinao's fused qkv), or frozen under LoRA adapters (with and without dropout).
+  for (const mode of ['full', 'zhinao', 'lora', 'lora+dropout'] as const)
     it(`a whole decoder step (${mode}): loss and every gradient agree between the fused and the tfjs path; no tensor leaks`, () => {
       if (!native.active) return;
       const V = 97;
-      const cfg = parseConfig(presetConfig('qwen2', { hidden_size: 32, intermediate_size: 48, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 64, rope_theta: 10000, tie_word_embeddings: true }, V, {}));
+      const cfg = parseConfig(presetConfig(mode === 'zhinao' ? 'zhinao' : 'qwen2', { hidden_size: 32, intermediate_size: 48, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 64, rope_theta: 10000, tie_word_embeddings: true }, V, {}));
       const model = Decoder.init(cfg, 5, 0.3);
       const rng = new Rng(9);
       // Rows of different lengths: padding masks and fully masked query rows are exercised too.
       const batch = makeBatch([10, 7, 4].map((n) => ({ ids: Array.from({ length: n }, () => rng.int(V)), weights: Array(n).fill(1) })));
       let adapter: LoraAdapter | null = null;
-      if (mode !== 'full') {
+      if (mode.startsWith('lora')) {
         adapter = LoraAdapter.create(model, { r: 4, alpha: 8, dropout: mode === 'lora' ? 0 : 0.25, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'], useRslora: false }, 3);
         // B starts at zero (as PEFT's); give it values so that every gradient is non-trivial.
         for (const [name, v] of adapter.params()) if (name.includes('lora_B')) v.assign(tf.randomNormal(v.shape, 0, 0.3, 'float32', 4));

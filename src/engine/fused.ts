@@ -24,6 +24,7 @@ export interface FusedAddon {
   matmul2(m: number, n: number, ta1: boolean, tb1: boolean, k1: number, a1: Float32Array, b1: Float32Array, ta2: boolean, tb2: boolean, k2: number, a2: Float32Array, b2: Float32Array, c: Float32Array): void;
   adamw(p: Float32Array, g: Float32Array, m: Float32Array, v: Float32Array, n: number, scalars: Float32Array, p2: Float32Array, m2: Float32Array, v2: Float32Array): void;
   sumSquares(x: Float32Array, n: number, out: Float32Array): void;
+  splitQkv(qkv: Float32Array, n: number, kv: number, g: number, hd: number, q: Float32Array, k: Float32Array, v: Float32Array, merge: boolean): void;
   embed(table: Float32Array, v: number, d: number, ids: Int32Array, n: number, out: Float32Array): void;
   embedGrad(ids: Int32Array, n: number, dy: Float32Array, v: number, d: number, dtable: Float32Array): void;
 }
@@ -122,6 +123,20 @@ const DEFS: Record<string, Def> = {
     outputs: same(0),
     run: (a, [g, u, dy], [d], ins, { wrt }) => a.swigluGrad(g, u, dy, size(ins[0].shape), wrt === 0 ? d : null, wrt === 1 ? d : null),
   },
+  // qkv [N, KV, G+2, hd] → q [N, KV·G, hd], k, v [N, KV, hd] (360Zhinao's fused projection).
+  PrefoptSplitQkv: {
+    inputs: ['qkv'],
+    outputs: (ins, { g }) => {
+      const [N, KV, , hd] = ins[0].shape;
+      return [[N, KV * g, hd], [N, KV, hd], [N, KV, hd]];
+    },
+    run: (a, [qkv], [q, k, v], ins, { g }) => a.splitQkv(qkv, ins[0].shape[0], ins[0].shape[1], g, ins[0].shape[3], q, k, v, false),
+  },
+  PrefoptMergeQkv: {
+    inputs: ['q', 'k', 'v'],
+    outputs: (ins, { g }) => [[ins[1].shape[0], ins[1].shape[1], g + 2, ins[1].shape[2]]],
+    run: (a, [q, k, v], [qkv], ins, { g }) => a.splitQkv(qkv, ins[1].shape[0], ins[1].shape[1], g, ins[1].shape[2], q, k, v, true),
+  },
   // x [B, T, H, hd]; cos, sin [B, T, 1, hd].
   PrefoptRope: {
     inputs: ['x', 'cos', 'sin'],
@@ -211,6 +226,13 @@ const GRADS: tf.GradConfig[] = [
     },
   },
   {
+    kernelName: 'PrefoptSplitQkv',
+    gradFunc: (dys, _saved, attrs: any) => {
+      const [dq, dk, dv] = dys as tf.Tensor[];
+      return { qkv: () => run('PrefoptMergeQkv', { q: dq, k: dk, v: dv }, { g: attrs.g }) as tf.Tensor };
+    },
+  },
+  {
     kernelName: 'PrefoptRope',
     inputsToSave: ['cos', 'sin'],
     gradFunc: (dy, [cos, sin]) => ({
@@ -275,6 +297,8 @@ export const fused = {
   labelLogProbs: (logits: tf.Tensor2D, labels: tf.Tensor1D) => run('PrefoptLabelLogProbs', { logits: f32(logits), labels: i32(labels) }) as tf.Tensor1D,
   rmsNorm: (x: tf.Tensor, w: tf.Tensor, eps: number) => run('PrefoptRmsNorm', { x: f32(x), w: f32(w) }, { eps }) as tf.Tensor,
   swiglu: (g: tf.Tensor, u: tf.Tensor) => run('PrefoptSwiglu', { g: f32(g), u: f32(u) }) as tf.Tensor,
+  /** qkv [N, KV, G+2, hd] → [q [N, KV·G, hd], k [N, KV, hd], v [N, KV, hd]]. */
+  splitQkv: (qkv: tf.Tensor, g: number) => run('PrefoptSplitQkv', { qkv: f32(qkv) }, { g }) as tf.Tensor[],
   rope: (x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor) => run('PrefoptRope', { x: f32(x), cos, sin }, { inverse: false }) as tf.Tensor,
   /**
    * A custom gradient rather than a registered one: one kernel computes dq, dk and dv together,

@@ -87,7 +87,7 @@ export function mmTransB(a: tf.Tensor2D, b: tf.Tensor2D): tf.Tensor2D {
  * for contiguous pieces (~1 ms per 32 KB), while a copy through host memory costs microseconds;
  * the gradient is a plain concat.
  */
-export function split0(x: tf.Tensor, sizes: number[]): tf.Tensor[] {
+function split0(x: tf.Tensor, sizes: number[]): tf.Tensor[] {
   if (!slowSlice()) return tf.split(x, sizes, 0);
   const shape = x.shape as number[];
   const inner = shape.slice(1).reduce((a, b) => a * b, 1);
@@ -183,6 +183,20 @@ export function labelLogProbs(logits: tf.Tensor2D, labels: tf.Tensor1D): tf.Tens
   const lsm = tf.logSoftmax(logits);
   const oh = tf.oneHot(labels, logits.shape[1]);
   return tf.sum(tf.mul(lsm, oh), 1) as tf.Tensor1D;
+}
+
+/**
+ * 360Zhinao's fused projection [N, KV·(G+2)·hd] — per kv head its G query heads, then its key and
+ * value — split into q [N, KV·G, hd] (query head kv·G + g) and k, v [N, KV, hd]. Fused: one copy
+ * each way. Otherwise the group axis goes to the front, where the split is cheap on wasm (inner-
+ * axis slices are slow there).
+ */
+export function splitQkv(qkv: tf.Tensor2D, kv: number, g: number, hd: number): [tf.Tensor, tf.Tensor, tf.Tensor] {
+  const N = qkv.shape[0];
+  const grouped = tf.reshape(qkv, [N, kv, g + 2, hd]);
+  if (fusedActive()) return fused.splitQkv(grouped, g) as [tf.Tensor, tf.Tensor, tf.Tensor];
+  const [qs, ks, vs] = split0(tf.transpose(grouped, [2, 0, 1, 3]), [g, 1, 1]); // [G+2, N, KV, hd]
+  return [tf.reshape(tf.transpose(qs, [1, 2, 0, 3]), [N, kv * g, hd]), tf.reshape(ks, [N, kv, hd]), tf.reshape(vs, [N, kv, hd])];
 }
 
 /** Σ x² as a scalar (for the global gradient norm). */

@@ -2,7 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { ModelConfig, expectedShapes, isLinearWeight } from './config.js';
 import { attentionMask } from './mask.js';
 import { ropeTables } from './rope.js';
-import { attention, embed, linear, mm, mmTransB, rmsNorm, rope, split0, swiglu } from '../engine/ops.js';
+import { attention, embed, linear, mm, mmTransB, rmsNorm, rope, splitQkv, swiglu } from '../engine/ops.js';
 import { Rng } from '../util/rng.js';
 
 /**
@@ -172,11 +172,8 @@ export class Decoder {
     const p = `model.layers.${l}.self_attn`;
     let q: tf.Tensor, k: tf.Tensor, v: tf.Tensor;
     if (cfg.arch === 'zhinao') {
-      // Fused qkv grouped per kv head: [KV, G + 2, hd] = G query heads, one key, one value.
-      // Bring the group axis to the front and split there: wasm slices inner axes very slowly.
-      const qkv = tf.transpose(tf.reshape(this.lin(`${p}.qkv_proj`, h), [B * T, KV, G + 2, hd]), [2, 0, 1, 3]); // [G+2, BT, KV, hd]
-      const [qs, ks, vs] = split0(qkv, [G, 1, 1]);
-      q = tf.reshape(tf.transpose(qs, [1, 2, 0, 3]), [B, T, H, hd]);
+      const [qs, ks, vs] = splitQkv(tf.reshape(this.lin(`${p}.qkv_proj`, h), [B * T, -1]) as tf.Tensor2D, KV, G, hd);
+      q = tf.reshape(qs, [B, T, H, hd]);
       k = tf.reshape(ks, [B, T, KV, hd]);
       v = tf.reshape(vs, [B, T, KV, hd]);
     } else {
