@@ -19,7 +19,7 @@ describe('reward model on the embedded preference pairs', () => {
     };
     await run(['init-model', '--arch', 'zhinao', '--config', `${q}/model.json`, '--tokenizer', `${q}/tokenizer`, '--out', path.join(d, 'base')]);
     await run(['sft', '--model', path.join(d, 'base'), '--data', `${q}/sft.json`, '--out', path.join(d, 'sft'), '--lr', '2e-3', '--epochs', '6', '--batch-size', '16', '--max-len', '128', '--warmup-ratio', '0.05', '--eval-ratio', '0.02', '--seed', '0']);
-    await run(['rm', 'train', '--model', path.join(d, 'sft'), '--data', `${q}/prefs.jsonl`, '--out', path.join(d, 'rm'), '--eval-ratio', '0.1', '--lr', '5e-4', '--epochs', '8', '--batch-size', '8', '--warmup-ratio', '0.1', '--seed', '0']);
+    await run(['rm', 'train', '--model', path.join(d, 'sft'), '--data', `${q}/prefs.jsonl`, '--out', path.join(d, 'rm'), '--eval-ratio', '0.1', '--lr', '1e-3', '--epochs', '12', '--batch-size', '16', '--warmup-ratio', '0.1', '--seed', '0']);
     const evals = fs.readFileSync(path.join(d, 'rm', 'metrics.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l)).filter((r) => r.split === 'eval');
     const last = evals.at(-1);
     console.log(`reward model: held-out accuracy ${last.accuracy} (80 pairs), margin ${last.margin.toFixed(2)}, loss ${last.loss.toFixed(3)}`);
