@@ -57,11 +57,7 @@ async function main() {
 
   // The GEMM rate of the active matmul kernel: one 1024³ product.
   {
-    const ga = tf.randomNormal([1024, 1024]) as tf.Tensor2D;
-    const gb = tf.randomNormal([1024, 1024]) as tf.Tensor2D;
-    extra.gemm_gflops = +((2 * 1024 ** 3) / timeIt(() => tf.matMul(ga, gb).dispose(), quick ? 3 : 10) / 1e9).toFixed(1);
-    ga.dispose();
-    gb.dispose();
+    extra.gemm_gflops = +(gemmRate((f) => timeIt(f, quick ? 3 : 10)) / 1e9).toFixed(1);
     say(`GEMM 1024³: ${extra.gemm_gflops} GFLOP/s (${b.native.active ? b.native.reason : 'tfjs kernel'})`);
   }
 
@@ -315,6 +311,17 @@ function kernelProfile(f: () => void): { kernel: string; ms: number; calls: numb
   return [...by].map(([kernel, e]) => ({ kernel, ms: +e.ms.toFixed(1), calls: e.calls })).sort((a, b) => b.ms - a.ms);
 }
 
+/** FLOP/s of one 1024³ product on the active matmul kernel; `time` gives seconds per call of f. */
+function gemmRate(time: (f: () => void) => number): number {
+  const ga = tf.randomNormal([1024, 1024]) as tf.Tensor2D;
+  const gb = tf.randomNormal([1024, 1024]) as tf.Tensor2D;
+  try {
+    return (2 * 1024 ** 3) / time(() => tf.matMul(ga, gb).dispose());
+  } finally {
+    tf.dispose([ga, gb]);
+  }
+}
+
 /**
  * Model FLOP utilisation in rounds: each round times the 1024³ GEMM (best of 3) and then the
  * step (best of 2) back to back, and divides the step's FLOP rate by that GEMM's. This VM's
@@ -322,8 +329,6 @@ function kernelProfile(f: () => void): { kernel: string; ms: number; calls: numb
  * another measure the drift as much as the code. The median round, with the range.
  */
 function pairedMfu(step: () => void, flops: number, rounds: number): { median: number; min: number; max: number; gemm_gflops: number[] } {
-  const ga = tf.randomNormal([1024, 1024]) as tf.Tensor2D;
-  const gb = tf.randomNormal([1024, 1024]) as tf.Tensor2D;
   const best = (g: () => void, n: number) => {
     let t = Infinity;
     for (let i = 0; i < n; i++) {
@@ -337,11 +342,10 @@ function pairedMfu(step: () => void, flops: number, rounds: number): { median: n
   const gemm: number[] = [];
   step();
   for (let r = 0; r < rounds; r++) {
-    const g = (2 * 1024 ** 3) / best(() => tf.matMul(ga, gb).dispose(), 3);
+    const g = gemmRate((f) => best(f, 3));
     mfu.push(flops / best(step, 2) / g);
     gemm.push(+(g / 1e9).toFixed(1));
   }
-  tf.dispose([ga, gb]);
   const sorted = [...mfu].sort((a, b) => a - b);
   const r3 = (x: number) => +x.toFixed(3);
   return { median: r3(sorted[Math.floor(sorted.length / 2)]), min: r3(sorted[0]), max: r3(sorted.at(-1)!), gemm_gflops: gemm };

@@ -500,40 +500,36 @@ void column_sum(const float* dy, int64_t N, int64_t D, float* out) {
 }
 
 namespace {
-// One chunk of AdamW. The same statements compile twice: as they are, and for AVX-512, where
-// the compiler runs the loop 16 lanes wide (the square root and division dominate, and a vector
+// One chunk of AdamW, inlined into two callers: as it is, and compiled for AVX-512, where the
+// compiler runs the loop 16 lanes wide (the square root and division dominate, and a vector
 // square root or division rounds exactly as the scalar one, so the bits stay the same).
-#define PREFOPT_ADAMW_BODY                                                        \
-  for (int64_t i = i0; i < i1; i++) {                                             \
-    float gi = g[i] * a.gscale;                                                   \
-    float mi = m[i] * a.beta1 + gi * a.one_minus_beta1;                           \
-    float vi = v[i] * a.beta2 + gi * gi * a.one_minus_beta2;                      \
-    float next = p[i] - (mi / (std::sqrt(vi) / a.sqrt_bc2 + a.eps)) * a.step;     \
-    if (a.decay != 0.f) next -= p[i] * a.decay;                                   \
-    p2[i] = next;                                                                 \
-    m2[i] = mi;                                                                   \
-    v2[i] = vi;                                                                   \
+__attribute__((always_inline)) inline void adamw_span(const float* __restrict p, const float* __restrict g, const float* __restrict m, const float* __restrict v,
+                                                      int64_t i0, int64_t i1, const AdamWArgs& a, float* __restrict p2, float* __restrict m2, float* __restrict v2) {
+  for (int64_t i = i0; i < i1; i++) {
+    float gi = g[i] * a.gscale;
+    float mi = m[i] * a.beta1 + gi * a.one_minus_beta1;
+    float vi = v[i] * a.beta2 + gi * gi * a.one_minus_beta2;
+    float next = p[i] - (mi / (std::sqrt(vi) / a.sqrt_bc2 + a.eps)) * a.step;
+    if (a.decay != 0.f) next -= p[i] * a.decay;
+    p2[i] = next;
+    m2[i] = mi;
+    v2[i] = vi;
   }
-void adamw_chunk(const float* __restrict p, const float* __restrict g, const float* __restrict m, const float* __restrict v, int64_t i0, int64_t i1, const AdamWArgs& a,
-                 float* __restrict p2, float* __restrict m2, float* __restrict v2) {
-  PREFOPT_ADAMW_BODY
 }
 #ifdef PREFOPT_X86
-__attribute__((target("avx512f,prefer-vector-width=512"))) void adamw_chunk_avx512(const float* __restrict p, const float* __restrict g, const float* __restrict m,
-                                                                                  const float* __restrict v, int64_t i0, int64_t i1, const AdamWArgs& a,
-                                                                                  float* __restrict p2, float* __restrict m2, float* __restrict v2) {
-  PREFOPT_ADAMW_BODY
+__attribute__((target("avx512f,prefer-vector-width=512"))) void adamw_span_avx512(const float* p, const float* g, const float* m, const float* v, int64_t i0, int64_t i1,
+                                                                                 const AdamWArgs& a, float* p2, float* m2, float* v2) {
+  adamw_span(p, g, m, v, i0, i1, a, p2, m2, v2);
 }
 #endif
-#undef PREFOPT_ADAMW_BODY
 }  // namespace
 
 void adamw(const float* p, const float* g, const float* m, const float* v, int64_t n, const AdamWArgs& a, float* p2, float* m2, float* v2) {
   for_chunks(n, [&](int64_t, int64_t i0, int64_t i1) {
 #ifdef PREFOPT_X86
-    if (g_isa == kAVX512) return adamw_chunk_avx512(p, g, m, v, i0, i1, a, p2, m2, v2);
+    if (g_isa == kAVX512) return adamw_span_avx512(p, g, m, v, i0, i1, a, p2, m2, v2);
 #endif
-    adamw_chunk(p, g, m, v, i0, i1, a, p2, m2, v2);
+    adamw_span(p, g, m, v, i0, i1, a, p2, m2, v2);
   });
 }
 

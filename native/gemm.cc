@@ -244,13 +244,12 @@ struct Term {
 // The block of C with rows [r0, r1) (multiples of MR) and panels [p0, p1). Each term's K runs in
 // KC-slices after the previous term's, as if the terms were one product over the concatenated K:
 // LoRA's update costs one more slice over C, not a second product and an add.
+// kmax is the longest slice (the packed B's depth).
 template <int MR, int NR, void (*TILE)(const Tile&)>
-void gemm_block(const Term* terms, int nterms, int M, int N, const Out& C, int r0, int r1, int p0, int p1) {
+void gemm_block(const Term* terms, int nterms, int kmax, int M, int N, const Out& C, int r0, int r1, int p0, int p1) {
   if (r0 >= r1 || p0 >= p1) return;
   // Per-thread scratch, grown when needed and never cleared: attention makes many small products.
   thread_local std::vector<float> bp;
-  int kmax = 0;
-  for (int s = 0; s < nterms; s++) kmax = std::max(kmax, std::min(KC, terms[s].K));
   size_t need = (size_t)(p1 - p0) * kmax * NR;
   if (bp.size() < need) bp.resize(need);
   bool acc = C.acc;
@@ -286,9 +285,9 @@ void gemm_with(const Term* terms, int nterms, int M, int N, const Out& C, int th
   for (int s = 0; s < nterms; s++) kb = std::max(kb, std::min(KC, terms[s].K));
   bool by_rows = tiles >= 2 * threads ? (size_t)panels * kb * NR * sizeof(float) <= kPackedBPerThread : tiles > panels;
   if (by_rows)
-    parallel(tiles, threads, [&](int t0, int t1) { gemm_block<MR, NR, TILE>(terms, nterms, M, N, C, t0 * MR, std::min(M, t1 * MR), 0, panels); });
+    parallel(tiles, threads, [&](int t0, int t1) { gemm_block<MR, NR, TILE>(terms, nterms, kb, M, N, C, t0 * MR, std::min(M, t1 * MR), 0, panels); });
   else
-    parallel(panels, threads, [&](int p0, int p1) { gemm_block<MR, NR, TILE>(terms, nterms, M, N, C, 0, M, p0, p1); });
+    parallel(panels, threads, [&](int p0, int p1) { gemm_block<MR, NR, TILE>(terms, nterms, kb, M, N, C, 0, M, p0, p1); });
 }
 
 }  // namespace
