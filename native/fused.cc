@@ -20,6 +20,39 @@ namespace {
 constexpr int64_t kParallelMin = 1 << 15;
 int threads_for(int64_t elems) { return elems >= kParallelMin ? g_threads : 1; }
 
+// Runs f() compiled for AVX-512 where the CPU has it: f (a lambda marked PREFOPT_INLINE, inlined
+// here with the PREFOPT_INLINE helpers it calls) then has its loops vectorized 16 lanes wide
+// instead of the baseline x86-64 build's 4. Vector and scalar arithmetic round alike (the build
+// keeps FMA contraction off; a vector square root or division rounds like the scalar one), and
+// sums fix their order in the source (sum_double), so the bits do not depend on which form ran.
+#define PREFOPT_INLINE __attribute__((always_inline))
+#ifdef PREFOPT_X86
+template <class F>
+__attribute__((target("avx512f,prefer-vector-width=512"))) void run_avx512(const F& f) {
+  f();
+}
+#endif
+template <class F>
+void wide(const F& f) {
+#ifdef PREFOPT_X86
+  if (g_isa == kAVX512) return run_avx512(f);
+#endif
+  f();
+}
+
+// Σ_j term(j) over [0, n) in double: eight running sums (lane j mod 8, one vector of doubles)
+// combined in a fixed order.
+template <class T>
+PREFOPT_INLINE inline double sum_double(int64_t n, const T& term) {
+  double acc[8] = {};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int k = 0; k < 8; k++) acc[k] += term(j + k);
+  double s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; j < n; j++) s += term(j);
+  return s;
+}
+
 #ifdef PREFOPT_X86
 // exp(x) for 8 lanes: x = n·ln2 + r, |r| ≤ ln2/2, a degree-6 polynomial for e^r (Cephes' expf
 // coefficients, within 2 ulp), scaled by 2^n through the exponent bits. Below −87.3 the result
@@ -128,21 +161,21 @@ void label_logprobs_grad(const float* x, int64_t N, int64_t V, const int32_t* y,
 }
 
 namespace {
-float inv_rms(const float* x, int64_t D, float eps) {
-  double s = 0;
-  for (int64_t j = 0; j < D; j++) s += (double)x[j] * x[j];
-  return (float)(1.0 / std::sqrt(s / D + eps));
+PREFOPT_INLINE inline float inv_rms(const float* x, int64_t D, float eps) {
+  return (float)(1.0 / std::sqrt(sum_double(D, [&](int64_t j) PREFOPT_INLINE { return (double)x[j] * x[j]; }) / D + eps));
 }
 }  // namespace
 
 void rms_norm(const float* x, const float* w, int64_t N, int64_t D, float eps, float* y) {
   parallel((int)N, threads_for(N * D), [&](int r0, int r1) {
-    for (int r = r0; r < r1; r++) {
-      const float* xr = x + (int64_t)r * D;
-      float* yr = y + (int64_t)r * D;
-      float k = inv_rms(xr, D, eps);
-      for (int64_t j = 0; j < D; j++) yr[j] = xr[j] * k * w[j];
-    }
+    wide([&]() PREFOPT_INLINE {
+      for (int r = r0; r < r1; r++) {
+        const float* xr = x + (int64_t)r * D;
+        float* yr = y + (int64_t)r * D;
+        float k = inv_rms(xr, D, eps);
+        for (int64_t j = 0; j < D; j++) yr[j] = xr[j] * k * w[j];
+      }
+    });
   });
 }
 
@@ -150,60 +183,64 @@ void rms_norm(const float* x, const float* w, int64_t N, int64_t D, float eps, f
 void rms_norm_grad(const float* x, const float* w, const float* dy, int64_t N, int64_t D, float eps, float* dx, float* dw) {
   std::vector<float> rs(N);
   parallel((int)N, threads_for(N * D), [&](int r0, int r1) {
-    for (int r = r0; r < r1; r++) {
-      const float* xr = x + (int64_t)r * D;
-      const float* gr = dy + (int64_t)r * D;
-      float k = inv_rms(xr, D, eps);
-      rs[r] = k;
-      if (!dx) continue;
-      float* d = dx + (int64_t)r * D;
-      double c = 0;
-      for (int64_t j = 0; j < D; j++) c += (double)gr[j] * w[j] * xr[j];
-      float k3c = (float)(c / D) * k * k * k;
-      for (int64_t j = 0; j < D; j++) d[j] = k * gr[j] * w[j] - xr[j] * k3c;
-    }
+    wide([&]() PREFOPT_INLINE {
+      for (int r = r0; r < r1; r++) {
+        const float* xr = x + (int64_t)r * D;
+        const float* gr = dy + (int64_t)r * D;
+        float k = inv_rms(xr, D, eps);
+        rs[r] = k;
+        if (!dx) continue;
+        float* d = dx + (int64_t)r * D;
+        double c = sum_double(D, [&](int64_t j) PREFOPT_INLINE { return (double)gr[j] * w[j] * xr[j]; });
+        float k3c = (float)(c / D) * k * k * k;
+        for (int64_t j = 0; j < D; j++) d[j] = k * gr[j] * w[j] - xr[j] * k3c;
+      }
+    });
   });
   if (!dw) return;
   parallel((int)D, threads_for(N * D), [&](int c0, int c1) {
-    std::vector<double> acc(c1 - c0, 0.0);
-    for (int64_t r = 0; r < N; r++) {
-      const float* xr = x + r * D;
-      const float* gr = dy + r * D;
-      for (int c = c0; c < c1; c++) acc[c - c0] += (double)(gr[c] * xr[c] * rs[r]);
-    }
-    for (int c = c0; c < c1; c++) dw[c] = (float)acc[c - c0];
+    wide([&]() PREFOPT_INLINE {
+      std::vector<double> acc(c1 - c0, 0.0);
+      for (int64_t r = 0; r < N; r++) {
+        const float* xr = x + r * D;
+        const float* gr = dy + r * D;
+        for (int c = c0; c < c1; c++) acc[c - c0] += (double)(gr[c] * xr[c] * rs[r]);
+      }
+      for (int c = c0; c < c1; c++) dw[c] = (float)acc[c - c0];
+    });
   });
 }
 
 namespace {
 // Calls f(i0, m, s) over [0, n) in chunks of m ≤ kChunk elements, with s[i] = σ(g[i0 + i]).
 template <class F>
-void over_sigmoid(const float* g, int64_t n, F f) {
+void over_sigmoid(const float* g, int64_t n, const F& f) {
   for_chunks(n, [&](int64_t, int64_t i0, int64_t i1) {
-    float s[kChunk];
-    int64_t m = i1 - i0;
-    for (int64_t i = 0; i < m; i++) s[i] = -g[i0 + i];
-    exp_inplace(s, m);
-    for (int64_t i = 0; i < m; i++) s[i] = 1.f / (1.f + s[i]);
-    f(i0, m, s);
+    wide([&]() PREFOPT_INLINE {
+      float s[kChunk];
+      int64_t m = i1 - i0;
+      for (int64_t i = 0; i < m; i++) s[i] = -g[i0 + i];
+      exp_inplace(s, m);
+      for (int64_t i = 0; i < m; i++) s[i] = 1.f / (1.f + s[i]);
+      f(i0, m, s);
+    });
   });
 }
 }  // namespace
 
 void swiglu(const float* g, const float* u, int64_t n, float* y) {
-  over_sigmoid(g, n, [&](int64_t i0, int64_t m, const float* s) {
+  over_sigmoid(g, n, [&](int64_t i0, int64_t m, const float* s) PREFOPT_INLINE {
     for (int64_t i = 0; i < m; i++) y[i0 + i] = g[i0 + i] * s[i] * u[i0 + i];
   });
 }
 
 // d/dg [g σ(g)] = σ(g) (1 + g (1 − σ(g))).
 void swiglu_grad(const float* g, const float* u, const float* dy, int64_t n, float* dg, float* du) {
-  over_sigmoid(g, n, [&](int64_t i0, int64_t m, const float* s) {
-    for (int64_t i = 0; i < m; i++) {
-      float gi = g[i0 + i], si = s[i], d = dy[i0 + i];
-      if (du) du[i0 + i] = d * gi * si;
-      if (dg) dg[i0 + i] = d * u[i0 + i] * si * (1.f + gi * (1.f - si));
-    }
+  over_sigmoid(g, n, [&](int64_t i0, int64_t m, const float* s) PREFOPT_INLINE {
+    if (du)
+      for (int64_t i = 0; i < m; i++) du[i0 + i] = dy[i0 + i] * g[i0 + i] * s[i];
+    if (dg)
+      for (int64_t i = 0; i < m; i++) dg[i0 + i] = dy[i0 + i] * u[i0 + i] * s[i] * (1.f + g[i0 + i] * (1.f - s[i]));
   });
 }
 
@@ -212,25 +249,27 @@ void swiglu_grad(const float* g, const float* u, const float* dy, int64_t n, flo
 void rope(const float* x, const float* cos, const float* sin, int64_t rows, int64_t H, int64_t hd, bool inverse, float* y) {
   int64_t h = hd / 2;
   parallel((int)rows, threads_for(rows * H * hd), [&](int r0, int r1) {
-    for (int r = r0; r < r1; r++) {
-      const float* c = cos + (int64_t)r * hd;
-      const float* s = sin + (int64_t)r * hd;
-      for (int64_t head = 0; head < H; head++) {
-        const float* xi = x + ((int64_t)r * H + head) * hd;
-        float* yo = y + ((int64_t)r * H + head) * hd;
-        if (!inverse) {
-          for (int64_t j = 0; j < h; j++) {
-            yo[j] = xi[j] * c[j] - xi[j + h] * s[j];
-            yo[j + h] = xi[j + h] * c[j + h] + xi[j] * s[j + h];
-          }
-        } else {
-          for (int64_t j = 0; j < h; j++) {
-            yo[j] = xi[j] * c[j] + xi[j + h] * s[j + h];
-            yo[j + h] = xi[j + h] * c[j + h] - xi[j] * s[j];
+    wide([&]() PREFOPT_INLINE {
+      for (int r = r0; r < r1; r++) {
+        const float* c = cos + (int64_t)r * hd;
+        const float* s = sin + (int64_t)r * hd;
+        for (int64_t head = 0; head < H; head++) {
+          const float* xi = x + ((int64_t)r * H + head) * hd;
+          float* yo = y + ((int64_t)r * H + head) * hd;
+          if (!inverse) {
+            for (int64_t j = 0; j < h; j++) {
+              yo[j] = xi[j] * c[j] - xi[j + h] * s[j];
+              yo[j + h] = xi[j + h] * c[j + h] + xi[j] * s[j + h];
+            }
+          } else {
+            for (int64_t j = 0; j < h; j++) {
+              yo[j] = xi[j] * c[j] + xi[j + h] * s[j + h];
+              yo[j + h] = xi[j + h] * c[j + h] - xi[j] * s[j];
+            }
           }
         }
       }
-    }
+    });
   });
 }
 
@@ -474,37 +513,41 @@ void embed(const float* table, int64_t D, const int32_t* ids, int64_t N, float* 
 // Split by column so that every entry of dtable adds its rows in the same order on any thread count.
 void embed_grad(const int32_t* ids, int64_t N, const float* dy, int64_t V, int64_t D, float* dtable) {
   parallel((int)D, threads_for(N * D), [&](int c0, int c1) {
-    for (int64_t v = 0; v < V; v++) std::fill(dtable + v * D + c0, dtable + v * D + c1, 0.f);
-    for (int64_t r = 0; r < N; r++) {
-      const float* g = dy + r * D;
-      float* d = dtable + (int64_t)ids[r] * D;
-      for (int c = c0; c < c1; c++) d[c] += g[c];
-    }
+    wide([&]() PREFOPT_INLINE {
+      for (int64_t v = 0; v < V; v++) std::fill(dtable + v * D + c0, dtable + v * D + c1, 0.f);
+      for (int64_t r = 0; r < N; r++) {
+        const float* g = dy + r * D;
+        float* d = dtable + (int64_t)ids[r] * D;
+        for (int c = c0; c < c1; c++) d[c] += g[c];
+      }
+    });
   });
 }
 
 void bias_add(const float* x, const float* b, int64_t N, int64_t D, float* y) {
   parallel((int)N, threads_for(N * D), [&](int r0, int r1) {
-    for (int64_t r = r0; r < r1; r++)
-      for (int64_t c = 0; c < D; c++) y[r * D + c] = x[r * D + c] + b[c];
+    wide([&]() PREFOPT_INLINE {
+      for (int64_t r = r0; r < r1; r++)
+        for (int64_t c = 0; c < D; c++) y[r * D + c] = x[r * D + c] + b[c];
+    });
   });
 }
 
 // Split by column: each sum runs over the rows in order, whatever the thread count.
 void column_sum(const float* dy, int64_t N, int64_t D, float* out) {
   parallel((int)D, threads_for(N * D), [&](int c0, int c1) {
-    std::fill(out + c0, out + c1, 0.f);
-    for (int64_t r = 0; r < N; r++)
-      for (int c = c0; c < c1; c++) out[c] += dy[r * D + c];
+    wide([&]() PREFOPT_INLINE {
+      std::fill(out + c0, out + c1, 0.f);
+      for (int64_t r = 0; r < N; r++)
+        for (int c = c0; c < c1; c++) out[c] += dy[r * D + c];
+    });
   });
 }
 
 namespace {
-// One chunk of AdamW, inlined into two callers: as it is, and compiled for AVX-512, where the
-// compiler runs the loop 16 lanes wide (the square root and division dominate, and a vector
-// square root or division rounds exactly as the scalar one, so the bits stay the same).
-__attribute__((always_inline)) inline void adamw_span(const float* __restrict p, const float* __restrict g, const float* __restrict m, const float* __restrict v,
-                                                      int64_t i0, int64_t i1, const AdamWArgs& a, float* __restrict p2, float* __restrict m2, float* __restrict v2) {
+// One chunk of AdamW (run 16 lanes wide by wide(): the square root and division dominate).
+PREFOPT_INLINE inline void adamw_span(const float* __restrict p, const float* __restrict g, const float* __restrict m, const float* __restrict v, int64_t i0,
+                                      int64_t i1, const AdamWArgs& a, float* __restrict p2, float* __restrict m2, float* __restrict v2) {
   for (int64_t i = i0; i < i1; i++) {
     float gi = g[i] * a.gscale;
     float mi = m[i] * a.beta1 + gi * a.one_minus_beta1;
@@ -516,21 +559,10 @@ __attribute__((always_inline)) inline void adamw_span(const float* __restrict p,
     v2[i] = vi;
   }
 }
-#ifdef PREFOPT_X86
-__attribute__((target("avx512f,prefer-vector-width=512"))) void adamw_span_avx512(const float* p, const float* g, const float* m, const float* v, int64_t i0, int64_t i1,
-                                                                                 const AdamWArgs& a, float* p2, float* m2, float* v2) {
-  adamw_span(p, g, m, v, i0, i1, a, p2, m2, v2);
-}
-#endif
 }  // namespace
 
 void adamw(const float* p, const float* g, const float* m, const float* v, int64_t n, const AdamWArgs& a, float* p2, float* m2, float* v2) {
-  for_chunks(n, [&](int64_t, int64_t i0, int64_t i1) {
-#ifdef PREFOPT_X86
-    if (g_isa == kAVX512) return adamw_span_avx512(p, g, m, v, i0, i1, a, p2, m2, v2);
-#endif
-    adamw_span(p, g, m, v, i0, i1, a, p2, m2, v2);
-  });
+  for_chunks(n, [&](int64_t, int64_t i0, int64_t i1) { wide([&]() PREFOPT_INLINE { adamw_span(p, g, m, v, i0, i1, a, p2, m2, v2); }); });
 }
 
 double sum_squares(const float* x, int64_t n) {
@@ -547,7 +579,9 @@ double sum_squares(const float* x, int64_t n) {
 
 void add(const float* a, const float* b, int64_t n, float* y) {
   for_chunks(n, [&](int64_t, int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; i++) y[i] = a[i] + b[i];
+    wide([&]() PREFOPT_INLINE {
+      for (int64_t i = i0; i < i1; i++) y[i] = a[i] + b[i];
+    });
   });
 }
 

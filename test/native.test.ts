@@ -71,27 +71,65 @@ describe('native matmul', () => {
     }
   });
 
-  it.runIf(native.active)('gives the same bits with AVX-512, AVX2 and portable code (PREFOPT_ISA), and on one thread or all', () => {
-    // Each kernel sums every element of C as one chain of fused multiply-adds in k order: the
-    // instruction set and the thread split may not change a bit. K > 256 crosses a KC block.
+  /**
+   * Runs `body` (Node code with the addon as `m`, a seeded `rnd(n)` and a hash `h` to update) under
+   * each instruction set in `isas` (the first also on one thread) and on two threads; every run
+   * must give the same hash.
+   */
+  const sameBitsEverywhere = (body: string, isas = ['avx512', 'avx2', 'portable']) => {
     const script = `
       const m = require(${JSON.stringify(path.resolve('build/Release/prefopt_native.node'))});
       const h = require('node:crypto').createHash('sha256');
       let seed = 1;
       const rnd = (n) => Float32Array.from({ length: n }, () => ((seed = (seed * 16807) % 2147483647) / 2147483647) - 0.5);
-      for (const [M, N, K, ta, tb] of [[37, 70, 300, false, false], [200, 45, 520, true, false], [13, 129, 64, false, true], [64, 64, 1000, true, true]]) {
-        const A = rnd(M * K), B = rnd(K * N), C = new Float32Array(M * N);
-        m.matmul(ta, tb, 1, M, N, K, A, 0, B, 0, C, false);
-        h.update(Buffer.from(C.buffer));
-      }
+      ${body}
       console.log(m.info().isa + ' ' + h.digest('hex'));`;
-    const runs = [['avx512', '2'], ['avx2', '2'], ['portable', '2'], ['avx512', '1']].map(([isa, threads]) => {
+    const runs = [...isas.map((isa) => [isa, '2']), [isas[0], '1']].map(([isa, threads]) => {
       const r = spawnSync(process.execPath, ['-e', script], { env: { ...process.env, PREFOPT_ISA: isa, PREFOPT_THREADS: threads, PREFOPT_BLAS: 'builtin' }, encoding: 'utf8' });
       expect(r.status, r.stderr).toBe(0);
       return r.stdout.trim().split(' ');
     });
     console.log(`ISAs compared: ${[...new Set(runs.map((r) => r[0]))].join(', ')}`);
     expect(new Set(runs.map((r) => r[1])).size).toBe(1);
+  };
+
+  it.runIf(native.active)('gives the same bits with AVX-512, AVX2 and portable code (PREFOPT_ISA), and on one thread or all', () => {
+    // Each kernel sums every element of C as one chain of fused multiply-adds in k order: the
+    // instruction set and the thread split may not change a bit. K > 256 crosses a KC block.
+    sameBitsEverywhere(`
+      for (const [M, N, K, ta, tb] of [[37, 70, 300, false, false], [200, 45, 520, true, false], [13, 129, 64, false, true], [64, 64, 1000, true, true]]) {
+        const A = rnd(M * K), B = rnd(K * N), C = new Float32Array(M * N);
+        m.matmul(ta, tb, 1, M, N, K, A, 0, B, 0, C, false);
+        h.update(Buffer.from(C.buffer));
+      }`);
+  });
+
+  it.runIf(native.active)('its elementwise and normalisation kernels give the same bits with AVX-512, AVX2 and portable code, on one thread or all', () => {
+    // The vectorized forms (16 lanes under AVX-512, 4 in the baseline build) must round exactly
+    // as the scalar ones, sums included; odd lengths exercise the tails. Large enough to split.
+    const setup = `
+      const out = (a) => h.update(Buffer.from(a.buffer));
+      const N = 301, D = 203, n = N * D, H = 3, hd = 18;
+      const x = rnd(n), w = rnd(D), dy = rnd(n), g = rnd(n), u = rnd(n);
+      const y = new Float32Array(n), dx = new Float32Array(n), dw = new Float32Array(D), du = new Float32Array(n);`;
+    // SwiGLU's σ uses an 8-lane exp wherever AVX2 runs and the C library's expf in the portable
+    // build, which rounds differently: compared across the x86 forms and thread counts only.
+    sameBitsEverywhere(`${setup}
+      m.swiglu(g, u, n, y); out(y);
+      m.swigluGrad(g, u, dy, n, dx, du); out(dx); out(du);`, ['avx512', 'avx2']);
+    sameBitsEverywhere(`${setup}
+      m.rmsNorm(x, w, N, D, 1e-5, y); out(y);
+      m.rmsNormGrad(x, w, dy, N, D, 1e-5, dx, dw); out(dx); out(dw);
+      m.add(x, dy, n, y); out(y);
+      m.biasAdd(x, w, N, D, y); out(y);
+      m.columnSum(dy, N, D, dw); out(dw);
+      const rows = Math.floor(n / (H * hd)), cos = rnd(rows * hd), sin = rnd(rows * hd), r = new Float32Array(rows * H * hd);
+      m.rope(x.subarray(0, rows * H * hd), cos, sin, rows, H, hd, false, r); out(r);
+      m.rope(x.subarray(0, rows * H * hd), cos, sin, rows, H, hd, true, r); out(r);
+      const ids = Int32Array.from({ length: N }, (_, i) => (i * 7) % 11), dt = new Float32Array(11 * D);
+      m.embedGrad(ids, N, dy, 11, D, dt); out(dt);
+      const p2 = new Float32Array(n), m2 = new Float32Array(n), v2 = new Float32Array(n);
+      m.adamw(x, dy, g, u.map(Math.abs), n, Float32Array.from([0.7, 0.9, 0.1, 0.95, 0.05, 0.8, 1e-8, 1e-3, 1e-4]), p2, m2, v2); out(p2); out(m2); out(v2);`);
   });
 
   it.runIf(native.active)('serves tf.matMul on the active backend: transposes and batch broadcasts on both sides', () => {
