@@ -76,8 +76,9 @@ namespace {
 // ---- built-in kernel ------------------------------------------------------------------------
 // Blocked like GotoBLAS: for each KC-slice of K, B is packed into NR-wide column panels
 // (contiguous per k, whatever the transpose), and each MR×NR tile of C is accumulated in
-// vector registers, reading its MR rows of op(A) in place (row or column stride, no packing:
-// for this project's small products packing A cost a fifth of the time). Threads take disjoint
+// vector registers, reading its MR rows of op(A) in place when A is not transposed (packing
+// them cost a fifth of the time of this project's small products), from a packed copy of the
+// tile when it is (see gemm_block). Threads take disjoint
 // column ranges of C (or row ranges when C is narrow) and pack what they read themselves.
 // Every element of C is the same chain of fused multiply-adds in k order, KC at a time, in all
 // three kernels below (AVX-512 12×32, AVX2 6×16, portable 6×16), so they give the same bits,
@@ -252,6 +253,7 @@ void gemm_block(const Term* terms, int nterms, int kmax, int M, int N, const Out
   thread_local std::vector<float> bp;
   size_t need = (size_t)(p1 - p0) * kmax * NR;
   if (bp.size() < need) bp.resize(need);
+  alignas(64) float ap[MR * KC];
   bool acc = C.acc;
   for (int s = 0; s < nterms; s++) {
     const Op &A = terms[s].a, &B = terms[s].b;
@@ -260,6 +262,15 @@ void gemm_block(const Term* terms, int nterms, int kmax, int M, int N, const Out
       pack_b<NR>(B, k0, kb, N, p0, p1, bp.data());
       for (int i = r0; i < r1; i += MR) {
         Tile t{A.p + i * A.rs() + k0 * A.cs(), A.rs(), A.cs(), nullptr, kb, nullptr, (int)C.ld, std::min(MR, M - i), 0, acc};
+        if (A.trans) {
+          // A transposed (weight gradients): a tile's k-th values lie one row of A apart, 1 KB or
+          // more, so the lines of one tile fall into a few L1 sets and were fetched again from L2
+          // for every panel. Copied to [kb][MR] they are contiguous.
+          for (int k = 0; k < kb; k++) std::copy(t.a + (int64_t)k * A.ld, t.a + (int64_t)k * A.ld + t.rows, ap + (size_t)k * MR);
+          t.a = ap;
+          t.rs = 1;
+          t.cs = MR;
+        }
         for (int p = p0; p < p1; p++) {
           t.cols = std::min(NR, N - p * NR);
           t.c = C.p + i * C.ld + p * NR;
