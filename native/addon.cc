@@ -99,21 +99,38 @@ napi_value Matmul(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
-// matmul2(M, N, ta1, tb1, K1, A1, B1, ta2, tb2, K2, A2, B2, C): C = op(A1)·op(B1) + op(A2)·op(B2)
-napi_value Matmul2(napi_env env, napi_callback_info info) {
-  Args a(env, info, 13, "matmul2");
-  int64_t M = a.num(0), N = a.num(1);
-  DenseTerm t[2];
-  for (int i = 0; i < 2; i++) {
-    int at = 2 + 5 * i;
-    t[i].ta = a.flag(at);
-    t[i].tb = a.flag(at + 1);
-    t[i].K = a.num(at + 2);
-    t[i].A = a.f32(at + 3, M * t[i].K, i ? "A2" : "A1");
-    t[i].B = a.f32(at + 4, t[i].K * N, i ? "B2" : "B1");
-  }
-  float* C = a.f32(12, M * N, "C");
-  if (a.ok()) matmul2(M, N, t[0], t[1], C);
+// loraForward(M, in, out, r, x, xd, w, a, b, scale, y, u)
+napi_value LoraForward(napi_env env, napi_callback_info info) {
+  Args a(env, info, 12, "loraForward");
+  LoraDims d{a.num(0), a.num(1), a.num(2), a.num(3)};
+  const float* x = a.f32(4, d.M * d.in, "x");
+  const float* xd = a.f32(5, d.M * d.in, "xd");
+  const float* w = a.f32(6, d.in * d.out, "w");
+  const float* A = a.f32(7, d.in * d.r, "a");
+  const float* B = a.f32(8, d.r * d.out, "b");
+  float s = (float)a.real(9);
+  float* y = a.f32(10, d.M * d.out, "y");
+  float* u = a.f32(11, d.M * d.r, "u");
+  if (a.ok()) lora_forward(d, x, xd, w, A, B, s, y, u);
+  return nullptr;
+}
+
+// loraBackward(M, in, out, r, dy, xd, w, a, b, u, scale, dx, dxd | null, da, db)
+napi_value LoraBackward(napi_env env, napi_callback_info info) {
+  Args a(env, info, 15, "loraBackward");
+  LoraDims d{a.num(0), a.num(1), a.num(2), a.num(3)};
+  const float* dy = a.f32(4, d.M * d.out, "dy");
+  const float* xd = a.f32(5, d.M * d.in, "xd");
+  const float* w = a.f32(6, d.in * d.out, "w");
+  const float* A = a.f32(7, d.in * d.r, "a");
+  const float* B = a.f32(8, d.r * d.out, "b");
+  const float* u = a.f32(9, d.M * d.r, "u");
+  float s = (float)a.real(10);
+  float* dx = a.f32(11, d.M * d.in, "dx");
+  float* dxd = a.f32_or_null(12, d.M * d.in, "dxd");
+  float* da = a.f32(13, d.in * d.r, "da");
+  float* db = a.f32(14, d.r * d.out, "db");
+  if (a.ok()) lora_backward(d, dy, xd, w, A, B, u, s, dx, dxd, da, db);
   return nullptr;
 }
 
@@ -370,7 +387,8 @@ napi_value Init(napi_env env, napi_value exports) {
   if (!builtin_only && ((want && *want) || g_isa == kPortable)) open_blas(want);
   napi_property_descriptor props[] = {
       {"matmul", nullptr, Matmul, nullptr, nullptr, nullptr, napi_default, nullptr},
-      {"matmul2", nullptr, Matmul2, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"loraForward", nullptr, LoraForward, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"loraBackward", nullptr, LoraBackward, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"labelLogProbs", nullptr, LabelLogProbs, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"labelLogProbsGrad", nullptr, LabelLogProbsGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"rmsNorm", nullptr, RmsNorm, nullptr, nullptr, nullptr, napi_default, nullptr},

@@ -21,7 +21,8 @@ export interface FusedAddon {
   biasAdd(x: Float32Array, b: Float32Array, n: number, d: number, y: Float32Array): void;
   columnSum(dy: Float32Array, n: number, d: number, out: Float32Array): void;
   add(a: Float32Array, b: Float32Array, n: number, y: Float32Array): void;
-  matmul2(m: number, n: number, ta1: boolean, tb1: boolean, k1: number, a1: Float32Array, b1: Float32Array, ta2: boolean, tb2: boolean, k2: number, a2: Float32Array, b2: Float32Array, c: Float32Array): void;
+  loraForward(m: number, din: number, dout: number, r: number, x: Float32Array, xd: Float32Array, w: Float32Array, a: Float32Array, b: Float32Array, scale: number, y: Float32Array, u: Float32Array): void;
+  loraBackward(m: number, din: number, dout: number, r: number, dy: Float32Array, xd: Float32Array, w: Float32Array, a: Float32Array, b: Float32Array, u: Float32Array, scale: number, dx: Float32Array, dxd: Float32Array | null, da: Float32Array, db: Float32Array): void;
   adamw(p: Float32Array, g: Float32Array, m: Float32Array, v: Float32Array, n: number, scalars: Float32Array, p2: Float32Array, m2: Float32Array, v2: Float32Array): void;
   sumSquares(x: Float32Array, n: number, out: Float32Array): void;
   splitQkv(qkv: Float32Array, n: number, kv: number, g: number, hd: number, q: Float32Array, k: Float32Array, v: Float32Array, merge: boolean): void;
@@ -44,18 +45,22 @@ interface Def {
 const size = (s: number[]) => tf.util.sizeFromShape(s);
 const last = (t: Info) => t.shape[t.shape.length - 1];
 const same = (i: number) => (ins: Info[]) => [ins[i].shape as number[]];
-/** [M, N, K1, K2] of op(a1)·op(b1) + op(a2)·op(b2). */
-const mm2Dims = ([a1, b1, a2]: Info[], t: boolean[]) => [a1.shape[t[0] ? 1 : 0], b1.shape[t[1] ? 0 : 1], a1.shape[t[0] ? 0 : 1], a2.shape[t[2] ? 0 : 1]];
 
 const DEFS: Record<string, Def> = {
-  // op(a1)·op(b1) + op(a2)·op(b2) for 2-D operands; attrs.t = [ta1, tb1, ta2, tb2]. Used inside
-  // custom gradients only (LoRA's layer), so it has no gradient of its own.
-  PrefoptMatMul2: {
-    inputs: ['a1', 'b1', 'a2', 'b2'],
-    outputs: (ins, { t }) => [mm2Dims(ins, t).slice(0, 2)],
-    run: (x, [a1, b1, a2, b2], [c], ins, { t }) => {
-      const [M, N, K1, K2] = mm2Dims(ins, t);
-      x.matmul2(M, N, t[0], t[1], K1, a1, b1, t[2], t[3], K2, a2, b2, c);
+  // LoRA's layer: x, xd [M, in], w [in, out], a [in, r], b [r, out] → y = x·w + u·b, u = s·(xd·a)
+  // [M, r]. With attrs.dropout, xd is a separate input; without, it is x.
+  PrefoptLora: {
+    inputs: ['x', 'xd', 'w', 'a', 'b'],
+    outputs: ([x, , w, a]) => [[x.shape[0], w.shape[1]], [x.shape[0], a.shape[1]]],
+    run: (k, [x, xd, w, a, b], [y, u], [xi, , wi, ai], { scale }) => k.loraForward(xi.shape[0], xi.shape[1], wi.shape[1], ai.shape[1], x, xd, w, a, b, scale, y, u),
+  },
+  // → dx, [dxd when attrs.dropout], da, db.
+  PrefoptLoraGrad: {
+    inputs: ['dy', 'xd', 'w', 'a', 'b', 'u'],
+    outputs: ([dy, xd, , a, b], { dropout }) => [xd.shape, ...(dropout ? [xd.shape] : []), a.shape, b.shape],
+    run: (k, [dy, xd, w, a, b, u], outs, [dyi, xdi, , ai], { scale, dropout }) => {
+      const [dx, dxd, da, db] = dropout ? outs : [outs[0], null, outs[1], outs[2]];
+      k.loraBackward(dyi.shape[0], xdi.shape[1], dyi.shape[1], ai.shape[1], dy, xd, w, a, b, u, scale, dx, dxd, da, db);
     },
   },
   // p, g, m, v of one parameter → p', m', v' (no gradient: an optimizer step).
@@ -296,13 +301,23 @@ const i32 = (t: tf.Tensor) => (t.dtype === 'int32' ? t : tf.cast(t, 'int32'));
 
 /** The fused forms; only while fusedActive(). */
 export const fused = {
-  /** op(a1)·op(b1) + op(a2)·op(b2); t = [ta1, tb1, ta2, tb2]. */
-  matMul2: (a1: tf.Tensor2D, b1: tf.Tensor2D, a2: tf.Tensor2D, b2: tf.Tensor2D, t: boolean[]) => {
-    const rows = (x: tf.Tensor2D, tr: boolean) => x.shape[tr ? 1 : 0];
-    const cols = (x: tf.Tensor2D, tr: boolean) => x.shape[tr ? 0 : 1];
-    if (rows(a1, t[0]) !== rows(a2, t[2]) || cols(b1, t[1]) !== cols(b2, t[3]) || cols(a1, t[0]) !== rows(b1, t[1]) || cols(a2, t[2]) !== rows(b2, t[3]))
-      throw new Error(`matMul2: shapes ${a1.shape}·${b1.shape} + ${a2.shape}·${b2.shape} (transposes ${t}) do not agree`);
-    return run('PrefoptMatMul2', { a1: f32(a1), b1: f32(b1), a2: f32(a2), b2: f32(b2) }, { t }) as tf.Tensor2D;
+  /**
+   * x·w + s·(xd·a)·b for a frozen w (not differentiated), from one kernel call each way; xd null
+   * means xd = x. Gradients for x (and xd), a and b.
+   */
+  lora: (x: tf.Tensor2D, w: tf.Tensor2D, a: tf.Tensor2D, b: tf.Tensor2D, scale: number, xd: tf.Tensor2D | null) => {
+    const dropout = xd !== null;
+    const f = tf.customGrad(((...args: any[]) => {
+      const save = args.pop() as tf.GradSaveFunc;
+      const [xi, xdi, ai, bi] = (dropout ? args : [args[0], args[0], args[1], args[2]]) as tf.Tensor[];
+      const [y, u] = run('PrefoptLora', { x: xi, xd: xdi, w, a: ai, b: bi }, { scale }) as tf.Tensor[];
+      save([xdi, ai, bi, u]);
+      return {
+        value: y,
+        gradFunc: (dy: tf.Tensor, [sxd, sa, sb, su]: tf.Tensor[]) => run('PrefoptLoraGrad', { dy, xd: sxd, w, a: sa, b: sb, u: su }, { scale, dropout }) as tf.Tensor[],
+      };
+    }) as any) as (...t: tf.Tensor[]) => tf.Tensor2D;
+    return dropout ? f(f32(x), f32(xd!), f32(a), f32(b)) : f(f32(x), f32(a), f32(b));
   },
   /** The scalars of train/adamw's tfjs form; the kernel rounds them to float32 as tfjs does. */
   adamw: (p: tf.Tensor, g: tf.Tensor, m: tf.Tensor, v: tf.Tensor, scalars: number[]) => run('PrefoptAdamW', { p, g: f32(g), m, v }, { scalars }) as tf.Tensor[],

@@ -47,33 +47,13 @@ export function mm(a: tf.Tensor2D, b: tf.Tensor2D): tf.Tensor2D {
  */
 export function loraLinear(x: tf.Tensor2D, w: tf.Tensor2D, bias: tf.Tensor | null, a: tf.Tensor2D, b: tf.Tensor2D, scale: number, xd: tf.Tensor2D | null): tf.Tensor2D {
   let y: tf.Tensor2D;
-  if (fusedActive() && isFrozen(w)) y = loraFused(x, w, a, b, scale, xd);
+  if (fusedActive() && isFrozen(w)) y = fused.lora(x, w, a, b, scale, xd);
   else {
     const u = tf.mul(mm(xd ?? x, a), scale) as tf.Tensor2D;
     y = tf.add(mm(x, w), mm(u, b));
   }
   if (!bias) return y;
   return (fusedActive() ? fused.biasAdd(y, bias) : tf.add(y, bias)) as tf.Tensor2D;
-}
-
-function loraFused(x: tf.Tensor2D, w: tf.Tensor2D, a: tf.Tensor2D, b: tf.Tensor2D, scale: number, xd: tf.Tensor2D | null): tf.Tensor2D {
-  const f = tf.customGrad(((...args: any[]) => {
-    const save = args.pop() as tf.GradSaveFunc;
-    const [xi, xdi, ai, bi] = (xd ? args : [args[0], args[0], args[1], args[2]]) as tf.Tensor2D[];
-    const u = tf.mul(tf.matMul(xdi, ai), scale) as tf.Tensor2D;
-    save([xdi, ai, bi, u]);
-    return {
-      value: fused.matMul2(xi, w, u, bi, [false, false, false, false]),
-      gradFunc: (dy: tf.Tensor2D, [sxd, sa, sb, su]: tf.Tensor[]) => {
-        const g = tf.mul(tf.matMul(dy, sb as tf.Tensor2D, false, true), scale) as tf.Tensor2D; // ∂/∂(xd·A)
-        const da = tf.matMul(sxd as tf.Tensor2D, g, true, false);
-        const db = tf.matMul(su as tf.Tensor2D, dy, true, false);
-        if (!xd) return [fused.matMul2(dy, w, g, sa as tf.Tensor2D, [false, true, false, true]), da, db];
-        return [tf.matMul(dy, w, false, true), tf.matMul(g, sa as tf.Tensor2D, false, true), da, db];
-      },
-    };
-  }) as any) as (...t: tf.Tensor[]) => tf.Tensor2D;
-  return xd ? f(x, xd, a, b) : f(x, a, b);
 }
 
 /** a [M,K] · bᵀ for b [N,K]: a transpose flag of the native matmul, or a copy on bare wasm. */

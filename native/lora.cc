@@ -1,0 +1,40 @@
+// A LoRA layer y = x·W + s·(xd·A)·B as one call each way (xd is x, or x after dropout). Each part
+// is the same product the tfjs composition ran (matmul, matmul2, a float multiply), so the
+// bits are the same; what goes is 6–8 kernel calls per adapted layer and step, each with its
+// tfjs bookkeeping and its wake-up of the thread pool (an SFT-sized LoRA DPO step has 42).
+#include "kernels.h"
+#include <vector>
+
+namespace prefopt {
+namespace {
+// The plain products go where tfjs's BatchMatMul would send them: the system BLAS when one is in
+// use (the two-term products are always the built-in kernel, as in matmul2).
+bool blas() { return !g_lib.empty(); }
+
+void scale(float* v, int64_t n, float s) {
+  for (int64_t i = 0; i < n; i++) v[i] *= s;
+}
+}  // namespace
+
+void lora_forward(const LoraDims& d, const float* x, const float* xd, const float* w, const float* a, const float* b, float s, float* y, float* u) {
+  matmul(false, false, 1, d.M, d.r, d.in, xd, 0, a, 0, u, blas());
+  scale(u, d.M * d.r, s);
+  matmul2(d.M, d.out, DenseTerm{false, false, d.in, x, w}, DenseTerm{false, false, d.r, u, b}, y);
+}
+
+void lora_backward(const LoraDims& d, const float* dy, const float* xd, const float* w, const float* a, const float* b, const float* u, float s, float* dx,
+                   float* dxd, float* da, float* db) {
+  std::vector<float> g(d.M * d.r);  // ∂/∂(xd·A) = s·dy·Bᵀ
+  matmul(false, true, 1, d.M, d.r, d.out, dy, 0, b, 0, g.data(), blas());
+  scale(g.data(), d.M * d.r, s);
+  matmul(true, false, 1, d.in, d.r, d.M, xd, 0, g.data(), 0, da, blas());
+  matmul(true, false, 1, d.r, d.out, d.M, u, 0, dy, 0, db, blas());
+  if (!dxd) {  // xd is x: both paths of the gradient in one pass over dx
+    matmul2(d.M, d.in, DenseTerm{false, true, d.out, dy, w}, DenseTerm{false, true, d.r, g.data(), a}, dx);
+    return;
+  }
+  matmul(false, true, 1, d.M, d.in, d.out, dy, 0, w, 0, dx, blas());
+  matmul(false, true, 1, d.M, d.in, d.r, g.data(), 0, a, 0, dxd, blas());
+}
+
+}  // namespace prefopt
