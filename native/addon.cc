@@ -99,38 +99,36 @@ napi_value Matmul(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
+// What both directions of a LoRA layer read: sizes (arguments 0–3), xd, w, a, b (5–8) and the
+// scale (at `scale_at`); argument 4 is x forward and dy backward.
+LoraLayer lora_layer(Args& a, int scale_at) {
+  LoraDims d{a.num(0), a.num(1), a.num(2), a.num(3)};
+  return LoraLayer{d, a.f32(5, d.M * d.in, "xd"), a.f32(6, d.in * d.out, "w"), a.f32(7, d.in * d.r, "a"), a.f32(8, d.r * d.out, "b"), (float)a.real(scale_at)};
+}
+
 // loraForward(M, in, out, r, x, xd, w, a, b, scale, y, u)
 napi_value LoraForward(napi_env env, napi_callback_info info) {
   Args a(env, info, 12, "loraForward");
-  LoraDims d{a.num(0), a.num(1), a.num(2), a.num(3)};
-  const float* x = a.f32(4, d.M * d.in, "x");
-  const float* xd = a.f32(5, d.M * d.in, "xd");
-  const float* w = a.f32(6, d.in * d.out, "w");
-  const float* A = a.f32(7, d.in * d.r, "a");
-  const float* B = a.f32(8, d.r * d.out, "b");
-  float s = (float)a.real(9);
-  float* y = a.f32(10, d.M * d.out, "y");
-  float* u = a.f32(11, d.M * d.r, "u");
-  if (a.ok()) lora_forward(d, x, xd, w, A, B, s, y, u);
+  LoraLayer l = lora_layer(a, 9);
+  const float* x = a.f32(4, l.d.M * l.d.in, "x");
+  float* y = a.f32(10, l.d.M * l.d.out, "y");
+  float* u = a.f32(11, l.d.M * l.d.r, "u");
+  if (a.ok()) lora_forward(l, x, y, u);
   return nullptr;
 }
 
 // loraBackward(M, in, out, r, dy, xd, w, a, b, u, scale, dx, dxd | null, da, db)
 napi_value LoraBackward(napi_env env, napi_callback_info info) {
   Args a(env, info, 15, "loraBackward");
-  LoraDims d{a.num(0), a.num(1), a.num(2), a.num(3)};
+  LoraLayer l = lora_layer(a, 10);
+  const LoraDims& d = l.d;
   const float* dy = a.f32(4, d.M * d.out, "dy");
-  const float* xd = a.f32(5, d.M * d.in, "xd");
-  const float* w = a.f32(6, d.in * d.out, "w");
-  const float* A = a.f32(7, d.in * d.r, "a");
-  const float* B = a.f32(8, d.r * d.out, "b");
   const float* u = a.f32(9, d.M * d.r, "u");
-  float s = (float)a.real(10);
   float* dx = a.f32(11, d.M * d.in, "dx");
   float* dxd = a.f32_or_null(12, d.M * d.in, "dxd");
   float* da = a.f32(13, d.in * d.r, "da");
   float* db = a.f32(14, d.r * d.out, "db");
-  if (a.ok()) lora_backward(d, dy, xd, w, A, B, u, s, dx, dxd, da, db);
+  if (a.ok()) lora_backward(l, dy, u, dx, dxd, da, db);
   return nullptr;
 }
 

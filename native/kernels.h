@@ -48,12 +48,16 @@ void gemm_sum(int M, int N, const GemmTerm* terms, int nterms, float* C, int64_t
 struct LoraDims {
   int64_t M, in, out, r;
 };
+struct LoraLayer {
+  LoraDims d;
+  const float *xd, *w, *a, *b;
+  float s;  // the adapter's scale
+};
 // y = x·W + u·B with u = s·(xd·A) (u is kept for the backward pass).
-void lora_forward(const LoraDims& d, const float* x, const float* xd, const float* w, const float* a, const float* b, float s, float* y, float* u);
+void lora_forward(const LoraLayer& l, const float* x, float* y, float* u);
 // dx, dA, dB from dy; with dxd null (xd is x) dx = dy·Wᵀ + s·(dy·Bᵀ)·Aᵀ, else dx = dy·Wᵀ and
 // dxd = s·(dy·Bᵀ)·Aᵀ.
-void lora_backward(const LoraDims& d, const float* dy, const float* xd, const float* w, const float* a, const float* b, const float* u, float s, float* dx,
-                   float* dxd, float* da, float* db);
+void lora_backward(const LoraLayer& l, const float* dy, const float* u, float* dx, float* dxd, float* da, float* db);
 
 // fused.cc — each forward with the backward pass that goes with it.
 // out[i] = x[i, y_i] − logsumexp(x_i) (0 where y_i ∉ [0, V)).

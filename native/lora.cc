@@ -16,25 +16,26 @@ void scale(float* v, int64_t n, float s) {
 }
 }  // namespace
 
-void lora_forward(const LoraDims& d, const float* x, const float* xd, const float* w, const float* a, const float* b, float s, float* y, float* u) {
-  matmul(false, false, 1, d.M, d.r, d.in, xd, 0, a, 0, u, blas());
-  scale(u, d.M * d.r, s);
-  matmul2(d.M, d.out, DenseTerm{false, false, d.in, x, w}, DenseTerm{false, false, d.r, u, b}, y);
+void lora_forward(const LoraLayer& l, const float* x, float* y, float* u) {
+  const LoraDims& d = l.d;
+  matmul(false, false, 1, d.M, d.r, d.in, l.xd, 0, l.a, 0, u, blas());
+  scale(u, d.M * d.r, l.s);
+  matmul2(d.M, d.out, DenseTerm{false, false, d.in, x, l.w}, DenseTerm{false, false, d.r, u, l.b}, y);
 }
 
-void lora_backward(const LoraDims& d, const float* dy, const float* xd, const float* w, const float* a, const float* b, const float* u, float s, float* dx,
-                   float* dxd, float* da, float* db) {
+void lora_backward(const LoraLayer& l, const float* dy, const float* u, float* dx, float* dxd, float* da, float* db) {
+  const LoraDims& d = l.d;
   std::vector<float> g(d.M * d.r);  // ∂/∂(xd·A) = s·dy·Bᵀ
-  matmul(false, true, 1, d.M, d.r, d.out, dy, 0, b, 0, g.data(), blas());
-  scale(g.data(), d.M * d.r, s);
-  matmul(true, false, 1, d.in, d.r, d.M, xd, 0, g.data(), 0, da, blas());
+  matmul(false, true, 1, d.M, d.r, d.out, dy, 0, l.b, 0, g.data(), blas());
+  scale(g.data(), d.M * d.r, l.s);
+  matmul(true, false, 1, d.in, d.r, d.M, l.xd, 0, g.data(), 0, da, blas());
   matmul(true, false, 1, d.r, d.out, d.M, u, 0, dy, 0, db, blas());
   if (!dxd) {  // xd is x: both paths of the gradient in one pass over dx
-    matmul2(d.M, d.in, DenseTerm{false, true, d.out, dy, w}, DenseTerm{false, true, d.r, g.data(), a}, dx);
+    matmul2(d.M, d.in, DenseTerm{false, true, d.out, dy, l.w}, DenseTerm{false, true, d.r, g.data(), l.a}, dx);
     return;
   }
-  matmul(false, true, 1, d.M, d.in, d.out, dy, 0, w, 0, dx, blas());
-  matmul(false, true, 1, d.M, d.in, d.r, g.data(), 0, a, 0, dxd, blas());
+  matmul(false, true, 1, d.M, d.in, d.out, dy, 0, l.w, 0, dx, blas());
+  matmul(false, true, 1, d.M, d.in, d.r, g.data(), 0, l.a, 0, dxd, blas());
 }
 
 }  // namespace prefopt
