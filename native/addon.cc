@@ -156,21 +156,23 @@ napi_value LabelLogProbsGrad(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
-// rmsNorm(x, w, N, D, eps, y)
+// rmsNorm(x, w, N, D, eps, y, res | null, sum | null)
 napi_value RmsNorm(napi_env env, napi_callback_info info) {
-  Args a(env, info, 6, "rmsNorm");
+  Args a(env, info, 8, "rmsNorm");
   int64_t N = a.num(2), D = a.num(3);
   float eps = (float)a.real(4);
   const float* x = a.f32(0, N * D, "x");
   const float* w = a.f32(1, D, "w");
   float* y = a.f32(5, N * D, "y");
-  if (a.ok()) rms_norm(x, w, N, D, eps, y);
+  const float* res = a.f32_or_null(6, N * D, "res");
+  float* sum = a.f32_or_null(7, N * D, "sum");
+  if (a.require(!res == !sum, "rmsNorm: res and sum go together")) rms_norm(x, w, N, D, eps, y, res, sum);
   return nullptr;
 }
 
-// rmsNormGrad(x, w, dy, N, D, eps, dx, dw)
+// rmsNormGrad(x, w, dy, N, D, eps, dx, dw, dres)
 napi_value RmsNormGrad(napi_env env, napi_callback_info info) {
-  Args a(env, info, 8, "rmsNormGrad");
+  Args a(env, info, 9, "rmsNormGrad");
   int64_t N = a.num(3), D = a.num(4);
   float eps = (float)a.real(5);
   const float* x = a.f32(0, N * D, "x");
@@ -178,7 +180,8 @@ napi_value RmsNormGrad(napi_env env, napi_callback_info info) {
   const float* dy = a.f32(2, N * D, "dy");
   float* dx = a.f32_or_null(6, N * D, "dx");
   float* dw = a.f32_or_null(7, D, "dw");
-  if (a.ok()) rms_norm_grad(x, w, dy, N, D, eps, dx, dw);
+  const float* dres = a.f32_or_null(8, N * D, "dres");
+  if (a.ok()) rms_norm_grad(x, w, dy, N, D, eps, dx, dw, dres);
   return nullptr;
 }
 

@@ -166,12 +166,18 @@ PREFOPT_INLINE inline float inv_rms(const float* x, int64_t D, float eps) {
 }
 }  // namespace
 
-void rms_norm(const float* x, const float* w, int64_t N, int64_t D, float eps, float* y) {
+void rms_norm(const float* x, const float* w, int64_t N, int64_t D, float eps, float* y, const float* res, float* sum) {
   parallel((int)N, threads_for(N * D), [&](int r0, int r1) {
     wide([&]() PREFOPT_INLINE {
       for (int r = r0; r < r1; r++) {
         const float* xr = x + (int64_t)r * D;
         float* yr = y + (int64_t)r * D;
+        if (res) {
+          float* sr = sum + (int64_t)r * D;
+          const float* rr = res + (int64_t)r * D;
+          for (int64_t j = 0; j < D; j++) sr[j] = xr[j] + rr[j];
+          xr = sr;
+        }
         float k = inv_rms(xr, D, eps);
         for (int64_t j = 0; j < D; j++) yr[j] = xr[j] * k * w[j];
       }
@@ -180,7 +186,7 @@ void rms_norm(const float* x, const float* w, int64_t N, int64_t D, float eps, f
 }
 
 // With r = (mean(x²) + eps)^(-1/2) and g = dy ⊙ w: dx = r·g − x · r³ · mean(g ⊙ x), dw = Σ_rows dy ⊙ x · r.
-void rms_norm_grad(const float* x, const float* w, const float* dy, int64_t N, int64_t D, float eps, float* dx, float* dw) {
+void rms_norm_grad(const float* x, const float* w, const float* dy, int64_t N, int64_t D, float eps, float* dx, float* dw, const float* dres) {
   std::vector<float> rs(N);
   parallel((int)N, threads_for(N * D), [&](int r0, int r1) {
     wide([&]() PREFOPT_INLINE {
@@ -194,6 +200,8 @@ void rms_norm_grad(const float* x, const float* w, const float* dy, int64_t N, i
         double c = sum_double(D, [&](int64_t j) PREFOPT_INLINE { return (double)gr[j] * w[j] * xr[j]; });
         float k3c = (float)(c / D) * k * k * k;
         for (int64_t j = 0; j < D; j++) d[j] = k * gr[j] * w[j] - xr[j] * k3c;
+        if (dres)
+          for (int64_t j = 0; j < D; j++) d[j] += dres[(int64_t)r * D + j];
       }
     });
   });

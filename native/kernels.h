@@ -64,10 +64,12 @@ void lora_backward(const LoraLayer& l, const float* dy, const float* u, float* d
 void label_logprobs(const float* x, int64_t N, int64_t V, const int32_t* y, float* out);
 // dx[i, j] = dy_i · (1[j = y_i] − softmax(x_i)_j), softmax from x and out (= x[y] − lse).
 void label_logprobs_grad(const float* x, int64_t N, int64_t V, const int32_t* y, const float* out, const float* dy, float* dx);
-// y = x / sqrt(mean(x²) + eps) · w over rows of length D.
-void rms_norm(const float* x, const float* w, int64_t N, int64_t D, float eps, float* y);
-// Backward passes write only the gradients asked for (null: not wanted).
-void rms_norm_grad(const float* x, const float* w, const float* dy, int64_t N, int64_t D, float eps, float* dx, float* dw);
+// y = x / sqrt(mean(x²) + eps) · w over rows of length D. With res, the residual connection
+// before the norm comes first: sum = x + res, and sum is normalized.
+void rms_norm(const float* x, const float* w, int64_t N, int64_t D, float eps, float* y, const float* res = nullptr, float* sum = nullptr);
+// Backward passes write only the gradients asked for (null: not wanted); dres, when given, is
+// added to dx (the residual's own gradient, for the fused form above: x is then the sum).
+void rms_norm_grad(const float* x, const float* w, const float* dy, int64_t N, int64_t D, float eps, float* dx, float* dw, const float* dres = nullptr);
 // y = silu(g) · u.
 void swiglu(const float* g, const float* u, int64_t n, float* y);
 void swiglu_grad(const float* g, const float* u, const float* dy, int64_t n, float* dg, float* du);

@@ -2,7 +2,7 @@ import { describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
 import { fusedActive, setFused } from '../src/engine/fused.js';
 import { loadNative } from '../src/engine/native.js';
-import { attention, embed, labelLogProbs, linear, loraLinear, rmsNorm, rope, splitQkv, sumSquares, swiglu } from '../src/engine/ops.js';
+import { addRmsNorm, attention, embed, labelLogProbs, linear, loraLinear, rmsNorm, rope, splitQkv, sumSquares, swiglu } from '../src/engine/ops.js';
 import { Decoder } from '../src/model/decoder.js';
 import { parseConfig, presetConfig } from '../src/model/config.js';
 import { makeBatch } from '../src/infer/batch.js';
@@ -133,6 +133,41 @@ describe('fused kernels against float64', () => {
         close(r.y, want, 2e-5, `${path} rmsNorm ${N}×${D}`);
         if (gx) close(r.grads[0], gx, 1e-4, `${path} ∂x`);
         close(r.grads[1], gw, 1e-4 * Math.sqrt(N), `${path} ∂w`);
+      });
+    }
+  });
+
+  it('residual add + RMSNorm: both outputs (the sum and its norm), gradients for x, r (both reach the sum) and the weight', () => {
+    const rng = new Rng(11);
+    for (const [N, D] of [[5, 12], [300, 160]]) {
+      const X = rand(rng, N * D);
+      const R = rand(rng, N * D);
+      const W = rand(rng, D, 0.5).map((v) => 1 + v);
+      const DY = rand(rng, 2 * N * D); // upstream of [s, y], side by side per row
+      const eps = 1e-6;
+      // f(x, r, w) = [x + r | rmsnorm(x + r)·w] per row, in float64.
+      const ref = (x: Float64Array, r: Float64Array, w: Float64Array) => {
+        const sum = x.map((v, i) => v + r[i]);
+        const y = refRmsNorm(sum, w, D, eps);
+        const out = new Float64Array(2 * N * D);
+        for (let i = 0; i < N; i++) {
+          out.set(sum.subarray(i * D, (i + 1) * D), 2 * i * D);
+          out.set(y.subarray(i * D, (i + 1) * D), (2 * i + 1) * D);
+        }
+        return out;
+      };
+      const small = N * D < 1000;
+      const gx = small ? numGrad((x) => ref(x, R, W), X, DY) : null;
+      const gr = small ? numGrad((r) => ref(X, r, W), R, DY) : null;
+      const gw = numGrad((w) => ref(X, R, w), W, DY);
+      bothPaths((path) => {
+        const op = (x: tf.Tensor, r: tf.Tensor, w: tf.Tensor) => tf.concat(addRmsNorm(x, r, w, eps), 1);
+        const res = run(op, [tf.tensor2d(f32(X), [N, D]), tf.tensor2d(f32(R), [N, D]), tf.tensor1d(f32(W))], DY, [0, 1, 2]);
+        close(res.y, ref(X, R, W), 2e-5, `${path} addRmsNorm ${N}×${D}`);
+        if (gx) close(res.grads[0], gx, 1e-4, `${path} ∂x`);
+        if (gr) close(res.grads[1], gr, 1e-4, `${path} ∂r`);
+        expect(Array.from(res.grads[0]), `${path}: x and r get the same gradient`).toEqual(Array.from(res.grads[1]));
+        close(res.grads[2], gw, 1e-4 * Math.sqrt(N), `${path} ∂w`);
       });
     }
   });

@@ -118,8 +118,11 @@ describe('native matmul', () => {
       m.swiglu(g, u, n, y); out(y);
       m.swigluGrad(g, u, dy, n, dx, du); out(dx); out(du);`, ['avx512', 'avx2']);
     sameBitsEverywhere(`${setup}
-      m.rmsNorm(x, w, N, D, 1e-5, y); out(y);
-      m.rmsNormGrad(x, w, dy, N, D, 1e-5, dx, dw); out(dx); out(dw);
+      m.rmsNorm(x, w, N, D, 1e-5, y, null, null); out(y);
+      m.rmsNormGrad(x, w, dy, N, D, 1e-5, dx, dw, null); out(dx); out(dw);
+      const sum = new Float32Array(n);
+      m.rmsNorm(x, w, N, D, 1e-5, y, g, sum); out(y); out(sum);
+      m.rmsNormGrad(sum, w, dy, N, D, 1e-5, dx, null, u); out(dx);
       m.add(x, dy, n, y); out(y);
       m.biasAdd(x, w, N, D, y); out(y);
       m.columnSum(dy, N, D, dw); out(dw);

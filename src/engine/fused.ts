@@ -11,8 +11,8 @@ import { overrideKernel, runInPlace } from './kernels.js';
 export interface FusedAddon {
   labelLogProbs(x: Float32Array, n: number, v: number, labels: Int32Array, out: Float32Array): void;
   labelLogProbsGrad(x: Float32Array, n: number, v: number, labels: Int32Array, out: Float32Array, dy: Float32Array, dx: Float32Array): void;
-  rmsNorm(x: Float32Array, w: Float32Array, n: number, d: number, eps: number, y: Float32Array): void;
-  rmsNormGrad(x: Float32Array, w: Float32Array, dy: Float32Array, n: number, d: number, eps: number, dx: Float32Array | null, dw: Float32Array | null): void;
+  rmsNorm(x: Float32Array, w: Float32Array, n: number, d: number, eps: number, y: Float32Array, res: Float32Array | null, sum: Float32Array | null): void;
+  rmsNormGrad(x: Float32Array, w: Float32Array, dy: Float32Array, n: number, d: number, eps: number, dx: Float32Array | null, dw: Float32Array | null, dres: Float32Array | null): void;
   swiglu(g: Float32Array, u: Float32Array, n: number, y: Float32Array): void;
   swigluGrad(g: Float32Array, u: Float32Array, dy: Float32Array, n: number, dg: Float32Array | null, du: Float32Array | null): void;
   rope(x: Float32Array, cos: Float32Array, sin: Float32Array, rows: number, heads: number, hd: number, inverse: boolean, y: Float32Array): void;
@@ -110,13 +110,25 @@ const DEFS: Record<string, Def> = {
   PrefoptRmsNorm: {
     inputs: ['x', 'w'],
     outputs: same(0),
-    run: (a, [x, w], [y], ins, { eps }) => a.rmsNorm(x, w, size(ins[0].shape) / last(ins[0]), last(ins[0]), eps, y),
+    run: (a, [x, w], [y], ins, { eps }) => a.rmsNorm(x, w, size(ins[0].shape) / last(ins[0]), last(ins[0]), eps, y, null, null),
   },
   // The gradient with respect to input `wrt` (0: x, 1: w).
   PrefoptRmsNormGrad: {
     inputs: ['x', 'w', 'dy'],
     outputs: (ins, { wrt }) => [ins[wrt].shape],
-    run: (a, [x, w, dy], [d], ins, { eps, wrt }) => a.rmsNormGrad(x, w, dy, size(ins[0].shape) / last(ins[0]), last(ins[0]), eps, wrt === 0 ? d : null, wrt === 1 ? d : null),
+    run: (a, [x, w, dy], [d], ins, { eps, wrt }) => a.rmsNormGrad(x, w, dy, size(ins[0].shape) / last(ins[0]), last(ins[0]), eps, wrt === 0 ? d : null, wrt === 1 ? d : null, null),
+  },
+  // A residual connection and the norm after it: x, r → [s = x + r, rmsnorm(s)·w].
+  PrefoptAddRmsNorm: {
+    inputs: ['x', 'r', 'w'],
+    outputs: (ins) => [ins[0].shape, ins[0].shape],
+    run: (a, [x, r, w], [s, y], ins, { eps }) => a.rmsNorm(x, w, size(ins[0].shape) / last(ins[0]), last(ins[0]), eps, y, r, s),
+  },
+  // The gradient of s (both x's and r's): ds + the norm's gradient for its input s.
+  PrefoptAddRmsNormGrad: {
+    inputs: ['s', 'w', 'dy', 'ds'],
+    outputs: same(0),
+    run: (a, [s, w, dy, ds], [d], ins, { eps }) => a.rmsNormGrad(s, w, dy, size(ins[0].shape) / last(ins[0]), last(ins[0]), eps, d, null, ds),
   },
   PrefoptSwiglu: {
     inputs: ['g', 'u'],
@@ -224,6 +236,18 @@ const GRADS: tf.GradConfig[] = [
       return { x: grad(0), w: grad(1) };
     },
   },
+  // x and r get the same gradient: computed once, the second asked gets a (zero-copy) clone.
+  {
+    kernelName: 'PrefoptAddRmsNorm',
+    inputsToSave: ['w'],
+    outputsToSave: [true, false],
+    gradFunc: (dys, [w, s], attrs: any) => {
+      const [ds, dy] = dys as tf.Tensor[];
+      let done: tf.Tensor | null = null;
+      const sum = () => (done ? tf.clone(done) : (done = run('PrefoptAddRmsNormGrad', { s, w, dy, ds }, { eps: attrs.eps }) as tf.Tensor));
+      return { x: sum, r: sum, w: () => run('PrefoptRmsNormGrad', { x: s, w, dy }, { eps: attrs.eps, wrt: 1 }) as tf.Tensor };
+    },
+  },
   {
     kernelName: 'PrefoptSplitQkv',
     gradFunc: (dys, _saved, attrs: any) => {
@@ -326,6 +350,8 @@ export const fused = {
   embed: (table: tf.Tensor2D, ids: tf.Tensor1D) => run('PrefoptEmbed', { table: f32(table), ids: i32(ids) }) as tf.Tensor2D,
   labelLogProbs: (logits: tf.Tensor2D, labels: tf.Tensor1D) => run('PrefoptLabelLogProbs', { logits: f32(logits), labels: i32(labels) }) as tf.Tensor1D,
   rmsNorm: (x: tf.Tensor, w: tf.Tensor, eps: number) => run('PrefoptRmsNorm', { x: f32(x), w: f32(w) }, { eps }) as tf.Tensor,
+  /** [x + r, rmsnorm(x + r)·w]. */
+  addRmsNorm: (x: tf.Tensor, r: tf.Tensor, w: tf.Tensor, eps: number) => run('PrefoptAddRmsNorm', { x: f32(x), r: f32(r), w: f32(w) }, { eps }) as tf.Tensor[],
   /** y = silu(g)·u; dg and du come from one kernel call. */
   swiglu: (g: tf.Tensor, u: tf.Tensor) => withJointGrad('PrefoptSwiglu', 'PrefoptSwigluGrad', { g: f32(g), u: f32(u) }),
   /** qkv [N, KV, G+2, hd] → [q [N, KV·G, hd], k [N, KV, hd], v [N, KV, hd]]. */

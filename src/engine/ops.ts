@@ -197,6 +197,19 @@ export function rmsNorm(x: tf.Tensor, w: tf.Tensor, eps: number): tf.Tensor {
   return tf.mul(tf.mul(x, tf.rsqrt(tf.add(ms, eps))), w);
 }
 
+/**
+ * A residual connection and the RMSNorm after it: [s = x + r, rmsnorm(s)·w], in one pass each
+ * way where the fused kernels run (the add's own kernel, and the add of s's two gradients, go).
+ */
+export function addRmsNorm(x: tf.Tensor, r: tf.Tensor, w: tf.Tensor, eps: number): [tf.Tensor, tf.Tensor] {
+  if (fusedActive()) {
+    const [s, y] = fused.addRmsNorm(x, r, w, eps);
+    return [s, y];
+  }
+  const s = tf.add(x, r);
+  return [s, rmsNorm(s, w, eps)];
+}
+
 /** silu(g) · u, the gated MLP's activation. */
 export function swiglu(g: tf.Tensor, u: tf.Tensor): tf.Tensor {
   if (fusedActive()) return fused.swiglu(g, u);

@@ -2,7 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { ModelConfig, expectedShapes, isLinearWeight } from './config.js';
 import { attentionMask } from './mask.js';
 import { ropeTables } from './rope.js';
-import { attention, embed, linear, mm, mmTransB, rmsNorm, rope, splitQkv, swiglu } from '../engine/ops.js';
+import { addRmsNorm, attention, embed, linear, mm, mmTransB, rmsNorm, rope, splitQkv, swiglu } from '../engine/ops.js';
 import { Rng } from '../util/rng.js';
 
 /**
@@ -150,16 +150,20 @@ export class Decoder {
     } else if (batch.valid) keyValid = Array.from(batch.valid);
     const mask = tf.tensor4d(attentionMask({ batch: B, queryLen: T, keyLen: Tk, keyValid, segments: batch.segments }), [B, 1, T, Tk]);
     const ids = tf.tensor2d(Array.from(batch.ids), [B, T], 'int32');
-    let x = embed(this.p('model.embed_tokens.weight') as tf.Tensor2D, ids) as tf.Tensor3D;
-    for (let l = 0; l < cfg.num_hidden_layers; l++) {
+    let x = embed(this.p('model.embed_tokens.weight') as tf.Tensor2D, ids) as tf.Tensor;
+    const L = cfg.num_hidden_layers;
+    const eps = cfg.rms_norm_eps;
+    // Each residual add is fused with the norm that reads its sum, but for the last one (the
+    // final norm's input has no other reader).
+    let h = L > 0 ? rmsNorm(x, this.p('model.layers.0.input_layernorm.weight'), eps) : x;
+    for (let l = 0; l < L; l++) {
       const p = `model.layers.${l}`;
-      const h = rmsNorm(x, this.p(`${p}.input_layernorm.weight`), cfg.rms_norm_eps) as tf.Tensor3D;
-      x = tf.add(x, this.attention(l, h, cosT, sinT, mask, cache)) as tf.Tensor3D;
-      const h2 = rmsNorm(x, this.p(`${p}.post_attention_layernorm.weight`), cfg.rms_norm_eps);
-      const act = swiglu(this.lin(`${p}.mlp.gate_proj`, h2), this.lin(`${p}.mlp.up_proj`, h2));
-      x = tf.add(x, this.lin(`${p}.mlp.down_proj`, act)) as tf.Tensor3D;
+      const [x2, h2] = addRmsNorm(x, this.attention(l, h as tf.Tensor3D, cosT, sinT, mask, cache), this.p(`${p}.post_attention_layernorm.weight`), eps);
+      const mlp = this.lin(`${p}.mlp.down_proj`, swiglu(this.lin(`${p}.mlp.gate_proj`, h2), this.lin(`${p}.mlp.up_proj`, h2)));
+      if (l + 1 < L) [x, h] = addRmsNorm(x2, mlp, this.p(`model.layers.${l + 1}.input_layernorm.weight`), eps);
+      else x = tf.add(x2, mlp);
     }
-    return rmsNorm(x, this.p('model.norm.weight'), cfg.rms_norm_eps) as tf.Tensor3D;
+    return rmsNorm(x, this.p('model.norm.weight'), eps) as tf.Tensor3D;
   }
 
   private attention(l: number, h: tf.Tensor3D, cos: tf.Tensor, sin: tf.Tensor, mask: tf.Tensor4D, cache?: KVCache): tf.Tensor {
