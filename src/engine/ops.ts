@@ -128,10 +128,10 @@ export function linear(x: tf.Tensor, w: tf.Tensor, b?: tf.Tensor | null): tf.Ten
   const xs = x.shape as number[];
   const inDim = xs[xs.length - 1];
   const outDim = (w.shape as number[])[1];
-  const lead = xs.slice(0, -1);
-  let y: tf.Tensor = mm(tf.reshape(x, [-1, inDim]) as tf.Tensor2D, w as tf.Tensor2D);
+  const flat = xs.length === 2; // the decoder's stream is [tokens, D]: no reshapes (each a kernel call, and another in the backward pass)
+  let y: tf.Tensor = mm((flat ? x : tf.reshape(x, [-1, inDim])) as tf.Tensor2D, w as tf.Tensor2D);
   if (b) y = fusedActive() ? fused.biasAdd(y, b) : tf.add(y, b);
-  return tf.reshape(y, [...lead, outDim]);
+  return flat ? y : tf.reshape(y, [...xs.slice(0, -1), outDim]);
 }
 
 /**
@@ -140,7 +140,7 @@ export function linear(x: tf.Tensor, w: tf.Tensor, b?: tf.Tensor | null): tf.Ten
  */
 export function embed(table: tf.Tensor2D, ids: tf.Tensor): tf.Tensor {
   const flat = tf.reshape(ids, [-1]) as tf.Tensor1D;
-  if (fusedActive()) return tf.reshape(fused.embed(table, flat), [...ids.shape, table.shape[1]]);
+  if (fusedActive()) return ids.rank === 1 ? fused.embed(table, flat) : tf.reshape(fused.embed(table, flat), [...ids.shape, table.shape[1]]);
   const vocab = table.shape[0];
   const f = tf.customGrad(((t: tf.Tensor2D, save: tf.GradSaveFunc) => {
     save([flat]); // the ids are not an input: keep them alive for the backward pass

@@ -95,10 +95,10 @@ export class LoraAdapter implements LinearAdapter {
   linear(module: string, x: tf.Tensor, w: tf.Tensor, bias: tf.Tensor | null): tf.Tensor {
     const lw = this.weights.get(module)!;
     const xs = x.shape as number[];
-    const x2 = tf.reshape(x, [-1, xs[xs.length - 1]]) as tf.Tensor2D;
+    const x2 = (xs.length === 2 ? x : tf.reshape(x, [-1, xs[xs.length - 1]])) as tf.Tensor2D;
     const dropped = this.training && this.cfg.dropout > 0 && this.rng ? (tf.dropout(x2, this.cfg.dropout, undefined, this.rng.nextU32()) as tf.Tensor2D) : null;
     const y = loraLinear(x2, w as tf.Tensor2D, bias, lw.a as unknown as tf.Tensor2D, lw.b as unknown as tf.Tensor2D, this.scale, dropped);
-    return tf.reshape(y, [...xs.slice(0, -1), y.shape[1]]);
+    return xs.length === 2 ? y : tf.reshape(y, [...xs.slice(0, -1), y.shape[1]]);
   }
 
   params(): Map<string, tf.Variable> {

@@ -149,7 +149,8 @@ export class Decoder {
       keyValid = cache.valid.flat();
     } else if (batch.valid) keyValid = Array.from(batch.valid);
     const mask = tf.tensor4d(attentionMask({ batch: B, queryLen: T, keyLen: Tk, keyValid, segments: batch.segments }), [B, 1, T, Tk]);
-    const ids = tf.tensor2d(Array.from(batch.ids), [B, T], 'int32');
+    // The residual stream is [B·T, D] until the end: linear layers take it as it is.
+    const ids = tf.tensor1d(Array.from(batch.ids), 'int32');
     let x = embed(this.p('model.embed_tokens.weight') as tf.Tensor2D, ids) as tf.Tensor;
     const L = cfg.num_hidden_layers;
     const eps = cfg.rms_norm_eps;
@@ -158,17 +159,17 @@ export class Decoder {
     let h = L > 0 ? rmsNorm(x, this.p('model.layers.0.input_layernorm.weight'), eps) : x;
     for (let l = 0; l < L; l++) {
       const p = `model.layers.${l}`;
-      const [x2, h2] = addRmsNorm(x, this.attention(l, h as tf.Tensor3D, cosT, sinT, mask, cache), this.p(`${p}.post_attention_layernorm.weight`), eps);
+      const [x2, h2] = addRmsNorm(x, this.attention(l, h as tf.Tensor2D, B, T, cosT, sinT, mask, cache), this.p(`${p}.post_attention_layernorm.weight`), eps);
       const mlp = this.lin(`${p}.mlp.down_proj`, swiglu(this.lin(`${p}.mlp.gate_proj`, h2), this.lin(`${p}.mlp.up_proj`, h2)));
       if (l + 1 < L) [x, h] = addRmsNorm(x2, mlp, this.p(`model.layers.${l + 1}.input_layernorm.weight`), eps);
       else x = tf.add(x2, mlp);
     }
-    return rmsNorm(x, this.p('model.norm.weight'), eps) as tf.Tensor3D;
+    return tf.reshape(rmsNorm(x, this.p('model.norm.weight'), eps), [B, T, cfg.hidden_size]) as tf.Tensor3D;
   }
 
-  private attention(l: number, h: tf.Tensor3D, cos: tf.Tensor, sin: tf.Tensor, mask: tf.Tensor4D, cache?: KVCache): tf.Tensor {
+  /** Self-attention of layer l over h [B·T, D]; → [B·T, D]. */
+  private attention(l: number, h: tf.Tensor2D, B: number, T: number, cos: tf.Tensor, sin: tf.Tensor, mask: tf.Tensor4D, cache?: KVCache): tf.Tensor {
     const cfg = this.cfg;
-    const [B, T] = h.shape;
     const H = cfg.num_attention_heads;
     const KV = cfg.num_key_value_heads;
     const G = H / KV;
@@ -176,7 +177,7 @@ export class Decoder {
     const p = `model.layers.${l}.self_attn`;
     let q: tf.Tensor, k: tf.Tensor, v: tf.Tensor;
     if (cfg.arch === 'zhinao') {
-      const [qs, ks, vs] = splitQkv(tf.reshape(this.lin(`${p}.qkv_proj`, h), [B * T, -1]) as tf.Tensor2D, KV, G, hd);
+      const [qs, ks, vs] = splitQkv(this.lin(`${p}.qkv_proj`, h) as tf.Tensor2D, KV, G, hd);
       q = tf.reshape(qs, [B, T, H, hd]);
       k = tf.reshape(ks, [B, T, KV, hd]);
       v = tf.reshape(vs, [B, T, KV, hd]);
@@ -200,7 +201,7 @@ export class Decoder {
       cache.v[l] = tf.keep(v as tf.Tensor4D);
     }
     const ctx = attention(q as tf.Tensor4D, k as tf.Tensor4D, v as tf.Tensor4D, mask, 1 / Math.sqrt(hd)); // [B, T, H, hd]
-    const merged = tf.reshape(ctx, [B, T, H * hd]);
+    const merged = tf.reshape(ctx, [B * T, H * hd]);
     return this.lin(`${p}.o_proj`, merged);
   }
 
