@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
 namespace prefopt {
 
@@ -51,6 +52,25 @@ class Args {
     if (ok_ && napi_typeof(env_, argv_[i], &t) == napi_ok && t == napi_null) return nullptr;
     return f32(i, need, what);
   }
+  // Element k of argument i, a JS array of Float32Arrays, at least `need` long; its length goes
+  // to *len when asked.
+  float* f32_at(int i, uint32_t k, int64_t need, const char* what, int64_t* len = nullptr) {
+    napi_value e = nullptr;
+    if (ok_ && napi_get_element(env_, argv_[i], k, &e) != napi_ok) fail((std::string(what) + " must be an array").c_str(), napi_throw_type_error);
+    float* data = ok_ ? static_cast<float*>(typed(e, need, what, napi_float32_array, "Float32Array")) : nullptr;
+    size_t n = 0;
+    if (data && len) {
+      napi_get_typedarray_info(env_, e, nullptr, &n, nullptr, nullptr, nullptr);
+      *len = (int64_t)n;
+    }
+    return data;
+  }
+  // The length of argument i, a JS array.
+  uint32_t length(int i, const char* what) {
+    uint32_t n = 0;
+    if (ok_ && napi_get_array_length(env_, argv_[i], &n) != napi_ok) fail((std::string(what) + " must be an array").c_str(), napi_throw_type_error);
+    return n;
+  }
   int32_t* i32(int i, int64_t need, const char* what) { return static_cast<int32_t*>(array(i, need, what, napi_int32_array, "Int32Array")); }
   // A condition on the shapes; false throws `msg` (a RangeError naming the function).
   bool require(bool cond, const char* msg) {
@@ -59,14 +79,15 @@ class Args {
   }
 
  private:
-  void* array(int i, int64_t need, const char* what, napi_typedarray_type want, const char* tname) {
+  void* array(int i, int64_t need, const char* what, napi_typedarray_type want, const char* tname) { return typed(argv_[i], need, what, want, tname); }
+  void* typed(napi_value v, int64_t need, const char* what, napi_typedarray_type want, const char* tname) {
     if (!ok_) return nullptr;
     napi_typedarray_type type;
     size_t length;
     void* data;
     napi_value ab;
     size_t off;
-    if (napi_get_typedarray_info(env_, argv_[i], &type, &length, &data, &ab, &off) != napi_ok || type != want) {
+    if (napi_get_typedarray_info(env_, v, &type, &length, &data, &ab, &off) != napi_ok || type != want) {
       fail((std::string(what) + " must be a " + tname).c_str(), napi_throw_type_error);
       return nullptr;
     }
@@ -353,6 +374,25 @@ napi_value AdamW(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
+// adamwInPlace(ps, gs, ms, vs, scalars): the update of adamw above for every tensor i of the
+// arrays, in place (p, m and v overwritten), with scalars[9i … 9i+8] as adamw's.
+napi_value AdamWInPlace(napi_env env, napi_callback_info info) {
+  Args a(env, info, 5, "adamwInPlace");
+  uint32_t count = a.length(0, "ps");
+  const float* s = a.f32(4, 9 * (int64_t)count, "scalars");
+  std::vector<AdamWTensor> ts(count);
+  for (uint32_t i = 0; i < count && a.ok(); i++) {
+    AdamWTensor& t = ts[i];
+    t.p = a.f32_at(0, i, 0, "ps", &t.n);  // its length is the others'
+    t.g = a.f32_at(1, i, t.n, "gs");
+    t.m = a.f32_at(2, i, t.n, "ms");
+    t.v = a.f32_at(3, i, t.n, "vs");
+    if (a.ok()) t.a = AdamWArgs{s[9 * i], s[9 * i + 1], s[9 * i + 2], s[9 * i + 3], s[9 * i + 4], s[9 * i + 5], s[9 * i + 6], s[9 * i + 7], s[9 * i + 8]};
+  }
+  if (a.ok()) adamw_in_place(ts.data(), (int)count);
+  return nullptr;
+}
+
 // sumSquares(x, n, out): out[0] = Σ x² (summed in double, stored as float32).
 napi_value SumSquares(napi_env env, napi_callback_info info) {
   Args a(env, info, 3, "sumSquares");
@@ -406,6 +446,7 @@ napi_value Init(napi_env env, napi_value exports) {
       {"biasAdd", nullptr, BiasAdd, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"columnSum", nullptr, ColumnSum, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"adamw", nullptr, AdamW, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"adamwInPlace", nullptr, AdamWInPlace, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"sumSquares", nullptr, SumSquares, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"info", nullptr, Info, nullptr, nullptr, nullptr, napi_default, nullptr},
   };

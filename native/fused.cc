@@ -554,8 +554,11 @@ void column_sum(const float* dy, int64_t N, int64_t D, float* out) {
 
 namespace {
 // One chunk of AdamW (run 16 lanes wide by wide(): the square root and division dominate).
-PREFOPT_INLINE inline void adamw_span(const float* __restrict p, const float* __restrict g, const float* __restrict m, const float* __restrict v, int64_t i0,
-                                      int64_t i1, const AdamWArgs& a, float* __restrict p2, float* __restrict m2, float* __restrict v2) {
+// p2, m2, v2 may be p, m, v themselves (the update in place): each element is read before it is
+// written, and ivdep lets the compiler vectorize without checking the pointers for overlap.
+PREFOPT_INLINE inline void adamw_span(const float* p, const float* g, const float* m, const float* v, int64_t i0, int64_t i1, const AdamWArgs& a, float* p2, float* m2,
+                                      float* v2) {
+#pragma GCC ivdep
   for (int64_t i = i0; i < i1; i++) {
     float gi = g[i] * a.gscale;
     float mi = m[i] * a.beta1 + gi * a.one_minus_beta1;
@@ -571,6 +574,25 @@ PREFOPT_INLINE inline void adamw_span(const float* __restrict p, const float* __
 
 void adamw(const float* p, const float* g, const float* m, const float* v, int64_t n, const AdamWArgs& a, float* p2, float* m2, float* v2) {
   for_chunks(n, [&](int64_t, int64_t i0, int64_t i1) { wide([&]() PREFOPT_INLINE { adamw_span(p, g, m, v, i0, i1, a, p2, m2, v2); }); });
+}
+
+void adamw_in_place(const AdamWTensor* ts, int count) {
+  // Chunks of every tensor in one list, shared out over the pool in one call.
+  std::vector<std::pair<int, int64_t>> chunks;
+  int64_t total = 0;
+  for (int t = 0; t < count; t++) {
+    for (int64_t i0 = 0; i0 < ts[t].n; i0 += kChunk) chunks.emplace_back(t, i0);
+    total += ts[t].n;
+  }
+  parallel((int)chunks.size(), threads_for(total), [&](int c0, int c1) {
+    wide([&]() PREFOPT_INLINE {
+      for (int c = c0; c < c1; c++) {
+        const AdamWTensor& x = ts[chunks[c].first];
+        int64_t i0 = chunks[c].second, i1 = std::min(x.n, i0 + kChunk);
+        adamw_span(x.p, x.g, x.m, x.v, i0, i1, x.a, x.p, x.m, x.v);
+      }
+    });
+  });
 }
 
 double sum_squares(const float* x, int64_t n) {

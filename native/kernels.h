@@ -98,6 +98,16 @@ struct AdamWArgs {
   float gscale, beta1, one_minus_beta1, beta2, one_minus_beta2, sqrt_bc2, eps, step, decay;
 };
 void adamw(const float* p, const float* g, const float* m, const float* v, int64_t n, const AdamWArgs& a, float* p2, float* m2, float* v2);
+// The same update for many tensors at once, in place: one pass of the thread pool over all of
+// them (an optimizer step is one call, not one per parameter).
+struct AdamWTensor {
+  float* p;
+  const float* g;
+  float *m, *v;
+  int64_t n;
+  AdamWArgs a;
+};
+void adamw_in_place(const AdamWTensor* ts, int count);
 // Σ x² in double, in fixed chunks combined in order.
 double sum_squares(const float* x, int64_t n);
 // out[i] = table[ids[i]] for an embedding table [V, D]; ids already checked to be in [0, V).

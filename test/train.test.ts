@@ -55,20 +55,29 @@ describe('AdamW', () => {
     opt.dispose();
   }));
 
-  it('the fused kernel computes the tfjs form bit for bit: decay, no decay, a gradient scale, several steps', () => {
+  it('the fused kernel computes the tfjs form bit for bit: decay, no decay, a gradient scale, several steps; in place, or per tensor while a clone shares a parameter', () => {
     if (!loadNative().active) return;
     const rng = new Rng(3);
     const rand = (n: number) => Float32Array.from({ length: n }, () => rng.normal());
     const shapes: [string, number[]][] = [['layer.weight', [37, 29]], ['layer.bias', [29]], ['norm.weight', [300]]];
     const init = shapes.map(([, s]) => rand(s.reduce((a, b) => a * b, 1)));
     const grads = [1, 2, 3].map(() => shapes.map(([, s]) => rand(s.reduce((a, b) => a * b, 1))));
-    const run = (on: boolean) => {
+    // holdClone: a clone of the weight (sharing its memory) is alive across each step, so the
+    // update may not be written in place: the clone must keep the values it was taken with.
+    const run = (on: boolean, holdClone = false) => {
       setFused(on);
       const params = new Map(shapes.map(([n, s], i) => [n, tf.variable(tf.tensor(init[i], s))]));
       const opt = new AdamW({ beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.1 }, params);
       grads.forEach((gs, k) => {
         const g = new Map(shapes.map(([n, s], i) => [n, tf.tensor(gs[i], s)]));
+        const clone = holdClone ? tf.clone(params.get('layer.weight')!) : null;
+        const before = clone ? Array.from(clone.dataSync()) : null;
         opt.step(g, 3e-3 * (k + 1), k === 1 ? 0.37 : 1);
+        if (clone) {
+          expect(Array.from(clone.dataSync()), 'the clone after a step').toEqual(before);
+          expect(Array.from(params.get('layer.weight')!.dataSync())).not.toEqual(before);
+          clone.dispose();
+        }
         g.forEach((t) => t.dispose());
       });
       const out = [...params.values(), ...opt.m.values(), ...opt.v.values()].map((t) => Array.from(t.dataSync()));
@@ -79,7 +88,9 @@ describe('AdamW', () => {
     };
     const a = run(true);
     const b = run(false);
+    const c = run(true, true);
     a.forEach((x, i) => expect(x, `tensor ${i}`).toEqual(b[i]));
+    c.forEach((x, i) => expect(x, `tensor ${i} (a clone alive)`).toEqual(b[i]));
   });
 
   it('clips like clip_grad_norm_', () => {

@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { overrideKernel, runInPlace } from './kernels.js';
+import { overrideKernel, runInPlace, tensorView } from './kernels.js';
 
 /**
  * The native addon's fused kernels (native/fused.cc) as tfjs kernels of the wasm and cpu
@@ -24,6 +24,7 @@ export interface FusedAddon {
   loraForward(m: number, din: number, dout: number, r: number, x: Float32Array, xd: Float32Array, w: Float32Array, a: Float32Array, b: Float32Array, scale: number, y: Float32Array, u: Float32Array): void;
   loraBackward(m: number, din: number, dout: number, r: number, dy: Float32Array, xd: Float32Array, w: Float32Array, a: Float32Array, b: Float32Array, u: Float32Array, scale: number, dx: Float32Array, dxd: Float32Array | null, da: Float32Array, db: Float32Array): void;
   adamw(p: Float32Array, g: Float32Array, m: Float32Array, v: Float32Array, n: number, scalars: Float32Array, p2: Float32Array, m2: Float32Array, v2: Float32Array): void;
+  adamwInPlace(ps: Float32Array[], gs: Float32Array[], ms: Float32Array[], vs: Float32Array[], scalars: Float32Array): void;
   sumSquares(x: Float32Array, n: number, out: Float32Array): void;
   splitQkv(qkv: Float32Array, n: number, kv: number, g: number, hd: number, q: Float32Array, k: Float32Array, v: Float32Array, merge: boolean): void;
   embed(table: Float32Array, v: number, d: number, ids: Int32Array, n: number, out: Float32Array): void;
@@ -268,12 +269,14 @@ const GRADS: tf.GradConfig[] = [
 
 const registered = new Set<string>();
 let gradsRegistered = false;
+let loaded: FusedAddon | null = null;
 // PREFOPT_FUSED=0 keeps the native matmul but runs the plain tfjs compositions (to compare).
 let enabled = !['0', 'off', 'false', 'no'].includes(String(process.env.PREFOPT_FUSED ?? '').toLowerCase());
 
 /** Register every fused kernel for `backend` ('wasm' or 'cpu'). */
 export function registerFusedKernels(backend: string, addon: FusedAddon): void {
   if (registered.has(backend)) return;
+  loaded = addon;
   const native = (def: Def) => ({ inputs, backend: be, attrs }: any) => {
     const ins: Info[] = def.inputs.map((n) => inputs[n]);
     const outs = runInPlace(backend, be, ins, def.outputs(ins, attrs), (views, outViews) => def.run(addon, views, outViews, ins, attrs));
@@ -342,6 +345,21 @@ export const fused = {
       };
     }) as any) as (...t: tf.Tensor[]) => tf.Tensor2D;
     return dropout ? f(f32(x), f32(xd!), f32(a), f32(b)) : f(f32(x), f32(a), f32(b));
+  },
+  /**
+   * AdamW on many parameters at once, in place (p, m and v overwritten), one native call for
+   * all: an optimizer step was one kernel per parameter (74 in the bench's SFT step), each
+   * allocating three new tensors. False, with nothing changed, when some p's memory is shared
+   * with another tensor (a clone still alive): then its update must not be seen through it.
+   * scalars as in adamw below, per parameter. m and v are the optimizer's own.
+   */
+  adamwInPlace: (ps: tf.Tensor[], gs: tf.Tensor[], ms: tf.Tensor[], vs: tf.Tensor[], scalars: number[][]): boolean => {
+    const backend = tf.getBackend();
+    const be = tf.backend() as any;
+    if (!loaded || gs.some((g) => g.dtype !== 'float32') || ps.some((p) => be.refCount(p.dataId) !== 1)) return false;
+    const view = (ts: tf.Tensor[]) => ts.map((t) => tensorView(backend, be, t) as Float32Array);
+    loaded.adamwInPlace(view(ps), view(gs), view(ms), view(vs), Float32Array.from(scalars.flat()));
+    return true;
   },
   /** The scalars of train/adamw's tfjs form; the kernel rounds them to float32 as tfjs does. */
   adamw: (p: tf.Tensor, g: tf.Tensor, m: tf.Tensor, v: tf.Tensor, scalars: number[]) => run('PrefoptAdamW', { p, g: f32(g), m, v }, { scalars }) as tf.Tensor[],

@@ -14,12 +14,17 @@ export function runInPlace(backend: string, be: any, inputs: tf.TensorInfo[], sh
   if (backend === 'wasm') {
     const outs = shapes.map((s) => be.makeOutput(s, 'float32') as tf.TensorInfo);
     // Views are taken after every output is allocated: allocation may grow (and move) the heap.
-    fill(inputs.map((t) => be.typedArrayFromHeap(t)), outs.map((t) => be.typedArrayFromHeap(t)));
+    fill(inputs.map((t) => tensorView(backend, be, t)), outs.map((t) => tensorView(backend, be, t)));
     return outs;
   }
   const arrs = shapes.map((s) => new Float32Array(tf.util.sizeFromShape(s)));
-  fill(inputs.map((t) => be.data.get(t.dataId).values), arrs);
+  fill(inputs.map((t) => tensorView(backend, be, t)), arrs);
   return arrs.map((a, i) => be.makeTensorInfo(shapes[i], 'float32', a));
+}
+
+/** A tensor's own memory as a typed array on backend `be` ('wasm': a heap view, valid until the heap grows; 'cpu': its array). */
+export function tensorView(backend: string, be: any, t: tf.TensorInfo): any {
+  return backend === 'wasm' ? be.typedArrayFromHeap(t) : be.data.get(t.dataId).values;
 }
 
 /** Replace tfjs's kernel `name` on `backend` with `f`, which may pass any call on to the original. */

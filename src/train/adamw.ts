@@ -45,15 +45,24 @@ export class AdamW {
     const { beta1, beta2, eps, weightDecay } = this.cfg;
     const bc1 = 1 - Math.pow(beta1, this.t);
     const bc2 = 1 - Math.pow(beta2, this.t);
+    const decayOf = (name: string, p: tf.Tensor) => (weightDecay > 0 && decays(name, p.shape) ? lr * weightDecay : 0);
+    // The fused kernels' scalars, each rounded to float32 as tfjs rounds them.
+    const scalars = (name: string, p: tf.Tensor) => [gradScale, beta1, 1 - beta1, beta2, 1 - beta2, Math.sqrt(bc2), eps, lr / bc1, decayOf(name, p)];
+    if (fusedActive()) {
+      const names = [...this.params.keys()].filter((n) => grads.has(n));
+      const ps = names.map((n) => this.params.get(n)!);
+      const inPlace = fused.adamwInPlace(ps, names.map((n) => grads.get(n)!), names.map((n) => this.m.get(n)!), names.map((n) => this.v.get(n)!), names.map((n, i) => scalars(n, ps[i])));
+      if (inPlace) return;
+    }
     tf.tidy(() => {
       for (const [name, p] of this.params) {
         const graw = grads.get(name);
         if (!graw) continue;
         const m = this.m.get(name)!;
         const v = this.v.get(name)!;
-        const decay = weightDecay > 0 && decays(name, p.shape) ? lr * weightDecay : 0;
+        const decay = decayOf(name, p);
         if (fusedActive()) {
-          const [p2, m2, v2] = fused.adamw(p, graw, m, v, [gradScale, beta1, 1 - beta1, beta2, 1 - beta2, Math.sqrt(bc2), eps, lr / bc1, decay]);
+          const [p2, m2, v2] = fused.adamw(p, graw, m, v, scalars(name, p));
           m.assign(m2);
           v.assign(v2);
           p.assign(p2);
