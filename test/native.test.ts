@@ -104,7 +104,7 @@ describe('native matmul', () => {
       }`);
   });
 
-  it.runIf(native.active)('its elementwise and normalisation kernels give the same bits with AVX-512, AVX2 and portable code, on one thread or all', () => {
+  it.runIf(native.active)('its elementwise, normalisation and attention kernels give the same bits with AVX-512, AVX2 and portable code (attention and SwiGLU: x86 forms), on one thread or all', () => {
     // The vectorized forms (16 lanes under AVX-512, 4 in the baseline build) must round exactly
     // as the scalar ones, sums included; odd lengths exercise the tails. Large enough to split.
     const setup = `
@@ -112,11 +112,18 @@ describe('native matmul', () => {
       const N = 301, D = 203, n = N * D, H = 3, hd = 18;
       const x = rnd(n), w = rnd(D), dy = rnd(n), g = rnd(n), u = rnd(n);
       const y = new Float32Array(n), dx = new Float32Array(n), dw = new Float32Array(D), du = new Float32Array(n);`;
-    // SwiGLU's σ uses an 8-lane exp wherever AVX2 runs and the C library's expf in the portable
-    // build, which rounds differently: compared across the x86 forms and thread counts only.
+    // SwiGLU's σ and attention's softmax use a vector exp wherever AVX2 runs (8 or 16 lanes) and
+    // the C library's expf in the portable build, which rounds differently: compared across the
+    // x86 forms and thread counts only. Odd sizes leave partial vectors.
     sameBitsEverywhere(`${setup}
       m.swiglu(g, u, n, y); out(y);
-      m.swigluGrad(g, u, dy, n, dx, du); out(dx); out(du);`, ['avx512', 'avx2']);
+      m.swigluGrad(g, u, dy, n, dx, du); out(dx); out(du);
+      const [B, T, Tk, Hq, KV, hq] = [3, 37, 45, 4, 2, 16], nq = B * T * Hq * hq, nk = B * Tk * KV * hq;
+      const q = rnd(nq), k = rnd(nk), v = rnd(nk), dout = rnd(nq), mask = new Float32Array(B * T * Tk);
+      for (let i = 0; i < mask.length; i++) if (i % Tk > (Math.floor(i / Tk) % T) + Tk - T) mask[i] = -1e9;
+      const o = new Float32Array(nq), dq = new Float32Array(nq), dk = new Float32Array(nk), dv = new Float32Array(nk);
+      m.attention(q, k, v, mask, 0.25, B, T, Tk, Hq, KV, hq, o); out(o);
+      m.attentionGrad(q, k, v, mask, 0.25, B, T, Tk, Hq, KV, hq, dout, dq, dk, dv); out(dq); out(dk); out(dv);`, ['avx512', 'avx2']);
     sameBitsEverywhere(`${setup}
       m.rmsNorm(x, w, N, D, 1e-5, y, null, null); out(y);
       m.rmsNormGrad(x, w, dy, N, D, 1e-5, dx, dw, null); out(dx); out(dw);
