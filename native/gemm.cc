@@ -141,8 +141,12 @@ void store_tile(const Tile& t, const float* acc) {
 }
 
 #ifdef PREFOPT_X86
-__attribute__((target("avx512f"))) void tile_avx512(const Tile& t) {
-  constexpr int MR = 12, NR = 32;
+// MR rows of the tile in registers; tile_avx512 picks the fewest that cover t.rows (a short last
+// tile — decoding one token per sequence, attention over one query row, LoRA's rank-16
+// products — would otherwise compute 12 rows for 1–4). Each row is the same chain whatever MR.
+template <int MR>
+__attribute__((target("avx512f"))) void tile_avx512_rows(const Tile& t) {
+  constexpr int NR = 32;
   __m512 c[MR][2];
   for (int r = 0; r < MR; r++) c[r][0] = c[r][1] = _mm512_setzero_ps();
   const float* a[MR];
@@ -176,6 +180,13 @@ __attribute__((target("avx512f"))) void tile_avx512(const Tile& t) {
     _mm512_store_ps(s + r * NR + 16, c[r][1]);
   }
   store_tile<MR, NR>(t, s);
+}
+
+__attribute__((target("avx512f"))) void tile_avx512(const Tile& t) {
+  if (t.rows <= 1) return tile_avx512_rows<1>(t);
+  if (t.rows <= 4) return tile_avx512_rows<4>(t);
+  if (t.rows <= 8) return tile_avx512_rows<8>(t);
+  tile_avx512_rows<12>(t);
 }
 
 // Named accumulators: with only 16 ymm registers GCC kept an accumulator array in memory.
