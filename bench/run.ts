@@ -204,8 +204,9 @@ async function main() {
   // The PyTorch reference of the same steps, when available.
   const ref = torchReference();
   const ratio = (k: string) => (ref?.[k] ? +(tokens[k] / ref[k]).toFixed(3) : null);
-  // Model FLOP utilisation against the best GEMM rate measured on this machine in this run.
-  const peakGemm = Math.max(extra.gemm_gflops, ref?.gemm_gflops_any ?? 0) * 1e9;
+  // Model FLOP utilisation against the best GEMM rate measured on this machine in this run: the
+  // start-of-run product, PyTorch's, and every paired round's.
+  const peakGemm = Math.max(extra.gemm_gflops, ref?.gemm_gflops_any ?? 0, ...pairedSft.gemm_gflops, ...pairedDpo.gemm_gflops) * 1e9;
   const mfu = (tps: number | undefined) => (tps ? +((tps * 3 * fwdFlops) / peakGemm).toFixed(3) : null);
   extra.mfu = {
     peak_gemm_gflops: +(peakGemm / 1e9).toFixed(1),
