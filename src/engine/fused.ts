@@ -2,7 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { overrideKernel, runInPlace, tensorView } from './kernels.js';
 
 /**
- * The native addon's fused kernels (native/fused.cc) as tfjs kernels of the wasm and cpu
+ * The native addon's fused kernels (native/fused.cc, native/lora.cc) as tfjs kernels of the wasm and cpu
  * backends, each with its gradient. A kernel reads its inputs and writes its outputs in place
  * (wasm heap views, or the cpu backend's arrays): no copies through JavaScript. Callers go
  * through engine/ops, which falls back to plain tfjs ops where these are not registered (the
