@@ -2,11 +2,11 @@ import * as tf from '@tensorflow/tfjs-core';
 import { overrideKernel, runInPlace, tensorView } from './kernels.js';
 
 /**
- * The native addon's fused kernels (native/fused.cc, native/lora.cc) as tfjs kernels of the wasm and cpu
- * backends, each with its gradient. A kernel reads its inputs and writes its outputs in place
- * (wasm heap views, or the cpu backend's arrays): no copies through JavaScript. Callers go
- * through engine/ops, which falls back to plain tfjs ops where these are not registered (the
- * TensorFlow backends, or no addon).
+ * The native addon's fused kernels (native/fused.cc, native/lora.cc) as tfjs kernels of the
+ * wasm and cpu backends, each with its gradient. A kernel reads its inputs and writes its
+ * outputs in place (wasm heap views, or the cpu backend's arrays): no copies through
+ * JavaScript. Callers go through engine/ops, which falls back to plain tfjs ops where these are
+ * not registered (the TensorFlow backends, or no addon).
  */
 export interface FusedAddon {
   labelLogProbs(x: Float32Array, n: number, v: number, labels: Int32Array, out: Float32Array): void;
