@@ -54,22 +54,22 @@ PREFOPT_INLINE inline double sum_double(int64_t n, const T& term) {
 }
 
 #ifdef PREFOPT_X86
-// exp(x) for 8 lanes: x = n·ln2 + r, |r| ≤ ln2/2, a degree-6 polynomial for e^r (Cephes' expf
-// coefficients, within 2 ulp), scaled by 2^n through the exponent bits. Below −87.3 the result
-// is exactly 0, like expf's underflow, so masked attention scores (−1e9) give exact zeros.
+// exp(x) in vector lanes: x = n·ln2 + r, |r| ≤ ln2/2, a degree-6 polynomial for e^r (Cephes'
+// expf coefficients, within 2 ulp), scaled by 2^n through the exponent bits. Below kExpLo the
+// result is exactly 0, like expf's underflow, so masked attention scores (−1e9) give exact
+// zeros. exp8 and exp16 take the same steps with these constants, so they give the same bits.
+constexpr float kExpLo = -87.3f, kExpHi = 88.7f, kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
 __attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.3f);
+  const __m256 lo = _mm256_set1_ps(kExpLo);
   __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.7f));
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(kExpHi));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 6; i++) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
   __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
@@ -88,28 +88,27 @@ __attribute__((target("avx2,fma"))) void exp_avx2(float* v, int64_t n) {
 #endif
 
 #ifdef PREFOPT_X86
-// exp8's steps on 16 lanes: the same operations, so the same bits lane for lane.
+// exp8's steps on 16 lanes.
 __attribute__((target("avx512f"))) inline __m512 exp16(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.3f);
+  const __m512 lo = _mm512_set1_ps(kExpLo);
   __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
-  x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.7f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(kExpHi));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 6; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
   return _mm512_maskz_mov_ps(keep, _mm512_mul_ps(p, _mm512_castsi512_ps(e)));
 }
 
+// The lanes of a 16-wide vector that hold values when `left` remain.
+inline __mmask16 lanes16(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
+
 __attribute__((target("avx512f"))) void exp_avx512(float* v, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
-    __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+    __mmask16 k = lanes16(n - i);
     _mm512_mask_storeu_ps(v + i, k, exp16(_mm512_mask_loadu_ps(_mm512_set1_ps(-1e30f), k, v + i)));
   }
 }
@@ -395,10 +394,9 @@ __attribute__((target("avx2,fma"))) void softmax_grad_row_avx2(const float* p, c
 // half, then its high half), so the result is the same bits.
 __attribute__((target("avx512f"))) void softmax_row_avx512(const float* s, const float* m, float scale, int64_t Tk, float* p) {
   const __m512 sc = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY), zero = _mm512_setzero_ps();
-  auto part = [&](int64_t j) { return Tk - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (Tk - j)) - 1); };
   __m512 mx = ninf;
   for (int64_t j = 0; j < Tk; j += 16) {
-    __mmask16 k = part(j);
+    __mmask16 k = lanes16(Tk - j);
     __m512 x = _mm512_add_ps(_mm512_mul_ps(_mm512_mask_loadu_ps(zero, k, s + j), sc), _mm512_mask_loadu_ps(ninf, k, m + j));
     _mm512_mask_storeu_ps(p + j, k, x);
     mx = _mm512_max_ps(mx, x);
@@ -406,7 +404,7 @@ __attribute__((target("avx512f"))) void softmax_row_avx512(const float* s, const
   const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
   __m256 sum = _mm256_setzero_ps();
   for (int64_t j = 0; j < Tk; j += 16) {
-    __mmask16 k = part(j);
+    __mmask16 k = lanes16(Tk - j);
     __m512 e = exp16(_mm512_sub_ps(_mm512_mask_loadu_ps(ninf, k, p + j), vmax));
     _mm512_mask_storeu_ps(p + j, k, e);
     sum = _mm256_add_ps(sum, _mm512_castps512_ps256(e));
@@ -418,7 +416,7 @@ __attribute__((target("avx512f"))) void softmax_row_avx512(const float* s, const
   for (float l : lane) total += l;
   const __m512 inv = _mm512_set1_ps((float)(1.0 / total));
   for (int64_t j = 0; j < Tk; j += 16) {
-    __mmask16 k = part(j);
+    __mmask16 k = lanes16(Tk - j);
     _mm512_mask_storeu_ps(p + j, k, _mm512_mul_ps(_mm512_mask_loadu_ps(zero, k, p + j), inv));
   }
 }

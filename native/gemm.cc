@@ -78,8 +78,8 @@ namespace {
 // (contiguous per k, whatever the transpose), and each MR×NR tile of C is accumulated in
 // vector registers, reading its MR rows of op(A) in place when A is not transposed (packing
 // them cost a fifth of the time of this project's small products), from a packed copy of the
-// tile when it is (see gemm_block). Threads take disjoint
-// column ranges of C (or row ranges when C is narrow) and pack what they read themselves.
+// tile when it is (see gemm_block). Threads take disjoint column ranges of C (or row ranges
+// when C is narrow) and pack what they read themselves.
 // Every element of C is the same chain of fused multiply-adds in k order, KC at a time, in all
 // three kernels below (AVX-512 12×32, AVX2 6×16, portable 6×16), so they give the same bits,
 // and so does any thread count.
@@ -96,7 +96,6 @@ struct Op {
   int64_t cs() const { return trans ? ld : 1; }
 };
 
-// Bp[panel - p0][k][0..NR) for panels [p0, p1), k in [k0, k0+kb), zero-padded past N.
 #ifdef PREFOPT_X86
 // dst[k][c] = src[c·ld + k] for a 16×16 block (k, c < 16), dst rows `stride` apart. A transposed
 // B (dy·Wᵀ in every linear layer's backward, LoRA's included; the tied LM head) was gathered one
@@ -127,6 +126,7 @@ __attribute__((target("avx512f"))) void transpose16(const float* src, int64_t ld
 }
 #endif
 
+// Bp[panel - p0][k][0..NR) for panels [p0, p1), k in [k0, k0+kb), zero-padded past N.
 template <int NR>
 void pack_b(const Op& B, int k0, int kb, int N, int p0, int p1, float* Bp) {
   for (int p = p0; p < p1; p++) {
