@@ -123,15 +123,25 @@ export const bmm: (a: tf.Tensor3D, b: tf.Tensor3D) => tf.Tensor3D = tf.customGra
   }) as any,
 ) as any;
 
+/**
+ * f over the rows of x [..., in]: x as [rows, in], and f's [rows, out] back as [..., out]. A 2-D x
+ * (the decoder's [tokens, D] stream) passes as it is: each reshape is a kernel call, and another
+ * in the backward pass.
+ */
+export function onRows(x: tf.Tensor, f: (x2: tf.Tensor2D) => tf.Tensor2D): tf.Tensor {
+  const xs = x.shape as number[];
+  if (xs.length === 2) return f(x as tf.Tensor2D);
+  const y = f(tf.reshape(x, [-1, xs[xs.length - 1]]) as tf.Tensor2D);
+  return tf.reshape(y, [...xs.slice(0, -1), y.shape[1]]);
+}
+
 /** x [..., in] · w [in, out] (+ b [out]). Weights are kept [in, out] in memory; see io/layout. */
 export function linear(x: tf.Tensor, w: tf.Tensor, b?: tf.Tensor | null): tf.Tensor {
-  const xs = x.shape as number[];
-  const inDim = xs[xs.length - 1];
-  const outDim = (w.shape as number[])[1];
-  const flat = xs.length === 2; // the decoder's stream is [tokens, D]: no reshapes (each a kernel call, and another in the backward pass)
-  let y: tf.Tensor = mm((flat ? x : tf.reshape(x, [-1, inDim])) as tf.Tensor2D, w as tf.Tensor2D);
-  if (b) y = fusedActive() ? fused.biasAdd(y, b) : tf.add(y, b);
-  return flat ? y : tf.reshape(y, [...xs.slice(0, -1), outDim]);
+  return onRows(x, (x2) => {
+    const y = mm(x2, w as tf.Tensor2D);
+    if (!b) return y;
+    return (fusedActive() ? fused.biasAdd(y, b) : tf.add(y, b)) as tf.Tensor2D;
+  });
 }
 
 /**
@@ -202,10 +212,7 @@ export function rmsNorm(x: tf.Tensor, w: tf.Tensor, eps: number): tf.Tensor {
  * way where the fused kernels run (the add's own kernel, and the add of s's two gradients, go).
  */
 export function addRmsNorm(x: tf.Tensor, r: tf.Tensor, w: tf.Tensor, eps: number): [tf.Tensor, tf.Tensor] {
-  if (fusedActive()) {
-    const [s, y] = fused.addRmsNorm(x, r, w, eps);
-    return [s, y];
-  }
+  if (fusedActive()) return fused.addRmsNorm(x, r, w, eps) as [tf.Tensor, tf.Tensor];
   const s = tf.add(x, r);
   return [s, rmsNorm(s, w, eps)];
 }

@@ -2,7 +2,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { Decoder, LinearAdapter, transpose2d } from '../model/decoder.js';
-import { loraLinear } from '../engine/ops.js';
+import { loraLinear, onRows } from '../engine/ops.js';
 import { SafetensorsFile, readHeader, readTensor, writeSafetensors } from '../io/safetensors.js';
 import { readJson, writeDirAtomic } from '../util/fsutil.js';
 import { UserError } from '../util/errors.js';
@@ -94,11 +94,10 @@ export class LoraAdapter implements LinearAdapter {
 
   linear(module: string, x: tf.Tensor, w: tf.Tensor, bias: tf.Tensor | null): tf.Tensor {
     const lw = this.weights.get(module)!;
-    const xs = x.shape as number[];
-    const x2 = (xs.length === 2 ? x : tf.reshape(x, [-1, xs[xs.length - 1]])) as tf.Tensor2D;
-    const dropped = this.training && this.cfg.dropout > 0 && this.rng ? (tf.dropout(x2, this.cfg.dropout, undefined, this.rng.nextU32()) as tf.Tensor2D) : null;
-    const y = loraLinear(x2, w as tf.Tensor2D, bias, lw.a as unknown as tf.Tensor2D, lw.b as unknown as tf.Tensor2D, this.scale, dropped);
-    return xs.length === 2 ? y : tf.reshape(y, [...xs.slice(0, -1), y.shape[1]]);
+    return onRows(x, (x2) => {
+      const dropped = this.training && this.cfg.dropout > 0 && this.rng ? (tf.dropout(x2, this.cfg.dropout, undefined, this.rng.nextU32()) as tf.Tensor2D) : null;
+      return loraLinear(x2, w as tf.Tensor2D, bias, lw.a as unknown as tf.Tensor2D, lw.b as unknown as tf.Tensor2D, this.scale, dropped);
+    });
   }
 
   params(): Map<string, tf.Variable> {
