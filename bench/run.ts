@@ -337,7 +337,7 @@ function gemmRate(time: (f: () => void) => number): number {
 /**
  * Model FLOP utilisation in rounds: each round times the 1024³ GEMM (best of 3) and then the
  * step (best of 2) back to back, and divides the step's FLOP rate by that GEMM's. This VM's
- * speed drifts by up to ±40% over minutes, so a peak taken at one moment and steps timed at
+ * speed drifts by up to 3x over minutes, so a peak taken at one moment and steps timed at
  * another measure the drift as much as the code. The median round, with the range.
  */
 function pairedMfu(step: () => void, flops: number, rounds: number): { median: number; min: number; max: number; gemm_gflops: number[] } {
@@ -391,7 +391,7 @@ function appendResults(r: any): void {
     '',
     `## ${r.date} — backend ${r.backend}`,
     '',
-    `Machine: ${r.machine}. Model: ${r.model.arch}, ${r.model.params} parameters, batch ${r.model.batch}. Each figure is the fastest of ${r.reps} timed calls after a warm-up, for prefopt and PyTorch alike (runs before 2026-11-29T10:00 took the mean of 3).`,
+    `Machine: ${r.machine}. Model: ${r.model.arch}, ${r.model.params} parameters, batch ${r.model.batch}. Each figure is the fastest of ${r.reps} timed calls after a warm-up, for prefopt and PyTorch alike.`,
     '',
     '| measure | prefopt | PyTorch | ratio |',
     '|---|---|---|---|',
