@@ -128,9 +128,13 @@ async function main() {
   const dpoTokens = 2 * n * 128;
   const loraStep = dpoStep(lp, lopt, 1e-4, () => withAdapterOff(model, () => sequenceLogps(model, pb)));
   tokens.dpo_step_lora = dpoTokens / timeIt(loraStep, reps);
-  // LoRA DPO: reference forward + policy forward + the backward's input gradients only (frozen
-  // weights get none) = 3x the forward's FLOPs as well.
-  const pairedDpo = pairedMfu(loraStep, 3 * fwdFlops * dpoTokens, quick ? 2 : 5);
+  // LoRA DPO: the reference forward (base model), the policy's forward (base and adapter) and
+  // its backward: input gradients only through the frozen weights, input and weight gradients
+  // through the adapter. Each adapter weight takes one multiply-add per token forward, so the
+  // adapter adds 2·(its parameters) FLOPs per token forward and twice that backward.
+  const adapterFlops = 2 * [...lp.values()].reduce((a, v) => a + v.size, 0);
+  const dpoFlops = 3 * fwdFlops + 3 * adapterFlops;
+  const pairedDpo = pairedMfu(loraStep, dpoFlops * dpoTokens, quick ? 2 : 5);
   const loraTensorsMb = (tf.memory().numBytes / 2 ** 20);
   lopt.dispose();
   ad.dispose();
@@ -207,13 +211,13 @@ async function main() {
   // Model FLOP utilisation against the best GEMM rate measured on this machine in this run: the
   // start-of-run product, PyTorch's, and every paired round's.
   const peakGemm = Math.max(extra.gemm_gflops, ref?.gemm_gflops_any ?? 0, ...pairedSft.gemm_gflops, ...pairedDpo.gemm_gflops) * 1e9;
-  const mfu = (tps: number | undefined) => (tps ? +((tps * 3 * fwdFlops) / peakGemm).toFixed(3) : null);
+  const mfu = (tps: number | undefined, flopsPerToken: number) => (tps ? +((tps * flopsPerToken) / peakGemm).toFixed(3) : null);
   extra.mfu = {
     peak_gemm_gflops: +(peakGemm / 1e9).toFixed(1),
-    sft_step: mfu(tokens.sft_step),
-    dpo_step: mfu(tokens.dpo_step_lora),
-    torch_sft_step: mfu(ref?.sft_step),
-    torch_dpo_step: mfu(ref?.dpo_step_lora),
+    sft_step: mfu(tokens.sft_step, 3 * fwdFlops),
+    dpo_step: mfu(tokens.dpo_step_lora, dpoFlops),
+    torch_sft_step: mfu(ref?.sft_step, 3 * fwdFlops),
+    torch_dpo_step: mfu(ref?.dpo_step_lora, dpoFlops),
     paired: { sft_step: pairedSft, dpo_step: pairedDpo },
   } as any;
   const result = {
@@ -406,7 +410,7 @@ function appendResults(r: any): void {
     `| serve: time to first token p50 / p90, ms | ${r.serve_ttft_p50_ms} / ${r.serve_ttft_p90_ms} | | |`,
     '',
     `Matmul: ${r.native}; GEMM 1024³ ${r.gemm_gflops} GFLOP/s (PyTorch ${f(r.torch_tokens_per_s?.gemm_gflops?.toFixed?.(1))}${r.torch_tokens_per_s?.openblas_coretype ? `, its fastest configuration here: OPENBLAS_CORETYPE=${r.torch_tokens_per_s.openblas_coretype}` : ''}). ` +
-      `Model FLOP utilisation against the best GEMM measured anywhere in the run (${r.mfu.peak_gemm_gflops} GFLOP/s): SFT step ${pct(r.mfu.sft_step)} (PyTorch ${pct(r.mfu.torch_sft_step)}), LoRA DPO step ${pct(r.mfu.dpo_step)} (PyTorch ${pct(r.mfu.torch_dpo_step)}). ` +
+      `Model FLOP utilisation against the best GEMM measured anywhere in the run (${r.mfu.peak_gemm_gflops} GFLOP/s): SFT step ${pct(r.mfu.sft_step)} (PyTorch ${pct(r.mfu.torch_sft_step)}), LoRA DPO step ${pct(r.mfu.dpo_step)} (PyTorch ${pct(r.mfu.torch_dpo_step)}; its FLOPs include the adapter's products). ` +
       (r.mfu.paired
         ? `Paired with a 1024³ GEMM timed just before each step (${r.mfu.paired.sft_step.gemm_gflops.length} rounds each; the machine's GEMM rate meanwhile: ${[...r.mfu.paired.sft_step.gemm_gflops, ...r.mfu.paired.dpo_step.gemm_gflops].join(', ')} GFLOP/s): ` +
           `SFT step ${pct(r.mfu.paired.sft_step.median)} median (${pct(r.mfu.paired.sft_step.min)}–${pct(r.mfu.paired.sft_step.max)}), LoRA DPO step ${pct(r.mfu.paired.dpo_step.median)} (${pct(r.mfu.paired.dpo_step.min)}–${pct(r.mfu.paired.dpo_step.max)}).`
