@@ -127,14 +127,15 @@ LoraLayer lora_layer(Args& a, int scale_at) {
   return LoraLayer{d, a.f32(5, d.M * d.in, "xd"), a.f32(6, d.in * d.out, "w"), a.f32(7, d.in * d.r, "a"), a.f32(8, d.r * d.out, "b"), (float)a.real(scale_at)};
 }
 
-// loraForward(M, in, out, r, x, xd, w, a, b, scale, y, u)
+// loraForward(M, in, out, r, x, xd, w, a, b, scale, y, u, bias | null)
 napi_value LoraForward(napi_env env, napi_callback_info info) {
-  Args a(env, info, 12, "loraForward");
+  Args a(env, info, 13, "loraForward");
   LoraLayer l = lora_layer(a, 9);
   const float* x = a.f32(4, l.d.M * l.d.in, "x");
   float* y = a.f32(10, l.d.M * l.d.out, "y");
   float* u = a.f32(11, l.d.M * l.d.r, "u");
-  if (a.ok()) lora_forward(l, x, y, u);
+  const float* bias = a.f32_or_null(12, l.d.out, "bias");
+  if (a.ok()) lora_forward(l, x, y, u, bias);
   return nullptr;
 }
 

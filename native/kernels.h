@@ -53,8 +53,8 @@ struct LoraLayer {
   const float *xd, *w, *a, *b;
   float s;  // the adapter's scale
 };
-// y = x·W + u·B with u = s·(xd·A) (u is kept for the backward pass).
-void lora_forward(const LoraLayer& l, const float* x, float* y, float* u);
+// y = x·W + u·B (+ bias when not null) with u = s·(xd·A) (u is kept for the backward pass).
+void lora_forward(const LoraLayer& l, const float* x, float* y, float* u, const float* bias);
 // dx, dA, dB from dy; with dxd null (xd is x) dx = dy·Wᵀ + s·(dy·Bᵀ)·Aᵀ, else dx = dy·Wᵀ and
 // dxd = s·(dy·Bᵀ)·Aᵀ.
 void lora_backward(const LoraLayer& l, const float* dy, const float* u, float* dx, float* dxd, float* da, float* db);

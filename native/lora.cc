@@ -16,11 +16,12 @@ void scale(float* v, int64_t n, float s) {
 }
 }  // namespace
 
-void lora_forward(const LoraLayer& l, const float* x, float* y, float* u) {
+void lora_forward(const LoraLayer& l, const float* x, float* y, float* u, const float* bias) {
   const LoraDims& d = l.d;
   matmul(false, false, 1, d.M, d.r, d.in, l.xd, 0, l.a, 0, u, blas());
   scale(u, d.M * d.r, l.s);
   matmul2(d.M, d.out, DenseTerm{false, false, d.in, x, l.w}, DenseTerm{false, false, d.r, u, l.b}, y);
+  if (bias) bias_add(y, bias, d.M, d.out, y);  // after the products, as the bias kernel adds it
 }
 
 void lora_backward(const LoraLayer& l, const float* dy, const float* u, float* dx, float* dxd, float* da, float* db) {

@@ -395,7 +395,7 @@ describe('fused kernels against float64', () => {
     });
   });
 
-  it('LoRA layer x·W + b + s·(xd·A)·B (W frozen): value and the gradients for x, A, B and the bias, with xd = x and with a dropped-out xd', () => {
+  it('LoRA layer x·W + b + s·(xd·A)·B (W frozen): value and the gradients for x, A, B and a trained bias, with xd = x and with a dropped-out xd; a frozen bias is added in the same call', () => {
     const rng = new Rng(13);
     const [M, K, N, r, s] = [20, 40, 45, 16, 0.5]; // more than one tile of C each way
     const X = rand(rng, M * K);
@@ -415,30 +415,34 @@ describe('fused kernels against float64', () => {
       const upd = prod(prod(xd, a, M, K, r), b, M, r, N);
       return base.map((v, i) => v + bs[i % N] + s * upd[i]);
     };
-    for (const dropout of [false, true]) {
-      const xd = dropout ? XD : X;
-      const want = f(X, xd, A, Bm, bias);
-      const gx = numGrad((x) => f(x, dropout ? XD : x, A, Bm, bias), X, DY);
-      const gxd = dropout ? numGrad((v) => f(X, v, A, Bm, bias), XD, DY) : null;
-      const ga = numGrad((a) => f(X, xd, a, Bm, bias), A, DY);
-      const gb = numGrad((b) => f(X, xd, A, b, bias), Bm, DY);
-      const gbias = numGrad((v) => f(X, xd, A, Bm, v), bias, DY);
-      const w = tf.variable(tf.tensor2d(f32(W), [K, N]), false);
-      bothPaths((path) => {
-        const what = `${path}${dropout ? ', dropout' : ''}`;
-        const inputs = [tf.tensor2d(f32(X), [M, K]), tf.tensor2d(f32(A), [K, r]), tf.tensor2d(f32(Bm), [r, N]), tf.tensor1d(f32(bias)), tf.tensor2d(f32(XD), [M, K])];
-        const op = (x: tf.Tensor, a: tf.Tensor, b: tf.Tensor, bs: tf.Tensor, xdt: tf.Tensor) => loraLinear(x as tf.Tensor2D, w, bs, a as tf.Tensor2D, b as tf.Tensor2D, s, dropout ? (xdt as tf.Tensor2D) : null);
-        const res = run(op, inputs, DY, dropout ? [0, 1, 2, 3, 4] : [0, 1, 2, 3]);
-        tf.dispose(inputs);
-        close(res.y, want, 1e-5, `${what} value`);
-        close(res.grads[0], gx, 1e-4, `${what} ∂x`);
-        close(res.grads[1], ga, 1e-4, `${what} ∂A`);
-        close(res.grads[2], gb, 1e-4, `${what} ∂B`);
-        close(res.grads[3], gbias, 1e-4, `${what} ∂bias`);
-        if (gxd) close(res.grads[4], gxd, 1e-4, `${what} ∂xd`);
-      });
-      w.dispose();
-    }
+    for (const dropout of [false, true])
+      for (const frozenBias of [false, true]) {
+        const xd = dropout ? XD : X;
+        const want = f(X, xd, A, Bm, bias);
+        const gx = numGrad((x) => f(x, dropout ? XD : x, A, Bm, bias), X, DY);
+        const gxd = dropout ? numGrad((v) => f(X, v, A, Bm, bias), XD, DY) : null;
+        const ga = numGrad((a) => f(X, xd, a, Bm, bias), A, DY);
+        const gb = numGrad((b) => f(X, xd, A, b, bias), Bm, DY);
+        const gbias = numGrad((v) => f(X, xd, A, Bm, v), bias, DY);
+        const w = tf.variable(tf.tensor2d(f32(W), [K, N]), false);
+        // A frozen bias (the base model's, under LoRA) is not differentiated.
+        const fixedBias = frozenBias ? tf.variable(tf.tensor1d(f32(bias)), false) : null;
+        bothPaths((path) => {
+          const what = `${path}${dropout ? ', dropout' : ''}${frozenBias ? ', frozen bias' : ''}`;
+          const inputs = [tf.tensor2d(f32(X), [M, K]), tf.tensor2d(f32(A), [K, r]), tf.tensor2d(f32(Bm), [r, N]), tf.tensor1d(f32(bias)), tf.tensor2d(f32(XD), [M, K])];
+          const op = (x: tf.Tensor, a: tf.Tensor, b: tf.Tensor, bs: tf.Tensor, xdt: tf.Tensor) => loraLinear(x as tf.Tensor2D, w, fixedBias ?? bs, a as tf.Tensor2D, b as tf.Tensor2D, s, dropout ? (xdt as tf.Tensor2D) : null);
+          const res = run(op, inputs, DY, [0, 1, 2, ...(frozenBias ? [] : [3]), ...(dropout ? [4] : [])]);
+          tf.dispose(inputs);
+          close(res.y, want, 1e-5, `${what} value`);
+          close(res.grads[0], gx, 1e-4, `${what} ∂x`);
+          close(res.grads[1], ga, 1e-4, `${what} ∂A`);
+          close(res.grads[2], gb, 1e-4, `${what} ∂B`);
+          if (!frozenBias) close(res.grads[3], gbias, 1e-4, `${what} ∂bias`);
+          if (gxd) close(res.grads.at(-1)!, gxd, 1e-4, `${what} ∂xd`);
+        });
+        w.dispose();
+        fixedBias?.dispose();
+      }
   });
 
   it('sum of squares (the gradient norm) over more elements than one chunk', () => {

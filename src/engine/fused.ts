@@ -21,7 +21,7 @@ export interface FusedAddon {
   biasAdd(x: Float32Array, b: Float32Array, n: number, d: number, y: Float32Array): void;
   columnSum(dy: Float32Array, n: number, d: number, out: Float32Array): void;
   add(a: Float32Array, b: Float32Array, n: number, y: Float32Array): void;
-  loraForward(m: number, din: number, dout: number, r: number, x: Float32Array, xd: Float32Array, w: Float32Array, a: Float32Array, b: Float32Array, scale: number, y: Float32Array, u: Float32Array): void;
+  loraForward(m: number, din: number, dout: number, r: number, x: Float32Array, xd: Float32Array, w: Float32Array, a: Float32Array, b: Float32Array, scale: number, y: Float32Array, u: Float32Array, bias: Float32Array | null): void;
   loraBackward(m: number, din: number, dout: number, r: number, dy: Float32Array, xd: Float32Array, w: Float32Array, a: Float32Array, b: Float32Array, u: Float32Array, scale: number, dx: Float32Array, dxd: Float32Array | null, da: Float32Array, db: Float32Array): void;
   adamw(p: Float32Array, g: Float32Array, m: Float32Array, v: Float32Array, n: number, scalars: Float32Array, p2: Float32Array, m2: Float32Array, v2: Float32Array): void;
   adamwInPlace(ps: Float32Array[], gs: Float32Array[], ms: Float32Array[], vs: Float32Array[], scalars: Float32Array): void;
@@ -49,11 +49,12 @@ const same = (i: number) => (ins: Info[]) => [ins[i].shape as number[]];
 
 const DEFS: Record<string, Def> = {
   // LoRA's layer: x, xd [M, in], w [in, out], a [in, r], b [r, out] → y = x·w + u·b, u = s·(xd·a)
-  // [M, r]. With attrs.dropout, xd is a separate input; without, it is x.
+  // [M, r], plus a frozen bias [out] when one is given. With attrs.dropout, xd is a separate
+  // input; without, it is x.
   PrefoptLora: {
-    inputs: ['x', 'xd', 'w', 'a', 'b'],
+    inputs: ['x', 'xd', 'w', 'a', 'b', 'bias'],
     outputs: ([x, , w, a]) => [[x.shape[0], w.shape[1]], [x.shape[0], a.shape[1]]],
-    run: (k, [x, xd, w, a, b], [y, u], [xi, , wi, ai], { scale }) => k.loraForward(xi.shape[0], xi.shape[1], wi.shape[1], ai.shape[1], x, xd, w, a, b, scale, y, u),
+    run: (k, [x, xd, w, a, b, bias], [y, u], [xi, , wi, ai], { scale }) => k.loraForward(xi.shape[0], xi.shape[1], wi.shape[1], ai.shape[1], x, xd, w, a, b, scale, y, u, bias),
   },
   // → dx, [dxd when attrs.dropout], da, db.
   PrefoptLoraGrad: {
@@ -329,19 +330,21 @@ const i32 = (t: tf.Tensor) => (t.dtype === 'int32' ? t : tf.cast(t, 'int32'));
 /** The fused forms; only while fusedActive(). */
 export const fused = {
   /**
-   * x·w + s·(xd·a)·b for a frozen w (not differentiated), from one kernel call each way; xd null
-   * means xd = x. Gradients for x (and xd), a and b.
+   * x·w + s·(xd·a)·b (+ bias) for a frozen w and bias (not differentiated), from one kernel call
+   * each way; xd null means xd = x. Gradients for x (and xd), a and b. a and b are read by the
+   * backward pass from here, not saved: they are the adapter's variables, alive until the
+   * optimizer step, and saving takes a tape clone each (84 in the bench's LoRA DPO step).
    */
-  lora: (x: tf.Tensor2D, w: tf.Tensor2D, a: tf.Tensor2D, b: tf.Tensor2D, scale: number, xd: tf.Tensor2D | null) => {
+  lora: (x: tf.Tensor2D, w: tf.Tensor2D, a: tf.Tensor2D, b: tf.Tensor2D, scale: number, xd: tf.Tensor2D | null, bias: tf.Tensor | null) => {
     const dropout = xd !== null;
     const f = tf.customGrad(((...args: any[]) => {
       const save = args.pop() as tf.GradSaveFunc;
       const [xi, xdi, ai, bi] = (dropout ? args : [args[0], args[0], args[1], args[2]]) as tf.Tensor[];
-      const [y, u] = run('PrefoptLora', { x: xi, xd: xdi, w, a: ai, b: bi }, { scale }) as tf.Tensor[];
-      save([xdi, ai, bi, u]);
+      const [y, u] = run('PrefoptLora', { x: xi, xd: xdi, w, a: ai, b: bi, ...(bias ? { bias } : {}) }, { scale }) as tf.Tensor[];
+      save([xdi, u]);
       return {
         value: y,
-        gradFunc: (dy: tf.Tensor, [sxd, sa, sb, su]: tf.Tensor[]) => run('PrefoptLoraGrad', { dy, xd: sxd, w, a: sa, b: sb, u: su }, { scale, dropout }) as tf.Tensor[],
+        gradFunc: (dy: tf.Tensor, [sxd, su]: tf.Tensor[]) => run('PrefoptLoraGrad', { dy, xd: sxd, w, a: ai, b: bi, u: su }, { scale, dropout }) as tf.Tensor[],
       };
     }) as any) as (...t: tf.Tensor[]) => tf.Tensor2D;
     return dropout ? f(f32(x), f32(xd!), f32(a), f32(b)) : f(f32(x), f32(a), f32(b));

@@ -8,17 +8,18 @@ import * as tf from '@tensorflow/tfjs-core';
 
 /**
  * Allocate float32 outputs of `shapes` on backend `be` ('wasm' or 'cpu'), then call
- * fill(input views, output views) on the tensors' own memory.
+ * fill(input views, output views) on the tensors' own memory. An absent (optional) input's
+ * view is null.
  */
 export function runInPlace(backend: string, be: any, inputs: tf.TensorInfo[], shapes: number[][], fill: (ins: any[], outs: Float32Array[]) => void): tf.TensorInfo[] {
   if (backend === 'wasm') {
     const outs = shapes.map((s) => be.makeOutput(s, 'float32') as tf.TensorInfo);
     // Views are taken after every output is allocated: allocation may grow (and move) the heap.
-    fill(inputs.map((t) => tensorView(backend, be, t)), outs.map((t) => tensorView(backend, be, t)));
+    fill(inputs.map((t) => (t ? tensorView(backend, be, t) : null)), outs.map((t) => tensorView(backend, be, t)));
     return outs;
   }
   const arrs = shapes.map((s) => new Float32Array(tf.util.sizeFromShape(s)));
-  fill(inputs.map((t) => tensorView(backend, be, t)), arrs);
+  fill(inputs.map((t) => (t ? tensorView(backend, be, t) : null)), arrs);
   return arrs.map((a, i) => be.makeTensorInfo(shapes[i], 'float32', a));
 }
 

@@ -47,8 +47,11 @@ export function mm(a: tf.Tensor2D, b: tf.Tensor2D): tf.Tensor2D {
  */
 export function loraLinear(x: tf.Tensor2D, w: tf.Tensor2D, bias: tf.Tensor | null, a: tf.Tensor2D, b: tf.Tensor2D, scale: number, xd: tf.Tensor2D | null): tf.Tensor2D {
   let y: tf.Tensor2D;
-  if (fusedActive() && isFrozen(w)) y = fused.lora(x, w, a, b, scale, xd);
-  else {
+  if (fusedActive() && isFrozen(w)) {
+    // A frozen bias is added in the same native call; a trained one keeps its own kernel (and gradient).
+    if (!bias || isFrozen(bias)) return fused.lora(x, w, a, b, scale, xd, bias);
+    y = fused.lora(x, w, a, b, scale, xd, null);
+  } else {
     const u = tf.mul(mm(xd ?? x, a), scale) as tf.Tensor2D;
     y = tf.add(mm(x, w), mm(u, b));
   }
