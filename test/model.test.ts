@@ -5,6 +5,7 @@ import { makeBatch } from '../src/infer/batch.js';
 import { completionLogprobs } from '../src/infer/logprobs.js';
 import { referenceLogits, logSoftmax } from './helpers/reference.js';
 import { ARCH_SPECS, makeTestModel } from './helpers/models.js';
+import { ropeTables } from '../src/model/rope.js';
 
 function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
   let m = 0;
@@ -110,5 +111,22 @@ describe('completion log-probs', () => {
     for (let i = 0; i < 5; i++) completionLogprobs(model, rows);
     expect(tf.memory().numTensors).toBe(before);
     model.dispose();
+  });
+});
+
+describe('rotary tables', () => {
+  it('give every row cos/sin of position·θ^(-2j/d) (float64, then float32), repeated positions included', () => {
+    const { cfg } = makeTestModel(ARCH_SPECS['llama GQA untied']);
+    const d = cfg.head_dim;
+    // Rows of a batch repeat positions (0..T-1 per row), and a packed or offset row starts elsewhere.
+    const positions = [0, 1, 2, 3, 0, 1, 2, 3, 7, 5, 0, 7];
+    const { cos, sin } = ropeTables(cfg, positions);
+    positions.forEach((p, i) => {
+      for (let j = 0; j < d; j++) {
+        const a = p * Math.pow(cfg.rope_theta, (-2 * (j % (d / 2))) / d);
+        expect(cos[i * d + j], `row ${i} cos ${j}`).toBe(Math.fround(Math.cos(a)));
+        expect(sin[i * d + j], `row ${i} sin ${j}`).toBe(Math.fround(Math.sin(a)));
+      }
+    });
   });
 });

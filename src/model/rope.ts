@@ -38,7 +38,16 @@ export function ropeTables(cfg: ModelConfig, positions: ArrayLike<number>): { co
   const half = d / 2;
   const cos = new Float32Array(positions.length * d);
   const sin = new Float32Array(positions.length * d);
+  // Rows of a batch repeat the same positions: each is computed once, then copied.
+  const first = new Map<number, number>();
   for (let i = 0; i < positions.length; i++) {
+    const seen = first.get(positions[i]);
+    if (seen !== undefined) {
+      cos.copyWithin(i * d, seen * d, (seen + 1) * d);
+      sin.copyWithin(i * d, seen * d, (seen + 1) * d);
+      continue;
+    }
+    first.set(positions[i], i);
     for (let j = 0; j < half; j++) {
       const a = positions[i] * inv[j];
       const c = Math.cos(a);
