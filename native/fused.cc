@@ -480,19 +480,35 @@ std::vector<KeyRange> block_ranges(const AttnDims& d, const float* mask) {
   return out;
 }
 
-// xt [hd, Tk] = the kv head's rows of x [B, Tk, KV, hd] transposed: products with kᵀ and vᵀ then
-// pack their operand by rows of contiguous keys instead of gathering it one float at a time.
-void transpose_kv(const AttnDims& d, const float* x, int64_t b, int64_t g, float* xt) {
-  const float* src = x + d.kv_at(b, g);
-  for (int64_t j = 0; j < d.Tk; j++)
-    for (int64_t c = 0; c < d.hd; c++) xt[c * d.Tk + j] = src[j * d.KV * d.hd + c];
-}
+// One kv head's keys or values x [Tk, hd] (rows KV·hd apart), packed once for the products of
+// all its G query heads and row blocks (each product packed its own copy: 2–4 per block):
+// as the right operand xᵀ [hd, Tk] of Q·Kᵀ and dO·Vᵀ (`t`), and as x itself for P·V and dS·K.
+struct PackedKv {
+  int nt, nr;  // panel widths of the two layouts
+  std::vector<float> t, rows;
+  PackedKv(const AttnDims& d) : nt(gemm_panel_width((int)d.Tk)), nr(gemm_panel_width((int)d.hd)),
+      t((size_t)(d.Tk + nt - 1) / nt * nt * d.hd), rows((size_t)(d.hd + nr - 1) / nr * nr * d.Tk) {}
+  void pack(const AttnDims& d, const float* x) {
+    gemm_pack(true, (int)d.hd, (int)d.Tk, x, d.KV * d.hd, nt, t.data());
+    gemm_pack(false, (int)d.Tk, (int)d.hd, x, d.KV * d.hd, nr, rows.data());
+  }
+  // C [n, r) = A [n, hd] · xᵀ[:, r): from the packed copy when r starts on a panel boundary
+  // (always, unless rows are padded on the left), else packed anew; the same bits either way.
+  void times_t(const AttnDims& d, const float* x, int n, const KeyRange& r, const float* a, int64_t lda, float* c, int64_t ldc) const {
+    if (r.lo % nt == 0) gemm_packed(false, n, (int)r.width(), (int)d.hd, a, lda, t.data() + r.lo / nt * nt * d.hd, nt * d.hd, nt, c, ldc, false, 1);
+    else gemm(false, true, n, (int)r.width(), (int)d.hd, a, lda, x + r.lo * d.KV * d.hd, d.KV * d.hd, c, ldc, false, 1);
+  }
+  // C [n, hd] = A [n, r) · x[r) (rows r of x).
+  void times(const AttnDims& d, int n, const KeyRange& r, const float* a, int64_t lda, float* c, int64_t ldc) const {
+    gemm_packed(false, n, (int)d.hd, (int)r.width(), a, lda, rows.data() + r.lo * nr, d.Tk * nr, nr, c, ldc, false, 1);
+  }
+};
 
 // P[t0:t1, lo:hi] = softmax(scale · Q_h K_gᵀ + mask) for query head h of row b, into p (row
-// stride Tk; columns outside [lo, hi) are not written); kt is K_g transposed.
-void attn_probs(const AttnDims& d, const float* q, const float* kt, const float* mask, float scale, int64_t b, int64_t h, int64_t t0, int64_t t1, const KeyRange& r,
-                float* p) {
-  gemm(false, false, (int)(t1 - t0), (int)r.width(), (int)d.hd, q + d.q_at(b, h) + t0 * d.H * d.hd, d.H * d.hd, kt + r.lo, d.Tk, p + t0 * d.Tk + r.lo, d.Tk, false, 1);
+// stride Tk; columns outside [lo, hi) are not written); kp is K_g packed, k_g its rows.
+void attn_probs(const AttnDims& d, const float* q, const PackedKv& kp, const float* k_g, const float* mask, float scale, int64_t b, int64_t h, int64_t t0, int64_t t1,
+                const KeyRange& r, float* p) {
+  kp.times_t(d, k_g, (int)(t1 - t0), r, q + d.q_at(b, h) + t0 * d.H * d.hd, d.H * d.hd, p + t0 * d.Tk + r.lo, d.Tk);
   for (int64_t t = t0; t < t1; t++) softmax_row(p + t * d.Tk + r.lo, d.mask_row(mask, b, t) + r.lo, scale, r.width(), p + t * d.Tk + r.lo);
 }
 
@@ -509,17 +525,19 @@ void attention(const float* q, const float* k, const float* v, const float* mask
   int64_t G = H / KV, blocks = (T + kRowBlock - 1) / kRowBlock;
   std::vector<KeyRange> ranges = block_ranges(d, mask);
   parallel((int)(B * KV), threads_for(B * H * T * Tk * 4), [&](int u0, int u1) {
-    std::vector<float> p(T * Tk), kt(hd * Tk);
+    std::vector<float> p(T * Tk);
+    PackedKv kp(d), vp(d);
     for (int u = u0; u < u1; u++) {
       int64_t b = u / KV, g = u % KV;
-      transpose_kv(d, k, b, g, kt.data());
+      const float* ku = k + d.kv_at(b, g);
+      kp.pack(d, ku);
+      vp.pack(d, v + d.kv_at(b, g));
       for (int64_t h = g * G; h < (g + 1) * G; h++)
         for (int64_t i = 0; i < blocks; i++) {
           int64_t t0 = i * kRowBlock, t1 = std::min(T, t0 + kRowBlock);
           const KeyRange& r = ranges[b * blocks + i];
-          attn_probs(d, q, kt.data(), mask, scale, b, h, t0, t1, r, p.data());
-          gemm(false, false, (int)(t1 - t0), (int)hd, (int)r.width(), p.data() + t0 * Tk + r.lo, Tk, v + d.kv_at(b, g) + r.lo * KV * hd, KV * hd,
-               o + d.q_at(b, h) + t0 * H * hd, H * hd, false, 1);
+          attn_probs(d, q, kp, ku, mask, scale, b, h, t0, t1, r, p.data());
+          vp.times(d, (int)(t1 - t0), r, p.data() + t0 * Tk + r.lo, Tk, o + d.q_at(b, h) + t0 * H * hd, H * hd);
         }
     }
   });
@@ -533,13 +551,14 @@ void attention_grad(const float* q, const float* k, const float* v, const float*
   int64_t G = H / KV, blocks = (T + kRowBlock - 1) / kRowBlock;
   std::vector<KeyRange> ranges = block_ranges(d, mask);
   parallel((int)(B * KV), threads_for(B * H * T * Tk * 8), [&](int u0, int u1) {
-    std::vector<float> p(T * Tk), ds(T * Tk), kt(hd * Tk), vt(hd * Tk);
+    std::vector<float> p(T * Tk), ds(T * Tk);
+    PackedKv kp(d), vp(d);
     for (int u = u0; u < u1; u++) {
       int64_t b = u / KV, g = u % KV;
-      transpose_kv(d, k, b, g, kt.data());
-      transpose_kv(d, v, b, g, vt.data());
       float *dku = dk + d.kv_at(b, g), *dvu = dv + d.kv_at(b, g);
-      const float* ku = k + d.kv_at(b, g);
+      const float *ku = k + d.kv_at(b, g), *vu = v + d.kv_at(b, g);
+      kp.pack(d, ku);
+      vp.pack(d, vu);
       zero_rows(dku, Tk, hd, KV * hd);  // keys no row may see get no gradient
       zero_rows(dvu, Tk, hd, KV * hd);
       for (int64_t h = g * G; h < (g + 1) * G; h++)
@@ -549,11 +568,11 @@ void attention_grad(const float* q, const float* k, const float* v, const float*
           int w = (int)r.width();
           const float *qb = q + d.q_at(b, h) + t0 * H * hd, *dob = dout + d.q_at(b, h) + t0 * H * hd;
           float *pb = p.data() + t0 * Tk + r.lo, *dsb = ds.data() + t0 * Tk + r.lo;
-          attn_probs(d, q, kt.data(), mask, scale, b, h, t0, t1, r, p.data());
+          attn_probs(d, q, kp, ku, mask, scale, b, h, t0, t1, r, p.data());
           gemm(true, false, w, (int)hd, (int)n, pb, Tk, dob, H * hd, dvu + r.lo * KV * hd, KV * hd, true, 1);
-          gemm(false, false, (int)n, w, (int)hd, dob, H * hd, vt.data() + r.lo, Tk, dsb, Tk, false, 1);
+          vp.times_t(d, vu, (int)n, r, dob, H * hd, dsb, Tk);
           for (int64_t t = 0; t < n; t++) softmax_grad_row(pb + t * Tk, dsb + t * Tk, scale, w, dsb + t * Tk);
-          gemm(false, false, (int)n, (int)hd, w, dsb, Tk, ku + r.lo * KV * hd, KV * hd, dq + d.q_at(b, h) + t0 * H * hd, H * hd, false, 1);
+          kp.times(d, (int)n, r, dsb, Tk, dq + d.q_at(b, h) + t0 * H * hd, H * hd);
           gemm(true, false, w, (int)hd, (int)n, dsb, Tk, qb, H * hd, dku + r.lo * KV * hd, KV * hd, true, 1);
         }
     }

@@ -289,10 +289,13 @@ struct Out {
   bool acc;
 };
 
-// One product op(A)·op(B) of a sum C = Σ op(A_i)·op(B_i).
+// One product op(A)·op(B) of a sum C = Σ op(A_i)·op(B_i); B already packed when `packed` (see
+// gemm_pack: panel p's row k at packed + p·ps + k·NR).
 struct Term {
   Op a, b;
   int K;
+  const float* packed = nullptr;
+  int64_t ps = 0;
 };
 
 // The block of C with rows [r0, r1) (multiples of MR) and panels [p0, p1). Each term's K runs in
@@ -312,7 +315,8 @@ void gemm_block(const Term* terms, int nterms, int kmax, int M, int N, const Out
     const Op &A = terms[s].a, &B = terms[s].b;
     for (int k0 = 0; k0 < terms[s].K; k0 += KC) {
       int kb = std::min(KC, terms[s].K - k0);
-      pack_b<NR>(B, k0, kb, N, p0, p1, bp.data());
+      const float* packed = terms[s].packed;
+      if (!packed) pack_b<NR>(B, k0, kb, N, p0, p1, bp.data());
       for (int i = r0; i < r1; i += MR) {
         Tile t{A.p + i * A.rs() + k0 * A.cs(), A.rs(), A.cs(), nullptr, kb, nullptr, (int)C.ld, std::min(MR, M - i), 0, acc};
         if (A.trans && p1 - p0 > 1) {
@@ -336,7 +340,7 @@ void gemm_block(const Term* terms, int nterms, int kmax, int M, int N, const Out
             for (int r = 0; r < t.rows; r++)
               for (int j = 0; j < t.cols; j += 16) prefetch_w(t.c + (size_t)r * C.ld + j);
 #endif
-          t.bp = bp.data() + (size_t)(p - p0) * kb * NR;
+          t.bp = packed ? packed + p * terms[s].ps + (int64_t)k0 * NR : bp.data() + (size_t)(p - p0) * kb * NR;
           TILE(t);
         }
       }
@@ -388,6 +392,27 @@ void gemm_sum(int M, int N, const GemmTerm* terms, int nterms, float* C, int64_t
 void gemm(bool ta, bool tb, int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate, int threads) {
   GemmTerm t{ta, tb, K, A, lda, B, ldb};
   gemm_sum(M, N, &t, 1, C, ldc, accumulate, threads);
+}
+
+// As gemm_sum picks its kernel.
+int gemm_panel_width(int N) { return g_isa == kAVX512 && N > 16 ? 32 : 16; }
+
+void gemm_pack(bool tb, int K, int N, const float* B, int64_t ldb, int nr, float* Bp) {
+  Op b{B, tb, ldb};
+  int panels = (N + nr - 1) / nr;
+  if (nr == 32) pack_b<32>(b, 0, K, N, 0, panels, Bp);
+  else pack_b<16>(b, 0, K, N, 0, panels, Bp);
+}
+
+void gemm_packed(bool ta, int M, int N, int K, const float* A, int64_t lda, const float* Bp, int64_t ps, int nr, float* C, int64_t ldc, bool accumulate, int threads) {
+  if (K <= 0) return gemm(ta, false, M, N, 0, A, lda, Bp, 0, C, ldc, accumulate, threads);
+  Term t{Op{A, ta, lda}, Op{nullptr, false, 0}, K, Bp, ps};
+  Out c{C, ldc, accumulate};
+#ifdef PREFOPT_X86
+  if (nr == 32) return gemm_with<12, 32, tile_avx512>(&t, 1, M, N, c, threads);
+  if (g_isa >= kAVX2) return gemm_with<6, 16, tile_avx2>(&t, 1, M, N, c, threads);
+#endif
+  gemm_with<6, 16, tile_plain>(&t, 1, M, N, c, threads);
 }
 
 namespace {

@@ -43,6 +43,14 @@ struct GemmTerm {
 };
 constexpr int kMaxTerms = 4;  // the callers (gemm, matmul2) pass one or two
 void gemm_sum(int M, int N, const GemmTerm* terms, int nterms, float* C, int64_t ldc, bool accumulate, int threads);
+// B packed once for many products that read it (attention's keys and values serve every query
+// head and row block of their kv head): Bp[p][k][0..nr) holds op(B)'s columns p·nr … p·nr+nr−1
+// (zero past N) for k < K, panels K·nr apart. nr = gemm_panel_width(N) is what gemm uses at N.
+int gemm_panel_width(int N);
+void gemm_pack(bool tb, int K, int N, const float* B, int64_t ldb, int nr, float* Bp);
+// gemm with B given packed: Bp points at the first panel and row used, panels ps apart; the
+// same bits as gemm on the unpacked B.
+void gemm_packed(bool ta, int M, int N, int K, const float* A, int64_t lda, const float* Bp, int64_t ps, int nr, float* C, int64_t ldc, bool accumulate, int threads);
 
 // lora.cc — x [M, in], W [in, out], A [in, r], B [r, out]; xd is x, or x after dropout.
 struct LoraDims {
