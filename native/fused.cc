@@ -136,9 +136,17 @@ double sum_of(const float* v, int64_t n) {
   return s;
 }
 
-float max_of(const float* v, int64_t n) {
+// The largest of v, in 16 running maxima (a > b ? a : b is the vector max instruction, so the
+// loop vectorizes; a maximum does not depend on the order it is taken in).
+PREFOPT_INLINE inline float max_of(const float* v, int64_t n) {
+  float acc[16];
+  std::fill(acc, acc + 16, -INFINITY);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int k = 0; k < 16; k++) acc[k] = acc[k] > v[i + k] ? acc[k] : v[i + k];
   float m = -INFINITY;
-  for (int64_t i = 0; i < n; i++) m = std::max(m, v[i]);
+  for (int k = 0; k < 16; k++) m = m > acc[k] ? m : acc[k];
+  for (; i < n; i++) m = m > v[i] ? m : v[i];
   return m;
 }
 
@@ -161,8 +169,11 @@ void label_logprobs(const float* x, int64_t N, int64_t V, const int32_t* y, floa
     std::vector<float> e(V);
     for (int r = r0; r < r1; r++) {
       const float* row = x + (int64_t)r * V;
-      float m = max_of(row, V);
-      for (int64_t j = 0; j < V; j++) e[j] = row[j] - m;
+      float m;
+      wide([&]() PREFOPT_INLINE {
+        m = max_of(row, V);
+        for (int64_t j = 0; j < V; j++) e[j] = row[j] - m;
+      });
       exp_inplace(e.data(), V);
       float l = m + (float)std::log(sum_of(e.data(), V));
       out[r] = y[r] >= 0 && y[r] < V ? row[y[r]] - l : 0.f;
@@ -181,9 +192,13 @@ void label_logprobs_grad(const float* x, int64_t N, int64_t V, const int32_t* y,
       }
       float l = row[y[r]] - out[r];
       float g = dy[r];
-      for (int64_t j = 0; j < V; j++) d[j] = row[j] - l;
+      wide([&]() PREFOPT_INLINE {
+        for (int64_t j = 0; j < V; j++) d[j] = row[j] - l;
+      });
       exp_inplace(d, V);
-      for (int64_t j = 0; j < V; j++) d[j] *= -g;
+      wide([&]() PREFOPT_INLINE {
+        for (int64_t j = 0; j < V; j++) d[j] *= -g;
+      });
       d[y[r]] += g;
     }
   });
