@@ -15,7 +15,7 @@ import { packageRoot } from '../src/util/package-root.js';
 import { Decoder } from '../src/model/decoder.js';
 import { PRESETS, parseConfig, presetConfig } from '../src/model/config.js';
 import { makeBatch } from '../src/infer/batch.js';
-import { sftLoss } from '../src/stages/sft.js';
+import { sftLoss, trainedTokens } from '../src/stages/sft.js';
 import { AdamW } from '../src/train/adamw.js';
 import { LoraAdapter, attach, withAdapterOff } from '../src/lora/lora.js';
 import { DEFAULT_DPO, dpoLosses } from '../src/dpo/loss.js';
@@ -132,8 +132,11 @@ async function main() {
   // its backward: input gradients only through the frozen weights, input and weight gradients
   // through the adapter. Each adapter weight takes one multiply-add per token forward, so the
   // adapter adds 2·(its parameters) FLOPs per token forward and twice that backward.
+  // The LM head and its log-softmax run only where a token is scored (the completions, half of
+  // the positions here): the FLOPs counted are the ones the step needs.
   const adapterFlops = 2 * [...lp.values()].reduce((a, v) => a + v.size, 0);
-  const dpoFlops = 3 * fwdFlops + 3 * adapterFlops;
+  const headFlops = 2 * cfg.hidden_size * cfg.vocab_size;
+  const dpoFlops = 3 * (fwdFlops - headFlops + adapterFlops) + (3 * headFlops * trainedTokens(pb)) / dpoTokens;
   const pairedDpo = pairedMfu(loraStep, dpoFlops * dpoTokens, quick ? 2 : 5);
   const loraTensorsMb = (tf.memory().numBytes / 2 ** 20);
   lopt.dispose();

@@ -1,7 +1,9 @@
 import { describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
 import { Decoder, KVCache } from '../src/model/decoder.js';
-import { makeBatch } from '../src/infer/batch.js';
+import { makeBatch, promptCompletionRow, tokenLogps } from '../src/infer/batch.js';
+import { labelLogProbs } from '../src/engine/ops.js';
+import { setFused } from '../src/engine/fused.js';
 import { completionLogprobs } from '../src/infer/logprobs.js';
 import { referenceLogits, logSoftmax } from './helpers/reference.js';
 import { ARCH_SPECS, makeTestModel } from './helpers/models.js';
@@ -110,6 +112,48 @@ describe('completion log-probs', () => {
     const before = tf.memory().numTensors;
     for (let i = 0; i < 5; i++) completionLogprobs(model, rows);
     expect(tf.memory().numTensors).toBe(before);
+    model.dispose();
+  });
+});
+
+describe('token log-probs of partly scored rows', () => {
+  it('score only the weighted positions: values and every parameter gradient equal the all-positions form', () => {
+    const { cfg } = makeTestModel(ARCH_SPECS['qwen2 biases tied rope 1e6'], 3);
+    const model = Decoder.init(cfg, 4, 0.3);
+    // Prompts are unscored, completions scored; one row fully padded past its end.
+    const sb = makeBatch([promptCompletionRow([1, 2, 3, 4], [5, 6]), promptCompletionRow([7], [8, 9, 10, 11]), promptCompletionRow([12, 13], [14])]);
+    const vars = [...model.params.values()];
+    const coef = tf.tensor2d(Array.from({ length: sb.batch * sb.len }, (_, i) => 1 + (i % 5) * 0.25), [sb.batch, sb.len]);
+    // The second formulation: logits at every position, then the weights.
+    const allPositions = () => {
+      const h = tf.reshape(model.hidden(sb), [sb.batch * sb.len, cfg.hidden_size]) as tf.Tensor2D;
+      const labels = new Int32Array(sb.batch * sb.len), wt = new Float32Array(sb.batch * sb.len);
+      for (let b = 0; b < sb.batch; b++)
+        for (let t = 0; t + 1 < sb.len; t++) {
+          labels[b * sb.len + t] = sb.ids[b * sb.len + t + 1];
+          wt[b * sb.len + t] = sb.weights[b * sb.len + t + 1];
+        }
+      return tf.reshape(tf.mul(labelLogProbs(model.logits(h), tf.tensor1d(labels, 'int32')), tf.tensor1d(wt)), [sb.batch, sb.len]) as tf.Tensor2D;
+    };
+    for (const on of [true, false]) {
+      setFused(on);
+      const run = (f: () => tf.Tensor2D) => {
+        const values = tf.tidy(() => f().dataSync());
+        const { value, grads } = tf.variableGrads(() => tf.sum(tf.mul(f(), coef)) as tf.Scalar, vars);
+        const out = { values: Array.from(values), loss: value.dataSync()[0], grads: vars.map((v) => Array.from(grads[v.name].dataSync())) };
+        value.dispose();
+        Object.values(grads).forEach((g) => g.dispose());
+        return out;
+      };
+      const got = run(() => tokenLogps(model, sb));
+      const want = run(allPositions);
+      expect(maxAbsDiff(got.values, want.values), `fused ${on}`).toBeLessThan(1e-6);
+      expect(got.values.filter((v) => v !== 0).length).toBe(2 + 4 + 1);
+      expect(Math.abs(got.loss - want.loss)).toBeLessThan(1e-5);
+      got.grads.forEach((g, i) => expect(maxAbsDiff(g, want.grads[i]), `fused ${on}: gradient of parameter ${i}`).toBeLessThan(1e-6 * Math.max(1, ...want.grads[i].map(Math.abs))));
+    }
+    setFused(true);
+    coef.dispose();
     model.dispose();
   });
 });

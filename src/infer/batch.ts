@@ -1,6 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { Decoder, ForwardBatch } from '../model/decoder.js';
-import { labelLogProbs } from '../engine/ops.js';
+import { embed, labelLogProbs } from '../engine/ops.js';
 
 /**
  * Right-padded token batches and the per-token log-probabilities every stage scores with:
@@ -48,8 +48,7 @@ export function makeBatch(rows: TokenRow[], padId = 0): SeqBatch {
 export function tokenLogps(model: Decoder, sb: SeqBatch): tf.Tensor2D {
   const { batch: B, len: T } = sb;
   const D = model.cfg.hidden_size;
-  // Every position predicts the next token; the last column has weight 0. Scoring all T
-  // positions avoids slicing the hidden states (inner-axis slices are slow on wasm).
+  // Every position predicts the next token; the last column has weight 0.
   const labels = new Int32Array(B * T);
   const w = new Float32Array(B * T);
   for (let b = 0; b < B; b++) {
@@ -59,8 +58,25 @@ export function tokenLogps(model: Decoder, sb: SeqBatch): tf.Tensor2D {
     }
   }
   const h = tf.reshape(model.hidden(sb), [B * T, D]) as tf.Tensor2D;
-  const lp = labelLogProbs(model.logits(h), tf.tensor1d(labels, 'int32'));
-  return tf.reshape(tf.mul(lp, tf.tensor1d(w)), [B, T]) as tf.Tensor2D;
+  const scored: number[] = [];
+  for (let i = 0; i < B * T; i++) if (w[i] !== 0) scored.push(i);
+  if (scored.length === 0 || scored.length === B * T) {
+    const lp = labelLogProbs(model.logits(h), tf.tensor1d(labels, 'int32'));
+    return tf.reshape(tf.mul(lp, tf.tensor1d(w)), [B, T]) as tf.Tensor2D;
+  }
+  // Only positions with a weight go through the LM head and the log-softmax over the vocabulary,
+  // the largest per-token cost of a small model and the largest tensor of a big one (prompt
+  // tokens in DPO and user turns in SFT have none). Rows are gathered with the embedding
+  // lookup's op (a row copy; its gradient adds rows back), and the scores spread back to [B, T]
+  // the same way, from a table whose last row is 0 for the unscored positions.
+  const S = scored.length;
+  const rows = tf.tensor1d(scored, 'int32');
+  const lp = labelLogProbs(model.logits(embed(h, rows) as tf.Tensor2D), tf.tensor1d(scored.map((i) => labels[i]), 'int32'));
+  const weighted = tf.reshape(tf.mul(lp, tf.tensor1d(scored.map((i) => w[i]))), [S, 1]) as tf.Tensor2D;
+  const slot = new Int32Array(B * T).fill(S);
+  scored.forEach((p, k) => (slot[p] = k));
+  const table = tf.concat([weighted, tf.zeros([1, 1])]) as tf.Tensor2D;
+  return tf.reshape(embed(table, tf.tensor1d(slot, 'int32')), [B, T]) as tf.Tensor2D;
 }
 
 /** Rows from (prompt, completion) token lists: completion tokens are the scored ones. */
