@@ -332,11 +332,11 @@ void gemm_block(const Term* terms, int nterms, int kmax, int M, int N, const Out
         // The next row tile's lines of A, a share after each panel's tile: A is the previous
         // kernel's output or another layer's, mostly not in this core's caches, and rows of one
         // slice (K ≤ KC) are too short for the hardware's prefetcher to follow (one thread,
-        // products in turn on separate operands: +1–3% at K = 256; at K = 704, 2% slower; in
+        // products in turn on separate operands: +2–4% at K = 256; at K = 704, 2% slower; in
         // attention's products of a few row tiles, whose A is at hand, 2–3% slower).
         int next = !A.trans && terms[s].K <= KC && r1 - r0 >= 8 * MR && i + MR < r1 ? std::min(MR, M - i - MR) : 0;
         int lines = (kb * (int)sizeof(float) + 63) / 64, todo = next * lines, per = (todo + (p1 - p0) - 1) / (p1 - p0), done = 0;
-        const float* na = A.p + (i + MR) * A.rs() + k0 * A.cs();
+        const float* na = next ? A.p + (i + MR) * A.rs() + k0 * A.cs() : nullptr;
         for (int p = p0; p < p1; p++) {
 #ifdef PREFOPT_X86
           for (int e = std::min(done + per, todo); done < e; done++) _mm_prefetch((const char*)(na + (done / lines) * A.rs()) + (done % lines) * 64, _MM_HINT_T0);
