@@ -378,7 +378,20 @@ void gemm_with(const Term* terms, int nterms, int M, int N, const Out& C, int th
     parallel(panels, threads, [&](int p0, int p1) { gemm_block<MR, NR, TILE>(terms, nterms, kb, M, N, C, 0, M, p0, p1); });
 }
 
+// The kernel for panels nr wide (see gemm_panel_width): the packed B of gemm_pack must meet
+// the kernel it was packed for.
+void run_terms(const Term* t, int n, int M, int N, const Out& c, int threads, int nr) {
+#ifdef PREFOPT_X86
+  if (nr == 32) return gemm_with<12, 32, tile_avx512>(t, n, M, N, c, threads);
+  if (g_isa >= kAVX2) return gemm_with<6, 16, tile_avx2>(t, n, M, N, c, threads);
+#endif
+  gemm_with<6, 16, tile_plain>(t, n, M, N, c, threads);
+}
 }  // namespace
+
+// Narrow products (LoRA's rank-16 factors) would leave half of a 32-wide tile empty; the
+// 16-wide kernel computes the same bits.
+int gemm_panel_width(int N) { return g_isa == kAVX512 && N > 16 ? 32 : 16; }
 
 void gemm_sum(int M, int N, const GemmTerm* terms, int nterms, float* C, int64_t ldc, bool accumulate, int threads) {
   Out c{C, ldc, accumulate};
@@ -391,22 +404,13 @@ void gemm_sum(int M, int N, const GemmTerm* terms, int nterms, float* C, int64_t
       for (int i = 0; i < M; i++) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
     return;
   }
-#ifdef PREFOPT_X86
-  // Narrow products (LoRA's rank-16 factors) would leave half of a 32-wide tile empty; the
-  // 16-wide kernel computes the same bits.
-  if (g_isa == kAVX512 && N > 16) return gemm_with<12, 32, tile_avx512>(t, n, M, N, c, threads);
-  if (g_isa >= kAVX2) return gemm_with<6, 16, tile_avx2>(t, n, M, N, c, threads);
-#endif
-  gemm_with<6, 16, tile_plain>(t, n, M, N, c, threads);
+  run_terms(t, n, M, N, c, threads, gemm_panel_width(N));
 }
 
 void gemm(bool ta, bool tb, int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate, int threads) {
   GemmTerm t{ta, tb, K, A, lda, B, ldb};
   gemm_sum(M, N, &t, 1, C, ldc, accumulate, threads);
 }
-
-// As gemm_sum picks its kernel.
-int gemm_panel_width(int N) { return g_isa == kAVX512 && N > 16 ? 32 : 16; }
 
 void gemm_pack(bool tb, int K, int N, const float* B, int64_t ldb, int nr, float* Bp) {
   Op b{B, tb, ldb};
@@ -418,12 +422,7 @@ void gemm_pack(bool tb, int K, int N, const float* B, int64_t ldb, int nr, float
 void gemm_packed(bool ta, int M, int N, int K, const float* A, int64_t lda, const float* Bp, int64_t ps, int nr, float* C, int64_t ldc, bool accumulate, int threads) {
   if (K <= 0) return gemm(ta, false, M, N, 0, A, lda, Bp, 0, C, ldc, accumulate, threads);
   Term t{Op{A, ta, lda}, Op{nullptr, false, 0}, K, Bp, ps};
-  Out c{C, ldc, accumulate};
-#ifdef PREFOPT_X86
-  if (nr == 32) return gemm_with<12, 32, tile_avx512>(&t, 1, M, N, c, threads);
-  if (g_isa >= kAVX2) return gemm_with<6, 16, tile_avx2>(&t, 1, M, N, c, threads);
-#endif
-  gemm_with<6, 16, tile_plain>(&t, 1, M, N, c, threads);
+  run_terms(&t, 1, M, N, Out{C, ldc, accumulate}, threads, nr);
 }
 
 namespace {
