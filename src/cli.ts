@@ -115,7 +115,7 @@ export function buildProgram(): Command {
   program
     .command('init-model')
     .description('create a randomly initialised checkpoint')
-    .requiredOption('--arch <arch>', 'llama, qwen2 or zhinao')
+    .requiredOption('--arch <arch>', 'llama, qwen2, qwen3 or zhinao')
     .option('--preset <name>', 'tiny, 5m or zhinao2-7b')
     .option('--config <file>', 'JSON with hidden_size, intermediate_size, num_hidden_layers, … instead of a preset')
     .requiredOption('--tokenizer <dir>', 'directory with tokenizer.json')

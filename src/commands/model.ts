@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
-import { Arch, PRESETS, PresetSpec, presetConfig, parseConfig } from '../model/config.js';
+import { ARCHS, Arch, PRESETS, PresetSpec, presetConfig, parseConfig } from '../model/config.js';
 import { Decoder } from '../model/decoder.js';
 import { saveModel } from '../model/load.js';
 import { TextTokenizer } from '../tokenizer/tokenizer.js';
@@ -56,7 +56,7 @@ export function writeTokenizerFiles(dir: string, json: any): void {
 }
 
 export async function initModel(opts: { arch: string; preset?: string; config?: string; tokenizer: string; out: string; seed: number }): Promise<void> {
-  if (!['llama', 'qwen2', 'zhinao'].includes(opts.arch)) throw new UserError(`--arch must be llama, qwen2 or zhinao, found "${opts.arch}"`);
+  if (!(ARCHS as string[]).includes(opts.arch)) throw new UserError(`--arch must be one of ${ARCHS.join(', ')}, found "${opts.arch}"`);
   const tok = TextTokenizer.load(opts.tokenizer);
   let spec: PresetSpec;
   if (opts.config) spec = readJson(opts.config);

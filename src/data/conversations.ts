@@ -3,6 +3,7 @@ import { TextTokenizer } from '../tokenizer/tokenizer.js';
 import { UserError } from '../util/errors.js';
 import { Row, readRecords } from './jsonl.js';
 import { TokenRow } from '../infer/batch.js';
+import { templateRow } from './chat-labels.js';
 
 /**
  * Conversations for SFT: the seed's `{"id","conversations":[{"from","value"}]}` (JSON array or
@@ -62,12 +63,24 @@ export function loadConversations(file: string, skipBad = false): LoadReport<Con
 }
 
 /**
- * Token ids and per-token training weights. Every turn is
- * `<|im_start|>{role}\n{content}<|im_end|>\n`; the `<|im_start|>` and the closing `<|im_end|>\n`
- * are always trained, the role line always masked, and the content trained only in assistant
- * turns — the targets of the 360Zhinao / Qwen finetune script.
+ * Token ids and per-token training weights: the seed's labels for the built-in Zhinao format,
+ * else those the checkpoint's own chat template gives (data/chat-labels).
  */
 export function tokenizeConversation(tok: TextTokenizer, c: Conversation): TokenRow {
+  if (!tok.builtinFormat) {
+    const { ids, weights } = templateRow(tok, c.messages, c.where);
+    return { ids, weights };
+  }
+  return zhinaoRow(tok, c);
+}
+
+/**
+ * The seed's labels. Every turn is `<|im_start|>{role}\n{content}<|im_end|>\n`; the
+ * `<|im_start|>` and the closing `<|im_end|>\n` are always trained, the role line always
+ * masked, and the content trained only in assistant turns — the targets of the 360Zhinao / Qwen
+ * finetune script.
+ */
+export function zhinaoRow(tok: TextTokenizer, c: Conversation): TokenRow {
   const imStart = tok.id('<|im_start|>');
   const imEnd = tok.id('<|im_end|>');
   if (imStart === undefined || imEnd === undefined) throw new UserError(`${tok.dir}: tokenizer lacks <|im_start|> / <|im_end|>`);

@@ -4,7 +4,7 @@ import { UserError } from '../util/errors.js';
  * The architecture fields prefopt reads from a Hugging Face `config.json`. The original JSON is
  * kept in `raw` so a checkpoint written back carries every field transformers expects.
  */
-export type Arch = 'llama' | 'qwen2' | 'zhinao';
+export type Arch = 'llama' | 'qwen2' | 'qwen3' | 'zhinao';
 
 export interface RopeScaling {
   type: 'linear' | 'llama3';
@@ -30,8 +30,12 @@ export interface ModelConfig {
   tie_word_embeddings: boolean;
   /** q/k/v carry a bias (Qwen2 always; Zhinao's fused qkv; Llama when attention_bias). */
   qkv_bias: boolean;
-  /** o_proj carries a bias (Llama with attention_bias only). */
+  /** o_proj carries a bias (Llama and Qwen3 with attention_bias only). */
   o_bias: boolean;
+  /** RMSNorm over head_dim on every query and key head before rotary (Qwen3's q_norm / k_norm). */
+  qk_norm: boolean;
+  /** Mistral's sliding window: query i sees key j only when i − j < sliding_window; null = off. */
+  sliding_window: number | null;
   bos_token_id: number | null;
   eos_token_id: number | number[] | null;
   pad_token_id: number | null;
@@ -45,11 +49,13 @@ const ARCH_BY_CLASS: Record<string, Arch> = {
   LlamaForCausalLM: 'llama',
   MistralForCausalLM: 'llama',
   Qwen2ForCausalLM: 'qwen2',
+  Qwen3ForCausalLM: 'qwen3',
   ZhinaoForCausalLM: 'zhinao',
 };
-const ARCH_BY_TYPE: Record<string, Arch> = { llama: 'llama', mistral: 'llama', qwen2: 'qwen2', zhinao: 'zhinao' };
+const ARCH_BY_TYPE: Record<string, Arch> = { llama: 'llama', mistral: 'llama', qwen2: 'qwen2', qwen3: 'qwen3', zhinao: 'zhinao' };
 
-export const ARCH_CLASS: Record<Arch, string> = { llama: 'LlamaForCausalLM', qwen2: 'Qwen2ForCausalLM', zhinao: 'ZhinaoForCausalLM' };
+export const ARCH_CLASS: Record<Arch, string> = { llama: 'LlamaForCausalLM', qwen2: 'Qwen2ForCausalLM', qwen3: 'Qwen3ForCausalLM', zhinao: 'ZhinaoForCausalLM' };
+export const ARCHS = Object.keys(ARCH_CLASS) as Arch[];
 
 function int(raw: any, key: string, file: string, dflt?: number): number {
   const v = raw[key] ?? dflt;
@@ -80,6 +86,10 @@ export function parseConfig(raw: any, file = 'config.json'): ModelConfig {
   }
   const act = raw.hidden_act ?? 'silu';
   if (act !== 'silu') throw new UserError(`${file}: hidden_act "${act}" is not supported (only "silu")`);
+  if (raw.mlp_bias === true) throw new UserError(`${file}: mlp_bias true is not supported (gate/up/down projections without bias only)`);
+  if (raw.use_sliding_window === true) {
+    throw new UserError(`${file}: use_sliding_window true is not supported for ${arch} (its window applies to some layers only); set it to false to attend over the whole context`);
+  }
   const hidden = int(raw, 'hidden_size', file);
   const heads = int(raw, 'num_attention_heads', file);
   const kv = int(raw, 'num_key_value_heads', file, heads);
@@ -103,7 +113,9 @@ export function parseConfig(raw: any, file = 'config.json'): ModelConfig {
     max_position_embeddings: raw.max_position_embeddings ?? 4096,
     tie_word_embeddings: raw.tie_word_embeddings ?? false,
     qkv_bias: arch === 'qwen2' || arch === 'zhinao' || raw.attention_bias === true,
-    o_bias: arch === 'llama' && raw.attention_bias === true,
+    o_bias: (arch === 'llama' || arch === 'qwen3') && raw.attention_bias === true,
+    qk_norm: arch === 'qwen3',
+    sliding_window: slidingWindow(raw, arch, file),
     bos_token_id: raw.bos_token_id ?? null,
     eos_token_id: raw.eos_token_id ?? null,
     pad_token_id: raw.pad_token_id ?? null,
@@ -111,6 +123,17 @@ export function parseConfig(raw: any, file = 'config.json'): ModelConfig {
     num_labels: head === 'score' ? (raw.num_labels ?? Object.keys(raw.id2label ?? { 0: 0 }).length) : 0,
     raw,
   };
+}
+
+/**
+ * Mistral applies its window on every layer; Qwen2/Qwen3 configs carry a `sliding_window` that
+ * is off unless `use_sliding_window` (refused above), and Llama has none.
+ */
+function slidingWindow(raw: any, arch: Arch, file: string): number | null {
+  const w = raw.sliding_window;
+  if (raw.model_type !== 'mistral' || w === null || w === undefined) return null;
+  if (!Number.isInteger(w) || w <= 0) throw new UserError(`${file}: sliding_window must be a positive integer or null, found ${JSON.stringify(w)}`);
+  return arch === 'llama' ? w : null;
 }
 
 function parseRopeScaling(rs: any, file: string): RopeScaling | null {
@@ -147,6 +170,10 @@ export function expectedShapes(cfg: ModelConfig): Map<string, number[]> {
         m.set(`${p}.self_attn.v_proj.bias`, [KV * hd]);
       }
     }
+    if (cfg.qk_norm) {
+      m.set(`${p}.self_attn.q_norm.weight`, [hd]);
+      m.set(`${p}.self_attn.k_norm.weight`, [hd]);
+    }
     m.set(`${p}.self_attn.o_proj.weight`, [D, H * hd]);
     if (cfg.o_bias) m.set(`${p}.self_attn.o_proj.bias`, [D]);
     m.set(`${p}.mlp.gate_proj.weight`, [F, D]);
@@ -174,6 +201,8 @@ export interface PresetSpec {
   rope_theta: number;
   tie_word_embeddings: boolean;
   vocab_size?: number;
+  /** Qwen3 and others set it apart from hidden_size / num_attention_heads. */
+  head_dim?: number;
 }
 
 export const PRESETS: Record<string, PresetSpec> = {
@@ -196,7 +225,7 @@ export function presetConfig(arch: Arch, preset: PresetSpec, vocabSize: number, 
     num_hidden_layers: preset.num_hidden_layers,
     num_attention_heads: preset.num_attention_heads,
     num_key_value_heads: preset.num_key_value_heads,
-    head_dim: preset.hidden_size / preset.num_attention_heads,
+    head_dim: preset.head_dim ?? preset.hidden_size / preset.num_attention_heads,
     hidden_act: 'silu',
     rms_norm_eps: 1e-6,
     rope_theta: preset.rope_theta,
@@ -210,6 +239,6 @@ export function presetConfig(arch: Arch, preset: PresetSpec, vocabSize: number, 
     pad_token_id: special.pad ?? null,
     use_cache: true,
   };
-  if (arch === 'llama') cfg.attention_bias = false;
+  if (arch === 'llama' || arch === 'qwen3') cfg.attention_bias = false;
   return cfg;
 }

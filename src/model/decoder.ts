@@ -6,7 +6,7 @@ import { addRmsNorm, attention, embed, linear, mm, mmTransB, rmsNorm, rope, spli
 import { Rng } from '../util/rng.js';
 
 /**
- * A Llama-family decoder (Llama, Qwen2, 360Zhinao) in one file, after nanoGPT's model.py.
+ * A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, 360Zhinao) in one file, after nanoGPT's model.py.
  * Parameters keep their Hugging Face names; linear weights are held transposed ([in, out]) so
  * that every product is a plain x·W (see engine/ops). Adapters (LoRA) plug in per linear layer
  * through `adapter`, and can be switched off to recover the base model exactly.
@@ -148,7 +148,7 @@ export class Decoder {
       for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) cache.valid[b].push(batch.valid ? batch.valid[b * T + t] : 1);
       keyValid = cache.valid.flat();
     } else if (batch.valid) keyValid = Array.from(batch.valid);
-    const mask = tf.tensor4d(attentionMask({ batch: B, queryLen: T, keyLen: Tk, keyValid, segments: batch.segments }), [B, 1, T, Tk]);
+    const mask = tf.tensor4d(attentionMask({ batch: B, queryLen: T, keyLen: Tk, keyValid, segments: batch.segments, window: cfg.sliding_window ?? undefined }), [B, 1, T, Tk]);
     // The residual stream is [B·T, D] until the end: linear layers take it as it is.
     const ids = tf.tensor1d(Array.from(batch.ids), 'int32');
     let x = embed(this.p('model.embed_tokens.weight') as tf.Tensor2D, ids) as tf.Tensor;
@@ -185,6 +185,10 @@ export class Decoder {
       q = tf.reshape(this.lin(`${p}.q_proj`, h), [B, T, H, hd]);
       k = tf.reshape(this.lin(`${p}.k_proj`, h), [B, T, KV, hd]);
       v = tf.reshape(this.lin(`${p}.v_proj`, h), [B, T, KV, hd]);
+    }
+    if (cfg.qk_norm) {
+      q = rmsNorm(q, this.p(`${p}.q_norm.weight`), cfg.rms_norm_eps);
+      k = rmsNorm(k, this.p(`${p}.k_norm.weight`), cfg.rms_norm_eps);
     }
     q = rope(q, cos, sin);
     k = rope(k, cos, sin);

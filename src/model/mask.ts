@@ -1,7 +1,8 @@
 /**
  * Additive attention masks [B, 1, T, Tk] built on the host. Query t of row b (at absolute key
  * index t + Tk − T) may see key j when j ≤ that index, key j is valid (not padding), and — for
- * packed rows — both belong to the same segment. Blocked entries get a large negative number
+ * packed rows — both belong to the same segment, and — with a sliding window — j is less than
+ * `window` keys back. Blocked entries get a large negative number
  * rather than −∞ so that a fully padded query row stays finite.
  */
 export const MASKED = -1e9;
@@ -14,6 +15,8 @@ export interface MaskSpec {
   keyValid?: ArrayLike<number>;
   /** [B*Tk] segment ids for packed rows; queries use the last T entries. */
   segments?: ArrayLike<number>;
+  /** Sliding window (Mistral): key j is seen only when qi − j < window. */
+  window?: number;
 }
 
 export function attentionMask(s: MaskSpec): Float32Array {
@@ -25,7 +28,7 @@ export function attentionMask(s: MaskSpec): Float32Array {
       const qi = off + t;
       const row = (b * T + t) * Tk;
       for (let j = 0; j < Tk; j++) {
-        let ok = j <= qi;
+        let ok = j <= qi && (s.window === undefined || qi - j < s.window);
         if (ok && s.keyValid) ok = s.keyValid[b * Tk + j] !== 0;
         if (ok && s.segments) ok = s.segments[b * Tk + j] === s.segments[b * Tk + qi];
         if (!ok) out[row + j] = MASKED;

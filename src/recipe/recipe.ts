@@ -9,6 +9,7 @@ import { LOSS_TYPES } from '../dpo/loss.js';
 import { SELECTION_RULES } from '../online/select.js';
 import { MERGE_METHODS } from '../merge/methods.js';
 import { BACKEND_ORDER } from '../engine/backend.js';
+import { ARCHS } from '../model/config.js';
 
 /**
  * Recipes (YAML or JSON): run settings and an ordered list of stages. A stage names its inputs
@@ -48,7 +49,7 @@ const dpoFields: Record<string, Spec> = {
 
 export const STAGE_SPECS: Record<string, { spec: Spec; refs: string[] }> = {
   init: {
-    spec: obj({ name: str(), type: str(), arch: str(['llama', 'qwen2', 'zhinao']), preset: str(), config: str(), tokenizer: str(), seed: int() }, ['name', 'type', 'arch', 'tokenizer']),
+    spec: obj({ name: str(), type: str(), arch: str(ARCHS), preset: str(), config: str(), tokenizer: str(), seed: int() }, ['name', 'type', 'arch', 'tokenizer']),
     refs: ['tokenizer'],
   },
   sft: {

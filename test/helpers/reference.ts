@@ -1,12 +1,12 @@
 /**
- * An independent float64 Llama/Qwen2/Zhinao forward pass, written plainly from REFERENCE §1–2
+ * An independent float64 Llama/Mistral/Qwen2/Qwen3/Zhinao forward pass, written plainly from REFERENCE §1–2
  * with HF-layout weights ([out, in], y = x·Wᵀ + b). It shares no code with src/model, so that the
  * tests compare two formulations of the same maths.
  */
 export type W = Map<string, { shape: number[]; data: Float32Array }>;
 
 export interface RefConfig {
-  arch: 'llama' | 'qwen2' | 'zhinao';
+  arch: 'llama' | 'qwen2' | 'qwen3' | 'zhinao';
   hidden: number;
   heads: number;
   kvHeads: number;
@@ -17,6 +17,10 @@ export interface RefConfig {
   theta: number;
   tied: boolean;
   qkvBias: boolean;
+  /** Qwen3: RMSNorm over each query/key head (weights q_norm, k_norm) before rotary. */
+  qkNorm: boolean;
+  /** Mistral: query t sees key j only when t − j < window. */
+  window: number | null;
 }
 
 function lin(x: number[], w: { shape: number[]; data: Float32Array }, b?: { data: Float32Array }): number[] {
@@ -88,6 +92,10 @@ export function referenceLogits(cfg: RefConfig, w: W, ids: number[]): number[][]
         for (let i = 0; i < KV; i++) k.push(ka.slice(i * hd, (i + 1) * hd));
         for (let i = 0; i < KV; i++) v.push(va.slice(i * hd, (i + 1) * hd));
       }
+      if (cfg.qkNorm) {
+        q = q.map((x) => rms(x, g(`${p}.self_attn.q_norm.weight`).data, cfg.eps));
+        k = k.map((x) => rms(x, g(`${p}.self_attn.k_norm.weight`).data, cfg.eps));
+      }
       q = q.map((x) => rope(x, t, cfg.theta));
       k = k.map((x) => rope(x, t, cfg.theta));
       qs.push(q);
@@ -98,8 +106,9 @@ export function referenceLogits(cfg: RefConfig, w: W, ids: number[]): number[][]
       const ctx: number[] = [];
       for (let hh = 0; hh < H; hh++) {
         const kvh = Math.floor(hh / G);
+        const j0 = cfg.window === null ? 0 : Math.max(0, t - cfg.window + 1);
         const sc: number[] = [];
-        for (let j = 0; j <= t; j++) {
+        for (let j = j0; j <= t; j++) {
           let s = 0;
           for (let d = 0; d < hd; d++) s += qs[t][hh][d] * ks[j][kvh][d];
           sc.push(s / Math.sqrt(hd));
@@ -109,7 +118,7 @@ export function referenceLogits(cfg: RefConfig, w: W, ids: number[]): number[][]
         const z = e.reduce((a, b) => a + b, 0);
         for (let d = 0; d < hd; d++) {
           let s = 0;
-          for (let j = 0; j <= t; j++) s += (e[j] / z) * vs[j][kvh][d];
+          for (let j = j0; j <= t; j++) s += (e[j - j0] / z) * vs[j][kvh][d];
           ctx.push(s);
         }
       }
