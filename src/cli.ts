@@ -23,6 +23,7 @@ import { chatCmd, serveCmd } from './commands/serve.js';
 import { writeReport } from './report/report.js';
 import { mergeLora, parseMergeConfig, runMerge } from './merge/merge.js';
 import { loadRecipe } from './recipe/recipe.js';
+import { tokenizeCmd } from './commands/tokenize.js';
 import { RecipeRunner, formatTable } from './recipe/run.js';
 
 registerAdapterLoader((model, dir) => attach(model, LoraAdapter.load(model, dir)));
@@ -327,6 +328,25 @@ export function buildProgram(): Command {
     .option('--timeout <ms>', 'per-request timeout', int, 300_000)
     .option('--name <id>', 'model id reported by /v1/models')
     .action(withBackend(async (o) => serveCmd(o)));
+
+  program
+    .command('tokenize')
+    .description('the token ids training will see: SFT {"input_ids","labels"} (-100 = not trained), pair and prompt ids; a marked preview on a terminal')
+    .requiredOption('--model <dir>', 'checkpoint directory (only its tokenizer files and config.json are read)')
+    .requiredOption('--data <file>', 'conversations, preference pairs or prompts (JSON or JSONL)')
+    .addOption(new Option('--kind <kind>', 'what the rows are (default: from the first row\'s fields)').choices(['sft', 'pairs', 'prompts']))
+    .option('--out <file>', 'output file (default stdout)')
+    .option('--max-len <n>', `SFT: tokens per row, as \`prefopt sft --max-len\` (default ${DEFAULT_SFT.maxLen})`, int)
+    .option('--is-concat', 'SFT: pack conversations as `prefopt sft --is-concat` does')
+    .option('--max-length <n>', 'pairs: prompt + completion tokens at most, as `prefopt dpo --max-length`', int)
+    .option('--max-prompt-length <n>', 'pairs: prompt tokens at most (longer prompts are skipped)', int)
+    .option('--preview', 'readable text with trained tokens marked (default on a terminal)')
+    .option('--jsonl', 'JSONL even on a terminal')
+    .action((o) => {
+      const g = program.opts();
+      setLogMode({ json: g.json, quiet: g.quiet });
+      tokenizeCmd({ ...o, preview: o.jsonl ? false : o.preview });
+    });
 
   program
     .command('validate')

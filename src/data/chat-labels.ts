@@ -3,7 +3,7 @@ import type { Message } from '../tokenizer/chat.js';
 import { UserError } from '../util/errors.js';
 
 /**
- * SFT labels from a checkpoint's own chat template (docs/REFERENCE.md, "SFT labels"). The
+ * SFT labels from a checkpoint's own chat template (docs/REFERENCE.md §9). The
  * trained text of assistant turn i is what render(messages[:i+1]) adds after
  * render(messages[:i], add_generation_prompt=True): the assistant's content and the template's
  * own end-of-turn text. A template with `{% generation %}` blocks marks its trained text itself;

@@ -8,7 +8,7 @@ import { templateRow } from './chat-labels.js';
 /**
  * Conversations for SFT: the seed's `{"id","conversations":[{"from","value"}]}` (JSON array or
  * JSONL) and OpenAI-style `{"messages":[{"role","content"}]}`, tokenized with the 360Zhinao
- * finetune script's labels (REFERENCE §4).
+ * finetune script's labels (docs/REFERENCE.md §4).
  */
 export interface Conversation {
   id: string | number;

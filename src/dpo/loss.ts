@@ -2,7 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { UserError } from '../util/errors.js';
 
 /**
- * DPO losses as TRL computes them (REFERENCE §5). Inputs are summed completion log-probs of the
+ * DPO losses as TRL computes them (docs/REFERENCE.md §5). Inputs are summed completion log-probs of the
  * policy and the reference for chosen (w) and rejected (l) answers, plus completion lengths for
  * IPO. ℓ_w = π_w − ref_w, ℓ_l = π_l − ref_l, Δ = ℓ_w − ℓ_l, ε = label_smoothing.
  */

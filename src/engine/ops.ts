@@ -40,7 +40,7 @@ export function mm(a: tf.Tensor2D, b: tf.Tensor2D): tf.Tensor2D {
 }
 
 /**
- * LoRA's layer (REFERENCE §7) on rows x [M, in]: x·W (+ bias) + u·B with u = scale·(xd·A), where
+ * LoRA's layer (docs/REFERENCE.md §7) on rows x [M, in]: x·W (+ bias) + u·B with u = scale·(xd·A), where
  * xd is the dropped-out x while training (null: x itself). With the fused kernels and a frozen W,
  * the base product and the update are one pass over the output, and so is the input gradient
  * dx = dy·Wᵀ + scale·(dy·Bᵀ)·Aᵀ; otherwise the plain composition (whose gradients include W's).

@@ -6,7 +6,7 @@ import { ModelConfig, expectedShapes, parseConfig } from '../model/config.js';
 import { DType, SafetensorsFile, TORCH_DTYPE, readHeader, readTensor, writeSafetensors } from './safetensors.js';
 
 /**
- * Hugging Face checkpoint directories (REFERENCE §1): config.json, one safetensors file or shards
+ * Hugging Face checkpoint directories (docs/REFERENCE.md §1): config.json, one safetensors file or shards
  * with an index, generation_config.json and tokenizer files carried along. Tensors are handled in
  * HF layout here; the model decides how it keeps them in memory.
  */

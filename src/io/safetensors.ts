@@ -3,7 +3,7 @@ import { UserError } from '../util/errors.js';
 import { writeFileVia } from '../util/fsutil.js';
 
 /**
- * safetensors, read and written by hand (REFERENCE §3): u64 LE header length, JSON header,
+ * safetensors, read and written by hand (docs/REFERENCE.md §3): u64 LE header length, JSON header,
  * then one data buffer. Readers validate everything a corrupt or hostile file can get wrong
  * before any tensor is used; tensors are read one at a time so merges can stream.
  */

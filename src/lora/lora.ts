@@ -9,7 +9,7 @@ import { UserError } from '../util/errors.js';
 import { Rng } from '../util/rng.js';
 
 /**
- * LoRA (REFERENCE §7): y = W·x + s·B·A·dropout(x), s = alpha/r (rsLoRA: alpha/√r), A [r, in]
+ * LoRA (docs/REFERENCE.md §7): y = W·x + s·B·A·dropout(x), s = alpha/r (rsLoRA: alpha/√r), A [r, in]
  * Kaiming-uniform, B [out, r] zeros — a new adapter changes nothing. The base stays frozen;
  * only A and B are variables handed to the trainer. Kept transposed in memory like every weight.
  * Files follow PEFT: adapter_config.json + adapter_model.safetensors, keys

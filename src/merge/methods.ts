@@ -1,7 +1,7 @@
 import { Rng } from '../util/rng.js';
 
 /**
- * Merge methods as mergekit defines them (REFERENCE §8), as pure functions over one tensor of
+ * Merge methods as mergekit defines them (docs/REFERENCE.md §8), as pure functions over one tensor of
  * each model (flat Float32Arrays of equal length). Arithmetic is done in float64.
  * Registry style: each method names the parameters it reads.
  */

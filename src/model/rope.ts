@@ -1,7 +1,7 @@
 import { ModelConfig } from './config.js';
 
 /**
- * Rotary embedding tables (REFERENCE §2, "rotate half"): inv_freq_j = θ^(-2j/d); the angle for
+ * Rotary embedding tables (docs/REFERENCE.md §2, "rotate half"): inv_freq_j = θ^(-2j/d); the angle for
  * position p is p·inv_freq, duplicated to [angles, angles]. Computed on the host in float64 for
  * the exact positions of a batch (rows may start at different offsets), then handed to the graph.
  */

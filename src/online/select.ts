@@ -1,7 +1,7 @@
 import { Rng } from '../util/rng.js';
 
 /**
- * Pair selection for on-policy rounds (REFERENCE §6): from one prompt's scored samples pick a
+ * Pair selection for on-policy rounds (docs/REFERENCE.md §6): from one prompt's scored samples pick a
  * chosen (the best) and a rejected answer. A prompt whose best and worst rewards tie is dropped
  * — never trained on chosen == rejected — and so is one below `minMargin`.
  */

@@ -4,7 +4,8 @@ import * as tf from '@tensorflow/tfjs-core';
 import { DEFAULT_TRAIN, TrainConfig, Trainer, TrainResult } from '../train/trainer.js';
 import { paramsCheckpoint } from '../train/params-io.js';
 import { SchedulerName } from '../train/schedule.js';
-import { loadConversations, packRows, tokenizeConversation, truncateRow } from '../data/conversations.js';
+import { Conversation, loadConversations, packRows, tokenizeConversation, truncateRow } from '../data/conversations.js';
+import type { TextTokenizer } from '../tokenizer/tokenizer.js';
 import { SeqBatch, TokenRow, makeBatch, tokenLogps } from '../infer/batch.js';
 import { openPolicy, needTokenizer } from '../commands/context.js';
 import { saveModel } from '../model/load.js';
@@ -70,6 +71,19 @@ export function chunk<T>(xs: T[], n: number): T[][] {
   return out;
 }
 
+/**
+ * Conversations as the rows SFT trains on: tokenized with their labels, then packed up to
+ * `maxLen` (`is_concat`; longer conversations dropped) or truncated to it.
+ */
+export function sftRows(tok: TextTokenizer, convs: Conversation[], maxLen: number, isConcat: boolean): { rows: TokenRow[]; dropped: number } {
+  const rows = convs.map((cv) => tokenizeConversation(tok, cv));
+  if (isConcat) {
+    const { packed, dropped } = packRows(rows, maxLen);
+    return { rows: packed, dropped };
+  }
+  return { rows: rows.map((r) => truncateRow(r, maxLen)), dropped: 0 };
+}
+
 export interface SftResult extends TrainResult {
   rows: number;
   skipped: number;
@@ -91,16 +105,8 @@ export async function runSft(c: SftConfig): Promise<SftResult> {
   let convs = train.items;
   let evalConvs = c.evalData ? load(c.evalData).items : [];
   if (!c.evalData) ({ train: convs, held: evalConvs } = holdOut(convs, c.evalRatio, c.train.seed));
-  const toRows = (cs: typeof convs): { rows: TokenRow[]; dropped: number } => {
-    const rows = cs.map((cv) => tokenizeConversation(tok, cv));
-    if (c.isConcat) {
-      const { packed, dropped } = packRows(rows, maxLen);
-      return { rows: packed, dropped };
-    }
-    return { rows: rows.map((r) => truncateRow(r, maxLen)), dropped: 0 };
-  };
-  const tr = toRows(convs);
-  const ev = toRows(evalConvs);
+  const tr = sftRows(tok, convs, maxLen, c.isConcat);
+  const ev = sftRows(tok, evalConvs, maxLen, c.isConcat);
   if (tr.rows.length === 0) throw new UserError(`${c.data}: no usable conversations (${tr.dropped} longer than max_len ${maxLen})`);
   const shuffled = new Rng(c.train.seed, 'rows').shuffle([...tr.rows]);
   const trainBatches = chunk(shuffled, c.batchSize).map((rs) => makeBatch(rs, policy.padId));

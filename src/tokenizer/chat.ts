@@ -1,5 +1,5 @@
 /**
- * The 360Zhinao chat format (REFERENCE §4), ChatML-like. This is the one place the format's
+ * The 360Zhinao chat format (docs/REFERENCE.md §4), ChatML-like. This is the one place the format's
  * strings are spelled out; the same text is also written as a Jinja `chat_template` so that
  * transformers' apply_chat_template produces identical prompts.
  */

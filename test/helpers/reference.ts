@@ -1,5 +1,5 @@
 /**
- * An independent float64 Llama/Mistral/Qwen2/Qwen3/Zhinao forward pass, written plainly from REFERENCE §1–2
+ * An independent float64 Llama/Mistral/Qwen2/Qwen3/Zhinao forward pass, written plainly from docs/REFERENCE.md §1–2
  * with HF-layout weights ([out, in], y = x·Wᵀ + b). It shares no code with src/model, so that the
  * tests compare two formulations of the same maths.
  */
