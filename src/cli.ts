@@ -3,7 +3,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { fusedActive } from './engine/fused.js';
-import { initBackend } from './engine/backend.js';
+import { gpuReport, initBackend } from './engine/backend.js';
 import { UserError } from './util/errors.js';
 import { log, setLogMode } from './util/log.js';
 import { generateCmd, initModel, logprobsCmd, trainTokenizer } from './commands/model.js';
@@ -86,6 +86,7 @@ export function buildProgram(): Command {
           native_matmul: b.native.active && (b.chosen === 'wasm' || b.chosen === 'cpu') ? { kernel: b.native.kernel, library: b.native.library ?? null, threads: b.native.threads, isa: b.native.isa } : null,
           native_reason: b.native.reason,
           fused_kernels: fusedActive(),
+          gpu: gpuReport(b),
           node: process.version,
           cpus: os.cpus().length,
           memory_gb: +(os.totalmem() / 2 ** 30).toFixed(1),
@@ -99,6 +100,8 @@ export function buildProgram(): Command {
             process.stdout.write(`matmul: ${report.native_matmul ? `native, ${b.native.reason}, ${b.native.threads} threads` : `tfjs ${b.chosen} kernel — ${b.native.reason}`}\n`);
             process.stdout.write(`fused kernels (attention, RMSNorm, SwiGLU, rotary, loss): ${report.fused_kernels ? 'native' : b.native.active ? 'off (PREFOPT_FUSED=0): tfjs compositions' : 'tfjs compositions'}\n`);
           }
+          const g = report.gpu;
+          process.stdout.write(`gpu: ${g.status}\n  nvidia driver: ${g.nvidia_driver ?? 'none'}; @tensorflow/tfjs-node-gpu: ${g.tfjs_node_gpu}\n`);
           if (report.warning) process.stdout.write(`warning: ${report.warning}\n`);
           process.stdout.write(`node ${report.node}, ${report.cpus} cpus, ${report.memory_gb} GiB\n`);
         }

@@ -15,6 +15,10 @@ describe('prefopt CLI: foundation commands', () => {
     const rep = JSON.parse(r.stdout);
     expect(['tensorflow-gpu', 'tensorflow', 'wasm', 'cpu']).toContain(rep.backend);
     expect(rep.tried.at(-1).ok).toBe(true);
+    // The GPU state is said as it is: no NVIDIA driver on this machine, no tfjs-node-gpu loaded.
+    const driver = fs.existsSync('/proc/driver/nvidia/version');
+    expect(rep.gpu.nvidia_driver === null).toBe(!driver);
+    if (rep.backend !== 'tensorflow-gpu') expect(rep.gpu.status).toMatch(/^no GPU path: tfjs-node-gpu needs CUDA 11\.2/);
     const cpu = prefopt(['--json', 'doctor'], { env: { PREFOPT_BACKEND: 'cpu' } });
     expect(JSON.parse(cpu.stdout).backend).toBe('cpu');
     const bad = prefopt(['--backend', 'tpu', 'doctor']);
@@ -24,7 +28,7 @@ describe('prefopt CLI: foundation commands', () => {
 
   it('trains a tokenizer, initialises each architecture, scores and samples', () => {
     expect(prefopt(['train-tokenizer', '--data', data, '--vocab-size', '300', '--out', path.join(d, 'tok')]).code).toBe(0);
-    for (const arch of ['llama', 'qwen2', 'zhinao']) {
+    for (const arch of ['llama', 'qwen2', 'qwen3', 'zhinao']) {
       const out = path.join(d, arch);
       const r = prefopt(['init-model', '--arch', arch, '--preset', 'tiny', '--tokenizer', path.join(d, 'tok'), '--out', out, '--seed', '3']);
       expect(r.code, r.stderr).toBe(0);

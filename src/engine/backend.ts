@@ -121,3 +121,42 @@ export function needsPlainMatmul(): boolean {
 export function slowSlice(): boolean {
   return tf.getBackend() === 'wasm';
 }
+
+export interface GpuReport {
+  /** An NVIDIA kernel driver is loaded (its version), or null. */
+  nvidia_driver: string | null;
+  /** Whether @tensorflow/tfjs-node-gpu is installed, and whether it loaded in this process. */
+  tfjs_node_gpu: 'not installed' | 'installed, not loaded' | 'loaded';
+  /** What prefopt can run on a GPU here, in words. */
+  status: string;
+}
+
+/**
+ * Where GPU support stands, for `prefopt doctor`. The only GPU route tfjs offers on Node is
+ * @tensorflow/tfjs-node-gpu, whose libtensorflow 2.9.1 is built for CUDA 11.2 / cuDNN 8.1 and
+ * compute capability up to 8.0 (+PTX): it does not load against CUDA 12/13 and has no Hopper
+ * kernels, and prefopt has never run it.
+ */
+export function gpuReport(b: BackendReport): GpuReport {
+  let driver: string | null = null;
+  try {
+    const v = fs.readFileSync('/proc/driver/nvidia/version', 'utf8');
+    driver = /Kernel Module\s+([\d.]+)/.exec(v)?.[1] ?? v.split('\n')[0].trim();
+  } catch {
+    driver = null;
+  }
+  let installed = false;
+  try {
+    require.resolve('@tensorflow/tfjs-node-gpu/package.json');
+    installed = true;
+  } catch {
+    installed = false;
+  }
+  const loaded = b.chosen === 'tensorflow-gpu';
+  const status = loaded
+    ? 'tfjs-node-gpu loaded (libtensorflow 2.9.1: CUDA 11.2 / cuDNN 8.1); untested by prefopt, f32 only'
+    : 'no GPU path: tfjs-node-gpu needs CUDA 11.2 + cuDNN 8.1 (it does not load on CUDA 12/13 and has no Hopper kernels) and is untested; ' +
+      'a CUDA backend of prefopt\'s own is planned. Training runs on the CPU.';
+  return { nvidia_driver: driver, tfjs_node_gpu: loaded ? 'loaded' : installed ? 'installed, not loaded' : 'not installed', status };
+}
+
