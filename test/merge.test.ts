@@ -10,6 +10,7 @@ import { loadModel, saveModel } from '../src/model/load.js';
 import { LoraAdapter, attach } from '../src/lora/lora.js';
 import { completionLogprobs } from '../src/infer/logprobs.js';
 import { Rng } from '../src/util/rng.js';
+import { readHeader } from '../src/io/safetensors.js';
 import { ARCH_SPECS, makeTestModel } from './helpers/models.js';
 
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'prefopt-merge-'));
@@ -76,14 +77,22 @@ describe('merge methods on hand-sized tensors', () => {
 });
 
 describe('merging checkpoints', () => {
-  it('merge-lora logits equal the adapter-applied logits (zhinao qkv_proj included)', async () => {
+  const cases: [string, string[]][] = [
+    ['zhinao fused qkv GQA', ['qkv_proj', 'o_proj', 'down_proj']],
+    ['qwen3 q/k norms, head_dim 12 apart from hidden / heads, tied', ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']],
+  ];
+  for (const [spec, targets] of cases) it(`merge-lora logits equal the adapter-applied logits, PEFT keys as PEFT names them (${spec}: ${targets.join(', ')})`, async () => {
     const d = tmp();
-    const { cfg, w } = makeTestModel(ARCH_SPECS['zhinao fused qkv GQA'], 3);
+    const { cfg, w } = makeTestModel(ARCH_SPECS[spec], 3);
     const model = Decoder.fromHF(cfg, (n) => w.get(n)!);
     await saveModel(model, path.join(d, 'base'));
-    const ad = LoraAdapter.create(model, { r: 4, alpha: 8, dropout: 0, targets: ['qkv_proj', 'o_proj', 'down_proj'], useRslora: false }, 2);
+    const ad = LoraAdapter.create(model, { r: 4, alpha: 8, dropout: 0, targets, useRslora: false }, 2);
     for (const { b } of ad.weights.values()) b.assign(tf.randomNormal(b.shape, 0, 0.3, 'float32', 9));
     await ad.save(path.join(d, 'adapter'));
+    const keys = [...readHeader(path.join(d, 'adapter', 'adapter_model.safetensors')).tensors.keys()];
+    const mod = cfg.arch === 'zhinao' ? 'self_attn.qkv_proj' : 'self_attn.q_proj';
+    expect(keys).toContain(`base_model.model.model.layers.1.${mod}.lora_A.weight`);
+    expect(keys).toHaveLength(cfg.num_hidden_layers * targets.length * 2);
     attach(model, ad);
     const rows = [{ prompt: [1, 2, 3], completion: [4, 5, 6, 7] }];
     const want = completionLogprobs(model, rows)[0].token_logps;
