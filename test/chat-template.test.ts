@@ -142,6 +142,23 @@ describe('SFT labels from the checkpoint chat template', () => {
     expect(tok.decode(row.ids.filter((_, t) => row.weights[t]))).toBe('Hello!<|im_end|>Goodbye 👋<|im_end|>');
   });
 
+  it('a token straddling a span boundary belongs to the span (as transformers\' assistant masks have it)', () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'prefopt-straddle-'));
+    fs.copyFileSync(path.join(FAMILIES.qwen3.dir, 'tokenizer.json'), path.join(dir, 'tokenizer.json'));
+    const cfg = JSON.parse(fs.readFileSync(path.join(FAMILIES.qwen3.dir, 'tokenizer_config.json'), 'utf8'));
+    cfg.chat_template =
+      "{%- for m in messages %}{%- if m.role == 'user' %}{{ m.content + '\\n' }}{%- else %}{{ 'Assistant:' + m.content + '<|im_end|>' }}{%- endif %}{%- endfor %}" +
+      "{%- if add_generation_prompt %}{{ 'Assistant:' }}{%- endif %}";
+    fs.writeFileSync(path.join(dir, 'tokenizer_config.json'), JSON.stringify(cfg));
+    const tok = TextTokenizer.load(dir);
+    const row = templateRow(tok, [{ role: 'user', content: 'q' }, { role: 'assistant', content: '\n\nIt is 4.' }], 'x');
+    // 'Assistant:' + '\n\nIt' tokenizes with ':\n\n' as one token, half prompt, half answer.
+    const pieces = row.ids.map((id) => tok.decode([id]));
+    expect(pieces).toContain(':\n\n');
+    expect(row.spans.map(([a, b]) => row.text.slice(a, b))).toEqual(['\n\nIt is 4.<|im_end|>']);
+    expect(pieces.filter((_, t) => row.weights[t]).join('')).toBe(':\n\nIt is 4.<|im_end|>');
+  });
+
   it('generation stops on every eos id of generation_config and on the template end of turn', () => {
     const tok = TextTokenizer.load(FAMILIES.llama3.dir);
     const eot = tok.id('<|eot_id|>')!;
@@ -180,6 +197,14 @@ describe('prefopt tokenize and sft with published tokenizers', () => {
       expect(row.input_ids).toEqual(want.ids);
       expect(row.labels).toEqual(want.ids.map((id, t) => (want.trained[t] ? id : -100)));
     });
+    // Packing keeps each conversation's labels; a segment's first token is never trained.
+    const pk = prefopt(['tokenize', '--model', model, '--data', data, '--is-concat', '--max-len', '128']);
+    expect(pk.code, pk.stderr).toBe(0);
+    const packed = pk.stdout.trim().split('\n').map((l) => JSON.parse(l));
+    expect(packed.flatMap((p) => p.input_ids)).toEqual(rows.flatMap((r) => r.input_ids));
+    expect(packed.flatMap((p) => p.labels)).toEqual(rows.flatMap((r) => r.labels.map((l: number, t: number) => (t === 0 ? -100 : l))));
+    expect(packed.flatMap((p) => p.position_ids)).toEqual(rows.flatMap((r) => r.input_ids.map((_: number, t: number) => t)));
+    expect(packed.length).toBeLessThan(rows.length);
     const preview = prefopt(['tokenize', '--model', model, '--data', data, '--preview']);
     expect(preview.stdout).toContain('⟦The answer is 42.<|eot_id|>⟧');
     const out = path.join(path.dirname(model), 'sft');

@@ -8,8 +8,8 @@ import { UserError } from '../util/errors.js';
  * render(messages[:i], add_generation_prompt=True): the assistant's content and the template's
  * own end-of-turn text. A template with `{% generation %}` blocks marks its trained text itself;
  * one that appends the generation prompt to every render has it cut from the turn's end.
- * The row is the tokenization of the whole rendered conversation; each span's ends are found by
- * tokenizing the text up to them, so the ids are exactly what the tokenizer makes of the text.
+ * The row is the tokenization of the whole rendered conversation, so the ids are exactly what the
+ * tokenizer makes of the text.
  */
 export interface TemplateRow {
   ids: number[];
@@ -82,32 +82,36 @@ function excerpt(a: string, b: string): string {
 }
 
 /**
- * Token ids of `text` with weight 1 on the tokens of `spans`. A span boundary must fall between
- * two tokens of the whole text's tokenization; one that a token straddles is an error, never a
- * silently shifted label.
+ * Token ids of `text` with weight 1 on the tokens of `spans`. A boundary is found by tokenizing
+ * the text up to it: where that is a prefix of the whole text's ids, the boundary falls between
+ * two tokens. Where a token straddles it (`Assistant:` + `\n\nIt…` tokenized as `:\n\n`), the
+ * span takes that token, as transformers' assistant masks do: every token holding any of the
+ * span's characters is trained.
  */
-export function labelSpans(encode: (s: string) => number[], text: string, spans: [number, number][], where: string): { ids: number[]; weights: number[] } {
+export function labelSpans(encode: (s: string) => number[], text: string, spans: [number, number][]): { ids: number[]; weights: number[]; straddled: number } {
   const ids = encode(text);
   const weights = new Array<number>(ids.length).fill(0);
-  const cache = new Map<number, number>([[0, 0], [text.length, ids.length]]);
-  const boundary = (c: number): number => {
-    let k = cache.get(c);
-    if (k !== undefined) return k;
+  let straddled = 0;
+  /** [index of the first token holding character c, whether a token straddles c]. */
+  const boundary = (c: number): [number, boolean] => {
+    if (c === 0) return [0, false];
+    if (c === text.length) return [ids.length, false];
     const head = encode(text.slice(0, c));
-    if (head.length > ids.length || head.some((id, j) => id !== ids[j])) {
-      throw new UserError(
-        `${where}: the tokenizer merges text across a turn boundary (character ${c}, ${JSON.stringify(text.slice(Math.max(0, c - 10), c + 10))}): ` +
-          `the trained tokens cannot be told apart from the prompt's`,
-      );
-    }
-    cache.set(c, (k = head.length));
-    return k;
+    let k = 0;
+    while (k < head.length && k < ids.length && head[k] === ids[k]) k++;
+    return [k, k < head.length];
   };
-  for (const [a, b] of spans) for (let t = boundary(a); t < boundary(b); t++) weights[t] = 1;
-  return { ids, weights };
+  for (const [a, b] of spans) {
+    const [from, cutA] = boundary(a);
+    const [to, cutB] = boundary(b);
+    straddled += +cutA + +cutB;
+    for (let t = from; t < to + +cutB; t++) weights[t] = 1;
+  }
+  return { ids, weights, straddled };
 }
 
 export function templateRow(tok: TextTokenizer, messages: Message[], where: string): TemplateRow {
   const { text, spans } = trainedSpans(tok, messages, where);
-  return { ...labelSpans((s) => tok.encode(s), text, spans, where), text, spans };
+  const { ids, weights } = labelSpans((s) => tok.encode(s), text, spans);
+  return { ids, weights, text, spans };
 }
