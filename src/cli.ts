@@ -19,6 +19,7 @@ import { DEFAULT_RM } from './stages/rm.js';
 import { exportPairsCmd, onlineCmd, statusCmd } from './commands/online.js';
 import { DEFAULT_ONLINE } from './stages/online.js';
 import { DEFAULT_MAKE_DATA, makeData } from './quickstart/make-data.js';
+import { KINDS } from './quickstart/task.js';
 import { chatCmd, serveCmd } from './commands/serve.js';
 import { writeReport } from './report/report.js';
 import { mergeLora, parseMergeConfig, runMerge } from './merge/merge.js';
@@ -263,6 +264,7 @@ export function buildProgram(): Command {
         .requiredOption('--prompts <file>', 'JSONL {"prompt": text | messages, ...}')
         .option('--eval-prompts <file>', 'held-out prompts evaluated after every round')
         .requiredOption('--scorer <spec>', 'model:DIR | module:PATH[#export] | http:URL | builtin:NAME')
+        .option('--audit-scorer <spec>', 'a second scorer that only watches: its agreement with --scorer on each round\'s pairs is recorded')
         .option('--rounds <n>', 'rounds', int)
         .option('--samples-per-prompt <k>', 'answers sampled per prompt', int)
         .option('--prompts-per-round <n>', 'prompts per round (0 = all)', int)
@@ -405,10 +407,11 @@ export function buildProgram(): Command {
     .option('--noise <x>', 'fraction of SFT answers made wrong on purpose', num, DEFAULT_MAKE_DATA.noise)
     .option('--vocab-size <n>', 'tokenizer size', int, DEFAULT_MAKE_DATA.vocabSize)
     .option('--max-number <n>', 'numbers in questions run from 0 to this', int, DEFAULT_MAKE_DATA.maxNumber)
-    .option('--kinds <list>', 'question kinds: max,min,next', (v: string) => v.split(','), DEFAULT_MAKE_DATA.kinds)
+    .option('--kinds <list>', `question kinds: ${KINDS.join(',')}`, (v: string) => v.split(','), DEFAULT_MAKE_DATA.kinds)
+    .option('--pref-kinds <list>', 'kinds the preference pairs cover (default: --kinds)', (v: string) => v.split(','), DEFAULT_MAKE_DATA.prefKinds)
     .action(
       withBackend(async (o) => {
-        const counts = await makeData({ ...o });
+        const counts = await makeData({ ...DEFAULT_MAKE_DATA, ...o });
         log('make-data', { out: o.out, ...counts });
       }),
     );

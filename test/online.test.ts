@@ -4,7 +4,7 @@ import * as http from 'node:http';
 import * as path from 'node:path';
 import Database from 'better-sqlite3';
 import { selectPair, ScoredSample, SelectOptions } from '../src/online/select.js';
-import { roundPromptIndices } from '../src/stages/online.js';
+import { roundPromptIndices, spearman } from '../src/stages/online.js';
 import { Rng } from '../src/util/rng.js';
 import { prefopt, prefoptAsync } from './helpers/cli.js';
 import { onlineArgs, onlineFixture } from './helpers/online-fixture.js';
@@ -71,6 +71,19 @@ function dump(workdir: string) {
   db.close();
   return out;
 }
+
+describe('scorer agreement', () => {
+  it("Spearman's rank correlation: hand-computed values, average ranks for ties, null when constant", () => {
+    expect(spearman([1, 2, 3, 4], [10, 20, 30, 40])).toBeCloseTo(1, 12);
+    expect(spearman([1, 2, 3, 4], [4, 3, 2, 1])).toBeCloseTo(-1, 12);
+    // ranks a = [1, 2, 3, 4], b = [2, 1, 4, 3]: 1 − 6·Σd²/(n(n²−1)) = 1 − 6·4/60 = 0.6
+    expect(spearman([1, 2, 3, 4], [2, 1, 4, 3])).toBeCloseTo(0.6, 12);
+    // ties: a = [0.1, 1, 1, 0] → ranks [1, 2.5, 2.5, 0], b → [0, 1, 2, 3]; centred, Σ products =
+    // 0.75 − 0.5 + 0.5 − 2.25 = −1.5, Σ squares 4.5 and 5.
+    expect(spearman([0.1, 1, 1, 0], [5, 6, 7, 8])).toBeCloseTo(-1.5 / Math.sqrt(4.5 * 5), 12);
+    expect(spearman([1, 1, 1], [1, 2, 3])).toBeNull();
+  });
+});
 
 describe('online stage', () => {
   it('runs rounds into SQLite with no duplicates or gaps; status and export-pairs read it', async () => {

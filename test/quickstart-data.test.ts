@@ -24,21 +24,41 @@ describe('embedded default data', () => {
     expect([...sftQs].filter((q) => held.has(q))).toEqual([]);
     expect(lines('prefs.jsonl').filter((p) => held.has(p.prompt[0].content))).toEqual([]);
     expect(lines('prompts.jsonl').filter((p) => held.has(p.prompt[0].content))).toEqual([]);
-    // Each evaluation question's other-language version is in the SFT data (rebuilt by hand).
+    // Nearly every two-number evaluation question's other-language version is in the SFT data
+    // (rebuilt by hand; 360 distinct such questions, ~2,000 draws); three-number questions are rarer in SFT (a quarter of the two-number rate) and many
+    // distinct, so theirs mostly are not: those measure the skill itself.
     const other = (q: string) => {
       const n = (q.match(/\d+/g) ?? []).map(Number);
       if (/larger/.test(q)) return `${n[0]} 和 ${n[1]} 哪个更大？`;
       if (/smaller/.test(q)) return `${n[0]} 和 ${n[1]} 哪个更小？`;
-      if (/comes after/.test(q)) return `${n[0]} 后面的数是几？`;
       if (/更大/.test(q)) return `Which is larger, ${n[0]} or ${n[1]}?`;
       if (/更小/.test(q)) return `Which is smaller, ${n[0]} or ${n[1]}?`;
-      return `What number comes after ${n[0]}?`;
+      return null;
     };
-    expect(evalQs.filter((q) => !sftQs.has(other(q)))).toEqual([]);
-    // Every kind is trained (the old split held out every "next" question).
-    for (const k of [/larger|更大/, /smaller|更小/, /comes after|后面/]) expect([...sftQs].some((q) => k.test(q))).toBe(true);
-    // Both languages, all kinds, numbers kept as single tokens.
-    expect(new Set(lines('eval.jsonl').map((r) => `${r.kind}/${r.lang}`)).size).toBe(6);
+    const two = evalQs.filter((q) => other(q) !== null);
+    expect(two.length).toBeGreaterThan(30);
+    expect(two.filter((q) => !sftQs.has(other(q)!)).length).toBeLessThanOrEqual(0.05 * two.length);
+    // Every kind is in the SFT data, three-number questions at a quarter of the others' rate and
+    // answered with a random one of their numbers (the careless labeller): SFT cannot learn them.
+    const count = (re: RegExp) => [...sft].filter((c: any) => re.test(c.conversations[0].value)).length;
+    const [larger, smaller, largest, smallest] = [/larger|更大/, /smaller|更小/, /largest|最大/, /smallest|最小/].map(count);
+    for (const n of [larger, smaller, largest, smallest]) expect(n).toBeGreaterThan(0);
+    expect((largest + smallest) / (larger + smaller)).toBeGreaterThan(0.18);
+    expect((largest + smallest) / (larger + smaller)).toBeLessThan(0.32);
+    const three = sft.filter((c: any) => /largest|smallest|最大|最小/.test(c.conversations[0].value));
+    const rightThree = three.filter((c: any) => {
+      const n = (c.conversations[0].value.match(/\d+/g) ?? []).map(Number);
+      const want = /largest|最大/.test(c.conversations[0].value) ? Math.max(...n) : Math.min(...n);
+      return c.conversations[1].value.includes(` ${want}`);
+    }).length;
+    // A random one of three numbers is right a third of the time.
+    expect(rightThree / three.length).toBeGreaterThan(0.25);
+    expect(rightThree / three.length).toBeLessThan(0.42);
+    // The human preference pairs cover the two-number questions only; the on-policy prompts all kinds.
+    expect(lines('prefs.jsonl').filter((p) => /largest|smallest|最大|最小/.test(p.prompt[0].content))).toEqual([]);
+    expect(new Set(lines('prompts.jsonl').map((r) => r.kind))).toEqual(new Set(['max', 'min', 'max3', 'min3']));
+    // Both languages, all kinds in the evaluation; numbers kept as single tokens.
+    expect(new Set(lines('eval.jsonl').map((r) => `${r.kind}/${r.lang}`)).size).toBe(8);
     const tok = TextTokenizer.load(path.join(d, 'a', 'tokenizer'));
     expect(tok.encode('7').length).toBe(1);
     expect(tok.decode(tok.encode('答案是 7。'))).toBe('答案是 7。');

@@ -22,6 +22,7 @@ export async function onlineCmd(o: Record<string, any>, train: TrainConfig): Pro
     prompts: o.prompts,
     evalPrompts: o.evalPrompts,
     scorer: o.scorer,
+    auditScorer: o.auditScorer,
     rounds: o.rounds ?? DEFAULT_ONLINE.rounds,
     samplesPerPrompt: o.samplesPerPrompt ?? DEFAULT_ONLINE.samplesPerPrompt,
     promptsPerRound: o.promptsPerRound ?? DEFAULT_ONLINE.promptsPerRound,

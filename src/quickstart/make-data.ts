@@ -11,14 +11,13 @@ import { PRESETS } from '../model/config.js';
 import { UserError } from '../util/errors.js';
 
 /**
- * Generate the embedded default deterministically: SFT conversations in the seed format (a
- * fraction deliberately wrong, so sft-base is imperfect), human-style preference pairs,
- * prompts for the on-policy rounds, a held-out evaluation set, the tokenizer, and the model
- * shape. Evaluation questions never appear in any training split; the same question in the
- * other language does, so held-out accuracy measures whether a skill carries across languages
- * (with single-digit numbers there are only 378 distinct questions, 18 of them "next": holding
- * out unseen number pairs would hold out whole kinds). On-policy prompts come from the training
- * pool, as a real recipe's prompts overlap its SFT data.
+ * Generate the embedded default deterministically: SFT conversations in the seed format, as an
+ * imperfect labelling produced them (a fraction of the two-number answers wrong; the rarer
+ * three-number questions answered with a random one of their numbers), human-style preference
+ * pairs on the two-number questions, prompts for the on-policy rounds and a held-out evaluation
+ * set over every kind, the tokenizer, and the model shape. sft-base thus lacks a skill that the
+ * rounds, scored by a rule, can teach (README, "The embedded task"). Evaluation questions never
+ * appear in any training split; a two-number question's other-language version nearly always does.
  */
 export interface MakeDataOptions {
   out: string;
@@ -33,6 +32,14 @@ export interface MakeDataOptions {
   maxNumber: number;
   /** Question kinds to draw from. */
   kinds: Kind[];
+  /** Kinds the human preference pairs cover (a subset of `kinds`; default all). */
+  prefKinds?: Kind[];
+  /** Relative frequency of each kind in the SFT data (default 1 each); prompts and evaluation stay uniform. */
+  sftWeights?: Partial<Record<Kind, number>>;
+  /** Kinds whose SFT answers come from a careless labeller: one of the question's numbers, at random. */
+  careless?: Kind[];
+  /** Kinds in the SFT data only (never prompted or evaluated): "next" teaches the order of numbers. */
+  sftOnly?: Kind[];
 }
 
 /**
@@ -40,7 +47,21 @@ export interface MakeDataOptions {
  * on 2 CPU cores learns the task partly (measured: held-out answer NLL 2.3 → 1.1 in 400 steps),
  * which leaves room for preference training to show its effect.
  */
-export const DEFAULT_MAKE_DATA: Omit<MakeDataOptions, 'out'> = { seed: 0, sft: 3000, prefs: 800, prompts: 128, eval: 100, noise: 0.2, vocabSize: 512, maxNumber: 9, kinds: ['max', 'min', 'next'] };
+export const DEFAULT_MAKE_DATA: Omit<MakeDataOptions, 'out'> = {
+  seed: 0,
+  sft: 3000,
+  prefs: 800,
+  prompts: 384,
+  eval: 100,
+  noise: 0.2,
+  careless: ['max3', 'min3'],
+  sftWeights: { max3: 0.25, min3: 0.25 },
+  sftOnly: ['next'],
+  vocabSize: 512,
+  maxNumber: 9,
+  kinds: ['max', 'min', 'max3', 'min3'],
+  prefKinds: ['max', 'min'],
+};
 
 export async function makeData(o: MakeDataOptions): Promise<Record<string, number>> {
   const rng = new Rng(o.seed, 'quickstart');
@@ -56,9 +77,9 @@ export async function makeData(o: MakeDataOptions): Promise<Record<string, numbe
     throw new UserError(`make-data: not enough distinct questions with numbers up to ${o.maxNumber} for ${what}`);
   };
   const held = new Set<string>();
-  const train = (): Question => {
+  const train = (kinds = o.kinds, weights?: Partial<Record<Kind, number>>): Question => {
     for (;;) {
-      const q = makeQuestion(rng, o.maxNumber, o.kinds);
+      const q = makeQuestion(rng, o.maxNumber, kinds, weights);
       if (!held.has(q.text)) return q;
     }
   };
@@ -71,14 +92,21 @@ export async function makeData(o: MakeDataOptions): Promise<Record<string, numbe
     return q;
   });
   const promptSeen = new Set<string>();
-  const promptQs = Array.from({ length: o.prompts }, () => distinct(train, promptSeen, `${o.prompts} prompts`));
-  const sftQs = Array.from({ length: o.sft }, train);
-  const prefQs = Array.from({ length: o.prefs }, train);
+  const promptQs = Array.from({ length: o.prompts }, () => distinct(() => train(), promptSeen, `${o.prompts} prompts`));
+  const sftQs = Array.from({ length: o.sft }, () => train([...o.kinds, ...(o.sftOnly ?? [])], o.sftWeights));
+  const prefQs = Array.from({ length: o.prefs }, () => train(o.prefKinds ?? o.kinds));
   let noisy = 0;
+  let careless = 0;
   const sft = sftQs.map((q, i) => {
-    const wrong = rng.next() < o.noise;
-    if (wrong) noisy++;
-    return { id: i, conversations: [{ from: 'user', value: q.text }, { from: 'assistant', value: formatAnswer(q.lang, wrong ? wrongValue(q, rng) : q.answer) }] };
+    let value = q.answer;
+    if (o.careless?.includes(q.kind)) {
+      value = String(q.nums[rng.int(q.nums.length)]);
+      if (value !== q.answer) careless++;
+    } else if (rng.next() < o.noise) {
+      value = wrongValue(q, rng);
+      noisy++;
+    }
+    return { id: i, conversations: [{ from: 'user', value: q.text }, { from: 'assistant', value: formatAnswer(q.lang, value) }] };
   });
   const prefs = prefQs.map((q) => ({
     prompt: [{ role: 'user', content: q.text }],
@@ -105,10 +133,10 @@ export async function makeData(o: MakeDataOptions): Promise<Record<string, numbe
     fs.writeFileSync(
       path.join(dir, 'README.md'),
       `# Embedded default data (generated)\n\nMade by \`prefopt make-data --out ${o.out} --seed ${o.seed}\`; do not edit by hand.\n\n` +
-        `- sft.json: ${o.sft} conversations in the seed format, ${noisy} of them with a deliberately wrong answer\n` +
+        `- sft.json: ${o.sft} conversations in the seed format: ${noisy} with a deliberately wrong answer, ${careless} more answered wrongly by the careless labeller of ${(o.careless ?? []).join('/') || 'no'} questions\n` +
         `- prefs.jsonl: ${o.prefs} preference pairs (TRL conversational rows)\n- prompts.jsonl: ${o.prompts} prompts for on-policy rounds, with answers\n` +
         `- eval.jsonl: ${o.eval} held-out prompts with answers (never in a training split; the same question in the other language is)\n- tokenizer/: byte-level BPE, ${Object.keys(tok.model.vocab).length + SPECIAL_TOKENS.length} ids (numbers kept whole)\n- model.json: the tiny model's shape\n`,
     );
   });
-  return { sft: sft.length, noisy, prefs: prefs.length, prompts: promptQs.length, eval: evalQs.length };
+  return { sft: sft.length, noisy, careless, prefs: prefs.length, prompts: promptQs.length, eval: evalQs.length };
 }

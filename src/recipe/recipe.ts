@@ -67,7 +67,7 @@ export const STAGE_SPECS: Record<string, { spec: Spec; refs: string[] }> = {
   online_dpo: {
     spec: obj(
       {
-        name: str(), type: str(), model: str(), adapter: str(), prompts: str(), eval_prompts: str(), scorer: str(),
+        name: str(), type: str(), model: str(), adapter: str(), prompts: str(), eval_prompts: str(), scorer: str(), audit_scorer: str(),
         rounds: int({ min: 1 }), samples_per_prompt: int({ min: 2 }), prompts_per_round: int({ min: 0 }), prompt_mode: str(['slice', 'resample']),
         max_new_tokens: int({ min: 1 }), temperature: num({ min: 0 }), top_k: int({ min: 0 }), top_p: num({ min: 0, max: 1, exclusiveMin: true }), repetition_penalty: num({ min: 0, exclusiveMin: true }),
         presence_penalty: num(), frequency_penalty: num(),
@@ -78,7 +78,7 @@ export const STAGE_SPECS: Record<string, { spec: Spec; refs: string[] }> = {
       },
       ['name', 'type', 'model', 'prompts', 'scorer'],
     ),
-    refs: ['model', 'adapter', 'scorer'],
+    refs: ['model', 'adapter', 'scorer', 'audit_scorer'],
   },
   merge: {
     spec: obj(

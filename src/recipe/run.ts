@@ -246,7 +246,8 @@ export class RecipeRunner {
       }
       case 'online_dpo': {
         const m = this.modelSpec(st.model);
-        const scorer = st.scorer.replace(/^model:(.+)$/, (_: string, p: string) => `model:${this.resolve(p)}`);
+        const modelRef = (spec: string) => spec.replace(/^model:(.+)$/, (_: string, p: string) => `model:${this.resolve(p)}`);
+        const scorer = modelRef(st.scorer);
         const sampler =
           st.sampler?.type === 'openai'
             ? { type: 'openai' as const, baseUrl: st.sampler.base_url, model: st.sampler.model ?? 'policy', concurrency: st.sampler.concurrency ?? 8, timeoutMs: st.sampler.timeout_ms ?? 120_000, retries: 3 }
@@ -260,6 +261,7 @@ export class RecipeRunner {
             prompts: this.file(st.prompts),
             evalPrompts: st.eval_prompts ? this.file(st.eval_prompts) : undefined,
             scorer,
+            auditScorer: st.audit_scorer ? modelRef(st.audit_scorer) : undefined,
             rounds: st.rounds ?? DEFAULT_ONLINE.rounds,
             samplesPerPrompt: st.samples_per_prompt ?? DEFAULT_ONLINE.samplesPerPrompt,
             promptsPerRound: st.prompts_per_round ?? DEFAULT_ONLINE.promptsPerRound,

@@ -52,7 +52,8 @@ export async function writeReport(workdir: string): Promise<string> {
   }
   const trainRows = train.filter((r) => r.split === 'train' && typeof r.loss === 'number');
   const dpoRows = train.filter((r) => typeof r['rewards/accuracies'] === 'number').map((r) => ({ ...r, accuracies: r['rewards/accuracies'], margins: r['rewards/margins'] }));
-  const rounds = metrics.filter((m) => m.round !== null && /^reward\/(mean|max|min)$/.test(m.name)).map((m) => ({ stage: m.stage, round: m.round!, stat: m.name.slice(7), reward: m.value ?? 0 }));
+  const rounds = metrics.filter((m) => m.round !== null && /^reward\/(mean|max|min|best_of_k)$/.test(m.name)).map((m) => ({ stage: m.stage, round: m.round!, stat: m.name.slice(7), reward: m.value ?? 0 }));
+  const roundTable = roundRows(metrics);
   const evalStages = new Set(stages.filter((s) => s.kind === 'eval').map((s) => s.name));
   const evals = metrics.filter((m) => m.round === null && evalStages.has(m.stage) && /\/(accuracy|mean_reward)$/.test(m.name)).map((m) => ({ model: m.name.split('/')[0], measure: m.name.split('/')[1], value: m.value ?? 0 }));
   const charts: { title: string; img: string }[] = [];
@@ -70,6 +71,7 @@ export async function writeReport(workdir: string): Promise<string> {
 <h2>Stages</h2><table><tr><th>stage</th><th>type</th><th>status</th><th>output</th></tr>
 ${stages.map((s) => `<tr><td>${esc(s.name)}</td><td>${esc(s.kind)}</td><td>${esc(s.status)}</td><td>${esc(s.output ?? '')}</td></tr>`).join('\n')}</table>
 ${evalTable.length ? `<h2>Held-out evaluation</h2><table><tr><th>model</th><th>accuracy</th><th>mean reward</th></tr>${evalTable.join('')}</table>` : ''}
+${roundTable}
 ${charts.map((c) => `<h2>${esc(c.title)}</h2><img alt="${esc(c.title)}" src="${c.img}">`).join('\n')}
 </body></html>
 `;
@@ -77,3 +79,35 @@ ${charts.map((c) => `<h2>${esc(c.title)}</h2><img alt="${esc(c.title)}" src="${c
   writeFileAtomic(out, html);
   return out;
 }
+
+/** The columns of the per-round table: metric name → heading. */
+const ROUND_COLUMNS: [string, string][] = [
+  ['reward/mean', 'reward mean'],
+  ['reward/min', 'min'],
+  ['reward/max', 'max'],
+  ['reward/best_of_k', 'best of K'],
+  ['eval/accuracy', 'held-out accuracy'],
+  ['pairs', 'pairs'],
+  ['dropped/tie', 'ties'],
+  ['kl', 'KL to reference'],
+  ['dpo/rewards/margins', 'DPO margin'],
+  ['audit/pair_agreement', 'audit agreement'],
+];
+
+/** One row per on-policy round: what it sampled, how it trained, where it ended. */
+function roundRows(metrics: { stage: string; round: number | null; name: string; value: number | null }[]): string {
+  const keys = [...new Set(metrics.filter((m) => m.round !== null).map((m) => `${m.stage}\u0000${m.round}`))].sort();
+  if (!keys.length) return '';
+  const cols = ROUND_COLUMNS.filter(([k]) => metrics.some((m) => m.round !== null && m.name === k));
+  const rows = keys.map((key) => {
+    const [stage, round] = key.split('\u0000');
+    const get = (k: string) => metrics.find((m) => m.stage === stage && String(m.round) === round && m.name === k)?.value;
+    const cell = (k: string) => {
+      const v = get(k);
+      return v === undefined || v === null ? '-' : Number.isInteger(v) ? String(v) : v.toFixed(3);
+    };
+    return `<tr><td>${esc(stage)}</td><td>${round}</td>${cols.map(([k]) => `<td>${cell(k)}</td>`).join('')}</tr>`;
+  });
+  return `<h2>On-policy rounds</h2><table><tr><th>stage</th><th>round</th>${cols.map(([, h]) => `<th>${esc(h)}</th>`).join('')}</tr>${rows.join('')}</table>`;
+}
+

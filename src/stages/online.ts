@@ -37,6 +37,12 @@ export interface OnlineConfig {
   prompts: string;
   evalPrompts?: string;
   scorer: string;
+  /**
+   * A second scorer that only watches: it scores every sample too, and each round records how
+   * often it ranks the selected pairs as `scorer` does (e.g. a trained reward model beside the
+   * rule that drives the rounds).
+   */
+  auditScorer?: string;
   rounds: number;
   samplesPerPrompt: number;
   promptsPerRound: number;
@@ -143,18 +149,22 @@ export async function runOnline(c: OnlineConfig, dbIn?: DB): Promise<OnlineResul
       const ins = db.prepare('INSERT OR IGNORE INTO prompts (stage_id, idx, prompt_json, prompt_ids, answer) VALUES (?, ?, ?, ?, ?)');
       for (const p of prompts) ins.run(stage.id, p.idx, JSON.stringify(p.row), JSON.stringify(tok.encode(tok.applyChat(p.messages, true))), p.row.answer === undefined ? null : String(p.row.answer));
     });
-    let scorer: Scorer | null = null;
-    const getScorer = async () => {
-      if (!scorer) {
-        scorer = await makeScorer(c.scorer, { baseDir: c.baseDir });
-        scorers.push(scorer);
+    const made = new Map<string, Scorer>();
+    const scorerFor = (spec: string) => async () => {
+      let sc = made.get(spec);
+      if (!sc) {
+        sc = await makeScorer(spec, { baseDir: c.baseDir });
+        made.set(spec, sc);
+        scorers.push(sc);
       }
-      return scorer;
+      return sc;
     };
+    const getScorer = scorerFor(c.scorer);
+    const getAudit = c.auditScorer ? scorerFor(c.auditScorer) : null;
     const rounds: Record<string, number | null>[] = [];
     let adapter: string | null = c.adapter ?? null;
     for (let r = 1; r <= c.rounds; r++) {
-      const res = await runRound(c, db, stage.id, r, adapter, prompts, evalPrompts, getScorer);
+      const res = await runRound(c, db, stage.id, r, adapter, prompts, evalPrompts, getScorer, getAudit);
       adapter = res.adapter;
       rounds.push(getMetrics(db, stage.id, r));
     }
@@ -192,6 +202,7 @@ async function runRound(
   prompts: PromptItem[],
   evalPrompts: PromptItem[],
   getScorer: () => Promise<Scorer>,
+  getAudit: (() => Promise<Scorer>) | null,
 ): Promise<{ adapter: string | null }> {
   tx(db, () => db.prepare("INSERT OR IGNORE INTO rounds (stage_id, round, step, reference) VALUES (?, ?, 'sample', ?)").run(stageId, r, c.reference));
   const round = () => db.prepare('SELECT id, step, policy_path FROM rounds WHERE stage_id = ? AND round = ?').get(stageId, r) as RoundRow;
@@ -277,28 +288,7 @@ async function runRound(
     // --- score --------------------------------------------------------------------------------
     if (round().step === 'score') {
       const t0 = Date.now();
-      const sc = await getScorer();
-      const rows = db
-        .prepare(
-          `SELECT s.id, s.prompt_id, s.k, s.text, p.prompt_json FROM samples s JOIN prompts p ON p.id = s.prompt_id
-           WHERE s.round_id = ? AND NOT EXISTS (SELECT 1 FROM scores x WHERE x.sample_id = s.id AND x.scorer = ? AND x.scorer_version = ?)
-           ORDER BY s.prompt_id, s.k`,
-        )
-        .all(roundId, sc.name, sc.version) as { id: number; prompt_id: number; k: number; text: string; prompt_json: string }[];
-      const byPrompt = new Map<number, typeof rows>();
-      for (const x of rows) byPrompt.set(x.prompt_id, [...(byPrompt.get(x.prompt_id) ?? []), x]);
-      const ins = db.prepare('INSERT INTO scores (sample_id, scorer, scorer_version, reward) VALUES (?, ?, ?, ?)');
-      const groups = [...byPrompt.values()];
-      for (let i = 0; i < groups.length; i += 16) {
-        const part = groups.slice(i, i + 16);
-        const results = await Promise.all(
-          part.map((g) => {
-            const row = JSON.parse(g[0].prompt_json);
-            return sc.score(rowMessages(row), g.map((x) => x.text), row);
-          }),
-        );
-        tx(db, () => part.forEach((g, j) => g.forEach((x, k) => ins.run(x.id, sc.name, sc.version, results[j][k]))));
-      }
+      for (const get of getAudit ? [getScorer, getAudit] : [getScorer]) await scoreRound(db, roundId, await get());
       times['time/score_s'] = (Date.now() - t0) / 1000;
       advance('score', 'select', () => putMetrics(db, stageId, r, { 'time/score_s': times['time/score_s'] }));
     }
@@ -306,6 +296,7 @@ async function runRound(
     // --- select -------------------------------------------------------------------------------
     if (round().step === 'select') {
       const sc = await getScorer();
+      const audit = getAudit ? await getAudit() : null;
       const scored = db
         .prepare('SELECT s.id, s.prompt_id, s.k, s.token_ids, x.reward FROM samples s JOIN scores x ON x.sample_id = s.id AND x.scorer = ? AND x.scorer_version = ? WHERE s.round_id = ? ORDER BY s.prompt_id, s.k')
         .all(sc.name, sc.version, roundId) as { id: number; prompt_id: number; k: number; token_ids: string; reward: number }[];
@@ -329,8 +320,12 @@ async function runRound(
             n++;
           }
         }
+        // Best-of-K: the mean over prompts of their best sample's reward (pass@K for a 0/1 rule).
+        const best = [...byPrompt.values()].map((g) => Math.max(...g.map((x) => x.reward)));
+        if (audit) putMetrics(db, stageId, r, auditAgreement(db, roundId, sc, audit));
         putMetrics(db, stageId, r, {
           'reward/mean': rewards.reduce((a, b) => a + b, 0) / Math.max(rewards.length, 1),
+          'reward/best_of_k': best.reduce((a, b) => a + b, 0) / Math.max(best.length, 1),
           'reward/max': Math.max(...rewards),
           'reward/min': Math.min(...rewards),
           samples: rewards.length,
@@ -437,3 +432,86 @@ async function runRound(
     release();
   }
 }
+
+/** Score the round's samples that `sc` has not scored yet, one prompt's answers per call. */
+async function scoreRound(db: DB, roundId: number, sc: Scorer): Promise<void> {
+  const rows = db
+    .prepare(
+      `SELECT s.id, s.prompt_id, s.k, s.text, p.prompt_json FROM samples s JOIN prompts p ON p.id = s.prompt_id
+       WHERE s.round_id = ? AND NOT EXISTS (SELECT 1 FROM scores x WHERE x.sample_id = s.id AND x.scorer = ? AND x.scorer_version = ?)
+       ORDER BY s.prompt_id, s.k`,
+    )
+    .all(roundId, sc.name, sc.version) as { id: number; prompt_id: number; k: number; text: string; prompt_json: string }[];
+  const byPrompt = new Map<number, typeof rows>();
+  for (const x of rows) byPrompt.set(x.prompt_id, [...(byPrompt.get(x.prompt_id) ?? []), x]);
+  const ins = db.prepare('INSERT INTO scores (sample_id, scorer, scorer_version, reward) VALUES (?, ?, ?, ?)');
+  const groups = [...byPrompt.values()];
+  for (let i = 0; i < groups.length; i += 16) {
+    const part = groups.slice(i, i + 16);
+    const results = await Promise.all(
+      part.map((g) => {
+        const row = JSON.parse(g[0].prompt_json);
+        return sc.score(rowMessages(row), g.map((x) => x.text), row);
+      }),
+    );
+    tx(db, () => part.forEach((g, j) => g.forEach((x, k) => ins.run(x.id, sc.name, sc.version, results[j][k]))));
+  }
+}
+
+/**
+ * How the audit scorer sees the pairs the main scorer would select this round (max vs min
+ * reward per prompt, over prompts whose rewards are not all equal): the fraction it orders the
+ * same way, and the rank correlation of the two scorers over all samples.
+ */
+function auditAgreement(db: DB, roundId: number, main: Scorer, audit: Scorer): Record<string, number | null> {
+  const rows = db
+    .prepare(
+      `SELECT s.prompt_id, a.reward AS m, b.reward AS x FROM samples s
+       JOIN scores a ON a.sample_id = s.id AND a.scorer = ? AND a.scorer_version = ?
+       JOIN scores b ON b.sample_id = s.id AND b.scorer = ? AND b.scorer_version = ?
+       WHERE s.round_id = ? ORDER BY s.prompt_id, s.k`,
+    )
+    .all(main.name, main.version, audit.name, audit.version, roundId) as { prompt_id: number; m: number; x: number }[];
+  const byPrompt = new Map<number, { m: number; x: number }[]>();
+  for (const r of rows) byPrompt.set(r.prompt_id, [...(byPrompt.get(r.prompt_id) ?? []), r]);
+  let agree = 0;
+  let pairs = 0;
+  for (const g of byPrompt.values()) {
+    const hi = g.reduce((a, b) => (b.m > a.m ? b : a));
+    const lo = g.reduce((a, b) => (b.m < a.m ? b : a));
+    if (hi.m === lo.m) continue;
+    pairs++;
+    if (hi.x > lo.x) agree++;
+  }
+  return { 'audit/pair_agreement': pairs ? agree / pairs : null, 'audit/pairs': pairs, 'audit/spearman': spearman(rows.map((r) => r.m), rows.map((r) => r.x)) };
+}
+
+/** Spearman's rank correlation (average ranks for ties); null when either side is constant. */
+export function spearman(a: number[], b: number[]): number | null {
+  const rank = (v: number[]) => {
+    const idx = v.map((_, i) => i).sort((i, j) => v[i] - v[j]);
+    const r = new Array<number>(v.length);
+    for (let i = 0; i < idx.length; ) {
+      let j = i;
+      while (j + 1 < idx.length && v[idx[j + 1]] === v[idx[i]]) j++;
+      for (let k = i; k <= j; k++) r[idx[k]] = (i + j) / 2;
+      i = j + 1;
+    }
+    return r;
+  };
+  const ra = rank(a);
+  const rb = rank(b);
+  const mean = (v: number[]) => v.reduce((x, y) => x + y, 0) / v.length;
+  const ma = mean(ra);
+  const mb = mean(rb);
+  let num = 0;
+  let da = 0;
+  let db = 0;
+  for (let i = 0; i < ra.length; i++) {
+    num += (ra[i] - ma) * (rb[i] - mb);
+    da += (ra[i] - ma) ** 2;
+    db += (rb[i] - mb) ** 2;
+  }
+  return da > 0 && db > 0 ? num / Math.sqrt(da * db) : null;
+}
+
