@@ -90,6 +90,7 @@ const ROUND_COLUMNS: [string, string][] = [
   ['pairs', 'pairs'],
   ['dropped/tie', 'ties'],
   ['kl', 'KL to reference'],
+  ['kl/sft', 'KL to sft-base'],
   ['dpo/rewards/margins', 'DPO margin'],
   ['audit/pair_agreement', 'audit agreement'],
 ];

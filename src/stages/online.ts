@@ -393,6 +393,7 @@ async function runRound(
       const samples = db.prepare('SELECT p.prompt_ids, s.token_ids FROM samples s JOIN prompts p ON p.id = s.prompt_id WHERE s.round_id = ? ORDER BY s.id').all(roundId) as any[];
       const rows = samples.map((x) => ({ prompt: JSON.parse(x.prompt_ids), completion: JSON.parse(x.token_ids) })).filter((x) => x.completion.length);
       let kl: number | null = null;
+      let klSft: number | null = null;
       if (rows.length) {
         const lp = () => completionLogprobs(p.model, rows, { batchSize: c.batchSize * 2, padId: p.padId });
         const withAdapter = <T>(dir: string | null, f: () => T): T => {
@@ -410,9 +411,12 @@ async function runRound(
         };
         const sampler = withAdapter(startAdapter, lp);
         // The reference: sft-base (adapter off), or the previous round's policy — which is the
-        // sampling policy itself, so KL is 0 by construction there.
-        const ref = c.reference === 'previous' ? sampler : withAdapterOff(p.model, lp);
+        // sampling policy itself, so KL is 0 by construction there; the drift from sft-base is
+        // recorded either way.
+        const sft = withAdapterOff(p.model, lp);
+        const ref = c.reference === 'previous' ? sampler : sft;
         kl = sampler.reduce((a, x, i) => a + x.logp - ref[i].logp, 0) / rows.length;
+        klSft = sampler.reduce((a, x, i) => a + x.logp - sft[i].logp, 0) / rows.length;
       }
       let evalM: Record<string, number | null> = {};
       if (evalPrompts.length) {
@@ -421,7 +425,7 @@ async function runRound(
       }
       times['time/evaluate_s'] = (Date.now() - t0) / 1000;
       advance('evaluate', 'done', () => {
-        putMetrics(db, stageId, r, { kl, ...evalM, 'time/evaluate_s': times['time/evaluate_s'] });
+        putMetrics(db, stageId, r, { kl, 'kl/sft': klSft, ...evalM, 'time/evaluate_s': times['time/evaluate_s'] });
         logEvent(db, stageId, 'round_done', { round: r });
       });
       const m = getMetrics(db, stageId, r);
