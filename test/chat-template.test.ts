@@ -61,6 +61,15 @@ const MULTI: Message[] = [
   { role: 'assistant', content: 'Goodbye 👋' },
 ];
 
+/** Qwen3's tokenizer files with another chat template. */
+function qwen3WithTemplate(template: string): TextTokenizer {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'prefopt-tpl-'));
+  fs.copyFileSync(path.join(QWEN3, 'tokenizer.json'), path.join(dir, 'tokenizer.json'));
+  const cfg = JSON.parse(fs.readFileSync(path.join(QWEN3, 'tokenizer_config.json'), 'utf8'));
+  fs.writeFileSync(path.join(dir, 'tokenizer_config.json'), JSON.stringify({ ...cfg, chat_template: template }));
+  return TextTokenizer.load(dir);
+}
+
 /** Labels by the rule, on ids from the other library: turn i trains ids(render(:i+1)) past ids(render(:i) + generation prompt). */
 function expectedLabels(f: Family, msgs: Message[]): { ids: number[]; trained: number[] } {
   const render = (m: Message[], gen: boolean): string => {
@@ -123,17 +132,13 @@ describe('SFT labels from the checkpoint chat template', () => {
   });
 
   it('{% generation %} blocks mark the trained text themselves, whitespace control included', () => {
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'prefopt-gen-'));
-    fs.copyFileSync(path.join(FAMILIES.qwen3.dir, 'tokenizer.json'), path.join(dir, 'tokenizer.json'));
-    const cfg = JSON.parse(fs.readFileSync(path.join(FAMILIES.qwen3.dir, 'tokenizer_config.json'), 'utf8'));
     // ChatML with generation blocks that leave the trailing newline out of the trained text.
-    cfg.chat_template =
+    const tok = qwen3WithTemplate(
       "{%- for m in messages %}\n  {%- if m.role == 'assistant' %}\n{{- '<|im_start|>assistant\\n' }}\n    {%- generation -%}\n" +
-      "{{- m.content + '<|im_end|>' }}\n    {%- endgeneration %}\n{{- '\\n' }}\n  {%- else %}\n" +
-      "{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}\n  {%- endif %}\n{%- endfor %}\n" +
-      "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}";
-    fs.writeFileSync(path.join(dir, 'tokenizer_config.json'), JSON.stringify(cfg));
-    const tok = TextTokenizer.load(dir);
+        "{{- m.content + '<|im_end|>' }}\n    {%- endgeneration %}\n{{- '\\n' }}\n  {%- else %}\n" +
+        "{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}\n  {%- endif %}\n{%- endfor %}\n" +
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}",
+    );
     const row = templateRow(tok, MULTI, 'x');
     const plain = tok.applyChat(MULTI, false);
     expect(row.text).toBe(plain);
@@ -143,14 +148,10 @@ describe('SFT labels from the checkpoint chat template', () => {
   });
 
   it('a token straddling a span boundary belongs to the span (as transformers\' assistant masks have it)', () => {
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'prefopt-straddle-'));
-    fs.copyFileSync(path.join(FAMILIES.qwen3.dir, 'tokenizer.json'), path.join(dir, 'tokenizer.json'));
-    const cfg = JSON.parse(fs.readFileSync(path.join(FAMILIES.qwen3.dir, 'tokenizer_config.json'), 'utf8'));
-    cfg.chat_template =
+    const tok = qwen3WithTemplate(
       "{%- for m in messages %}{%- if m.role == 'user' %}{{ m.content + '\\n' }}{%- else %}{{ 'Assistant:' + m.content + '<|im_end|>' }}{%- endif %}{%- endfor %}" +
-      "{%- if add_generation_prompt %}{{ 'Assistant:' }}{%- endif %}";
-    fs.writeFileSync(path.join(dir, 'tokenizer_config.json'), JSON.stringify(cfg));
-    const tok = TextTokenizer.load(dir);
+        "{%- if add_generation_prompt %}{{ 'Assistant:' }}{%- endif %}",
+    );
     const row = templateRow(tok, [{ role: 'user', content: 'q' }, { role: 'assistant', content: '\n\nIt is 4.' }], 'x');
     // 'Assistant:' + '\n\nIt' tokenizes with ':\n\n' as one token, half prompt, half answer.
     const pieces = row.ids.map((id) => tok.decode([id]));
