@@ -24,7 +24,6 @@ import { generate } from '../src/infer/generate.js';
 import { DEFAULT_SAMPLING } from '../src/infer/sampling.js';
 import { rewardModelFrom, rewards } from '../rm/bt.js';
 import { saveModel } from '../src/model/load.js';
-import { runMerge } from '../src/merge/merge.js';
 import { openDb, tx } from '../src/store/db.js';
 import { Rng } from '../src/util/rng.js';
 

@@ -3,7 +3,7 @@ import { Decoder } from '../src/model/decoder.js';
 import { ARCH_CLASS, parseConfig } from '../src/model/config.js';
 import { mm } from '../src/engine/ops.js';
 import { SeqBatch, makeBatch, promptCompletionRow } from '../src/infer/batch.js';
-import { Policy, needTokenizer, openPolicy } from '../src/commands/context.js';
+import { Policy, needTokenizer, openPolicy } from '../src/model/policy.js';
 import { completionText, encodePair, promptText } from '../src/data/encode.js';
 import { UserError } from '../src/util/errors.js';
 import { Rng } from '../src/util/rng.js';

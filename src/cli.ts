@@ -10,8 +10,6 @@ import { generateCmd, initModel, logprobsCmd, trainTokenizer } from './commands/
 import { addLoraOptions, addTrainOptions, int, num, trainConfigFrom } from './commands/train-options.js';
 import { DEFAULT_SFT, runSft } from './stages/sft.js';
 import { dtypeFromName } from './io/safetensors.js';
-import { registerAdapterLoader } from './commands/context.js';
-import { LoraAdapter, attach } from './lora/lora.js';
 import { dpoCmd, evalDpoCmd } from './commands/dpo.js';
 import { DEFAULT_DPO_STAGE } from './stages/dpo.js';
 import { rmScoreCmd, rmTrainCmd } from './commands/rm.js';
@@ -27,7 +25,6 @@ import { loadRecipe } from './recipe/recipe.js';
 import { tokenizeCmd } from './commands/tokenize.js';
 import { RecipeRunner, formatTable } from './recipe/run.js';
 
-registerAdapterLoader((model, dir) => attach(model, LoraAdapter.load(model, dir)));
 
 /**
  * The `prefopt` command line. Each command parses its flags and hands a plain options object to

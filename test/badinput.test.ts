@@ -1,6 +1,5 @@
 import { describe, expect, it } from 'vitest';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { prefopt } from './helpers/cli.js';
 import { onlineFixture } from './helpers/online-fixture.js';

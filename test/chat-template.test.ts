@@ -9,7 +9,7 @@ import { Template } from '@huggingface/jinja';
 import { TextTokenizer } from '../src/tokenizer/tokenizer.js';
 import { templateRow } from '../src/data/chat-labels.js';
 import { tokenizeConversation } from '../src/data/conversations.js';
-import { stopIdsOf } from '../src/commands/context.js';
+import { stopIdsOf } from '../src/model/policy.js';
 import { UserError } from '../src/util/errors.js';
 import type { Message } from '../src/tokenizer/chat.js';
 import { prefopt } from './helpers/cli.js';

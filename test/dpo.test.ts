@@ -19,9 +19,10 @@ import { prefopt } from './helpers/cli.js';
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'prefopt-dpo-'));
 const sig = (x: number) => 1 / (1 + Math.exp(-x));
 
-function lossOf(p: DpoParams, x: { pc: number; pr: number; rc: number; rr: number; lc: number; lr: number }): number {
+/** The pairwise loss alone: rpo_alpha's NLL term is 0 here (it is tested with the stage). */
+function lossOf(p: Omit<DpoParams, 'rpoAlpha'>, x: { pc: number; pr: number; rc: number; rr: number; lc: number; lr: number }): number {
   const t = tf.tidy(() =>
-    dpoLosses({ policyChosen: tf.tensor1d([x.pc]), policyRejected: tf.tensor1d([x.pr]), refChosen: tf.tensor1d([x.rc]), refRejected: tf.tensor1d([x.rr]), lenChosen: tf.tensor1d([x.lc]), lenRejected: tf.tensor1d([x.lr]) }, p),
+    dpoLosses({ policyChosen: tf.tensor1d([x.pc]), policyRejected: tf.tensor1d([x.pr]), refChosen: tf.tensor1d([x.rc]), refRejected: tf.tensor1d([x.rr]), lenChosen: tf.tensor1d([x.lc]), lenRejected: tf.tensor1d([x.lr]) }, { ...p, rpoAlpha: 0 }),
   );
   const v = t.dataSync()[0];
   t.dispose();

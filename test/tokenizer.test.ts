@@ -5,7 +5,7 @@ import * as path from 'node:path';
 import { trainBpe, pretokenize } from '../src/tokenizer/bpe.js';
 import { TextTokenizer } from '../src/tokenizer/tokenizer.js';
 import { formatChat, ZHINAO_CHAT_TEMPLATE } from '../src/tokenizer/chat.js';
-import { writeTokenizerFiles, SPECIAL_TOKENS } from '../src/commands/model.js';
+import { writeTokenizerFiles, SPECIAL_TOKENS } from '../src/tokenizer/files.js';
 import { encodePair } from '../src/data/encode.js';
 
 const corpus = [

@@ -32,7 +32,7 @@ describe('AdamW', () => {
     // loss = (w0·x0 + w1·x1 − y)², w = [0.5, −0.3] as a [1,2] matrix (decayed), b = 0.2 as a bias (not decayed).
     const w = tf.variable(tf.tensor2d([[0.5, -0.3]]));
     const b = tf.variable(tf.tensor1d([0.2]));
-    const params = new Map([['lin.weight', w], ['lin.bias', b]]);
+    const params = new Map<string, tf.Variable>([['lin.weight', w], ['lin.bias', b]]);
     const opt = new AdamW({ beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.1 }, params);
     const gw = tf.tensor2d([[0.4, -0.8]]);
     const gb = tf.tensor1d([0.25]);

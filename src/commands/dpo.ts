@@ -8,7 +8,7 @@ import { loadModel } from '../model/load.js';
 import { TrainConfig } from '../train/trainer.js';
 import { UserError } from '../util/errors.js';
 import { log } from '../util/log.js';
-import { openPolicy } from './context.js';
+import { openPolicy } from '../model/policy.js';
 
 /** DPO settings by recipe field name (TRL's); the CLI flag is the same name in kebab-case. */
 const DPO_FIELDS: [keyof DpoParams, string][] = [['beta', 'beta'], ['lossType', 'loss_type'], ['labelSmoothing', 'label_smoothing'], ['rpoAlpha', 'rpo_alpha']];

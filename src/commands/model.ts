@@ -1,12 +1,11 @@
-import * as fs from 'node:fs';
-import * as path from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { ARCHS, Arch, PRESETS, PresetSpec, presetConfig, parseConfig } from '../model/config.js';
 import { Decoder } from '../model/decoder.js';
 import { saveModel } from '../model/load.js';
 import { TextTokenizer } from '../tokenizer/tokenizer.js';
 import { trainBpe } from '../tokenizer/bpe.js';
-import { EOD, IM_END, IM_START, PAD, ZHINAO_CHAT_TEMPLATE } from '../tokenizer/chat.js';
+import { SPECIAL_TOKENS, writeTokenizerFiles } from '../tokenizer/files.js';
+import { EOD, PAD } from '../tokenizer/chat.js';
 import { readJsonl, readRecords, readText, toJsonl } from '../data/jsonl.js';
 import { checkIds, completionText, encodePair, isMessages, promptText } from '../data/encode.js';
 import { completionLogprobs } from '../infer/logprobs.js';
@@ -16,9 +15,7 @@ import { UserError } from '../util/errors.js';
 import { readJson, writeDirAtomic, writeFileAtomic } from '../util/fsutil.js';
 import { deriveSeed } from '../util/rng.js';
 import { log } from '../util/log.js';
-import { Policy, needTokenizer, openPolicy, stopIdsOf } from './context.js';
-
-export const SPECIAL_TOKENS = [EOD, PAD, IM_START, IM_END];
+import { Policy, needTokenizer, openPolicy, stopIdsOf } from '../model/policy.js';
 
 /** Train a byte-level BPE tokenizer on text files (plain text or JSON/JSONL with string fields). */
 export async function trainTokenizer(opts: { data: string[]; vocabSize: number; out: string }): Promise<void> {
@@ -38,22 +35,6 @@ export async function trainTokenizer(opts: { data: string[]; vocabSize: number; 
   log('tokenizer', { out: opts.out, vocab: Object.keys(json.model.vocab).length + SPECIAL_TOKENS.length });
 }
 
-export function writeTokenizerFiles(dir: string, json: any): void {
-  fs.writeFileSync(path.join(dir, 'tokenizer.json'), JSON.stringify(json));
-  const config = {
-    tokenizer_class: 'PreTrainedTokenizerFast',
-    bos_token: null,
-    eos_token: EOD,
-    pad_token: PAD,
-    unk_token: null,
-    additional_special_tokens: [IM_START, IM_END],
-    model_max_length: 4096,
-    clean_up_tokenization_spaces: false,
-    chat_template: ZHINAO_CHAT_TEMPLATE,
-  };
-  fs.writeFileSync(path.join(dir, 'tokenizer_config.json'), JSON.stringify(config, null, 2) + '\n');
-  fs.writeFileSync(path.join(dir, 'special_tokens_map.json'), JSON.stringify({ eos_token: EOD, pad_token: PAD, additional_special_tokens: [IM_START, IM_END] }, null, 2) + '\n');
-}
 
 export async function initModel(opts: { arch: string; preset?: string; config?: string; tokenizer: string; out: string; seed: number }): Promise<void> {
   if (!(ARCHS as string[]).includes(opts.arch)) throw new UserError(`--arch must be one of ${ARCHS.join(', ')}, found "${opts.arch}"`);

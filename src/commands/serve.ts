@@ -1,5 +1,5 @@
 import * as readline from 'node:readline';
-import { openPolicy, needTokenizer, stopIdsOf } from './context.js';
+import { openPolicy, needTokenizer, stopIdsOf } from '../model/policy.js';
 import { ChatServer } from '../serve/server.js';
 import { generateSteps } from '../infer/generate.js';
 import { SamplingParams } from '../infer/sampling.js';

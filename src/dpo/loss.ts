@@ -66,8 +66,6 @@ export function dpoLosses(x: PairLogps<tf.Tensor1D>, p: DpoParams): tf.Tensor1D 
   }
 }
 
-export const DPO_METRICS = ['loss', 'rewards/chosen', 'rewards/rejected', 'rewards/accuracies', 'rewards/margins', 'logps/chosen', 'logps/rejected'] as const;
-
 /** TRL's logged metrics, averaged over pairs, from host numbers (`nll` only with rpo_alpha). */
 export function dpoMetrics(rows: { pc: number; pr: number; rc: number; rr: number; loss: number; nll?: number }[], beta: number): Record<string, number> {
   const n = rows.length || 1;

@@ -105,9 +105,6 @@ export async function initBackend(requested?: string): Promise<BackendReport> {
   throw new UserError(req ? `backend "${req}" is not usable here (${detail})` : `no tfjs backend could be loaded (${detail})`);
 }
 
-export function backendName(): string {
-  return tf.getBackend();
-}
 
 /**
  * wasm's own kernel is fast only for plain 2-D matmuls; with the native kernel registered (or

@@ -29,7 +29,6 @@ export const DEFAULT_LORA: LoraConfig = { r: 8, alpha: 16, dropout: 0.05, target
 export function defaultTargets(arch: string): string[] {
   return arch === 'zhinao' ? ['qkv_proj', 'o_proj'] : ['q_proj', 'k_proj', 'v_proj', 'o_proj'];
 }
-export const ALL_TARGETS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj', 'qkv_proj'];
 
 const PREFIX = 'base_model.model.';
 

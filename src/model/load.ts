@@ -1,5 +1,3 @@
-import * as fs from 'node:fs';
-import * as path from 'node:path';
 import { Decoder } from './decoder.js';
 import { checkFinite, openCheckpoint, readGenerationConfig, SaveOptions, writeCheckpointFiles } from '../io/checkpoint.js';
 import { writeDirAtomic } from '../util/fsutil.js';
@@ -25,6 +23,3 @@ export async function saveModel(model: Decoder, dir: string, opts: SaveOptions =
   );
 }
 
-export function isCheckpointDir(dir: string): boolean {
-  return fs.existsSync(path.join(dir, 'config.json'));
-}

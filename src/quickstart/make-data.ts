@@ -3,7 +3,7 @@ import * as path from 'node:path';
 import { Rng } from '../util/rng.js';
 import { trainBpe } from '../tokenizer/bpe.js';
 import { formatChat } from '../tokenizer/chat.js';
-import { SPECIAL_TOKENS, writeTokenizerFiles } from '../commands/model.js';
+import { SPECIAL_TOKENS, writeTokenizerFiles } from '../tokenizer/files.js';
 import { writeDirAtomic } from '../util/fsutil.js';
 import { toJsonl } from '../data/jsonl.js';
 import { Kind, Question, formatAnswer, makeQuestion, rejectedAnswer, twin, wrongValue } from './task.js';
@@ -135,7 +135,7 @@ export async function makeData(o: MakeDataOptions): Promise<Record<string, numbe
       `# Embedded default data (generated)\n\nMade by \`prefopt make-data --out ${o.out} --seed ${o.seed}\`; do not edit by hand.\n\n` +
         `- sft.json: ${o.sft} conversations in the seed format: ${noisy} with a deliberately wrong answer, ${careless} more answered wrongly by the careless labeller of ${(o.careless ?? []).join('/') || 'no'} questions\n` +
         `- prefs.jsonl: ${o.prefs} preference pairs (TRL conversational rows)\n- prompts.jsonl: ${o.prompts} prompts for on-policy rounds, with answers\n` +
-        `- eval.jsonl: ${o.eval} held-out prompts with answers (never in a training split; the same question in the other language is)\n- tokenizer/: byte-level BPE, ${Object.keys(tok.model.vocab).length + SPECIAL_TOKENS.length} ids (numbers kept whole)\n- model.json: the tiny model's shape\n`,
+        `- eval.jsonl: ${o.eval} held-out prompts with answers (never in a training split; a two-number question's other-language version nearly always is)\n- tokenizer/: byte-level BPE, ${Object.keys(tok.model.vocab).length + SPECIAL_TOKENS.length} ids (numbers kept whole)\n- model.json: the tiny model's shape\n`,
     );
   });
   return { sft: sft.length, noisy, careless, prefs: prefs.length, prompts: promptQs.length, eval: evalQs.length };

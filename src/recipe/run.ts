@@ -12,7 +12,7 @@ import { DEFAULT_RM, runRmTrain } from '../stages/rm.js';
 import { DEFAULT_ONLINE, runOnline } from '../stages/online.js';
 import { runMerge, validateMergeConfig } from '../merge/merge.js';
 import { evaluatePolicy } from '../stages/evaluate.js';
-import { openPolicy, stopIdsOf, needTokenizer } from '../commands/context.js';
+import { openPolicy, stopIdsOf, needTokenizer } from '../model/policy.js';
 import { LoraAdapter, LoraConfig, DEFAULT_LORA, attach } from '../lora/lora.js';
 import { dtypeFromName } from '../io/safetensors.js';
 import { loadPrompts } from '../data/prompts.js';

@@ -1,7 +1,7 @@
 import * as http from 'node:http';
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
 import PQueue from 'p-queue';
-import { Policy, needTokenizer, stopIdsOf } from '../commands/context.js';
+import { Policy, needTokenizer, stopIdsOf } from '../model/policy.js';
 import { generateSteps } from '../infer/generate.js';
 import { deriveSeed } from '../util/rng.js';
 import { ApiError, ChatRequest, parseChatRequest } from './validate.js';

@@ -1,4 +1,3 @@
-import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { DEFAULT_TRAIN, TrainConfig, Trainer, TrainResult } from '../train/trainer.js';
@@ -8,7 +7,7 @@ import { DEFAULT_DPO, DpoParams, chosenNll, dpoLosses, dpoMetrics, validateDpoPa
 import { filesHash, pairBatch, pairLogpsHost, referenceLogps, sequenceLogps } from '../dpo/logps.js';
 import { PrefPair, loadPrefs } from '../data/prefs.js';
 import { SeqBatch } from '../infer/batch.js';
-import { Policy, openPolicy } from '../commands/context.js';
+import { Policy, openPolicy } from '../model/policy.js';
 import { Decoder } from '../model/decoder.js';
 import { loadModel } from '../model/load.js';
 import { TensorSource } from '../io/checkpoint.js';

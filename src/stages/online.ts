@@ -3,7 +3,7 @@ import * as path from 'node:path';
 import { createHash } from 'node:crypto';
 import { DB, openDb, tx } from '../store/db.js';
 import { ensureRun, ensureStage, getMetrics, logEvent, putMetrics, setStage } from '../store/run.js';
-import { Policy, needTokenizer, openPolicy, stopIdsOf } from '../commands/context.js';
+import { Policy, needTokenizer, openPolicy, stopIdsOf } from '../model/policy.js';
 import { DEFAULT_LORA, LoraAdapter, LoraConfig, attach, withAdapterOff } from '../lora/lora.js';
 import { DEFAULT_DPO, DpoParams } from '../dpo/loss.js';
 import { PrefPair } from '../data/prefs.js';

@@ -1,12 +1,10 @@
-import * as fs from 'node:fs';
-import * as path from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { DEFAULT_TRAIN, TrainConfig, Trainer, TrainResult } from '../train/trainer.js';
 import { paramsCheckpoint } from '../train/params-io.js';
 import { LoraAdapter, LoraConfig, attach, mergeInto } from '../lora/lora.js';
 import { PrefPair, loadPrefs } from '../data/prefs.js';
 import { SeqBatch, makeBatch, promptCompletionRow } from '../infer/batch.js';
-import { openPolicy } from '../commands/context.js';
+import { openPolicy } from '../model/policy.js';
 import { Decoder } from '../model/decoder.js';
 import { logSigmoid } from '../dpo/loss.js';
 import { rewardModelFrom, rewards } from '../../rm/bt.js';

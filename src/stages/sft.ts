@@ -7,7 +7,7 @@ import { SchedulerName } from '../train/schedule.js';
 import { Conversation, loadConversations, packRows, tokenizeConversation, truncateRow } from '../data/conversations.js';
 import type { TextTokenizer } from '../tokenizer/tokenizer.js';
 import { SeqBatch, TokenRow, makeBatch, tokenLogps } from '../infer/batch.js';
-import { openPolicy, needTokenizer } from '../commands/context.js';
+import { openPolicy, needTokenizer } from '../model/policy.js';
 import { saveModel } from '../model/load.js';
 import { Decoder } from '../model/decoder.js';
 import { Rng } from '../util/rng.js';

@@ -10,9 +10,6 @@ export function setLogMode(opts: { json?: boolean; quiet?: boolean }): void {
   quiet = !!opts.quiet;
 }
 
-export function isJson(): boolean {
-  return jsonMode;
-}
 
 export function log(event: string, fields: Record<string, unknown> = {}, message?: string): void {
   if (quiet) return;

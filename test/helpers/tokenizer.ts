@@ -3,7 +3,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { trainBpe } from '../../src/tokenizer/bpe.js';
 import { TextTokenizer } from '../../src/tokenizer/tokenizer.js';
-import { SPECIAL_TOKENS, writeTokenizerFiles } from '../../src/commands/model.js';
+import { SPECIAL_TOKENS, writeTokenizerFiles } from '../../src/tokenizer/files.js';
 
 /** A small byte-level tokenizer written to a temp dir (deterministic). */
 export function smallTokenizer(texts: string[] = ['What is 1 plus 2? The answer is 3.', '你好，世界。答案是 3。'], vocab = 320) {

@@ -1,6 +1,7 @@
 import * as path from 'node:path';
-import { Decoder } from '../model/decoder.js';
-import { loadModel } from '../model/load.js';
+import { Decoder } from './decoder.js';
+import { loadModel } from './load.js';
+import { LoraAdapter, attach } from '../lora/lora.js';
 import { TextTokenizer } from '../tokenizer/tokenizer.js';
 import { readGenerationConfig } from '../io/checkpoint.js';
 import { UserError } from '../util/errors.js';
@@ -17,14 +18,6 @@ export interface Policy {
   padId: number;
 }
 
-export type AdapterLoader = (model: Decoder, dir: string) => void;
-let adapterLoader: AdapterLoader | null = null;
-
-/** LoRA registers itself here, so that model loading does not depend on training code. */
-export function registerAdapterLoader(f: AdapterLoader): void {
-  adapterLoader = f;
-}
-
 export function openPolicy(dir: string, opts: { adapter?: string; trainable?: boolean } = {}): Policy {
   const model = loadModel(dir, { trainable: opts.trainable });
   const tok = TextTokenizer.exists(dir) ? TextTokenizer.load(dir) : null;
@@ -32,8 +25,12 @@ export function openPolicy(dir: string, opts: { adapter?: string; trainable?: bo
     throw new UserError(`${path.join(dir, 'tokenizer.json')}: tokenizer has ${tok.vocabSize} ids but config.json vocab_size is ${model.cfg.vocab_size}`);
   }
   if (opts.adapter) {
-    if (!adapterLoader) throw new Error('no adapter loader registered');
-    adapterLoader(model, opts.adapter);
+    try {
+      attach(model, LoraAdapter.load(model, opts.adapter));
+    } catch (e) {
+      model.dispose();
+      throw e;
+    }
   }
   const gen = readGenerationConfig(dir) ?? {};
   const padId = model.cfg.pad_token_id ?? (tok?.id('<pad>') ?? 0);
