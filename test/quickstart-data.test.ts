@@ -6,7 +6,7 @@ import { DEFAULT_MAKE_DATA, makeData } from '../src/quickstart/make-data.js';
 import { TextTokenizer } from '../src/tokenizer/tokenizer.js';
 
 describe('embedded default data', () => {
-  it('is deterministic, keeps evaluation questions out of training (their other-language twins in), and matches the shipped data/quickstart', async () => {
+  it('is deterministic, keeps evaluation questions out of training (two-number ones keep their other-language twins in), and matches the shipped data/quickstart', async () => {
     const d = fs.mkdtempSync(path.join(os.tmpdir(), 'prefopt-data-'));
     await makeData({ ...DEFAULT_MAKE_DATA, out: path.join(d, 'a') });
     await makeData({ ...DEFAULT_MAKE_DATA, out: path.join(d, 'b') });
