@@ -60,11 +60,10 @@ export interface TokenizedRow {
   pieces: Piece[];
 }
 
-export function tokenizeRows(o: TokenizeOptions): { kind: DataKind; rows: TokenizedRow[]; skipped: number } {
+export function tokenizeRows(o: TokenizeOptions, tok: TextTokenizer): { kind: DataKind; rows: TokenizedRow[]; skipped: number } {
   const cfgFile = path.join(o.model, 'config.json');
   if (!fs.existsSync(cfgFile)) throw new UserError(`${o.model}: no config.json`);
   const cfg = parseConfig(readJson(cfgFile), cfgFile);
-  const tok = TextTokenizer.load(o.model);
   const kind = o.kind ?? detectKind(o.data);
   if (!DATA_KINDS.includes(kind)) throw new UserError(`--kind must be one of ${DATA_KINDS.join(', ')}, found "${kind}"`);
   if (kind === 'sft') {
@@ -129,18 +128,12 @@ export function previewRow(tok: TextTokenizer, r: TokenizedRow, color: boolean):
 }
 
 export function tokenizeCmd(o: TokenizeOptions): void {
-  const { kind, rows, skipped } = tokenizeRows(o);
+  const tok = TextTokenizer.load(o.model);
+  const { kind, rows, skipped } = tokenizeRows(o, tok);
   const preview = o.preview ?? (!o.out && !!process.stdout.isTTY);
-  if (preview) {
-    const tok = TextTokenizer.load(o.model);
-    const color = o.color ?? !!process.stdout.isTTY;
-    const text = rows.map((r) => previewRow(tok, r, color)).join('\n');
-    if (o.out) writeFileAtomic(o.out, text);
-    else process.stdout.write(text);
-  } else {
-    const text = toJsonl(rows.map((r) => r.json));
-    if (o.out) writeFileAtomic(o.out, text);
-    else process.stdout.write(text);
-  }
+  const color = o.color ?? !!process.stdout.isTTY;
+  const text = preview ? rows.map((r) => previewRow(tok, r, color)).join('\n') : toJsonl(rows.map((r) => r.json));
+  if (o.out) writeFileAtomic(o.out, text);
+  else process.stdout.write(text);
   log('tokenize', { kind, rows: rows.length, skipped, out: o.out ?? 'stdout' });
 }

@@ -20,32 +20,25 @@ export interface TemplateRow {
 }
 
 export interface ChatRenderer {
-  /** render(messages, add_generation_prompt). */
-  render(messages: Message[], addGenerationPrompt: boolean): string;
+  /**
+   * render(messages, add_generation_prompt); without the flag, never ending with a generation
+   * prompt the template appends to every render (TextTokenizer.applyChat cuts it).
+   */
+  applyChat(messages: Message[], addGenerationPrompt: boolean): string;
   /** The whole conversation with its `{% generation %}` spans, or null when the template has none. */
   renderGeneration(messages: Message[]): { text: string; spans: [number, number][] } | null;
-  /**
-   * The generation prompt a template appends to every render, add_generation_prompt or not
-   * (Llama 3 base's); '' for templates that honour the flag.
-   */
-  danglingPrompt(): string;
 }
 
 /** The trained character spans of a conversation, by the prefix rule (or generation blocks). */
 export function trainedSpans(r: ChatRenderer, messages: Message[], where: string): { text: string; spans: [number, number][] } {
   const gen = r.renderGeneration(messages);
   if (gen) return gen;
-  // A template that always appends the assistant header would have every turn train the next
-  // turn's header; the header is the generation prompt, not part of the turn, so it is cut.
-  const dangling = r.danglingPrompt();
   const render = (n: number, addGen: boolean, what: string) => {
-    let s: string;
     try {
-      s = r.render(messages.slice(0, n), addGen);
+      return r.applyChat(messages.slice(0, n), addGen);
     } catch (e: any) {
       throw new UserError(`${where}: the chat template fails to render ${what}: ${e.message}`);
     }
-    return !addGen && dangling && s.endsWith(dangling) ? s.slice(0, -dangling.length) : s;
   };
   const text = render(messages.length, false, 'the conversation');
   const spans: [number, number][] = [];
@@ -88,10 +81,9 @@ function excerpt(a: string, b: string): string {
  * span takes that token, as transformers' assistant masks do: every token holding any of the
  * span's characters is trained.
  */
-export function labelSpans(encode: (s: string) => number[], text: string, spans: [number, number][]): { ids: number[]; weights: number[]; straddled: number } {
+export function labelSpans(encode: (s: string) => number[], text: string, spans: [number, number][]): { ids: number[]; weights: number[] } {
   const ids = encode(text);
   const weights = new Array<number>(ids.length).fill(0);
-  let straddled = 0;
   /** [index of the first token holding character c, whether a token straddles c]. */
   const boundary = (c: number): [number, boolean] => {
     if (c === 0) return [0, false];
@@ -102,12 +94,11 @@ export function labelSpans(encode: (s: string) => number[], text: string, spans:
     return [k, k < head.length];
   };
   for (const [a, b] of spans) {
-    const [from, cutA] = boundary(a);
+    const [from] = boundary(a);
     const [to, cutB] = boundary(b);
-    straddled += +cutA + +cutB;
     for (let t = from; t < to + +cutB; t++) weights[t] = 1;
   }
-  return { ids, weights, straddled };
+  return { ids, weights };
 }
 
 export function templateRow(tok: TextTokenizer, messages: Message[], where: string): TemplateRow {

@@ -28,11 +28,7 @@ export function promptText(tok: TextTokenizer, prompt: PromptLike, where: string
 export function completionText(tok: TextTokenizer, prompt: PromptLike, completion: unknown, where: string, field: string): string {
   if (typeof completion === 'string') return completion;
   if (isMessages(completion) && Array.isArray(prompt)) {
-    // A template that appends the generation prompt to every render (Llama 3 base's) would put
-    // the next turn's header into the completion (data/chat-labels).
-    let full = tok.applyChat([...prompt, ...completion], false);
-    const dangling = tok.danglingPrompt();
-    if (dangling && full.endsWith(dangling)) full = full.slice(0, -dangling.length);
+    const full = tok.applyChat([...prompt, ...completion], false);
     const head = tok.applyChat(prompt, true);
     if (!full.startsWith(head)) throw new UserError(`${where}: chat template output for "${field}" does not extend the prompt's`);
     return full.slice(head.length);

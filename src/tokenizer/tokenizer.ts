@@ -81,24 +81,28 @@ export class TextTokenizer implements ChatRenderer {
     return typeof tpl !== 'string' || tpl === ZHINAO_CHAT_TEMPLATE;
   }
 
-  /** Chat text for `messages`, ending with the assistant header when asked. */
+  /**
+   * Chat text for `messages`, ending with the assistant header when asked, and without it when
+   * not: a template that appends the generation prompt to every render (Llama 3 base's) would
+   * otherwise end each finished conversation with the next turn's header, which SFT labels and
+   * pair completions would then train.
+   */
   applyChat(messages: Message[], addGenerationPrompt: boolean): string {
-    return this.render(messages, addGenerationPrompt);
+    const s = this.renderRaw(messages, addGenerationPrompt);
+    const dangling = addGenerationPrompt ? '' : this.danglingPrompt();
+    return dangling && s.endsWith(dangling) ? s.slice(0, -dangling.length) : s;
   }
 
-  render(messages: Message[], addGenerationPrompt: boolean): string {
-    for (const [i, m] of messages.entries()) {
-      if (!m || typeof m.content !== 'string' || !ROLES.has(m.role)) {
-        throw new UserError(`message ${i}: expected {"role": system|user|assistant, "content": string}, found ${JSON.stringify(m)?.slice(0, 80)}`);
-      }
-    }
+  /** The template's own output, as transformers renders it. */
+  private renderRaw(messages: Message[], addGenerationPrompt: boolean): string {
+    checkMessages(messages);
     if (!this.template) return formatChat(messages, addGenerationPrompt);
     return this.template.render(this.context(messages, addGenerationPrompt));
   }
 
   renderGeneration(messages: Message[]): { text: string; spans: [number, number][] } | null {
     if (!this.generationTemplate) return null;
-    this.render(messages, false); // the same checks
+    checkMessages(messages);
     if (messages.some((m) => m.content.includes(GEN_START) || m.content.includes(GEN_END))) {
       throw new UserError('a message holds the control characters U+0002/U+0003, which mark generation blocks');
     }
@@ -136,7 +140,7 @@ export class TextTokenizer implements ChatRenderer {
     const probe = 'prefopt-probe-7f3a';
     let found: { id: number; after: string } | null = null;
     try {
-      const text = this.render([{ role: 'user', content: 'x' }, { role: 'assistant', content: probe }], false);
+      const text = this.renderRaw([{ role: 'user', content: 'x' }, { role: 'assistant', content: probe }], false);
       const at = text.lastIndexOf(probe);
       const tail = at < 0 ? '' : text.slice(at + probe.length);
       const ids = this.encode(tail);
@@ -157,17 +161,27 @@ export class TextTokenizer implements ChatRenderer {
     return e ? [e.id] : [];
   }
 
-  danglingPrompt(): string {
+  /**
+   * The generation prompt the template appends to every render, add_generation_prompt or not:
+   * what follows the end-of-turn token when a render without the flag equals one with it. ''
+   * for templates that honour the flag.
+   */
+  private danglingPrompt(): string {
+    if (this.danglingCache !== undefined) return this.danglingCache;
     const e = this.turnEnd();
-    if (!e || !e.after) return '';
-    try {
-      const user = [{ role: 'user', content: 'x' }];
-      const withGen = this.render(user, true);
-      return withGen === this.render(user, false) && withGen.endsWith(e.after) ? e.after : '';
-    } catch {
-      return '';
+    let found = '';
+    if (e?.after) {
+      try {
+        const user = [{ role: 'user', content: 'x' }];
+        const withGen = this.renderRaw(user, true);
+        if (withGen === this.renderRaw(user, false) && withGen.endsWith(e.after)) found = e.after;
+      } catch {
+        found = '';
+      }
     }
+    return (this.danglingCache = found);
   }
+  private danglingCache: string | undefined;
 
   /** Ids that end generation: the format's stop tokens, the tokenizer's eos and the template's end of turn. */
   stopIds(): number[] {
@@ -178,6 +192,14 @@ export class TextTokenizer implements ChatRenderer {
     }
     for (const id of this.endOfTurnIds()) out.add(id);
     return [...out];
+  }
+}
+
+function checkMessages(messages: Message[]): void {
+  for (const [i, m] of messages.entries()) {
+    if (!m || typeof m.content !== 'string' || !ROLES.has(m.role)) {
+      throw new UserError(`message ${i}: expected {"role": system|user|assistant, "content": string}, found ${JSON.stringify(m)?.slice(0, 80)}`);
+    }
   }
 }
 
