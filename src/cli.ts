@@ -18,11 +18,12 @@ import { exportPairsCmd, onlineCmd, statusCmd } from './commands/online.js';
 import { DEFAULT_ONLINE } from './stages/online.js';
 import { DEFAULT_MAKE_DATA, makeData } from './quickstart/make-data.js';
 import { KINDS } from './quickstart/task.js';
+import { ARCHS } from './model/config.js';
 import { chatCmd, serveCmd } from './commands/serve.js';
 import { writeReport } from './report/report.js';
 import { mergeLora, parseMergeConfig, runMerge } from './merge/merge.js';
 import { loadRecipe } from './recipe/recipe.js';
-import { tokenizeCmd } from './commands/tokenize.js';
+import { DATA_KINDS, tokenizeCmd } from './commands/tokenize.js';
 import { RecipeRunner, formatTable } from './recipe/run.js';
 
 
@@ -117,7 +118,7 @@ export function buildProgram(): Command {
   program
     .command('init-model')
     .description('create a randomly initialised checkpoint')
-    .requiredOption('--arch <arch>', 'llama, qwen2, qwen3 or zhinao')
+    .requiredOption('--arch <arch>', ARCHS.join(', '))
     .option('--preset <name>', 'tiny, 5m or zhinao2-7b')
     .option('--config <file>', 'JSON with hidden_size, intermediate_size, num_hidden_layers, … instead of a preset')
     .requiredOption('--tokenizer <dir>', 'directory with tokenizer.json')
@@ -336,7 +337,7 @@ export function buildProgram(): Command {
     .description('the token ids training will see: SFT {"input_ids","labels"} (-100 = not trained), pair and prompt ids; a marked preview on a terminal')
     .requiredOption('--model <dir>', 'checkpoint directory (only its tokenizer files and config.json are read)')
     .requiredOption('--data <file>', 'conversations, preference pairs or prompts (JSON or JSONL)')
-    .addOption(new Option('--kind <kind>', 'what the rows are (default: from the first row\'s fields)').choices(['sft', 'pairs', 'prompts']))
+    .addOption(new Option('--kind <kind>', 'what the rows are (default: from the first row\'s fields)').choices(DATA_KINDS))
     .option('--out <file>', 'output file (default stdout)')
     .option('--max-len <n>', `SFT: tokens per row, as \`prefopt sft --max-len\` (default ${DEFAULT_SFT.maxLen})`, int)
     .option('--is-concat', 'SFT: pack conversations as `prefopt sft --is-concat` does')

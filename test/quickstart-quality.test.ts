@@ -38,7 +38,14 @@ describe('the embedded default', () => {
     const table = JSON.parse(fs.readFileSync(path.join(d, 'run', 'eval', 'results.json'), 'utf8')).table as { model: string; accuracy: number }[];
     const acc = Object.fromEntries(table.map((t) => [t.model, t.accuracy]));
     const stages = readStatus(path.join(d, 'run')).runs[0].stages;
-    const reward = stages.find((s: any) => s.kind === 'online_dpo').rounds.map((x: any) => x.metrics['reward/mean']);
+    const rounds = stages.find((s: any) => s.kind === 'online_dpo').rounds;
+    const reward = rounds.map((x: any) => x.metrics['reward/mean']);
+    // The reward model audits every pair the rule selected.
+    for (const x of rounds) {
+      expect(x.metrics['audit/pairs']).toBe(x.metrics.pairs);
+      expect(x.metrics['audit/pair_agreement']).toBeGreaterThanOrEqual(0);
+      expect(x.metrics['audit/pair_agreement']).toBeLessThanOrEqual(1);
+    }
     const rmEval = stages.find((s: any) => s.kind === 'rm_train').metrics['eval/accuracy'];
     console.log(`quickstart quality: sft-base ${acc['sft-base']}, round-2 ${acc['round-2']}; sample reward per round ${reward.map((x: number) => x.toFixed(3)).join(' → ')}; reward model held-out accuracy ${rmEval}`);
     expect(acc['sft-base']).toBeLessThanOrEqual(0.65);

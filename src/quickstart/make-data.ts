@@ -6,7 +6,7 @@ import { formatChat } from '../tokenizer/chat.js';
 import { SPECIAL_TOKENS, writeTokenizerFiles } from '../tokenizer/files.js';
 import { writeDirAtomic } from '../util/fsutil.js';
 import { toJsonl } from '../data/jsonl.js';
-import { Kind, Question, formatAnswer, makeQuestion, rejectedAnswer, twin, wrongValue } from './task.js';
+import { KINDS, Kind, Question, formatAnswer, makeQuestion, rejectedAnswer, twin, wrongValue } from './task.js';
 import { PRESETS } from '../model/config.js';
 import { UserError } from '../util/errors.js';
 
@@ -64,6 +64,11 @@ export const DEFAULT_MAKE_DATA: Omit<MakeDataOptions, 'out'> = {
 };
 
 export async function makeData(o: MakeDataOptions): Promise<Record<string, number>> {
+  const lists: [string, Kind[] | undefined][] = [['kinds', o.kinds], ['pref-kinds', o.prefKinds], ['careless', o.careless], ['sft-only', o.sftOnly]];
+  for (const [name, list] of lists) {
+    const bad = (list ?? []).find((k) => !KINDS.includes(k));
+    if (bad !== undefined) throw new UserError(`make-data: ${name}: unknown question kind "${bad}" (expected ${KINDS.join(', ')})`);
+  }
   const rng = new Rng(o.seed, 'quickstart');
   // A question from `draw` whose text is not yet in `taken`, which it joins.
   const distinct = (draw: () => Question, taken: Set<string>, what: string): Question => {

@@ -75,6 +75,11 @@ export class RecipeRunner {
     return path.join(this.workdir, name);
   }
 
+  /** A scorer spec with a `model:` reference resolved to its checkpoint directory. */
+  scorerSpec(spec: string): string {
+    return spec.replace(/^model:(.+)$/, (_: string, p: string) => `model:${this.resolve(p)}`);
+  }
+
   /** Resolve "stage.output", "stage.round-N" or a path. */
   resolve(v: string): string {
     const refs = refsIn(v);
@@ -246,8 +251,7 @@ export class RecipeRunner {
       }
       case 'online_dpo': {
         const m = this.modelSpec(st.model);
-        const modelRef = (spec: string) => spec.replace(/^model:(.+)$/, (_: string, p: string) => `model:${this.resolve(p)}`);
-        const scorer = modelRef(st.scorer);
+        const scorer = this.scorerSpec(st.scorer);
         const sampler =
           st.sampler?.type === 'openai'
             ? { type: 'openai' as const, baseUrl: st.sampler.base_url, model: st.sampler.model ?? 'policy', concurrency: st.sampler.concurrency ?? 8, timeoutMs: st.sampler.timeout_ms ?? 120_000, retries: 3 }
@@ -261,7 +265,7 @@ export class RecipeRunner {
             prompts: this.file(st.prompts),
             evalPrompts: st.eval_prompts ? this.file(st.eval_prompts) : undefined,
             scorer,
-            auditScorer: st.audit_scorer ? modelRef(st.audit_scorer) : undefined,
+            auditScorer: st.audit_scorer ? this.scorerSpec(st.audit_scorer) : undefined,
             rounds: st.rounds ?? DEFAULT_ONLINE.rounds,
             samplesPerPrompt: st.samples_per_prompt ?? DEFAULT_ONLINE.samplesPerPrompt,
             promptsPerRound: st.prompts_per_round ?? DEFAULT_ONLINE.promptsPerRound,
@@ -302,7 +306,7 @@ export class RecipeRunner {
       }
       case 'eval': {
         const prompts = loadPrompts(this.file(st.prompts));
-        const scorer = st.scorer ? await makeScorer(st.scorer.replace(/^model:(.+)$/, (_: string, p: string) => `model:${this.resolve(p)}`), { baseDir: this.recipe.dir }) : null;
+        const scorer = st.scorer ? await makeScorer(this.scorerSpec(st.scorer), { baseDir: this.recipe.dir }) : null;
         const table: EvalRow[] = [];
         const samples: Record<string, unknown> = {};
         try {

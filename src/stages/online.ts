@@ -463,31 +463,32 @@ async function scoreRound(db: DB, roundId: number, sc: Scorer): Promise<void> {
 }
 
 /**
- * How the audit scorer sees the pairs the main scorer would select this round (max vs min
- * reward per prompt, over prompts whose rewards are not all equal): the fraction it orders the
- * same way, and the rank correlation of the two scorers over all samples.
+ * How the audit scorer sees the round's selected pairs: the fraction it orders as the main
+ * scorer did (chosen above rejected), and the rank correlation of the two scorers over all the
+ * round's samples.
  */
 function auditAgreement(db: DB, roundId: number, main: Scorer, audit: Scorer): Record<string, number | null> {
-  const rows = db
+  const pairs = db
     .prepare(
-      `SELECT s.prompt_id, a.reward AS m, b.reward AS x FROM samples s
+      `SELECT c.reward AS c, r.reward AS r FROM pairs p
+       JOIN scores c ON c.sample_id = p.chosen_sample_id AND c.scorer = ? AND c.scorer_version = ?
+       JOIN scores r ON r.sample_id = p.rejected_sample_id AND r.scorer = ? AND r.scorer_version = ?
+       WHERE p.round_id = ?`,
+    )
+    .all(audit.name, audit.version, audit.name, audit.version, roundId) as { c: number; r: number }[];
+  const both = db
+    .prepare(
+      `SELECT a.reward AS m, b.reward AS x FROM samples s
        JOIN scores a ON a.sample_id = s.id AND a.scorer = ? AND a.scorer_version = ?
        JOIN scores b ON b.sample_id = s.id AND b.scorer = ? AND b.scorer_version = ?
-       WHERE s.round_id = ? ORDER BY s.prompt_id, s.k`,
+       WHERE s.round_id = ?`,
     )
-    .all(main.name, main.version, audit.name, audit.version, roundId) as { prompt_id: number; m: number; x: number }[];
-  const byPrompt = new Map<number, { m: number; x: number }[]>();
-  for (const r of rows) byPrompt.set(r.prompt_id, [...(byPrompt.get(r.prompt_id) ?? []), r]);
-  let agree = 0;
-  let pairs = 0;
-  for (const g of byPrompt.values()) {
-    const hi = g.reduce((a, b) => (b.m > a.m ? b : a));
-    const lo = g.reduce((a, b) => (b.m < a.m ? b : a));
-    if (hi.m === lo.m) continue;
-    pairs++;
-    if (hi.x > lo.x) agree++;
-  }
-  return { 'audit/pair_agreement': pairs ? agree / pairs : null, 'audit/pairs': pairs, 'audit/spearman': spearman(rows.map((r) => r.m), rows.map((r) => r.x)) };
+    .all(main.name, main.version, audit.name, audit.version, roundId) as { m: number; x: number }[];
+  return {
+    'audit/pair_agreement': pairs.length ? pairs.filter((p) => p.c > p.r).length / pairs.length : null,
+    'audit/pairs': pairs.length,
+    'audit/spearman': spearman(both.map((r) => r.m), both.map((r) => r.x)),
+  };
 }
 
 /** Spearman's rank correlation (average ranks for ties); null when either side is constant. */
