@@ -1,5 +1,5 @@
 import { Command } from 'commander';
-import { DEFAULT_TRAIN, TrainConfig } from '../train/trainer.js';
+import { CHECKPOINT_MODES, DEFAULT_TRAIN, TrainConfig } from '../train/trainer.js';
 import { SCHEDULERS, SchedulerName } from '../train/schedule.js';
 import { UserError } from '../util/errors.js';
 
@@ -35,6 +35,7 @@ export function addTrainOptions(cmd: Command): Command {
     .option('--eval-steps <n>', 'evaluate every n steps (0 = at the end)', num)
     .option('--seed <n>', 'seed', num)
     .option('--detect-anomaly', 'check every gradient and weight each step; name the first NaN/Inf tensor')
+    .option('--gradient-checkpointing <mode>', `${CHECKPOINT_MODES.join(' | ')}: recompute each layer in the backward pass instead of keeping its activations (auto: on from 100M parameters)`)
     .option('--resume', 'continue from the newest checkpoint in --out');
 }
 
@@ -43,7 +44,7 @@ export const TRAIN_FIELDS: [keyof TrainConfig, string][] = [
   ['lr', 'lr'], ['epochs', 'epochs'], ['maxSteps', 'max_steps'], ['gradAccum', 'grad_accum'], ['warmupRatio', 'warmup_ratio'],
   ['scheduler', 'lr_scheduler'], ['weightDecay', 'weight_decay'], ['beta1', 'adam_beta1'], ['beta2', 'adam_beta2'], ['eps', 'adam_eps'],
   ['maxGradNorm', 'max_grad_norm'], ['loggingSteps', 'logging_steps'], ['saveSteps', 'save_steps'], ['saveTotalLimit', 'save_total_limit'],
-  ['evalSteps', 'eval_steps'], ['seed', 'seed'], ['detectAnomaly', 'detect_anomaly'],
+  ['evalSteps', 'eval_steps'], ['seed', 'seed'], ['detectAnomaly', 'detect_anomaly'], ['gradientCheckpointing', 'gradient_checkpointing'],
 ];
 
 /** A recipe field's CLI option name as commander stores it: rpo_alpha → rpoAlpha. */
@@ -83,6 +84,7 @@ export function validateTrainConfig(c: TrainConfig, where = ''): TrainConfig {
   }
   if (c.loggingSteps === 0) c.loggingSteps = 1;
   if (!Number.isInteger(c.seed)) bad('seed', 'an integer', c.seed);
+  if (!(CHECKPOINT_MODES as readonly string[]).includes(c.gradientCheckpointing)) bad('gradient_checkpointing', CHECKPOINT_MODES.join(' | '), c.gradientCheckpointing);
   return c;
 }
 

@@ -1,6 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { Decoder, ForwardBatch } from '../model/decoder.js';
-import { embed, labelLogProbs } from '../engine/ops.js';
+import { embed } from '../engine/ops.js';
 
 /**
  * Right-padded token batches and the per-token log-probabilities every stage scores with:
@@ -61,7 +61,7 @@ export function tokenLogps(model: Decoder, sb: SeqBatch): tf.Tensor2D {
   const scored: number[] = [];
   for (let i = 0; i < B * T; i++) if (w[i] !== 0) scored.push(i);
   if (scored.length === 0 || scored.length === B * T) {
-    const lp = labelLogProbs(model.logits(h), tf.tensor1d(labels, 'int32'));
+    const lp = model.labelLogps(h, labels);
     return tf.reshape(tf.mul(lp, tf.tensor1d(w)), [B, T]) as tf.Tensor2D;
   }
   // Only positions with a weight go through the LM head and the log-softmax over the vocabulary,
@@ -71,7 +71,7 @@ export function tokenLogps(model: Decoder, sb: SeqBatch): tf.Tensor2D {
   // the same way, from a table whose last row is 0 for the unscored positions.
   const S = scored.length;
   const rows = tf.tensor1d(scored, 'int32');
-  const lp = labelLogProbs(model.logits(embed(h, rows) as tf.Tensor2D), tf.tensor1d(scored.map((i) => labels[i]), 'int32'));
+  const lp = model.labelLogps(embed(h, rows) as tf.Tensor2D, Int32Array.from(scored, (i) => labels[i]));
   const weighted = tf.reshape(tf.mul(lp, tf.tensor1d(scored.map((i) => w[i]))), [S, 1]) as tf.Tensor2D;
   const slot = new Int32Array(B * T).fill(S);
   scored.forEach((p, k) => (slot[p] = k));

@@ -7,6 +7,7 @@ import { SafetensorsFile, readHeader, readTensor, writeSafetensors } from '../io
 import { readJson, writeDirAtomic } from '../util/fsutil.js';
 import { UserError } from '../util/errors.js';
 import { Rng } from '../util/rng.js';
+import { RngHooks } from '../engine/checkpoint.js';
 
 /**
  * LoRA (docs/REFERENCE.md §7): y = W·x + s·B·A·dropout(x), s = alpha/r (rsLoRA: alpha/√r), A [r, in]
@@ -36,7 +37,7 @@ export class LoraAdapter implements LinearAdapter {
   /** module → [A^T (in×r), B^T (r×out)] */
   readonly weights = new Map<string, { a: tf.Variable; b: tf.Variable }>();
   training = false;
-  private rng: Rng | null = null;
+  private stream: Rng | null = null;
   baseModelName = '';
 
   constructor(readonly cfg: LoraConfig) {}
@@ -88,13 +89,25 @@ export class LoraAdapter implements LinearAdapter {
   /** Dropout draws come from this stream while training (seeded per micro-batch by the trainer). */
   setTraining(training: boolean, rng: Rng | null = null): void {
     this.training = training;
-    this.rng = rng;
+    this.stream = rng;
+  }
+
+  /** The dropout stream's state, for a checkpointed layer to draw the same masks again. */
+  readonly rng: RngHooks = {
+    save: () => this.stream?.state() ?? null,
+    restore: (s) => {
+      if (this.stream && s) this.stream.setState(s as number[]);
+    },
+  };
+
+  variables(prefix: string): tf.Variable[] {
+    return [...this.weights].filter(([m]) => m.startsWith(prefix)).flatMap(([, w]) => [w.a, w.b]);
   }
 
   linear(module: string, x: tf.Tensor, w: tf.Tensor, bias: tf.Tensor | null): tf.Tensor {
     const lw = this.weights.get(module)!;
     return onRows(x, (x2) => {
-      const dropped = this.training && this.cfg.dropout > 0 && this.rng ? (tf.dropout(x2, this.cfg.dropout, undefined, this.rng.nextU32()) as tf.Tensor2D) : null;
+      const dropped = this.training && this.cfg.dropout > 0 && this.stream ? (tf.dropout(x2, this.cfg.dropout, undefined, this.stream.nextU32()) as tf.Tensor2D) : null;
       return loraLinear(x2, w as tf.Tensor2D, bias, lw.a as unknown as tf.Tensor2D, lw.b as unknown as tf.Tensor2D, this.scale, dropped);
     });
   }

@@ -2,8 +2,9 @@ import * as tf from '@tensorflow/tfjs-core';
 import { ModelConfig, expectedShapes, isLinearWeight } from './config.js';
 import { attentionMask } from './mask.js';
 import { ropeTables } from './rope.js';
-import { addRmsNorm, attention, embed, linear, mm, mmTransB, rmsNorm, rope, splitQkv, swiglu } from '../engine/ops.js';
+import { addRmsNorm, attention, embed, labelLogProbs, linear, mm, mmTransB, rmsNorm, rope, splitQkv, swiglu } from '../engine/ops.js';
 import { Rng } from '../util/rng.js';
+import { RngHooks, checkpoint } from '../engine/checkpoint.js';
 
 /**
  * A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, 360Zhinao) in one file, after nanoGPT's model.py.
@@ -16,6 +17,10 @@ import { Rng } from '../util/rng.js';
 export interface LinearAdapter {
   targets(module: string): boolean;
   linear(module: string, x: tf.Tensor, w: tf.Tensor, bias: tf.Tensor | null): tf.Tensor;
+  /** The trainable tensors of the modules whose names start with `prefix`. */
+  variables(prefix: string): tf.Variable[];
+  /** Its random stream (dropout), for a checkpointed layer to replay. */
+  rng?: RngHooks;
 }
 
 /** Per-layer key/value tensors [B, Tc, KV, hd], kept across decode steps. */
@@ -72,9 +77,19 @@ export interface ForwardBatch {
   segments?: ArrayLike<number>;
 }
 
+/** Logits computed at once at most (128 MiB: 220 rows of a 152K vocabulary). */
+export const HEAD_CHUNK_BYTES = 128 * 2 ** 20;
+
 export class Decoder {
   adapter: LinearAdapter | null = null;
   adapterEnabled = true;
+  /**
+   * Recompute each decoder layer in the backward pass instead of keeping its activations
+   * (engine/checkpoint): only the residual stream between layers stays alive while training.
+   */
+  checkpointLayers = false;
+  /** Bytes of float32 logits the LM head computes at once (labelLogps). */
+  headChunkBytes = HEAD_CHUNK_BYTES;
 
   constructor(
     readonly cfg: ModelConfig,
@@ -154,17 +169,43 @@ export class Decoder {
     let x = embed(this.p('model.embed_tokens.weight') as tf.Tensor2D, ids) as tf.Tensor;
     const L = cfg.num_hidden_layers;
     const eps = cfg.rms_norm_eps;
-    // Each residual add is fused with the norm that reads its sum, but for the last one (the
-    // final norm's input has no other reader).
-    let h = L > 0 ? rmsNorm(x, this.p('model.layers.0.input_layernorm.weight'), eps) : x;
-    for (let l = 0; l < L; l++) {
-      const p = `model.layers.${l}`;
-      const [x2, h2] = addRmsNorm(x, this.attention(l, h as tf.Tensor2D, B, T, cosT, sinT, mask, cache), this.p(`${p}.post_attention_layernorm.weight`), eps);
-      const mlp = this.lin(`${p}.mlp.down_proj`, swiglu(this.lin(`${p}.mlp.gate_proj`, h2), this.lin(`${p}.mlp.up_proj`, h2)));
-      if (l + 1 < L) [x, h] = addRmsNorm(x2, mlp, this.p(`model.layers.${l + 1}.input_layernorm.weight`), eps);
-      else x = tf.add(x2, mlp);
+    if (this.checkpointLayers && !cache && L > 0) {
+      // Each layer is one unit from its residual input to its residual output.
+      for (let l = 0; l < L; l++) {
+        const unit = (xl: tf.Tensor, c: tf.Tensor, s: tf.Tensor, m: tf.Tensor) => {
+          const { x2, mlp } = this.block(l, xl, rmsNorm(xl, this.p(`model.layers.${l}.input_layernorm.weight`), eps), B, T, c, s, m as tf.Tensor4D);
+          return tf.add(x2, mlp);
+        };
+        x = checkpoint(unit, x, this.trainables(`model.layers.${l}.`), [cosT, sinT, mask], this.adapterEnabled ? this.adapter?.rng : undefined);
+      }
+    } else {
+      // Each residual add is fused with the norm that reads its sum, but for the last one (the
+      // final norm's input has no other reader).
+      let h = L > 0 ? rmsNorm(x, this.p('model.layers.0.input_layernorm.weight'), eps) : x;
+      for (let l = 0; l < L; l++) {
+        const { x2, mlp } = this.block(l, x, h, B, T, cosT, sinT, mask, cache);
+        if (l + 1 < L) [x, h] = addRmsNorm(x2, mlp, this.p(`model.layers.${l + 1}.input_layernorm.weight`), eps);
+        else x = tf.add(x2, mlp);
+      }
     }
     return tf.reshape(rmsNorm(x, this.p('model.norm.weight'), eps), [B, T, cfg.hidden_size]) as tf.Tensor3D;
+  }
+
+  /**
+   * Layer l on the residual stream x [B·T, D] and its normalized form h: x2 = x + attention(h)
+   * and the MLP's output on norm(x2); the layer's output is x2 + mlp.
+   */
+  private block(l: number, x: tf.Tensor, h: tf.Tensor, B: number, T: number, cos: tf.Tensor, sin: tf.Tensor, mask: tf.Tensor4D, cache?: KVCache): { x2: tf.Tensor; mlp: tf.Tensor } {
+    const p = `model.layers.${l}`;
+    const [x2, h2] = addRmsNorm(x, this.attention(l, h as tf.Tensor2D, B, T, cos, sin, mask, cache), this.p(`${p}.post_attention_layernorm.weight`), this.cfg.rms_norm_eps);
+    const mlp = this.lin(`${p}.mlp.down_proj`, swiglu(this.lin(`${p}.mlp.gate_proj`, h2), this.lin(`${p}.mlp.up_proj`, h2)));
+    return { x2, mlp };
+  }
+
+  /** The tensors under `prefix` that training updates: trainable weights, and the adapter's while it is on. */
+  trainables(prefix: string): tf.Variable[] {
+    const own = [...this.params].filter(([n, v]) => n.startsWith(prefix) && v.trainable).map(([, v]) => v);
+    return this.adapter && this.adapterEnabled ? [...own, ...this.adapter.variables(prefix)] : own;
   }
 
   /** Self-attention of layer l over h [B·T, D]; → [B·T, D]. */
@@ -213,6 +254,30 @@ export class Decoder {
   logits(h: tf.Tensor2D): tf.Tensor2D {
     if (this.cfg.tie_word_embeddings) return mmTransB(h, this.p('model.embed_tokens.weight') as tf.Tensor2D);
     return mm(h, this.p('lm_head.weight') as tf.Tensor2D);
+  }
+
+  /**
+   * log p(labels[i] | row i) for final hidden rows h [N, D]. Past headChunkRows() rows, the head
+   * and its log-softmax run in checkpointed chunks, so the [N, V] logits never exist whole,
+   * forward or backward (one chunk's logits and their gradient at a time).
+   */
+  labelLogps(h: tf.Tensor2D, labels: Int32Array): tf.Tensor1D {
+    const N = h.shape[0];
+    const R = this.headChunkRows();
+    if (N <= R) return labelLogProbs(this.logits(h), tf.tensor1d(labels, 'int32')) as tf.Tensor1D;
+    const head = this.trainables(this.cfg.tie_word_embeddings ? 'model.embed_tokens.' : 'lm_head.');
+    const parts: tf.Tensor[] = [];
+    for (let s = 0; s < N; s += R) {
+      const n = Math.min(R, N - s);
+      const y = tf.tensor1d(labels.subarray(s, s + n), 'int32');
+      parts.push(checkpoint((hc, yc) => labelLogProbs(this.logits(hc as tf.Tensor2D), yc as tf.Tensor1D), tf.slice(h, [s, 0], [n, -1]), head, [y]));
+    }
+    return tf.concat(parts) as tf.Tensor1D;
+  }
+
+  /** Rows per LM-head chunk: headChunkBytes of float32 logits. */
+  headChunkRows(): number {
+    return Math.max(1, Math.floor(this.headChunkBytes / (4 * this.cfg.vocab_size)));
   }
 
   /** The parameter in Hugging Face layout, on the host. */

@@ -5,6 +5,7 @@ import { Problem, Spec, bool, check, formatProblems, int, num, obj, str, strings
 import { readText } from '../data/jsonl.js';
 import { UserError } from '../util/errors.js';
 import { SCHEDULERS } from '../train/schedule.js';
+import { CHECKPOINT_MODES } from '../train/trainer.js';
 import { LOSS_TYPES } from '../dpo/loss.js';
 import { SELECTION_RULES } from '../online/select.js';
 import { MERGE_METHODS } from '../merge/methods.js';
@@ -34,6 +35,7 @@ const train: Record<string, Spec> = {
   eval_steps: int({ min: 0 }),
   seed: int(),
   detect_anomaly: bool,
+  gradient_checkpointing: str([...CHECKPOINT_MODES]),
 };
 const lora = obj({ r: int({ min: 1 }), alpha: num({ min: 0, exclusiveMin: true }), dropout: num({ min: 0, max: 0.99 }), targets: strings, use_rslora: bool });
 const dpoFields: Record<string, Spec> = {

@@ -185,6 +185,7 @@ export async function runDpo(c: DpoConfig): Promise<DpoResult> {
     trainer = new Trainer<DpoBatch>(
       {
         params,
+        model,
         trainBatches: batches,
         tokens: (b) => validTokens(b.sb),
         loss: (b, rng, training) => {

@@ -118,6 +118,7 @@ export async function runRmTrain(c: RmConfig): Promise<RmResult> {
   const trainer = new Trainer<RmBatch>(
     {
       params,
+      model,
       trainBatches: batches,
       tokens: (b) => validTokens(b.sb),
       loss: (b, rng, training) => {

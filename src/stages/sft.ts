@@ -115,6 +115,7 @@ export async function runSft(c: SftConfig): Promise<SftResult> {
   const trainer = new Trainer<SeqBatch>(
     {
       params: model.params,
+      model,
       trainBatches,
       evalBatches,
       tokens: (b) => validTokens(b),

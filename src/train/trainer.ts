@@ -7,6 +7,7 @@ import { SchedulerName, lrMultiplier, warmupSteps } from './schedule.js';
 import { writeSafetensors, readHeader, readTensor } from '../io/safetensors.js';
 import { readJson, removeDir, writeDirAtomic, writeFileAtomic } from '../util/fsutil.js';
 import { Rng } from '../util/rng.js';
+import type { Decoder } from '../model/decoder.js';
 import { UserError } from '../util/errors.js';
 import { Progress, log } from '../util/log.js';
 
@@ -38,6 +39,20 @@ export interface TrainConfig extends AdamWConfig {
    * one extra reduction per tensor.
    */
   detectAnomaly: boolean;
+  /** Recompute each decoder layer in the backward pass (engine/checkpoint); auto: on from CHECKPOINT_AUTO_PARAMS parameters. */
+  gradientCheckpointing: CheckpointMode;
+}
+
+export const CHECKPOINT_MODES = ['auto', 'on', 'off'] as const;
+export type CheckpointMode = (typeof CHECKPOINT_MODES)[number];
+/**
+ * Below this size a micro-batch's activations are small beside the weights and the recompute
+ * (about a third more compute) buys nothing; above it they dominate the peak (docs/REFERENCE.md §10).
+ */
+export const CHECKPOINT_AUTO_PARAMS = 100e6;
+
+export function checkpointingOn(mode: CheckpointMode, params: number): boolean {
+  return mode === 'on' || (mode === 'auto' && params >= CHECKPOINT_AUTO_PARAMS);
 }
 
 export const DEFAULT_TRAIN: TrainConfig = {
@@ -56,6 +71,7 @@ export const DEFAULT_TRAIN: TrainConfig = {
   seed: 0,
   shuffle: true,
   detectAnomaly: false,
+  gradientCheckpointing: 'auto',
 };
 
 /**
@@ -76,6 +92,8 @@ export interface LossOut {
 
 export interface TrainTask<B> {
   params: Map<string, tf.Variable>;
+  /** The model the loss runs, which the trainer switches to checkpointed layers when configured. */
+  model?: Decoder;
   trainBatches: B[];
   evalBatches?: B[];
   tokens(b: B): number;
@@ -151,6 +169,7 @@ export class Trainer<B> {
     const perEpoch = Math.max(1, Math.floor(this.micro / cfg.gradAccum));
     this.totalSteps = cfg.maxSteps > 0 ? cfg.maxSteps : perEpoch * cfg.epochs;
     this.opt = new AdamW(cfg, task.params);
+    if (task.model) task.model.checkpointLayers = checkpointingOn(cfg.gradientCheckpointing, task.model.paramCount());
     this.metricsFile = path.join(workDir, 'metrics.jsonl');
     fs.mkdirSync(workDir, { recursive: true });
   }

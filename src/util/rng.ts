@@ -48,6 +48,9 @@ export class Rng {
   state(): number[] {
     return Array.from(this.s);
   }
+  setState(state: number[]): void {
+    this.s.set(state);
+  }
   /** Uniform 32-bit unsigned integer. */
   nextU32(): number {
     const s = this.s;
