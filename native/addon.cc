@@ -236,6 +236,18 @@ napi_value SwigluGrad(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
+// dropoutAlea(x, n, s0, s1, s2, c, keep, y)
+napi_value DropoutAlea(napi_env env, napi_callback_info info) {
+  Args a(env, info, 8, "dropoutAlea");
+  int64_t n = a.num(1);
+  const float* x = a.f32(0, n, "x");
+  double s0 = a.real(2), s1 = a.real(3), s2 = a.real(4), c = a.real(5);
+  float keep = static_cast<float>(a.real(6));
+  float* y = a.f32(7, n, "y");
+  if (a.ok()) dropout_alea(x, n, s0, s1, s2, c, keep, y);
+  return nullptr;
+}
+
 // splitQkv(qkv, N, KV, G, hd, q, k, v, merge): merge writes qkv from q, k, v
 napi_value SplitQkv(napi_env env, napi_callback_info info) {
   Args a(env, info, 9, "splitQkv");
@@ -437,6 +449,7 @@ napi_value Init(napi_env env, napi_value exports) {
       {"rmsNormGrad", nullptr, RmsNormGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"swiglu", nullptr, Binary<swiglu>, nullptr, nullptr, nullptr, napi_default, (void*)"swiglu"},
       {"swigluGrad", nullptr, SwigluGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"dropoutAlea", nullptr, DropoutAlea, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"rope", nullptr, Rope, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"attention", nullptr, Attention, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"attentionGrad", nullptr, AttentionGrad, nullptr, nullptr, nullptr, napi_default, nullptr},

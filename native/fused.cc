@@ -280,6 +280,20 @@ void over_sigmoid(const float* g, int64_t n, const F& f) {
 }
 }  // namespace
 
+void dropout_alea(const float* x, int64_t n, double s0, double s1, double s2, double c, float keep, float* y) {
+  const float scale = 1.f / keep;  // floor(u + keep) is 0 or 1: the quotient is 0 or f32(1 / keep)
+  for (int64_t i = 0; i < n; i++) {
+    // alea's step (seedrandom lib/alea.js): t | 0 truncates a positive t below 2^31.
+    double t = 2091639.0 * s0 + c * 2.3283064365386963e-10;
+    s0 = s1;
+    s1 = s2;
+    c = static_cast<double>(static_cast<int32_t>(t));
+    s2 = t - c;
+    float u = static_cast<float>(s2);
+    y[i] = std::floor(u + keep) != 0.f ? x[i] * scale : x[i] * 0.f;
+  }
+}
+
 void swiglu(const float* g, const float* u, int64_t n, float* y) {
   over_sigmoid(g, n, [&](int64_t i0, int64_t m, const float* s) PREFOPT_INLINE {
     for (int64_t i = 0; i < m; i++) y[i0 + i] = g[i0 + i] * s[i] * u[i0 + i];

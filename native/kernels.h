@@ -93,6 +93,10 @@ void attention_grad(const float* q, const float* k, const float* v, const float*
 // 360Zhinao's fused projection qkv [N, KV, G+2, hd] (per kv head: its G query heads, then its key
 // and value) → q [N, KV·G, hd], k, v [N, KV, hd]; with merge, the reverse (the gradient).
 void split_qkv(float* qkv, int64_t N, int64_t KV, int64_t G, int64_t hd, float* q, float* k, float* v, bool merge);
+// tf.dropout(x, 1 − keep, seed) bit for bit: u_i from seedrandom's alea generator, whose state
+// (s0, s1, s2, c) the caller seeds as tfjs does; y_i = x_i · (floor(f32(u_i) + keep) / keep) in
+// float32. The generator is sequential, so this runs on one thread.
+void dropout_alea(const float* x, int64_t n, double s0, double s1, double s2, double c, float keep, float* y);
 // y = a + b elementwise (same shapes): residual connections and gradient accumulation.
 void add(const float* a, const float* b, int64_t n, float* y);
 // y = x + b over rows of length D; its gradient for b is the column sum of dy.

@@ -1,10 +1,13 @@
 import { Command, Option } from 'commander';
 import * as tf from '@tensorflow/tfjs-core';
 import * as os from 'node:os';
+import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { fusedActive } from './engine/fused.js';
 import { gpuReport, initBackend } from './engine/backend.js';
 import { UserError } from './util/errors.js';
+import { loadConfig } from './io/checkpoint.js';
+import { gib, jobReports, paramCount } from './model/memory.js';
 import { log, setLogMode } from './util/log.js';
 import { generateCmd, initModel, logprobsCmd, trainTokenizer } from './commands/model.js';
 import { addLoraOptions, addTrainOptions, int, num, trainConfigFrom } from './commands/train-options.js';
@@ -48,6 +51,20 @@ function addSamplingOptions(cmd: Command, maxNewTokens?: number): Command {
     .option('--frequency-penalty <p>', 'OpenAI-style frequency penalty', num);
 }
 
+/** float32 bytes of the checkpoint a command will load, from its config alone (0 when unreadable: the command reports why). */
+function weightBytesOf(...dirs: unknown[]): number {
+  let most = 0;
+  for (const d of dirs) {
+    if (typeof d !== 'string' || !fs.existsSync(path.join(d, 'config.json'))) continue;
+    try {
+      most = Math.max(most, 4 * paramCount(loadConfig(d)));
+    } catch {
+      // A bad config.json is the command's to report, with its file name.
+    }
+  }
+  return most;
+}
+
 export function buildProgram(): Command {
   const program = new Command();
   program
@@ -63,17 +80,22 @@ export function buildProgram(): Command {
     async (...args: A) => {
       const g = program.opts();
       setLogMode({ json: g.json, quiet: g.quiet });
-      const b = await initBackend(g.backend);
+      const b = await initBackend(g.backend, weightBytesOf(args[0]?.model));
       if (b.warning) log('warning', {}, b.warning);
       await fn(...args);
     };
 
   program
     .command('doctor')
-    .description('show the tfjs backend chosen and why, and the machine')
+    .description('show the tfjs backend chosen and why, and the machine; with --model, the peak memory of jobs on it')
+    .option('--model <dir>', 'checkpoint to estimate log-probs, LoRA DPO and full SFT memory for')
+    .option('--batch-size <n>', 'pairs per step (rows for SFT) in the estimates', int, 4)
+    .option('--max-length <n>', 'tokens per sequence in the estimates', int, 512)
+    .option('--lora-r <n>', 'LoRA rank in the estimate', int, 16)
     .action(
-      withBackend(async () => {
+      withBackend(async (o) => {
         const b = await initBackend(program.opts().backend);
+        const mem = o.model ? jobReports(o.model, { pairs: o.batchSize, maxLength: o.maxLength, loraR: o.loraR }) : null;
         const report = {
           backend: b.chosen,
           tfjs_backend: b.tfName,
@@ -89,6 +111,7 @@ export function buildProgram(): Command {
           node: process.version,
           cpus: os.cpus().length,
           memory_gb: +(os.totalmem() / 2 ** 30).toFixed(1),
+          memory: mem,
         };
         if (program.opts().json) process.stdout.write(JSON.stringify(report) + '\n');
         else {
@@ -103,6 +126,13 @@ export function buildProgram(): Command {
           process.stdout.write(`gpu: ${g.status}\n  nvidia driver: ${g.nvidia_driver ?? 'none'}; @tensorflow/tfjs-node-gpu: ${g.tfjs_node_gpu}\n`);
           if (report.warning) process.stdout.write(`warning: ${report.warning}\n`);
           process.stdout.write(`node ${report.node}, ${report.cpus} cpus, ${report.memory_gb} GiB\n`);
+          if (mem) {
+            process.stdout.write(`\npeak memory on ${o.model} (${(mem.params / 1e6).toFixed(1)}M parameters, ${o.batchSize} × ${o.maxLength} tokens; limit ${gib(mem.limit)}, ${mem.limitSource}):\n`);
+            for (const j of mem.jobs) {
+              const parts = Object.entries(j.parts).map(([k, v]) => `${k} ${gib(v)}`).join(', ');
+              process.stdout.write(`  ${j.fits ? 'fits' : 'TOO BIG'}  ${j.job}${j.checkpointing ? ', checkpointed' : ''}: ${gib(j.bytes)} (${parts})\n`);
+            }
+          }
         }
       }),
     );
@@ -370,7 +400,8 @@ export function buildProgram(): Command {
       const g = program.opts();
       setLogMode({ json: g.json, quiet: g.quiet });
       const recipe = loadRecipe(file);
-      const b = await initBackend(g.backend ?? (recipe.backend && recipe.backend !== 'auto' ? recipe.backend : undefined));
+      const models = recipe.stages.map((s: any) => (typeof s.model === "string" ? path.resolve(recipe.dir, s.model) : null));
+      const b = await initBackend(g.backend ?? (recipe.backend && recipe.backend !== 'auto' ? recipe.backend : undefined), weightBytesOf(...models));
       if (b.warning) log('warning', {}, b.warning);
       log('run', { recipe: file, backend: b.chosen });
       const s = await new RecipeRunner(recipe, o).run();

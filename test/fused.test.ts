@@ -500,3 +500,27 @@ describe('fused kernels against float64', () => {
       model.dispose();
     });
 });
+
+describe('dropout', () => {
+  it.skipIf(!native.active)("the native kernel gives tf.dropout's mask bit for bit (values and gradients), for numeric seeds as the LoRA stream draws them", async () => {
+    const { dropout } = await import('../src/engine/dropout.js');
+    const rng = new Rng(21);
+    const x = tf.tensor2d(f32(rand(rng, 37 * 29)), [37, 29]);
+    for (const [rate, seed] of [[0.05, 0], [0.05, 4294967295], [0.3, 123456789], [0.5, 77]] as const) {
+      const want = tf.tidy(() => {
+        const [v, g] = [tf.dropout(x, rate, undefined, seed), tf.grad((t: tf.Tensor) => tf.sum(tf.mul(tf.dropout(t, rate, undefined, seed), tf.sin(t))))(x)];
+        return [v.dataSync(), g.dataSync()];
+      });
+      const got = tf.tidy(() => {
+        const [v, g] = [dropout(x, rate, seed), tf.grad((t: tf.Tensor) => tf.sum(tf.mul(dropout(t, rate, seed), tf.sin(t))))(x)];
+        return [v.dataSync(), g.dataSync()];
+      });
+      expect(fusedActive()).toBe(true);
+      expect(Array.from(got[0]), `values, rate ${rate} seed ${seed}`).toEqual(Array.from(want[0]));
+      expect(Array.from(got[1]), `gradients, rate ${rate} seed ${seed}`).toEqual(Array.from(want[1]));
+      const dropped = Array.from(got[0]).filter((v) => v === 0).length / got[0].length;
+      expect(Math.abs(dropped - rate)).toBeLessThan(0.08);
+    }
+    x.dispose();
+  });
+});

@@ -116,4 +116,26 @@ describe('chunked LM head', () => {
       model.dispose();
     });
   }
+
+  it('a frozen head (LoRA) takes its slope from the forward pass: same loss and adapter gradients as the whole head', () => {
+    for (const name of ['qwen2 biases tied rope 1e6', 'llama GQA untied']) {
+      const model = load(ARCH_SPECS[name]);
+      model.setTrainable(false);
+      const ad = LoraAdapter.create(model, { r: 4, alpha: 8, dropout: 0, targets: ['q_proj', 'o_proj', 'up_proj'], useRslora: false }, 5);
+      for (const w of ad.weights.values()) w.b.assign(tf.randomNormal(w.b.shape, 0, 0.3, 'float32', 12));
+      attach(model, ad);
+      const vars = [...ad.params().values()];
+      const sb = batchFor(model.cfg.vocab_size);
+      const whole = lossAndGrads(model, vars, sb);
+      for (const rows of [1, 5]) {
+        model.headChunkBytes = rows * 4 * model.cfg.vocab_size;
+        const ch = lossAndGrads(model, vars, sb);
+        expect(Math.abs(ch.loss - whole.loss)).toBeLessThanOrEqual(1e-6 * Math.abs(whole.loss));
+        vars.forEach((_, i) => expectClose(ch.grads[i], whole.grads[i], 1e-6, `${name}, ${rows} rows: lora ${i}`));
+      }
+      expect(whole.grads.some((g) => g.some((x) => Math.abs(x) > 1e-4))).toBe(true);
+      model.dispose();
+      ad.dispose();
+    }
+  });
 });

@@ -5,7 +5,7 @@ import * as path from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { UserError } from '../util/errors.js';
 import { packageRoot } from '../util/package-root.js';
-import { NativeReport, nativeMatmulActive, registerNativeKernels } from './native.js';
+import { NativeReport, loadNative, nativeMatmulActive, registerNativeKernels } from './native.js';
 import { registerZeroCopyKernels } from './wasm-kernels.js';
 
 /**
@@ -80,20 +80,33 @@ function normalise(name: string): BackendName {
 }
 
 /**
- * Select a backend: the explicit request (flag or PREFOPT_BACKEND) if given, which must work,
- * else the first that loads in BACKEND_ORDER. Idempotent within a process.
+ * wasm keeps every tensor in one 32-bit heap (4 GiB at most, docs/REFERENCE.md §10). Past this
+ * much float32 weight a training step no longer fits beside the weights, so a model that large
+ * skips wasm for the cpu backend, whose tensors are ordinary memory and run the same native kernels.
  */
-export async function initBackend(requested?: string): Promise<BackendReport> {
+export const WASM_WEIGHT_LIMIT = 2 ** 30;
+
+/**
+ * Select a backend: the explicit request (flag or PREFOPT_BACKEND) if given, which must work,
+ * else the first that loads in BACKEND_ORDER — passing over wasm when `weightBytes` (the model
+ * the command will load, float32) is over WASM_WEIGHT_LIMIT and the native kernels are built.
+ * Idempotent within a process.
+ */
+export async function initBackend(requested?: string, weightBytes = 0): Promise<BackendReport> {
   await loadGradients();
   const req = requested ?? process.env.PREFOPT_BACKEND ?? undefined;
   if (current && (!req || normalise(req) === current.chosen)) return current;
   const order = req ? [normalise(req)] : [...BACKEND_ORDER];
   const tried: BackendReport['tried'] = [];
+  if (!req && weightBytes > WASM_WEIGHT_LIMIT && loadNative().active) {
+    order.splice(order.indexOf('wasm'), 1);
+    tried.push({ name: 'wasm', ok: false, reason: `passed over: the model's ${(weightBytes / 2 ** 30).toFixed(1)} GiB of float32 weights leave too little of wasm's 4 GiB heap` });
+  }
   for (const name of order) {
     try {
       const tfName = await tryBackend(name);
       const report: BackendReport = { chosen: name, tfName, tried: [...tried, { name, ok: true, reason: 'loaded' }], requested: req, native: registerNativeKernels(tfName) };
-      if (name === 'cpu') report.warning = 'using the pure-JS cpu backend, about 25x slower than wasm';
+      if (name === 'cpu' && !report.native.active) report.warning = 'using the pure-JS cpu backend, about 25x slower than wasm';
       current = report;
       return report;
     } catch (e: any) {

@@ -1,5 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { overrideKernel, runInPlace, tensorView } from './kernels.js';
+import type { AleaState } from './dropout.js';
 
 /**
  * The native addon's fused kernels (native/fused.cc, native/lora.cc) as tfjs kernels of the
@@ -29,6 +30,7 @@ export interface FusedAddon {
   splitQkv(qkv: Float32Array, n: number, kv: number, g: number, hd: number, q: Float32Array, k: Float32Array, v: Float32Array, merge: boolean): void;
   embed(table: Float32Array, v: number, d: number, ids: Int32Array, n: number, out: Float32Array): void;
   embedGrad(ids: Int32Array, n: number, dy: Float32Array, v: number, d: number, dtable: Float32Array): void;
+  dropoutAlea(x: Float32Array, n: number, s0: number, s1: number, s2: number, c: number, keep: number, y: Float32Array): void;
 }
 
 /** Input views: Float32Array, or Int32Array for int32 inputs (labels). */
@@ -87,6 +89,12 @@ const DEFS: Record<string, Def> = {
     inputs: ['dy'],
     outputs: (ins) => [[last(ins[0])]],
     run: (a, [dy], [out], ins) => a.columnSum(dy, size(ins[0].shape) / last(ins[0]), last(ins[0]), out),
+  },
+  // tf.dropout's mask from alea state attrs.state, applied to x (or, the same mask, to dy).
+  PrefoptDropout: {
+    inputs: ['x'],
+    outputs: same(0),
+    run: (a, [x], [y], ins, { state, keep }) => a.dropoutAlea(x, size(ins[0].shape), state.s0, state.s1, state.s2, state.c, keep, y),
   },
   // table [V, D], ids [N] → [N, D].
   PrefoptEmbed: {
@@ -370,6 +378,16 @@ export const fused = {
   biasAdd: (x: tf.Tensor, b: tf.Tensor) => run('PrefoptBiasAdd', { x: f32(x), b: f32(b) }) as tf.Tensor,
   embed: (table: tf.Tensor2D, ids: tf.Tensor1D) => run('PrefoptEmbed', { table: f32(table), ids: i32(ids) }) as tf.Tensor2D,
   labelLogProbs: (logits: tf.Tensor2D, labels: tf.Tensor1D) => run('PrefoptLabelLogProbs', { logits: f32(logits), labels: i32(labels) }) as tf.Tensor1D,
+  labelLogProbsGrad: (logits: tf.Tensor2D, labels: tf.Tensor1D, out: tf.Tensor1D, dy: tf.Tensor1D) =>
+    run('PrefoptLabelLogProbsGrad', { logits: f32(logits), labels: i32(labels), out, dy }) as tf.Tensor2D,
+  /** x·mask with tf.dropout's mask for alea `state`; the gradient is dy·mask, the same kernel. */
+  dropout: (x: tf.Tensor, state: AleaState, keep: number) => {
+    const f = tf.customGrad(((xi: tf.Tensor) => ({
+      value: run('PrefoptDropout', { x: xi }, { state, keep }) as tf.Tensor,
+      gradFunc: (dy: tf.Tensor) => run('PrefoptDropout', { x: dy }, { state, keep }) as tf.Tensor,
+    })) as any) as (x: tf.Tensor) => tf.Tensor;
+    return f(f32(x));
+  },
   rmsNorm: (x: tf.Tensor, w: tf.Tensor, eps: number) => run('PrefoptRmsNorm', { x: f32(x), w: f32(w) }, { eps }) as tf.Tensor,
   /** [x + r, rmsnorm(x + r)·w]. */
   addRmsNorm: (x: tf.Tensor, r: tf.Tensor, w: tf.Tensor, eps: number) => run('PrefoptAddRmsNorm', { x: f32(x), r: f32(r), w: f32(w) }, { eps }) as tf.Tensor[],

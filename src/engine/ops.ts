@@ -179,6 +179,15 @@ export function labelLogProbs(logits: tf.Tensor2D, labels: tf.Tensor1D): tf.Tens
 }
 
 /**
+ * The derivative of labelLogProbs by the logits, onehot(label) − softmax(row), from the logits
+ * and lp = labelLogProbs(logits, labels).
+ */
+export function labelLogProbsSlope(logits: tf.Tensor2D, labels: tf.Tensor1D, lp: tf.Tensor1D): tf.Tensor2D {
+  if (fusedActive()) return fused.labelLogProbsGrad(logits, labels, lp, tf.onesLike(lp));
+  return tf.sub(tf.oneHot(labels, logits.shape[1]), tf.softmax(logits)) as tf.Tensor2D;
+}
+
+/**
  * 360Zhinao's fused projection [N, KV·(G+2)·hd] — per kv head its G query heads, then its key and
  * value — split into q [N, KV·G, hd] (query head kv·G + g) and k, v [N, KV, hd]. Fused: one copy
  * each way. Otherwise the group axis goes to the front, where the split is cheap on wasm (inner-

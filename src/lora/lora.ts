@@ -8,6 +8,7 @@ import { readJson, writeDirAtomic } from '../util/fsutil.js';
 import { UserError } from '../util/errors.js';
 import { Rng } from '../util/rng.js';
 import { RngHooks } from '../engine/checkpoint.js';
+import { dropout } from '../engine/dropout.js';
 
 /**
  * LoRA (docs/REFERENCE.md §7): y = W·x + s·B·A·dropout(x), s = alpha/r (rsLoRA: alpha/√r), A [r, in]
@@ -107,7 +108,7 @@ export class LoraAdapter implements LinearAdapter {
   linear(module: string, x: tf.Tensor, w: tf.Tensor, bias: tf.Tensor | null): tf.Tensor {
     const lw = this.weights.get(module)!;
     return onRows(x, (x2) => {
-      const dropped = this.training && this.cfg.dropout > 0 && this.stream ? (tf.dropout(x2, this.cfg.dropout, undefined, this.stream.nextU32()) as tf.Tensor2D) : null;
+      const dropped = this.training && this.cfg.dropout > 0 && this.stream ? (dropout(x2, this.cfg.dropout, this.stream.nextU32()) as tf.Tensor2D) : null;
       return loraLinear(x2, w as tf.Tensor2D, bias, lw.a as unknown as tf.Tensor2D, lw.b as unknown as tf.Tensor2D, this.scale, dropped);
     });
   }

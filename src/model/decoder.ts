@@ -2,7 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { ModelConfig, expectedShapes, isLinearWeight } from './config.js';
 import { attentionMask } from './mask.js';
 import { ropeTables } from './rope.js';
-import { addRmsNorm, attention, embed, labelLogProbs, linear, mm, mmTransB, rmsNorm, rope, splitQkv, swiglu } from '../engine/ops.js';
+import { addRmsNorm, attention, embed, labelLogProbs, labelLogProbsSlope, linear, mm, mmTransB, rmsNorm, rope, splitQkv, swiglu } from '../engine/ops.js';
 import { Rng } from '../util/rng.js';
 import { RngHooks, checkpoint } from '../engine/checkpoint.js';
 
@@ -176,16 +176,24 @@ export class Decoder {
           const { x2, mlp } = this.block(l, xl, rmsNorm(xl, this.p(`model.layers.${l}.input_layernorm.weight`), eps), B, T, c, s, m as tf.Tensor4D);
           return tf.add(x2, mlp);
         };
+        const prev = x;
         x = checkpoint(unit, x, this.trainables(`model.layers.${l}.`), [cosT, sinT, mask], this.adapterEnabled ? this.adapter?.rng : undefined);
+        prev.dispose();
       }
     } else {
       // Each residual add is fused with the norm that reads its sum, but for the last one (the
       // final norm's input has no other reader).
+      // Each layer in its own tidy: what the gradient tape saved survives it, the rest (all of
+      // it in a forward pass without gradients) is freed before the next layer runs.
       let h = L > 0 ? rmsNorm(x, this.p('model.layers.0.input_layernorm.weight'), eps) : x;
       for (let l = 0; l < L; l++) {
-        const { x2, mlp } = this.block(l, x, h, B, T, cosT, sinT, mask, cache);
-        if (l + 1 < L) [x, h] = addRmsNorm(x2, mlp, this.p(`model.layers.${l + 1}.input_layernorm.weight`), eps);
-        else x = tf.add(x2, mlp);
+        const prev = [x, h];
+        [x, h] = tf.tidy(() => {
+          const { x2, mlp } = this.block(l, x, h, B, T, cosT, sinT, mask, cache);
+          return l + 1 < L ? addRmsNorm(x2, mlp, this.p(`model.layers.${l + 1}.input_layernorm.weight`), eps) : [tf.add(x2, mlp), h];
+        });
+        // The tape keeps its own references (clones) to what it saved.
+        for (const t of prev) if (t !== x && t !== h) t.dispose();
       }
     }
     return tf.reshape(rmsNorm(x, this.p('model.norm.weight'), eps), [B, T, cfg.hidden_size]) as tf.Tensor3D;
@@ -258,8 +266,11 @@ export class Decoder {
 
   /**
    * log p(labels[i] | row i) for final hidden rows h [N, D]. Past headChunkRows() rows, the head
-   * and its log-softmax run in checkpointed chunks, so the [N, V] logits never exist whole,
-   * forward or backward (one chunk's logits and their gradient at a time).
+   * and its log-softmax run in chunks, so the [N, V] logits never exist whole, forward or
+   * backward (one chunk's logits and their gradient at a time). A trained head (full SFT)
+   * recomputes each chunk in the backward pass; a frozen one needs only ∂lp/∂h, a [rows, D]
+   * slope computed with the logits and scaled by the upstream gradient later — two passes over
+   * the vocabulary instead of three (the fused linear cross-entropy of docs/REFERENCE.md §10).
    */
   labelLogps(h: tf.Tensor2D, labels: Int32Array): tf.Tensor1D {
     const N = h.shape[0];
@@ -270,9 +281,25 @@ export class Decoder {
     for (let s = 0; s < N; s += R) {
       const n = Math.min(R, N - s);
       const y = tf.tensor1d(labels.subarray(s, s + n), 'int32');
-      parts.push(checkpoint((hc, yc) => labelLogProbs(this.logits(hc as tf.Tensor2D), yc as tf.Tensor1D), tf.slice(h, [s, 0], [n, -1]), head, [y]));
+      const hc = tf.slice(h, [s, 0], [n, -1]) as tf.Tensor2D;
+      parts.push(head.length ? checkpoint((x, yc) => labelLogProbs(this.logits(x as tf.Tensor2D), yc as tf.Tensor1D), hc, head, [y]) : this.frozenHeadLogps(hc, y));
     }
     return tf.concat(parts) as tf.Tensor1D;
+  }
+
+  private frozenHeadLogps(h: tf.Tensor2D, labels: tf.Tensor1D): tf.Tensor1D {
+    const op = tf.customGrad(((x: tf.Tensor2D, save: tf.GradSaveFunc) => {
+      const { lp, slope } = tf.tidy(() => {
+        const logits = this.logits(x);
+        const lp = labelLogProbs(logits, labels);
+        const g = labelLogProbsSlope(logits, labels, lp);
+        const e = this.cfg.tie_word_embeddings ? this.p('model.embed_tokens.weight') : this.p('lm_head.weight');
+        return { lp, slope: this.cfg.tie_word_embeddings ? mm(g, e as tf.Tensor2D) : mmTransB(g, e as tf.Tensor2D) };
+      });
+      save([slope]);
+      return { value: lp, gradFunc: (dy: tf.Tensor, [sl]: tf.Tensor[]) => tf.mul(sl, tf.reshape(dy, [-1, 1])) };
+    }) as any) as (x: tf.Tensor2D) => tf.Tensor1D;
+    return op(h);
   }
 
   /** Rows per LM-head chunk: headChunkBytes of float32 logits. */

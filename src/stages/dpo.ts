@@ -1,8 +1,9 @@
 import * as path from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
-import { DEFAULT_TRAIN, TrainConfig, Trainer, TrainResult } from '../train/trainer.js';
+import { DEFAULT_TRAIN, TrainConfig, Trainer, TrainResult, checkpointingOn } from '../train/trainer.js';
+import { checkJobFits, paramCount } from '../model/memory.js';
 import { paramsCheckpoint } from '../train/params-io.js';
-import { DEFAULT_LORA, LoraAdapter, LoraConfig, attach, withAdapterOff } from '../lora/lora.js';
+import { DEFAULT_LORA, LoraAdapter, LoraConfig, attach, defaultTargets, withAdapterOff } from '../lora/lora.js';
 import { DEFAULT_DPO, DpoParams, chosenNll, dpoLosses, dpoMetrics, validateDpoParams } from '../dpo/loss.js';
 import { filesHash, pairBatch, pairLogpsHost, referenceLogps, sequenceLogps } from '../dpo/logps.js';
 import { PrefPair, loadPrefs } from '../data/prefs.js';
@@ -145,6 +146,14 @@ export interface DpoResult extends TrainResult {
 
 export async function runDpo(c: DpoConfig): Promise<DpoResult> {
   validateDpoParams(c.dpo);
+  checkJobFits(c.model, `dpo on ${c.model}`, (cfg) => ({
+    kind: 'lora',
+    rows: 2 * c.batchSize,
+    len: c.maxLength,
+    checkpointing: checkpointingOn(c.train.gradientCheckpointing, paramCount(cfg)),
+    lora: { r: c.lora.r, targets: c.lora.targets.length ? c.lora.targets : defaultTargets(cfg.arch) },
+    gradAccum: c.train.gradAccum,
+  }));
   const policy = openPolicy(c.model);
   const model = policy.model;
   const V = model.cfg.vocab_size;

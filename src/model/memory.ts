@@ -1,0 +1,182 @@
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import { ModelConfig, expectedShapes } from './config.js';
+import { HEAD_CHUNK_BYTES } from './decoder.js';
+import { UserError } from '../util/errors.js';
+import { loadConfig } from '../io/checkpoint.js';
+import { CHECKPOINT_AUTO_PARAMS } from '../train/trainer.js';
+
+/**
+ * Peak memory of a job, estimated from the model's config and the job's shape before anything is
+ * loaded (docs/REFERENCE.md §10), and the check that stops a job the machine cannot hold. Every
+ * tensor is float32. The terms follow what the engine keeps alive at its peak:
+ *
+ * - weights: 4 bytes per parameter, resident for the whole job;
+ * - training state: gradients, AdamW's two moments (and an accumulation buffer with grad_accum
+ *   > 1) for the trained tensors — all weights in full SFT, the adapters in LoRA;
+ * - activations: what the gradient tape keeps per layer and token (ACTIVATION_FLOATS), for every
+ *   layer, or with checkpointing the residual stream between layers plus one layer recomputed
+ *   with its gradients; a forward pass without gradients frees each layer as it goes;
+ * - the LM head: one chunk of logits (HEAD_CHUNK_BYTES) with its softmax and gradient;
+ * - generation: the KV cache;
+ * - the runtime (Node, tfjs, the addon, tokenizer): RUNTIME_BYTES.
+ *
+ * Calibrated against measured peak RSS (bench/RESULTS.md, "real sizes").
+ */
+export const RUNTIME_BYTES = 400 * 2 ** 20;
+
+export type JobKind = 'logprobs' | 'generate' | 'lora' | 'full';
+
+export interface JobShape {
+  kind: JobKind;
+  /** Sequences in one forward pass (a DPO micro-batch of B pairs is 2B rows). */
+  rows: number;
+  /** Tokens per sequence at most (for generate: prompt + new tokens). */
+  len: number;
+  checkpointing?: boolean;
+  /** LoRA: rank and the linear modules it targets (their last name component). */
+  lora?: { r: number; targets: string[] };
+  gradAccum?: number;
+}
+
+export interface MemoryEstimate {
+  /** Bytes by term, in the order above. */
+  parts: Record<string, number>;
+  total: number;
+}
+
+/** Floats the tape keeps per token in one decoder layer: norms, projections, attention, MLP. */
+export function activationFloats(cfg: ModelConfig): number {
+  const { hidden_size: D, intermediate_size: I, num_attention_heads: H, num_key_value_heads: KV, head_dim: hd } = cfg;
+  return 7 * D + 3 * H * hd + 4 * KV * hd + 3 * I;
+}
+
+export function paramCount(cfg: ModelConfig): number {
+  let n = 0;
+  for (const s of expectedShapes(cfg).values()) n += s.reduce((a, b) => a * b, 1);
+  return n;
+}
+
+/** Parameters of the LoRA adapters on `targets` ([in, r] + [r, out] per module). */
+export function loraParamCount(cfg: ModelConfig, lora: { r: number; targets: string[] }): number {
+  const want = new Set(lora.targets);
+  let n = 0;
+  for (const [name, s] of expectedShapes(cfg)) {
+    const m = /\.(\w+_proj)\.weight$/.exec(name);
+    if (m && want.has(m[1]) && s.length === 2) n += lora.r * (s[0] + s[1]);
+  }
+  return n;
+}
+
+export function estimateMemory(cfg: ModelConfig, job: JobShape): MemoryEstimate {
+  const P = paramCount(cfg);
+  const N = job.rows * job.len;
+  const L = cfg.num_hidden_layers;
+  const layer = 4 * activationFloats(cfg) * N;
+  const headRows = Math.min(N, Math.max(1, Math.floor(HEAD_CHUNK_BYTES / (4 * cfg.vocab_size))));
+  const parts: Record<string, number> = { weights: 4 * P };
+  const train = job.kind === 'lora' || job.kind === 'full';
+  if (train) {
+    const T = job.kind === 'full' ? P : loraParamCount(cfg, job.lora ?? { r: 8, targets: [] });
+    parts.training_state = 4 * T * (3 + ((job.gradAccum ?? 1) > 1 ? 1 : 0));
+    parts.activations = job.checkpointing ? 4 * N * cfg.hidden_size * L + 2 * layer : L * layer;
+  } else parts.activations = 2 * layer;
+  // The logits, their softmax or slope, and the gradient of a chunk.
+  parts.lm_head = 3 * 4 * headRows * cfg.vocab_size;
+  if (job.kind === 'generate') parts.kv_cache = 2 * 4 * L * N * cfg.num_key_value_heads * cfg.head_dim;
+  parts.runtime = RUNTIME_BYTES;
+  return { parts, total: Object.values(parts).reduce((a, b) => a + b, 0) };
+}
+
+/**
+ * Memory a job may use: the machine's (or the cgroup's, in a container), or PREFOPT_MEMORY_LIMIT
+ * ("12GiB", "800MB" or bytes), less 10% for the page cache and other processes.
+ */
+export function memoryLimit(): { bytes: number; source: string } {
+  const env = process.env.PREFOPT_MEMORY_LIMIT;
+  if (env) {
+    const b = parseBytes(env);
+    if (b === null) throw new UserError(`PREFOPT_MEMORY_LIMIT: expected bytes such as 12GiB, 800MB or 1e9, found "${env}"`);
+    return { bytes: b, source: 'PREFOPT_MEMORY_LIMIT' };
+  }
+  let bytes = os.totalmem();
+  let source = 'physical memory';
+  try {
+    const c = fs.readFileSync('/sys/fs/cgroup/memory.max', 'utf8').trim();
+    if (/^\d+$/.test(c) && Number(c) < bytes) [bytes, source] = [Number(c), 'cgroup memory.max'];
+  } catch {
+    // No cgroup v2 limit readable: the machine's memory is the limit.
+  }
+  return { bytes: Math.floor(bytes * 0.9), source: `90% of ${source}` };
+}
+
+export function parseBytes(s: string): number | null {
+  const m = /^\s*([\d.]+(?:e\d+)?)\s*(b|kb|kib|mb|mib|gb|gib|tb|tib)?\s*$/i.exec(s);
+  if (!m) return null;
+  const unit = (m[2] ?? 'b').toLowerCase();
+  const mult: Record<string, number> = { b: 1, kb: 1e3, kib: 2 ** 10, mb: 1e6, mib: 2 ** 20, gb: 1e9, gib: 2 ** 30, tb: 1e12, tib: 2 ** 40 };
+  const v = Number(m[1]) * mult[unit];
+  return Number.isFinite(v) && v > 0 ? Math.floor(v) : null;
+}
+
+export const gib = (b: number) => `${(b / 2 ** 30).toFixed(2)} GiB`;
+
+export function describeEstimate(e: MemoryEstimate): string {
+  return `${gib(e.total)} (${Object.entries(e.parts).map(([k, v]) => `${k} ${gib(v)}`).join(', ')})`;
+}
+
+/**
+ * Stop before anything is loaded or written when the job on the checkpoint in `dir` would not fit:
+ * `job` gets the config (its max_position_embeddings caps the length) and gives the shape.
+ */
+export function checkJobFits(dir: string, what: string, job: (cfg: ModelConfig) => JobShape): void {
+  const cfg = loadConfig(dir);
+  const shape = job(cfg);
+  assertFits(estimateMemory(cfg, { ...shape, len: Math.min(shape.len, cfg.max_position_embeddings) }), what);
+}
+
+export interface JobReport {
+  job: string;
+  checkpointing: boolean;
+  bytes: number;
+  parts: Record<string, number>;
+  fits: boolean;
+}
+
+/**
+ * `prefopt doctor --model`: the estimates for the jobs people run on a checkpoint — log-probs,
+ * LoRA DPO (rank r on every linear layer, `pairs` pairs a step) and full SFT — at the default
+ * checkpointing, against memoryLimit().
+ */
+export function jobReports(dir: string, o: { pairs: number; maxLength: number; loraR: number }): { params: number; limit: number; limitSource: string; jobs: JobReport[] } {
+  const cfg = loadConfig(dir);
+  const P = paramCount(cfg);
+  const len = Math.min(o.maxLength, cfg.max_position_embeddings);
+  const ck = P >= CHECKPOINT_AUTO_PARAMS;
+  const linears = [...new Set([...expectedShapes(cfg).keys()].map((n) => /\.(\w+_proj)\.weight$/.exec(n)?.[1]).filter((m): m is string => !!m))];
+  const lim = memoryLimit();
+  const jobs: [string, JobShape][] = [
+    ['logprobs', { kind: 'logprobs', rows: 2 * o.pairs, len }],
+    [`lora dpo (r ${o.loraR}, ${linears.join(',')})`, { kind: 'lora', rows: 2 * o.pairs, len, checkpointing: ck, lora: { r: o.loraR, targets: linears } }],
+    ['full sft', { kind: 'full', rows: o.pairs, len, checkpointing: ck }],
+  ];
+  return {
+    params: P,
+    limit: lim.bytes,
+    limitSource: lim.source,
+    jobs: jobs.map(([job, s]) => {
+      const e = estimateMemory(cfg, s);
+      return { job, checkpointing: !!s.checkpointing, bytes: e.total, parts: e.parts, fits: e.total <= lim.bytes };
+    }),
+  };
+}
+
+/** Stop before anything is loaded or written when the estimate is over the limit. */
+export function assertFits(e: MemoryEstimate, what: string): void {
+  const lim = memoryLimit();
+  if (e.total <= lim.bytes) return;
+  throw new UserError(
+    `${what} needs about ${describeEstimate(e)}, more than the ${gib(lim.bytes)} this machine allows (${lim.source}); ` +
+      'lower --batch-size or --max-length, turn on --gradient-checkpointing, or use LoRA instead of full fine-tuning',
+  );
+}
