@@ -139,3 +139,113 @@ describe('chunked LM head', () => {
     }
   });
 });
+
+describe('memory estimate and the up-front check', () => {
+  it('counts parameters and terms by hand for a small config', async () => {
+    const { estimateMemory, paramCount, loraParamCount, activationFloats, RUNTIME_BYTES, parseBytes } = await import('../src/model/memory.js');
+    const { cfg } = makeTestModel(ARCH_SPECS['llama GQA untied']); // D 32, I 72, L 2, H 4, KV 2, hd 8, V 50, untied, no biases
+    const perLayer = 32 * 32 + 2 * (32 * 16) + 32 * 32 + 3 * 32 * 72 + 2 * 32;
+    expect(paramCount(cfg)).toBe(2 * 50 * 32 + 32 + 2 * perLayer);
+    expect(loraParamCount(cfg, { r: 4, targets: ['q_proj', 'down_proj'] })).toBe(2 * (4 * (32 + 32) + 4 * (72 + 32)));
+    expect(activationFloats(cfg)).toBe(7 * 32 + 3 * 32 + 4 * 16 + 3 * 72);
+    const e = estimateMemory(cfg, { kind: 'lora', rows: 4, len: 10, checkpointing: true, lora: { r: 4, targets: ['q_proj', 'down_proj'] } });
+    const N = 40;
+    expect(e.parts).toEqual({
+      weights: 4 * paramCount(cfg),
+      training_state: 4 * 3 * loraParamCount(cfg, { r: 4, targets: ['q_proj', 'down_proj'] }),
+      activations: 4 * N * 32 * 2 + 2 * 4 * activationFloats(cfg) * N,
+      lm_head: 3 * 4 * N * 50,
+      runtime: RUNTIME_BYTES,
+    });
+    expect(e.total).toBe(Object.values(e.parts).reduce((a, b) => a + b, 0));
+    // Without checkpointing every layer's activations are kept; full SFT adds AdamW's state for every weight.
+    expect(estimateMemory(cfg, { kind: 'full', rows: 4, len: 10, gradAccum: 2 }).parts.activations).toBe(2 * 4 * activationFloats(cfg) * N);
+    expect(estimateMemory(cfg, { kind: 'full', rows: 4, len: 10, gradAccum: 2 }).parts.training_state).toBe(4 * 4 * paramCount(cfg));
+    expect([parseBytes('12GiB'), parseBytes('800MB'), parseBytes('1e9'), parseBytes('lots')]).toEqual([12 * 2 ** 30, 800e6, 1e9, null]);
+  });
+
+  it('a job too big for the machine stops before loading: the estimate, exit 2, nothing written', async () => {
+    const { prefopt } = await import('./helpers/cli.js');
+    const { onlineFixture } = await import('./helpers/online-fixture.js');
+    const fs = await import('node:fs');
+    const path = await import('node:path');
+    const f = await onlineFixture();
+    const pairs = path.join(f.d, 'big-pairs.jsonl');
+    fs.writeFileSync(pairs, JSON.stringify({ prompt_ids: [3, 4, 5], chosen_ids: [6, 7], rejected_ids: [8, 9] }) + '\n');
+    const convs = path.join(f.d, 'big-convs.jsonl');
+    fs.writeFileSync(convs, JSON.stringify({ conversations: [{ from: 'user', value: 'What is 1 plus 2?' }, { from: 'assistant', value: '3' }] }) + '\n');
+    for (const [cmd, data] of [['dpo', pairs], ['sft', convs]] as const) {
+      const out = path.join(f.d, `too-big-${cmd}`);
+      const r = prefopt([cmd, '--model', f.base, '--data', data, '--out', out], { env: { PREFOPT_MEMORY_LIMIT: '200MB' } });
+      expect(r.code, r.stderr).toBe(2);
+      expect(r.stderr).toMatch(new RegExp(`${cmd} on .* needs about [\\d.]+ GiB \\(weights [\\d.]+ GiB, .*runtime [\\d.]+ GiB\\), more than the 0\\.19 GiB this machine allows \\(PREFOPT_MEMORY_LIMIT\\)`));
+      expect(fs.existsSync(out)).toBe(false);
+    }
+    const doc = prefopt(['doctor', '--model', f.base, '--json'], { env: { PREFOPT_MEMORY_LIMIT: '200MB' } });
+    const rep = JSON.parse(doc.stdout).memory;
+    expect(rep.jobs.map((j: any) => j.fits)).toEqual([false, false, false]);
+  });
+});
+
+describe('memory across steps', () => {
+  it('tf.memory() is flat across LoRA training steps with checkpointing, dropout and a chunked head', () => {
+    const model = load(ARCH_SPECS['qwen2 biases tied rope 1e6']);
+    model.setTrainable(false);
+    const ad = LoraAdapter.create(model, { r: 4, alpha: 8, dropout: 0.1, targets: ['q_proj', 'v_proj', 'gate_proj', 'down_proj'], useRslora: false }, 5);
+    attach(model, ad);
+    model.checkpointLayers = true;
+    model.headChunkBytes = 3 * 4 * model.cfg.vocab_size;
+    const vars = [...ad.params().values()];
+    const sb = batchFor(model.cfg.vocab_size);
+    const seen: [number, number][] = [];
+    for (let step = 0; step < 4; step++) {
+      tf.tidy(() => {
+        ad.setTraining(true, new Rng(step));
+        const { value, grads } = tf.variableGrads(() => sftLoss(model, sb), vars);
+        for (const v of vars) v.assign(tf.sub(v, tf.mul(grads[v.name], 0.01)));
+        value.dispose();
+      });
+      seen.push([tf.memory().numTensors, tf.memory().numBytes]);
+    }
+    expect(new Set(seen.map((s) => s.join())).size, JSON.stringify(seen)).toBe(1);
+    model.dispose();
+    ad.dispose();
+  });
+
+  it('a LoRA DPO step on a generated ~110M-parameter checkpoint stays under 1.1 GB peak RSS and under its estimate (child process)', async () => {
+    const { prefopt } = await import('./helpers/cli.js');
+    const { smallTokenizer } = await import('./helpers/tokenizer.js');
+    const { spawnSync } = await import('node:child_process');
+    const fs = await import('node:fs');
+    const os = await import('node:os');
+    const path = await import('node:path');
+    const d = fs.mkdtempSync(path.join(os.tmpdir(), 'prefopt-rss-'));
+    const { dir: tokDir } = smallTokenizer();
+    const cfgFile = path.join(d, 'cfg.json');
+    fs.writeFileSync(cfgFile, JSON.stringify({ hidden_size: 768, intermediate_size: 2048, num_hidden_layers: 12, num_attention_heads: 12, num_key_value_heads: 4, max_position_embeddings: 1024, rope_theta: 10000, tie_word_embeddings: true, vocab_size: 32000 }));
+    const model = path.join(d, 'm');
+    const init = prefopt(['init-model', '--arch', 'qwen2', '--config', cfgFile, '--tokenizer', tokDir, '--out', model, '--json']);
+    expect(init.code, init.stderr).toBe(0);
+    expect(JSON.parse(init.stderr.trim().split('\n').at(-1)!).params).toBeGreaterThan(100e6);
+    const rng = new Rng(3);
+    const ids = (n: number) => Array.from({ length: n }, () => 5 + Math.floor(rng.next() * 30000));
+    const pairs = path.join(d, 'pairs.jsonl');
+    fs.writeFileSync(pairs, Array.from({ length: 4 }, () => JSON.stringify({ prompt_ids: ids(32), chosen_ids: ids(96), rejected_ids: ids(96) })).join('\n') + '\n');
+    const args = ['dpo', '--model', model, '--data', pairs, '--out', path.join(d, 'out'), '--batch-size', '2', '--max-steps', '2', '--eval-ratio', '0', '--lora-r', '8', '--lora-targets', 'q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj', '--quiet'];
+    const cli = path.resolve('dist/src/cli.js');
+    const script = `const { main } = await import(${JSON.stringify(cli)}); const rc = await main(['node', 'prefopt', ...${JSON.stringify(args)}]); process.stdout.write(JSON.stringify({ rc, maxrss: process.resourceUsage().maxRSS * 1024 }));`;
+    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8', timeout: 300_000 });
+    expect(r.status, r.stderr).toBe(0);
+    const { rc, maxrss } = JSON.parse(r.stdout);
+    expect(rc, r.stderr).toBe(0);
+    expect(fs.existsSync(path.join(d, 'out', 'adapter_model.safetensors'))).toBe(true);
+    // Measured 0.81 GB here (wasm, native kernels); the estimate the job was checked against
+    // must not be below what it used.
+    expect(maxrss).toBeLessThan(1.1e9);
+    const { estimateMemory } = await import('../src/model/memory.js');
+    const { loadConfig } = await import('../src/io/checkpoint.js');
+    const est = estimateMemory(loadConfig(model), { kind: 'lora', rows: 4, len: 224, checkpointing: true, lora: { r: 8, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] } });
+    expect(est.total).toBeGreaterThan(maxrss);
+    fs.rmSync(d, { recursive: true, force: true });
+  }, 600_000);
+});
