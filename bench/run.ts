@@ -14,11 +14,9 @@ import { fusedActive, setFused } from '../src/engine/fused.js';
 import { packageRoot } from '../src/util/package-root.js';
 import { Decoder } from '../src/model/decoder.js';
 import { PRESETS, parseConfig, presetConfig } from '../src/model/config.js';
-import { SeqBatch, makeBatch } from '../src/infer/batch.js';
+import { makeBatch } from '../src/infer/batch.js';
 import { sftLoss, trainedTokens } from '../src/stages/sft.js';
 import { AdamW } from '../src/train/adamw.js';
-import { LoraAdapter, attach, withAdapterOff } from '../src/lora/lora.js';
-import { DEFAULT_DPO, dpoLosses } from '../src/dpo/loss.js';
 import { pairBatch, sequenceLogps } from '../src/dpo/logps.js';
 import { generate } from '../src/infer/generate.js';
 import { DEFAULT_SAMPLING } from '../src/infer/sampling.js';
@@ -26,80 +24,11 @@ import { rewardModelFrom, rewards } from '../rm/bt.js';
 import { saveModel } from '../src/model/load.js';
 import { openDb, tx } from '../src/store/db.js';
 import { Rng } from '../src/util/rng.js';
+import { dpoStepOf, loraDpoStepOf, sftStepOf, timeIt } from './steps.js';
 
 const json = process.argv.includes('--json');
 const quick = process.argv.includes('--quick');
 const say = (s: string) => process.stderr.write(s + '\n');
-
-/**
- * Seconds per call of f: the fastest of `reps` timed calls after a warm-up. This VM's speed swings
- * by up to 3x within a minute (other tenants' load; GEMM rates of 90 to 260 GFLOP/s in one run),
- * so a mean mostly measured when the slow spells fell; the fastest call is the least disturbed.
- * bench/torch_ref.py times PyTorch the same way.
- */
-function timeIt(f: () => void, reps: number): number {
-  f(); // warm-up
-  let best = Infinity;
-  for (let i = 0; i < reps; i++) {
-    const t0 = performance.now();
-    f();
-    best = Math.min(best, performance.now() - t0);
-  }
-  return best / 1000;
-}
-
-/** The bench's SFT step on `model` (trainable): forward, backward and AdamW on every weight. */
-function sftStepOf(model: Decoder, sb: SeqBatch): { step: () => void; dispose: () => void } {
-  const opt = new AdamW({ beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.1 }, model.params);
-  const vars = [...model.params.values()];
-  const step = () => {
-    const { value, grads } = tf.variableGrads(() => sftLoss(model, sb), vars);
-    value.dispose();
-    opt.step(new Map([...model.params].map(([n, v]) => [n, grads[v.name]])), 1e-4);
-    Object.values(grads).forEach((x) => x.dispose());
-  };
-  return { step, dispose: () => opt.dispose() };
-}
-
-/**
- * One DPO step on the pairs of `pb` ([chosen…, rejected…]): reference log-probs without
- * gradients, then the policy pass and an update of `trainable`. LoRA and full-model DPO differ
- * only in the reference and what trains.
- */
-function dpoStepOf(model: Decoder, pb: SeqBatch, trainable: Map<string, tf.Variable>, o: AdamW, lr: number, reference: () => tf.Tensor1D): () => void {
-  const n = pb.batch / 2;
-  return () => {
-    const ref = tf.tidy(reference);
-    const rd = ref.dataSync();
-    ref.dispose();
-    const { value, grads } = tf.variableGrads(() => {
-      const all = sequenceLogps(model, pb);
-      const l = dpoLosses({ policyChosen: tf.slice(all, [0], [n]) as tf.Tensor1D, policyRejected: tf.slice(all, [n], [n]) as tf.Tensor1D, refChosen: tf.tensor1d(rd.slice(0, n)), refRejected: tf.tensor1d(rd.slice(n)), lenChosen: tf.fill([n], 64) as tf.Tensor1D, lenRejected: tf.fill([n], 64) as tf.Tensor1D }, { ...DEFAULT_DPO, beta: 0.1 });
-      return tf.mean(l) as tf.Scalar;
-    }, [...trainable.values()]);
-    value.dispose();
-    o.step(new Map([...trainable].map(([k, v]) => [k, grads[v.name]])), lr);
-    Object.values(grads).forEach((x) => x.dispose());
-  };
-}
-
-/** LoRA DPO on frozen `model`: rank-16 adapters on every linear layer, the reference is the adapter switched off. */
-function loraDpoStepOf(model: Decoder, pb: SeqBatch): { step: () => void; params: Map<string, tf.Variable>; dispose: () => void } {
-  const ad = LoraAdapter.create(model, { r: 16, alpha: 32, dropout: 0, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'], useRslora: false }, 0);
-  attach(model, ad);
-  const params = ad.params();
-  const opt = new AdamW({ beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0 }, params);
-  const step = dpoStepOf(model, pb, params, opt, 1e-4, () => withAdapterOff(model, () => sequenceLogps(model, pb)));
-  return {
-    step,
-    params,
-    dispose: () => {
-      opt.dispose();
-      ad.dispose();
-      model.adapter = null;
-    },
-  };
-}
 
 let peakRss = 0;
 const rssTimer = setInterval(() => (peakRss = Math.max(peakRss, process.memoryUsage().rss)), 20);

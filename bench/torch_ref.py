@@ -1,27 +1,41 @@
-"""PyTorch reference for `npm run bench`: the same ~5M-parameter Qwen2-shaped model and the same
-steps (forward, SFT step with AdamW, LoRA DPO step with an adapter-off reference pass, KV-cached
-sampling), written plainly. Prints one JSON line of tokens/s. Run by bench/run.ts when
-/usr/bin/python3 has torch (Debian: apt-get install python3-torch)."""
-import json, math, os, time
+"""PyTorch reference for `npm run bench`, written plainly.
+
+`torch_ref.py`: the same ~5M-parameter Qwen2-shaped model and the same steps as bench/run.ts
+(forward, SFT step with AdamW, LoRA DPO step with an adapter-off reference pass, KV-cached
+sampling); prints one JSON line of tokens/s.
+
+`torch_ref.py real JOB`: one job of bench/real-size.ts on Qwen2.5-0.5B's shape (random weights):
+lora_dpo, sft, logprobs or generate; prints one JSON line with its tokens/s and peak RSS. One job
+per process, so that each peak is its own.
+
+Run when /usr/bin/python3 has torch (Debian: apt-get install python3-torch libopenblas0-pthread)."""
+import json, math, os, resource, sys, time
 import torch
 import torch.nn.functional as F
 
 torch.manual_seed(0)
 torch.set_num_threads(os.cpu_count() or 1)
-V, D, L, H, KV, FF, B, T = 2048, 256, 6, 8, 4, 704, 8, 128
+REAL = sys.argv[1:2] == ["real"]
+if REAL:  # Qwen2.5-0.5B
+    V, D, L, H, KV, FF, THETA = 151936, 896, 24, 14, 2, 4864, 1e6
+else:
+    V, D, L, H, KV, FF, THETA, B, T = 2048, 256, 6, 8, 4, 704, 1e4, 8, 128
 HD = D // H
 
 
 class Lora(torch.nn.Module):
-    def __init__(self, lin, r=16, alpha=32):
+    def __init__(self, lin, r=16, alpha=32, dropout=0.0):
         super().__init__()
-        self.lin, self.s, self.on = lin, alpha / r, True
+        self.lin, self.s, self.on, self.p = lin, alpha / r, True, dropout
         self.A = torch.nn.Parameter(torch.randn(r, lin.in_features) / math.sqrt(lin.in_features))
         self.B = torch.nn.Parameter(torch.zeros(lin.out_features, r))
 
     def forward(self, x):
         y = self.lin(x)
-        return y + (x @ self.A.t() @ self.B.t()) * self.s if self.on else y
+        if not self.on:
+            return y
+        xd = F.dropout(x, self.p, True) if self.p else x
+        return y + (xd @ self.A.t() @ self.B.t()) * self.s
 
 
 class Block(torch.nn.Module):
@@ -43,7 +57,7 @@ def rms(x, w):
 
 
 def rope(x, pos):
-    inv = 10000 ** (-torch.arange(0, HD, 2).float() / HD)
+    inv = THETA ** (-torch.arange(0, HD, 2).float() / HD)
     ang = pos[:, None].float() * inv[None]
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
     x1, x2 = x[..., : HD // 2], x[..., HD // 2 :]
@@ -93,64 +107,30 @@ def bench(f, reps=5):
     return best
 
 
-m = Model()
-ids = torch.randint(0, V, (B, T))
-out = {}
-# The machine's GEMM rate as PyTorch sees it: one 1024^3 float32 product.
-ga, gb = torch.randn(1024, 1024), torch.randn(1024, 1024)
-out["gemm_gflops"] = 2 * 1024**3 / bench(lambda: ga @ gb, 10) / 1e9
-with torch.no_grad():
-    out["forward"] = B * T / bench(lambda: m(ids))
-opt = torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+def add_lora(m, dropout=0.0):
+    for p in m.parameters():
+        p.requires_grad_(False)
+    loras = []
+    for blk in m.blocks:
+        for name in ["q", "k", "v", "o", "g", "u", "d"]:
+            l = Lora(getattr(blk, name), dropout=dropout)
+            setattr(blk, name, l)
+            loras.append(l)
+    return loras
 
 
-def sft():
-    logits, _ = m(ids)
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-
-
-out["sft_step"] = B * T / bench(sft)
-for p in m.parameters():
-    p.requires_grad_(False)
-loras = []
-for blk in m.blocks:
-    for name in ["q", "k", "v", "o", "g", "u", "d"]:
-        l = Lora(getattr(blk, name))
-        setattr(blk, name, l)
-        loras.append(l)
-lopt = torch.optim.AdamW([p for l in loras for p in (l.A, l.B)], lr=1e-4)
-pairs = torch.cat([ids[: B // 2], ids[B // 2 :]])
-
-
-def seq_logps(x):
+def seq_logps(m, x, start):
     logits, _ = m(x)
     lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, x[:, 1:, None]).squeeze(-1)
-    return lp[:, 63:].sum(-1)
+    return lp[:, start - 1 :].sum(-1)
 
 
-def dpo():
-    with torch.no_grad():
-        for l in loras:
-            l.on = False
-        ref = seq_logps(pairs)
-        for l in loras:
-            l.on = True
-    pol = seq_logps(pairs)
-    n = B // 2
-    loss = -F.logsigmoid(0.1 * ((pol[:n] - ref[:n]) - (pol[n:] - ref[n:]))).mean()
-    lopt.zero_grad()
-    loss.backward()
-    lopt.step()
+def dpo_loss(pol, ref):
+    n = pol.shape[0] // 2
+    return -F.logsigmoid(0.1 * ((pol[:n] - ref[:n]) - (pol[n:] - ref[n:]))).mean()
 
 
-out["dpo_step_lora"] = B * T / bench(dpo)
-prompts = ids[:4, :32].repeat_interleave(4, 0)
-
-
-def sample(new=64):
+def sample(m, prompts, new):
     with torch.no_grad():
         logits, cache = m(prompts)
         pos = prompts.shape[1]
@@ -160,5 +140,107 @@ def sample(new=64):
             pos += 1
 
 
-out["sampling"] = 16 * 64 / bench(sample, 1)
-print(json.dumps({k: round(v, 1) for k, v in out.items()}))
+def real(job):
+    """The shapes of bench/real-size.ts: DPO and SFT rows of 64 prompt + 192 completion tokens."""
+    m = Model()
+    P, C = 64, 192
+    ids = torch.randint(0, V, (8, P + C))
+    if job == "lora_dpo":  # 4 pairs, reference log-probs computed once (cached, as a DPO stage does)
+        loras = add_lora(m, dropout=0.05)
+        opt = torch.optim.AdamW([p for l in loras for p in (l.A, l.B)], lr=1e-4)
+        with torch.no_grad():
+            for l in loras:
+                l.on = False
+            ref = seq_logps(m, ids, P)
+            for l in loras:
+                l.on = True
+
+        def step():
+            loss = dpo_loss(seq_logps(m, ids, P), ref)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        tokens, f = ids.numel(), step
+    elif job == "sft":  # 4 rows, every weight trained
+        rows = ids[:4]
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+        def step():
+            logits, _ = m(rows)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), rows[:, 1:].reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        tokens, f = rows.numel(), step
+    elif job == "logprobs":  # 2 rows
+        rows = ids[:2]
+
+        def f():
+            with torch.no_grad():
+                seq_logps(m, rows, P)
+
+        tokens = rows.numel()
+    elif job == "generate":  # 4 samples of 64 new tokens after a 64-token prompt
+        prompts = ids[:1, :P].repeat_interleave(4, 0)
+        tokens, f = 4 * 64, lambda: sample(m, prompts, 64)
+    else:
+        raise SystemExit(f"unknown job {job}")
+    s = bench(f, 1)
+    print(json.dumps({"tokens_per_s": round(tokens / s, 2), "seconds": round(s, 2), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "blas": blas_in_use()}))
+
+
+def blas_in_use():
+    """The BLAS library this process mapped (Debian's torch links the generic libblas.so.3, which
+    its alternatives point at OpenBLAS or the slow reference BLAS)."""
+    with open("/proc/self/maps") as f:
+        libs = {os.path.basename(l.split()[-1]) for l in f if "blas" in l.lower() and "/" in l}
+    return ", ".join(sorted(libs)) or "none mapped"
+
+
+def small():
+    m = Model()
+    ids = torch.randint(0, V, (B, T))
+    out = {}
+    # The machine's GEMM rate as PyTorch sees it: one 1024^3 float32 product.
+    ga, gb = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    out["gemm_gflops"] = 2 * 1024**3 / bench(lambda: ga @ gb, 10) / 1e9
+    with torch.no_grad():
+        out["forward"] = B * T / bench(lambda: m(ids))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+    def sft():
+        logits, _ = m(ids)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    out["sft_step"] = B * T / bench(sft)
+    loras = add_lora(m)
+    lopt = torch.optim.AdamW([p for l in loras for p in (l.A, l.B)], lr=1e-4)
+    pairs = torch.cat([ids[: B // 2], ids[B // 2 :]])
+
+    def dpo():
+        with torch.no_grad():
+            for l in loras:
+                l.on = False
+            ref = seq_logps(m, pairs, 64)
+            for l in loras:
+                l.on = True
+        loss = dpo_loss(seq_logps(m, pairs, 64), ref)
+        lopt.zero_grad()
+        loss.backward()
+        lopt.step()
+
+    out["dpo_step_lora"] = B * T / bench(dpo)
+    prompts = ids[:4, :32].repeat_interleave(4, 0)
+    out["sampling"] = 16 * 64 / bench(lambda: sample(m, prompts, 64), 1)
+    print(json.dumps({k: round(v, 1) for k, v in out.items()}))
+
+
+if REAL:
+    real(sys.argv[2])
+else:
+    small()

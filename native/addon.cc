@@ -236,6 +236,26 @@ napi_value SwigluGrad(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
+// transpose(a, rows, cols, out)
+napi_value Transpose(napi_env env, napi_callback_info info) {
+  Args a(env, info, 4, "transpose");
+  int64_t rows = a.num(1), cols = a.num(2);
+  const float* x = a.f32(0, rows * cols, "a");
+  float* out = a.f32(3, rows * cols, "out");
+  if (a.ok()) transpose(x, rows, cols, out);
+  return nullptr;
+}
+
+// firstNonFinite(x, n) → index or −1
+napi_value FirstNonFinite(napi_env env, napi_callback_info info) {
+  Args a(env, info, 2, "firstNonFinite");
+  int64_t n = a.num(1);
+  const float* x = a.f32(0, n, "x");
+  napi_value r;
+  napi_create_double(env, a.ok() ? (double)first_non_finite(x, n) : -1.0, &r);
+  return r;
+}
+
 // dropoutAlea(x, n, s0, s1, s2, c, keep, y)
 napi_value DropoutAlea(napi_env env, napi_callback_info info) {
   Args a(env, info, 8, "dropoutAlea");
@@ -450,6 +470,8 @@ napi_value Init(napi_env env, napi_value exports) {
       {"swiglu", nullptr, Binary<swiglu>, nullptr, nullptr, nullptr, napi_default, (void*)"swiglu"},
       {"swigluGrad", nullptr, SwigluGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"dropoutAlea", nullptr, DropoutAlea, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"transpose", nullptr, Transpose, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"firstNonFinite", nullptr, FirstNonFinite, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"rope", nullptr, Rope, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"attention", nullptr, Attention, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"attentionGrad", nullptr, AttentionGrad, nullptr, nullptr, nullptr, napi_default, nullptr},

@@ -719,6 +719,32 @@ double sum_squares(const float* x, int64_t n) {
   return s;
 }
 
+void transpose(const float* a, int64_t rows, int64_t cols, float* out) {
+  constexpr int64_t kTile = 64;
+  int64_t tiles = (rows + kTile - 1) / kTile;
+  parallel((int)tiles, threads_for(rows * cols), [&](int t0, int t1) {
+    for (int64_t r0 = t0 * kTile; r0 < std::min(rows, (int64_t)t1 * kTile); r0 += kTile)
+      for (int64_t c0 = 0; c0 < cols; c0 += kTile)
+        for (int64_t c = c0; c < std::min(cols, c0 + kTile); c++)
+          for (int64_t r = r0; r < std::min(rows, r0 + kTile); r++) out[c * rows + r] = a[r * cols + c];
+  });
+}
+
+int64_t first_non_finite(const float* x, int64_t n) {
+  int64_t chunks = (n + kChunk - 1) / kChunk;
+  std::vector<int64_t> first(chunks, -1);
+  for_chunks(n, [&](int64_t c, int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; i++)
+      if (!std::isfinite(x[i])) {
+        first[c] = i;
+        return;
+      }
+  });
+  for (int64_t f : first)
+    if (f >= 0) return f;
+  return -1;
+}
+
 void add(const float* a, const float* b, int64_t n, float* y) {
   for_chunks(n, [&](int64_t, int64_t i0, int64_t i1) {
     wide([&]() PREFOPT_INLINE {

@@ -97,6 +97,11 @@ void split_qkv(float* qkv, int64_t N, int64_t KV, int64_t G, int64_t hd, float* 
 // (s0, s1, s2, c) the caller seeds as tfjs does; y_i = x_i · (floor(f32(u_i) + keep) / keep) in
 // float32. The generator is sequential, so this runs on one thread.
 void dropout_alea(const float* x, int64_t n, double s0, double s1, double s2, double c, float keep, float* y);
+// Loading a checkpoint: out [cols, rows] = aᵀ for a [rows, cols] (HF's [out, in] linear weights
+// to prefopt's [in, out]), in cache-sized tiles on every thread; and the index of the first NaN
+// or ±Inf in x, or −1.
+void transpose(const float* a, int64_t rows, int64_t cols, float* out);
+int64_t first_non_finite(const float* x, int64_t n);
 // y = a + b elementwise (same shapes): residual connections and gradient accumulation.
 void add(const float* a, const float* b, int64_t n, float* y);
 // y = x + b over rows of length D; its gradient for b is the column sum of dy.

@@ -142,7 +142,7 @@ describe('chunked LM head', () => {
 
 describe('memory estimate and the up-front check', () => {
   it('counts parameters and terms by hand for a small config', async () => {
-    const { estimateMemory, paramCount, loraParamCount, activationFloats, RUNTIME_BYTES, parseBytes } = await import('../src/model/memory.js');
+    const { estimateMemory, paramCount, loraParamCount, activationFloats, RUNTIME_BYTES, SLACK, parseBytes } = await import('../src/model/memory.js');
     const { cfg } = makeTestModel(ARCH_SPECS['llama GQA untied']); // D 32, I 72, L 2, H 4, KV 2, hd 8, V 50, untied, no biases
     const perLayer = 32 * 32 + 2 * (32 * 16) + 32 * 32 + 3 * 32 * 72 + 2 * 32;
     expect(paramCount(cfg)).toBe(2 * 50 * 32 + 32 + 2 * perLayer);
@@ -150,17 +150,19 @@ describe('memory estimate and the up-front check', () => {
     expect(activationFloats(cfg)).toBe(7 * 32 + 3 * 32 + 4 * 16 + 3 * 72);
     const e = estimateMemory(cfg, { kind: 'lora', rows: 4, len: 10, checkpointing: true, lora: { r: 4, targets: ['q_proj', 'down_proj'] } });
     const N = 40;
-    expect(e.parts).toEqual({
+    const tensors = {
       weights: 4 * paramCount(cfg),
       training_state: 4 * 3 * loraParamCount(cfg, { r: 4, targets: ['q_proj', 'down_proj'] }),
       activations: 4 * N * 32 * 2 + 2 * 4 * activationFloats(cfg) * N,
       lm_head: 3 * 4 * N * 50,
-      runtime: RUNTIME_BYTES,
-    });
+    };
+    const sum = Object.values(tensors).reduce((a, b) => a + b, 0);
+    expect(e.parts).toEqual({ ...tensors, slack: Math.round(SLACK * sum), runtime: RUNTIME_BYTES });
     expect(e.total).toBe(Object.values(e.parts).reduce((a, b) => a + b, 0));
     // Without checkpointing every layer's activations are kept; full SFT adds AdamW's state for every weight.
     expect(estimateMemory(cfg, { kind: 'full', rows: 4, len: 10, gradAccum: 2 }).parts.activations).toBe(2 * 4 * activationFloats(cfg) * N);
     expect(estimateMemory(cfg, { kind: 'full', rows: 4, len: 10, gradAccum: 2 }).parts.training_state).toBe(4 * 4 * paramCount(cfg));
+    expect(estimateMemory(cfg, { kind: 'full', rows: 4, len: 10 }).parts.head_grads).toBe(3 * 4 * 50 * 32);
     expect([parseBytes('12GiB'), parseBytes('800MB'), parseBytes('1e9'), parseBytes('lots')]).toEqual([12 * 2 ** 30, 800e6, 1e9, null]);
   });
 

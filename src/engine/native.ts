@@ -17,6 +17,8 @@ import { overrideKernel, runInPlace } from './kernels.js';
 interface Addon extends FusedAddon {
   matmul(ta: boolean, tb: boolean, batch: number, m: number, n: number, k: number, a: Float32Array, sa: number, b: Float32Array, sb: number, c: Float32Array, useBlas: boolean): void;
   info(): { blas: string; threads: number; isa: string };
+  transpose(a: Float32Array, rows: number, cols: number, out: Float32Array): void;
+  firstNonFinite(x: Float32Array, n: number): number;
 }
 
 export interface NativeReport {
@@ -59,6 +61,21 @@ export function nativeMatmulActive(): boolean {
 export function nativeMatmul(ta: boolean, tb: boolean, batch: number, m: number, n: number, k: number, a: Float32Array, sa: number, b: Float32Array, sb: number, c: Float32Array, useBlas = true): void {
   if (!addon) throw new Error('the native addon is not loaded');
   addon.matmul(ta, tb, batch, m, n, k, a, sa, b, sb, c, useBlas);
+}
+
+/** aᵀ for a [rows, cols] (row-major), on every core when the addon is loaded. */
+export function transpose2d(a: Float32Array, rows: number, cols: number): Float32Array {
+  const out = new Float32Array(a.length);
+  if (loadNative().active && addon) addon.transpose(a, rows, cols, out);
+  else for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) out[c * rows + r] = a[r * cols + c];
+  return out;
+}
+
+/** The index of the first NaN or ±Inf in x, or −1. */
+export function firstNonFinite(x: Float32Array): number {
+  if (loadNative().active && addon) return addon.firstNonFinite(x, x.length);
+  for (let i = 0; i < x.length; i++) if (!Number.isFinite(x[i])) return i;
+  return -1;
 }
 
 interface Shapes {

@@ -1,6 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { UserError } from '../util/errors.js';
+import { firstNonFinite } from '../engine/native.js';
 import { readJson } from '../util/fsutil.js';
 import { ModelConfig, expectedShapes, parseConfig } from '../model/config.js';
 import { DType, SafetensorsFile, TORCH_DTYPE, readHeader, readTensor, writeSafetensors } from './safetensors.js';
@@ -98,9 +99,8 @@ export function openCheckpoint(dir: string): { cfg: ModelConfig; src: TensorSour
 }
 
 export function checkFinite(name: string, file: string, data: Float32Array): void {
-  for (let i = 0; i < data.length; i++) {
-    if (!Number.isFinite(data[i])) throw new UserError(`${file}: tensor "${name}" holds a non-finite value (${data[i]}) at index ${i}`);
-  }
+  const i = firstNonFinite(data);
+  if (i >= 0) throw new UserError(`${file}: tensor "${name}" holds a non-finite value (${data[i]}) at index ${i}`);
 }
 
 export interface SaveOptions {

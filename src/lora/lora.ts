@@ -1,7 +1,8 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
-import { Decoder, LinearAdapter, transpose2d } from '../model/decoder.js';
+import { Decoder, LinearAdapter } from '../model/decoder.js';
+import { transpose2d } from '../engine/native.js';
 import { loraLinear, onRows } from '../engine/ops.js';
 import { SafetensorsFile, readHeader, readTensor, writeSafetensors } from '../io/safetensors.js';
 import { readJson, writeDirAtomic } from '../util/fsutil.js';

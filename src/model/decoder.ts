@@ -5,6 +5,7 @@ import { ropeTables } from './rope.js';
 import { addRmsNorm, attention, embed, labelLogProbs, labelLogProbsSlope, linear, mm, mmTransB, rmsNorm, rope, splitQkv, swiglu } from '../engine/ops.js';
 import { Rng } from '../util/rng.js';
 import { RngHooks, checkpoint } from '../engine/checkpoint.js';
+import { transpose2d } from '../engine/native.js';
 
 /**
  * A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, 360Zhinao) in one file, after nanoGPT's model.py.
@@ -338,10 +339,4 @@ export function toInternal(name: string, shape: number[], data: Float32Array): t
 export function fromInternal(name: string, internalShape: number[], data: Float32Array): Float32Array {
   if (isLinearWeight(name) && internalShape.length === 2) return transpose2d(data, internalShape[0], internalShape[1]);
   return new Float32Array(data);
-}
-
-export function transpose2d(a: Float32Array, rows: number, cols: number): Float32Array {
-  const out = new Float32Array(a.length);
-  for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) out[c * rows + r] = a[r * cols + c];
-  return out;
 }

