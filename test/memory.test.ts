@@ -183,6 +183,18 @@ describe('memory estimate and the up-front check', () => {
       expect(r.stderr).toMatch(new RegExp(`${cmd} on .* needs about [\\d.]+ GiB \\(weights [\\d.]+ GiB, .*runtime [\\d.]+ GiB\\), more than the 0\\.19 GiB this machine allows \\(PREFOPT_MEMORY_LIMIT\\)`));
       expect(fs.existsSync(out)).toBe(false);
     }
+    const lpRows = path.join(f.d, 'lp.jsonl');
+    fs.writeFileSync(lpRows, JSON.stringify({ prompt_ids: [3, 4], completion_ids: [5] }) + '\n');
+    const lpOut = path.join(f.d, 'lp-out.jsonl');
+    for (const args of [['logprobs', '--model', f.base, '--input', lpRows, '--out', lpOut], ['generate', '--model', f.base, '--prompt', 'hi', '--max-new-tokens', '4'], ['rm', 'train', '--model', f.base, '--data', pairs, '--out', path.join(f.d, 'too-big-rm')]]) {
+      const r = prefopt(args, { env: { PREFOPT_MEMORY_LIMIT: '200MB' } });
+      expect(r.code, `${args[0]}: ${r.stderr}`).toBe(2);
+      expect(r.stderr).toMatch(/needs about [\d.]+ GiB .*more than the 0\.19 GiB this machine allows/);
+      expect(r.stdout).toBe('');
+    }
+    expect(fs.existsSync(lpOut) || fs.existsSync(path.join(f.d, 'too-big-rm'))).toBe(false);
+    // Under the limit the same jobs run.
+    expect(prefopt(['logprobs', '--model', f.base, '--input', lpRows, '--out', lpOut], { env: { PREFOPT_MEMORY_LIMIT: '4GiB' } }).code).toBe(0);
     const doc = prefopt(['doctor', '--model', f.base, '--json'], { env: { PREFOPT_MEMORY_LIMIT: '200MB' } });
     const rep = JSON.parse(doc.stdout).memory;
     expect(rep.jobs.map((j: any) => j.fits)).toEqual([false, false, false]);

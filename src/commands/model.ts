@@ -15,7 +15,9 @@ import { UserError } from '../util/errors.js';
 import { readJson, writeDirAtomic, writeFileAtomic } from '../util/fsutil.js';
 import { deriveSeed } from '../util/rng.js';
 import { log } from '../util/log.js';
-import { Policy, needTokenizer, openPolicy, stopIdsOf } from '../model/policy.js';
+import { openPolicy, openTokenizer, stopIdsOf } from '../model/policy.js';
+import { checkJobFits } from '../model/memory.js';
+import { loadConfig } from '../io/checkpoint.js';
 
 /** Train a byte-level BPE tokenizer on text files (plain text or JSON/JSONL with string fields). */
 export async function trainTokenizer(opts: { data: string[]; vocabSize: number; out: string }): Promise<void> {
@@ -68,9 +70,8 @@ export interface LogprobsOptions {
   batchSize: number;
 }
 
-/** Parse logprobs input rows into token ids; every problem names file:line. */
-export function logprobRows(p: Policy, file: string): { prompt: number[]; completion: number[] }[] {
-  const V = p.model.cfg.vocab_size;
+/** Parse logprobs input rows into token ids for the checkpoint in `dir`; every problem names file:line. */
+export function logprobRows(tok: TextTokenizer | null, V: number, dir: string, file: string): { prompt: number[]; completion: number[] }[] {
   return readJsonl(file).map(({ line, value: r }) => {
     const where = `${file}:${line}`;
     if (!r || typeof r !== 'object' || Array.isArray(r)) throw new UserError(`${where}: expected a JSON object`);
@@ -78,7 +79,7 @@ export function logprobRows(p: Policy, file: string): { prompt: number[]; comple
       return { prompt: checkIds(r.prompt_ids, V, where, 'prompt_ids'), completion: checkIds(r.completion_ids, V, where, 'completion_ids', true) };
     }
     if (!('prompt' in r) || !('completion' in r)) throw new UserError(`${where}: expected {"prompt_ids","completion_ids"} or {"prompt","completion"}`);
-    const tok = needTokenizer(p, `text rows (${where})`);
+    if (!tok) throw new UserError(`${dir}: has no tokenizer.json, needed for text rows (${where})`);
     const pt = promptText(tok, r.prompt, where);
     const ct = completionText(tok, r.prompt, r.completion, where, 'completion');
     const ids = encodePair(tok, pt, ct);
@@ -88,8 +89,11 @@ export function logprobRows(p: Policy, file: string): { prompt: number[]; comple
 }
 
 export async function logprobsCmd(o: LogprobsOptions): Promise<void> {
-  const p = openPolicy(o.model, { adapter: o.adapter });
-  const rows = logprobRows(p, o.input);
+  const tok = openTokenizer(o.model);
+  const rows = logprobRows(tok, loadConfig(o.model).vocab_size, o.model, o.input);
+  const len = Math.max(2, ...rows.map((r) => r.prompt.length + r.completion.length));
+  checkJobFits(o.model, `logprobs on ${o.model}`, () => ({ kind: 'logprobs', rows: Math.min(o.batchSize, rows.length), len }));
+  const p = openPolicy(o.model, { adapter: o.adapter, tok });
   const res = completionLogprobs(p.model, rows, { batchSize: o.batchSize, padId: p.padId });
   const text = toJsonl(res);
   if (o.out) writeFileAtomic(o.out, text);
@@ -124,8 +128,8 @@ export function samplingFrom(gen: Record<string, any>, o: Partial<SamplingParams
 }
 
 export async function generateCmd(o: GenerateCli): Promise<void> {
-  const p = openPolicy(o.model, { adapter: o.adapter });
-  const tok = needTokenizer(p, 'generate');
+  const tok = openTokenizer(o.model);
+  if (!tok) throw new UserError(`${o.model}: has no tokenizer.json, needed for generate`);
   let text: string;
   if (o.messages) {
     const m = readJson(o.messages);
@@ -137,6 +141,8 @@ export async function generateCmd(o: GenerateCli): Promise<void> {
   } else throw new UserError('give --prompt TEXT or --messages FILE');
   const prompt = tok.encode(text);
   if (prompt.length === 0) throw new UserError('the prompt is empty');
+  checkJobFits(o.model, `generate on ${o.model}`, () => ({ kind: 'generate', rows: o.n, len: prompt.length + o.maxNewTokens }));
+  const p = openPolicy(o.model, { adapter: o.adapter, tok });
   if (prompt.length + o.maxNewTokens > p.model.cfg.max_position_embeddings) {
     log('warning', { prompt_tokens: prompt.length, max_new_tokens: o.maxNewTokens, context: p.model.cfg.max_position_embeddings }, 'prompt + max_new_tokens exceeds the context length');
   }

@@ -18,9 +18,15 @@ export interface Policy {
   padId: number;
 }
 
-export function openPolicy(dir: string, opts: { adapter?: string; trainable?: boolean } = {}): Policy {
+/** The checkpoint's tokenizer, or null when it has none. */
+export function openTokenizer(dir: string): TextTokenizer | null {
+  return TextTokenizer.exists(dir) ? TextTokenizer.load(dir) : null;
+}
+
+/** `tok`: the checkpoint's tokenizer when the caller has already loaded it (openTokenizer). */
+export function openPolicy(dir: string, opts: { adapter?: string; trainable?: boolean; tok?: TextTokenizer | null } = {}): Policy {
   const model = loadModel(dir, { trainable: opts.trainable });
-  const tok = TextTokenizer.exists(dir) ? TextTokenizer.load(dir) : null;
+  const tok = opts.tok !== undefined ? opts.tok : openTokenizer(dir);
   if (tok && tok.vocabSize > model.cfg.vocab_size) {
     throw new UserError(`${path.join(dir, 'tokenizer.json')}: tokenizer has ${tok.vocabSize} ids but config.json vocab_size is ${model.cfg.vocab_size}`);
   }
