@@ -51,6 +51,18 @@ function addSamplingOptions(cmd: Command, maxNewTokens?: number): Command {
     .option('--frequency-penalty <p>', 'OpenAI-style frequency penalty', num);
 }
 
+/** The DPO loss and data-shape flags of dpo, eval-dpo and online. */
+function dpoOptions(cmd: Command): Command {
+  return cmd
+    .option('--beta <b>', 'DPO β (default 0.1)', num)
+    .option('--loss-type <t>', 'sigmoid | hinge | ipo | robust')
+    .option('--label-smoothing <e>', 'ε for cDPO / robust DPO', num)
+    .option('--rpo-alpha <a>', "TRL's rpo_alpha: add α × the chosen answers' NLL to the loss (0 = off)", num)
+    .option('--max-length <n>', 'prompt + completion tokens at most', int)
+    .option('--max-prompt-length <n>', 'prompt tokens at most (longer prompts are skipped)', int)
+    .option('--batch-size <n>', 'pairs per micro-batch', int);
+}
+
 /** float32 bytes of the checkpoint a command will load, from its config alone (0 when unreadable: the command reports why). */
 function weightBytesOf(...dirs: unknown[]): number {
   let most = 0;
@@ -65,18 +77,9 @@ function weightBytesOf(...dirs: unknown[]): number {
   return most;
 }
 
-export function buildProgram(): Command {
-  const program = new Command();
-  program
-    .name('prefopt')
-    .description('Preference optimization of language models: SFT, LoRA DPO, iterative on-policy DPO, merging')
-    .option('--backend <name>', 'tfjs backend: node-gpu, node, wasm or cpu (default: first that loads; env PREFOPT_BACKEND)')
-    .option('--json', 'structured logs (one JSON object per line on stderr)')
-    .option('--quiet', 'no logs')
-    .showHelpAfterError();
-
-  const withBackend =
-    <A extends any[]>(fn: (...args: A) => Promise<void>) =>
+/** Wrap a command action: logging mode, then the backend (passing over wasm for large models), then the action. */
+function backendWrapper(program: Command) {
+  return <A extends any[]>(fn: (...args: A) => Promise<void>) =>
     async (...args: A) => {
       const g = program.opts();
       setLogMode({ json: g.json, quiet: g.quiet });
@@ -84,7 +87,12 @@ export function buildProgram(): Command {
       if (b.warning) log('warning', {}, b.warning);
       await fn(...args);
     };
+}
 
+type WithBackend = ReturnType<typeof backendWrapper>;
+
+/** The machine: backends, kernels, GPU status, memory estimates. */
+function addDoctorCommand(program: Command, withBackend: WithBackend): void {
   program
     .command('doctor')
     .description('show the tfjs backend chosen and why, and the machine; with --model, the peak memory of jobs on it')
@@ -136,7 +144,10 @@ export function buildProgram(): Command {
         }
       }),
     );
+}
 
+/** Tokenizers, checkpoints, log-probs and sampling. */
+function addModelCommands(program: Command, withBackend: WithBackend): void {
   program
     .command('train-tokenizer')
     .description('train a byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json)')
@@ -184,6 +195,29 @@ export function buildProgram(): Command {
     .option('--seed <n>', 'seed', int, 0);
   addSamplingOptions(generate, 128).action(withBackend(async (o) => generateCmd({ ...o, json: program.opts().json })));
 
+  program
+    .command('tokenize')
+    .description('the token ids training will see: SFT {"input_ids","labels"} (-100 = not trained), pair and prompt ids; a marked preview on a terminal')
+    .requiredOption('--model <dir>', 'checkpoint directory (only its tokenizer files and config.json are read)')
+    .requiredOption('--data <file>', 'conversations, preference pairs or prompts (JSON or JSONL)')
+    .addOption(new Option('--kind <kind>', 'what the rows are (default: from the first row\'s fields)').choices(DATA_KINDS))
+    .option('--out <file>', 'output file (default stdout)')
+    .option('--max-len <n>', `SFT: tokens per row, as \`prefopt sft --max-len\` (default ${DEFAULT_SFT.maxLen})`, int)
+    .option('--is-concat', 'SFT: pack conversations as `prefopt sft --is-concat` does')
+    .option('--max-length <n>', 'pairs: prompt + completion tokens at most, as `prefopt dpo --max-length`', int)
+    .option('--max-prompt-length <n>', 'pairs: prompt tokens at most (longer prompts are skipped)', int)
+    .option('--preview', 'readable text with trained tokens marked (default on a terminal)')
+    .option('--jsonl', 'JSONL even on a terminal')
+    .action((o) => {
+      const g = program.opts();
+      setLogMode({ json: g.json, quiet: g.quiet });
+      tokenizeCmd({ ...o, preview: o.jsonl ? false : o.preview });
+    });
+
+}
+
+/** The supervised and off-policy stages: SFT and DPO. */
+function addSftDpoCommands(program: Command, withBackend: WithBackend): void {
   addTrainOptions(
     program
       .command('sft')
@@ -219,15 +253,6 @@ export function buildProgram(): Command {
     }),
   );
 
-  const dpoOptions = (cmd: Command) =>
-    cmd
-      .option('--beta <b>', 'DPO β (default 0.1)', num)
-      .option('--loss-type <t>', 'sigmoid | hinge | ipo | robust')
-      .option('--label-smoothing <e>', 'ε for cDPO / robust DPO', num)
-      .option('--rpo-alpha <a>', "TRL's rpo_alpha: add α × the chosen answers' NLL to the loss (0 = off)", num)
-      .option('--max-length <n>', 'prompt + completion tokens at most', int)
-      .option('--max-prompt-length <n>', 'prompt tokens at most (longer prompts are skipped)', int)
-      .option('--batch-size <n>', 'pairs per micro-batch', int);
 
   addTrainOptions(
     addLoraOptions(dpoOptions(
@@ -256,6 +281,10 @@ export function buildProgram(): Command {
       .requiredOption('--data <file>', 'preference pairs'),
   ).action(withBackend(async (o) => evalDpoCmd(o)));
 
+}
+
+/** Reward models and the on-policy rounds. */
+function addRewardAndOnlineCommands(program: Command, withBackend: WithBackend): void {
   const rm = program.command('rm').description('reward models: train a Bradley–Terry model, score samples');
   addTrainOptions(
     addLoraOptions(rm
@@ -309,7 +338,10 @@ export function buildProgram(): Command {
       .option('--sampler-concurrency <n>', 'requests in flight', int)
       .option('--sampler-timeout <ms>', 'per-request timeout', int),
   ).action(withBackend(async (o) => onlineCmd(o, trainConfigFrom(o, DEFAULT_ONLINE.train))));
+}
 
+/** Merging adapters and checkpoints. */
+function addMergeCommands(program: Command, withBackend: WithBackend): void {
   program
     .command('merge-lora')
     .description('fold a LoRA adapter into its base: a plain HF checkpoint (W + s·B·A)')
@@ -335,7 +367,10 @@ export function buildProgram(): Command {
         log('merge', { out: o.out, method: r.method, models: r.models, tensors: r.tensors });
       }),
     );
+}
 
+/** Chat and the OpenAI-compatible server. */
+function addServingCommands(program: Command, withBackend: WithBackend): void {
   addSamplingOptions(
     program
       .command('chat')
@@ -361,26 +396,10 @@ export function buildProgram(): Command {
     .option('--timeout <ms>', 'per-request timeout', int, 300_000)
     .option('--name <id>', 'model id reported by /v1/models')
     .action(withBackend(async (o) => serveCmd(o)));
+}
 
-  program
-    .command('tokenize')
-    .description('the token ids training will see: SFT {"input_ids","labels"} (-100 = not trained), pair and prompt ids; a marked preview on a terminal')
-    .requiredOption('--model <dir>', 'checkpoint directory (only its tokenizer files and config.json are read)')
-    .requiredOption('--data <file>', 'conversations, preference pairs or prompts (JSON or JSONL)')
-    .addOption(new Option('--kind <kind>', 'what the rows are (default: from the first row\'s fields)').choices(DATA_KINDS))
-    .option('--out <file>', 'output file (default stdout)')
-    .option('--max-len <n>', `SFT: tokens per row, as \`prefopt sft --max-len\` (default ${DEFAULT_SFT.maxLen})`, int)
-    .option('--is-concat', 'SFT: pack conversations as `prefopt sft --is-concat` does')
-    .option('--max-length <n>', 'pairs: prompt + completion tokens at most, as `prefopt dpo --max-length`', int)
-    .option('--max-prompt-length <n>', 'pairs: prompt tokens at most (longer prompts are skipped)', int)
-    .option('--preview', 'readable text with trained tokens marked (default on a terminal)')
-    .option('--jsonl', 'JSONL even on a terminal')
-    .action((o) => {
-      const g = program.opts();
-      setLogMode({ json: g.json, quiet: g.quiet });
-      tokenizeCmd({ ...o, preview: o.jsonl ? false : o.preview });
-    });
-
+/** Data inspection, recipes, runs and their records. */
+function addRunCommands(program: Command, withBackend: WithBackend): void {
   program
     .command('validate')
     .description('check a recipe; every problem is listed with its field path, expected and found value')
@@ -459,7 +478,25 @@ export function buildProgram(): Command {
     .option('--format <f>', 'trl | jsonl', 'trl')
     .option('--out <file>', 'output file (default stdout)')
     .action(async (o) => exportPairsCmd(o));
+}
 
+export function buildProgram(): Command {
+  const program = new Command();
+  program
+    .name('prefopt')
+    .description('Preference optimization of language models: SFT, LoRA DPO, iterative on-policy DPO, merging')
+    .option('--backend <name>', 'tfjs backend: node-gpu, node, wasm or cpu (default: first that loads; env PREFOPT_BACKEND)')
+    .option('--json', 'structured logs (one JSON object per line on stderr)')
+    .option('--quiet', 'no logs')
+    .showHelpAfterError();
+  const withBackend = backendWrapper(program);
+  addDoctorCommand(program, withBackend);
+  addModelCommands(program, withBackend);
+  addSftDpoCommands(program, withBackend);
+  addRewardAndOnlineCommands(program, withBackend);
+  addMergeCommands(program, withBackend);
+  addServingCommands(program, withBackend);
+  addRunCommands(program, withBackend);
   return program;
 }
 

@@ -179,162 +179,195 @@ export class RecipeRunner {
     return summary;
   }
 
-  private async runStage(st: Stage, stageId: number, resume: boolean): Promise<{ output: string; result: unknown }> {
+  /** Each stage type's runner: its options from the recipe fields, its result for the run database. */
+  private readonly runners: Record<string, (st: Stage, stageId: number, resume: boolean) => Promise<StageOutcome>> = {
+    init: (st, id, resume) => this.stageInit(st, id, resume),
+    sft: (st, id, resume) => this.stageSft(st, id, resume),
+    dpo: (st, id, resume) => this.stageDpo(st, id, resume),
+    rm_train: (st, id, resume) => this.stageRmTrain(st, id, resume),
+    online_dpo: (st, id, resume) => this.stageOnline(st, id, resume),
+    merge: (st, id, resume) => this.stageMerge(st, id, resume),
+    eval: (st, id, resume) => this.stageEval(st, id, resume),
+  };
+
+  private async runStage(st: Stage, stageId: number, resume: boolean): Promise<StageOutcome> {
+    const run = this.runners[st.type];
+    if (!run) throw new UserError(`unknown stage type ${st.type}`);
+    return run(st, stageId, resume);
+  }
+
+  private async stageInit(st: Stage, stageId: number, resume: boolean): Promise<StageOutcome> {
     const out = this.stageOut(st.name);
     const seed = st.seed ?? this.recipe.seed;
-    switch (st.type) {
-      case 'init': {
-        await initModel({ arch: st.arch, preset: st.preset, config: st.config ? this.file(st.config) : undefined, tokenizer: this.resolve(st.tokenizer), out, seed });
-        return { output: out, result: {} };
-      }
-      case 'sft': {
-        const r = await runSft({
-          ...DEFAULT_SFT,
-          model: this.resolve(st.model),
-          data: this.file(st.data),
-          out,
-          evalData: st.eval_data ? this.file(st.eval_data) : undefined,
-          evalRatio: st.eval_ratio ?? DEFAULT_SFT.evalRatio,
-          batchSize: st.batch_size ?? DEFAULT_SFT.batchSize,
-          maxLen: st.max_len ?? DEFAULT_SFT.maxLen,
-          isConcat: st.is_concat ?? false,
-          skipBadRows: st.skip_bad_rows ?? false,
-          dtype: st.dtype ? dtypeFromName(st.dtype) : 'F32',
-          resume,
-          train: trainFrom(st, DEFAULT_SFT.train, seed),
-        });
-        putMetrics(this.db, stageId, null, { loss: r.lastLoss, eval_loss: r.evalLoss, steps: r.steps });
-        return { output: out, result: { steps: r.steps, loss: r.lastLoss, eval_loss: r.evalLoss, rows: r.rows, skipped: r.skipped } };
-      }
-      case 'dpo': {
-        const m = this.modelSpec(st.model);
-        const r = await runDpo({
-          ...DEFAULT_DPO_STAGE,
-          model: m.model,
-          data: this.file(st.data),
-          out,
-          evalData: st.eval_data ? this.file(st.eval_data) : undefined,
-          evalRatio: st.eval_ratio ?? DEFAULT_DPO_STAGE.evalRatio,
-          refModel: st.ref_model ? this.resolve(st.ref_model) : undefined,
-          adapter: st.adapter ? this.resolve(st.adapter) : m.adapter,
-          dpo: dpoParamsFrom(st, DEFAULT_DPO_STAGE.dpo, 'recipe', `stage ${st.name}: `),
-          lora: loraFrom(st.lora),
-          maxLength: st.max_length ?? DEFAULT_DPO_STAGE.maxLength,
-          maxPromptLength: st.max_prompt_length ?? DEFAULT_DPO_STAGE.maxPromptLength,
-          strict: st.strict ?? false,
-          batchSize: st.batch_size ?? DEFAULT_DPO_STAGE.batchSize,
-          train: trainFrom(st, DEFAULT_DPO_STAGE.train, seed),
-          cacheDb: this.db.name,
-          resume,
-        });
-        putMetrics(this.db, stageId, null, Object.fromEntries(Object.entries(r.evalMetrics).map(([k, v]) => [`eval/${k}`, v])));
-        return { output: out, result: { steps: r.steps, pairs: r.pairs, skipped: r.skipped, eval: r.evalMetrics, eval_before: r.evalBefore } };
-      }
-      case 'rm_train': {
-        const r = await runRmTrain({
-          ...DEFAULT_RM,
-          model: this.resolve(st.model),
-          data: this.file(st.data),
-          out,
-          evalData: st.eval_data ? this.file(st.eval_data) : undefined,
-          evalRatio: st.eval_ratio ?? DEFAULT_RM.evalRatio,
-          lora: st.lora ? loraFrom(st.lora) : null,
-          batchSize: st.batch_size ?? DEFAULT_RM.batchSize,
-          maxLength: st.max_length ?? DEFAULT_RM.maxLength,
-          maxPromptLength: st.max_prompt_length ?? DEFAULT_RM.maxPromptLength,
-          strict: st.strict ?? false,
-          resume,
-          train: trainFrom(st, DEFAULT_RM.train, seed),
-        });
-        putMetrics(this.db, stageId, null, Object.fromEntries(Object.entries(r.evalMetrics).map(([k, v]) => [`eval/${k}`, v])));
-        return { output: out, result: { steps: r.steps, pairs: r.pairs, eval: r.evalMetrics, eval_before: r.evalBefore } };
-      }
-      case 'online_dpo': {
-        const m = this.modelSpec(st.model);
-        const scorer = this.scorerSpec(st.scorer);
-        const sampler =
-          st.sampler?.type === 'openai'
-            ? { type: 'openai' as const, baseUrl: st.sampler.base_url, model: st.sampler.model ?? 'policy', concurrency: st.sampler.concurrency ?? 8, timeoutMs: st.sampler.timeout_ms ?? 120_000, retries: 3 }
-            : { type: 'local' as const, maxBatch: st.sampler?.max_batch };
-        if (sampler.type === 'openai' && !sampler.baseUrl) throw new UserError(`stage ${st.name}: sampler.base_url is required for type openai`);
-        const r = await runOnline(
-          {
-            ...DEFAULT_ONLINE,
-            model: m.model,
-            adapter: st.adapter ? this.resolve(st.adapter) : m.adapter,
-            prompts: this.file(st.prompts),
-            evalPrompts: st.eval_prompts ? this.file(st.eval_prompts) : undefined,
-            scorer,
-            auditScorer: st.audit_scorer ? this.scorerSpec(st.audit_scorer) : undefined,
-            rounds: st.rounds ?? DEFAULT_ONLINE.rounds,
-            samplesPerPrompt: st.samples_per_prompt ?? DEFAULT_ONLINE.samplesPerPrompt,
-            promptsPerRound: st.prompts_per_round ?? DEFAULT_ONLINE.promptsPerRound,
-            promptMode: st.prompt_mode ?? DEFAULT_ONLINE.promptMode,
-            sampling: {
-              temperature: st.temperature ?? 1,
-              topK: st.top_k ?? 0,
-              topP: st.top_p ?? 1,
-              repetitionPenalty: st.repetition_penalty ?? 1,
-              presencePenalty: st.presence_penalty ?? 0,
-              frequencyPenalty: st.frequency_penalty ?? 0,
-              maxNewTokens: st.max_new_tokens ?? DEFAULT_ONLINE.sampling.maxNewTokens,
-            },
-            sampler,
-            selection: { rule: st.selection ?? 'max_min', lengthPenalty: st.length_penalty ?? 0, minMargin: st.min_margin ?? 0 },
-            reference: st.reference ?? 'sft',
-            dpo: dpoParamsFrom(st, DEFAULT_ONLINE.dpo, 'recipe', `stage ${st.name}: `),
-            lora: loraFrom(st.lora),
-            maxLength: st.max_length ?? DEFAULT_ONLINE.maxLength,
-            maxPromptLength: st.max_prompt_length ?? DEFAULT_ONLINE.maxPromptLength,
-            batchSize: st.batch_size ?? DEFAULT_ONLINE.batchSize,
-            train: trainFrom(st, DEFAULT_ONLINE.train, seed),
-            workdir: out,
-            seed,
-            evalMaxNewTokens: st.eval_max_new_tokens ?? DEFAULT_ONLINE.evalMaxNewTokens,
-            runName: this.recipe.name,
-            stageName: st.name,
-            baseDir: this.recipe.dir,
-          },
-          this.db,
-        );
-        return { output: r.adapter ?? '', result: r };
-      }
-      case 'merge': {
-        const cfg = validateMergeConfig({ ...st, name: undefined, type: undefined, seed: st.seed ?? this.recipe.seed }, `stage ${st.name}: `);
-        const r = await runMerge(cfg, out, (p) => this.resolve(p));
-        return { output: out, result: r };
-      }
-      case 'eval': {
-        const prompts = loadPrompts(this.file(st.prompts));
-        const scorer = st.scorer ? await makeScorer(this.scorerSpec(st.scorer), { baseDir: this.recipe.dir }) : null;
-        const table: EvalRow[] = [];
-        const samples: Record<string, unknown> = {};
-        try {
-          for (const [label, spec] of Object.entries<string>(st.models)) {
-            const m = this.modelSpec(spec);
-            const p = openPolicy(m.model);
-            if (m.adapter) attach(p.model, LoraAdapter.load(p.model, m.adapter));
-            try {
-              const e = await evaluatePolicy(p.model, needTokenizer(p, 'eval'), prompts, { scorer, maxNewTokens: st.max_new_tokens ?? 32, stopIds: stopIdsOf(p), padId: p.padId });
-              table.push({ model: label, accuracy: e.accuracy, mean_reward: e.mean_reward });
-              samples[label] = e.samples.slice(0, 5);
-              putMetrics(this.db, stageId, null, { [`${label}/accuracy`]: e.accuracy, [`${label}/mean_reward`]: e.mean_reward });
-              log('eval', { model: label, accuracy: e.accuracy, mean_reward: e.mean_reward });
-            } finally {
-              (p.model.adapter as LoraAdapter | null)?.dispose();
-              p.model.dispose();
-            }
-          }
-        } finally {
-          await scorer?.close?.();
-        }
-        fs.mkdirSync(out, { recursive: true });
-        fs.writeFileSync(path.join(out, 'results.json'), JSON.stringify({ table, samples }, null, 2) + '\n');
-        return { output: out, result: { table } };
-      }
-    }
-    throw new UserError(`unknown stage type ${st.type}`);
+    await initModel({ arch: st.arch, preset: st.preset, config: st.config ? this.file(st.config) : undefined, tokenizer: this.resolve(st.tokenizer), out, seed });
+    return { output: out, result: {} };
   }
+
+  private async stageSft(st: Stage, stageId: number, resume: boolean): Promise<StageOutcome> {
+    const out = this.stageOut(st.name);
+    const seed = st.seed ?? this.recipe.seed;
+    const r = await runSft({
+      ...DEFAULT_SFT,
+      model: this.resolve(st.model),
+      data: this.file(st.data),
+      out,
+      evalData: st.eval_data ? this.file(st.eval_data) : undefined,
+      evalRatio: st.eval_ratio ?? DEFAULT_SFT.evalRatio,
+      batchSize: st.batch_size ?? DEFAULT_SFT.batchSize,
+      maxLen: st.max_len ?? DEFAULT_SFT.maxLen,
+      isConcat: st.is_concat ?? false,
+      skipBadRows: st.skip_bad_rows ?? false,
+      dtype: st.dtype ? dtypeFromName(st.dtype) : 'F32',
+      resume,
+      train: trainFrom(st, DEFAULT_SFT.train, seed),
+    });
+    putMetrics(this.db, stageId, null, { loss: r.lastLoss, eval_loss: r.evalLoss, steps: r.steps });
+    return { output: out, result: { steps: r.steps, loss: r.lastLoss, eval_loss: r.evalLoss, rows: r.rows, skipped: r.skipped } };
+  }
+
+  private async stageDpo(st: Stage, stageId: number, resume: boolean): Promise<StageOutcome> {
+    const out = this.stageOut(st.name);
+    const seed = st.seed ?? this.recipe.seed;
+    const m = this.modelSpec(st.model);
+    const r = await runDpo({
+      ...DEFAULT_DPO_STAGE,
+      model: m.model,
+      data: this.file(st.data),
+      out,
+      evalData: st.eval_data ? this.file(st.eval_data) : undefined,
+      evalRatio: st.eval_ratio ?? DEFAULT_DPO_STAGE.evalRatio,
+      refModel: st.ref_model ? this.resolve(st.ref_model) : undefined,
+      adapter: st.adapter ? this.resolve(st.adapter) : m.adapter,
+      dpo: dpoParamsFrom(st, DEFAULT_DPO_STAGE.dpo, 'recipe', `stage ${st.name}: `),
+      lora: loraFrom(st.lora),
+      maxLength: st.max_length ?? DEFAULT_DPO_STAGE.maxLength,
+      maxPromptLength: st.max_prompt_length ?? DEFAULT_DPO_STAGE.maxPromptLength,
+      strict: st.strict ?? false,
+      batchSize: st.batch_size ?? DEFAULT_DPO_STAGE.batchSize,
+      train: trainFrom(st, DEFAULT_DPO_STAGE.train, seed),
+      cacheDb: this.db.name,
+      resume,
+    });
+    putMetrics(this.db, stageId, null, Object.fromEntries(Object.entries(r.evalMetrics).map(([k, v]) => [`eval/${k}`, v])));
+    return { output: out, result: { steps: r.steps, pairs: r.pairs, skipped: r.skipped, eval: r.evalMetrics, eval_before: r.evalBefore } };
+  }
+
+  private async stageRmTrain(st: Stage, stageId: number, resume: boolean): Promise<StageOutcome> {
+    const out = this.stageOut(st.name);
+    const seed = st.seed ?? this.recipe.seed;
+    const r = await runRmTrain({
+      ...DEFAULT_RM,
+      model: this.resolve(st.model),
+      data: this.file(st.data),
+      out,
+      evalData: st.eval_data ? this.file(st.eval_data) : undefined,
+      evalRatio: st.eval_ratio ?? DEFAULT_RM.evalRatio,
+      lora: st.lora ? loraFrom(st.lora) : null,
+      batchSize: st.batch_size ?? DEFAULT_RM.batchSize,
+      maxLength: st.max_length ?? DEFAULT_RM.maxLength,
+      maxPromptLength: st.max_prompt_length ?? DEFAULT_RM.maxPromptLength,
+      strict: st.strict ?? false,
+      resume,
+      train: trainFrom(st, DEFAULT_RM.train, seed),
+    });
+    putMetrics(this.db, stageId, null, Object.fromEntries(Object.entries(r.evalMetrics).map(([k, v]) => [`eval/${k}`, v])));
+    return { output: out, result: { steps: r.steps, pairs: r.pairs, eval: r.evalMetrics, eval_before: r.evalBefore } };
+  }
+
+  private async stageOnline(st: Stage, stageId: number, resume: boolean): Promise<StageOutcome> {
+    const out = this.stageOut(st.name);
+    const seed = st.seed ?? this.recipe.seed;
+    const m = this.modelSpec(st.model);
+    const scorer = this.scorerSpec(st.scorer);
+    const sampler =
+      st.sampler?.type === 'openai'
+        ? { type: 'openai' as const, baseUrl: st.sampler.base_url, model: st.sampler.model ?? 'policy', concurrency: st.sampler.concurrency ?? 8, timeoutMs: st.sampler.timeout_ms ?? 120_000, retries: 3 }
+        : { type: 'local' as const, maxBatch: st.sampler?.max_batch };
+    if (sampler.type === 'openai' && !sampler.baseUrl) throw new UserError(`stage ${st.name}: sampler.base_url is required for type openai`);
+    const r = await runOnline(
+      {
+        ...DEFAULT_ONLINE,
+        model: m.model,
+        adapter: st.adapter ? this.resolve(st.adapter) : m.adapter,
+        prompts: this.file(st.prompts),
+        evalPrompts: st.eval_prompts ? this.file(st.eval_prompts) : undefined,
+        scorer,
+        auditScorer: st.audit_scorer ? this.scorerSpec(st.audit_scorer) : undefined,
+        rounds: st.rounds ?? DEFAULT_ONLINE.rounds,
+        samplesPerPrompt: st.samples_per_prompt ?? DEFAULT_ONLINE.samplesPerPrompt,
+        promptsPerRound: st.prompts_per_round ?? DEFAULT_ONLINE.promptsPerRound,
+        promptMode: st.prompt_mode ?? DEFAULT_ONLINE.promptMode,
+        sampling: {
+          temperature: st.temperature ?? 1,
+          topK: st.top_k ?? 0,
+          topP: st.top_p ?? 1,
+          repetitionPenalty: st.repetition_penalty ?? 1,
+          presencePenalty: st.presence_penalty ?? 0,
+          frequencyPenalty: st.frequency_penalty ?? 0,
+          maxNewTokens: st.max_new_tokens ?? DEFAULT_ONLINE.sampling.maxNewTokens,
+        },
+        sampler,
+        selection: { rule: st.selection ?? 'max_min', lengthPenalty: st.length_penalty ?? 0, minMargin: st.min_margin ?? 0 },
+        reference: st.reference ?? 'sft',
+        dpo: dpoParamsFrom(st, DEFAULT_ONLINE.dpo, 'recipe', `stage ${st.name}: `),
+        lora: loraFrom(st.lora),
+        maxLength: st.max_length ?? DEFAULT_ONLINE.maxLength,
+        maxPromptLength: st.max_prompt_length ?? DEFAULT_ONLINE.maxPromptLength,
+        batchSize: st.batch_size ?? DEFAULT_ONLINE.batchSize,
+        train: trainFrom(st, DEFAULT_ONLINE.train, seed),
+        workdir: out,
+        seed,
+        evalMaxNewTokens: st.eval_max_new_tokens ?? DEFAULT_ONLINE.evalMaxNewTokens,
+        runName: this.recipe.name,
+        stageName: st.name,
+        baseDir: this.recipe.dir,
+      },
+      this.db,
+    );
+    return { output: r.adapter ?? '', result: r };
+  }
+
+  private async stageMerge(st: Stage, stageId: number, resume: boolean): Promise<StageOutcome> {
+    const out = this.stageOut(st.name);
+    const cfg = validateMergeConfig({ ...st, name: undefined, type: undefined, seed: st.seed ?? this.recipe.seed }, `stage ${st.name}: `);
+    const r = await runMerge(cfg, out, (p) => this.resolve(p));
+    return { output: out, result: r };
+  }
+
+  private async stageEval(st: Stage, stageId: number, resume: boolean): Promise<StageOutcome> {
+    const out = this.stageOut(st.name);
+    const prompts = loadPrompts(this.file(st.prompts));
+    const scorer = st.scorer ? await makeScorer(this.scorerSpec(st.scorer), { baseDir: this.recipe.dir }) : null;
+    const table: EvalRow[] = [];
+    const samples: Record<string, unknown> = {};
+    try {
+      for (const [label, spec] of Object.entries<string>(st.models)) {
+        const m = this.modelSpec(spec);
+        const p = openPolicy(m.model);
+        if (m.adapter) attach(p.model, LoraAdapter.load(p.model, m.adapter));
+        try {
+          const e = await evaluatePolicy(p.model, needTokenizer(p, 'eval'), prompts, { scorer, maxNewTokens: st.max_new_tokens ?? 32, stopIds: stopIdsOf(p), padId: p.padId });
+          table.push({ model: label, accuracy: e.accuracy, mean_reward: e.mean_reward });
+          samples[label] = e.samples.slice(0, 5);
+          putMetrics(this.db, stageId, null, { [`${label}/accuracy`]: e.accuracy, [`${label}/mean_reward`]: e.mean_reward });
+          log('eval', { model: label, accuracy: e.accuracy, mean_reward: e.mean_reward });
+        } finally {
+          (p.model.adapter as LoraAdapter | null)?.dispose();
+          p.model.dispose();
+        }
+      }
+    } finally {
+      await scorer?.close?.();
+    }
+    fs.mkdirSync(out, { recursive: true });
+    fs.writeFileSync(path.join(out, 'results.json'), JSON.stringify({ table, samples }, null, 2) + '\n');
+    return { output: out, result: { table } };
+  }
+}
+
+interface StageOutcome {
+  output: string;
+  result: unknown;
 }
 
 export function formatTable(rows: EvalRow[]): string {

@@ -144,8 +144,8 @@ export interface DpoResult extends TrainResult {
   evalBefore: Record<string, number>;
 }
 
-export async function runDpo(c: DpoConfig): Promise<DpoResult> {
-  validateDpoParams(c.dpo);
+/** Stop before loading when a LoRA DPO step of this shape would not fit (model/memory). */
+function checkDpoFits(c: DpoConfig): void {
   checkJobFits(c.model, `dpo on ${c.model}`, (cfg) => ({
     kind: 'lora',
     rows: 2 * c.batchSize,
@@ -154,6 +154,11 @@ export async function runDpo(c: DpoConfig): Promise<DpoResult> {
     lora: { r: c.lora.r, targets: c.lora.targets.length ? c.lora.targets : defaultTargets(cfg.arch) },
     gradAccum: c.train.gradAccum,
   }));
+}
+
+export async function runDpo(c: DpoConfig): Promise<DpoResult> {
+  validateDpoParams(c.dpo);
+  checkDpoFits(c);
   const policy = openPolicy(c.model);
   const model = policy.model;
   const V = model.cfg.vocab_size;

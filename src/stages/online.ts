@@ -193,6 +193,38 @@ interface RoundRow {
   policy_path: string | null;
 }
 
+/** What every step of a round reads: the stage's settings, the round's rows, the policy loaded on demand. */
+interface RoundContext {
+  c: OnlineConfig;
+  db: DB;
+  stageId: number;
+  r: number;
+  roundId: number;
+  /** The round's prompts, in order. */
+  rp: { id: number; idx: number; prompt_ids: string; prompt_json: string }[];
+  evalPrompts: PromptItem[];
+  /** The adapter the round started from (its sampling policy). */
+  startAdapter: string | null;
+  /** The adapter policy() attaches: the sampling policy, then the round's new one for evaluation. */
+  prevAdapter: string | null;
+  getScorer: () => Promise<Scorer>;
+  getAudit: (() => Promise<Scorer>) | null;
+  times: Record<string, number>;
+  round(): RoundRow;
+  advance(from: RoundStep, to: RoundStep, extra?: () => void): void;
+  policy(): Policy;
+  release(): void;
+}
+
+/** A round as its steps, in order; the round's row in the database says which are left. */
+const ROUND_STEPS: [RoundStep, (ctx: RoundContext) => Promise<void>][] = [
+  ['sample', sampleStep],
+  ['score', scoreStep],
+  ['select', selectStep],
+  ['train', trainStep],
+  ['evaluate', evaluateStep],
+];
+
 async function runRound(
   c: OnlineConfig,
   db: DB,
@@ -206,17 +238,7 @@ async function runRound(
 ): Promise<{ adapter: string | null }> {
   tx(db, () => db.prepare("INSERT OR IGNORE INTO rounds (stage_id, round, step, reference) VALUES (?, ?, 'sample', ?)").run(stageId, r, c.reference));
   const round = () => db.prepare('SELECT id, step, policy_path FROM rounds WHERE stage_id = ? AND round = ?').get(stageId, r) as RoundRow;
-  const advance = (from: RoundStep, to: RoundStep, extra?: () => void) => {
-    tx(db, () => {
-      if (round().step !== from) throw new Error(`round ${r}: expected step ${from}`);
-      extra?.();
-      db.prepare(`UPDATE rounds SET step = ?${to === 'done' ? ", finished_at = datetime('now')" : ''} WHERE id = ?`).run(to, round().id);
-    });
-    // Logged after the commit: a reader of the log never sees a step the database does not have.
-    log('step', { round: r, step: to });
-  };
   const roundId = round().id;
-  const startAdapter = prevAdapter;
   if (round().step === 'done') return { adapter: round().policy_path };
   log('round', { round: r, step: round().step, policy: prevAdapter ?? '(base)' });
 
@@ -231,210 +253,224 @@ async function runRound(
   });
   const rp = db
     .prepare('SELECT p.id, p.idx, p.prompt_ids, p.prompt_json FROM round_prompts rp JOIN prompts p ON p.id = rp.prompt_id WHERE rp.round_id = ? ORDER BY rp.position')
-    .all(roundId) as { id: number; idx: number; prompt_ids: string; prompt_json: string }[];
+    .all(roundId) as RoundContext['rp'];
 
-  let policy: Policy | null = null;
-  const getPolicy = () => {
-    if (!policy) {
-      policy = openPolicy(c.model);
-      if (prevAdapter) attach(policy.model, LoraAdapter.load(policy.model, prevAdapter));
-    }
-    return policy;
+  let loaded: Policy | null = null;
+  const ctx: RoundContext = {
+    c, db, stageId, r, roundId, rp, evalPrompts, startAdapter: prevAdapter, prevAdapter, getScorer, getAudit, times: {},
+    round,
+    advance: (from, to, extra) => {
+      tx(db, () => {
+        if (round().step !== from) throw new Error(`round ${r}: expected step ${from}`);
+        extra?.();
+        db.prepare(`UPDATE rounds SET step = ?${to === 'done' ? ", finished_at = datetime('now')" : ''} WHERE id = ?`).run(to, roundId);
+      });
+      // Logged after the commit: a reader of the log never sees a step the database does not have.
+      log('step', { round: r, step: to });
+    },
+    policy: () => {
+      if (!loaded) {
+        loaded = openPolicy(c.model);
+        if (ctx.prevAdapter) attach(loaded.model, LoraAdapter.load(loaded.model, ctx.prevAdapter));
+      }
+      return loaded;
+    },
+    release: () => {
+      if (loaded) {
+        (loaded.model.adapter as LoraAdapter | null)?.dispose();
+        loaded.model.dispose();
+        loaded = null;
+      }
+    },
   };
-  const release = () => {
-    if (policy) {
-      (policy.model.adapter as LoraAdapter | null)?.dispose();
-      policy.model.dispose();
-      policy = null;
-    }
-  };
-  const times: Record<string, number> = {};
   try {
-    // --- sample -------------------------------------------------------------------------------
-    if (round().step === 'sample') {
-      const t0 = Date.now();
-      const p = getPolicy();
-      const tok = p.tok!;
-      const sampler: Sampler =
-        c.sampler.type === 'openai'
-          ? new OpenAISampler({ ...c.sampler, model: c.sampler.model.replace('{round}', String(r)) }, tok, tok.id('<|im_end|>'))
-          : new LocalSampler(p.model, tok, stopIdsOf(p), p.padId, c.sampler.maxBatch ?? 64);
-      const done = new Set((db.prepare('SELECT prompt_id FROM samples WHERE round_id = ? GROUP BY prompt_id HAVING COUNT(*) = ?').all(roundId, c.samplesPerPrompt) as { prompt_id: number }[]).map((x) => x.prompt_id));
-      const todo = rp.filter((x) => !done.has(x.id));
-      const ins = db.prepare('INSERT INTO samples (round_id, prompt_id, k, text, token_ids, finish_reason, sampler_json, seed) VALUES (?, ?, ?, ?, ?, ?, ?, ?)');
-      const settings = JSON.stringify({ sampler: c.sampler.type, ...c.sampling });
-      const group = Math.max(1, Math.floor((c.sampler.type === 'local' ? c.sampler.maxBatch ?? 64 : 64) / c.samplesPerPrompt));
-      const bar = new Progress(`round ${r} sample`, rp.length);
-      for (let i = 0; i < todo.length; i += group) {
-        const part = todo.slice(i, i + group);
-        const reqs = part.map((x) => ({
-          messages: rowMessages(JSON.parse(x.prompt_json)),
-          promptIds: JSON.parse(x.prompt_ids) as number[],
-          seeds: Array.from({ length: c.samplesPerPrompt }, (_, k) => deriveSeed(c.seed, 'sample', r, x.idx, k)),
-        }));
-        const out = await sampler.sample(reqs, c.sampling);
-        tx(db, () =>
-          part.forEach((x, j) =>
-            out[j].forEach((s, k) => ins.run(roundId, x.id, k, s.text, JSON.stringify(s.ids), s.finishReason, settings, reqs[j].seeds[k])),
-          ),
-        );
-        bar.tick(done.size + i + part.length);
-      }
-      bar.done();
-      times['time/sample_s'] = (Date.now() - t0) / 1000;
-      advance('sample', 'score', () => putMetrics(db, stageId, r, times));
-    }
-
-    // --- score --------------------------------------------------------------------------------
-    if (round().step === 'score') {
-      const t0 = Date.now();
-      for (const get of getAudit ? [getScorer, getAudit] : [getScorer]) await scoreRound(db, roundId, await get());
-      times['time/score_s'] = (Date.now() - t0) / 1000;
-      advance('score', 'select', () => putMetrics(db, stageId, r, { 'time/score_s': times['time/score_s'] }));
-    }
-
-    // --- select -------------------------------------------------------------------------------
-    if (round().step === 'select') {
-      const sc = await getScorer();
-      const audit = getAudit ? await getAudit() : null;
-      const scored = db
-        .prepare('SELECT s.id, s.prompt_id, s.k, s.token_ids, x.reward FROM samples s JOIN scores x ON x.sample_id = s.id AND x.scorer = ? AND x.scorer_version = ? WHERE s.round_id = ? ORDER BY s.prompt_id, s.k')
-        .all(sc.name, sc.version, roundId) as { id: number; prompt_id: number; k: number; token_ids: string; reward: number }[];
-      const byPrompt = new Map<number, ScoredSample[]>();
-      for (const x of scored) {
-        const ids = JSON.parse(x.token_ids) as number[];
-        byPrompt.set(x.prompt_id, [...(byPrompt.get(x.prompt_id) ?? []), { id: x.id, k: x.k, reward: x.reward, nTokens: ids.length, key: x.token_ids }]);
-      }
-      advance('select', 'train', () => {
-        const ins = db.prepare('INSERT INTO pairs (round_id, prompt_id, chosen_sample_id, rejected_sample_id, margin, rule) VALUES (?, ?, ?, ?, ?, ?)');
-        const dropped: Record<string, number> = { tie: 0, below_margin: 0, too_few: 0 };
-        let margin = 0;
-        let n = 0;
-        const rewards = scored.map((x) => x.reward);
-        for (const x of rp) {
-          const sel = selectPair(byPrompt.get(x.id) ?? [], c.selection, new Rng(c.seed, 'select', r, x.idx));
-          if ('dropped' in sel) dropped[sel.dropped]++;
-          else {
-            ins.run(roundId, x.id, sel.chosen.id, sel.rejected.id, sel.margin, c.selection.rule);
-            margin += sel.margin;
-            n++;
-          }
-        }
-        // Best-of-K: the mean over prompts of their best sample's reward (pass@K for a 0/1 rule).
-        const best = [...byPrompt.values()].map((g) => Math.max(...g.map((x) => x.reward)));
-        if (audit) putMetrics(db, stageId, r, auditAgreement(db, roundId, sc, audit));
-        putMetrics(db, stageId, r, {
-          'reward/mean': rewards.reduce((a, b) => a + b, 0) / Math.max(rewards.length, 1),
-          'reward/best_of_k': best.reduce((a, b) => a + b, 0) / Math.max(best.length, 1),
-          'reward/max': Math.max(...rewards),
-          'reward/min': Math.min(...rewards),
-          samples: rewards.length,
-          pairs: n,
-          'dropped/tie': dropped.tie,
-          'dropped/below_margin': dropped.below_margin,
-          'margin/mean': n ? margin / n : null,
-        });
-      });
-    }
-
-    // --- train --------------------------------------------------------------------------------
-    if (round().step === 'train') {
-      release();
-      const t0 = Date.now();
-      const pairs = db
-        .prepare(
-          `SELECT p.prompt_ids, cs.token_ids AS chosen, rs.token_ids AS rejected, p.idx FROM pairs x
-           JOIN prompts p ON p.id = x.prompt_id JOIN samples cs ON cs.id = x.chosen_sample_id JOIN samples rs ON rs.id = x.rejected_sample_id
-           WHERE x.round_id = ? ORDER BY x.prompt_id`,
-        )
-        .all(roundId) as any[];
-      const out = roundDir(c.workdir, r);
-      let adapterOut: string | null = prevAdapter;
-      let dpo: Record<string, number> = {};
-      if (pairs.length) {
-        const data: PrefPair[] = pairs.map((x) => ({ prompt: JSON.parse(x.prompt_ids), chosen: JSON.parse(x.chosen), rejected: JSON.parse(x.rejected), where: `round ${r} prompt ${x.idx}` }));
-        const res = await runDpo({
-          ...DEFAULT_DPO_STAGE,
-          model: c.model,
-          data,
-          out,
-          evalRatio: 0,
-          adapter: prevAdapter ?? undefined,
-          refIsStartAdapter: c.reference === 'previous',
-          dpo: c.dpo,
-          lora: c.lora,
-          maxLength: c.maxLength,
-          maxPromptLength: c.maxPromptLength,
-          batchSize: c.batchSize,
-          train: { ...c.train, seed: deriveSeed(c.seed, 'train', r) },
-          cacheDb: db.name,
-          resume: true,
-        });
-        adapterOut = out;
-        dpo = Object.fromEntries(Object.entries(res.trainMetrics).filter(([k]) => k === 'loss' || k.includes('/')).map(([k, v]) => [`dpo/${k}`, v]));
-      } else log('round', { round: r, note: 'no pairs: every prompt tied; the policy is unchanged' });
-      times['time/train_s'] = (Date.now() - t0) / 1000;
-      advance('train', 'evaluate', () => {
-        db.prepare('UPDATE rounds SET policy_path = ? WHERE id = ?').run(adapterOut, roundId);
-        if (adapterOut && adapterOut === out) db.prepare('INSERT OR IGNORE INTO checkpoints (stage_id, round, kind, path, sha256) VALUES (?, ?, ?, ?, ?)').run(stageId, r, 'adapter', out, sha256File(path.join(out, 'adapter_model.safetensors')));
-        putMetrics(db, stageId, r, { ...dpo, 'time/train_s': times['time/train_s'] });
-      });
-    }
-
-    // --- evaluate -----------------------------------------------------------------------------
-    if (round().step === 'evaluate') {
-      const t0 = Date.now();
-      const adapterPath = round().policy_path;
-      release();
-      prevAdapter = adapterPath;
-      const p = getPolicy();
-      // KL(π‖ref) of the policy that sampled this round: E_{y~π} log π(y) − log ref(y), over the
-      // round's own samples (an unbiased estimate, since they were drawn from π).
-      const samples = db.prepare('SELECT p.prompt_ids, s.token_ids FROM samples s JOIN prompts p ON p.id = s.prompt_id WHERE s.round_id = ? ORDER BY s.id').all(roundId) as any[];
-      const rows = samples.map((x) => ({ prompt: JSON.parse(x.prompt_ids), completion: JSON.parse(x.token_ids) })).filter((x) => x.completion.length);
-      let kl: number | null = null;
-      let klSft: number | null = null;
-      if (rows.length) {
-        const lp = () => completionLogprobs(p.model, rows, { batchSize: c.batchSize * 2, padId: p.padId });
-        const withAdapter = <T>(dir: string | null, f: () => T): T => {
-          if (!dir) return withAdapterOff(p.model, f);
-          const current = p.model.adapter;
-          const a = LoraAdapter.load(p.model, dir);
-          p.model.adapter = a;
-          p.model.adapterEnabled = true;
-          try {
-            return f();
-          } finally {
-            p.model.adapter = current;
-            a.dispose();
-          }
-        };
-        const sampler = withAdapter(startAdapter, lp);
-        // The reference: sft-base (adapter off), or the previous round's policy — which is the
-        // sampling policy itself, so KL is 0 by construction there; the drift from sft-base is
-        // recorded either way.
-        const sft = withAdapterOff(p.model, lp);
-        const ref = c.reference === 'previous' ? sampler : sft;
-        kl = sampler.reduce((a, x, i) => a + x.logp - ref[i].logp, 0) / rows.length;
-        klSft = sampler.reduce((a, x, i) => a + x.logp - sft[i].logp, 0) / rows.length;
-      }
-      let evalM: Record<string, number | null> = {};
-      if (evalPrompts.length) {
-        const e = await evaluatePolicy(p.model, p.tok!, evalPrompts, { scorer: await getScorer(), maxNewTokens: c.evalMaxNewTokens, stopIds: stopIdsOf(p), padId: p.padId });
-        evalM = { 'eval/accuracy': e.accuracy, 'eval/mean_reward': e.mean_reward };
-      }
-      times['time/evaluate_s'] = (Date.now() - t0) / 1000;
-      advance('evaluate', 'done', () => {
-        putMetrics(db, stageId, r, { kl, 'kl/sft': klSft, ...evalM, 'time/evaluate_s': times['time/evaluate_s'] });
-        logEvent(db, stageId, 'round_done', { round: r });
-      });
-      const m = getMetrics(db, stageId, r);
-      log('round-done', { round: r, reward: m['reward/mean'], pairs: m.pairs, ties: m['dropped/tie'], kl: m.kl, accuracy: m['eval/accuracy'] });
-    }
+    for (const [step, run] of ROUND_STEPS) if (round().step === step) await run(ctx);
     return { adapter: round().policy_path };
   } finally {
-    release();
+    ctx.release();
   }
+}
+
+/** K samples per prompt of the round from the policy (or vLLM servers), committed a group of prompts at a time. */
+async function sampleStep(ctx: RoundContext): Promise<void> {
+  const t0 = Date.now();
+  const p = ctx.policy();
+  const tok = p.tok!;
+  const sampler: Sampler =
+    ctx.c.sampler.type === 'openai'
+      ? new OpenAISampler({ ...ctx.c.sampler, model: ctx.c.sampler.model.replace('{round}', String(ctx.r)) }, tok, tok.id('<|im_end|>'))
+      : new LocalSampler(p.model, tok, stopIdsOf(p), p.padId, ctx.c.sampler.maxBatch ?? 64);
+  const done = new Set((ctx.db.prepare('SELECT prompt_id FROM samples WHERE round_id = ? GROUP BY prompt_id HAVING COUNT(*) = ?').all(ctx.roundId, ctx.c.samplesPerPrompt) as { prompt_id: number }[]).map((x) => x.prompt_id));
+  const todo = ctx.rp.filter((x) => !done.has(x.id));
+  const ins = ctx.db.prepare('INSERT INTO samples (round_id, prompt_id, k, text, token_ids, finish_reason, sampler_json, seed) VALUES (?, ?, ?, ?, ?, ?, ?, ?)');
+  const settings = JSON.stringify({ sampler: ctx.c.sampler.type, ...ctx.c.sampling });
+  const group = Math.max(1, Math.floor((ctx.c.sampler.type === 'local' ? ctx.c.sampler.maxBatch ?? 64 : 64) / ctx.c.samplesPerPrompt));
+  const bar = new Progress(`round ${ctx.r} sample`, ctx.rp.length);
+  for (let i = 0; i < todo.length; i += group) {
+    const part = todo.slice(i, i + group);
+    const reqs = part.map((x) => ({
+      messages: rowMessages(JSON.parse(x.prompt_json)),
+      promptIds: JSON.parse(x.prompt_ids) as number[],
+      seeds: Array.from({ length: ctx.c.samplesPerPrompt }, (_, k) => deriveSeed(ctx.c.seed, 'sample', ctx.r, x.idx, k)),
+    }));
+    const out = await sampler.sample(reqs, ctx.c.sampling);
+    tx(ctx.db, () =>
+      part.forEach((x, j) =>
+        out[j].forEach((s, k) => ins.run(ctx.roundId, x.id, k, s.text, JSON.stringify(s.ids), s.finishReason, settings, reqs[j].seeds[k])),
+      ),
+    );
+    bar.tick(done.size + i + part.length);
+  }
+  bar.done();
+  ctx.times['time/sample_s'] = (Date.now() - t0) / 1000;
+  ctx.advance('sample', 'score', () => putMetrics(ctx.db, ctx.stageId, ctx.r, ctx.times));
+}
+
+/** Rewards from the scorer (and the audit scorer) for every sample. */
+async function scoreStep(ctx: RoundContext): Promise<void> {
+  const t0 = Date.now();
+  for (const get of ctx.getAudit ? [ctx.getScorer, ctx.getAudit] : [ctx.getScorer]) await scoreRound(ctx.db, ctx.roundId, await get());
+  ctx.times['time/score_s'] = (Date.now() - t0) / 1000;
+  ctx.advance('score', 'select', () => putMetrics(ctx.db, ctx.stageId, ctx.r, { 'time/score_s': ctx.times['time/score_s'] }));
+}
+
+/** A chosen/rejected pair per prompt by the selection rule, with the round's reward metrics. */
+async function selectStep(ctx: RoundContext): Promise<void> {
+  const sc = await ctx.getScorer();
+  const audit = ctx.getAudit ? await ctx.getAudit() : null;
+  const scored = ctx.db
+    .prepare('SELECT s.id, s.prompt_id, s.k, s.token_ids, x.reward FROM samples s JOIN scores x ON x.sample_id = s.id AND x.scorer = ? AND x.scorer_version = ? WHERE s.round_id = ? ORDER BY s.prompt_id, s.k')
+    .all(sc.name, sc.version, ctx.roundId) as { id: number; prompt_id: number; k: number; token_ids: string; reward: number }[];
+  const byPrompt = new Map<number, ScoredSample[]>();
+  for (const x of scored) {
+    const ids = JSON.parse(x.token_ids) as number[];
+    byPrompt.set(x.prompt_id, [...(byPrompt.get(x.prompt_id) ?? []), { id: x.id, k: x.k, reward: x.reward, nTokens: ids.length, key: x.token_ids }]);
+  }
+  ctx.advance('select', 'train', () => {
+    const ins = ctx.db.prepare('INSERT INTO pairs (round_id, prompt_id, chosen_sample_id, rejected_sample_id, margin, rule) VALUES (?, ?, ?, ?, ?, ?)');
+    const dropped: Record<string, number> = { tie: 0, below_margin: 0, too_few: 0 };
+    let margin = 0;
+    let n = 0;
+    const rewards = scored.map((x) => x.reward);
+    for (const x of ctx.rp) {
+      const sel = selectPair(byPrompt.get(x.id) ?? [], ctx.c.selection, new Rng(ctx.c.seed, 'select', ctx.r, x.idx));
+      if ('dropped' in sel) dropped[sel.dropped]++;
+      else {
+        ins.run(ctx.roundId, x.id, sel.chosen.id, sel.rejected.id, sel.margin, ctx.c.selection.rule);
+        margin += sel.margin;
+        n++;
+      }
+    }
+    // Best-of-K: the mean over prompts of their best sample's reward (pass@K for a 0/1 rule).
+    const best = [...byPrompt.values()].map((g) => Math.max(...g.map((x) => x.reward)));
+    if (audit) putMetrics(ctx.db, ctx.stageId, ctx.r, auditAgreement(ctx.db, ctx.roundId, sc, audit));
+    putMetrics(ctx.db, ctx.stageId, ctx.r, {
+      'reward/mean': rewards.reduce((a, b) => a + b, 0) / Math.max(rewards.length, 1),
+      'reward/best_of_k': best.reduce((a, b) => a + b, 0) / Math.max(best.length, 1),
+      'reward/max': Math.max(...rewards),
+      'reward/min': Math.min(...rewards),
+      samples: rewards.length,
+      pairs: n,
+      'dropped/tie': dropped.tie,
+      'dropped/below_margin': dropped.below_margin,
+      'margin/mean': n ? margin / n : null,
+    });
+  });
+}
+
+/** DPO on the round's pairs, continuing the adapter; the new adapter is recorded as the round's policy. */
+async function trainStep(ctx: RoundContext): Promise<void> {
+  ctx.release();
+  const t0 = Date.now();
+  const pairs = ctx.db
+    .prepare(
+      `SELECT p.prompt_ids, cs.token_ids AS chosen, rs.token_ids AS rejected, p.idx FROM pairs x
+       JOIN prompts p ON p.id = x.prompt_id JOIN samples cs ON cs.id = x.chosen_sample_id JOIN samples rs ON rs.id = x.rejected_sample_id
+       WHERE x.round_id = ? ORDER BY x.prompt_id`,
+    )
+    .all(ctx.roundId) as any[];
+  const out = roundDir(ctx.c.workdir, ctx.r);
+  let adapterOut: string | null = ctx.prevAdapter;
+  let dpo: Record<string, number> = {};
+  if (pairs.length) {
+    const data: PrefPair[] = pairs.map((x) => ({ prompt: JSON.parse(x.prompt_ids), chosen: JSON.parse(x.chosen), rejected: JSON.parse(x.rejected), where: `round ${ctx.r} prompt ${x.idx}` }));
+    const res = await runDpo({
+      ...DEFAULT_DPO_STAGE,
+      model: ctx.c.model,
+      data,
+      out,
+      evalRatio: 0,
+      adapter: ctx.prevAdapter ?? undefined,
+      refIsStartAdapter: ctx.c.reference === 'previous',
+      dpo: ctx.c.dpo,
+      lora: ctx.c.lora,
+      maxLength: ctx.c.maxLength,
+      maxPromptLength: ctx.c.maxPromptLength,
+      batchSize: ctx.c.batchSize,
+      train: { ...ctx.c.train, seed: deriveSeed(ctx.c.seed, 'train', ctx.r) },
+      cacheDb: ctx.db.name,
+      resume: true,
+    });
+    adapterOut = out;
+    dpo = Object.fromEntries(Object.entries(res.trainMetrics).filter(([k]) => k === 'loss' || k.includes('/')).map(([k, v]) => [`dpo/${k}`, v]));
+  } else log('round', { round: ctx.r, note: 'no pairs: every prompt tied; the policy is unchanged' });
+  ctx.times['time/train_s'] = (Date.now() - t0) / 1000;
+  ctx.advance('train', 'evaluate', () => {
+    ctx.db.prepare('UPDATE rounds SET policy_path = ? WHERE id = ?').run(adapterOut, ctx.roundId);
+    if (adapterOut && adapterOut === out) ctx.db.prepare('INSERT OR IGNORE INTO checkpoints (stage_id, round, kind, path, sha256) VALUES (?, ?, ?, ?, ?)').run(ctx.stageId, ctx.r, 'adapter', out, sha256File(path.join(out, 'adapter_model.safetensors')));
+    putMetrics(ctx.db, ctx.stageId, ctx.r, { ...dpo, 'time/train_s': ctx.times['time/train_s'] });
+  });
+}
+
+/** KL of the sampling policy to the reference and to sft-base, held-out accuracy of the new policy. */
+async function evaluateStep(ctx: RoundContext): Promise<void> {
+  const t0 = Date.now();
+  const adapterPath = ctx.round().policy_path;
+  ctx.release();
+  ctx.prevAdapter = adapterPath;
+  const p = ctx.policy();
+  // KL(π‖ref) of the policy that sampled this round: E_{y~π} log π(y) − log ref(y), over the
+  // round's own samples (an unbiased estimate, since they were drawn from π).
+  const samples = ctx.db.prepare('SELECT p.prompt_ids, s.token_ids FROM samples s JOIN prompts p ON p.id = s.prompt_id WHERE s.round_id = ? ORDER BY s.id').all(ctx.roundId) as any[];
+  const rows = samples.map((x) => ({ prompt: JSON.parse(x.prompt_ids), completion: JSON.parse(x.token_ids) })).filter((x) => x.completion.length);
+  let kl: number | null = null;
+  let klSft: number | null = null;
+  if (rows.length) {
+    const lp = () => completionLogprobs(p.model, rows, { batchSize: ctx.c.batchSize * 2, padId: p.padId });
+    const withAdapter = <T>(dir: string | null, f: () => T): T => {
+      if (!dir) return withAdapterOff(p.model, f);
+      const current = p.model.adapter;
+      const a = LoraAdapter.load(p.model, dir);
+      p.model.adapter = a;
+      p.model.adapterEnabled = true;
+      try {
+        return f();
+      } finally {
+        p.model.adapter = current;
+        a.dispose();
+      }
+    };
+    const sampler = withAdapter(ctx.startAdapter, lp);
+    // The reference: sft-base (adapter off), or the previous round's policy — which is the
+    // sampling policy itself, so KL is 0 by construction there; the drift from sft-base is
+    // recorded either way.
+    const sft = withAdapterOff(p.model, lp);
+    const ref = ctx.c.reference === 'previous' ? sampler : sft;
+    kl = sampler.reduce((a, x, i) => a + x.logp - ref[i].logp, 0) / rows.length;
+    klSft = sampler.reduce((a, x, i) => a + x.logp - sft[i].logp, 0) / rows.length;
+  }
+  let evalM: Record<string, number | null> = {};
+  if (ctx.evalPrompts.length) {
+    const e = await evaluatePolicy(p.model, p.tok!, ctx.evalPrompts, { scorer: await ctx.getScorer(), maxNewTokens: ctx.c.evalMaxNewTokens, stopIds: stopIdsOf(p), padId: p.padId });
+    evalM = { 'eval/accuracy': e.accuracy, 'eval/mean_reward': e.mean_reward };
+  }
+  ctx.times['time/evaluate_s'] = (Date.now() - t0) / 1000;
+  ctx.advance('evaluate', 'done', () => {
+    putMetrics(ctx.db, ctx.stageId, ctx.r, { kl, 'kl/sft': klSft, ...evalM, 'time/evaluate_s': ctx.times['time/evaluate_s'] });
+    logEvent(ctx.db, ctx.stageId, 'round_done', { round: ctx.r });
+  });
+  const m = getMetrics(ctx.db, ctx.stageId, ctx.r);
+  log('round-done', { round: ctx.r, reward: m['reward/mean'], pairs: m.pairs, ties: m['dropped/tie'], kl: m.kl, accuracy: m['eval/accuracy'] });
 }
 
 /** Score the round's samples that `sc` has not scored yet, one prompt's answers per call. */
