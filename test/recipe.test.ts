@@ -129,3 +129,28 @@ describe('a shrunken quickstart end to end', () => {
     expect(changed.stderr).toMatch(/changed: dpo: beta/);
   }, 300_000);
 });
+
+describe('flags and recipe fields', () => {
+  it('every flag of sft, dpo, rm train and online is a field of that recipe stage (or set by the runner)', async () => {
+    const { buildProgram } = await import('../src/cli.js');
+    const { STAGE_SPECS } = await import('../src/recipe/recipe.js');
+    const program = buildProgram();
+    const command = (names: string[]) => names.reduce((c: any, n) => c.commands.find((x: any) => x.name() === n), program);
+    // Set by the runner for every stage: the output directory (from the stage name), resumption
+    // (a recipe always resumes) and the run database (its reference cache).
+    const runner = new Set(['out', 'workdir', 'resume', 'cache']);
+    // Flags that are fields of a nested recipe mapping.
+    const nested: Record<string, string> = {
+      lora_r: 'lora.r', lora_alpha: 'lora.alpha', lora_dropout: 'lora.dropout', lora_targets: 'lora.targets', use_rslora: 'lora.use_rslora',
+      sampler_url: 'sampler.base_url', sampler_model: 'sampler.model', sampler_concurrency: 'sampler.concurrency', sampler_timeout: 'sampler.timeout_ms',
+    };
+    const field = (spec: any, dotted: string) => dotted.split('.').reduce((s: any, k) => s?.fields?.[k], spec);
+    for (const [stage, names] of Object.entries({ sft: ['sft'], dpo: ['dpo'], rm_train: ['rm', 'train'], online_dpo: ['online'] })) {
+      const spec = STAGE_SPECS[stage].spec;
+      const flags = command(names).options.map((o: any) => (o.long as string).slice(2).replace(/-/g, '_'));
+      expect(flags.length).toBeGreaterThan(15);
+      const missing = flags.filter((f: string) => !runner.has(f) && !field(spec, nested[f] ?? f));
+      expect(missing, `${stage}: flags without a recipe field`).toEqual([]);
+    }
+  });
+});
