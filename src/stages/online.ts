@@ -2,6 +2,10 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { createHash } from 'node:crypto';
 import { DB, openDb, tx } from '../store/db.js';
+import {
+  RoundPrompt, RoundRow, RoundStep, bothScores, ensureRound, fixRoundPrompts, getRound, pairScores, promptsSampled, recordCheckpoint, roundPairs, roundPrompts,
+  roundSampleIds, scoredSamples, setRoundPolicy, setRoundStep, setStageFingerprint, stageFingerprint, storePair, storePrompts, storeSamples, storeScores, unscoredSamples,
+} from '../store/rounds.js';
 import { ensureRun, ensureStage, getMetrics, logEvent, putMetrics, setStage } from '../store/run.js';
 import { Policy, needTokenizer, openPolicy, stopIdsOf } from '../model/policy.js';
 import { DEFAULT_LORA, LoraAdapter, LoraConfig, attach, withAdapterOff } from '../lora/lora.js';
@@ -86,7 +90,6 @@ export const DEFAULT_ONLINE: Omit<OnlineConfig, 'model' | 'prompts' | 'scorer' |
   evalMaxNewTokens: 32,
 };
 
-export type RoundStep = 'sample' | 'score' | 'select' | 'train' | 'evaluate' | 'done';
 
 export function roundDir(workdir: string, r: number): string {
   return path.join(workdir, `round-${r}`);
@@ -132,8 +135,8 @@ export async function runOnline(c: OnlineConfig, dbIn?: DB): Promise<OnlineResul
     const stage = ensureStage(db, runId, c.stageName ?? 'online_dpo', 'online_dpo', configKey(c));
     // The settings that shaped the stored rounds; a resumed run must use the same ones.
     const fp = JSON.stringify(configKey(c));
-    const stored = (db.prepare('SELECT fingerprint FROM stages WHERE id = ?').get(stage.id) as { fingerprint: string | null }).fingerprint;
-    if (stored === null) tx(db, () => db.prepare('UPDATE stages SET fingerprint = ? WHERE id = ?').run(fp, stage.id));
+    const stored = stageFingerprint(db, stage.id);
+    if (stored === null) setStageFingerprint(db, stage.id, fp);
     else if (stored !== fp) {
       throw new UserError(`${dbFile}: this workdir holds an online stage with other settings (${diffKeys(JSON.parse(stored), configKey(c)).join(', ')}); use a new --workdir`);
     }
@@ -145,10 +148,7 @@ export async function runOnline(c: OnlineConfig, dbIn?: DB): Promise<OnlineResul
     const tok = needTokenizer(probe, 'on-policy sampling');
     probe.model.dispose();
     // Prompts are stored once; their ids are what every round samples from.
-    tx(db, () => {
-      const ins = db.prepare('INSERT OR IGNORE INTO prompts (stage_id, idx, prompt_json, prompt_ids, answer) VALUES (?, ?, ?, ?, ?)');
-      for (const p of prompts) ins.run(stage.id, p.idx, JSON.stringify(p.row), JSON.stringify(tok.encode(tok.applyChat(p.messages, true))), p.row.answer === undefined ? null : String(p.row.answer));
-    });
+    storePrompts(db, stage.id, prompts.map((p) => ({ idx: p.idx, json: JSON.stringify(p.row), ids: tok.encode(tok.applyChat(p.messages, true)), answer: p.row.answer === undefined ? null : String(p.row.answer) })));
     const made = new Map<string, Scorer>();
     const scorerFor = (spec: string) => async () => {
       let sc = made.get(spec);
@@ -187,11 +187,6 @@ function diffKeys(a: Record<string, unknown>, b: Record<string, unknown>): strin
   return [...new Set([...Object.keys(a), ...Object.keys(b)])].filter((k) => JSON.stringify(a[k]) !== JSON.stringify(b[k]));
 }
 
-interface RoundRow {
-  id: number;
-  step: RoundStep;
-  policy_path: string | null;
-}
 
 /** What every step of a round reads: the stage's settings, the round's rows, the policy loaded on demand. */
 interface RoundContext {
@@ -201,7 +196,7 @@ interface RoundContext {
   r: number;
   roundId: number;
   /** The round's prompts, in order. */
-  rp: { id: number; idx: number; prompt_ids: string; prompt_json: string }[];
+  rp: RoundPrompt[];
   evalPrompts: PromptItem[];
   /** The adapter the round started from (its sampling policy). */
   startAdapter: string | null;
@@ -236,24 +231,15 @@ async function runRound(
   getScorer: () => Promise<Scorer>,
   getAudit: (() => Promise<Scorer>) | null,
 ): Promise<{ adapter: string | null }> {
-  tx(db, () => db.prepare("INSERT OR IGNORE INTO rounds (stage_id, round, step, reference) VALUES (?, ?, 'sample', ?)").run(stageId, r, c.reference));
-  const round = () => db.prepare('SELECT id, step, policy_path FROM rounds WHERE stage_id = ? AND round = ?').get(stageId, r) as RoundRow;
+  ensureRound(db, stageId, r, c.reference);
+  const round = () => getRound(db, stageId, r);
   const roundId = round().id;
   if (round().step === 'done') return { adapter: round().policy_path };
   log('round', { round: r, step: round().step, policy: prevAdapter ?? '(base)' });
 
   // The prompt list of this round is fixed once, in one transaction.
-  tx(db, () => {
-    const have = db.prepare('SELECT COUNT(*) n FROM round_prompts WHERE round_id = ?').get(roundId) as { n: number };
-    if (have.n > 0) return;
-    const ids = db.prepare('SELECT id, idx FROM prompts WHERE stage_id = ?').all(stageId) as { id: number; idx: number }[];
-    const byIdx = new Map(ids.map((x) => [x.idx, x.id]));
-    const ins = db.prepare('INSERT INTO round_prompts (round_id, prompt_id, position) VALUES (?, ?, ?)');
-    roundPromptIndices(prompts.length, c.promptsPerRound, c.promptMode, c.seed, r).forEach((idx, pos) => ins.run(roundId, byIdx.get(idx)!, pos));
-  });
-  const rp = db
-    .prepare('SELECT p.id, p.idx, p.prompt_ids, p.prompt_json FROM round_prompts rp JOIN prompts p ON p.id = rp.prompt_id WHERE rp.round_id = ? ORDER BY rp.position')
-    .all(roundId) as RoundContext['rp'];
+  fixRoundPrompts(db, stageId, roundId, () => roundPromptIndices(prompts.length, c.promptsPerRound, c.promptMode, c.seed, r));
+  const rp = roundPrompts(db, roundId);
 
   let loaded: Policy | null = null;
   const ctx: RoundContext = {
@@ -263,7 +249,7 @@ async function runRound(
       tx(db, () => {
         if (round().step !== from) throw new Error(`round ${r}: expected step ${from}`);
         extra?.();
-        db.prepare(`UPDATE rounds SET step = ?${to === 'done' ? ", finished_at = datetime('now')" : ''} WHERE id = ?`).run(to, roundId);
+        setRoundStep(db, roundId, to);
       });
       // Logged after the commit: a reader of the log never sees a step the database does not have.
       log('step', { round: r, step: to });
@@ -300,9 +286,8 @@ async function sampleStep(ctx: RoundContext): Promise<void> {
     ctx.c.sampler.type === 'openai'
       ? new OpenAISampler({ ...ctx.c.sampler, model: ctx.c.sampler.model.replace('{round}', String(ctx.r)) }, tok, tok.id('<|im_end|>'))
       : new LocalSampler(p.model, tok, stopIdsOf(p), p.padId, ctx.c.sampler.maxBatch ?? 64);
-  const done = new Set((ctx.db.prepare('SELECT prompt_id FROM samples WHERE round_id = ? GROUP BY prompt_id HAVING COUNT(*) = ?').all(ctx.roundId, ctx.c.samplesPerPrompt) as { prompt_id: number }[]).map((x) => x.prompt_id));
+  const done = promptsSampled(ctx.db, ctx.roundId, ctx.c.samplesPerPrompt);
   const todo = ctx.rp.filter((x) => !done.has(x.id));
-  const ins = ctx.db.prepare('INSERT INTO samples (round_id, prompt_id, k, text, token_ids, finish_reason, sampler_json, seed) VALUES (?, ?, ?, ?, ?, ?, ?, ?)');
   const settings = JSON.stringify({ sampler: ctx.c.sampler.type, ...ctx.c.sampling });
   const group = Math.max(1, Math.floor((ctx.c.sampler.type === 'local' ? ctx.c.sampler.maxBatch ?? 64 : 64) / ctx.c.samplesPerPrompt));
   const bar = new Progress(`round ${ctx.r} sample`, ctx.rp.length);
@@ -314,11 +299,7 @@ async function sampleStep(ctx: RoundContext): Promise<void> {
       seeds: Array.from({ length: ctx.c.samplesPerPrompt }, (_, k) => deriveSeed(ctx.c.seed, 'sample', ctx.r, x.idx, k)),
     }));
     const out = await sampler.sample(reqs, ctx.c.sampling);
-    tx(ctx.db, () =>
-      part.forEach((x, j) =>
-        out[j].forEach((s, k) => ins.run(ctx.roundId, x.id, k, s.text, JSON.stringify(s.ids), s.finishReason, settings, reqs[j].seeds[k])),
-      ),
-    );
+    storeSamples(ctx.db, ctx.roundId, part.flatMap((x, j) => out[j].map((s, k) => ({ promptId: x.id, k, text: s.text, ids: s.ids, finishReason: s.finishReason, settings, seed: reqs[j].seeds[k] }))));
     bar.tick(done.size + i + part.length);
   }
   bar.done();
@@ -338,16 +319,13 @@ async function scoreStep(ctx: RoundContext): Promise<void> {
 async function selectStep(ctx: RoundContext): Promise<void> {
   const sc = await ctx.getScorer();
   const audit = ctx.getAudit ? await ctx.getAudit() : null;
-  const scored = ctx.db
-    .prepare('SELECT s.id, s.prompt_id, s.k, s.token_ids, x.reward FROM samples s JOIN scores x ON x.sample_id = s.id AND x.scorer = ? AND x.scorer_version = ? WHERE s.round_id = ? ORDER BY s.prompt_id, s.k')
-    .all(sc.name, sc.version, ctx.roundId) as { id: number; prompt_id: number; k: number; token_ids: string; reward: number }[];
+  const scored = scoredSamples(ctx.db, ctx.roundId, sc.name, sc.version);
   const byPrompt = new Map<number, ScoredSample[]>();
   for (const x of scored) {
     const ids = JSON.parse(x.token_ids) as number[];
     byPrompt.set(x.prompt_id, [...(byPrompt.get(x.prompt_id) ?? []), { id: x.id, k: x.k, reward: x.reward, nTokens: ids.length, key: x.token_ids }]);
   }
   ctx.advance('select', 'train', () => {
-    const ins = ctx.db.prepare('INSERT INTO pairs (round_id, prompt_id, chosen_sample_id, rejected_sample_id, margin, rule) VALUES (?, ?, ?, ?, ?, ?)');
     const dropped: Record<string, number> = { tie: 0, below_margin: 0, too_few: 0 };
     let margin = 0;
     let n = 0;
@@ -356,7 +334,7 @@ async function selectStep(ctx: RoundContext): Promise<void> {
       const sel = selectPair(byPrompt.get(x.id) ?? [], ctx.c.selection, new Rng(ctx.c.seed, 'select', ctx.r, x.idx));
       if ('dropped' in sel) dropped[sel.dropped]++;
       else {
-        ins.run(ctx.roundId, x.id, sel.chosen.id, sel.rejected.id, sel.margin, ctx.c.selection.rule);
+        storePair(ctx.db, ctx.roundId, { promptId: x.id, chosen: sel.chosen.id, rejected: sel.rejected.id, margin: sel.margin, rule: ctx.c.selection.rule });
         margin += sel.margin;
         n++;
       }
@@ -382,13 +360,7 @@ async function selectStep(ctx: RoundContext): Promise<void> {
 async function trainStep(ctx: RoundContext): Promise<void> {
   ctx.release();
   const t0 = Date.now();
-  const pairs = ctx.db
-    .prepare(
-      `SELECT p.prompt_ids, cs.token_ids AS chosen, rs.token_ids AS rejected, p.idx FROM pairs x
-       JOIN prompts p ON p.id = x.prompt_id JOIN samples cs ON cs.id = x.chosen_sample_id JOIN samples rs ON rs.id = x.rejected_sample_id
-       WHERE x.round_id = ? ORDER BY x.prompt_id`,
-    )
-    .all(ctx.roundId) as any[];
+  const pairs = roundPairs(ctx.db, ctx.roundId);
   const out = roundDir(ctx.c.workdir, ctx.r);
   let adapterOut: string | null = ctx.prevAdapter;
   let dpo: Record<string, number> = {};
@@ -416,8 +388,8 @@ async function trainStep(ctx: RoundContext): Promise<void> {
   } else log('round', { round: ctx.r, note: 'no pairs: every prompt tied; the policy is unchanged' });
   ctx.times['time/train_s'] = (Date.now() - t0) / 1000;
   ctx.advance('train', 'evaluate', () => {
-    ctx.db.prepare('UPDATE rounds SET policy_path = ? WHERE id = ?').run(adapterOut, ctx.roundId);
-    if (adapterOut && adapterOut === out) ctx.db.prepare('INSERT OR IGNORE INTO checkpoints (stage_id, round, kind, path, sha256) VALUES (?, ?, ?, ?, ?)').run(ctx.stageId, ctx.r, 'adapter', out, sha256File(path.join(out, 'adapter_model.safetensors')));
+    setRoundPolicy(ctx.db, ctx.roundId, adapterOut);
+    if (adapterOut && adapterOut === out) recordCheckpoint(ctx.db, ctx.stageId, ctx.r, 'adapter', out, sha256File(path.join(out, 'adapter_model.safetensors')));
     putMetrics(ctx.db, ctx.stageId, ctx.r, { ...dpo, 'time/train_s': ctx.times['time/train_s'] });
   });
 }
@@ -431,7 +403,7 @@ async function evaluateStep(ctx: RoundContext): Promise<void> {
   const p = ctx.policy();
   // KL(π‖ref) of the policy that sampled this round: E_{y~π} log π(y) − log ref(y), over the
   // round's own samples (an unbiased estimate, since they were drawn from π).
-  const samples = ctx.db.prepare('SELECT p.prompt_ids, s.token_ids FROM samples s JOIN prompts p ON p.id = s.prompt_id WHERE s.round_id = ? ORDER BY s.id').all(ctx.roundId) as any[];
+  const samples = roundSampleIds(ctx.db, ctx.roundId);
   const rows = samples.map((x) => ({ prompt: JSON.parse(x.prompt_ids), completion: JSON.parse(x.token_ids) })).filter((x) => x.completion.length);
   let kl: number | null = null;
   let klSft: number | null = null;
@@ -475,16 +447,9 @@ async function evaluateStep(ctx: RoundContext): Promise<void> {
 
 /** Score the round's samples that `sc` has not scored yet, one prompt's answers per call. */
 async function scoreRound(db: DB, roundId: number, sc: Scorer): Promise<void> {
-  const rows = db
-    .prepare(
-      `SELECT s.id, s.prompt_id, s.k, s.text, p.prompt_json FROM samples s JOIN prompts p ON p.id = s.prompt_id
-       WHERE s.round_id = ? AND NOT EXISTS (SELECT 1 FROM scores x WHERE x.sample_id = s.id AND x.scorer = ? AND x.scorer_version = ?)
-       ORDER BY s.prompt_id, s.k`,
-    )
-    .all(roundId, sc.name, sc.version) as { id: number; prompt_id: number; k: number; text: string; prompt_json: string }[];
+  const rows = unscoredSamples(db, roundId, sc.name, sc.version);
   const byPrompt = new Map<number, typeof rows>();
   for (const x of rows) byPrompt.set(x.prompt_id, [...(byPrompt.get(x.prompt_id) ?? []), x]);
-  const ins = db.prepare('INSERT INTO scores (sample_id, scorer, scorer_version, reward) VALUES (?, ?, ?, ?)');
   const groups = [...byPrompt.values()];
   for (let i = 0; i < groups.length; i += 16) {
     const part = groups.slice(i, i + 16);
@@ -494,7 +459,7 @@ async function scoreRound(db: DB, roundId: number, sc: Scorer): Promise<void> {
         return sc.score(rowMessages(row), g.map((x) => x.text), row);
       }),
     );
-    tx(db, () => part.forEach((g, j) => g.forEach((x, k) => ins.run(x.id, sc.name, sc.version, results[j][k]))));
+    storeScores(db, sc.name, sc.version, part.flatMap((g, j) => g.map((x, k) => ({ sampleId: x.id, reward: results[j][k] }))));
   }
 }
 
@@ -504,22 +469,8 @@ async function scoreRound(db: DB, roundId: number, sc: Scorer): Promise<void> {
  * round's samples.
  */
 function auditAgreement(db: DB, roundId: number, main: Scorer, audit: Scorer): Record<string, number | null> {
-  const pairs = db
-    .prepare(
-      `SELECT c.reward AS c, r.reward AS r FROM pairs p
-       JOIN scores c ON c.sample_id = p.chosen_sample_id AND c.scorer = ? AND c.scorer_version = ?
-       JOIN scores r ON r.sample_id = p.rejected_sample_id AND r.scorer = ? AND r.scorer_version = ?
-       WHERE p.round_id = ?`,
-    )
-    .all(audit.name, audit.version, audit.name, audit.version, roundId) as { c: number; r: number }[];
-  const both = db
-    .prepare(
-      `SELECT a.reward AS m, b.reward AS x FROM samples s
-       JOIN scores a ON a.sample_id = s.id AND a.scorer = ? AND a.scorer_version = ?
-       JOIN scores b ON b.sample_id = s.id AND b.scorer = ? AND b.scorer_version = ?
-       WHERE s.round_id = ?`,
-    )
-    .all(main.name, main.version, audit.name, audit.version, roundId) as { m: number; x: number }[];
+  const pairs = pairScores(db, roundId, audit.name, audit.version);
+  const both = bothScores(db, roundId, main, audit);
   return {
     'audit/pair_agreement': pairs.length ? pairs.filter((p) => p.c > p.r).length / pairs.length : null,
     'audit/pairs': pairs.length,
