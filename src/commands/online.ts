@@ -3,6 +3,7 @@ import * as path from 'node:path';
 import { DEFAULT_ONLINE, runOnline } from '../stages/online.js';
 import { TrainConfig } from '../train/trainer.js';
 import { openDb } from '../store/db.js';
+import { exportedPairs, runStatus } from '../store/rounds.js';
 import { UserError } from '../util/errors.js';
 import { writeFileAtomic } from '../util/fsutil.js';
 import { log } from '../util/log.js';
@@ -43,43 +44,12 @@ export async function onlineCmd(o: Record<string, any>, train: TrainConfig): Pro
   log('online-done', { adapter: res.adapter ?? '(base)', rounds: res.rounds.length });
 }
 
-interface StatusRound {
-  round: number;
-  step: string;
-  samples: number;
-  scores: number;
-  pairs: number;
-  metrics: Record<string, number | null>;
-}
-
 export function readStatus(workdir: string): { runs: any[] } {
   const file = path.join(workdir, 'prefopt.db');
   if (!fs.existsSync(file)) throw new UserError(`${workdir}: no prefopt.db (not a run directory)`);
   const db = openDb(file);
   try {
-    const runs = db.prepare('SELECT id, name, seed, created_at FROM runs ORDER BY id').all() as any[];
-    for (const run of runs) {
-      run.stages = db.prepare('SELECT id, name, kind, status, output, started_at, finished_at FROM stages WHERE run_id = ? ORDER BY id').all(run.id);
-      for (const st of run.stages) {
-        const rounds = db.prepare('SELECT id, round, step FROM rounds WHERE stage_id = ? ORDER BY round').all(st.id) as any[];
-        st.rounds = rounds.map((r): StatusRound => {
-          const count = (sql: string) => (db.prepare(sql).get(r.id) as { n: number }).n;
-          const metrics = Object.fromEntries((db.prepare('SELECT name, value FROM metrics WHERE stage_id = ? AND round = ?').all(st.id, r.round) as any[]).map((m) => [m.name, m.value]));
-          return {
-            round: r.round,
-            step: r.step,
-            samples: count('SELECT COUNT(*) n FROM samples WHERE round_id = ?'),
-            scores: count('SELECT COUNT(*) n FROM scores x JOIN samples s ON s.id = x.sample_id WHERE s.round_id = ?'),
-            pairs: count('SELECT COUNT(*) n FROM pairs WHERE round_id = ?'),
-            metrics,
-          };
-        });
-        st.metrics = Object.fromEntries((db.prepare('SELECT name, value FROM metrics WHERE stage_id = ? AND round IS NULL').all(st.id) as any[]).map((m) => [m.name, m.value]));
-        delete st.id;
-      }
-      delete run.id;
-    }
-    return { runs };
+    return { runs: runStatus(db) };
   } finally {
     db.close();
   }
@@ -111,16 +81,7 @@ export function exportPairsCmd(o: { workdir: string; round?: number; format: str
   if (!fs.existsSync(file)) throw new UserError(`${o.workdir}: no prefopt.db (not a run directory)`);
   const db = openDb(file);
   try {
-    const rows = db
-      .prepare(
-        `SELECT r.round, p.idx, p.prompt_json, cs.text AS chosen, rs.text AS rejected, cs.token_ids AS chosen_ids, rs.token_ids AS rejected_ids, p.prompt_ids, x.margin, x.rule,
-                (SELECT reward FROM scores WHERE sample_id = cs.id ORDER BY id LIMIT 1) AS chosen_reward,
-                (SELECT reward FROM scores WHERE sample_id = rs.id ORDER BY id LIMIT 1) AS rejected_reward
-         FROM pairs x JOIN rounds r ON r.id = x.round_id JOIN prompts p ON p.id = x.prompt_id
-         JOIN samples cs ON cs.id = x.chosen_sample_id JOIN samples rs ON rs.id = x.rejected_sample_id
-         WHERE (? IS NULL OR r.round = ?) ORDER BY r.round, p.idx`,
-      )
-      .all(o.round ?? null, o.round ?? null) as any[];
+    const rows = exportedPairs(db, o.round ?? null);
     const out = rows.map((x) => {
       const row = JSON.parse(x.prompt_json);
       const prompt = rowMessages(row);

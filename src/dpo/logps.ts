@@ -4,7 +4,8 @@ import * as fs from 'node:fs';
 import { Decoder } from '../model/decoder.js';
 import { SeqBatch, makeBatch, promptCompletionRow, tokenLogps } from '../infer/batch.js';
 import { PrefPair } from '../data/prefs.js';
-import { DB, tx } from '../store/db.js';
+import { DB } from '../store/db.js';
+import { refLogps, storeRefLogps } from '../store/run.js';
 
 /**
  * Summed completion log-probs for preference pairs, chosen and rejected in ONE batch
@@ -84,14 +85,12 @@ export function referenceLogps(
   compute: (part: PrefPair[]) => { chosen: number[]; rejected: number[] },
   batchSize: number,
 ): { chosen: number[]; rejected: number[]; hits: number } {
-  const get = db.prepare('SELECT chosen, rejected FROM ref_logps WHERE ref_hash = ? AND pair_hash = ?');
-  const put = db.prepare('INSERT OR IGNORE INTO ref_logps (ref_hash, pair_hash, chosen, rejected) VALUES (?, ?, ?, ?)');
   const hashes = pairs.map(pairHash);
   const chosen = new Array<number>(pairs.length);
   const rejected = new Array<number>(pairs.length);
   const missing: number[] = [];
   hashes.forEach((h, i) => {
-    const row = get.get(refHash, h) as { chosen: number; rejected: number } | undefined;
+    const row = refLogps(db, refHash, h);
     if (row) {
       chosen[i] = row.chosen;
       rejected[i] = row.rejected;
@@ -100,7 +99,7 @@ export function referenceLogps(
   for (let s = 0; s < missing.length; s += batchSize) {
     const idx = missing.slice(s, s + batchSize);
     const r = compute(idx.map((i) => pairs[i]));
-    tx(db, () => idx.forEach((i, k) => put.run(refHash, hashes[i], r.chosen[k], r.rejected[k])));
+    storeRefLogps(db, refHash, idx.map((i, k) => ({ pairHash: hashes[i], chosen: r.chosen[k], rejected: r.rejected[k] })));
     idx.forEach((i, k) => {
       chosen[i] = r.chosen[k];
       rejected[i] = r.rejected[k];

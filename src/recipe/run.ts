@@ -1,8 +1,8 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { Recipe, Stage, changedStages, refsIn } from './recipe.js';
-import { openDb, DB, tx } from '../store/db.js';
-import { ensureRun, ensureStage, logEvent, putMetrics, resetStage, setStage } from '../store/run.js';
+import { openDb, DB } from '../store/db.js';
+import { ensureRun, ensureStage, logEvent, putMetrics, resetStage, roundOfStage, runByName, setRunRecipe, setStage, setStageConfig, stageIdByName, stageOutput } from '../store/run.js';
 import { TrainConfig } from '../train/trainer.js';
 import { trainConfigFrom } from '../commands/train-options.js';
 import { initModel } from '../commands/model.js';
@@ -88,17 +88,15 @@ export class RecipeRunner {
     const st = this.recipe.stages.find((s) => s.name === stage)!;
     if (what === 'output') {
       if (st.type === 'online_dpo') {
-        const row = this.db.prepare('SELECT output FROM stages WHERE run_id = ? AND name = ?').get(this.runId, stage) as { output: string | null } | undefined;
-        if (!row?.output) throw new UserError(`stage ${stage} has no output yet`);
-        return row.output;
+        const output = stageOutput(this.db, this.runId, stage);
+        if (!output) throw new UserError(`stage ${stage} has no output yet`);
+        return output;
       }
       return this.stageOut(stage);
     }
     // A round that made no pairs keeps the previous policy: ask the database which adapter it is.
     const n = Number(what.slice('round-'.length));
-    const row = this.db
-      .prepare('SELECT r.policy_path, r.step FROM rounds r JOIN stages s ON s.id = r.stage_id WHERE s.run_id = ? AND s.name = ? AND r.round = ?')
-      .get(this.runId, stage, n) as { policy_path: string | null; step: string } | undefined;
+    const row = roundOfStage(this.db, this.runId, stage, n);
     if (!row || row.step !== 'done') throw new UserError(`stage ${stage} has no finished round ${n}`);
     return row.policy_path ?? '';
   }
@@ -113,7 +111,7 @@ export class RecipeRunner {
   open(): void {
     fs.mkdirSync(this.workdir, { recursive: true });
     this.db = openDb(path.join(this.workdir, 'prefopt.db'));
-    const existing = this.db.prepare('SELECT id, recipe_hash, recipe_json FROM runs WHERE name = ?').get(this.recipe.name) as { id: number; recipe_hash: string; recipe_json: string } | undefined;
+    const existing = runByName(this.db, this.recipe.name);
     const json = JSON.stringify({ ...this.recipe, dir: undefined, file: undefined, hash: undefined });
     if (existing && existing.recipe_hash !== this.recipe.hash) {
       const changes = changedStages(JSON.parse(existing.recipe_json), this.recipe);
@@ -124,11 +122,11 @@ export class RecipeRunner {
       const old = JSON.parse(existing.recipe_json);
       const first = this.recipe.stages.findIndex((s, i) => JSON.stringify(s) !== JSON.stringify(old.stages?.[i]));
       for (const s of this.recipe.stages.slice(first < 0 ? this.recipe.stages.length : first)) {
-        const row = this.db.prepare('SELECT id FROM stages WHERE run_id = ? AND name = ?').get(existing.id, s.name) as { id: number } | undefined;
-        if (row) resetStage(this.db, row.id);
+        const id = stageIdByName(this.db, existing.id, s.name);
+        if (id !== null) resetStage(this.db, id);
         removeDir(this.stageOut(s.name));
       }
-      tx(this.db, () => this.db.prepare('UPDATE runs SET recipe_hash = ?, recipe_json = ? WHERE id = ?').run(this.recipe.hash, json, existing.id));
+      setRunRecipe(this.db, existing.id, this.recipe.hash, json);
       log('force', { changed: changes.join('; ') });
     }
     this.runId = ensureRun(this.db, this.recipe.name, this.recipe.seed, { hash: this.recipe.hash, json });
@@ -146,7 +144,7 @@ export class RecipeRunner {
           if (!this.opts.force) throw new UserError(`stage ${st.name}: ${this.workdir} holds it with other settings; use --force to rerun it`);
           resetStage(this.db, row.id);
           removeDir(this.stageOut(st.name));
-          this.db.prepare('UPDATE stages SET config_json = ? WHERE id = ?').run(JSON.stringify(st), row.id);
+          setStageConfig(this.db, row.id, st);
           row = ensureStage(this.db, this.runId, st.name, st.type, st);
         }
         if (row.status === 'done') {

@@ -4,6 +4,7 @@ import * as vega from 'vega';
 import { compile } from 'vega-lite';
 import { Resvg } from '@resvg/resvg-js';
 import { openDb } from '../store/db.js';
+import { reportRows } from '../store/run.js';
 import { writeFileAtomic } from '../util/fsutil.js';
 import { readMetricsFile } from '../train/trainer.js';
 import { UserError } from '../util/errors.js';
@@ -37,9 +38,7 @@ export async function writeReport(workdir: string): Promise<string> {
   let metrics: { stage: string; round: number | null; name: string; value: number | null }[];
   let runName = '';
   try {
-    runName = (db.prepare('SELECT name FROM runs ORDER BY id LIMIT 1').get() as { name: string } | undefined)?.name ?? '';
-    stages = db.prepare('SELECT id, name, kind, status, output FROM stages ORDER BY id').all() as any[];
-    metrics = db.prepare('SELECT s.name AS stage, m.round, m.name, m.value FROM metrics m JOIN stages s ON s.id = m.stage_id').all() as any[];
+    ({ runName, stages, metrics } = reportRows(db));
   } finally {
     db.close();
   }

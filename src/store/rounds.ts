@@ -173,3 +173,53 @@ export function bothScores(db: DB, roundId: number, a: { name: string; version: 
     )
     .all(a.name, a.version, b.name, b.version, roundId) as { m: number; x: number }[];
 }
+
+/** Every stored pair with its round, prompt, texts, ids and first rewards, for export (optionally one round). */
+export function exportedPairs(db: DB, round: number | null): any[] {
+  return db
+    .prepare(
+      `SELECT r.round, p.idx, p.prompt_json, cs.text AS chosen, rs.text AS rejected, cs.token_ids AS chosen_ids, rs.token_ids AS rejected_ids, p.prompt_ids, x.margin, x.rule,
+              (SELECT reward FROM scores WHERE sample_id = cs.id ORDER BY id LIMIT 1) AS chosen_reward,
+              (SELECT reward FROM scores WHERE sample_id = rs.id ORDER BY id LIMIT 1) AS rejected_reward
+       FROM pairs x JOIN rounds r ON r.id = x.round_id JOIN prompts p ON p.id = x.prompt_id
+       JOIN samples cs ON cs.id = x.chosen_sample_id JOIN samples rs ON rs.id = x.rejected_sample_id
+       WHERE (? IS NULL OR r.round = ?) ORDER BY r.round, p.idx`,
+    )
+    .all(round, round) as any[];
+}
+
+export interface StatusRound {
+  round: number;
+  step: RoundStep;
+  samples: number;
+  scores: number;
+  pairs: number;
+  metrics: Record<string, number | null>;
+}
+
+/** Runs, their stages (status, output, stage metrics) and each stage's rounds with their counts and metrics. */
+export function runStatus(db: DB): any[] {
+  const metricsOf = (rows: any[]) => Object.fromEntries(rows.map((m) => [m.name, m.value]));
+  const runs = db.prepare('SELECT id, name, seed, created_at FROM runs ORDER BY id').all() as any[];
+  for (const run of runs) {
+    run.stages = db.prepare('SELECT id, name, kind, status, output, started_at, finished_at FROM stages WHERE run_id = ? ORDER BY id').all(run.id);
+    for (const st of run.stages) {
+      const rounds = db.prepare('SELECT id, round, step FROM rounds WHERE stage_id = ? ORDER BY round').all(st.id) as any[];
+      st.rounds = rounds.map((r): StatusRound => {
+        const count = (sql: string) => (db.prepare(sql).get(r.id) as { n: number }).n;
+        return {
+          round: r.round,
+          step: r.step,
+          samples: count('SELECT COUNT(*) n FROM samples WHERE round_id = ?'),
+          scores: count('SELECT COUNT(*) n FROM scores x JOIN samples s ON s.id = x.sample_id WHERE s.round_id = ?'),
+          pairs: count('SELECT COUNT(*) n FROM pairs WHERE round_id = ?'),
+          metrics: metricsOf(db.prepare('SELECT name, value FROM metrics WHERE stage_id = ? AND round = ?').all(st.id, r.round) as any[]),
+        };
+      });
+      st.metrics = metricsOf(db.prepare('SELECT name, value FROM metrics WHERE stage_id = ? AND round IS NULL').all(st.id) as any[]);
+      delete st.id;
+    }
+    delete run.id;
+  }
+  return runs;
+}

@@ -70,3 +70,55 @@ export function resetStage(db: DB, stageId: number): void {
     db.prepare("UPDATE stages SET status = 'pending', fingerprint = NULL, output = NULL, result_json = NULL, started_at = NULL, finished_at = NULL WHERE id = ?").run(stageId);
   });
 }
+
+/** A stage's recorded output directory, by run and stage name (null when it has none yet). */
+export function stageOutput(db: DB, runId: number, name: string): string | null {
+  const row = db.prepare('SELECT output FROM stages WHERE run_id = ? AND name = ?').get(runId, name) as { output: string | null } | undefined;
+  return row?.output ?? null;
+}
+
+export function stageIdByName(db: DB, runId: number, name: string): number | null {
+  const row = db.prepare('SELECT id FROM stages WHERE run_id = ? AND name = ?').get(runId, name) as { id: number } | undefined;
+  return row?.id ?? null;
+}
+
+export function setStageConfig(db: DB, stageId: number, config: unknown): void {
+  db.prepare('UPDATE stages SET config_json = ? WHERE id = ?').run(JSON.stringify(config), stageId);
+}
+
+/** The policy a stage's round n left (its adapter path) and the round's step. */
+export function roundOfStage(db: DB, runId: number, stage: string, n: number): { policy_path: string | null; step: string } | undefined {
+  return db
+    .prepare('SELECT r.policy_path, r.step FROM rounds r JOIN stages s ON s.id = r.stage_id WHERE s.run_id = ? AND s.name = ? AND r.round = ?')
+    .get(runId, stage, n) as { policy_path: string | null; step: string } | undefined;
+}
+
+export function runByName(db: DB, name: string): { id: number; recipe_hash: string; recipe_json: string } | undefined {
+  return db.prepare('SELECT id, recipe_hash, recipe_json FROM runs WHERE name = ?').get(name) as { id: number; recipe_hash: string; recipe_json: string } | undefined;
+}
+
+export function setRunRecipe(db: DB, runId: number, hash: string, json: string): void {
+  tx(db, () => db.prepare('UPDATE runs SET recipe_hash = ?, recipe_json = ? WHERE id = ?').run(hash, json, runId));
+}
+
+/** What the report draws: the first run's name, every stage, every metric with its stage's name. */
+export function reportRows(db: DB): { runName: string; stages: any[]; metrics: { stage: string; round: number | null; name: string; value: number | null }[] } {
+  return {
+    runName: (db.prepare('SELECT name FROM runs ORDER BY id LIMIT 1').get() as { name: string } | undefined)?.name ?? '',
+    stages: db.prepare('SELECT id, name, kind, status, output FROM stages ORDER BY id').all() as any[],
+    metrics: db.prepare('SELECT s.name AS stage, m.round, m.name, m.value FROM metrics m JOIN stages s ON s.id = m.stage_id').all() as any[],
+  };
+}
+
+/** The cached reference log-probs of a pair under a reference model, if computed before. */
+export function refLogps(db: DB, refHash: string, pairHash: string): { chosen: number; rejected: number } | undefined {
+  return db.prepare('SELECT chosen, rejected FROM ref_logps WHERE ref_hash = ? AND pair_hash = ?').get(refHash, pairHash) as { chosen: number; rejected: number } | undefined;
+}
+
+/** Store reference log-probs of pairs, in one transaction. */
+export function storeRefLogps(db: DB, refHash: string, rows: { pairHash: string; chosen: number; rejected: number }[]): void {
+  tx(db, () => {
+    const put = db.prepare('INSERT OR IGNORE INTO ref_logps (ref_hash, pair_hash, chosen, rejected) VALUES (?, ?, ?, ?)');
+    for (const r of rows) put.run(refHash, r.pairHash, r.chosen, r.rejected);
+  });
+}
