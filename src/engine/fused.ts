@@ -24,7 +24,6 @@ export interface FusedAddon {
   add(a: Float32Array, b: Float32Array, n: number, y: Float32Array): void;
   loraForward(m: number, din: number, dout: number, r: number, x: Float32Array, xd: Float32Array, w: Float32Array, a: Float32Array, b: Float32Array, scale: number, y: Float32Array, u: Float32Array, bias: Float32Array | null): void;
   loraBackward(m: number, din: number, dout: number, r: number, dy: Float32Array, xd: Float32Array, w: Float32Array, a: Float32Array, b: Float32Array, u: Float32Array, scale: number, dx: Float32Array, dxd: Float32Array | null, da: Float32Array, db: Float32Array): void;
-  adamw(p: Float32Array, g: Float32Array, m: Float32Array, v: Float32Array, n: number, scalars: Float32Array, p2: Float32Array, m2: Float32Array, v2: Float32Array): void;
   adamwInPlace(ps: Float32Array[], gs: Float32Array[], ms: Float32Array[], vs: Float32Array[], scalars: Float32Array): void;
   sumSquares(x: Float32Array, n: number, out: Float32Array): void;
   splitQkv(qkv: Float32Array, n: number, kv: number, g: number, hd: number, q: Float32Array, k: Float32Array, v: Float32Array, merge: boolean): void;
@@ -66,12 +65,6 @@ const DEFS: Record<string, Def> = {
       const [dx, dxd, da, db] = dropout ? outs : [outs[0], null, outs[1], outs[2]];
       k.loraBackward(dyi.shape[0], xdi.shape[1], dyi.shape[1], ai.shape[1], dy, xd, w, a, b, u, scale, dx, dxd, da, db);
     },
-  },
-  // p, g, m, v of one parameter → p', m', v' (no gradient: an optimizer step).
-  PrefoptAdamW: {
-    inputs: ['p', 'g', 'm', 'v'],
-    outputs: (ins) => [ins[0].shape, ins[0].shape, ins[0].shape],
-    run: (a, [p, g, m, v], [p2, m2, v2], ins, { scalars }) => a.adamw(p, g, m, v, size(ins[0].shape), Float32Array.from(scalars), p2, m2, v2),
   },
   PrefoptSumSquares: {
     inputs: ['x'],
@@ -362,7 +355,7 @@ export const fused = {
    * all: an optimizer step was one kernel per parameter (74 in the bench's SFT step), each
    * allocating three new tensors. False, with nothing changed, when some p's memory is shared
    * with another tensor (a clone still alive): then its update must not be seen through it.
-   * scalars as in adamw below, per parameter. m and v are the optimizer's own.
+   * scalars per parameter as train/adamw computes them (gscale, β1, 1−β1, β2, 1−β2, √bc2, eps, lr/bc1, lr·wd); the kernel rounds them to float32 as tfjs would. m and v are the optimizer's own.
    */
   adamwInPlace: (ps: tf.Tensor[], gs: tf.Tensor[], ms: tf.Tensor[], vs: tf.Tensor[], scalars: number[][]): boolean => {
     const backend = tf.getBackend();
@@ -372,8 +365,6 @@ export const fused = {
     loaded.adamwInPlace(view(ps), view(gs), view(ms), view(vs), Float32Array.from(scalars.flat()));
     return true;
   },
-  /** The scalars of train/adamw's tfjs form; the kernel rounds them to float32 as tfjs does. */
-  adamw: (p: tf.Tensor, g: tf.Tensor, m: tf.Tensor, v: tf.Tensor, scalars: number[]) => run('PrefoptAdamW', { p, g: f32(g), m, v }, { scalars }) as tf.Tensor[],
   sumSquares: (x: tf.Tensor) => run('PrefoptSumSquares', { x: f32(x) }) as tf.Scalar,
   biasAdd: (x: tf.Tensor, b: tf.Tensor) => run('PrefoptBiasAdd', { x: f32(x), b: f32(b) }) as tf.Tensor,
   embed: (table: tf.Tensor2D, ids: tf.Tensor1D) => run('PrefoptEmbed', { table: f32(table), ids: i32(ids) }) as tf.Tensor2D,

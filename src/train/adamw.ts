@@ -37,8 +37,10 @@ export class AdamW {
 
   /**
    * One update with learning rate `lr` from gradients keyed by parameter name, each multiplied
-   * by `gradScale` first (gradient clipping and micro-batch averaging, folded in). The fused
-   * kernel computes the same float32 operations in the same order as the tfjs form below.
+   * by `gradScale` first (gradient clipping and micro-batch averaging, folded in). Two forms: the
+   * native update of every tensor in place, in one call, and the tfjs form below where the addon
+   * is absent or a parameter's memory is shared with a live clone (an in-place write would show
+   * through it). Both compute the same float32 operations in the same order.
    */
   step(grads: Map<string, tf.Tensor>, lr: number, gradScale = 1): void {
     this.t += 1;
@@ -61,13 +63,6 @@ export class AdamW {
         const m = this.m.get(name)!;
         const v = this.v.get(name)!;
         const decay = decayOf(name, p);
-        if (fusedActive()) {
-          const [p2, m2, v2] = fused.adamw(p, graw, m, v, scalars(name, p));
-          m.assign(m2);
-          v.assign(v2);
-          p.assign(p2);
-          continue;
-        }
         const g = gradScale === 1 ? graw : tf.mul(graw, gradScale);
         const m2 = tf.add(tf.mul(m, beta1), tf.mul(g, 1 - beta1));
         const v2 = tf.add(tf.mul(v, beta2), tf.mul(tf.square(g), 1 - beta2));
