@@ -5,8 +5,8 @@ import * as path from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { UserError } from '../util/errors.js';
 import { packageRoot } from '../util/package-root.js';
-import { NativeReport, loadNative, nativeMatmulActive, registerNativeKernels } from './native.js';
-import { registerZeroCopyKernels } from './wasm-kernels.js';
+import { NativeReport, loadNative, registerNativeKernels } from './native.js';
+import { registerZeroCopyKernels } from './wasm.js';
 
 /**
  * Run-time backend choice. The native TensorFlow bindings are optional dependencies whose
@@ -118,19 +118,6 @@ export async function initBackend(requested?: string, weightBytes = 0): Promise<
   throw new UserError(req ? `backend "${req}" is not usable here (${detail})` : `no tfjs backend could be loaded (${detail})`);
 }
 
-
-/**
- * wasm's own kernel is fast only for plain 2-D matmuls; with the native kernel registered (or
- * on other backends) any form — transposed, batched — goes straight to BatchMatMul.
- */
-export function needsPlainMatmul(): boolean {
-  return tf.getBackend() === 'wasm' && !nativeMatmulActive();
-}
-
-/** wasm's Slice kernel costs ~1 ms per 32 KB even for contiguous pieces. */
-export function slowSlice(): boolean {
-  return tf.getBackend() === 'wasm';
-}
 
 export interface GpuReport {
   /** An NVIDIA kernel driver is loaded (its version), or null. */

@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { needsPlainMatmul, slowSlice } from './backend.js';
+import { bmmT, needsPlainMatmul, split0 } from './wasm.js';
 import { fused, fusedActive } from './fused.js';
 
 /**
@@ -63,53 +63,6 @@ export function loraLinear(x: tf.Tensor2D, w: tf.Tensor2D, bias: tf.Tensor | nul
 export function mmTransB(a: tf.Tensor2D, b: tf.Tensor2D): tf.Tensor2D {
   if (needsPlainMatmul()) return mm(a, tf.transpose(b) as tf.Tensor2D);
   return tf.matMul(a, b, false, true);
-}
-
-/**
- * Split along axis 0 into pieces of the given sizes. On wasm the Slice kernel is very slow even
- * for contiguous pieces (~1 ms per 32 KB), while a copy through host memory costs microseconds;
- * the gradient is a plain concat.
- */
-function split0(x: tf.Tensor, sizes: number[]): tf.Tensor[] {
-  if (!slowSlice()) return tf.split(x, sizes, 0);
-  const shape = x.shape as number[];
-  const inner = shape.slice(1).reduce((a, b) => a * b, 1);
-  let off = 0;
-  return sizes.map((n) => {
-    const start = off;
-    off += n;
-    const f = tf.customGrad(((t: tf.Tensor) => ({
-      value: tf.tensor((t.dataSync() as Float32Array).subarray(start * inner, (start + n) * inner), [n, ...shape.slice(1)]),
-      gradFunc: (dy: tf.Tensor) => {
-        const parts: tf.Tensor[] = [];
-        if (start > 0) parts.push(tf.zeros([start, ...shape.slice(1)]));
-        parts.push(dy);
-        if (start + n < shape[0]) parts.push(tf.zeros([shape[0] - start - n, ...shape.slice(1)]));
-        return [parts.length === 1 ? dy : tf.concat(parts, 0)];
-      },
-    })) as any) as any;
-    return f(x) as tf.Tensor;
-  });
-}
-
-/** op(a)·op(b) per batch entry, for 3-D a, b. */
-function bmmT(a: tf.Tensor3D, b: tf.Tensor3D, ta: boolean, tb: boolean): tf.Tensor3D {
-  if (!needsPlainMatmul()) return tf.matMul(a, b, ta, tb);
-  if (ta) a = tf.transpose(a, [0, 2, 1]);
-  if (tb) b = tf.transpose(b, [0, 2, 1]);
-  const [n, m, k] = a.shape;
-  const p = b.shape[2];
-  if (n === 1) return tf.reshape(tf.matMul(tf.reshape(a, [m, k]) as tf.Tensor2D, tf.reshape(b, [k, p]) as tf.Tensor2D), [1, m, p]) as tf.Tensor3D;
-  // Inside bmm's custom gradient: no gradient is needed for these pieces, so read them directly.
-  const ad = a.dataSync() as Float32Array;
-  const bd = b.dataSync() as Float32Array;
-  const outs: tf.Tensor[] = [];
-  for (let i = 0; i < n; i++) {
-    const x = tf.tensor2d(ad.subarray(i * m * k, (i + 1) * m * k), [m, k]);
-    const y = tf.tensor2d(bd.subarray(i * k * p, (i + 1) * k * p), [k, p]);
-    outs.push(tf.matMul(x, y));
-  }
-  return tf.reshape(tf.concat(outs, 0), [n, m, p]) as tf.Tensor3D;
 }
 
 /** Batched a [B,M,K] · b [B,K,N]. */
