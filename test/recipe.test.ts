@@ -154,3 +154,24 @@ describe('flags and recipe fields', () => {
     }
   });
 });
+
+describe('one table for the training settings', () => {
+  it('a flag and a recipe field are checked by the same rule, with the same words', async () => {
+    const { trainConfigFrom, TRAIN_OPTIONS } = await import('../src/commands/train-options.js');
+    for (const [field, bad, want] of [
+      ['warmup_ratio', 1, 'expected a number ≥ 0 and < 1, found 1'],
+      ['adam_beta2', 1, 'expected a number ≥ 0 and < 1, found 1'],
+      ['grad_accum', 0, 'expected an integer ≥ 1, found 0'],
+      ['lr_scheduler', 'step', 'expected "cosine" | "linear" | "constant" | "constant_with_warmup", found "step"'],
+      ['gradient_checkpointing', 'sometimes', 'expected "auto" | "on" | "off", found "sometimes"'],
+    ] as const) {
+      expect(TRAIN_OPTIONS.some((o) => o.field === field)).toBe(true);
+      const r = ok() as any;
+      r.stages[0][field] = bad;
+      expect(problems(r)).toContain(`stages[0].${field}: ${want}`);
+      expect(() => trainConfigFrom({ [field]: bad }, undefined, 'recipe', 'stage sft: ')).toThrow(`stage sft: ${field}: ${want}`);
+      const flags = { [field.replace(/_(\w)/g, (_, c: string) => c.toUpperCase())]: bad };
+      expect(() => trainConfigFrom(flags)).toThrow(`${field}: ${want}`);
+    }
+  });
+});

@@ -1,6 +1,8 @@
 import { Command } from 'commander';
 import { CHECKPOINT_MODES, DEFAULT_TRAIN, TrainConfig } from '../train/trainer.js';
-import { SCHEDULERS, SchedulerName } from '../train/schedule.js';
+import { SCHEDULERS } from '../train/schedule.js';
+import * as schema from '../recipe/schema.js';
+import type { Problem, Spec } from '../recipe/schema.js';
 import { UserError } from '../util/errors.js';
 
 /** Flag parsers: a finite number, an integer. */
@@ -15,37 +17,58 @@ export const int = (v: string): number => {
   return n;
 };
 
-/** The optimizer/schedule/checkpoint flags shared by every training command. */
-export function addTrainOptions(cmd: Command): Command {
-  return cmd
-    .option('--lr <x>', 'peak learning rate', num)
-    .option('--epochs <n>', 'epochs', num)
-    .option('--max-steps <n>', 'optimizer steps (overrides epochs)', num)
-    .option('--grad-accum <n>', 'micro-batches per optimizer step', num)
-    .option('--warmup-ratio <x>', 'fraction of steps spent warming up', num)
-    .option('--lr-scheduler <name>', SCHEDULERS.join(' | '))
-    .option('--weight-decay <x>', 'AdamW weight decay (not on norms and biases)', num)
-    .option('--adam-beta1 <x>', 'AdamW β1', num)
-    .option('--adam-beta2 <x>', 'AdamW β2', num)
-    .option('--adam-eps <x>', 'AdamW ε', num)
-    .option('--max-grad-norm <x>', 'clip the global gradient norm (0 = off)', num)
-    .option('--logging-steps <n>', 'log metrics every n steps', num)
-    .option('--save-steps <n>', 'checkpoint every n steps (0 = off)', num)
-    .option('--save-total-limit <n>', 'checkpoints kept', num)
-    .option('--eval-steps <n>', 'evaluate every n steps (0 = at the end)', num)
-    .option('--seed <n>', 'seed', num)
-    .option('--detect-anomaly', 'check every gradient and weight each step; name the first NaN/Inf tensor')
-    .option('--gradient-checkpointing <mode>', `${CHECKPOINT_MODES.join(' | ')}: recompute each layer in the backward pass instead of keeping its activations (auto: on from 100M parameters)`)
-    .option('--resume', 'continue from the newest checkpoint in --out');
+/**
+ * The training settings every training command and stage shares, declared once: the recipe field,
+ * the TrainConfig key, the allowed values and the help. The CLI flags (the field in kebab-case),
+ * the recipe schema and the range checks all come from this table.
+ */
+export interface TrainOption {
+  key: keyof TrainConfig;
+  field: string;
+  spec: Spec;
+  help: string;
 }
 
-/** Training settings by their recipe field name; the CLI flag is the same name in kebab-case. */
-export const TRAIN_FIELDS: [keyof TrainConfig, string][] = [
-  ['lr', 'lr'], ['epochs', 'epochs'], ['maxSteps', 'max_steps'], ['gradAccum', 'grad_accum'], ['warmupRatio', 'warmup_ratio'],
-  ['scheduler', 'lr_scheduler'], ['weightDecay', 'weight_decay'], ['beta1', 'adam_beta1'], ['beta2', 'adam_beta2'], ['eps', 'adam_eps'],
-  ['maxGradNorm', 'max_grad_norm'], ['loggingSteps', 'logging_steps'], ['saveSteps', 'save_steps'], ['saveTotalLimit', 'save_total_limit'],
-  ['evalSteps', 'eval_steps'], ['seed', 'seed'], ['detectAnomaly', 'detect_anomaly'], ['gradientCheckpointing', 'gradient_checkpointing'],
+const below1 = schema.num({ min: 0, max: 1, exclusiveMax: true });
+export const TRAIN_OPTIONS: TrainOption[] = [
+  { key: 'lr', field: 'lr', spec: schema.num({ min: 0, exclusiveMin: true }), help: 'peak learning rate' },
+  { key: 'epochs', field: 'epochs', spec: schema.num({ min: 0, exclusiveMin: true }), help: 'epochs' },
+  { key: 'maxSteps', field: 'max_steps', spec: schema.int({ min: 0 }), help: 'optimizer steps (overrides epochs)' },
+  { key: 'gradAccum', field: 'grad_accum', spec: schema.int({ min: 1 }), help: 'micro-batches per optimizer step' },
+  { key: 'warmupRatio', field: 'warmup_ratio', spec: below1, help: 'fraction of steps spent warming up' },
+  { key: 'scheduler', field: 'lr_scheduler', spec: schema.str([...SCHEDULERS]), help: SCHEDULERS.join(' | ') },
+  { key: 'weightDecay', field: 'weight_decay', spec: schema.num({ min: 0 }), help: 'AdamW weight decay (not on norms and biases)' },
+  { key: 'beta1', field: 'adam_beta1', spec: below1, help: 'AdamW β1' },
+  { key: 'beta2', field: 'adam_beta2', spec: below1, help: 'AdamW β2' },
+  { key: 'eps', field: 'adam_eps', spec: schema.num({ min: 0, exclusiveMin: true }), help: 'AdamW ε' },
+  { key: 'maxGradNorm', field: 'max_grad_norm', spec: schema.num({ min: 0 }), help: 'clip the global gradient norm (0 = off)' },
+  { key: 'loggingSteps', field: 'logging_steps', spec: schema.int({ min: 0 }), help: 'log metrics every n steps (0 = every step)' },
+  { key: 'saveSteps', field: 'save_steps', spec: schema.int({ min: 0 }), help: 'checkpoint every n steps (0 = off)' },
+  { key: 'saveTotalLimit', field: 'save_total_limit', spec: schema.int({ min: 0 }), help: 'checkpoints kept' },
+  { key: 'evalSteps', field: 'eval_steps', spec: schema.int({ min: 0 }), help: 'evaluate every n steps (0 = at the end)' },
+  { key: 'seed', field: 'seed', spec: schema.int(), help: 'seed' },
+  { key: 'detectAnomaly', field: 'detect_anomaly', spec: schema.bool, help: 'check every gradient and weight each step; name the first NaN/Inf tensor' },
+  {
+    key: 'gradientCheckpointing',
+    field: 'gradient_checkpointing',
+    spec: schema.str([...CHECKPOINT_MODES]),
+    help: `${CHECKPOINT_MODES.join(' | ')}: recompute each layer in the backward pass instead of keeping its activations (auto: on from 100M parameters)`,
+  },
 ];
+
+/** The recipe schema of the training settings. */
+export const TRAIN_SCHEMA: Record<string, Spec> = Object.fromEntries(TRAIN_OPTIONS.map((o) => [o.field, o.spec]));
+
+/** The flags of TRAIN_OPTIONS, and --resume, for a training command. */
+export function addTrainOptions(cmd: Command): Command {
+  for (const o of TRAIN_OPTIONS) {
+    const flag = `--${o.field.replace(/_/g, '-')}`;
+    if (o.spec.kind === 'boolean') cmd.option(flag, o.help);
+    else if (o.spec.kind === 'number') cmd.option(`${flag} <${o.spec.int ? 'n' : 'x'}>`, o.help, o.spec.int ? int : num);
+    else cmd.option(`${flag} <value>`, o.help);
+  }
+  return cmd.option('--resume', 'continue from the newest checkpoint in --out');
+}
 
 /** A recipe field's CLI option name as commander stores it: rpo_alpha → rpoAlpha. */
 export const camel = (snake: string) => snake.replace(/_(\w)/g, (_, c: string) => c.toUpperCase());
@@ -56,35 +79,21 @@ export const camel = (snake: string) => snake.replace(/_(\w)/g, (_, c: string) =
  */
 export function trainConfigFrom(o: Record<string, any>, base: TrainConfig = DEFAULT_TRAIN, from: 'flags' | 'recipe' = 'flags', where = ''): TrainConfig {
   const c: any = { ...base };
-  for (const [k, field] of TRAIN_FIELDS) {
+  for (const { key, field } of TRAIN_OPTIONS) {
     const v = o[from === 'flags' ? camel(field) : field];
-    if (v !== undefined) c[k] = v;
+    if (v !== undefined) c[key] = v;
   }
   return validateTrainConfig(c, where);
 }
 
-/** Range checks, naming the setting (recipe field names are the snake_case of these). */
+/** Range checks from TRAIN_OPTIONS, naming the setting by its recipe field. */
 export function validateTrainConfig(c: TrainConfig, where = ''): TrainConfig {
-  const bad = (k: string, want: string, got: unknown) => {
-    throw new UserError(`${where}${k}: expected ${want}, found ${JSON.stringify(got)}`);
-  };
-  if (!(c.lr > 0)) bad('lr', 'a positive number', c.lr);
-  if (!(c.epochs > 0)) bad('epochs', 'a positive number', c.epochs);
-  if (!(Number.isInteger(c.maxSteps) && c.maxSteps >= 0)) bad('max_steps', 'an integer ≥ 0', c.maxSteps);
-  if (!(Number.isInteger(c.gradAccum) && c.gradAccum >= 1)) bad('grad_accum', 'an integer ≥ 1', c.gradAccum);
-  if (!(c.warmupRatio >= 0 && c.warmupRatio < 1)) bad('warmup_ratio', 'a number in [0, 1)', c.warmupRatio);
-  if (!SCHEDULERS.includes(c.scheduler as SchedulerName)) bad('lr_scheduler', SCHEDULERS.join(' | '), c.scheduler);
-  if (!(c.weightDecay >= 0)) bad('weight_decay', 'a number ≥ 0', c.weightDecay);
-  if (!(c.beta1 >= 0 && c.beta1 < 1)) bad('adam_beta1', 'a number in [0, 1)', c.beta1);
-  if (!(c.beta2 >= 0 && c.beta2 < 1)) bad('adam_beta2', 'a number in [0, 1)', c.beta2);
-  if (!(c.eps > 0)) bad('adam_eps', 'a positive number', c.eps);
-  if (!(c.maxGradNorm >= 0)) bad('max_grad_norm', 'a number ≥ 0', c.maxGradNorm);
-  for (const k of ['loggingSteps', 'saveSteps', 'saveTotalLimit', 'evalSteps'] as const) {
-    if (!(Number.isInteger(c[k]) && c[k] >= 0)) bad(k.replace(/[A-Z]/g, (m) => '_' + m.toLowerCase()), 'an integer ≥ 0', c[k]);
+  for (const o of TRAIN_OPTIONS) {
+    const problems: Problem[] = [];
+    schema.check(c[o.key], o.spec, o.field, problems);
+    if (problems.length) throw new UserError(`${where}${o.field}: expected ${problems[0].expected}, found ${JSON.stringify(problems[0].found)}`);
   }
   if (c.loggingSteps === 0) c.loggingSteps = 1;
-  if (!Number.isInteger(c.seed)) bad('seed', 'an integer', c.seed);
-  if (!(CHECKPOINT_MODES as readonly string[]).includes(c.gradientCheckpointing)) bad('gradient_checkpointing', CHECKPOINT_MODES.join(' | '), c.gradientCheckpointing);
   return c;
 }
 

@@ -4,8 +4,7 @@ import YAML from 'yaml';
 import { Problem, Spec, bool, check, formatProblems, int, num, obj, str, strings } from './schema.js';
 import { readText } from '../data/jsonl.js';
 import { UserError } from '../util/errors.js';
-import { SCHEDULERS } from '../train/schedule.js';
-import { CHECKPOINT_MODES } from '../train/trainer.js';
+import { TRAIN_SCHEMA } from '../commands/train-options.js';
 import { LOSS_TYPES } from '../dpo/loss.js';
 import { SELECTION_RULES } from '../online/select.js';
 import { MERGE_METHODS } from '../merge/methods.js';
@@ -17,26 +16,7 @@ import { ARCHS } from '../model/config.js';
  * by other stages' outputs — `sft.output`, `online.round-2`, `sft.output+dpo.output` (a base
  * with an adapter) — and may only refer to stages before it, so a recipe can never loop.
  */
-const train: Record<string, Spec> = {
-  lr: num({ min: 0, exclusiveMin: true }),
-  epochs: num({ min: 0, exclusiveMin: true }),
-  max_steps: int({ min: 0 }),
-  grad_accum: int({ min: 1 }),
-  warmup_ratio: num({ min: 0, max: 0.99 }),
-  lr_scheduler: str(SCHEDULERS),
-  weight_decay: num({ min: 0 }),
-  adam_beta1: num({ min: 0, max: 0.9999 }),
-  adam_beta2: num({ min: 0, max: 0.9999 }),
-  adam_eps: num({ min: 0, exclusiveMin: true }),
-  max_grad_norm: num({ min: 0 }),
-  logging_steps: int({ min: 1 }),
-  save_steps: int({ min: 0 }),
-  save_total_limit: int({ min: 0 }),
-  eval_steps: int({ min: 0 }),
-  seed: int(),
-  detect_anomaly: bool,
-  gradient_checkpointing: str([...CHECKPOINT_MODES]),
-};
+const train = TRAIN_SCHEMA;
 const lora = obj({ r: int({ min: 1 }), alpha: num({ min: 0, exclusiveMin: true }), dropout: num({ min: 0, max: 0.99 }), targets: strings, use_rslora: bool });
 const dpoFields: Record<string, Spec> = {
   beta: num({ min: 0, exclusiveMin: true }),

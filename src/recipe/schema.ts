@@ -4,7 +4,7 @@
  */
 export type Spec =
   | { kind: 'string'; enum?: string[] }
-  | { kind: 'number'; min?: number; max?: number; exclusiveMin?: boolean; int?: boolean }
+  | { kind: 'number'; min?: number; max?: number; exclusiveMin?: boolean; exclusiveMax?: boolean; int?: boolean }
   | { kind: 'boolean' }
   | { kind: 'strings' }
   | { kind: 'object'; fields: Record<string, Spec>; required?: string[]; open?: boolean }
@@ -19,7 +19,7 @@ export interface Problem {
 }
 
 export const str = (e?: string[]): Spec => ({ kind: 'string', enum: e });
-export const num = (o: { min?: number; max?: number; exclusiveMin?: boolean } = {}): Spec => ({ kind: 'number', ...o });
+export const num = (o: { min?: number; max?: number; exclusiveMin?: boolean; exclusiveMax?: boolean } = {}): Spec => ({ kind: 'number', ...o });
 export const int = (o: { min?: number; max?: number } = {}): Spec => ({ kind: 'number', int: true, ...o });
 export const bool: Spec = { kind: 'boolean' };
 export const strings: Spec = { kind: 'strings' };
@@ -31,7 +31,7 @@ export function describe(s: Spec): string {
       return s.enum ? s.enum.map((x) => JSON.stringify(x)).join(' | ') : 'a string';
     case 'number': {
       const lo = s.min !== undefined ? (s.exclusiveMin ? `> ${s.min}` : `≥ ${s.min}`) : '';
-      const hi = s.max !== undefined ? `≤ ${s.max}` : '';
+      const hi = s.max !== undefined ? (s.exclusiveMax ? `< ${s.max}` : `≤ ${s.max}`) : '';
       return `${s.int ? 'an integer' : 'a number'}${lo || hi ? ' ' + [lo, hi].filter(Boolean).join(' and ') : ''}`;
     }
     case 'boolean':
@@ -56,7 +56,7 @@ export function check(v: unknown, s: Spec, path: string, out: Problem[]): void {
       if (typeof v !== 'string' || (s.enum && !s.enum.includes(v))) bad();
       return;
     case 'number':
-      if (typeof v !== 'number' || !Number.isFinite(v) || (s.int && !Number.isInteger(v)) || (s.min !== undefined && (s.exclusiveMin ? v <= s.min : v < s.min)) || (s.max !== undefined && v > s.max)) bad();
+      if (typeof v !== 'number' || !Number.isFinite(v) || (s.int && !Number.isInteger(v)) || (s.min !== undefined && (s.exclusiveMin ? v <= s.min : v < s.min)) || (s.max !== undefined && (s.exclusiveMax ? v >= s.max : v > s.max))) bad();
       return;
     case 'boolean':
       if (typeof v !== 'boolean') bad();
