@@ -10,7 +10,8 @@ import { loadConfig } from './io/checkpoint.js';
 import { gib, jobReports, paramCount } from './model/memory.js';
 import { log, setLogMode } from './util/log.js';
 import { generateCmd, initModel, logprobsCmd, trainTokenizer } from './commands/model.js';
-import { addLoraOptions, addTrainOptions, int, num, trainConfigFrom } from './commands/train-options.js';
+import { addLoraOptions, addTableOptions, addTrainOptions, int, num, trainConfigFrom } from './commands/train-options.js';
+import { DPO_OPTIONS } from './dpo/loss.js';
 import { DEFAULT_SFT, runSft } from './stages/sft.js';
 import { dtypeFromName } from './io/safetensors.js';
 import { dpoCmd, evalDpoCmd } from './commands/dpo.js';
@@ -53,11 +54,7 @@ function addSamplingOptions(cmd: Command, maxNewTokens?: number): Command {
 
 /** The DPO loss and data-shape flags of dpo, eval-dpo and online. */
 function dpoOptions(cmd: Command): Command {
-  return cmd
-    .option('--beta <b>', 'DPO β (default 0.1)', num)
-    .option('--loss-type <t>', 'sigmoid | hinge | ipo | robust')
-    .option('--label-smoothing <e>', 'ε for cDPO / robust DPO', num)
-    .option('--rpo-alpha <a>', "TRL's rpo_alpha: add α × the chosen answers' NLL to the loss (0 = off)", num)
+  return addTableOptions(cmd, DPO_OPTIONS)
     .option('--max-length <n>', 'prompt + completion tokens at most', int)
     .option('--max-prompt-length <n>', 'prompt tokens at most (longer prompts are skipped)', int)
     .option('--batch-size <n>', 'pairs per micro-batch', int);

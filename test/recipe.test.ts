@@ -5,7 +5,7 @@ import * as path from 'node:path';
 import YAML from 'yaml';
 import Database from 'better-sqlite3';
 import { validateRecipe } from '../src/recipe/recipe.js';
-import { formatProblems } from '../src/recipe/schema.js';
+import { formatProblems } from '../src/util/schema.js';
 import { prefopt } from './helpers/cli.js';
 
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'prefopt-recipe-'));
@@ -173,5 +173,27 @@ describe('one table for the training settings', () => {
       const flags = { [field.replace(/_(\w)/g, (_, c: string) => c.toUpperCase())]: bad };
       expect(() => trainConfigFrom(flags)).toThrow(`${field}: ${want}`);
     }
+  });
+});
+
+describe('one table for the DPO loss settings', () => {
+  it('dpo flags, the recipe fields and the library check share one rule', async () => {
+    const { dpoParamsFrom } = await import('../src/commands/dpo.js');
+    const { DEFAULT_DPO, validateDpoParams } = await import('../src/dpo/loss.js');
+    for (const [field, key, bad, want] of [
+      ['label_smoothing', 'labelSmoothing', 0.5, 'expected a number ≥ 0 and < 0.5, found 0.5'],
+      ['beta', 'beta', 0, 'expected a number > 0, found 0'],
+      ['loss_type', 'lossType', 'kto', 'expected "sigmoid" | "hinge" | "ipo" | "robust", found "kto"'],
+    ] as const) {
+      const r = ok() as any;
+      r.stages[1][field] = bad;
+      expect(problems(r)).toContain(`stages[1].${field}: ${want}`);
+      expect(() => dpoParamsFrom({ [key]: bad }, DEFAULT_DPO)).toThrow(`${field}: ${want}`);
+      expect(() => validateDpoParams({ ...DEFAULT_DPO, [key]: bad } as any, 'x: ')).toThrow(`x: ${field}: ${want}`);
+    }
+    // 0.49 was the recipe's cap and < 0.5 the library's: both now accept it.
+    const r = ok() as any;
+    r.stages[1].label_smoothing = 0.49;
+    expect(problems(r)).toBe(formatProblems('r.yaml', []));
   });
 });

@@ -1,6 +1,6 @@
 import { DEFAULT_DPO_STAGE, evaluatePairs, runDpo } from '../stages/dpo.js';
-import { DpoParams, validateDpoParams } from '../dpo/loss.js';
-import { camel } from './train-options.js';
+import { DPO_OPTIONS, DpoParams, validateDpoParams } from '../dpo/loss.js';
+import { valuesFrom } from './train-options.js';
 import { pairLogpsHost } from '../dpo/logps.js';
 import { loadPrefs } from '../data/prefs.js';
 import { DEFAULT_LORA, LoraConfig, withAdapterOff } from '../lora/lora.js';
@@ -11,16 +11,10 @@ import { log } from '../util/log.js';
 import { openPolicy } from '../model/policy.js';
 
 /** DPO settings by recipe field name (TRL's); the CLI flag is the same name in kebab-case. */
-const DPO_FIELDS: [keyof DpoParams, string][] = [['beta', 'beta'], ['lossType', 'loss_type'], ['labelSmoothing', 'label_smoothing'], ['rpoAlpha', 'rpo_alpha']];
 
 /** DpoParams from parsed CLI options or a recipe stage, over `base`, range-checked. */
 export function dpoParamsFrom(o: Record<string, any>, base: DpoParams, from: 'flags' | 'recipe' = 'flags', where = ''): DpoParams {
-  const p: any = { ...base };
-  for (const [k, field] of DPO_FIELDS) {
-    const v = o[from === 'flags' ? camel(field) : field];
-    if (v !== undefined) p[k] = v;
-  }
-  return validateDpoParams(p, where);
+  return validateDpoParams(valuesFrom(DPO_OPTIONS, o, base, from), where);
 }
 
 export function loraFrom(o: Record<string, any>, base: LoraConfig = DEFAULT_LORA): LoraConfig {

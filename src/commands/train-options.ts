@@ -1,8 +1,8 @@
 import { Command } from 'commander';
 import { CHECKPOINT_MODES, DEFAULT_TRAIN, TrainConfig } from '../train/trainer.js';
 import { SCHEDULERS } from '../train/schedule.js';
-import * as schema from '../recipe/schema.js';
-import type { Problem, Spec } from '../recipe/schema.js';
+import * as schema from '../util/schema.js';
+import type { Spec } from '../util/schema.js';
 import { UserError } from '../util/errors.js';
 
 /** Flag parsers: a finite number, an integer. */
@@ -22,12 +22,7 @@ export const int = (v: string): number => {
  * the TrainConfig key, the allowed values and the help. The CLI flags (the field in kebab-case),
  * the recipe schema and the range checks all come from this table.
  */
-export interface TrainOption {
-  key: keyof TrainConfig;
-  field: string;
-  spec: Spec;
-  help: string;
-}
+export type TrainOption = schema.OptionRow<keyof TrainConfig>;
 
 const below1 = schema.num({ min: 0, max: 1, exclusiveMax: true });
 export const TRAIN_OPTIONS: TrainOption[] = [
@@ -57,17 +52,32 @@ export const TRAIN_OPTIONS: TrainOption[] = [
 ];
 
 /** The recipe schema of the training settings. */
-export const TRAIN_SCHEMA: Record<string, Spec> = Object.fromEntries(TRAIN_OPTIONS.map((o) => [o.field, o.spec]));
+export const TRAIN_SCHEMA: Record<string, Spec> = schema.fieldsOf(TRAIN_OPTIONS);
 
-/** The flags of TRAIN_OPTIONS, and --resume, for a training command. */
-export function addTrainOptions(cmd: Command): Command {
-  for (const o of TRAIN_OPTIONS) {
+/** One flag per row of an option table: --field-in-kebab-case, parsed by the row's kind. */
+export function addTableOptions(cmd: Command, rows: schema.OptionRow<string>[]): Command {
+  for (const o of rows) {
     const flag = `--${o.field.replace(/_/g, '-')}`;
     if (o.spec.kind === 'boolean') cmd.option(flag, o.help);
     else if (o.spec.kind === 'number') cmd.option(`${flag} <${o.spec.int ? 'n' : 'x'}>`, o.help, o.spec.int ? int : num);
     else cmd.option(`${flag} <value>`, o.help);
   }
-  return cmd.option('--resume', 'continue from the newest checkpoint in --out');
+  return cmd;
+}
+
+/** A table's values from parsed CLI options (commander's camelCase) or a recipe stage (snake_case), over `base`. */
+export function valuesFrom<K extends string, C extends Record<K, unknown>>(rows: schema.OptionRow<K>[], o: Record<string, any>, base: C, from: 'flags' | 'recipe'): C {
+  const c: any = { ...base };
+  for (const { key, field } of rows) {
+    const v = o[from === 'flags' ? camel(field) : field];
+    if (v !== undefined) c[key] = v;
+  }
+  return c;
+}
+
+/** The flags of TRAIN_OPTIONS, and --resume, for a training command. */
+export function addTrainOptions(cmd: Command): Command {
+  return addTableOptions(cmd, TRAIN_OPTIONS).option('--resume', 'continue from the newest checkpoint in --out');
 }
 
 /** A recipe field's CLI option name as commander stores it: rpo_alpha → rpoAlpha. */
@@ -78,21 +88,13 @@ export const camel = (snake: string) => snake.replace(/_(\w)/g, (_, c: string) =
  * (snake_case fields), over `base`, range-checked.
  */
 export function trainConfigFrom(o: Record<string, any>, base: TrainConfig = DEFAULT_TRAIN, from: 'flags' | 'recipe' = 'flags', where = ''): TrainConfig {
-  const c: any = { ...base };
-  for (const { key, field } of TRAIN_OPTIONS) {
-    const v = o[from === 'flags' ? camel(field) : field];
-    if (v !== undefined) c[key] = v;
-  }
-  return validateTrainConfig(c, where);
+  return validateTrainConfig(valuesFrom(TRAIN_OPTIONS, o, base, from), where);
 }
 
 /** Range checks from TRAIN_OPTIONS, naming the setting by its recipe field. */
 export function validateTrainConfig(c: TrainConfig, where = ''): TrainConfig {
-  for (const o of TRAIN_OPTIONS) {
-    const problems: Problem[] = [];
-    schema.check(c[o.key], o.spec, o.field, problems);
-    if (problems.length) throw new UserError(`${where}${o.field}: expected ${problems[0].expected}, found ${JSON.stringify(problems[0].found)}`);
-  }
+  const bad = schema.firstViolation(TRAIN_OPTIONS, c as unknown as Record<keyof TrainConfig, unknown>);
+  if (bad) throw new UserError(`${where}${bad}`);
   if (c.loggingSteps === 0) c.loggingSteps = 1;
   return c;
 }

@@ -1,5 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { UserError } from '../util/errors.js';
+import { OptionRow, firstViolation, num, str } from '../util/schema.js';
 
 /**
  * DPO losses as TRL computes them (docs/REFERENCE.md §5). Inputs are summed completion log-probs of the
@@ -82,10 +83,17 @@ export function dpoMetrics(rows: { pc: number; pr: number; rc: number; rr: numbe
   };
 }
 
+/** The DPO loss settings, declared once: recipe field, allowed values, help (flags and schema come from here). */
+export const DPO_OPTIONS: OptionRow<keyof DpoParams>[] = [
+  { key: 'beta', field: 'beta', spec: num({ min: 0, exclusiveMin: true }), help: 'DPO β (default 0.1)' },
+  { key: 'lossType', field: 'loss_type', spec: str([...LOSS_TYPES]), help: LOSS_TYPES.join(' | ') },
+  // ε = 0.5 makes the conservative loss symmetric in chosen and rejected: nothing is learned.
+  { key: 'labelSmoothing', field: 'label_smoothing', spec: num({ min: 0, max: 0.5, exclusiveMax: true }), help: 'ε for cDPO / robust DPO' },
+  { key: 'rpoAlpha', field: 'rpo_alpha', spec: num({ min: 0 }), help: "TRL's rpo_alpha: add α × the chosen answers' NLL to the loss (0 = off)" },
+];
+
 export function validateDpoParams(p: DpoParams, where = ''): DpoParams {
-  if (!LOSS_TYPES.includes(p.lossType)) throw new UserError(`${where}loss_type: expected ${LOSS_TYPES.join(' | ')}, found ${JSON.stringify(p.lossType)}`);
-  if (!(p.beta > 0)) throw new UserError(`${where}beta: expected a positive number, found ${p.beta}`);
-  if (!(p.labelSmoothing >= 0 && p.labelSmoothing < 0.5)) throw new UserError(`${where}label_smoothing: expected a number in [0, 0.5), found ${p.labelSmoothing}`);
-  if (!(p.rpoAlpha >= 0)) throw new UserError(`${where}rpo_alpha: expected a number ≥ 0, found ${p.rpoAlpha}`);
+  const bad = firstViolation(DPO_OPTIONS, p as unknown as Record<keyof DpoParams, unknown>);
+  if (bad) throw new UserError(`${where}${bad}`);
   return p;
 }

@@ -1,11 +1,11 @@
 import * as path from 'node:path';
 import { createHash } from 'node:crypto';
 import YAML from 'yaml';
-import { Problem, Spec, bool, check, formatProblems, int, num, obj, str, strings } from './schema.js';
+import { Problem, Spec, bool, check, fieldsOf, formatProblems, int, num, obj, str, strings } from '../util/schema.js';
 import { readText } from '../data/jsonl.js';
 import { UserError } from '../util/errors.js';
 import { TRAIN_SCHEMA } from '../commands/train-options.js';
-import { LOSS_TYPES } from '../dpo/loss.js';
+import { DPO_OPTIONS } from '../dpo/loss.js';
 import { SELECTION_RULES } from '../online/select.js';
 import { MERGE_METHODS } from '../merge/methods.js';
 import { BACKEND_ORDER } from '../engine/backend.js';
@@ -19,10 +19,7 @@ import { ARCHS } from '../model/config.js';
 const train = TRAIN_SCHEMA;
 const lora = obj({ r: int({ min: 1 }), alpha: num({ min: 0, exclusiveMin: true }), dropout: num({ min: 0, max: 0.99 }), targets: strings, use_rslora: bool });
 const dpoFields: Record<string, Spec> = {
-  beta: num({ min: 0, exclusiveMin: true }),
-  loss_type: str(LOSS_TYPES),
-  label_smoothing: num({ min: 0, max: 0.49 }),
-  rpo_alpha: num({ min: 0 }),
+  ...fieldsOf(DPO_OPTIONS),
   max_length: int({ min: 2 }),
   max_prompt_length: int({ min: 1 }),
   batch_size: int({ min: 1 }),

@@ -93,3 +93,30 @@ export function check(v: unknown, s: Spec, path: string, out: Problem[]): void {
 export function formatProblems(file: string, ps: Problem[]): string {
   return ps.map((p) => `${file}: ${p.path.replace(/^\./, '')}: expected ${p.expected}, found ${p.found === undefined ? 'nothing' : JSON.stringify(p.found)}`).join('\n');
 }
+
+/**
+ * A table of options, each declared once: the config key, the recipe field (the CLI flag is its
+ * kebab-case), the allowed values and the help. Recipe schemas, flags and range checks are all
+ * read from such tables (commands/train-options, dpo/loss).
+ */
+export interface OptionRow<K extends string> {
+  key: K;
+  field: string;
+  spec: Spec;
+  help: string;
+}
+
+/** The recipe schema of a table's fields. */
+export function fieldsOf(rows: OptionRow<string>[]): Record<string, Spec> {
+  return Object.fromEntries(rows.map((o) => [o.field, o.spec]));
+}
+
+/** The first value of `c` that breaks its row's spec, as "field: expected …, found …", or null. */
+export function firstViolation<K extends string>(rows: OptionRow<K>[], c: Record<K, unknown>): string | null {
+  for (const o of rows) {
+    const problems: Problem[] = [];
+    check(c[o.key], o.spec, o.field, problems);
+    if (problems.length) return `${o.field}: expected ${problems[0].expected}, found ${JSON.stringify(problems[0].found)}`;
+  }
+  return null;
+}
