@@ -28,6 +28,8 @@ import { sequenceLogps } from '../src/dpo/logps.js';
 import { generate } from '../src/infer/generate.js';
 import { DEFAULT_SAMPLING } from '../src/infer/sampling.js';
 import { checkpointingOn } from '../src/train/trainer.js';
+import { paramCount } from '../src/model/memory.js';
+import { loadConfig } from '../src/io/checkpoint.js';
 import { packageRoot } from '../src/util/package-root.js';
 import { Rng } from '../src/util/rng.js';
 import { setLogMode } from '../src/util/log.js';
@@ -72,7 +74,8 @@ function rows(n: number, scoredFrom: number): ReturnType<typeof makeBatch> {
 /** One job in this process: load, warm up, time one call. */
 async function child(job: Job, dir: string): Promise<JobResult> {
   setLogMode({ quiet: true });
-  const b = await initBackend(undefined, 4 * 494e6);
+  // The backend the CLI picks for this checkpoint (by its float32 weight bytes).
+  const b = await initBackend(undefined, 4 * paramCount(loadConfig(dir)));
   const t0 = performance.now();
   const p = openPolicy(dir, { trainable: job === 'sft' });
   const load = (performance.now() - t0) / 1000;

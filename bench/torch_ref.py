@@ -125,6 +125,29 @@ def seq_logps(m, x, start):
     return lp[:, start - 1 :].sum(-1)
 
 
+def reference_logps(m, loras, x, start):
+    """The LoRA DPO reference: log-probs with every adapter switched off, without gradients."""
+    with torch.no_grad():
+        for l in loras:
+            l.on = False
+        ref = seq_logps(m, x, start)
+        for l in loras:
+            l.on = True
+    return ref
+
+
+def update(opt, loss):
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def lm_loss(m, x):
+    """Next-token cross-entropy over every position (the SFT step)."""
+    logits, _ = m(x)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, V), x[:, 1:].reshape(-1))
+
+
 def dpo_loss(pol, ref):
     n = pol.shape[0] // 2
     return -F.logsigmoid(0.1 * ((pol[:n] - ref[:n]) - (pol[n:] - ref[n:]))).mean()
@@ -148,32 +171,12 @@ def real(job):
     if job == "lora_dpo":  # 4 pairs, reference log-probs computed once (cached, as a DPO stage does)
         loras = add_lora(m, dropout=0.05)
         opt = torch.optim.AdamW([p for l in loras for p in (l.A, l.B)], lr=1e-4)
-        with torch.no_grad():
-            for l in loras:
-                l.on = False
-            ref = seq_logps(m, ids, P)
-            for l in loras:
-                l.on = True
-
-        def step():
-            loss = dpo_loss(seq_logps(m, ids, P), ref)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-
-        tokens, f = ids.numel(), step
+        ref = reference_logps(m, loras, ids, P)
+        tokens, f = ids.numel(), lambda: update(opt, dpo_loss(seq_logps(m, ids, P), ref))
     elif job == "sft":  # 4 rows, every weight trained
         rows = ids[:4]
         opt = torch.optim.AdamW(m.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-
-        def step():
-            logits, _ = m(rows)
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), rows[:, 1:].reshape(-1))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-
-        tokens, f = rows.numel(), step
+        tokens, f = rows.numel(), lambda: update(opt, lm_loss(m, rows))
     elif job == "logprobs":  # 2 rows
         rows = ids[:2]
 
@@ -210,31 +213,13 @@ def small():
         out["forward"] = B * T / bench(lambda: m(ids))
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
-    def sft():
-        logits, _ = m(ids)
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    out["sft_step"] = B * T / bench(sft)
+    out["sft_step"] = B * T / bench(lambda: update(opt, lm_loss(m, ids)))
     loras = add_lora(m)
     lopt = torch.optim.AdamW([p for l in loras for p in (l.A, l.B)], lr=1e-4)
     pairs = torch.cat([ids[: B // 2], ids[B // 2 :]])
 
-    def dpo():
-        with torch.no_grad():
-            for l in loras:
-                l.on = False
-            ref = seq_logps(m, pairs, 64)
-            for l in loras:
-                l.on = True
-        loss = dpo_loss(seq_logps(m, pairs, 64), ref)
-        lopt.zero_grad()
-        loss.backward()
-        lopt.step()
-
-    out["dpo_step_lora"] = B * T / bench(dpo)
+    # The reference pass is part of each step here, as in bench/run.ts's LoRA DPO step.
+    out["dpo_step_lora"] = B * T / bench(lambda: update(lopt, dpo_loss(seq_logps(m, pairs, 64), reference_logps(m, loras, pairs, 64))))
     prompts = ids[:4, :32].repeat_interleave(4, 0)
     out["sampling"] = 16 * 64 / bench(lambda: sample(m, prompts, 64), 1)
     print(json.dumps({k: round(v, 1) for k, v in out.items()}))

@@ -19,6 +19,18 @@ function load(spec: (typeof ARCH_SPECS)[string]) {
   return Decoder.fromHF(cfg, (n) => w.get(n)!, true);
 }
 
+/**
+ * Freeze `model` and attach a rank-4 adapter on `targets`. With `bSeed`, B gets random values
+ * (PEFT starts it at zero, which would make A's gradient zero and the comparison empty).
+ */
+function withLora(model: Decoder, targets: string[], dropout: number, bSeed?: number): LoraAdapter {
+  model.setTrainable(false);
+  const ad = LoraAdapter.create(model, { r: 4, alpha: 8, dropout, targets, useRslora: false }, 5);
+  if (bSeed !== undefined) for (const w of ad.weights.values()) w.b.assign(tf.randomNormal(w.b.shape, 0, 0.3, 'float32', bSeed));
+  attach(model, ad);
+  return ad;
+}
+
 function batchFor(vocab: number) {
   const rng = new Rng(7);
   const rows = [9, 6, 11].map((n) => {
@@ -63,11 +75,7 @@ describe('activation checkpointing', () => {
 
   it('LoRA gradients with dropout replay the same masks in the recompute', () => {
     const model = load(ARCH_SPECS['llama GQA untied']);
-    model.setTrainable(false);
-    const ad = LoraAdapter.create(model, { r: 4, alpha: 8, dropout: 0.3, targets: ['q_proj', 'v_proj', 'down_proj'], useRslora: false }, 5);
-    // B starts at zero (PEFT); give it values so that A's gradient is not zero either.
-    for (const w of ad.weights.values()) w.b.assign(tf.randomNormal(w.b.shape, 0, 0.3, 'float32', 11));
-    attach(model, ad);
+    const ad = withLora(model, ['q_proj', 'v_proj', 'down_proj'], 0.3, 11);
     const vars = [...ad.params().values()];
     const sb = batchFor(model.cfg.vocab_size);
     const run = () => lossAndGrads(model, vars, sb, () => ad.setTraining(true, new Rng(99)));
@@ -120,10 +128,7 @@ describe('chunked LM head', () => {
   it('a frozen head (LoRA) takes its slope from the forward pass: same loss and adapter gradients as the whole head', () => {
     for (const name of ['qwen2 biases tied rope 1e6', 'llama GQA untied']) {
       const model = load(ARCH_SPECS[name]);
-      model.setTrainable(false);
-      const ad = LoraAdapter.create(model, { r: 4, alpha: 8, dropout: 0, targets: ['q_proj', 'o_proj', 'up_proj'], useRslora: false }, 5);
-      for (const w of ad.weights.values()) w.b.assign(tf.randomNormal(w.b.shape, 0, 0.3, 'float32', 12));
-      attach(model, ad);
+      const ad = withLora(model, ['q_proj', 'o_proj', 'up_proj'], 0, 12);
       const vars = [...ad.params().values()];
       const sb = batchFor(model.cfg.vocab_size);
       const whole = lossAndGrads(model, vars, sb);
@@ -204,9 +209,7 @@ describe('memory estimate and the up-front check', () => {
 describe('memory across steps', () => {
   it('tf.memory() is flat across LoRA training steps with checkpointing, dropout and a chunked head', () => {
     const model = load(ARCH_SPECS['qwen2 biases tied rope 1e6']);
-    model.setTrainable(false);
-    const ad = LoraAdapter.create(model, { r: 4, alpha: 8, dropout: 0.1, targets: ['q_proj', 'v_proj', 'gate_proj', 'down_proj'], useRslora: false }, 5);
-    attach(model, ad);
+    const ad = withLora(model, ['q_proj', 'v_proj', 'gate_proj', 'down_proj'], 0.1);
     model.checkpointLayers = true;
     model.headChunkBytes = 3 * 4 * model.cfg.vocab_size;
     const vars = [...ad.params().values()];

@@ -81,6 +81,11 @@ export interface ForwardBatch {
 /** Logits computed at once at most (128 MiB: 220 rows of a 152K vocabulary). */
 export const HEAD_CHUNK_BYTES = 128 * 2 ** 20;
 
+/** Rows of a vocabulary of `vocab` whose float32 logits fit in `bytes` (at least one). */
+export function headChunkRows(bytes: number, vocab: number): number {
+  return Math.max(1, Math.floor(bytes / (4 * vocab)));
+}
+
 export class Decoder {
   adapter: LinearAdapter | null = null;
   adapterEnabled = true;
@@ -261,8 +266,19 @@ export class Decoder {
 
   /** Logits [N, V] for hidden states [N, D]; a tied head multiplies by the embedding [V, D] transposed. */
   logits(h: tf.Tensor2D): tf.Tensor2D {
-    if (this.cfg.tie_word_embeddings) return mmTransB(h, this.p('model.embed_tokens.weight') as tf.Tensor2D);
-    return mm(h, this.p('lm_head.weight') as tf.Tensor2D);
+    const w = this.p(`${this.headModule()}.weight`) as tf.Tensor2D;
+    return this.cfg.tie_word_embeddings ? mmTransB(h, w) : mm(h, w);
+  }
+
+  /** g [N, V] taken back through the head to [N, D]: the transpose of logits' product (g·E tied, g·Wᵀ untied). */
+  private headBackward(g: tf.Tensor2D): tf.Tensor2D {
+    const w = this.p(`${this.headModule()}.weight`) as tf.Tensor2D;
+    return this.cfg.tie_word_embeddings ? mm(g, w) : mmTransB(g, w);
+  }
+
+  /** The module whose weight the LM head multiplies by. */
+  private headModule(): string {
+    return this.cfg.tie_word_embeddings ? 'model.embed_tokens' : 'lm_head';
   }
 
   /**
@@ -277,7 +293,7 @@ export class Decoder {
     const N = h.shape[0];
     const R = this.headChunkRows();
     if (N <= R) return labelLogProbs(this.logits(h), tf.tensor1d(labels, 'int32')) as tf.Tensor1D;
-    const head = this.trainables(this.cfg.tie_word_embeddings ? 'model.embed_tokens.' : 'lm_head.');
+    const head = this.trainables(`${this.headModule()}.`);
     const parts: tf.Tensor[] = [];
     for (let s = 0; s < N; s += R) {
       const n = Math.min(R, N - s);
@@ -293,9 +309,7 @@ export class Decoder {
       const { lp, slope } = tf.tidy(() => {
         const logits = this.logits(x);
         const lp = labelLogProbs(logits, labels);
-        const g = labelLogProbsSlope(logits, labels, lp);
-        const e = this.cfg.tie_word_embeddings ? this.p('model.embed_tokens.weight') : this.p('lm_head.weight');
-        return { lp, slope: this.cfg.tie_word_embeddings ? mm(g, e as tf.Tensor2D) : mmTransB(g, e as tf.Tensor2D) };
+        return { lp, slope: this.headBackward(labelLogProbsSlope(logits, labels, lp)) };
       });
       save([slope]);
       return { value: lp, gradFunc: (dy: tf.Tensor, [sl]: tf.Tensor[]) => tf.mul(sl, tf.reshape(dy, [-1, 1])) };
@@ -305,7 +319,7 @@ export class Decoder {
 
   /** Rows per LM-head chunk: headChunkBytes of float32 logits. */
   headChunkRows(): number {
-    return Math.max(1, Math.floor(this.headChunkBytes / (4 * this.cfg.vocab_size)));
+    return headChunkRows(this.headChunkBytes, this.cfg.vocab_size);
   }
 
   /** The parameter in Hugging Face layout, on the host. */

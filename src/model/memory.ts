@@ -1,10 +1,11 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import { ModelConfig, expectedShapes } from './config.js';
-import { HEAD_CHUNK_BYTES } from './decoder.js';
+import { HEAD_CHUNK_BYTES, headChunkRows } from './decoder.js';
 import { UserError } from '../util/errors.js';
 import { loadConfig } from '../io/checkpoint.js';
-import { CHECKPOINT_AUTO_PARAMS } from '../train/trainer.js';
+import { TrainConfig, checkpointingOn } from '../train/trainer.js';
+import { LoraConfig, defaultTargets } from '../lora/lora.js';
 
 /**
  * Peak memory of a job, estimated from the model's config and the job's shape before anything is
@@ -63,13 +64,18 @@ export function paramCount(cfg: ModelConfig): number {
   return n;
 }
 
+/** The module kind of a linear weight's name (`…self_attn.q_proj.weight` → q_proj), the name LoRA targets it by; null for other tensors. */
+function linearKind(name: string): string | null {
+  return /\.(\w+_proj)\.weight$/.exec(name)?.[1] ?? null;
+}
+
 /** Parameters of the LoRA adapters on `targets` ([in, r] + [r, out] per module). */
 export function loraParamCount(cfg: ModelConfig, lora: { r: number; targets: string[] }): number {
   const want = new Set(lora.targets);
   let n = 0;
   for (const [name, s] of expectedShapes(cfg)) {
-    const m = /\.(\w+_proj)\.weight$/.exec(name);
-    if (m && want.has(m[1]) && s.length === 2) n += lora.r * (s[0] + s[1]);
+    const kind = linearKind(name);
+    if (kind && want.has(kind) && s.length === 2) n += lora.r * (s[0] + s[1]);
   }
   return n;
 }
@@ -79,7 +85,7 @@ export function estimateMemory(cfg: ModelConfig, job: JobShape): MemoryEstimate 
   const N = job.rows * job.len;
   const L = cfg.num_hidden_layers;
   const layer = 4 * activationFloats(cfg) * N;
-  const headRows = Math.min(N, Math.max(1, Math.floor(HEAD_CHUNK_BYTES / (4 * cfg.vocab_size))));
+  const headRows = Math.min(N, headChunkRows(HEAD_CHUNK_BYTES, cfg.vocab_size));
   const parts: Record<string, number> = { weights: 4 * P };
   const train = job.kind === 'lora' || job.kind === 'full';
   if (train) {
@@ -160,8 +166,8 @@ export function jobReports(dir: string, o: { pairs: number; maxLength: number; l
   const cfg = loadConfig(dir);
   const P = paramCount(cfg);
   const len = Math.min(o.maxLength, cfg.max_position_embeddings);
-  const ck = P >= CHECKPOINT_AUTO_PARAMS;
-  const linears = [...new Set([...expectedShapes(cfg).keys()].map((n) => /\.(\w+_proj)\.weight$/.exec(n)?.[1]).filter((m): m is string => !!m))];
+  const ck = checkpointingOn('auto', P);
+  const linears = [...new Set([...expectedShapes(cfg).keys()].map(linearKind).filter((m): m is string => !!m))];
   const lim = memoryLimit();
   const jobs: [string, JobShape][] = [
     ['logprobs', { kind: 'logprobs', rows: 2 * o.pairs, len }],
@@ -177,6 +183,22 @@ export function jobReports(dir: string, o: { pairs: number; maxLength: number; l
       return { job, checkpointing: !!s.checkpointing, bytes: e.total, parts: e.parts, fits: e.total <= lim.bytes };
     }),
   };
+}
+
+/**
+ * checkJobFits for a training stage, with the settings the stage will run under: checkpointing as
+ * the trainer decides it from train.gradientCheckpointing, and LoRA's targets as the adapter
+ * resolves them (none given: the architecture's defaults).
+ */
+export function checkTrainingFits(dir: string, what: string, o: { rows: number; len: number; train: TrainConfig; lora: LoraConfig | null }): void {
+  checkJobFits(dir, what, (cfg) => ({
+    kind: o.lora ? 'lora' : 'full',
+    rows: o.rows,
+    len: o.len,
+    checkpointing: checkpointingOn(o.train.gradientCheckpointing, paramCount(cfg)),
+    lora: o.lora ? { r: o.lora.r, targets: o.lora.targets.length ? o.lora.targets : defaultTargets(cfg.arch) } : undefined,
+    gradAccum: o.train.gradAccum,
+  }));
 }
 
 /** Stop before anything is loaded or written when the estimate is over the limit. */

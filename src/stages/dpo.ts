@@ -1,9 +1,9 @@
 import * as path from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
-import { DEFAULT_TRAIN, TrainConfig, Trainer, TrainResult, checkpointingOn } from '../train/trainer.js';
-import { checkJobFits, paramCount } from '../model/memory.js';
+import { DEFAULT_TRAIN, TrainConfig, Trainer, TrainResult } from '../train/trainer.js';
+import { checkTrainingFits } from '../model/memory.js';
 import { paramsCheckpoint } from '../train/params-io.js';
-import { DEFAULT_LORA, LoraAdapter, LoraConfig, attach, defaultTargets, withAdapterOff } from '../lora/lora.js';
+import { DEFAULT_LORA, LoraAdapter, LoraConfig, attach, withAdapterOff } from '../lora/lora.js';
 import { DEFAULT_DPO, DpoParams, chosenNll, dpoLosses, dpoMetrics, validateDpoParams } from '../dpo/loss.js';
 import { filesHash, pairBatch, pairLogpsHost, referenceLogps, sequenceLogps } from '../dpo/logps.js';
 import { PrefPair, loadPrefs } from '../data/prefs.js';
@@ -144,21 +144,9 @@ export interface DpoResult extends TrainResult {
   evalBefore: Record<string, number>;
 }
 
-/** Stop before loading when a LoRA DPO step of this shape would not fit (model/memory). */
-function checkDpoFits(c: DpoConfig): void {
-  checkJobFits(c.model, `dpo on ${c.model}`, (cfg) => ({
-    kind: 'lora',
-    rows: 2 * c.batchSize,
-    len: c.maxLength,
-    checkpointing: checkpointingOn(c.train.gradientCheckpointing, paramCount(cfg)),
-    lora: { r: c.lora.r, targets: c.lora.targets.length ? c.lora.targets : defaultTargets(cfg.arch) },
-    gradAccum: c.train.gradAccum,
-  }));
-}
-
 export async function runDpo(c: DpoConfig): Promise<DpoResult> {
   validateDpoParams(c.dpo);
-  checkDpoFits(c);
+  checkTrainingFits(c.model, `dpo on ${c.model}`, { rows: 2 * c.batchSize, len: c.maxLength, train: c.train, lora: c.lora });
   const policy = openPolicy(c.model);
   const model = policy.model;
   const V = model.cfg.vocab_size;

@@ -1,8 +1,8 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { DEFAULT_TRAIN, TrainConfig, Trainer, TrainResult, checkpointingOn } from '../train/trainer.js';
-import { checkJobFits, paramCount } from '../model/memory.js';
+import { DEFAULT_TRAIN, TrainConfig, Trainer, TrainResult } from '../train/trainer.js';
+import { checkTrainingFits } from '../model/memory.js';
 import { paramsCheckpoint } from '../train/params-io.js';
-import { LoraAdapter, LoraConfig, attach, defaultTargets, mergeInto } from '../lora/lora.js';
+import { LoraAdapter, LoraConfig, attach, mergeInto } from '../lora/lora.js';
 import { PrefPair, loadPrefs } from '../data/prefs.js';
 import { SeqBatch, makeBatch, promptCompletionRow } from '../infer/batch.js';
 import { openPolicy } from '../model/policy.js';
@@ -94,14 +94,7 @@ export interface RmResult extends TrainResult {
 }
 
 export async function runRmTrain(c: RmConfig): Promise<RmResult> {
-  checkJobFits(c.model, `rm train on ${c.model}`, (cfg) => ({
-    kind: c.lora ? 'lora' : 'full',
-    rows: 2 * c.batchSize,
-    len: c.maxLength,
-    checkpointing: checkpointingOn(c.train.gradientCheckpointing, paramCount(cfg)),
-    lora: c.lora ? { r: c.lora.r, targets: c.lora.targets.length ? c.lora.targets : defaultTargets(cfg.arch) } : undefined,
-    gradAccum: c.train.gradAccum,
-  }));
+  checkTrainingFits(c.model, `rm train on ${c.model}`, { rows: 2 * c.batchSize, len: c.maxLength, train: c.train, lora: c.lora });
   const policy = openPolicy(c.model, { trainable: !c.lora });
   const model = rewardModelFrom(policy.model, c.train.seed);
   const lim = { maxLength: Math.min(c.maxLength, model.cfg.max_position_embeddings), maxPromptLength: c.maxPromptLength, strict: c.strict };

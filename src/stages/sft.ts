@@ -1,8 +1,8 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
-import { DEFAULT_TRAIN, TrainConfig, Trainer, TrainResult, checkpointingOn } from '../train/trainer.js';
-import { checkJobFits, paramCount } from '../model/memory.js';
+import { DEFAULT_TRAIN, TrainConfig, Trainer, TrainResult } from '../train/trainer.js';
+import { checkTrainingFits } from '../model/memory.js';
 import { paramsCheckpoint } from '../train/params-io.js';
 import { SchedulerName } from '../train/schedule.js';
 import { Conversation, loadConversations, packRows, tokenizeConversation, truncateRow } from '../data/conversations.js';
@@ -93,13 +93,7 @@ export interface SftResult extends TrainResult {
 }
 
 export async function runSft(c: SftConfig): Promise<SftResult> {
-  checkJobFits(c.model, `sft on ${c.model}`, (cfg) => ({
-    kind: 'full',
-    rows: c.batchSize,
-    len: c.maxLen,
-    checkpointing: checkpointingOn(c.train.gradientCheckpointing, paramCount(cfg)),
-    gradAccum: c.train.gradAccum,
-  }));
+  checkTrainingFits(c.model, `sft on ${c.model}`, { rows: c.batchSize, len: c.maxLen, train: c.train, lora: null });
   const policy = openPolicy(c.model, { trainable: true });
   const tok = needTokenizer(policy, 'SFT on conversations');
   const model = policy.model;

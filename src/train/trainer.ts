@@ -49,7 +49,7 @@ export type CheckpointMode = (typeof CHECKPOINT_MODES)[number];
  * Below this size a micro-batch's activations are small beside the weights and the recompute
  * (about a third more compute) buys nothing; above it they dominate the peak (docs/REFERENCE.md §10).
  */
-export const CHECKPOINT_AUTO_PARAMS = 100e6;
+const CHECKPOINT_AUTO_PARAMS = 100e6;
 
 export function checkpointingOn(mode: CheckpointMode, params: number): boolean {
   return mode === 'on' || (mode === 'auto' && params >= CHECKPOINT_AUTO_PARAMS);
