@@ -10,7 +10,7 @@ import { loadConfig } from './io/checkpoint.js';
 import { gib, jobReports, paramCount } from './model/memory.js';
 import { log, setLogMode } from './util/log.js';
 import { generateCmd, initModel, logprobsCmd, trainTokenizer } from './commands/model.js';
-import { addLoraOptions, addTableOptions, addTrainOptions, int, num, trainConfigFrom } from './commands/train-options.js';
+import { addLoraOptions, addTableOptions, addTrainOptions, int, num, trainConfigFrom, valuesFrom } from './commands/train-options.js';
 import { DPO_OPTIONS } from './dpo/loss.js';
 import { DEFAULT_SFT, runSft } from './stages/sft.js';
 import { dtypeFromName } from './io/safetensors.js';
@@ -26,6 +26,7 @@ import { ARCHS } from './model/config.js';
 import { chatCmd, serveCmd } from './commands/serve.js';
 import { writeReport } from './report/report.js';
 import { mergeLora, parseMergeConfig, runMerge } from './merge/merge.js';
+import { DEFAULT_GGUF, GGUF_OPTIONS, exportGguf } from './gguf/export.js';
 import { loadRecipe } from './recipe/recipe.js';
 import { DATA_KINDS, tokenizeCmd } from './commands/tokenize.js';
 import { RecipeRunner, formatTable } from './recipe/run.js';
@@ -364,6 +365,21 @@ function addMergeCommands(program: Command, withBackend: WithBackend): void {
         log('merge', { out: o.out, method: r.method, models: r.models, tensors: r.tensors });
       }),
     );
+
+  addTableOptions(
+    program
+      .command('export-gguf')
+      .description("write a checkpoint (with an adapter folded in, or the adapter alone) as GGUF for llama.cpp, Ollama, LM Studio")
+      .requiredOption('--model <dir>', 'checkpoint (llama, qwen2, qwen3; zhinao is written as qwen2 with q/k/v split)')
+      .option('--adapter <dir>', 'PEFT LoRA adapter: folded into the weights, or written alone with --lora-only')
+      .requiredOption('--out <file>', 'output .gguf file'),
+    GGUF_OPTIONS,
+  ).action(
+    withBackend(async (o) => {
+      const r = await exportGguf({ model: o.model, adapter: o.adapter, out: o.out, ...valuesFrom(GGUF_OPTIONS, o, { ...DEFAULT_GGUF }, 'flags') });
+      log('export-gguf', { out: r.file, kind: r.kind, arch: r.arch, tensors: r.tensors, bytes: r.bytes });
+    }),
+  );
 }
 
 /** Chat and the OpenAI-compatible server. */

@@ -1,0 +1,129 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { ModelConfig } from '../model/config.js';
+import { SPLIT_PATTERN } from '../tokenizer/bpe.js';
+import { ZHINAO_CHAT_TEMPLATE } from '../tokenizer/chat.js';
+import { UserError } from '../util/errors.js';
+import { readJson } from '../util/fsutil.js';
+import { MetaValue, bool, str, u32 } from './format.js';
+
+/**
+ * A checkpoint's tokenizer as llama.cpp's `gpt2` (byte-level BPE) vocabulary
+ * (docs/REFERENCE.md §12): every id's token text and type, the merges, the special ids, and the
+ * name of the pre-tokenizer, which llama.cpp knows by name rather than by its regex.
+ */
+
+/** llama.cpp's token types. */
+export const TOKEN_TYPE = { NORMAL: 1, CONTROL: 3, USER_DEFINED: 4, UNUSED: 5 } as const;
+
+/**
+ * Pre-tokenizer regexes and the llama.cpp names that split text the same way. prefopt's own
+ * (SPLIT_PATTERN, what `train-tokenizer` writes) is Qwen2's with the contractions spelled out
+ * for JavaScript regexes; it differs only on mixed-case contractions such as "'lL".
+ */
+export const PRE_TOKENIZERS: Record<string, string> = {
+  "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+": 'llama-bpe',
+  "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+": 'qwen2',
+  [SPLIT_PATTERN]: 'qwen2',
+  "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+": 'gpt-2',
+};
+
+/** The regex of a byte-level BPE tokenizer.json's pre-tokenizer, or a reason it has none. */
+function splitRegex(pre: any): string | null {
+  const parts: any[] = pre?.type === 'Sequence' ? pre.pretokenizers : pre ? [pre] : [];
+  const split = parts.find((p) => p?.type === 'Split');
+  if (split) return split.pattern?.Regex ?? null;
+  const bl = parts.find((p) => p?.type === 'ByteLevel');
+  // A lone ByteLevel with use_regex splits with GPT-2's pattern.
+  return bl && bl.use_regex !== false ? "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+" : null;
+}
+
+/** Token text in the form HF's tokenizer_config writes special tokens: a string or {content}. */
+function tokenText(v: any): string | null {
+  if (typeof v === 'string') return v;
+  if (v && typeof v.content === 'string') return v.content;
+  return null;
+}
+
+/** Tokens transformers' converter treats as control tokens even when not marked special. */
+function looksSpecial(t: string): boolean {
+  return ['<pad>', '<mask>'].includes(t) || (t.startsWith('<|') && t.endsWith('|>')) || (t.startsWith('<unused') && t.endsWith('>'));
+}
+
+export interface VocabOptions {
+  /** Overrides the pre-tokenizer name found from the regex. */
+  pre?: string;
+}
+
+export function tokenizerMetadata(dir: string, cfg: ModelConfig, opts: VocabOptions = {}): [string, MetaValue][] {
+  const file = path.join(dir, 'tokenizer.json');
+  if (!fs.existsSync(file)) throw new UserError(`${dir}: no tokenizer.json; a GGUF file carries its tokenizer, so the checkpoint needs one`);
+  const json = readJson(file);
+  const cfgFile = path.join(dir, 'tokenizer_config.json');
+  const tcfg = fs.existsSync(cfgFile) ? readJson(cfgFile) : {};
+  const model = json?.model;
+  if (model?.type !== 'BPE') throw new UserError(`${file}: model type ${JSON.stringify(model?.type)} is not supported for GGUF export (byte-level BPE only)`);
+  const pre = opts.pre ?? PRE_TOKENIZERS[splitRegex(json.pre_tokenizer) ?? ''];
+  if (!pre) {
+    throw new UserError(
+      `${file}: pre-tokenizer ${JSON.stringify(splitRegex(json.pre_tokenizer) ?? json.pre_tokenizer?.type)} matches none llama.cpp knows by name ` +
+        `(${[...new Set(Object.values(PRE_TOKENIZERS))].join(', ')}); pass --tokenizer-pre NAME if you know its llama.cpp name`,
+    );
+  }
+
+  const V = cfg.vocab_size;
+  const tokens: (string | undefined)[] = new Array(V);
+  const types = new Int32Array(V).fill(TOKEN_TYPE.UNUSED);
+  const place = (t: string, id: number, type: number) => {
+    if (!Number.isInteger(id) || id < 0 || id >= V) throw new UserError(`${file}: token ${JSON.stringify(t)} has id ${id}, outside the model's vocab_size ${V}`);
+    tokens[id] = t;
+    types[id] = type;
+  };
+  for (const [t, id] of Object.entries<number>(model.vocab ?? {})) place(t, id, TOKEN_TYPE.NORMAL);
+  for (const a of json.added_tokens ?? []) place(a.content, a.id, a.special || looksSpecial(a.content) ? TOKEN_TYPE.CONTROL : TOKEN_TYPE.USER_DEFINED);
+  const filled = Array.from(tokens, (t, i) => t ?? `[PAD${i}]`);
+  const merges = (model.merges ?? []).map((m: any) => (Array.isArray(m) ? m.join(' ') : String(m)));
+
+  const idOf = (v: any): number | null => {
+    const t = tokenText(v);
+    if (t === null) return null;
+    const i = filled.indexOf(t);
+    return i >= 0 ? i : null;
+  };
+  const firstId = (x: any): number | null => (Array.isArray(x) ? x[0] ?? null : typeof x === 'number' ? x : null);
+  const special: [string, number | null][] = [
+    ['bos', idOf(tcfg.bos_token) ?? firstId(cfg.bos_token_id)],
+    ['eos', idOf(tcfg.eos_token) ?? firstId(cfg.eos_token_id)],
+    ['padding', idOf(tcfg.pad_token) ?? firstId(cfg.pad_token_id)],
+  ];
+  const meta: [string, MetaValue][] = [
+    ['tokenizer.ggml.model', str('gpt2')],
+    ['tokenizer.ggml.pre', str(pre)],
+    ['tokenizer.ggml.tokens', { type: 'string[]', value: filled }],
+    ['tokenizer.ggml.token_type', { type: 'i32[]', value: types }],
+    ['tokenizer.ggml.merges', { type: 'string[]', value: merges }],
+  ];
+  for (const [k, id] of special) if (id !== null) meta.push([`tokenizer.ggml.${k}_token_id`, u32(id)]);
+  const addBos = addsBos(json, tcfg);
+  if (addBos !== null) meta.push(['tokenizer.ggml.add_bos_token', bool(addBos)]);
+  const template = chatTemplateOf(tcfg);
+  if (template) meta.push(['tokenizer.chat_template', str(template)]);
+  return meta;
+}
+
+/** add_bos_token as transformers decides it: the config's flag, else the post-processor's template. */
+function addsBos(json: any, tcfg: any): boolean | null {
+  if (typeof tcfg.add_bos_token === 'boolean') return tcfg.add_bos_token;
+  const posts: any[] = json.post_processor?.type === 'Sequence' ? json.post_processor.processors : [json.post_processor];
+  const tp = posts.find((p) => p?.type === 'TemplateProcessing');
+  if (!tp) return null;
+  return !!tp.single?.[0]?.SpecialToken;
+}
+
+/** The template prefopt renders chats with: the checkpoint's own, else the built-in format. */
+export function chatTemplateOf(tcfg: any): string {
+  const t = tcfg.chat_template;
+  if (typeof t === 'string') return t;
+  if (Array.isArray(t)) return t.find((x: any) => x?.name === 'default')?.template ?? ZHINAO_CHAT_TEMPLATE;
+  return ZHINAO_CHAT_TEMPLATE;
+}
