@@ -3,13 +3,15 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import YAML from 'yaml';
-import { prefoptAsync } from './helpers/cli.js';
+import { prefopt, prefoptAsync } from './helpers/cli.js';
+import { greedy, loadGguf } from './helpers/llama-cpp.js';
 import { readStatus } from '../src/commands/online.js';
 
 /**
  * The embedded default earns its stages: a shrunken recipes/quickstart.yaml (its SFT, reward
  * model and round settings exactly as shipped; off-policy DPO and the merge left out, so the
- * rounds start from sft-base; two rounds instead of three) trained from scratch with seed 0
+ * rounds start from sft-base; two rounds instead of three; the GGUF export takes the last round's
+ * policy) trained from scratch with seed 0
  * (measured: sft-base 0.33, round-2 0.57; sample reward 0.343 → 0.420). The rounds must raise the rule reward of their
  * samples every round and the held-out accuracy over sft-base, and the reward model must rank
  * held-out human pairs. Deterministic: the kernels give the same bits on any thread count and
@@ -30,6 +32,7 @@ describe('the embedded default', () => {
         st.rounds = 2;
       }
       if (st.type === 'eval') st.models = { 'sft-base': 'sft.output', 'round-2': 'sft.output+online.round-2' };
+      if (st.type === 'export_gguf') st.model = 'sft.output+online.output';
     }
     const rf = path.join(d, 'quality.yaml');
     fs.writeFileSync(rf, YAML.stringify(recipe));
@@ -52,6 +55,13 @@ describe('the embedded default', () => {
     expect(reward[1]).toBeGreaterThan(reward[0] + 0.05);
     expect(acc['round-2']).toBeGreaterThanOrEqual(acc['sft-base'] + 0.15);
     expect(rmEval).toBeGreaterThanOrEqual(0.9);
+    // The export stage's file answers in llama.cpp as the trained policy does in prefopt.
+    const policy = stages.find((s: any) => s.kind === 'online_dpo').output;
+    const g = prefopt(['generate', '--model', path.join(d, 'run', 'sft'), '--adapter', policy, '--prompt', 'Which is larger, 7 or 8?', '--temperature', '0', '--max-new-tokens', '16', '--json']);
+    expect(g.code, g.stderr).toBe(0);
+    const j = JSON.parse(g.stdout);
+    const ids = j.samples[0].completion_ids;
+    expect(await greedy(await loadGguf(path.join(d, 'run', 'gguf', 'model.gguf')), j.prompt_ids, ids.length)).toEqual(ids);
     fs.rmSync(d, { recursive: true, force: true });
   }, 900_000);
 });

@@ -41,7 +41,7 @@ describe('recipe validation', () => {
       [(r) => (r.stages[0].lr = 'fast'), /stages\[0\]\.lr: expected a number > 0, found "fast"/],
       [(r) => (r.stages[1].lora.r = 0), /stages\[1\]\.lora\.r: expected an integer ≥ 1, found 0/],
       [(r) => delete r.stages[0].data, /stages\[0\]\.data: expected a string \(required\), found nothing/],
-      [(r) => (r.stages[1].type = 'ppo'), /stages\[1\]\.type: expected init \| sft \| dpo \| rm_train \| online_dpo \| merge \| eval, found "ppo"/],
+      [(r) => (r.stages[1].type = 'ppo'), /stages\[1\]\.type: expected init \| sft \| dpo \| rm_train \| online_dpo \| merge \| export_gguf \| eval, found "ppo"/],
       [(r) => (r.stages[1].model = 'nosuch.output'), /stages\[1\]: expected a reference to a known stage, found "nosuch.output"/],
       [(r) => (r.stages[0].model = 'dpo.output'), /stages\[0\]: expected references to earlier stages only \("dpo" runs later: a cycle or wrong order\), found "dpo.output"/],
       [(r) => (r.stages[3].models.c = 'dpo.round-2'), /stages\[3\]: expected ".round-2" only on an online_dpo stage/],

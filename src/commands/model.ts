@@ -157,7 +157,7 @@ export async function generateCmd(o: GenerateCli): Promise<void> {
     padId: p.padId,
   })[0];
   if (o.json) {
-    process.stdout.write(JSON.stringify({ prompt_tokens: prompt.length, samples: res.map((s) => ({ text: s.text, completion_tokens: s.ids.length, finish_reason: s.finishReason })) }) + '\n');
+    process.stdout.write(JSON.stringify({ prompt_tokens: prompt.length, prompt_ids: prompt, samples: res.map((s) => ({ text: s.text, completion_tokens: s.ids.length, completion_ids: s.ids, finish_reason: s.finishReason })) }) + '\n');
   } else {
     res.forEach((s, k) => process.stdout.write((o.n > 1 ? `--- sample ${k} (${s.finishReason})\n` : '') + s.text + '\n'));
   }

@@ -10,6 +10,7 @@ import { SELECTION_RULES } from '../online/select.js';
 import { MERGE_METHODS } from '../merge/methods.js';
 import { BACKEND_ORDER } from '../engine/backend.js';
 import { ARCHS } from '../model/config.js';
+import { GGUF_OPTIONS } from '../gguf/export.js';
 
 /**
  * Recipes (YAML or JSON): run settings and an ordered list of stages. A stage names its inputs
@@ -70,6 +71,10 @@ export const STAGE_SPECS: Record<string, { spec: Spec; refs: string[] }> = {
       ['name', 'type', 'merge_method', 'models'],
     ),
     refs: ['base_model'],
+  },
+  export_gguf: {
+    spec: obj({ name: str(), type: str(), model: str(), adapter: str(), ...fieldsOf(GGUF_OPTIONS) }, ['name', 'type', 'model']),
+    refs: ['model', 'adapter'],
   },
   eval: {
     spec: obj({ name: str(), type: str(), models: { kind: 'map', of: str() }, prompts: str(), scorer: str(), max_new_tokens: int({ min: 1 }) }, ['name', 'type', 'models', 'prompts']),

@@ -4,13 +4,14 @@ import { Recipe, Stage, changedStages, refsIn } from './recipe.js';
 import { openDb, DB } from '../store/db.js';
 import { ensureRun, ensureStage, logEvent, putMetrics, resetStage, roundOfStage, runByName, setRunRecipe, setStage, setStageConfig, stageIdByName, stageOutput } from '../store/run.js';
 import { TrainConfig } from '../train/trainer.js';
-import { trainConfigFrom } from '../commands/train-options.js';
+import { trainConfigFrom, valuesFrom } from '../commands/train-options.js';
 import { initModel } from '../commands/model.js';
 import { DEFAULT_SFT, runSft } from '../stages/sft.js';
 import { DEFAULT_DPO_STAGE, runDpo } from '../stages/dpo.js';
 import { DEFAULT_RM, runRmTrain } from '../stages/rm.js';
 import { DEFAULT_ONLINE, runOnline } from '../stages/online.js';
 import { runMerge, validateMergeConfig } from '../merge/merge.js';
+import { DEFAULT_GGUF, GGUF_OPTIONS, GgufExportResult, exportGguf } from '../gguf/export.js';
 import { evaluatePolicy } from '../stages/evaluate.js';
 import { openPolicy, stopIdsOf, needTokenizer } from '../model/policy.js';
 import { LoraAdapter, LoraConfig, DEFAULT_LORA, attach } from '../lora/lora.js';
@@ -19,7 +20,7 @@ import { loadPrompts } from '../data/prompts.js';
 import { makeScorer } from '../../rm/spec.js';
 import { UserError } from '../util/errors.js';
 import { dpoParamsFrom } from '../commands/dpo.js';
-import { removeDir } from '../util/fsutil.js';
+import { removeDir, writeDirAtomic } from '../util/fsutil.js';
 import { log } from '../util/log.js';
 
 /**
@@ -185,6 +186,7 @@ export class RecipeRunner {
     rm_train: (st, id, resume) => this.stageRmTrain(st, id, resume),
     online_dpo: (st, id, resume) => this.stageOnline(st, id, resume),
     merge: (st, id, resume) => this.stageMerge(st, id, resume),
+    export_gguf: (st) => this.stageExportGguf(st),
     eval: (st, id, resume) => this.stageEval(st, id, resume),
   };
 
@@ -330,6 +332,19 @@ export class RecipeRunner {
     const cfg = validateMergeConfig({ ...st, name: undefined, type: undefined, seed: st.seed ?? this.recipe.seed }, `stage ${st.name}: `);
     const r = await runMerge(cfg, out, (p) => this.resolve(p));
     return { output: out, result: r };
+  }
+
+  /** The stage's directory holds model.gguf, or adapter.gguf with lora_only. */
+  private async stageExportGguf(st: Stage): Promise<StageOutcome> {
+    const out = this.stageOut(st.name);
+    const m = this.modelSpec(st.model);
+    const settings = valuesFrom(GGUF_OPTIONS, st, { ...DEFAULT_GGUF }, 'recipe');
+    const adapter = st.adapter ? this.resolve(st.adapter) : m.adapter;
+    let r: GgufExportResult | undefined;
+    await writeDirAtomic(out, async (dir) => {
+      r = await exportGguf({ ...settings, model: m.model, adapter, out: path.join(dir, settings.loraOnly ? 'adapter.gguf' : 'model.gguf') });
+    });
+    return { output: out, result: { file: path.join(out, path.basename(r!.file)), arch: r!.arch, tensors: r!.tensors, bytes: r!.bytes, kind: r!.kind } };
   }
 
   private async stageEval(st: Stage, stageId: number, resume: boolean): Promise<StageOutcome> {
