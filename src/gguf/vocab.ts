@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { ModelConfig } from '../model/config.js';
-import { SPLIT_PATTERN } from '../tokenizer/bpe.js';
+import { SPLIT_PATTERN, SPLIT_PATTERN_GROUPED_DIGITS } from '../tokenizer/bpe.js';
 import { ZHINAO_CHAT_TEMPLATE } from '../tokenizer/chat.js';
 import { UserError } from '../util/errors.js';
 import { readJson } from '../util/fsutil.js';
@@ -16,17 +16,27 @@ import { MetaValue, bool, str, u32 } from './format.js';
 /** llama.cpp's token types. */
 export const TOKEN_TYPE = { NORMAL: 1, CONTROL: 3, USER_DEFINED: 4, UNUSED: 5 } as const;
 
+const CONTRACTIONS_HF = "(?i:'s|'t|'re|'ve|'m|'ll|'d)";
+const CONTRACTIONS_JS = "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])";
+/** What prefopt's trainer wrote before it took llama.cpp's spelling: differs on mixed-case contractions ("'lL") only. */
+const CONTRACTIONS_OLD = "'(?:[sdmtSDMT]|ll|ve|re|LL|VE|RE)";
+const GPT2 = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";
+
 /**
- * Pre-tokenizer regexes and the llama.cpp names that split text the same way. prefopt's own
- * (SPLIT_PATTERN, what `train-tokenizer` writes) is Qwen2's with the contractions spelled out
- * for JavaScript regexes; it differs only on mixed-case contractions such as "'lL".
+ * Pre-tokenizers llama.cpp knows by name and the tokenizer.json settings that split text the
+ * same way: the split regex (Hugging Face's (?i:) spelling or the spelled-out one JS needs) and
+ * whether BPE first looks the whole piece up in the vocabulary (`ignore_merges`, Llama 3's).
+ * `dbrx` is Llama 3's regex without that lookup, which is what prefopt's grouped-digit tokenizers
+ * (`make-data`) are.
  */
-export const PRE_TOKENIZERS: Record<string, string> = {
-  "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+": 'llama-bpe',
-  "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+": 'qwen2',
-  [SPLIT_PATTERN]: 'qwen2',
-  "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+": 'gpt-2',
-};
+export const PRE_TOKENIZERS: { regex: string; ignoreMerges: boolean; name: string }[] = [
+  ...[CONTRACTIONS_HF, CONTRACTIONS_JS].flatMap((c) => [
+    { regex: SPLIT_PATTERN_GROUPED_DIGITS.replace(CONTRACTIONS_JS, c), ignoreMerges: true, name: 'llama-bpe' },
+    { regex: SPLIT_PATTERN_GROUPED_DIGITS.replace(CONTRACTIONS_JS, c), ignoreMerges: false, name: 'dbrx' },
+  ]),
+  ...[CONTRACTIONS_HF, CONTRACTIONS_JS, CONTRACTIONS_OLD].map((c) => ({ regex: SPLIT_PATTERN.replace(CONTRACTIONS_JS, c), ignoreMerges: false, name: 'qwen2' })),
+  { regex: GPT2, ignoreMerges: false, name: 'gpt-2' },
+];
 
 /** The regex of a byte-level BPE tokenizer.json's pre-tokenizer, or a reason it has none. */
 function splitRegex(pre: any): string | null {
@@ -35,7 +45,7 @@ function splitRegex(pre: any): string | null {
   if (split) return split.pattern?.Regex ?? null;
   const bl = parts.find((p) => p?.type === 'ByteLevel');
   // A lone ByteLevel with use_regex splits with GPT-2's pattern.
-  return bl && bl.use_regex !== false ? "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+" : null;
+  return bl && bl.use_regex !== false ? GPT2 : null;
 }
 
 /** Token text in the form HF's tokenizer_config writes special tokens: a string or {content}. */
@@ -63,11 +73,13 @@ export function tokenizerMetadata(dir: string, cfg: ModelConfig, opts: VocabOpti
   const tcfg = fs.existsSync(cfgFile) ? readJson(cfgFile) : {};
   const model = json?.model;
   if (model?.type !== 'BPE') throw new UserError(`${file}: model type ${JSON.stringify(model?.type)} is not supported for GGUF export (byte-level BPE only)`);
-  const pre = opts.pre ?? PRE_TOKENIZERS[splitRegex(json.pre_tokenizer) ?? ''];
+  const regex = splitRegex(json.pre_tokenizer);
+  const ignoreMerges = model.ignore_merges === true;
+  const pre = opts.pre ?? PRE_TOKENIZERS.find((p) => p.regex === regex && p.ignoreMerges === ignoreMerges)?.name;
   if (!pre) {
     throw new UserError(
-      `${file}: pre-tokenizer ${JSON.stringify(splitRegex(json.pre_tokenizer) ?? json.pre_tokenizer?.type)} matches none llama.cpp knows by name ` +
-        `(${[...new Set(Object.values(PRE_TOKENIZERS))].join(', ')}); pass --tokenizer-pre NAME if you know its llama.cpp name`,
+      `${file}: pre-tokenizer ${JSON.stringify(regex ?? json.pre_tokenizer?.type)}${ignoreMerges ? ' with ignore_merges' : ''} matches none llama.cpp knows by name ` +
+        `(${[...new Set(PRE_TOKENIZERS.map((p) => p.name))].join(', ')}); pass --tokenizer-pre NAME if you know its llama.cpp name`,
     );
   }
 

@@ -23,11 +23,16 @@ export function bytesToUnicode(): string[] {
   return out;
 }
 
-/** Qwen2's split pattern without the inline (?i:) group, which JS regexes lack on Node 20. */
-export const SPLIT_PATTERN = "'(?:[sdmtSDMT]|ll|ve|re|LL|VE|RE)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+/**
+ * Qwen2's split pattern as llama.cpp spells it (its `qwen2` pre-tokenizer): the (?i:) group of
+ * the tokenizer.json original is written out per letter, since JS regexes lack it on Node 20.
+ * Tokenizers prefopt trains carry exactly this string, so a GGUF export names it exactly
+ * (docs/REFERENCE.md §12).
+ */
+export const SPLIT_PATTERN = "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
 
-/** The same with runs of digits kept together, so frequent numbers become single tokens. */
-export const SPLIT_PATTERN_GROUPED_DIGITS = SPLIT_PATTERN.replace('|\\p{N}|', '|\\p{N}+|');
+/** The same with up to three digits kept together (Llama 3's grouping), so frequent numbers become single tokens. */
+export const SPLIT_PATTERN_GROUPED_DIGITS = SPLIT_PATTERN.replace('|\\p{N}|', '|\\p{N}{1,3}|');
 
 export interface BpeTrainOptions {
   vocabSize: number;
