@@ -10,16 +10,18 @@ import { loadConfig } from './io/checkpoint.js';
 import { gib, jobReports, paramCount } from './model/memory.js';
 import { log, setLogMode } from './util/log.js';
 import { generateCmd, initModel, logprobsCmd, trainTokenizer } from './commands/model.js';
-import { addLoraOptions, addTableOptions, addTrainOptions, int, num, trainConfigFrom, valuesFrom } from './commands/train-options.js';
+import { addLoraOptions, addTableOptions, addTrainOptions, int, num, trainConfigFrom } from './commands/train-options.js';
+import { valuesFrom } from './util/schema.js';
 import { DPO_OPTIONS } from './dpo/loss.js';
-import { DEFAULT_SFT, runSft } from './stages/sft.js';
-import { dtypeFromName } from './io/safetensors.js';
+import { DEFAULT_SFT, SFT_OPTIONS, runSft, sftSettingsFrom } from './stages/sft.js';
 import { dpoCmd, evalDpoCmd } from './commands/dpo.js';
 import { DEFAULT_DPO_STAGE } from './stages/dpo.js';
 import { rmScoreCmd, rmTrainCmd } from './commands/rm.js';
 import { DEFAULT_RM } from './stages/rm.js';
 import { exportPairsCmd, onlineCmd, statusCmd } from './commands/online.js';
-import { DEFAULT_ONLINE } from './stages/online.js';
+import { DEFAULT_ONLINE, ONLINE_OPTIONS } from './stages/online.js';
+import { SAMPLING_OPTIONS } from './infer/sampling.js';
+import { LORA_OPTIONS } from './lora/lora.js';
 import { DEFAULT_MAKE_DATA, makeData } from './quickstart/make-data.js';
 import { KINDS } from './quickstart/task.js';
 import { ARCHS } from './model/config.js';
@@ -27,7 +29,8 @@ import { chatCmd, serveCmd } from './commands/serve.js';
 import { writeReport } from './report/report.js';
 import { mergeLora, parseMergeConfig, runMerge } from './merge/merge.js';
 import { DEFAULT_GGUF, GGUF_OPTIONS, exportGguf } from './gguf/export.js';
-import { loadRecipe } from './recipe/recipe.js';
+import { STAGE_TYPES, loadRecipe } from './recipe/recipe.js';
+import { fieldsMarkdown } from './recipe/fields.js';
 import { DATA_KINDS, tokenizeCmd } from './commands/tokenize.js';
 import { RecipeRunner, formatTable } from './recipe/run.js';
 
@@ -38,19 +41,9 @@ import { RecipeRunner, formatTable } from './recipe/run.js';
  */
 const collect = (v: string, prev: string[]) => [...prev, v];
 
-/**
- * The sampling flags of generate, chat and online. Unset flags fall back to the checkpoint's
- * generation_config (generate, chat) or the stage defaults (online).
- */
-function addSamplingOptions(cmd: Command, maxNewTokens?: number): Command {
-  if (maxNewTokens !== undefined) cmd.option('--max-new-tokens <n>', 'tokens to generate at most', int, maxNewTokens);
-  return cmd
-    .option('--temperature <t>', 'sampling temperature; 0 = greedy', num)
-    .option('--top-k <k>', 'keep the k most likely tokens (0 = off)', int)
-    .option('--top-p <p>', 'nucleus sampling mass (1 = off)', num)
-    .option('--repetition-penalty <p>', 'transformers-style repetition penalty', num)
-    .option('--presence-penalty <p>', 'OpenAI-style presence penalty', num)
-    .option('--frequency-penalty <p>', 'OpenAI-style frequency penalty', num);
+/** The sampling flags of generate and chat; unset ones fall back to the checkpoint's generation_config. */
+function addSamplingOptions(cmd: Command, maxNewTokens: number): Command {
+  return addTableOptions(cmd.option('--max-new-tokens <n>', 'tokens to generate at most', int, maxNewTokens), SAMPLING_OPTIONS);
 }
 
 /** The DPO loss and data-shape flags of dpo, eval-dpo and online. */
@@ -217,19 +210,16 @@ function addModelCommands(program: Command, withBackend: WithBackend): void {
 /** The supervised and off-policy stages: SFT and DPO. */
 function addSftDpoCommands(program: Command, withBackend: WithBackend): void {
   addTrainOptions(
-    program
-      .command('sft')
-      .description('full-parameter supervised fine-tuning on conversations (→ sft-base)')
-      .requiredOption('--model <dir>', 'base checkpoint')
-      .requiredOption('--data <file>', 'conversations: seed JSON/JSONL or {"messages": [...]} rows')
-      .requiredOption('--out <dir>', 'output checkpoint (also holds checkpoint-N/ and metrics.jsonl)')
-      .option('--eval-data <file>', 'held-out conversations (default: --eval-ratio of --data)')
-      .option('--eval-ratio <x>', 'fraction of --data held out', Number)
-      .option('--batch-size <n>', 'rows per micro-batch', int)
-      .option('--max-len <n>', 'model_max_length in tokens', int)
-      .option('--is-concat', 'pack whole conversations up to --max-len')
-      .option('--skip-bad-rows', 'skip malformed conversations and report how many')
-      .option('--dtype <d>', 'output weights: f32, f16 or bf16'),
+    addTableOptions(
+      program
+        .command('sft')
+        .description('full-parameter supervised fine-tuning on conversations (→ sft-base)')
+        .requiredOption('--model <dir>', 'base checkpoint')
+        .requiredOption('--data <file>', 'conversations: seed JSON/JSONL or {"messages": [...]} rows')
+        .requiredOption('--out <dir>', 'output checkpoint (also holds checkpoint-N/ and metrics.jsonl)')
+        .option('--eval-data <file>', 'held-out conversations (default: --eval-ratio of --data)'),
+      SFT_OPTIONS,
+    ),
   ).action(
     withBackend(async (o) => {
       const res = await runSft({
@@ -238,13 +228,8 @@ function addSftDpoCommands(program: Command, withBackend: WithBackend): void {
         data: o.data,
         out: o.out,
         evalData: o.evalData,
-        evalRatio: o.evalRatio ?? DEFAULT_SFT.evalRatio,
-        batchSize: o.batchSize ?? DEFAULT_SFT.batchSize,
-        maxLen: o.maxLen ?? DEFAULT_SFT.maxLen,
-        isConcat: !!o.isConcat,
-        skipBadRows: !!o.skipBadRows,
+        ...sftSettingsFrom(o, 'flags'),
         resume: !!o.resume,
-        dtype: o.dtype ? dtypeFromName(o.dtype) : 'F32',
         train: trainConfigFrom(o, DEFAULT_SFT.train),
       });
       log('sft-done', { out: o.out, steps: res.steps, loss: res.lastLoss ?? NaN, eval_loss: res.evalLoss ?? NaN, skipped: res.skipped, dropped: res.dropped });
@@ -309,33 +294,23 @@ function addRewardAndOnlineCommands(program: Command, withBackend: WithBackend):
     .option('--timeout <ms>', 'per-request timeout for http scorers', int)
     .action(withBackend(async (o) => rmScoreCmd(o)));
 
-  addTrainOptions(
-    addSamplingOptions(addLoraOptions(dpoOptions(
-      program
-        .command('online')
-        .description('iterative on-policy DPO: sample → score → pair → train, stored in SQLite, resumable')
-        .requiredOption('--model <dir>', 'sft-base checkpoint (frozen; the policy is its LoRA adapter)')
-        .option('--adapter <dir>', 'starting adapter (e.g. the off-policy DPO output)')
-        .requiredOption('--prompts <file>', 'JSONL {"prompt": text | messages, ...}')
-        .option('--eval-prompts <file>', 'held-out prompts evaluated after every round')
-        .requiredOption('--scorer <spec>', 'model:DIR | module:PATH[#export] | http:URL | builtin:NAME')
-        .option('--audit-scorer <spec>', 'a second scorer that only watches: its agreement with --scorer on each round\'s pairs is recorded')
-        .option('--rounds <n>', 'rounds', int)
-        .option('--samples-per-prompt <k>', 'answers sampled per prompt', int)
-        .option('--prompts-per-round <n>', 'prompts per round (0 = all)', int)
-        .option('--prompt-mode <m>', 'slice (consecutive slices) | resample (seeded)')
-        .requiredOption('--workdir <dir>', 'run directory (database, adapters per round)'),
-    )))
-      .option('--selection <rule>', 'max_min | max_random | max_second | max_min_length_penalty')
-      .option('--length-penalty <x>', 'reward per completion token subtracted by max_min_length_penalty', num)
-      .option('--min-margin <x>', 'drop pairs whose reward margin is below this', num)
-      .option('--reference <r>', 'sft (fixed) | previous (last round’s policy)')
-      .option('--max-new-tokens <n>', `sampled tokens at most (default ${DEFAULT_ONLINE.sampling.maxNewTokens})`, int)
-      .option('--sampler-url <url>', 'OpenAI-compatible endpoint (vLLM) instead of local sampling')
-      .option('--sampler-model <name>', 'model name at the endpoint ({round} is replaced by the round number)')
-      .option('--sampler-concurrency <n>', 'requests in flight', int)
-      .option('--sampler-timeout <ms>', 'per-request timeout', int),
-  ).action(withBackend(async (o) => onlineCmd(o, trainConfigFrom(o, DEFAULT_ONLINE.train))));
+  const online = program
+    .command('online')
+    .description('iterative on-policy DPO: sample → score → pair → train, stored in SQLite, resumable')
+    .requiredOption('--model <dir>', 'sft-base checkpoint (frozen; the policy is its LoRA adapter)')
+    .option('--adapter <dir>', 'starting adapter (e.g. the off-policy DPO output)')
+    .requiredOption('--prompts <file>', 'JSONL {"prompt": text | messages, ...}')
+    .option('--eval-prompts <file>', 'held-out prompts evaluated after every round')
+    .requiredOption('--scorer <spec>', 'model:DIR | module:PATH[#export] | http:URL | builtin:NAME')
+    .option('--audit-scorer <spec>', 'a second scorer that only watches: its agreement with --scorer on each round\'s pairs is recorded')
+    .requiredOption('--workdir <dir>', 'run directory (database, adapters per round)');
+  for (const table of [ONLINE_OPTIONS, SAMPLING_OPTIONS, DPO_OPTIONS, LORA_OPTIONS]) addTableOptions(online, table);
+  addTrainOptions(online)
+    .option('--sampler-url <url>', 'OpenAI-compatible endpoint (vLLM) instead of local sampling')
+    .option('--sampler-model <name>', 'model name at the endpoint ({round} is replaced by the round number)')
+    .option('--sampler-concurrency <n>', 'requests in flight', int)
+    .option('--sampler-timeout <ms>', 'per-request timeout', int)
+    .action(withBackend(async (o) => onlineCmd(o, trainConfigFrom(o, DEFAULT_ONLINE.train))));
 }
 
 /** Merging adapters and checkpoints. */
@@ -420,6 +395,15 @@ function addRunCommands(program: Command, withBackend: WithBackend): void {
     .action(async (file: string) => {
       const r = loadRecipe(file);
       process.stdout.write(`${file}: ok (${r.stages.length} stages: ${r.stages.map((s) => `${s.name}/${s.type}`).join(' → ')})\n`);
+    });
+
+  program
+    .command('fields')
+    .description("every recipe field of each stage type: what it accepts and what it means (Markdown)")
+    .argument('[type]', `one stage type (${STAGE_TYPES.join(', ')})`)
+    .action((type?: string) => {
+      if (type && !STAGE_TYPES.includes(type)) throw new UserError(`unknown stage type "${type}": expected one of ${STAGE_TYPES.join(', ')}`);
+      process.stdout.write(fieldsMarkdown(type));
     });
 
   program

@@ -197,3 +197,52 @@ describe('one table for the DPO loss settings', () => {
     expect(problems(r)).toBe(formatProblems('r.yaml', []));
   });
 });
+
+describe('one table each for LoRA, sampling, the online stage and SFT', () => {
+  it('a flag, a recipe field and the library check give the same words for the same bad value', async () => {
+    const { loraFrom } = await import('../src/commands/train-options.js');
+    const { LoraAdapter, DEFAULT_LORA } = await import('../src/lora/lora.js');
+    const { onlineSettingsFrom } = await import('../src/stages/online.js');
+    const { sftSettingsFrom } = await import('../src/stages/sft.js');
+    // LoRA: `lora: {dropout}` in a recipe, --lora-dropout on the command line, LoraAdapter.create in the library.
+    const r = ok() as any;
+    r.stages[1].lora.dropout = 1;
+    const want = 'expected a number ≥ 0 and < 1, found 1';
+    expect(problems(r)).toContain(`stages[1].lora.dropout: ${want}`);
+    expect(() => loraFrom({ loraDropout: 1 })).toThrow(`lora.dropout: ${want}`);
+    expect(() => loraFrom({ dropout: 1 }, DEFAULT_LORA, 'recipe', 'stage dpo: ')).toThrow(`stage dpo: lora.dropout: ${want}`);
+    expect(() => LoraAdapter.create(null as any, { ...DEFAULT_LORA, dropout: 1 }, 0)).toThrow(`lora.dropout: ${want}`);
+    // --lora-r was parsed as any number on the command line and checked only when the adapter was made.
+    expect(() => loraFrom({ loraR: 2.5 })).toThrow('lora.r: expected an integer ≥ 1, found 2.5');
+    expect(loraFrom({ loraTargets: ['q_proj', 'v_proj'], useRslora: true })).toMatchObject({ targets: ['q_proj', 'v_proj'], useRslora: true, r: DEFAULT_LORA.r });
+    // Sampling and the online stage's own settings.
+    for (const [field, flag, bad, expected] of [
+      ['top_p', 'topP', 0, 'expected a number > 0 and ≤ 1, found 0'],
+      ['temperature', 'temperature', -1, 'expected a number ≥ 0, found -1'],
+      ['samples_per_prompt', 'samplesPerPrompt', 1, 'expected an integer ≥ 2, found 1'],
+      ['eval_max_new_tokens', 'evalMaxNewTokens', 0, 'expected an integer ≥ 1, found 0'],
+    ] as const) {
+      const rr = ok() as any;
+      rr.stages[2][field] = bad;
+      expect(problems(rr)).toContain(`stages[2].${field}: ${expected}`);
+      expect(() => onlineSettingsFrom({ [field]: bad }, 'recipe', 'stage online: ')).toThrow(`stage online: ${field}: ${expected}`);
+      expect(() => onlineSettingsFrom({ [flag]: bad }, 'flags')).toThrow(`${field}: ${expected}`);
+    }
+    const s = onlineSettingsFrom({ samplesPerPrompt: 6, topK: 5, maxNewTokens: 9, selection: 'max_second' }, 'flags');
+    expect(s).toMatchObject({ samplesPerPrompt: 6, sampling: { topK: 5, maxNewTokens: 9 }, selection: { rule: 'max_second' } });
+    // SFT's own settings: --eval-ratio was parsed with Number() and never checked.
+    expect(() => sftSettingsFrom({ evalRatio: 2 }, 'flags')).toThrow('eval_ratio: expected a number ≥ 0 and ≤ 0.9, found 2');
+    expect(sftSettingsFrom({ max_len: 64, dtype: 'bf16' }, 'recipe')).toMatchObject({ maxLen: 64, dtype: 'BF16' });
+  });
+
+  it('the README lists every recipe field as `prefopt fields` prints it', async () => {
+    const { fieldsMarkdown } = await import('../src/recipe/fields.js');
+    const readme = fs.readFileSync('README.md', 'utf8');
+    const start = readme.indexOf('\n', readme.indexOf('<!-- fields:start')) + 1;
+    expect(readme.slice(start, readme.indexOf('<!-- fields:end -->'))).toBe(fieldsMarkdown());
+    const out = prefopt(['fields', 'export_gguf']);
+    expect(out.code).toBe(0);
+    expect(out.stdout).toContain('| `lora_only` | true or false |');
+    expect(prefopt(['fields', 'ppo']).stderr).toMatch(/unknown stage type "ppo"/);
+  });
+});

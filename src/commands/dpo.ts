@@ -1,9 +1,10 @@
 import { DEFAULT_DPO_STAGE, evaluatePairs, runDpo } from '../stages/dpo.js';
 import { DPO_OPTIONS, DpoParams, validateDpoParams } from '../dpo/loss.js';
-import { valuesFrom } from './train-options.js';
+import { loraFrom } from './train-options.js';
+import { valuesFrom } from '../util/schema.js';
 import { pairLogpsHost } from '../dpo/logps.js';
 import { loadPrefs } from '../data/prefs.js';
-import { DEFAULT_LORA, LoraConfig, withAdapterOff } from '../lora/lora.js';
+import { withAdapterOff } from '../lora/lora.js';
 import { loadModel } from '../model/load.js';
 import { TrainConfig } from '../train/trainer.js';
 import { UserError } from '../util/errors.js';
@@ -15,11 +16,6 @@ import { openPolicy } from '../model/policy.js';
 /** DpoParams from parsed CLI options or a recipe stage, over `base`, range-checked. */
 export function dpoParamsFrom(o: Record<string, any>, base: DpoParams, from: 'flags' | 'recipe' = 'flags', where = ''): DpoParams {
   return validateDpoParams(valuesFrom(DPO_OPTIONS, o, base, from), where);
-}
-
-export function loraFrom(o: Record<string, any>, base: LoraConfig = DEFAULT_LORA): LoraConfig {
-  const targets = o.loraTargets ? String(o.loraTargets).split(',').map((s) => s.trim()).filter(Boolean) : base.targets;
-  return { r: o.loraR ?? base.r, alpha: o.loraAlpha ?? base.alpha, dropout: o.loraDropout ?? base.dropout, targets, useRslora: o.useRslora ?? base.useRslora };
 }
 
 export async function dpoCmd(o: Record<string, any>, train: TrainConfig): Promise<void> {

@@ -10,7 +10,8 @@ import { readJsonl, readRecords, readText, toJsonl } from '../data/jsonl.js';
 import { checkIds, completionText, encodePair, isMessages, promptText } from '../data/encode.js';
 import { completionLogprobs } from '../infer/logprobs.js';
 import { generate } from '../infer/generate.js';
-import { SamplingParams } from '../infer/sampling.js';
+import { DEFAULT_SAMPLING, SAMPLING_OPTIONS, SamplingParams, validateSampling } from '../infer/sampling.js';
+import { valuesFrom } from '../util/schema.js';
 import { UserError } from '../util/errors.js';
 import { readJson, writeDirAtomic, writeFileAtomic } from '../util/fsutil.js';
 import { deriveSeed } from '../util/rng.js';
@@ -115,16 +116,16 @@ export interface GenerateCli extends SamplingParams {
   json?: boolean;
 }
 
-/** Sampling settings: command-line values over the checkpoint's generation_config. */
-export function samplingFrom(gen: Record<string, any>, o: Partial<SamplingParams>): SamplingParams {
-  return {
-    temperature: o.temperature ?? (gen.do_sample === false ? 0 : gen.temperature ?? 1),
-    topK: o.topK ?? gen.top_k ?? 0,
-    topP: o.topP ?? gen.top_p ?? 1,
-    repetitionPenalty: o.repetitionPenalty ?? gen.repetition_penalty ?? 1,
-    presencePenalty: o.presencePenalty ?? 0,
-    frequencyPenalty: o.frequencyPenalty ?? 0,
+/** Sampling settings: command-line values over the checkpoint's generation_config, range-checked. */
+export function samplingFrom(gen: Record<string, any>, o: Record<string, any>): SamplingParams {
+  const base: SamplingParams = {
+    ...DEFAULT_SAMPLING,
+    temperature: gen.do_sample === false ? 0 : gen.temperature ?? 1,
+    topK: gen.top_k ?? 0,
+    topP: gen.top_p ?? 1,
+    repetitionPenalty: gen.repetition_penalty ?? 1,
   };
+  return validateSampling(valuesFrom(SAMPLING_OPTIONS, o, base, 'flags'));
 }
 
 export async function generateCmd(o: GenerateCli): Promise<void> {

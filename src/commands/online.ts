@@ -1,6 +1,6 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { DEFAULT_ONLINE, runOnline } from '../stages/online.js';
+import { DEFAULT_ONLINE, onlineSettingsFrom, runOnline } from '../stages/online.js';
 import { TrainConfig } from '../train/trainer.js';
 import { openDb } from '../store/db.js';
 import { exportedPairs, runStatus } from '../store/rounds.js';
@@ -9,8 +9,8 @@ import { writeFileAtomic } from '../util/fsutil.js';
 import { log } from '../util/log.js';
 import { toJsonl } from '../data/jsonl.js';
 import { rowMessages } from '../data/prompts.js';
-import { dpoParamsFrom, loraFrom } from './dpo.js';
-import { samplingFrom } from './model.js';
+import { dpoParamsFrom } from './dpo.js';
+import { loraFrom } from './train-options.js';
 
 export async function onlineCmd(o: Record<string, any>, train: TrainConfig): Promise<void> {
   const sampler = o.samplerUrl
@@ -24,19 +24,10 @@ export async function onlineCmd(o: Record<string, any>, train: TrainConfig): Pro
     evalPrompts: o.evalPrompts,
     scorer: o.scorer,
     auditScorer: o.auditScorer,
-    rounds: o.rounds ?? DEFAULT_ONLINE.rounds,
-    samplesPerPrompt: o.samplesPerPrompt ?? DEFAULT_ONLINE.samplesPerPrompt,
-    promptsPerRound: o.promptsPerRound ?? DEFAULT_ONLINE.promptsPerRound,
-    promptMode: o.promptMode ?? DEFAULT_ONLINE.promptMode,
-    sampling: { ...samplingFrom({}, { ...o, temperature: o.temperature ?? DEFAULT_ONLINE.sampling.temperature }), maxNewTokens: o.maxNewTokens ?? DEFAULT_ONLINE.sampling.maxNewTokens },
+    ...onlineSettingsFrom(o, 'flags'),
     sampler,
-    selection: { rule: o.selection ?? 'max_min', lengthPenalty: o.lengthPenalty ?? 0, minMargin: o.minMargin ?? 0 },
-    reference: o.reference ?? DEFAULT_ONLINE.reference,
     dpo: dpoParamsFrom(o, DEFAULT_ONLINE.dpo),
     lora: loraFrom(o),
-    maxLength: o.maxLength ?? DEFAULT_ONLINE.maxLength,
-    maxPromptLength: o.maxPromptLength ?? DEFAULT_ONLINE.maxPromptLength,
-    batchSize: o.batchSize ?? DEFAULT_ONLINE.batchSize,
     train,
     workdir: o.workdir,
     seed: o.seed ?? 0,

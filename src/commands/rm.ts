@@ -7,7 +7,7 @@ import { isMessages } from '../data/encode.js';
 import { UserError } from '../util/errors.js';
 import { writeFileAtomic } from '../util/fsutil.js';
 import { log } from '../util/log.js';
-import { loraFrom } from './dpo.js';
+import { loraFrom } from './train-options.js';
 
 export async function rmTrainCmd(o: Record<string, any>, train: TrainConfig): Promise<void> {
   const res = await runRmTrain({

@@ -4,6 +4,7 @@ import { SCHEDULERS } from '../train/schedule.js';
 import * as schema from '../util/schema.js';
 import type { Spec } from '../util/schema.js';
 import { UserError } from '../util/errors.js';
+import { DEFAULT_LORA, LORA_OPTIONS, LoraConfig, validateLora } from '../lora/lora.js';
 
 /** Flag parsers: a finite number, an integer. */
 export const num = (v: string): number => {
@@ -57,38 +58,29 @@ export const TRAIN_SCHEMA: Record<string, Spec> = schema.fieldsOf(TRAIN_OPTIONS)
 /** One flag per row of an option table: --field-in-kebab-case, parsed by the row's kind. */
 export function addTableOptions(cmd: Command, rows: schema.OptionRow<string>[]): Command {
   for (const o of rows) {
-    const flag = `--${o.field.replace(/_/g, '-')}`;
+    const flag = `--${schema.flagOf(o)}`;
     if (o.spec.kind === 'boolean') cmd.option(flag, o.help);
     else if (o.spec.kind === 'number') cmd.option(`${flag} <${o.spec.int ? 'n' : 'x'}>`, o.help, o.spec.int ? int : num);
+    else if (o.spec.kind === 'strings') cmd.option(`${flag} <list>`, o.help, list);
     else cmd.option(`${flag} <value>`, o.help);
   }
   return cmd;
 }
 
-/** A table's values from parsed CLI options (commander's camelCase) or a recipe stage (snake_case), over `base`. */
-export function valuesFrom<K extends string, C extends Record<K, unknown>>(rows: schema.OptionRow<K>[], o: Record<string, any>, base: C, from: 'flags' | 'recipe'): C {
-  const c: any = { ...base };
-  for (const { key, field } of rows) {
-    const v = o[from === 'flags' ? camel(field) : field];
-    if (v !== undefined) c[key] = v;
-  }
-  return c;
-}
+const list = (v: string) => v.split(',').map((s) => s.trim()).filter(Boolean);
 
 /** The flags of TRAIN_OPTIONS, and --resume, for a training command. */
 export function addTrainOptions(cmd: Command): Command {
   return addTableOptions(cmd, TRAIN_OPTIONS).option('--resume', 'continue from the newest checkpoint in --out');
 }
 
-/** A recipe field's CLI option name as commander stores it: rpo_alpha → rpoAlpha. */
-export const camel = (snake: string) => snake.replace(/_(\w)/g, (_, c: string) => c.toUpperCase());
 
 /**
  * A TrainConfig from parsed CLI options (commander's camelCase names) or from a recipe stage
  * (snake_case fields), over `base`, range-checked.
  */
 export function trainConfigFrom(o: Record<string, any>, base: TrainConfig = DEFAULT_TRAIN, from: 'flags' | 'recipe' = 'flags', where = ''): TrainConfig {
-  return validateTrainConfig(valuesFrom(TRAIN_OPTIONS, o, base, from), where);
+  return validateTrainConfig(schema.valuesFrom(TRAIN_OPTIONS, o, base, from), where);
 }
 
 /** Range checks from TRAIN_OPTIONS, naming the setting by its recipe field. */
@@ -101,10 +93,10 @@ export function validateTrainConfig(c: TrainConfig, where = ''): TrainConfig {
 
 /** LoRA flags shared by dpo, rm train and online. */
 export function addLoraOptions(cmd: Command): Command {
-  return cmd
-    .option('--lora-r <n>', 'LoRA rank', num)
-    .option('--lora-alpha <a>', 'LoRA alpha', num)
-    .option('--lora-dropout <p>', 'LoRA dropout', num)
-    .option('--lora-targets <list>', 'comma-separated modules (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; qkv_proj on Zhinao)')
-    .option('--use-rslora', 'scale by alpha/√r');
+  return addTableOptions(cmd, LORA_OPTIONS);
+}
+
+/** A LoraConfig from CLI flags or a recipe stage's `lora` mapping, over `base`, range-checked. */
+export function loraFrom(o: Record<string, any>, base: LoraConfig = DEFAULT_LORA, from: 'flags' | 'recipe' = 'flags', where = ''): LoraConfig {
+  return validateLora(schema.valuesFrom(LORA_OPTIONS, o, base, from), where);
 }

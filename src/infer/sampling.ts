@@ -1,4 +1,6 @@
 import { Rng } from '../util/rng.js';
+import { UserError } from '../util/errors.js';
+import { OptionRow, firstViolation, int, num } from '../util/schema.js';
 
 /**
  * Turning one row of logits into the next token, on the host. The processors follow
@@ -15,6 +17,22 @@ export interface SamplingParams {
 }
 
 export const DEFAULT_SAMPLING: SamplingParams = { temperature: 1, topK: 0, topP: 1, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0 };
+
+/** The sampling settings as flags (generate, chat, serve's defaults, online) and recipe fields, with their ranges. */
+export const SAMPLING_OPTIONS: OptionRow<keyof SamplingParams>[] = [
+  { key: 'temperature', field: 'temperature', spec: num({ min: 0 }), help: 'sampling temperature; 0 = greedy' },
+  { key: 'topK', field: 'top_k', spec: int({ min: 0 }), help: 'keep the k most likely tokens (0 = off)' },
+  { key: 'topP', field: 'top_p', spec: num({ min: 0, max: 1, exclusiveMin: true }), help: 'nucleus sampling mass (1 = off)' },
+  { key: 'repetitionPenalty', field: 'repetition_penalty', spec: num({ min: 0, exclusiveMin: true }), help: 'transformers-style repetition penalty (1 = off)' },
+  { key: 'presencePenalty', field: 'presence_penalty', spec: num(), help: 'OpenAI-style presence penalty' },
+  { key: 'frequencyPenalty', field: 'frequency_penalty', spec: num(), help: 'OpenAI-style frequency penalty' },
+];
+
+export function validateSampling<T extends SamplingParams>(p: T, where = ''): T {
+  const bad = firstViolation(SAMPLING_OPTIONS, p as unknown as Record<keyof SamplingParams, unknown>);
+  if (bad) throw new UserError(`${where}${bad}`);
+  return p;
+}
 
 /** Apply penalties in place. `seen` holds prompt+generated ids; `counts` generated ids only. */
 export function applyPenalties(logits: Float32Array, p: SamplingParams, seen: Set<number>, counts: Map<number, number>): void {

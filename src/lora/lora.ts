@@ -7,6 +7,7 @@ import { loraLinear, onRows } from '../engine/ops.js';
 import { SafetensorsFile, readHeader, readTensor, writeSafetensors } from '../io/safetensors.js';
 import { readJson, writeDirAtomic } from '../util/fsutil.js';
 import { UserError } from '../util/errors.js';
+import { OptionRow, bool, firstViolation, int, num, strings } from '../util/schema.js';
 import { Rng } from '../util/rng.js';
 import { RngHooks } from '../engine/checkpoint.js';
 import { dropout } from '../engine/dropout.js';
@@ -28,6 +29,21 @@ export interface LoraConfig {
 
 /** Empty targets mean the attention projections of the architecture. */
 export const DEFAULT_LORA: LoraConfig = { r: 8, alpha: 16, dropout: 0.05, targets: [], useRslora: false };
+
+/** The adapter settings: recipe fields of a stage's `lora` mapping, `--lora-*` flags, and their ranges. */
+export const LORA_OPTIONS: OptionRow<keyof LoraConfig>[] = [
+  { key: 'r', field: 'r', flag: 'lora-r', spec: int({ min: 1 }), help: 'LoRA rank (default 8)' },
+  { key: 'alpha', field: 'alpha', flag: 'lora-alpha', spec: num({ min: 0, exclusiveMin: true }), help: 'LoRA alpha: updates scale by alpha / r (default 16)' },
+  { key: 'dropout', field: 'dropout', flag: 'lora-dropout', spec: num({ min: 0, max: 1, exclusiveMax: true }), help: "dropout on the adapter's input (default 0.05)" },
+  { key: 'targets', field: 'targets', flag: 'lora-targets', spec: strings, help: 'comma-separated modules (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; qkv_proj on Zhinao); default the attention projections' },
+  { key: 'useRslora', field: 'use_rslora', spec: bool, help: 'scale by alpha / √r (rsLoRA)' },
+];
+
+export function validateLora(c: LoraConfig, where = ''): LoraConfig {
+  const bad = firstViolation(LORA_OPTIONS, c as unknown as Record<keyof LoraConfig, unknown>);
+  if (bad) throw new UserError(`${where}lora.${bad}`);
+  return c;
+}
 
 export function defaultTargets(arch: string): string[] {
   return arch === 'zhinao' ? ['qkv_proj', 'o_proj'] : ['q_proj', 'k_proj', 'v_proj', 'o_proj'];
@@ -64,8 +80,7 @@ export class LoraAdapter implements LinearAdapter {
 
   /** A fresh adapter with PEFT's initialisation. */
   static create(model: Decoder, cfg: LoraConfig, seed: number): LoraAdapter {
-    if (!(Number.isInteger(cfg.r) && cfg.r > 0)) throw new UserError(`lora r must be a positive integer, found ${cfg.r}`);
-    if (!(cfg.dropout >= 0 && cfg.dropout < 1)) throw new UserError(`lora dropout must be in [0, 1), found ${cfg.dropout}`);
+    validateLora(cfg);
     if (!cfg.targets.length) cfg = { ...cfg, targets: defaultTargets(model.cfg.arch) };
     const ad = new LoraAdapter(cfg);
     for (const m of LoraAdapter.modulesFor(model, cfg.targets)) {

@@ -1,15 +1,18 @@
 import * as path from 'node:path';
 import { createHash } from 'node:crypto';
 import YAML from 'yaml';
-import { Problem, Spec, bool, check, fieldsOf, formatProblems, int, num, obj, str, strings } from '../util/schema.js';
+import { OptionRow, Problem, Spec, bool, check, fieldsOf, formatProblems, int, num, obj, str } from '../util/schema.js';
 import { readText } from '../data/jsonl.js';
 import { UserError } from '../util/errors.js';
-import { TRAIN_SCHEMA } from '../commands/train-options.js';
+import { TRAIN_OPTIONS, TRAIN_SCHEMA } from '../commands/train-options.js';
 import { DPO_OPTIONS } from '../dpo/loss.js';
-import { SELECTION_RULES } from '../online/select.js';
 import { MERGE_METHODS } from '../merge/methods.js';
 import { BACKEND_ORDER } from '../engine/backend.js';
 import { ARCHS } from '../model/config.js';
+import { LORA_OPTIONS } from '../lora/lora.js';
+import { ONLINE_OPTIONS } from '../stages/online.js';
+import { SFT_OPTIONS } from '../stages/sft.js';
+import { SAMPLING_OPTIONS } from '../infer/sampling.js';
 import { GGUF_OPTIONS } from '../gguf/export.js';
 
 /**
@@ -18,7 +21,7 @@ import { GGUF_OPTIONS } from '../gguf/export.js';
  * with an adapter) — and may only refer to stages before it, so a recipe can never loop.
  */
 const train = TRAIN_SCHEMA;
-const lora = obj({ r: int({ min: 1 }), alpha: num({ min: 0, exclusiveMin: true }), dropout: num({ min: 0, max: 0.99 }), targets: strings, use_rslora: bool });
+const lora = obj(fieldsOf(LORA_OPTIONS));
 const dpoFields: Record<string, Spec> = {
   ...fieldsOf(DPO_OPTIONS),
   max_length: int({ min: 2 }),
@@ -27,38 +30,42 @@ const dpoFields: Record<string, Spec> = {
   lora,
 };
 
-export const STAGE_SPECS: Record<string, { spec: Spec; refs: string[] }> = {
+/**
+ * Each stage type's recipe schema, the fields that name other stages' outputs, and the option
+ * tables its fields come from (their help is what `prefopt fields` prints).
+ */
+export const STAGE_SPECS: Record<string, { spec: Spec; refs: string[]; tables?: OptionRow<string>[][] }> = {
   init: {
     spec: obj({ name: str(), type: str(), arch: str(ARCHS), preset: str(), config: str(), tokenizer: str(), seed: int() }, ['name', 'type', 'arch', 'tokenizer']),
     refs: ['tokenizer'],
   },
   sft: {
-    spec: obj({ name: str(), type: str(), model: str(), data: str(), eval_data: str(), eval_ratio: num({ min: 0, max: 0.9 }), batch_size: int({ min: 1 }), max_len: int({ min: 2 }), is_concat: bool, skip_bad_rows: bool, dtype: str(['f32', 'f16', 'bf16']), ...train }, ['name', 'type', 'model', 'data']),
+    spec: obj({ name: str(), type: str(), model: str(), data: str(), eval_data: str(), ...fieldsOf(SFT_OPTIONS), ...train }, ['name', 'type', 'model', 'data']),
     refs: ['model'],
+    tables: [SFT_OPTIONS, TRAIN_OPTIONS],
   },
   dpo: {
     spec: obj({ name: str(), type: str(), model: str(), data: str(), eval_data: str(), eval_ratio: num({ min: 0, max: 0.9 }), ref_model: str(), adapter: str(), strict: bool, ...dpoFields, ...train }, ['name', 'type', 'model', 'data']),
     refs: ['model', 'ref_model', 'adapter'],
+    tables: [DPO_OPTIONS, TRAIN_OPTIONS],
   },
   rm_train: {
     spec: obj({ name: str(), type: str(), model: str(), data: str(), eval_data: str(), eval_ratio: num({ min: 0, max: 0.9 }), lora, batch_size: int({ min: 1 }), max_length: int({ min: 2 }), max_prompt_length: int({ min: 1 }), strict: bool, ...train }, ['name', 'type', 'model', 'data']),
     refs: ['model'],
+    tables: [TRAIN_OPTIONS],
   },
   online_dpo: {
     spec: obj(
       {
         name: str(), type: str(), model: str(), adapter: str(), prompts: str(), eval_prompts: str(), scorer: str(), audit_scorer: str(),
-        rounds: int({ min: 1 }), samples_per_prompt: int({ min: 2 }), prompts_per_round: int({ min: 0 }), prompt_mode: str(['slice', 'resample']),
-        max_new_tokens: int({ min: 1 }), temperature: num({ min: 0 }), top_k: int({ min: 0 }), top_p: num({ min: 0, max: 1, exclusiveMin: true }), repetition_penalty: num({ min: 0, exclusiveMin: true }),
-        presence_penalty: num(), frequency_penalty: num(),
-        selection: str(SELECTION_RULES), length_penalty: num({ min: 0 }), min_margin: num({ min: 0 }), reference: str(['sft', 'previous']),
+        ...fieldsOf(ONLINE_OPTIONS), ...fieldsOf(SAMPLING_OPTIONS),
         sampler: obj({ type: str(['local', 'openai']), base_url: str(), model: str(), concurrency: int({ min: 1 }), timeout_ms: int({ min: 1 }), max_batch: int({ min: 1 }) }, ['type']),
-        eval_max_new_tokens: int({ min: 1 }),
         ...dpoFields, ...train,
       },
       ['name', 'type', 'model', 'prompts', 'scorer'],
     ),
     refs: ['model', 'adapter', 'scorer', 'audit_scorer'],
+    tables: [ONLINE_OPTIONS, SAMPLING_OPTIONS, DPO_OPTIONS, TRAIN_OPTIONS],
   },
   merge: {
     spec: obj(
@@ -75,6 +82,7 @@ export const STAGE_SPECS: Record<string, { spec: Spec; refs: string[] }> = {
   export_gguf: {
     spec: obj({ name: str(), type: str(), model: str(), adapter: str(), ...fieldsOf(GGUF_OPTIONS) }, ['name', 'type', 'model']),
     refs: ['model', 'adapter'],
+    tables: [GGUF_OPTIONS],
   },
   eval: {
     spec: obj({ name: str(), type: str(), models: { kind: 'map', of: str() }, prompts: str(), scorer: str(), max_new_tokens: int({ min: 1 }) }, ['name', 'type', 'models', 'prompts']),

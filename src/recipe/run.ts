@@ -4,18 +4,18 @@ import { Recipe, Stage, changedStages, refsIn } from './recipe.js';
 import { openDb, DB } from '../store/db.js';
 import { ensureRun, ensureStage, logEvent, putMetrics, resetStage, roundOfStage, runByName, setRunRecipe, setStage, setStageConfig, stageIdByName, stageOutput } from '../store/run.js';
 import { TrainConfig } from '../train/trainer.js';
-import { trainConfigFrom, valuesFrom } from '../commands/train-options.js';
+import { loraFrom, trainConfigFrom } from '../commands/train-options.js';
+import { valuesFrom } from '../util/schema.js';
 import { initModel } from '../commands/model.js';
-import { DEFAULT_SFT, runSft } from '../stages/sft.js';
+import { DEFAULT_SFT, runSft, sftSettingsFrom } from '../stages/sft.js';
 import { DEFAULT_DPO_STAGE, runDpo } from '../stages/dpo.js';
 import { DEFAULT_RM, runRmTrain } from '../stages/rm.js';
-import { DEFAULT_ONLINE, runOnline } from '../stages/online.js';
+import { DEFAULT_ONLINE, onlineSettingsFrom, runOnline } from '../stages/online.js';
 import { runMerge, validateMergeConfig } from '../merge/merge.js';
 import { DEFAULT_GGUF, GGUF_OPTIONS, GgufExportResult, exportGguf } from '../gguf/export.js';
 import { evaluatePolicy } from '../stages/evaluate.js';
 import { openPolicy, stopIdsOf, needTokenizer } from '../model/policy.js';
-import { LoraAdapter, LoraConfig, DEFAULT_LORA, attach } from '../lora/lora.js';
-import { dtypeFromName } from '../io/safetensors.js';
+import { LoraAdapter, DEFAULT_LORA, attach } from '../lora/lora.js';
 import { loadPrompts } from '../data/prompts.js';
 import { makeScorer } from '../../rm/spec.js';
 import { UserError } from '../util/errors.js';
@@ -48,11 +48,6 @@ export interface EvalRow {
 
 function trainFrom(st: Stage, base: TrainConfig, seed: number): TrainConfig {
   return trainConfigFrom(st, { ...base, seed }, 'recipe', `stage ${st.name}: `);
-}
-
-function loraFrom(v: any, base: LoraConfig = DEFAULT_LORA): LoraConfig {
-  if (!v) return base;
-  return { r: v.r ?? base.r, alpha: v.alpha ?? base.alpha, dropout: v.dropout ?? base.dropout, targets: v.targets ?? base.targets, useRslora: v.use_rslora ?? base.useRslora };
 }
 
 export class RecipeRunner {
@@ -212,12 +207,7 @@ export class RecipeRunner {
       data: this.file(st.data),
       out,
       evalData: st.eval_data ? this.file(st.eval_data) : undefined,
-      evalRatio: st.eval_ratio ?? DEFAULT_SFT.evalRatio,
-      batchSize: st.batch_size ?? DEFAULT_SFT.batchSize,
-      maxLen: st.max_len ?? DEFAULT_SFT.maxLen,
-      isConcat: st.is_concat ?? false,
-      skipBadRows: st.skip_bad_rows ?? false,
-      dtype: st.dtype ? dtypeFromName(st.dtype) : 'F32',
+      ...sftSettingsFrom(st, 'recipe', `stage ${st.name}: `),
       resume,
       train: trainFrom(st, DEFAULT_SFT.train, seed),
     });
@@ -239,7 +229,7 @@ export class RecipeRunner {
       refModel: st.ref_model ? this.resolve(st.ref_model) : undefined,
       adapter: st.adapter ? this.resolve(st.adapter) : m.adapter,
       dpo: dpoParamsFrom(st, DEFAULT_DPO_STAGE.dpo, 'recipe', `stage ${st.name}: `),
-      lora: loraFrom(st.lora),
+      lora: loraFrom(st.lora ?? {}, DEFAULT_LORA, 'recipe', `stage ${st.name}: `),
       maxLength: st.max_length ?? DEFAULT_DPO_STAGE.maxLength,
       maxPromptLength: st.max_prompt_length ?? DEFAULT_DPO_STAGE.maxPromptLength,
       strict: st.strict ?? false,
@@ -262,7 +252,7 @@ export class RecipeRunner {
       out,
       evalData: st.eval_data ? this.file(st.eval_data) : undefined,
       evalRatio: st.eval_ratio ?? DEFAULT_RM.evalRatio,
-      lora: st.lora ? loraFrom(st.lora) : null,
+      lora: st.lora ? loraFrom(st.lora, DEFAULT_LORA, 'recipe', `stage ${st.name}: `) : null,
       batchSize: st.batch_size ?? DEFAULT_RM.batchSize,
       maxLength: st.max_length ?? DEFAULT_RM.maxLength,
       maxPromptLength: st.max_prompt_length ?? DEFAULT_RM.maxPromptLength,
@@ -293,31 +283,13 @@ export class RecipeRunner {
         evalPrompts: st.eval_prompts ? this.file(st.eval_prompts) : undefined,
         scorer,
         auditScorer: st.audit_scorer ? this.scorerSpec(st.audit_scorer) : undefined,
-        rounds: st.rounds ?? DEFAULT_ONLINE.rounds,
-        samplesPerPrompt: st.samples_per_prompt ?? DEFAULT_ONLINE.samplesPerPrompt,
-        promptsPerRound: st.prompts_per_round ?? DEFAULT_ONLINE.promptsPerRound,
-        promptMode: st.prompt_mode ?? DEFAULT_ONLINE.promptMode,
-        sampling: {
-          temperature: st.temperature ?? 1,
-          topK: st.top_k ?? 0,
-          topP: st.top_p ?? 1,
-          repetitionPenalty: st.repetition_penalty ?? 1,
-          presencePenalty: st.presence_penalty ?? 0,
-          frequencyPenalty: st.frequency_penalty ?? 0,
-          maxNewTokens: st.max_new_tokens ?? DEFAULT_ONLINE.sampling.maxNewTokens,
-        },
+        ...onlineSettingsFrom(st, 'recipe', `stage ${st.name}: `),
         sampler,
-        selection: { rule: st.selection ?? 'max_min', lengthPenalty: st.length_penalty ?? 0, minMargin: st.min_margin ?? 0 },
-        reference: st.reference ?? 'sft',
         dpo: dpoParamsFrom(st, DEFAULT_ONLINE.dpo, 'recipe', `stage ${st.name}: `),
-        lora: loraFrom(st.lora),
-        maxLength: st.max_length ?? DEFAULT_ONLINE.maxLength,
-        maxPromptLength: st.max_prompt_length ?? DEFAULT_ONLINE.maxPromptLength,
-        batchSize: st.batch_size ?? DEFAULT_ONLINE.batchSize,
+        lora: loraFrom(st.lora ?? {}, DEFAULT_LORA, 'recipe', `stage ${st.name}: `),
         train: trainFrom(st, DEFAULT_ONLINE.train, seed),
         workdir: out,
         seed,
-        evalMaxNewTokens: st.eval_max_new_tokens ?? DEFAULT_ONLINE.evalMaxNewTokens,
         runName: this.recipe.name,
         stageName: st.name,
         baseDir: this.recipe.dir,

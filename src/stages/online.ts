@@ -13,7 +13,8 @@ import { DEFAULT_DPO, DpoParams } from '../dpo/loss.js';
 import { PrefPair } from '../data/prefs.js';
 import { PromptItem, loadPrompts, rowMessages } from '../data/prompts.js';
 import { completionLogprobs } from '../infer/logprobs.js';
-import { DEFAULT_SAMPLING } from '../infer/sampling.js';
+import { DEFAULT_SAMPLING, SAMPLING_OPTIONS, validateSampling } from '../infer/sampling.js';
+import { OptionRow, firstViolation, int, num, str, valuesFrom } from '../util/schema.js';
 import { LocalSampler, OpenAISampler, OpenAISamplerConfig, SampleSettings, Sampler } from '../online/sampler.js';
 import { SELECTION_RULES, ScoredSample, SelectOptions, selectPair } from '../online/select.js';
 import { DEFAULT_TRAIN, TrainConfig } from '../train/trainer.js';
@@ -95,17 +96,73 @@ export function roundDir(workdir: string, r: number): string {
   return path.join(workdir, `round-${r}`);
 }
 
-export function validateOnline(c: OnlineConfig): void {
-  const bad = (k: string, want: string, got: unknown) => {
-    throw new UserError(`${k}: expected ${want}, found ${JSON.stringify(got)}`);
+/**
+ * The stage's own settings, flat, as flags and recipe fields (sampling, DPO, LoRA and training
+ * have tables of their own); `onlineSettingsFrom` puts them where OnlineConfig keeps them.
+ */
+interface OnlineSettings {
+  rounds: number;
+  samplesPerPrompt: number;
+  promptsPerRound: number;
+  promptMode: OnlineConfig['promptMode'];
+  selection: string;
+  lengthPenalty: number;
+  minMargin: number;
+  reference: OnlineConfig['reference'];
+  maxNewTokens: number;
+  evalMaxNewTokens: number;
+  maxLength: number;
+  maxPromptLength: number;
+  batchSize: number;
+}
+
+export const ONLINE_OPTIONS: OptionRow<keyof OnlineSettings>[] = [
+  { key: 'rounds', field: 'rounds', spec: int({ min: 1 }), help: `rounds (default ${DEFAULT_ONLINE.rounds})` },
+  { key: 'samplesPerPrompt', field: 'samples_per_prompt', spec: int({ min: 2 }), help: `answers sampled per prompt (default ${DEFAULT_ONLINE.samplesPerPrompt})` },
+  { key: 'promptsPerRound', field: 'prompts_per_round', spec: int({ min: 0 }), help: 'prompts per round (0 = all)' },
+  { key: 'promptMode', field: 'prompt_mode', spec: str(['slice', 'resample']), help: 'slice (consecutive slices) | resample (seeded)' },
+  { key: 'selection', field: 'selection', spec: str([...SELECTION_RULES]), help: SELECTION_RULES.join(' | ') },
+  { key: 'lengthPenalty', field: 'length_penalty', spec: num({ min: 0 }), help: 'reward per completion token subtracted by max_min_length_penalty' },
+  { key: 'minMargin', field: 'min_margin', spec: num({ min: 0 }), help: 'drop pairs whose reward margin is below this' },
+  { key: 'reference', field: 'reference', spec: str(['sft', 'previous']), help: 'sft (fixed) | previous (last round’s policy)' },
+  { key: 'maxNewTokens', field: 'max_new_tokens', spec: int({ min: 1 }), help: `sampled tokens at most (default ${DEFAULT_ONLINE.sampling.maxNewTokens})` },
+  { key: 'evalMaxNewTokens', field: 'eval_max_new_tokens', spec: int({ min: 1 }), help: `tokens at most in the held-out evaluation (default ${DEFAULT_ONLINE.evalMaxNewTokens})` },
+  { key: 'maxLength', field: 'max_length', spec: int({ min: 2 }), help: 'prompt + completion tokens at most' },
+  { key: 'maxPromptLength', field: 'max_prompt_length', spec: int({ min: 1 }), help: 'prompt tokens at most (longer prompts are skipped)' },
+  { key: 'batchSize', field: 'batch_size', spec: int({ min: 1 }), help: 'pairs per micro-batch' },
+];
+
+/** The flat settings of a config (the inverse of onlineSettingsFrom's reshaping). */
+function flatSettings(c: Omit<OnlineConfig, 'model' | 'prompts' | 'scorer' | 'workdir'>): OnlineSettings {
+  return {
+    rounds: c.rounds, samplesPerPrompt: c.samplesPerPrompt, promptsPerRound: c.promptsPerRound, promptMode: c.promptMode,
+    selection: c.selection.rule, lengthPenalty: c.selection.lengthPenalty, minMargin: c.selection.minMargin, reference: c.reference,
+    maxNewTokens: c.sampling.maxNewTokens, evalMaxNewTokens: c.evalMaxNewTokens, maxLength: c.maxLength, maxPromptLength: c.maxPromptLength, batchSize: c.batchSize,
   };
-  if (!(Number.isInteger(c.rounds) && c.rounds >= 1)) bad('rounds', 'an integer ≥ 1', c.rounds);
-  if (!(Number.isInteger(c.samplesPerPrompt) && c.samplesPerPrompt >= 2)) bad('samples_per_prompt', 'an integer ≥ 2', c.samplesPerPrompt);
-  if (!(Number.isInteger(c.promptsPerRound) && c.promptsPerRound >= 0)) bad('prompts_per_round', 'an integer ≥ 0 (0 = all)', c.promptsPerRound);
-  if (!['slice', 'resample'].includes(c.promptMode)) bad('prompt_mode', 'slice | resample', c.promptMode);
-  if (!SELECTION_RULES.includes(c.selection.rule)) bad('selection', SELECTION_RULES.join(' | '), c.selection.rule);
-  if (!['sft', 'previous'].includes(c.reference)) bad('reference', 'sft | previous', c.reference);
-  if (!(c.sampling.temperature >= 0)) bad('temperature', 'a number ≥ 0', c.sampling.temperature);
+}
+
+function checkSettings(s: OnlineSettings, where: string): void {
+  const bad = firstViolation(ONLINE_OPTIONS, s);
+  if (bad) throw new UserError(`${where}${bad}`);
+}
+
+/** The stage's settings and sampling from CLI flags or recipe fields, range-checked, in OnlineConfig's shape. */
+export function onlineSettingsFrom(o: Record<string, any>, from: 'flags' | 'recipe', where = '') {
+  const sampling = validateSampling(valuesFrom(SAMPLING_OPTIONS, o, DEFAULT_ONLINE.sampling, from), where);
+  const s = valuesFrom(ONLINE_OPTIONS, o, flatSettings(DEFAULT_ONLINE), from);
+  checkSettings(s, where);
+  return {
+    rounds: s.rounds, samplesPerPrompt: s.samplesPerPrompt, promptsPerRound: s.promptsPerRound, promptMode: s.promptMode,
+    sampling: { ...sampling, maxNewTokens: s.maxNewTokens },
+    selection: { rule: s.selection as SelectOptions['rule'], lengthPenalty: s.lengthPenalty, minMargin: s.minMargin },
+    reference: s.reference, maxLength: s.maxLength, maxPromptLength: s.maxPromptLength, batchSize: s.batchSize, evalMaxNewTokens: s.evalMaxNewTokens,
+  };
+}
+
+/** Range checks of a whole OnlineConfig (library callers build one directly). */
+export function validateOnline(c: OnlineConfig): void {
+  checkSettings(flatSettings(c), '');
+  validateSampling(c.sampling);
 }
 
 function sha256File(f: string): string {

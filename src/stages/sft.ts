@@ -15,7 +15,8 @@ import { Rng } from '../util/rng.js';
 import { holdOut } from '../data/split.js';
 import { UserError } from '../util/errors.js';
 import { log } from '../util/log.js';
-import { DType } from '../io/safetensors.js';
+import { DType, dtypeFromName } from '../io/safetensors.js';
+import { OptionRow, bool, firstViolation, int, num, str, valuesFrom } from '../util/schema.js';
 
 /**
  * Stage 1: full-parameter supervised fine-tuning (base → sft-base). The config is plain data
@@ -46,6 +47,34 @@ export const DEFAULT_SFT: Omit<SftConfig, 'model' | 'data' | 'out'> = {
   dtype: 'F32',
   train: { ...DEFAULT_TRAIN, lr: 5e-6, epochs: 3, scheduler: 'cosine' as SchedulerName, warmupRatio: 0.01 },
 };
+
+interface SftSettings {
+  evalRatio: number;
+  batchSize: number;
+  maxLen: number;
+  isConcat: boolean;
+  skipBadRows: boolean;
+  dtype: string;
+}
+
+/** The stage's data and output settings as flags and recipe fields (training settings: TRAIN_OPTIONS). */
+export const SFT_OPTIONS: OptionRow<keyof SftSettings>[] = [
+  { key: 'evalRatio', field: 'eval_ratio', spec: num({ min: 0, max: 0.9 }), help: `fraction of the data held out for evaluation when no eval data is given (default ${DEFAULT_SFT.evalRatio})` },
+  { key: 'batchSize', field: 'batch_size', spec: int({ min: 1 }), help: `rows per micro-batch (default ${DEFAULT_SFT.batchSize})` },
+  { key: 'maxLen', field: 'max_len', spec: int({ min: 2 }), help: `model_max_length in tokens (default ${DEFAULT_SFT.maxLen})` },
+  { key: 'isConcat', field: 'is_concat', spec: bool, help: 'pack whole conversations up to max_len' },
+  { key: 'skipBadRows', field: 'skip_bad_rows', spec: bool, help: 'skip malformed conversations and report how many' },
+  { key: 'dtype', field: 'dtype', spec: str(['f32', 'f16', 'bf16']), help: 'output weights (default f32)' },
+];
+
+/** SFT's settings from CLI flags or recipe fields, range-checked. */
+export function sftSettingsFrom(o: Record<string, any>, from: 'flags' | 'recipe', where = ''): Pick<SftConfig, 'evalRatio' | 'batchSize' | 'maxLen' | 'isConcat' | 'skipBadRows' | 'dtype'> {
+  const base: SftSettings = { ...DEFAULT_SFT, dtype: DEFAULT_SFT.dtype.toLowerCase() };
+  const s = valuesFrom(SFT_OPTIONS, o, base, from);
+  const bad = firstViolation(SFT_OPTIONS, s);
+  if (bad) throw new UserError(`${where}${bad}`);
+  return { evalRatio: s.evalRatio, batchSize: s.batchSize, maxLen: s.maxLen, isConcat: s.isConcat, skipBadRows: s.skipBadRows, dtype: dtypeFromName(s.dtype) };
+}
 
 /** Mean negative log-likelihood over trained tokens. */
 export function sftLoss(model: Decoder, b: SeqBatch): tf.Scalar {

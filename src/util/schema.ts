@@ -102,6 +102,8 @@ export function formatProblems(file: string, ps: Problem[]): string {
 export interface OptionRow<K extends string> {
   key: K;
   field: string;
+  /** The CLI flag without "--", where it is not the field in kebab-case (LoRA's `lora-r` for `lora.r`). */
+  flag?: string;
   spec: Spec;
   help: string;
 }
@@ -119,4 +121,20 @@ export function firstViolation<K extends string>(rows: OptionRow<K>[], c: Record
     if (problems.length) return `${o.field}: expected ${problems[0].expected}, found ${JSON.stringify(problems[0].found)}`;
   }
   return null;
+}
+
+/** A row's CLI flag name (without "--"). */
+export const flagOf = (o: OptionRow<string>) => o.flag ?? o.field.replace(/_/g, '-');
+
+/** A recipe field or flag name as commander stores it: rpo_alpha or rpo-alpha → rpoAlpha. */
+export const camel = (name: string) => name.replace(/[_-](\w)/g, (_, c: string) => c.toUpperCase());
+
+/** A table's values from parsed CLI options (commander's camelCase) or a recipe stage (snake_case), over `base`. */
+export function valuesFrom<K extends string, C extends Record<K, unknown>>(rows: OptionRow<K>[], o: Record<string, any>, base: C, from: 'flags' | 'recipe'): C {
+  const c: any = { ...base };
+  for (const row of rows) {
+    const v = o[from === 'flags' ? camel(flagOf(row)) : row.field];
+    if (v !== undefined) c[row.key] = v;
+  }
+  return c;
 }
