@@ -13,6 +13,8 @@ import { generateCmd, initModel, logprobsCmd, trainTokenizer } from './commands/
 import { addLoraOptions, addTableOptions, addTrainOptions, int, num, trainConfigFrom } from './commands/train-options.js';
 import { valuesFrom } from './util/schema.js';
 import { DPO_OPTIONS } from './dpo/loss.js';
+import { PAIR_OPTIONS, PAIR_SHAPE_OPTIONS } from './data/prefs.js';
+import { OptionRow } from './util/schema.js';
 import { DEFAULT_SFT, SFT_OPTIONS, runSft, sftSettingsFrom } from './stages/sft.js';
 import { dpoCmd, evalDpoCmd } from './commands/dpo.js';
 import { DEFAULT_DPO_STAGE } from './stages/dpo.js';
@@ -46,12 +48,9 @@ function addSamplingOptions(cmd: Command, maxNewTokens: number): Command {
   return addTableOptions(cmd.option('--max-new-tokens <n>', 'tokens to generate at most', int, maxNewTokens), SAMPLING_OPTIONS);
 }
 
-/** The DPO loss and data-shape flags of dpo, eval-dpo and online. */
-function dpoOptions(cmd: Command): Command {
-  return addTableOptions(cmd, DPO_OPTIONS)
-    .option('--max-length <n>', 'prompt + completion tokens at most', int)
-    .option('--max-prompt-length <n>', 'prompt tokens at most (longer prompts are skipped)', int)
-    .option('--batch-size <n>', 'pairs per micro-batch', int);
+/** The DPO loss flags and the pair table's (all of it, or only its length and batch rows). */
+function dpoOptions(cmd: Command, pairs: OptionRow<string>[] = PAIR_OPTIONS): Command {
+  return addTableOptions(addTableOptions(cmd, DPO_OPTIONS), pairs);
 }
 
 /** float32 bytes of the checkpoint a command will load, from its config alone (0 when unreadable: the command reports why). */
@@ -247,10 +246,8 @@ function addSftDpoCommands(program: Command, withBackend: WithBackend): void {
         .requiredOption('--out <dir>', 'output adapter directory (also holds checkpoint-N/ and metrics.jsonl)'),
     ))
       .option('--eval-data <file>', 'held-out pairs (default: --eval-ratio of --data)')
-      .option('--eval-ratio <x>', 'fraction of --data held out', num)
       .option('--ref-model <dir>', 'explicit reference checkpoint (default: the base with the adapter off)')
       .option('--adapter <dir>', 'start from this adapter')
-      .option('--strict', 'unusable rows are errors instead of being skipped')
       .option('--cache <db>', 'SQLite file for cached reference log-probs (default OUT/prefopt.db)'),
   ).action(withBackend(async (o) => dpoCmd(o, trainConfigFrom(o, DEFAULT_DPO_STAGE.train))));
 
@@ -262,6 +259,7 @@ function addSftDpoCommands(program: Command, withBackend: WithBackend): void {
       .option('--adapter <dir>', 'PEFT adapter (policy = model + adapter; reference = model)')
       .option('--ref-model <dir>', 'reference checkpoint')
       .requiredOption('--data <file>', 'preference pairs'),
+    PAIR_SHAPE_OPTIONS,
   ).action(withBackend(async (o) => evalDpoCmd(o)));
 
 }
@@ -270,19 +268,17 @@ function addSftDpoCommands(program: Command, withBackend: WithBackend): void {
 function addRewardAndOnlineCommands(program: Command, withBackend: WithBackend): void {
   const rm = program.command('rm').description('reward models: train a Bradley–Terry model, score samples');
   addTrainOptions(
-    addLoraOptions(rm
-      .command('train')
-      .description('train a Bradley–Terry reward model (saved as …ForSequenceClassification)')
-      .requiredOption('--model <dir>', 'backbone checkpoint (e.g. sft-base)')
-      .requiredOption('--data <file>', 'preference pairs; an optional "margin" column')
-      .requiredOption('--out <dir>', 'output reward-model checkpoint')
-      .option('--eval-data <file>', 'held-out pairs')
-      .option('--eval-ratio <x>', 'fraction of --data held out', num)
-      .option('--batch-size <n>', 'pairs per micro-batch', int)
-      .option('--max-length <n>', 'tokens per sequence at most', int)
-      .option('--max-prompt-length <n>', 'prompt tokens at most', int)
-      .option('--lora', 'train LoRA adapters (+ the score head) instead of all weights; merged on save'))
-      .option('--strict', 'unusable rows are errors'),
+    addTableOptions(
+      addLoraOptions(rm
+        .command('train')
+        .description('train a Bradley–Terry reward model (saved as …ForSequenceClassification)')
+        .requiredOption('--model <dir>', 'backbone checkpoint (e.g. sft-base)')
+        .requiredOption('--data <file>', 'preference pairs; an optional "margin" column')
+        .requiredOption('--out <dir>', 'output reward-model checkpoint')
+        .option('--eval-data <file>', 'held-out pairs')
+        .option('--lora', 'train LoRA adapters (+ the score head) instead of all weights; merged on save')),
+      PAIR_OPTIONS,
+    ),
   ).action(withBackend(async (o) => rmTrainCmd(o, trainConfigFrom(o, DEFAULT_RM.train))));
 
   rm.command('score')

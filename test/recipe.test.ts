@@ -198,7 +198,7 @@ describe('one table for the DPO loss settings', () => {
   });
 });
 
-describe('one table each for LoRA, sampling, the online stage and SFT', () => {
+describe('one table each for LoRA, sampling, the online stage, pairs and SFT', () => {
   it('a flag, a recipe field and the library check give the same words for the same bad value', async () => {
     const { loraFrom } = await import('../src/commands/train-options.js');
     const { LoraAdapter, DEFAULT_LORA } = await import('../src/lora/lora.js');
@@ -230,6 +230,14 @@ describe('one table each for LoRA, sampling, the online stage and SFT', () => {
     }
     const s = onlineSettingsFrom({ samplesPerPrompt: 6, topK: 5, maxNewTokens: 9, selection: 'max_second' }, 'flags');
     expect(s).toMatchObject({ samplesPerPrompt: 6, sampling: { topK: 5, maxNewTokens: 9 }, selection: { rule: 'max_second' } });
+    // The pair stages' settings: dpo and rm_train read one table (rm's --eval-ratio was unchecked too).
+    const { pairSettingsFrom } = await import('../src/data/prefs.js');
+    const { DEFAULT_RM } = await import('../src/stages/rm.js');
+    const pr = ok() as any;
+    pr.stages[1].eval_ratio = 1;
+    expect(problems(pr)).toContain('stages[1].eval_ratio: expected a number ≥ 0 and ≤ 0.9, found 1');
+    expect(() => pairSettingsFrom({ evalRatio: 1 }, DEFAULT_RM, 'flags')).toThrow('eval_ratio: expected a number ≥ 0 and ≤ 0.9, found 1');
+    expect(pairSettingsFrom({ max_length: 64, strict: true }, DEFAULT_RM, 'recipe')).toEqual({ evalRatio: DEFAULT_RM.evalRatio, maxLength: 64, maxPromptLength: DEFAULT_RM.maxPromptLength, batchSize: DEFAULT_RM.batchSize, strict: true });
     // SFT's own settings: --eval-ratio was parsed with Number() and never checked.
     expect(() => sftSettingsFrom({ evalRatio: 2 }, 'flags')).toThrow('eval_ratio: expected a number ≥ 0 and ≤ 0.9, found 2');
     expect(sftSettingsFrom({ max_len: 64, dtype: 'bf16' }, 'recipe')).toMatchObject({ maxLen: 64, dtype: 'BF16' });

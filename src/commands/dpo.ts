@@ -3,7 +3,7 @@ import { DPO_OPTIONS, DpoParams, validateDpoParams } from '../dpo/loss.js';
 import { loraFrom } from './train-options.js';
 import { valuesFrom } from '../util/schema.js';
 import { pairLogpsHost } from '../dpo/logps.js';
-import { loadPrefs } from '../data/prefs.js';
+import { loadPrefs, pairSettingsFrom } from '../data/prefs.js';
 import { withAdapterOff } from '../lora/lora.js';
 import { loadModel } from '../model/load.js';
 import { TrainConfig } from '../train/trainer.js';
@@ -25,15 +25,11 @@ export async function dpoCmd(o: Record<string, any>, train: TrainConfig): Promis
     data: o.data,
     out: o.out,
     evalData: o.evalData,
-    evalRatio: o.evalRatio ?? DEFAULT_DPO_STAGE.evalRatio,
+    ...pairSettingsFrom(o, DEFAULT_DPO_STAGE, 'flags'),
     refModel: o.refModel,
     adapter: o.adapter,
     dpo: dpoParamsFrom(o, DEFAULT_DPO_STAGE.dpo),
     lora: loraFrom(o),
-    maxLength: o.maxLength ?? DEFAULT_DPO_STAGE.maxLength,
-    maxPromptLength: o.maxPromptLength ?? DEFAULT_DPO_STAGE.maxPromptLength,
-    strict: !!o.strict,
-    batchSize: o.batchSize ?? DEFAULT_DPO_STAGE.batchSize,
     train,
     cacheDb: o.cache,
     resume: !!o.resume,
@@ -46,9 +42,10 @@ export async function evalDpoCmd(o: Record<string, any>): Promise<void> {
   const p = openPolicy(o.model, { adapter: o.adapter });
   const params = dpoParamsFrom(o, DEFAULT_DPO_STAGE.dpo);
   const ctx = p.model.cfg.max_position_embeddings;
-  const { pairs, skipped } = loadPrefs(o.data, p.tok, p.model.cfg.vocab_size, { maxLength: o.maxLength ?? ctx, maxPromptLength: o.maxPromptLength ?? ctx, strict: false, allowIdentical: true });
+  const shape = pairSettingsFrom(o, { ...DEFAULT_DPO_STAGE, maxLength: ctx, maxPromptLength: ctx, batchSize: 4 }, 'flags');
+  const { pairs, skipped } = loadPrefs(o.data, p.tok, p.model.cfg.vocab_size, { maxLength: shape.maxLength, maxPromptLength: shape.maxPromptLength, strict: false, allowIdentical: true });
   if (!pairs.length) throw new UserError(`${o.data}: no usable rows (${JSON.stringify(skipped)})`);
-  const bs = o.batchSize ?? 4;
+  const bs = shape.batchSize;
   let ref: { chosen: number[]; rejected: number[] };
   if (o.refModel) {
     const r = loadModel(o.refModel);

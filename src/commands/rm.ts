@@ -4,6 +4,7 @@ import { makeScorer } from '../../rm/spec.js';
 import { Prompt } from '../../rm/scorer.js';
 import { readJsonl, toJsonl } from '../data/jsonl.js';
 import { isMessages } from '../data/encode.js';
+import { pairSettingsFrom } from '../data/prefs.js';
 import { UserError } from '../util/errors.js';
 import { writeFileAtomic } from '../util/fsutil.js';
 import { log } from '../util/log.js';
@@ -16,12 +17,8 @@ export async function rmTrainCmd(o: Record<string, any>, train: TrainConfig): Pr
     data: o.data,
     out: o.out,
     evalData: o.evalData,
-    evalRatio: o.evalRatio ?? DEFAULT_RM.evalRatio,
+    ...pairSettingsFrom(o, DEFAULT_RM, 'flags'),
     lora: o.lora ? loraFrom(o) : null,
-    batchSize: o.batchSize ?? DEFAULT_RM.batchSize,
-    maxLength: o.maxLength ?? DEFAULT_RM.maxLength,
-    maxPromptLength: o.maxPromptLength ?? DEFAULT_RM.maxPromptLength,
-    strict: !!o.strict,
     resume: !!o.resume,
     train,
   });

@@ -2,6 +2,7 @@ import { TextTokenizer } from '../tokenizer/tokenizer.js';
 import { Message, ROLES } from '../tokenizer/chat.js';
 import { UserError } from '../util/errors.js';
 import { readRecords } from './jsonl.js';
+import { OptionRow, bool, firstViolation, int, num, valuesFrom } from '../util/schema.js';
 import { checkIds, completionText, encodePair, isMessages, promptText } from './encode.js';
 
 /**
@@ -116,4 +117,34 @@ export function loadPrefs(file: string, tok: TextTokenizer | null, vocab: number
     pairs.push({ prompt: p.prompt, chosen: p.chosen.slice(0, room), rejected: p.rejected.slice(0, room), where, margin: p.margin });
   }
   return { pairs, skipped };
+}
+
+/** How a stage that trains on pairs (dpo, rm_train; online for the shape rows) reads and batches them. */
+export interface PairSettings {
+  evalRatio: number;
+  maxLength: number;
+  maxPromptLength: number;
+  batchSize: number;
+  strict: boolean;
+}
+
+/** The length and batch rows, which evaluation and the online rounds share. */
+export const PAIR_SHAPE_OPTIONS: OptionRow<'maxLength' | 'maxPromptLength' | 'batchSize'>[] = [
+  { key: 'maxLength', field: 'max_length', spec: int({ min: 2 }), help: 'prompt + completion tokens at most' },
+  { key: 'maxPromptLength', field: 'max_prompt_length', spec: int({ min: 1 }), help: 'prompt tokens at most (longer prompts are skipped)' },
+  { key: 'batchSize', field: 'batch_size', spec: int({ min: 1 }), help: 'pairs per micro-batch' },
+];
+
+export const PAIR_OPTIONS: OptionRow<keyof PairSettings>[] = [
+  { key: 'evalRatio', field: 'eval_ratio', spec: num({ min: 0, max: 0.9 }), help: 'fraction of the pairs held out for evaluation when no eval data is given' },
+  ...PAIR_SHAPE_OPTIONS,
+  { key: 'strict', field: 'strict', spec: bool, help: 'unusable rows are errors instead of being skipped and counted' },
+];
+
+/** A stage's pair settings from CLI flags or recipe fields over its defaults, range-checked. */
+export function pairSettingsFrom(o: Record<string, any>, base: PairSettings, from: 'flags' | 'recipe', where = ''): PairSettings {
+  const s = valuesFrom(PAIR_OPTIONS, o, { evalRatio: base.evalRatio, maxLength: base.maxLength, maxPromptLength: base.maxPromptLength, batchSize: base.batchSize, strict: base.strict }, from);
+  const bad = firstViolation(PAIR_OPTIONS, s);
+  if (bad) throw new UserError(`${where}${bad}`);
+  return s;
 }

@@ -12,6 +12,7 @@ import { ARCHS } from '../model/config.js';
 import { LORA_OPTIONS } from '../lora/lora.js';
 import { ONLINE_OPTIONS } from '../stages/online.js';
 import { SFT_OPTIONS } from '../stages/sft.js';
+import { PAIR_OPTIONS, PAIR_SHAPE_OPTIONS } from '../data/prefs.js';
 import { SAMPLING_OPTIONS } from '../infer/sampling.js';
 import { GGUF_OPTIONS } from '../gguf/export.js';
 
@@ -22,13 +23,7 @@ import { GGUF_OPTIONS } from '../gguf/export.js';
  */
 const train = TRAIN_SCHEMA;
 const lora = obj(fieldsOf(LORA_OPTIONS));
-const dpoFields: Record<string, Spec> = {
-  ...fieldsOf(DPO_OPTIONS),
-  max_length: int({ min: 2 }),
-  max_prompt_length: int({ min: 1 }),
-  batch_size: int({ min: 1 }),
-  lora,
-};
+const dpoFields: Record<string, Spec> = { ...fieldsOf(DPO_OPTIONS), ...fieldsOf(PAIR_SHAPE_OPTIONS), lora };
 
 /**
  * Each stage type's recipe schema, the fields that name other stages' outputs, and the option
@@ -45,14 +40,14 @@ export const STAGE_SPECS: Record<string, { spec: Spec; refs: string[]; tables?: 
     tables: [SFT_OPTIONS, TRAIN_OPTIONS],
   },
   dpo: {
-    spec: obj({ name: str(), type: str(), model: str(), data: str(), eval_data: str(), eval_ratio: num({ min: 0, max: 0.9 }), ref_model: str(), adapter: str(), strict: bool, ...dpoFields, ...train }, ['name', 'type', 'model', 'data']),
+    spec: obj({ name: str(), type: str(), model: str(), data: str(), eval_data: str(), ref_model: str(), adapter: str(), ...fieldsOf(PAIR_OPTIONS), ...dpoFields, ...train }, ['name', 'type', 'model', 'data']),
     refs: ['model', 'ref_model', 'adapter'],
-    tables: [DPO_OPTIONS, TRAIN_OPTIONS],
+    tables: [PAIR_OPTIONS, DPO_OPTIONS, TRAIN_OPTIONS],
   },
   rm_train: {
-    spec: obj({ name: str(), type: str(), model: str(), data: str(), eval_data: str(), eval_ratio: num({ min: 0, max: 0.9 }), lora, batch_size: int({ min: 1 }), max_length: int({ min: 2 }), max_prompt_length: int({ min: 1 }), strict: bool, ...train }, ['name', 'type', 'model', 'data']),
+    spec: obj({ name: str(), type: str(), model: str(), data: str(), eval_data: str(), ...fieldsOf(PAIR_OPTIONS), lora, ...train }, ['name', 'type', 'model', 'data']),
     refs: ['model'],
-    tables: [TRAIN_OPTIONS],
+    tables: [PAIR_OPTIONS, TRAIN_OPTIONS],
   },
   online_dpo: {
     spec: obj(

@@ -17,6 +17,7 @@ import { evaluatePolicy } from '../stages/evaluate.js';
 import { openPolicy, stopIdsOf, needTokenizer } from '../model/policy.js';
 import { LoraAdapter, DEFAULT_LORA, attach } from '../lora/lora.js';
 import { loadPrompts } from '../data/prompts.js';
+import { pairSettingsFrom } from '../data/prefs.js';
 import { makeScorer } from '../../rm/spec.js';
 import { UserError } from '../util/errors.js';
 import { dpoParamsFrom } from '../commands/dpo.js';
@@ -225,15 +226,11 @@ export class RecipeRunner {
       data: this.file(st.data),
       out,
       evalData: st.eval_data ? this.file(st.eval_data) : undefined,
-      evalRatio: st.eval_ratio ?? DEFAULT_DPO_STAGE.evalRatio,
+      ...pairSettingsFrom(st, DEFAULT_DPO_STAGE, 'recipe', `stage ${st.name}: `),
       refModel: st.ref_model ? this.resolve(st.ref_model) : undefined,
       adapter: st.adapter ? this.resolve(st.adapter) : m.adapter,
       dpo: dpoParamsFrom(st, DEFAULT_DPO_STAGE.dpo, 'recipe', `stage ${st.name}: `),
       lora: loraFrom(st.lora ?? {}, DEFAULT_LORA, 'recipe', `stage ${st.name}: `),
-      maxLength: st.max_length ?? DEFAULT_DPO_STAGE.maxLength,
-      maxPromptLength: st.max_prompt_length ?? DEFAULT_DPO_STAGE.maxPromptLength,
-      strict: st.strict ?? false,
-      batchSize: st.batch_size ?? DEFAULT_DPO_STAGE.batchSize,
       train: trainFrom(st, DEFAULT_DPO_STAGE.train, seed),
       cacheDb: this.db.name,
       resume,
@@ -251,12 +248,8 @@ export class RecipeRunner {
       data: this.file(st.data),
       out,
       evalData: st.eval_data ? this.file(st.eval_data) : undefined,
-      evalRatio: st.eval_ratio ?? DEFAULT_RM.evalRatio,
+      ...pairSettingsFrom(st, DEFAULT_RM, 'recipe', `stage ${st.name}: `),
       lora: st.lora ? loraFrom(st.lora, DEFAULT_LORA, 'recipe', `stage ${st.name}: `) : null,
-      batchSize: st.batch_size ?? DEFAULT_RM.batchSize,
-      maxLength: st.max_length ?? DEFAULT_RM.maxLength,
-      maxPromptLength: st.max_prompt_length ?? DEFAULT_RM.maxPromptLength,
-      strict: st.strict ?? false,
       resume,
       train: trainFrom(st, DEFAULT_RM.train, seed),
     });

@@ -10,7 +10,7 @@ import { ensureRun, ensureStage, getMetrics, logEvent, putMetrics, setStage } fr
 import { Policy, needTokenizer, openPolicy, stopIdsOf } from '../model/policy.js';
 import { DEFAULT_LORA, LoraAdapter, LoraConfig, attach, withAdapterOff } from '../lora/lora.js';
 import { DEFAULT_DPO, DpoParams } from '../dpo/loss.js';
-import { PrefPair } from '../data/prefs.js';
+import { PAIR_SHAPE_OPTIONS, PrefPair } from '../data/prefs.js';
 import { PromptItem, loadPrompts, rowMessages } from '../data/prompts.js';
 import { completionLogprobs } from '../infer/logprobs.js';
 import { DEFAULT_SAMPLING, SAMPLING_OPTIONS, validateSampling } from '../infer/sampling.js';
@@ -127,9 +127,7 @@ export const ONLINE_OPTIONS: OptionRow<keyof OnlineSettings>[] = [
   { key: 'reference', field: 'reference', spec: str(['sft', 'previous']), help: 'sft (fixed) | previous (last round’s policy)' },
   { key: 'maxNewTokens', field: 'max_new_tokens', spec: int({ min: 1 }), help: `sampled tokens at most (default ${DEFAULT_ONLINE.sampling.maxNewTokens})` },
   { key: 'evalMaxNewTokens', field: 'eval_max_new_tokens', spec: int({ min: 1 }), help: `tokens at most in the held-out evaluation (default ${DEFAULT_ONLINE.evalMaxNewTokens})` },
-  { key: 'maxLength', field: 'max_length', spec: int({ min: 2 }), help: 'prompt + completion tokens at most' },
-  { key: 'maxPromptLength', field: 'max_prompt_length', spec: int({ min: 1 }), help: 'prompt tokens at most (longer prompts are skipped)' },
-  { key: 'batchSize', field: 'batch_size', spec: int({ min: 1 }), help: 'pairs per micro-batch' },
+  ...PAIR_SHAPE_OPTIONS,
 ];
 
 /** The flat settings of a config (the inverse of onlineSettingsFrom's reshaping). */
