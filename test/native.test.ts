@@ -2,7 +2,7 @@ import { describe, expect, it } from 'vitest';
 import { spawnSync } from 'node:child_process';
 import * as path from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
-import { loadNative, nativeMatmul, nativeMatmulActive } from '../src/engine/native.js';
+import { hostMatmul, loadNative, nativeMatmul, nativeMatmulActive } from '../src/engine/native.js';
 import { Rng } from '../src/util/rng.js';
 
 /** float64 reference: C[b] = op(A[b])·op(B[b]). */
@@ -31,6 +31,22 @@ const hasCompiler = spawnSync('g++', ['--version']).status === 0;
 const native = loadNative();
 
 describe('native matmul', () => {
+  it('hostMatmul (the adapter fold of merge-lora and export-gguf) equals a float64 product, odd shapes included', () => {
+    const rng = new Rng(5);
+    for (const [m, k, n] of [[1, 1, 1], [37, 16, 53], [130, 3, 7]]) {
+      const a = Float32Array.from({ length: m * k }, () => rng.normal());
+      const b = Float32Array.from({ length: k * n }, () => rng.normal());
+      const c = hostMatmul(a, b, m, k, n);
+      for (let i = 0; i < m; i++) {
+        for (let t = 0; t < n; t++) {
+          let want = 0;
+          for (let j = 0; j < k; j++) want += a[i * k + j] * b[j * n + t];
+          expect(Math.abs(c[i * n + t] - want)).toBeLessThan(1e-5 * (1 + Math.abs(want)) * k);
+        }
+      }
+    }
+  });
+
   it('is built at install wherever a C++ compiler exists', () => {
     if (!hasCompiler) return console.log(`no g++ here: ${native.reason}`);
     expect(native.active, native.reason).toBe(true);

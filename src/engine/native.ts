@@ -63,6 +63,23 @@ export function nativeMatmul(ta: boolean, tb: boolean, batch: number, m: number,
   addon.matmul(ta, tb, batch, m, n, k, a, sa, b, sb, c, useBlas);
 }
 
+/** A·B for row-major A [m, k] and B [k, n]: the addon's kernel when it is loaded, plain loops otherwise. */
+export function hostMatmul(a: Float32Array, b: Float32Array, m: number, k: number, n: number): Float32Array {
+  const c = new Float32Array(m * n);
+  if (loadNative().active && addon) {
+    addon.matmul(false, false, 1, m, n, k, a, 0, b, 0, c, true);
+    return c;
+  }
+  for (let i = 0; i < m; i++) {
+    for (let j = 0; j < k; j++) {
+      const x = a[i * k + j];
+      if (x === 0) continue;
+      for (let t = 0; t < n; t++) c[i * n + t] += x * b[j * n + t];
+    }
+  }
+  return c;
+}
+
 /** aᵀ for a [rows, cols] (row-major), on every core when the addon is loaded. */
 export function transpose2d(a: Float32Array, rows: number, cols: number): Float32Array {
   const out = new Float32Array(a.length);

@@ -6,6 +6,7 @@ import { DType, SafetensorsFile, dtypeFromName, readTensor } from '../io/safeten
 import { loraScale, readPeftAdapter } from '../lora/lora.js';
 import { writeDirAtomic } from '../util/fsutil.js';
 import { UserError } from '../util/errors.js';
+import { hostMatmul } from '../engine/native.js';
 import { Rng } from '../util/rng.js';
 import { readText } from '../data/jsonl.js';
 import { MERGE_METHODS } from './methods.js';
@@ -54,14 +55,9 @@ export class HostAdapter {
     const A = readTensor(this.st, k.A); // [r, in]
     const B = readTensor(this.st, k.B); // [out, r]
     if (A.length !== this.r * inp || B.length !== out * this.r) throw new UserError(`${this.dir}: adapter for "${mod}" does not fit its shape [${shape}]`);
-    const res = new Float32Array(w.length);
-    for (let o = 0; o < out; o++) {
-      for (let i = 0; i < inp; i++) {
-        let s = 0;
-        for (let j = 0; j < this.r; j++) s += B[o * this.r + j] * A[j * inp + i];
-        res[o * inp + i] = w[o * inp + i] + this.scale * s;
-      }
-    }
+    // B·A through the native kernel rather than a JavaScript triple loop: the product is most of the fold's work.
+    const res = hostMatmul(B, A, out, this.r, inp);
+    for (let i = 0; i < res.length; i++) res[i] = w[i] + this.scale * res[i];
     return res;
   }
 }
