@@ -3,6 +3,7 @@ import * as path from 'node:path';
 import { ModelConfig } from '../model/config.js';
 import { SPLIT_PATTERN, SPLIT_PATTERN_GROUPED_DIGITS } from '../tokenizer/bpe.js';
 import { ZHINAO_CHAT_TEMPLATE } from '../tokenizer/chat.js';
+import { ownChatTemplate, tokenString } from '../tokenizer/tokenizer.js';
 import { UserError } from '../util/errors.js';
 import { readJson } from '../util/fsutil.js';
 import { MetaValue, bool, str, u32 } from './format.js';
@@ -48,13 +49,6 @@ function splitRegex(pre: any): string | null {
   return bl && bl.use_regex !== false ? GPT2 : null;
 }
 
-/** Token text in the form HF's tokenizer_config writes special tokens: a string or {content}. */
-function tokenText(v: any): string | null {
-  if (typeof v === 'string') return v;
-  if (v && typeof v.content === 'string') return v.content;
-  return null;
-}
-
 /** Tokens transformers' converter treats as control tokens even when not marked special. */
 function looksSpecial(t: string): boolean {
   return ['<pad>', '<mask>'].includes(t) || (t.startsWith('<|') && t.endsWith('|>')) || (t.startsWith('<unused') && t.endsWith('>'));
@@ -97,8 +91,8 @@ export function tokenizerMetadata(dir: string, cfg: ModelConfig, opts: VocabOpti
   const merges = (model.merges ?? []).map((m: any) => (Array.isArray(m) ? m.join(' ') : String(m)));
 
   const idOf = (v: any): number | null => {
-    const t = tokenText(v);
-    if (t === null) return null;
+    const t = tokenString(v);
+    if (!t) return null;
     const i = filled.indexOf(t);
     return i >= 0 ? i : null;
   };
@@ -118,8 +112,8 @@ export function tokenizerMetadata(dir: string, cfg: ModelConfig, opts: VocabOpti
   for (const [k, id] of special) if (id !== null) meta.push([`tokenizer.ggml.${k}_token_id`, u32(id)]);
   const addBos = addsBos(json, tcfg);
   if (addBos !== null) meta.push(['tokenizer.ggml.add_bos_token', bool(addBos)]);
-  const template = chatTemplateOf(tcfg);
-  if (template) meta.push(['tokenizer.chat_template', str(template)]);
+  // The template prefopt renders chats with, so llama.cpp's prompts are prefopt's.
+  meta.push(['tokenizer.chat_template', str(ownChatTemplate(tcfg) ?? ZHINAO_CHAT_TEMPLATE)]);
   return meta;
 }
 
@@ -130,12 +124,4 @@ function addsBos(json: any, tcfg: any): boolean | null {
   const tp = posts.find((p) => p?.type === 'TemplateProcessing');
   if (!tp) return null;
   return !!tp.single?.[0]?.SpecialToken;
-}
-
-/** The template prefopt renders chats with: the checkpoint's own, else the built-in format. */
-export function chatTemplateOf(tcfg: any): string {
-  const t = tcfg.chat_template;
-  if (typeof t === 'string') return t;
-  if (Array.isArray(t)) return t.find((x: any) => x?.name === 'default')?.template ?? ZHINAO_CHAT_TEMPLATE;
-  return ZHINAO_CHAT_TEMPLATE;
 }

@@ -29,7 +29,7 @@ export class TextTokenizer implements ChatRenderer {
     } catch (e: any) {
       throw new UserError(`${path.join(dir, 'tokenizer.json')}: cannot build a tokenizer (${e.message})`);
     }
-    const tpl = typeof config.chat_template === 'string' ? config.chat_template : null;
+    const tpl = ownChatTemplate(config);
     try {
       this.template = tpl ? new Template(tpl) : null;
       if (tpl && GENERATION_TAG.test(tpl)) this.generationTemplate = new Template(markGeneration(tpl));
@@ -77,8 +77,8 @@ export class TextTokenizer implements ChatRenderer {
    * SFT then keeps the seed's labels (data/conversations); any other template labels by its renders.
    */
   get builtinFormat(): boolean {
-    const tpl = this.config.chat_template;
-    return typeof tpl !== 'string' || tpl === ZHINAO_CHAT_TEMPLATE;
+    const tpl = ownChatTemplate(this.config);
+    return tpl === null || tpl === ZHINAO_CHAT_TEMPLATE;
   }
 
   /**
@@ -221,7 +221,13 @@ export function markGeneration(src: string): string {
   });
 }
 
-function tokenString(t: any): string {
+/** A tokenizer_config.json's own chat template (a string), or null: chats then use the built-in format. */
+export function ownChatTemplate(config: any): string | null {
+  return typeof config.chat_template === 'string' ? config.chat_template : null;
+}
+
+/** A special token as tokenizer_config.json writes it, a string or {content}; '' when absent. */
+export function tokenString(t: any): string {
   if (typeof t === 'string') return t;
   if (t && typeof t.content === 'string') return t.content;
   return '';
