@@ -66,6 +66,9 @@ async function checkpointDir(): Promise<string> {
   return dir;
 }
 
+/** The sampling prompt both generate jobs (prefopt's and llama.cpp's) continue. */
+const samplePrompt = () => Array.from(rows(1, 0).ids).slice(0, PROMPT);
+
 function rows(n: number, scoredFrom: number): ReturnType<typeof makeBatch> {
   const rng = new Rng(1);
   return makeBatch(Array.from({ length: n }, () => {
@@ -99,7 +102,7 @@ async function child(job: Job, dir: string): Promise<JobResult> {
     tokens = 2 * (PROMPT + COMPLETION);
     f = () => void tf.tidy(() => sequenceLogps(m, sb)).dataSync();
   } else {
-    const prompt = Array.from(rows(1, 0).ids).slice(0, PROMPT);
+    const prompt = samplePrompt();
     tokens = 4 * 64;
     f = () => void generate(m, [{ prompt, seeds: [1, 2, 3, 4] }], { ...DEFAULT_SAMPLING, maxNewTokens: 64, stopIds: [] });
   }
@@ -126,7 +129,7 @@ async function llamaChild(gguf: string): Promise<JobResult> {
   const load = (performance.now() - t0) / 1000;
   // Threads named: left to node-llama-cpp, a context here waited ~0.3 s per token for them.
   const ctx = await model.createContext({ contextSize: 4 * 256, sequences: 4, threads: llama.cpuMathCores });
-  const prompt = Array.from(rows(1, 0).ids).slice(0, PROMPT);
+  const prompt = samplePrompt();
   const seqs = [0, 1, 2, 3].map(() => ctx.getSequence());
   const sample = (n: number, seed: number) =>
     Promise.all(seqs.map(async (seq, k) => {

@@ -1,5 +1,5 @@
 import * as path from 'node:path';
-import { openCheckpoint } from '../io/checkpoint.js';
+import { checkShapes } from '../io/checkpoint.js';
 import { readTensor } from '../io/safetensors.js';
 import { ModelInput } from '../merge/merge.js';
 import { expectedShapes, ModelConfig } from '../model/config.js';
@@ -77,9 +77,12 @@ export async function exportGguf(o: GgufExportOptions): Promise<GgufExportResult
   if (bad) throw new UserError(bad);
   const dtype = o.dtype;
   if (o.loraOnly && !o.adapter) throw new UserError('--lora-only needs --adapter');
-  const { cfg } = openCheckpoint(o.model);
+  // The checkpoint's headers are read once; a folded-in adapter is read with them.
+  const input = new ModelInput(o.model, o.model, o.loraOnly ? undefined : o.adapter);
+  checkShapes(o.model, input.cfg, input.src);
+  const cfg = input.cfg;
   const arch = ggufArchOf(cfg, o.model);
-  const { meta, tensors } = o.loraOnly ? loraFile(cfg, arch, o.model, o.adapter!, dtype) : modelFile(cfg, arch, o, dtype);
+  const { meta, tensors } = o.loraOnly ? loraFile(cfg, arch, o.model, o.adapter!, dtype) : modelFile(input, arch, o, dtype);
   const bar = new Progress('export-gguf', tensors.length);
   const bytes = await writeGguf(o.out, meta, tensors, (i) => bar.tick(i + 1));
   bar.done();
@@ -87,8 +90,8 @@ export async function exportGguf(o: GgufExportOptions): Promise<GgufExportResult
 }
 
 /** The model's tensors through their plan; one source tensor is kept while its parts are written. */
-function modelFile(cfg: ModelConfig, arch: GgufArch, o: GgufExportOptions, dtype: GgufDtype): { meta: [string, MetaValue][]; tensors: GgufTensor[] } {
-  const input = new ModelInput(o.model, o.model, o.adapter);
+function modelFile(input: ModelInput, arch: GgufArch, o: GgufExportOptions, dtype: GgufDtype): { meta: [string, MetaValue][]; tensors: GgufTensor[] } {
+  const cfg = input.cfg;
   const shapes = expectedShapes(cfg);
   let cached: { name: string; data: Float32Array } | null = null;
   const read = (name: string) => {

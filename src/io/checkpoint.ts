@@ -88,6 +88,12 @@ export function loadConfig(dir: string): ModelConfig {
 export function openCheckpoint(dir: string): { cfg: ModelConfig; src: TensorSource } {
   const cfg = loadConfig(dir);
   const src = TensorSource.open(dir);
+  checkShapes(dir, cfg, src);
+  return { cfg, src };
+}
+
+/** Every tensor config.json implies is in `src`, with that shape, or a UserError naming it. */
+export function checkShapes(dir: string, cfg: ModelConfig, src: TensorSource): void {
   for (const [name, shape] of expectedShapes(cfg)) {
     if (!src.has(name)) throw new UserError(`${dir}: missing tensor "${name}" (config.json says ${cfg.arch} with ${cfg.num_hidden_layers} layers)`);
     const got = src.shape(name);
@@ -95,7 +101,6 @@ export function openCheckpoint(dir: string): { cfg: ModelConfig; src: TensorSour
       throw new UserError(`${src.fileOf(name)}: tensor "${name}" has shape [${got}] but config.json implies [${shape}]`);
     }
   }
-  return { cfg, src };
 }
 
 export function checkFinite(name: string, file: string, data: Float32Array): void {

@@ -2,6 +2,7 @@ import * as v8 from 'node:v8';
 import * as vm from 'node:vm';
 import YAML from 'yaml';
 import { TensorSource, loadConfig, writeCheckpointFiles } from '../io/checkpoint.js';
+import type { ModelConfig } from '../model/config.js';
 import { DType, SafetensorsFile, dtypeFromName, readTensor } from '../io/safetensors.js';
 import { loraScale, readPeftAdapter } from '../lora/lora.js';
 import { writeDirAtomic } from '../util/fsutil.js';
@@ -66,14 +67,15 @@ export class HostAdapter {
 export class ModelInput {
   readonly src: TensorSource;
   readonly adapter: HostAdapter | null;
+  readonly cfg: ModelConfig;
   readonly raw: Record<string, any>;
   constructor(
     readonly label: string,
     readonly dir: string,
     adapterDir?: string,
   ) {
-    const cfg = loadConfig(dir);
-    this.raw = cfg.raw;
+    this.cfg = loadConfig(dir);
+    this.raw = this.cfg.raw;
     this.src = TensorSource.open(dir);
     this.adapter = adapterDir ? new HostAdapter(adapterDir) : null;
     for (const m of this.adapter?.modules() ?? []) {
