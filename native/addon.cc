@@ -25,7 +25,7 @@ namespace {
 class Args {
  public:
   Args(napi_env env, napi_callback_info info, size_t want, const char* fn) : env_(env), fn_(fn) {
-    size_t argc = 16;
+    size_t argc = 20;
     napi_get_cb_info(env, info, &argc, argv_, nullptr, nullptr);
     if (argc < want) fail("wrong number of arguments", napi_throw_type_error);
   }
@@ -72,6 +72,17 @@ class Args {
     return n;
   }
   int32_t* i32(int i, int64_t need, const char* what) { return static_cast<int32_t*>(array(i, need, what, napi_int32_array, "Int32Array")); }
+  // A storage type (argument i: 0 float32, 1 bf16, 2 f16).
+  Dt dtype(int i) {
+    int64_t d = num(i);
+    if (ok_ && d > 2) fail("a dtype code is not 0 (float32), 1 (bf16) or 2 (f16)", napi_throw_range_error);
+    return (Dt)d;
+  }
+  // A weight of `need` values stored as `dt`: a Float32Array, or a Uint16Array of 16-bit bits.
+  const void* weight(int i, int64_t need, Dt dt, const char* what) {
+    if (dt == kF32) return f32(i, need, what);
+    return array(i, need, what, napi_uint16_array, "Uint16Array");
+  }
   // A condition on the shapes; false throws `msg` (a RangeError naming the function).
   bool require(bool cond, const char* msg) {
     if (ok_ && !cond) fail(msg, napi_throw_range_error);
@@ -104,7 +115,7 @@ class Args {
   }
   napi_env env_;
   const char* fn_;
-  napi_value argv_[16];
+  napi_value argv_[20];
   bool ok_ = true;
 };
 
@@ -120,36 +131,67 @@ napi_value Matmul(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
-// What both directions of a LoRA layer read: sizes (arguments 0–3), xd, w, a, b (5–8) and the
-// scale (at `scale_at`); argument 4 is x forward and dy backward.
-LoraLayer lora_layer(Args& a, int scale_at) {
-  LoraDims d{a.num(0), a.num(1), a.num(2), a.num(3)};
-  return LoraLayer{d, a.f32(5, d.M * d.in, "xd"), a.f32(6, d.in * d.out, "w"), a.f32(7, d.in * d.r, "a"), a.f32(8, d.r * d.out, "b"), (float)a.real(scale_at)};
+// matmulWeight(tb, M, N, K, A, B, bdt, C): C [M, N] = A·op(B) for a weight B stored as bdt (a
+// Float32Array, or a Uint16Array of bf16/f16 bits), on the built-in kernel.
+napi_value MatmulWeight(napi_env env, napi_callback_info info) {
+  Args a(env, info, 8, "matmulWeight");
+  bool tb = a.flag(0);
+  int64_t M = a.num(1), N = a.num(2), K = a.num(3);
+  Dt dt = a.dtype(6);
+  const float* A = a.f32(4, M * K, "A");
+  const void* B = a.weight(5, K * N, dt, "B");
+  float* C = a.f32(7, M * N, "C");
+  if (a.ok()) matmul2(M, N, DenseTerm{false, tb, K, A, B, dt}, DenseTerm{false, false, 0, nullptr, nullptr}, C);
+  return nullptr;
 }
 
-// loraForward(M, in, out, r, x, xd, w, a, b, scale, y, u, bias | null)
+// widen(src, n, dt, out): a Uint16Array of bf16 (dt 1) or f16 (dt 2) bits into a Float32Array.
+napi_value Widen(napi_env env, napi_callback_info info) {
+  Args a(env, info, 4, "widen");
+  int64_t n = a.num(1);
+  Dt dt = a.dtype(2);
+  a.require(dt != kF32, "dt must be 1 (bf16) or 2 (f16)");
+  const void* src = a.weight(0, n, dt, "src");
+  float* out = a.f32(3, n, "out");
+  if (a.ok()) widen(static_cast<const uint16_t*>(src), n, dt, out);
+  return nullptr;
+}
+
+// What both directions of a LoRA layer read: sizes (arguments 0–3), xd, w, a, b (5–8), the
+// scale (at `scale_at`) and W's storage after it (dtype code, and whether it is the file's
+// [out, in]); argument 4 is x forward and dy backward.
+LoraLayer lora_layer(Args& a, int scale_at) {
+  LoraDims d{a.num(0), a.num(1), a.num(2), a.num(3)};
+  Dt dt = a.dtype(scale_at + 1);
+  LoraLayer l{d, a.f32(5, d.M * d.in, "xd"), a.weight(6, d.in * d.out, dt, "w"), a.f32(7, d.in * d.r, "a"), a.f32(8, d.r * d.out, "b"), (float)a.real(scale_at)};
+  l.wdt = dt;
+  l.hf = a.flag(scale_at + 2);
+  return l;
+}
+
+// loraForward(M, in, out, r, x, xd, w, a, b, scale, wdt, whf, y, u, bias | null)
 napi_value LoraForward(napi_env env, napi_callback_info info) {
-  Args a(env, info, 13, "loraForward");
+  Args a(env, info, 15, "loraForward");
   LoraLayer l = lora_layer(a, 9);
   const float* x = a.f32(4, l.d.M * l.d.in, "x");
-  float* y = a.f32(10, l.d.M * l.d.out, "y");
-  float* u = a.f32(11, l.d.M * l.d.r, "u");
-  const float* bias = a.f32_or_null(12, l.d.out, "bias");
+  float* y = a.f32(12, l.d.M * l.d.out, "y");
+  float* u = a.f32(13, l.d.M * l.d.r, "u");
+  const float* bias = a.f32_or_null(14, l.d.out, "bias");
   if (a.ok()) lora_forward(l, x, y, u, bias);
   return nullptr;
 }
 
-// loraBackward(M, in, out, r, dy, xd, w, a, b, u, scale, dx, dxd | null, da, db)
+// loraBackward(M, in, out, r, dy, xd, w, a, b, u, scale, wdt, whf, dx, dxd | null, da, db)
 napi_value LoraBackward(napi_env env, napi_callback_info info) {
-  Args a(env, info, 15, "loraBackward");
+  Args a(env, info, 17, "loraBackward");
   LoraLayer l = lora_layer(a, 10);
   const LoraDims& d = l.d;
   const float* dy = a.f32(4, d.M * d.out, "dy");
   const float* u = a.f32(9, d.M * d.r, "u");
-  float* dx = a.f32(11, d.M * d.in, "dx");
-  float* dxd = a.f32_or_null(12, d.M * d.in, "dxd");
-  float* da = a.f32(13, d.in * d.r, "da");
-  float* db = a.f32(14, d.r * d.out, "db");
+  float* dx = a.f32(13, d.M * d.in, "dx");
+  float* dxd = a.f32_or_null(14, d.M * d.in, "dxd");
+  float* da = a.f32(15, d.in * d.r, "da");
+  float* db = a.f32(16, d.r * d.out, "db");
   if (a.ok()) lora_backward(l, dy, u, dx, dxd, da, db);
   return nullptr;
 }
@@ -246,13 +288,14 @@ napi_value Transpose(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
-// firstNonFinite(x, n) → index or −1
+// firstNonFinite(x, n, dt) → index or −1; x a Float32Array, or 16-bit bits as dt says.
 napi_value FirstNonFinite(napi_env env, napi_callback_info info) {
-  Args a(env, info, 2, "firstNonFinite");
+  Args a(env, info, 3, "firstNonFinite");
   int64_t n = a.num(1);
-  const float* x = a.f32(0, n, "x");
+  Dt dt = a.dtype(2);
+  const void* x = a.weight(0, n, dt, "x");
   napi_value r;
-  napi_create_double(env, a.ok() ? (double)first_non_finite(x, n) : -1.0, &r);
+  napi_create_double(env, a.ok() ? (double)first_non_finite(x, dt, n) : -1.0, &r);
   return r;
 }
 
@@ -346,14 +389,15 @@ bool ids_in_range(napi_env env, const int32_t* ids, int64_t N, int64_t V) {
   return true;
 }
 
-// embed(table, V, D, ids, N, out)
+// embed(table, V, D, ids, N, out, dt): the table a Float32Array, or 16-bit bits as dt says.
 napi_value Embed(napi_env env, napi_callback_info info) {
-  Args a(env, info, 6, "embed");
+  Args a(env, info, 7, "embed");
   int64_t V = a.num(1), D = a.num(2), N = a.num(4);
-  const float* table = a.f32(0, V * D, "table");
+  Dt dt = a.dtype(6);
+  const void* table = a.weight(0, V * D, dt, "table");
   const int32_t* ids = a.i32(3, N, "ids");
   float* out = a.f32(5, N * D, "out");
-  if (a.ok() && ids_in_range(env, ids, N, V)) embed(table, D, ids, N, out);
+  if (a.ok() && ids_in_range(env, ids, N, V)) embed(table, dt, D, ids, N, out);
   return nullptr;
 }
 
@@ -461,6 +505,8 @@ napi_value Init(napi_env env, napi_value exports) {
   if (!builtin_only && ((want && *want) || g_isa == kPortable)) open_blas(want);
   napi_property_descriptor props[] = {
       {"matmul", nullptr, Matmul, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"matmulWeight", nullptr, MatmulWeight, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"widen", nullptr, Widen, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"loraForward", nullptr, LoraForward, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"loraBackward", nullptr, LoraBackward, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"labelLogProbs", nullptr, LabelLogProbs, nullptr, nullptr, nullptr, napi_default, nullptr},

@@ -624,9 +624,13 @@ void split_qkv(float* qkv, int64_t N, int64_t KV, int64_t G, int64_t hd, float* 
   });
 }
 
-void embed(const float* table, int64_t D, const int32_t* ids, int64_t N, float* out) {
+void embed(const void* table, Dt dt, int64_t D, const int32_t* ids, int64_t N, float* out) {
   parallel((int)N, threads_for(N * D), [&](int r0, int r1) {
-    for (int r = r0; r < r1; r++) std::copy(table + (int64_t)ids[r] * D, table + (int64_t)(ids[r] + 1) * D, out + (int64_t)r * D);
+    for (int r = r0; r < r1; r++) {
+      int64_t at = (int64_t)ids[r] * D;
+      if (dt == kF32) std::copy(static_cast<const float*>(table) + at, static_cast<const float*>(table) + at + D, out + (int64_t)r * D);
+      else widen(static_cast<const uint16_t*>(table) + at, D, dt, out + (int64_t)r * D);
+    }
   });
 }
 
@@ -730,12 +734,14 @@ void transpose(const float* a, int64_t rows, int64_t cols, float* out) {
   });
 }
 
-int64_t first_non_finite(const float* x, int64_t n) {
+int64_t first_non_finite(const void* x, Dt dt, int64_t n) {
   int64_t chunks = (n + kChunk - 1) / kChunk;
   std::vector<int64_t> first(chunks, -1);
+  // A 16-bit value is NaN or ±Inf when its exponent bits are all ones.
+  const uint16_t all_ones = dt == kBF16 ? 0x7f80 : 0x7c00;
   for_chunks(n, [&](int64_t c, int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; i++)
-      if (!std::isfinite(x[i])) {
+      if (dt == kF32 ? !std::isfinite(static_cast<const float*>(x)[i]) : (static_cast<const uint16_t*>(x)[i] & all_ones) == all_ones) {
         first[c] = i;
         return;
       }

@@ -37,6 +37,57 @@ Isa detect_isa() {
 
 const char* isa_name(Isa isa) { return isa == kAVX512 ? "AVX-512" : isa == kAVX2 ? "AVX2/FMA" : "portable"; }
 
+// ---- 16-bit weights -------------------------------------------------------------------------
+float half_to_float(uint16_t h, Dt dt) {
+  uint32_t bits;
+  if (dt == kBF16) bits = (uint32_t)h << 16;
+  else {
+    // IEEE half: sign, 5 exponent bits (bias 15), 10 fraction bits; subnormals are f·2⁻²⁴.
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, f = h & 0x3ffu;
+    if (e == 0) {
+      float v = (float)f * 5.9604644775390625e-08f;
+      memcpy(&bits, &v, 4);
+      bits |= sign;
+    } else if (e == 31) bits = sign | 0x7f800000u | (f << 13);
+    else bits = sign | ((e + 112) << 23) | (f << 13);
+  }
+  float out;
+  memcpy(&out, &bits, 4);
+  return out;
+}
+
+namespace {
+#ifdef PREFOPT_X86
+__attribute__((target("avx512f"))) int64_t widen_avx512(const uint16_t* src, int64_t n, Dt dt, float* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m256i h = _mm256_loadu_si256((const __m256i*)(src + i));
+    __m512 v = dt == kBF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+    _mm512_storeu_ps(dst + i, v);
+  }
+  return i;
+}
+__attribute__((target("avx2,f16c"))) int64_t widen_avx2(const uint16_t* src, int64_t n, Dt dt, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m128i h = _mm_loadu_si128((const __m128i*)(src + i));
+    __m256 v = dt == kBF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
+    _mm256_storeu_ps(dst + i, v);
+  }
+  return i;
+}
+#endif
+}  // namespace
+
+void widen(const uint16_t* src, int64_t n, Dt dt, float* dst) {
+  int64_t i = 0;
+#ifdef PREFOPT_X86
+  if (g_isa == kAVX512) i = widen_avx512(src, n, dt, dst);
+  else if (g_isa == kAVX2 && __builtin_cpu_supports("f16c")) i = widen_avx2(src, n, dt, dst);
+#endif
+  for (; i < n; i++) dst[i] = half_to_float(src[i], dt);
+}
+
 namespace {
 
 // ---- CBLAS through dlopen -------------------------------------------------------------------
@@ -90,7 +141,14 @@ struct Op {
   const float* p;
   bool trans;
   int64_t ld;
-  float at(int r, int c) const { return trans ? p[(size_t)c * ld + r] : p[(size_t)r * ld + c]; }
+  // A 16-bit B operand (a frozen weight as the checkpoint stores it): its bits, read through
+  // at() and pack_b, never through p.
+  const uint16_t* h = nullptr;
+  Dt dt = kF32;
+  float at(int r, int c) const {
+    size_t i = trans ? (size_t)c * ld + r : (size_t)r * ld + c;
+    return h ? half_to_float(h[i], dt) : p[i];
+  }
   // Strides of op(A) rows and columns in memory.
   int64_t rs() const { return trans ? 1 : ld; }
   int64_t cs() const { return trans ? ld : 1; }
@@ -126,9 +184,40 @@ __attribute__((target("avx512f"))) void transpose16(const float* src, int64_t ld
 }
 #endif
 
+// Bp as pack_b below, for a 16-bit B: rows of op(B) widened in place of the copy; a transposed
+// B (x·Wᵀ on the checkpoint's [out, in] weights) 16 columns at a time, widened into a 16×16
+// block and transposed as the float32 path does (the same values, so the same bits).
+template <int NR>
+void pack_b_half(const Op& B, int k0, int kb, int N, int p0, int p1, float* Bp) {
+  for (int p = p0; p < p1; p++) {
+    float* dst = Bp + (size_t)(p - p0) * kb * NR;
+    int j0 = p * NR, jn = std::min(NR, N - j0);
+    int k = 0;
+#ifdef PREFOPT_X86
+    if (B.trans && jn == NR && NR % 16 == 0 && g_isa == kAVX512) {
+      alignas(64) float blk[16 * 16];
+      for (; k + 16 <= kb; k += 16)
+        for (int c = 0; c < NR; c += 16) {
+          for (int i = 0; i < 16; i++) widen(B.h + (size_t)(j0 + c + i) * B.ld + k0 + k, 16, B.dt, blk + i * 16);
+          transpose16(blk, 16, dst + (size_t)k * NR + c, NR);
+        }
+    }
+#endif
+    for (; k < kb; k++) {
+      float* d = dst + (size_t)k * NR;
+      if (!B.trans && jn == NR) widen(B.h + (size_t)(k0 + k) * B.ld + j0, NR, B.dt, d);
+      else {
+        for (int j = 0; j < jn; j++) d[j] = B.at(k0 + k, j0 + j);
+        for (int j = jn; j < NR; j++) d[j] = 0.f;
+      }
+    }
+  }
+}
+
 // Bp[panel - p0][k][0..NR) for panels [p0, p1), k in [k0, k0+kb), zero-padded past N.
 template <int NR>
 void pack_b(const Op& B, int k0, int kb, int N, int p0, int p1, float* Bp) {
+  if (B.h) return pack_b_half<NR>(B, k0, kb, N, p0, p1, Bp);
   for (int p = p0; p < p1; p++) {
     float* dst = Bp + (size_t)(p - p0) * kb * NR;
     int j0 = p * NR, jn = std::min(NR, N - j0);
@@ -398,7 +487,11 @@ void gemm_sum(int M, int N, const GemmTerm* terms, int nterms, float* C, int64_t
   Term t[kMaxTerms];  // on the stack: attention calls this hundreds of times per head
   int n = 0;
   for (int i = 0; i < nterms && n < kMaxTerms; i++)
-    if (terms[i].K > 0) t[n++] = Term{Op{terms[i].A, terms[i].ta, terms[i].lda}, Op{terms[i].B, terms[i].tb, terms[i].ldb}, terms[i].K};
+    if (terms[i].K > 0) {
+      const GemmTerm& g = terms[i];
+      Op b = g.bdt == kF32 ? Op{static_cast<const float*>(g.B), g.tb, g.ldb} : Op{nullptr, g.tb, g.ldb, static_cast<const uint16_t*>(g.B), g.bdt};
+      t[n++] = Term{Op{g.A, g.ta, g.lda}, b, g.K};
+    }
   if (n == 0) {
     if (!accumulate)
       for (int i = 0; i < M; i++) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
@@ -455,7 +548,7 @@ void matmul(bool ta, bool tb, int64_t batch, int64_t M, int64_t N, int64_t K, co
 
 void matmul2(int64_t M, int64_t N, const DenseTerm& t1, const DenseTerm& t2, float* C) {
   // Dense operands: a row of op(A) is K long unless A is transposed (then M), and so on.
-  auto term = [&](const DenseTerm& t) { return GemmTerm{t.ta, t.tb, (int)t.K, t.A, t.ta ? M : t.K, t.B, t.tb ? t.K : N}; };
+  auto term = [&](const DenseTerm& t) { return GemmTerm{t.ta, t.tb, (int)t.K, t.A, t.ta ? M : t.K, t.B, t.tb ? t.K : N, t.bdt}; };
   GemmTerm ts[2] = {term(t1), term(t2)};
   gemm_sum((int)M, (int)N, ts, 2, C, N, false, worth_threads((double)M * N * (t1.K + t2.K)) ? g_threads : 1);
 }

@@ -1,6 +1,8 @@
 // What the native kernels offer to the N-API glue (addon.cc). All tensors are float32,
-// row-major and dense; every kernel runs on up to g_threads threads and gives the same bits
-// whatever the thread count.
+// row-major and dense — but for frozen weights, which may stay in the checkpoint's bf16 or f16
+// (a product's B operand, LoRA's base weight, the embedding table; docs/REFERENCE.md §10) and
+// are widened to float32 where they are read. Every kernel runs on up to g_threads threads and
+// gives the same bits whatever the thread count.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -16,16 +18,26 @@ Isa detect_isa();
 const char* isa_name(Isa isa);
 extern std::string g_lib;  // the system BLAS in use, "" for the built-in kernel
 
+// The storage of a weight operand: float32, or 16-bit bits as the safetensors file holds them.
+enum Dt { kF32 = 0, kBF16 = 1, kF16 = 2 };
+float half_to_float(uint16_t h, Dt dt);
+// dst[0..n) = src[0..n) widened to float32 (vector instructions where the CPU has them).
+void widen(const uint16_t* src, int64_t n, Dt dt, float* dst);
+
 // gemm.cc
 void open_blas(const char* want);
 // C[b] = op(A[b])·op(B[b]); A[b] at b·sa (0 broadcasts one matrix over the batch), C dense.
 void matmul(bool ta, bool tb, int64_t batch, int64_t M, int64_t N, int64_t K, const float* A, int64_t sa, const float* B, int64_t sb, float* C, bool useBlas);
 // C [M, N] = op(A1)·op(B1) + op(A2)·op(B2) for dense operands, in one pass over C (LoRA's base
-// product and its update, forward and backward).
+// product and its update, forward and backward); a term with K = 0 is left out. B may be a
+// 16-bit weight (bdt): the built-in kernel widens it while packing, so the product has the
+// same bits as on a float32 copy of it.
 struct DenseTerm {
   bool ta, tb;
   int64_t K;
-  const float *A, *B;
+  const float* A;
+  const void* B;
+  Dt bdt = kF32;
 };
 void matmul2(int64_t M, int64_t N, const DenseTerm& t1, const DenseTerm& t2, float* C);
 
@@ -38,8 +50,9 @@ struct GemmTerm {
   int K;
   const float* A;
   int64_t lda;
-  const float* B;
+  const void* B;  // float32, or 16-bit bits when bdt says so
   int64_t ldb;
+  Dt bdt = kF32;
 };
 constexpr int kMaxTerms = 4;  // the callers (gemm, matmul2) pass one or two
 void gemm_sum(int M, int N, const GemmTerm* terms, int nterms, float* C, int64_t ldc, bool accumulate, int threads);
@@ -58,8 +71,14 @@ struct LoraDims {
 };
 struct LoraLayer {
   LoraDims d;
-  const float *xd, *w, *a, *b;
+  const float* xd;
+  const void* w;
+  const float *a, *b;
   float s;  // the adapter's scale
+  // W's storage: float32 [in, out] (prefopt's layout), or, when `hf`, the checkpoint's
+  // [out, in] as read from the file (16-bit frozen weights are not transposed at load).
+  Dt wdt = kF32;
+  bool hf = false;
 };
 // y = x·W + u·B (+ bias when not null) with u = s·(xd·A) (u is kept for the backward pass).
 void lora_forward(const LoraLayer& l, const float* x, float* y, float* u, const float* bias);
@@ -99,9 +118,9 @@ void split_qkv(float* qkv, int64_t N, int64_t KV, int64_t G, int64_t hd, float* 
 void dropout_alea(const float* x, int64_t n, double s0, double s1, double s2, double c, float keep, float* y);
 // Loading a checkpoint: out [cols, rows] = aᵀ for a [rows, cols] (HF's [out, in] linear weights
 // to prefopt's [in, out]), in cache-sized tiles on every thread; and the index of the first NaN
-// or ±Inf in x, or −1.
+// or ±Inf in x (float32 or 16-bit), or −1.
 void transpose(const float* a, int64_t rows, int64_t cols, float* out);
-int64_t first_non_finite(const float* x, int64_t n);
+int64_t first_non_finite(const void* x, Dt dt, int64_t n);
 // y = a + b elementwise (same shapes): residual connections and gradient accumulation.
 void add(const float* a, const float* b, int64_t n, float* y);
 // y = x + b over rows of length D; its gradient for b is the column sum of dy.
@@ -127,8 +146,9 @@ struct AdamWTensor {
 void adamw_in_place(const AdamWTensor* ts, int count);
 // Σ x² in double, in fixed chunks combined in order.
 double sum_squares(const float* x, int64_t n);
-// out[i] = table[ids[i]] for an embedding table [V, D]; ids already checked to be in [0, V).
-void embed(const float* table, int64_t D, const int32_t* ids, int64_t N, float* out);
+// out[i] = table[ids[i]] for an embedding table [V, D] (float32, or 16-bit widened); ids already
+// checked to be in [0, V).
+void embed(const void* table, Dt dt, int64_t D, const int32_t* ids, int64_t N, float* out);
 // dtable = Σ_i onehot(ids[i]) ⊗ dy[i] (zeros where no id points), summed in row order.
 void embed_grad(const int32_t* ids, int64_t N, const float* dy, int64_t V, int64_t D, float* dtable);
 

@@ -27,16 +27,18 @@ export function rewardModelFrom(lm: Decoder, seed: number): Decoder {
   if (lm.cfg.head === 'score') return lm;
   const cfg = parseConfig(toRewardConfig(lm.cfg.raw));
   const params = new Map(lm.params);
+  const half = new Map(lm.half);
   const head = params.get('lm_head.weight');
   if (head) {
     head.dispose();
     params.delete('lm_head.weight');
   }
+  half.delete('lm_head.weight');
   const rng = new Rng(seed, 'score-head');
   const w = tf.tensor2d(Float32Array.from({ length: cfg.hidden_size }, () => rng.normal() * 0.02), [cfg.hidden_size, 1]);
   params.set('score.weight', tf.variable(w, true));
   w.dispose();
-  return new Decoder(cfg, params);
+  return new Decoder(cfg, params, half);
 }
 
 /** Rewards [B] at each row's last real token. */

@@ -155,6 +155,8 @@ function addModelCommands(program: Command, withBackend: WithBackend): void {
     .requiredOption('--tokenizer <dir>', 'directory with tokenizer.json')
     .requiredOption('--out <dir>', 'output checkpoint directory')
     .option('--seed <n>', 'seed', int, 0)
+    .option('--dtype <d>', 'f32 | f16 | bf16', 'f32')
+    .option('--max-shard-size <bytes>', 'split the weights into shards of at most this size (5GB, 2GiB), with an index as transformers writes')
     .action(
       withBackend(async (o) => {
         if (!o.preset === !o.config) throw new UserError('give exactly one of --preset or --config');

@@ -1,7 +1,8 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { ARCHS, Arch, PRESETS, PresetSpec, presetConfig, parseConfig } from '../model/config.js';
-import { Decoder } from '../model/decoder.js';
-import { saveModel } from '../model/load.js';
+import { ARCHS, Arch, PRESETS, PresetSpec, presetConfig, parseConfig, expectedShapes } from '../model/config.js';
+import { initTensor } from '../model/decoder.js';
+import { writeCheckpointFiles } from '../io/checkpoint.js';
+import { dtypeFromName } from '../io/safetensors.js';
 import { TextTokenizer } from '../tokenizer/tokenizer.js';
 import { trainBpe } from '../tokenizer/bpe.js';
 import { SPECIAL_TOKENS, writeTokenizerFiles } from '../tokenizer/files.js';
@@ -17,7 +18,7 @@ import { readJson, writeDirAtomic, writeFileAtomic } from '../util/fsutil.js';
 import { deriveSeed } from '../util/rng.js';
 import { log } from '../util/log.js';
 import { openPolicy, openTokenizer, stopIdsOf } from '../model/policy.js';
-import { checkJobFits } from '../model/memory.js';
+import { checkJobFits, paramCount, parseBytes } from '../model/memory.js';
 import { loadConfig } from '../io/checkpoint.js';
 
 /** Train a byte-level BPE tokenizer on text files (plain text or JSON/JSONL with string fields). */
@@ -39,7 +40,7 @@ export async function trainTokenizer(opts: { data: string[]; vocabSize: number; 
 }
 
 
-export async function initModel(opts: { arch: string; preset?: string; config?: string; tokenizer: string; out: string; seed: number }): Promise<void> {
+export async function initModel(opts: { arch: string; preset?: string; config?: string; tokenizer: string; out: string; seed: number; dtype?: string; maxShardSize?: string }): Promise<void> {
   if (!(ARCHS as string[]).includes(opts.arch)) throw new UserError(`--arch must be one of ${ARCHS.join(', ')}, found "${opts.arch}"`);
   const tok = TextTokenizer.load(opts.tokenizer);
   let spec: PresetSpec;
@@ -56,11 +57,16 @@ export async function initModel(opts: { arch: string; preset?: string; config?: 
   const raw = opts.config ? { ...base, ...spec, architectures: base.architectures, model_type: opts.arch, vocab_size: Math.max(spec.vocab_size ?? 0, tok.vocabSize) } : base;
   const cfg = parseConfig(raw, opts.config ?? `preset ${opts.preset}`);
   if (cfg.vocab_size < tok.vocabSize) throw new UserError(`vocab_size ${cfg.vocab_size} is smaller than the tokenizer's ${tok.vocabSize} ids`);
-  const model = Decoder.init(cfg, opts.seed);
+  const dtype = dtypeFromName(opts.dtype ?? 'f32');
+  const maxShardBytes = opts.maxShardSize === undefined ? undefined : parseBytes(opts.maxShardSize);
+  if (maxShardBytes === null) throw new UserError(`--max-shard-size: expected bytes such as 5GB or 2GiB, found "${opts.maxShardSize}"`);
   const generationConfig = { eos_token_id: tok.stopIds(), pad_token_id: special.pad, max_new_tokens: 256, do_sample: true, temperature: 1.0, top_k: 0, top_p: 1.0 };
-  await saveModel(model, opts.out, { copyFrom: opts.tokenizer, generationConfig });
-  log('init-model', { out: opts.out, arch: cfg.arch, params: model.paramCount(), vocab: cfg.vocab_size });
-  model.dispose();
+  // A tensor at a time, straight to the file: a 7B model never exists whole in memory.
+  const entries = [...expectedShapes(cfg)].map(([name, shape]) => ({ name, shape }));
+  await writeDirAtomic(opts.out, (tmp) =>
+    writeCheckpointFiles(tmp, cfg.raw, entries, (name) => initTensor(cfg, name, opts.seed).data, { dtype, maxShardBytes, copyFrom: opts.tokenizer, generationConfig }),
+  );
+  log('init-model', { out: opts.out, arch: cfg.arch, params: paramCount(cfg), vocab: cfg.vocab_size, dtype });
 }
 
 export interface LogprobsOptions {

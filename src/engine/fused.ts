@@ -1,6 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { overrideKernel, runInPlace, tensorView } from './kernels.js';
 import type { AleaState } from './dropout.js';
+import { DT_CODE, HalfWeight, Weight, isHalf } from './half.js';
 
 /**
  * The native addon's fused kernels (native/fused.cc, native/lora.cc) as tfjs kernels of the
@@ -22,12 +23,13 @@ export interface FusedAddon {
   biasAdd(x: Float32Array, b: Float32Array, n: number, d: number, y: Float32Array): void;
   columnSum(dy: Float32Array, n: number, d: number, out: Float32Array): void;
   add(a: Float32Array, b: Float32Array, n: number, y: Float32Array): void;
-  loraForward(m: number, din: number, dout: number, r: number, x: Float32Array, xd: Float32Array, w: Float32Array, a: Float32Array, b: Float32Array, scale: number, y: Float32Array, u: Float32Array, bias: Float32Array | null): void;
-  loraBackward(m: number, din: number, dout: number, r: number, dy: Float32Array, xd: Float32Array, w: Float32Array, a: Float32Array, b: Float32Array, u: Float32Array, scale: number, dx: Float32Array, dxd: Float32Array | null, da: Float32Array, db: Float32Array): void;
+  loraForward(m: number, din: number, dout: number, r: number, x: Float32Array, xd: Float32Array, w: Float32Array | Uint16Array, a: Float32Array, b: Float32Array, scale: number, wdt: number, whf: boolean, y: Float32Array, u: Float32Array, bias: Float32Array | null): void;
+  loraBackward(m: number, din: number, dout: number, r: number, dy: Float32Array, xd: Float32Array, w: Float32Array | Uint16Array, a: Float32Array, b: Float32Array, u: Float32Array, scale: number, wdt: number, whf: boolean, dx: Float32Array, dxd: Float32Array | null, da: Float32Array, db: Float32Array): void;
+  matmulWeight(tb: boolean, m: number, n: number, k: number, a: Float32Array, b: Float32Array | Uint16Array, bdt: number, c: Float32Array): void;
   adamwInPlace(ps: Float32Array[], gs: Float32Array[], ms: Float32Array[], vs: Float32Array[], scalars: Float32Array): void;
   sumSquares(x: Float32Array, n: number, out: Float32Array): void;
   splitQkv(qkv: Float32Array, n: number, kv: number, g: number, hd: number, q: Float32Array, k: Float32Array, v: Float32Array, merge: boolean): void;
-  embed(table: Float32Array, v: number, d: number, ids: Int32Array, n: number, out: Float32Array): void;
+  embed(table: Float32Array | Uint16Array, v: number, d: number, ids: Int32Array, n: number, out: Float32Array, dt: number): void;
   embedGrad(ids: Int32Array, n: number, dy: Float32Array, v: number, d: number, dtable: Float32Array): void;
   dropoutAlea(x: Float32Array, n: number, s0: number, s1: number, s2: number, c: number, keep: number, y: Float32Array): void;
 }
@@ -48,23 +50,42 @@ const size = (s: number[]) => tf.util.sizeFromShape(s);
 const last = (t: Info) => t.shape[t.shape.length - 1];
 const same = (i: number) => (ins: Info[]) => [ins[i].shape as number[]];
 
+/** A frozen weight's storage for the addon: a 16-bit one from attrs.hw (then no `w` input), or the float32 view. */
+const weightArgs = (w: Arr, attrs: any): [Arr, number, boolean] => (attrs.hw ? [(attrs.hw as HalfWeight).bits, (attrs.hw as HalfWeight).code, true] : [w, DT_CODE.f32, false]);
+
 const DEFS: Record<string, Def> = {
   // LoRA's layer: x, xd [M, in], w [in, out], a [in, r], b [r, out] → y = x·w + u·b, u = s·(xd·a)
   // [M, r], plus a frozen bias [out] when one is given. With attrs.dropout, xd is a separate
-  // input; without, it is x.
+  // input; without, it is x. A 16-bit w comes as attrs.hw instead (engine/half), [out, in].
   PrefoptLora: {
     inputs: ['x', 'xd', 'w', 'a', 'b', 'bias'],
-    outputs: ([x, , w, a]) => [[x.shape[0], w.shape[1]], [x.shape[0], a.shape[1]]],
-    run: (k, [x, xd, w, a, b, bias], [y, u], [xi, , wi, ai], { scale }) => k.loraForward(xi.shape[0], xi.shape[1], wi.shape[1], ai.shape[1], x, xd, w, a, b, scale, y, u, bias),
+    outputs: ([x, , , a, b]) => [[x.shape[0], b.shape[1]], [x.shape[0], a.shape[1]]],
+    run: (k, [x, xd, w, a, b, bias], [y, u], [xi, , , ai, bi], attrs) => {
+      const [wv, wdt, whf] = weightArgs(w, attrs);
+      k.loraForward(xi.shape[0], xi.shape[1], bi.shape[1], ai.shape[1], x, xd, wv, a, b, attrs.scale, wdt, whf, y, u, bias);
+    },
   },
   // → dx, [dxd when attrs.dropout], da, db.
   PrefoptLoraGrad: {
     inputs: ['dy', 'xd', 'w', 'a', 'b', 'u'],
     outputs: ([dy, xd, , a, b], { dropout }) => [xd.shape, ...(dropout ? [xd.shape] : []), a.shape, b.shape],
-    run: (k, [dy, xd, w, a, b, u], outs, [dyi, xdi, , ai], { scale, dropout }) => {
-      const [dx, dxd, da, db] = dropout ? outs : [outs[0], null, outs[1], outs[2]];
-      k.loraBackward(dyi.shape[0], xdi.shape[1], dyi.shape[1], ai.shape[1], dy, xd, w, a, b, u, scale, dx, dxd, da, db);
+    run: (k, [dy, xd, w, a, b, u], outs, [dyi, xdi, , ai], attrs) => {
+      const [dx, dxd, da, db] = attrs.dropout ? outs : [outs[0], null, outs[1], outs[2]];
+      const [wv, wdt, whf] = weightArgs(w, attrs);
+      k.loraBackward(dyi.shape[0], xdi.shape[1], dyi.shape[1], ai.shape[1], dy, xd, wv, a, b, u, attrs.scale, wdt, whf, dx, dxd, da, db);
     },
+  },
+  // x [M, K] · op(W) for a 16-bit frozen W (attrs.hw; op transposes its storage when attrs.tb).
+  PrefoptHalfMatmul: {
+    inputs: ['x'],
+    outputs: ([x], { hw, tb }) => [[x.shape[0], tb ? hw.stored[0] : hw.stored[1]]],
+    run: (k, [x], [y], [xi], { hw, tb }) => k.matmulWeight(tb, xi.shape[0], tb ? hw.stored[0] : hw.stored[1], xi.shape[1], x, hw.bits, hw.code, y),
+  },
+  // Rows ids [N] of a 16-bit table (attrs.hw [V, D]) → [N, D]; the table has no gradient.
+  PrefoptHalfEmbed: {
+    inputs: ['ids'],
+    outputs: ([ids], { hw }) => [[ids.shape[0], hw.stored[1]]],
+    run: (a, [ids], [out], [idsi], { hw }) => a.embed(hw.bits, hw.stored[0], hw.stored[1], ids, idsi.shape[0], out, hw.code),
   },
   PrefoptSumSquares: {
     inputs: ['x'],
@@ -93,7 +114,7 @@ const DEFS: Record<string, Def> = {
   PrefoptEmbed: {
     inputs: ['table', 'ids'],
     outputs: (ins) => [[ins[1].shape[0], ins[0].shape[1]]],
-    run: (a, [t, ids], [out], ins) => a.embed(t, ins[0].shape[0], ins[0].shape[1], ids, ins[1].shape[0], out),
+    run: (a, [t, ids], [out], ins) => a.embed(t, ins[0].shape[0], ins[0].shape[1], ids, ins[1].shape[0], out, DT_CODE.f32),
   },
   PrefoptEmbedGrad: {
     inputs: ['ids', 'dy'],
@@ -205,6 +226,11 @@ const run = (name: string, inputs: Record<string, tf.Tensor>, attrs: Record<stri
   tf.engine().runKernel(name, inputs as any, attrs as any) as tf.Tensor | tf.Tensor[];
 
 const GRADS: tf.GradConfig[] = [
+  // dx = dy · op(W)ᵀ: the same product with the other transpose of W's storage.
+  {
+    kernelName: 'PrefoptHalfMatmul',
+    gradFunc: (dy, _saved, attrs: any) => ({ x: () => run('PrefoptHalfMatmul', { x: dy as tf.Tensor }, { hw: attrs.hw, tb: !attrs.tb }) as tf.Tensor }),
+  },
   {
     kernelName: 'PrefoptBiasAdd',
     gradFunc: (dy) => ({
@@ -336,16 +362,19 @@ export const fused = {
    * backward pass from here, not saved: they are the adapter's variables, alive until the
    * optimizer step, and saving takes a tape clone each (84 in the bench's LoRA DPO step).
    */
-  lora: (x: tf.Tensor2D, w: tf.Tensor2D, a: tf.Tensor2D, b: tf.Tensor2D, scale: number, xd: tf.Tensor2D | null, bias: tf.Tensor | null) => {
+  lora: (x: tf.Tensor2D, w: Weight, a: tf.Tensor2D, b: tf.Tensor2D, scale: number, xd: tf.Tensor2D | null, bias: tf.Tensor | null) => {
     const dropout = xd !== null;
+    // A 16-bit w is an attribute; a float32 one an input (kernels read inputs in place).
+    const wIn: Record<string, tf.Tensor> = isHalf(w) ? {} : { w };
+    const hw = isHalf(w) ? w : undefined;
     const f = tf.customGrad(((...args: any[]) => {
       const save = args.pop() as tf.GradSaveFunc;
       const [xi, xdi, ai, bi] = (dropout ? args : [args[0], args[0], args[1], args[2]]) as tf.Tensor[];
-      const [y, u] = run('PrefoptLora', { x: xi, xd: xdi, w, a: ai, b: bi, ...(bias ? { bias } : {}) }, { scale }) as tf.Tensor[];
+      const [y, u] = run('PrefoptLora', { x: xi, xd: xdi, ...wIn, a: ai, b: bi, ...(bias ? { bias } : {}) }, { scale, hw }) as tf.Tensor[];
       save([xdi, u]);
       return {
         value: y,
-        gradFunc: (dy: tf.Tensor, [sxd, su]: tf.Tensor[]) => run('PrefoptLoraGrad', { dy, xd: sxd, w, a: ai, b: bi, u: su }, { scale, dropout }) as tf.Tensor[],
+        gradFunc: (dy: tf.Tensor, [sxd, su]: tf.Tensor[]) => run('PrefoptLoraGrad', { dy, xd: sxd, ...wIn, a: ai, b: bi, u: su }, { scale, dropout, hw }) as tf.Tensor[],
       };
     }) as any) as (...t: tf.Tensor[]) => tf.Tensor2D;
     return dropout ? f(f32(x), f32(xd!), f32(a), f32(b)) : f(f32(x), f32(a), f32(b));
@@ -367,7 +396,10 @@ export const fused = {
   },
   sumSquares: (x: tf.Tensor) => run('PrefoptSumSquares', { x: f32(x) }) as tf.Scalar,
   biasAdd: (x: tf.Tensor, b: tf.Tensor) => run('PrefoptBiasAdd', { x: f32(x), b: f32(b) }) as tf.Tensor,
-  embed: (table: tf.Tensor2D, ids: tf.Tensor1D) => run('PrefoptEmbed', { table: f32(table), ids: i32(ids) }) as tf.Tensor2D,
+  embed: (table: Weight, ids: tf.Tensor1D) =>
+    (isHalf(table) ? run('PrefoptHalfEmbed', { ids: i32(ids) }, { hw: table }) : run('PrefoptEmbed', { table: f32(table), ids: i32(ids) })) as tf.Tensor2D,
+  /** x [M, K] · op(W) for a 16-bit W (op: its stored layout transposed when tb); differentiable in x. */
+  halfMatmul: (x: tf.Tensor2D, w: HalfWeight, tb: boolean) => run('PrefoptHalfMatmul', { x: f32(x) }, { hw: w, tb }) as tf.Tensor2D,
   labelLogProbs: (logits: tf.Tensor2D, labels: tf.Tensor1D) => run('PrefoptLabelLogProbs', { logits: f32(logits), labels: i32(labels) }) as tf.Tensor1D,
   labelLogProbsGrad: (logits: tf.Tensor2D, labels: tf.Tensor1D, out: tf.Tensor1D, dy: tf.Tensor1D) =>
     run('PrefoptLabelLogProbsGrad', { logits: f32(logits), labels: i32(labels), out, dy }) as tf.Tensor2D,

@@ -5,6 +5,7 @@ import * as path from 'node:path';
 import { packageRoot } from '../util/package-root.js';
 import { FusedAddon, registerFusedKernels } from './fused.js';
 import { overrideKernel, runInPlace } from './kernels.js';
+import { DT_CODE, HalfWeight, isHalf } from './half.js';
 
 /**
  * The native addon (native/, built at install by node-gyp): its matmul registered as the
@@ -18,7 +19,9 @@ interface Addon extends FusedAddon {
   matmul(ta: boolean, tb: boolean, batch: number, m: number, n: number, k: number, a: Float32Array, sa: number, b: Float32Array, sb: number, c: Float32Array, useBlas: boolean): void;
   info(): { blas: string; threads: number; isa: string };
   transpose(a: Float32Array, rows: number, cols: number, out: Float32Array): void;
-  firstNonFinite(x: Float32Array, n: number): number;
+  firstNonFinite(x: Float32Array | Uint16Array, n: number, dt: number): number;
+  matmulWeight(tb: boolean, m: number, n: number, k: number, a: Float32Array, b: Float32Array | Uint16Array, bdt: number, c: Float32Array): void;
+  widen(src: Uint16Array, n: number, dt: number, out: Float32Array): void;
 }
 
 export interface NativeReport {
@@ -90,9 +93,36 @@ export function transpose2d(a: Float32Array, rows: number, cols: number): Float3
 
 /** The index of the first NaN or ±Inf in x, or −1. */
 export function firstNonFinite(x: Float32Array): number {
-  if (loadNative().active && addon) return addon.firstNonFinite(x, x.length);
+  if (loadNative().active && addon) return addon.firstNonFinite(x, x.length, DT_CODE.f32);
   for (let i = 0; i < x.length; i++) if (!Number.isFinite(x[i])) return i;
   return -1;
+}
+
+// 16-bit weights exist only where the native kernels serve the backend (model/load), so these
+// need the addon.
+function loaded(): Addon {
+  if (!addon) throw new Error('16-bit weights need the native addon, which is not loaded');
+  return addon;
+}
+
+/** The same for a 16-bit weight: the index of its first NaN or ±Inf, or −1. */
+export function firstNonFiniteHalf(w: HalfWeight): number {
+  return loaded().firstNonFinite(w.bits, w.size, w.code);
+}
+
+/** A 16-bit weight widened to float32, in its stored layout. */
+export function widenHalf(w: HalfWeight): Float32Array {
+  const out = new Float32Array(w.size);
+  loaded().widen(w.bits, w.size, w.code, out);
+  return out;
+}
+
+/** c [m, n] = a [m, k] · op(B) for B float32 or 16-bit (the built-in kernel, whatever BLAS is in use). */
+export function matmulWeight(a: Float32Array, m: number, k: number, b: Float32Array | HalfWeight, n: number, tb: boolean): Float32Array {
+  const c = new Float32Array(m * n);
+  if (isHalf(b)) loaded().matmulWeight(tb, m, n, k, a, b.bits, b.code, c);
+  else loaded().matmulWeight(tb, m, n, k, a, b, DT_CODE.f32, c);
+  return c;
 }
 
 interface Shapes {

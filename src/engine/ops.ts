@@ -1,6 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { bmmT, needsPlainMatmul, split0 } from './wasm.js';
 import { fused, fusedActive } from './fused.js';
+import { Weight, isHalf } from './half.js';
 
 /**
  * The few tensor primitives whose gradients need care. tfjs-wasm runs only 2-D, non-transposed,
@@ -34,9 +35,10 @@ const MM = { both: mmWith(true, true), frozenB: mmWith(true, false) };
 
 const isFrozen = (t: tf.Tensor) => t instanceof tf.Variable && !t.trainable;
 
-/** a [M,K] · b [K,N]. */
-export function mm(a: tf.Tensor2D, b: tf.Tensor2D): tf.Tensor2D {
-  return (isFrozen(b) ? MM.frozenB : MM.both)(a, b);
+/** a [M,K] · b [K,N]; b may be a 16-bit frozen weight (engine/half), [K,N] as the model sees it. */
+export function mm(a: tf.Tensor2D, b: Weight): tf.Tensor2D {
+  if (isHalf(b)) return fused.halfMatmul(a, b, b.transposed);
+  return (isFrozen(b) ? MM.frozenB : MM.both)(a, b as tf.Tensor2D);
 }
 
 /**
@@ -45,9 +47,9 @@ export function mm(a: tf.Tensor2D, b: tf.Tensor2D): tf.Tensor2D {
  * the base product and the update are one pass over the output, and so is the input gradient
  * dx = dy·Wᵀ + scale·(dy·Bᵀ)·Aᵀ; otherwise the plain composition (whose gradients include W's).
  */
-export function loraLinear(x: tf.Tensor2D, w: tf.Tensor2D, bias: tf.Tensor | null, a: tf.Tensor2D, b: tf.Tensor2D, scale: number, xd: tf.Tensor2D | null): tf.Tensor2D {
+export function loraLinear(x: tf.Tensor2D, w: Weight, bias: tf.Tensor | null, a: tf.Tensor2D, b: tf.Tensor2D, scale: number, xd: tf.Tensor2D | null): tf.Tensor2D {
   let y: tf.Tensor2D;
-  if (fusedActive() && isFrozen(w)) {
+  if (isHalf(w) || (fusedActive() && isFrozen(w))) {
     // A frozen bias is added in the same native call; a trained one keeps its own kernel (and gradient).
     if (!bias || isFrozen(bias)) return fused.lora(x, w, a, b, scale, xd, bias);
     y = fused.lora(x, w, a, b, scale, xd, null);
@@ -60,7 +62,8 @@ export function loraLinear(x: tf.Tensor2D, w: tf.Tensor2D, bias: tf.Tensor | nul
 }
 
 /** a [M,K] · bᵀ for b [N,K]: a transpose flag of the native matmul, or a copy on bare wasm. */
-export function mmTransB(a: tf.Tensor2D, b: tf.Tensor2D): tf.Tensor2D {
+export function mmTransB(a: tf.Tensor2D, b: Weight): tf.Tensor2D {
+  if (isHalf(b)) return fused.halfMatmul(a, b, !b.transposed);
   if (needsPlainMatmul()) return mm(a, tf.transpose(b) as tf.Tensor2D);
   return tf.matMul(a, b, false, true);
 }
@@ -91,10 +94,10 @@ export function onRows(x: tf.Tensor, f: (x2: tf.Tensor2D) => tf.Tensor2D): tf.Te
   return tf.reshape(y, [...xs.slice(0, -1), y.shape[1]]);
 }
 
-/** x [..., in] · w [in, out] (+ b [out]). Weights are kept [in, out] in memory; see io/layout. */
-export function linear(x: tf.Tensor, w: tf.Tensor, b?: tf.Tensor | null): tf.Tensor {
+/** x [..., in] · w [in, out] (+ b [out]). Weights are kept [in, out] in memory (16-bit ones as the file has them). */
+export function linear(x: tf.Tensor, w: Weight, b?: tf.Tensor | null): tf.Tensor {
   return onRows(x, (x2) => {
-    const y = mm(x2, w as tf.Tensor2D);
+    const y = mm(x2, w);
     if (!b) return y;
     return (fusedActive() ? fused.biasAdd(y, b) : tf.add(y, b)) as tf.Tensor2D;
   });
@@ -104,9 +107,10 @@ export function linear(x: tf.Tensor, w: tf.Tensor, b?: tf.Tensor | null): tf.Ten
  * Embedding lookup. Fused: a row copy and a scatter-add. Otherwise the gradient is
  * one-hot(ids)ᵀ · dY, a plain matmul, since wasm has no UnsortedSegmentSum for gather's own.
  */
-export function embed(table: tf.Tensor2D, ids: tf.Tensor): tf.Tensor {
+export function embed(table: Weight, ids: tf.Tensor): tf.Tensor {
   const flat = tf.reshape(ids, [-1]) as tf.Tensor1D;
-  if (fusedActive()) return ids.rank === 1 ? fused.embed(table, flat) : tf.reshape(fused.embed(table, flat), [...ids.shape, table.shape[1]]);
+  const dim = table.shape[1] as number;
+  if (isHalf(table) || fusedActive()) return ids.rank === 1 ? fused.embed(table, flat) : tf.reshape(fused.embed(table, flat), [...ids.shape, dim]);
   const vocab = table.shape[0];
   const f = tf.customGrad(((t: tf.Tensor2D, save: tf.GradSaveFunc) => {
     save([flat]); // the ids are not an input: keep them alive for the backward pass
@@ -116,7 +120,7 @@ export function embed(table: tf.Tensor2D, ids: tf.Tensor): tf.Tensor {
     };
   }) as any) as any;
   const out = f(table) as tf.Tensor2D;
-  return tf.reshape(out, [...ids.shape, table.shape[1]]);
+  return tf.reshape(out, [...ids.shape, dim]);
 }
 
 /**

@@ -1,5 +1,4 @@
-import * as fs from 'node:fs';
-import { writeFileVia } from '../util/fsutil.js';
+import { writeAll, writeFileVia } from '../util/fsutil.js';
 import { encodeTensor } from './quant.js';
 
 /**
@@ -166,19 +165,19 @@ export function ggufHeader(meta: [string, MetaValue][], tensors: GgufTensor[]): 
 export async function writeGguf(file: string, meta: [string, MetaValue][], tensors: GgufTensor[], onTensor?: (i: number) => void): Promise<number> {
   const { header, offsets, dataBytes } = ggufHeader(meta, tensors);
   await writeFileVia(file, (fd) => {
-    fs.writeSync(fd, header);
+    writeAll(fd, header);
     let pos = 0;
     tensors.forEach((t, i) => {
-      if (offsets[i] > pos) fs.writeSync(fd, Buffer.alloc(offsets[i] - pos));
+      if (offsets[i] > pos) writeAll(fd, Buffer.alloc(offsets[i] - pos));
       const values = t.produce();
       const numel = t.ne.reduce((a, b) => a * b, 1);
       if (values.length !== numel) throw new Error(`tensor ${t.name}: ${values.length} values for ne [${t.ne}]`);
       const bytes = encodeTensor(values, t.type);
-      fs.writeSync(fd, bytes);
+      writeAll(fd, bytes);
       pos = offsets[i] + bytes.length;
       onTensor?.(i);
     });
-    if (dataBytes > pos) fs.writeSync(fd, Buffer.alloc(dataBytes - pos));
+    if (dataBytes > pos) writeAll(fd, Buffer.alloc(dataBytes - pos));
   });
   return header.length + dataBytes;
 }

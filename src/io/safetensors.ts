@@ -1,6 +1,6 @@
 import * as fs from 'node:fs';
 import { UserError } from '../util/errors.js';
-import { writeFileVia } from '../util/fsutil.js';
+import { writeAll, writeFileVia } from '../util/fsutil.js';
 
 /**
  * safetensors, read and written by hand (docs/REFERENCE.md §3): u64 LE header length, JSON header,
@@ -101,10 +101,24 @@ export function readHeader(file: string): SafetensorsFile {
 export function readTensor(st: SafetensorsFile, name: string): Float32Array {
   const t = st.tensors.get(name);
   if (!t) throw new UserError(`${st.file}: no tensor "${name}"`);
-  const len = t.end - t.begin;
   // F32 is read straight into the array that is returned: no second copy of a large tensor.
-  const direct = t.dtype === 'F32' ? new Float32Array(len / 4) : null;
-  const buf = direct ? Buffer.from(direct.buffer) : Buffer.alloc(len);
+  if (t.dtype === 'F32') return new Float32Array(readBytes(st, name, t).buffer);
+  return decode(readBytes(st, name, t), t.dtype);
+}
+
+/** Read a BF16 or F16 tensor's bits as they are, into the array that is returned. */
+export function readHalfBits(st: SafetensorsFile, name: string): Uint16Array {
+  const t = st.tensors.get(name);
+  if (!t) throw new UserError(`${st.file}: no tensor "${name}"`);
+  if (t.dtype !== 'BF16' && t.dtype !== 'F16') throw new Error(`${st.file}: tensor "${name}" is ${t.dtype}, not a 16-bit float`);
+  const buf = readBytes(st, name, t);
+  return new Uint16Array(buf.buffer, buf.byteOffset, buf.length / 2);
+}
+
+/** The tensor's bytes in a fresh, 4-byte-aligned buffer of its own. */
+function readBytes(st: SafetensorsFile, name: string, t: TensorInfo): Buffer {
+  const len = t.end - t.begin;
+  const buf = Buffer.from(new ArrayBuffer(len));
   const fd = fs.openSync(st.file, 'r');
   try {
     let got = 0;
@@ -116,7 +130,7 @@ export function readTensor(st: SafetensorsFile, name: string): Float32Array {
   } finally {
     fs.closeSync(fd);
   }
-  return direct ?? decode(buf, t.dtype);
+  return buf;
 }
 
 export function decode(buf: Buffer, dtype: DType): Float32Array {
@@ -256,13 +270,13 @@ export async function writeSafetensors(
   const lenBuf = Buffer.alloc(8);
   lenBuf.writeBigUInt64LE(BigInt(hbuf.length));
   await writeFileVia(file, async (fd) => {
-    fs.writeSync(fd, lenBuf);
-    fs.writeSync(fd, hbuf);
+    writeAll(fd, lenBuf);
+    writeAll(fd, hbuf);
     for (const e of entries) {
       const data = await getData(e.name);
       const numel = e.shape.reduce((a, b) => a * b, 1);
       if (data.length !== numel) throw new Error(`tensor ${e.name}: ${data.length} values for shape ${JSON.stringify(e.shape)}`);
-      fs.writeSync(fd, encode(data, dtype));
+      writeAll(fd, encode(data, dtype));
     }
   });
 }

@@ -11,6 +11,7 @@ import { OptionRow, bool, firstViolation, int, num, strings } from '../util/sche
 import { Rng } from '../util/rng.js';
 import { RngHooks } from '../engine/checkpoint.js';
 import { dropout } from '../engine/dropout.js';
+import type { Weight } from '../engine/half.js';
 
 /**
  * LoRA (docs/REFERENCE.md §7): y = W·x + s·B·A·dropout(x), s = alpha/r (rsLoRA: alpha/√r), A [r, in]
@@ -66,7 +67,7 @@ export class LoraAdapter implements LinearAdapter {
 
   /** Linear modules of `model` matched by the target names (the last path component). */
   static modulesFor(model: Decoder, targets: string[]): string[] {
-    const mods = [...model.params.keys()].filter((n) => n.endsWith('_proj.weight')).map((n) => n.slice(0, -'.weight'.length));
+    const mods = model.names().filter((n) => n.endsWith('_proj.weight')).map((n) => n.slice(0, -'.weight'.length));
     const set = new Set(targets);
     const hit = mods.filter((m) => set.has(m.split('.').at(-1)!));
     for (const t of targets) {
@@ -84,7 +85,7 @@ export class LoraAdapter implements LinearAdapter {
     if (!cfg.targets.length) cfg = { ...cfg, targets: defaultTargets(model.cfg.arch) };
     const ad = new LoraAdapter(cfg);
     for (const m of LoraAdapter.modulesFor(model, cfg.targets)) {
-      const [inDim, outDim] = model.p(`${m}.weight`).shape;
+      const [inDim, outDim] = model.shapeOf(`${m}.weight`);
       const bound = 1 / Math.sqrt(inDim); // kaiming_uniform_(a=√5) on [r, in]
       const rng = new Rng(seed, 'lora', m);
       const a = new Float32Array(inDim * cfg.r).map(() => (rng.next() * 2 - 1) * bound);
@@ -121,11 +122,11 @@ export class LoraAdapter implements LinearAdapter {
     return [...this.weights].filter(([m]) => m.startsWith(prefix)).flatMap(([, w]) => [w.a, w.b]);
   }
 
-  linear(module: string, x: tf.Tensor, w: tf.Tensor, bias: tf.Tensor | null): tf.Tensor {
+  linear(module: string, x: tf.Tensor, w: Weight, bias: tf.Tensor | null): tf.Tensor {
     const lw = this.weights.get(module)!;
     return onRows(x, (x2) => {
       const dropped = this.training && this.cfg.dropout > 0 && this.stream ? (dropout(x2, this.cfg.dropout, this.stream.nextU32()) as tf.Tensor2D) : null;
-      return loraLinear(x2, w as tf.Tensor2D, bias, lw.a as unknown as tf.Tensor2D, lw.b as unknown as tf.Tensor2D, this.scale, dropped);
+      return loraLinear(x2, w, bias, lw.a as unknown as tf.Tensor2D, lw.b as unknown as tf.Tensor2D, this.scale, dropped);
     });
   }
 
@@ -187,9 +188,8 @@ export class LoraAdapter implements LinearAdapter {
     ad.baseModelName = baseModelName;
     try {
       for (const [mod, keys] of byModule) {
-        const base = model.params.get(`${mod}.weight`);
-        if (!base) throw new UserError(`${wfile}: module "${mod}" does not exist in the model (${model.cfg.arch}); wrong base model?`);
-        const [inDim, outDim] = base.shape;
+        if (!model.names().includes(`${mod}.weight`)) throw new UserError(`${wfile}: module "${mod}" does not exist in the model (${model.cfg.arch}); wrong base model?`);
+        const [inDim, outDim] = model.shapeOf(`${mod}.weight`);
         const aShape = st.tensors.get(keys.A)!.shape;
         const bShape = st.tensors.get(keys.B)!.shape;
         if (aShape.join() !== [cfg.r, inDim].join()) throw new UserError(`${wfile}: "${keys.A}" has shape [${aShape}], expected [${cfg.r}, ${inDim}] (r=${cfg.r})`);
@@ -289,7 +289,7 @@ export function withAdapterOff<T>(model: Decoder, f: () => T): T {
 /** Fold the adapter into the base weights in place: W' = W + s·B·A (memory layout: W + s·Aᵀ·Bᵀ). */
 export function mergeInto(model: Decoder, adapter: LoraAdapter): void {
   for (const mod of adapter.weights.keys()) {
-    const w = model.p(`${mod}.weight`);
+    const w = model.float32(`${mod}.weight`); // a 16-bit base takes the sum in float32
     const d = adapter.delta(mod);
     const next = tf.add(w, d);
     w.assign(next);

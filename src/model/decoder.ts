@@ -5,7 +5,8 @@ import { ropeTables } from './rope.js';
 import { addRmsNorm, attention, embed, labelLogProbs, labelLogProbsSlope, linear, mm, mmTransB, rmsNorm, rope, splitQkv, swiglu } from '../engine/ops.js';
 import { Rng } from '../util/rng.js';
 import { RngHooks, checkpoint } from '../engine/checkpoint.js';
-import { transpose2d } from '../engine/native.js';
+import { transpose2d, widenHalf } from '../engine/native.js';
+import { HalfWeight, Weight, isHalf } from '../engine/half.js';
 
 /**
  * A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, 360Zhinao) in one file, after nanoGPT's model.py.
@@ -17,7 +18,7 @@ import { transpose2d } from '../engine/native.js';
 /** Something that computes a named linear layer in place of x·W + b (e.g. LoRA: that plus a low-rank update). */
 export interface LinearAdapter {
   targets(module: string): boolean;
-  linear(module: string, x: tf.Tensor, w: tf.Tensor, bias: tf.Tensor | null): tf.Tensor;
+  linear(module: string, x: tf.Tensor, w: Weight, bias: tf.Tensor | null): tf.Tensor;
   /** The trainable tensors of the modules whose names start with `prefix`. */
   variables(prefix: string): tf.Variable[];
   /** Its random stream (dropout), for a checkpointed layer to replay. */
@@ -99,16 +100,24 @@ export class Decoder {
 
   constructor(
     readonly cfg: ModelConfig,
+    /** Float32 parameters (tfjs variables, prefopt's layout). */
     readonly params: Map<string, tf.Variable>,
+    /** Frozen matrices kept in the checkpoint's bf16/f16 (engine/half); never in `params` too. */
+    readonly half: Map<string, HalfWeight> = new Map(),
   ) {}
 
-  /** Build from HF-layout host tensors (transposing linear weights). */
-  static fromHF(cfg: ModelConfig, get: (name: string) => { shape: number[]; data: Float32Array }, trainable = false): Decoder {
+  /** Build from HF-layout host tensors (transposing linear weights), or 16-bit frozen weights as they are. */
+  static fromHF(cfg: ModelConfig, get: (name: string) => { shape: number[]; data: Float32Array } | HalfWeight, trainable = false): Decoder {
     // Variables stay unnamed: tfjs names are global, and two models (policy, reference) coexist.
     const params = new Map<string, tf.Variable>();
+    const half = new Map<string, HalfWeight>();
     try {
       for (const [name] of expectedShapes(cfg)) {
         const t = get(name);
+        if (isHalf(t)) {
+          half.set(name, t);
+          continue;
+        }
         const init = toInternal(name, t.shape, t.data);
         params.set(name, tf.variable(init, trainable));
         init.dispose();
@@ -117,37 +126,58 @@ export class Decoder {
       for (const v of params.values()) v.dispose();
       throw e;
     }
-    return new Decoder(cfg, params);
+    return new Decoder(cfg, params, half);
   }
 
-  /** Fresh weights: N(0, 0.02) for matrices (transformers' initializer_range), ones for norms, zeros for biases. */
+  /** Fresh weights (initTensor), trainable. */
   static init(cfg: ModelConfig, seed: number, std = 0.02): Decoder {
-    return Decoder.fromHF(cfg, (name) => {
-      const shape = expectedShapes(cfg).get(name)!;
-      const n = shape.reduce((a, b) => a * b, 1);
-      const data = new Float32Array(n);
-      if (name.endsWith('norm.weight')) data.fill(1);
-      else if (!name.endsWith('.bias')) {
-        const rng = new Rng(seed, name);
-        for (let i = 0; i < n; i++) data[i] = rng.normal() * std;
-      }
-      return { shape, data };
-    }, true);
+    return Decoder.fromHF(cfg, (name) => initTensor(cfg, name, seed, std), true);
   }
 
+  /** A float32 parameter (a 16-bit one is an error: read it with weight(), or widen it with float32()). */
   p(name: string): tf.Variable {
+    if (this.half.has(name)) throw new Error(`${name} is held in ${this.half.get(name)!.dtype}; read it with weight() or widen it with float32()`);
     const v = this.params.get(name);
     if (!v) throw new Error(`model has no parameter ${name}`);
     return v;
   }
 
+  /** A weight as it is held: float32, or the checkpoint's 16 bits for a frozen matrix. */
+  weight(name: string): Weight {
+    return this.half.get(name) ?? this.p(name);
+  }
+
+  /** Every parameter's name, however it is stored. */
+  names(): string[] {
+    return [...this.params.keys(), ...this.half.keys()];
+  }
+
+  /** A parameter's shape in prefopt's layout ([in, out] for linear weights), however it is stored. */
+  shapeOf(name: string): number[] {
+    return this.weight(name).shape as number[];
+  }
+
+  /** Replace a 16-bit weight by a float32 variable of its values (to train it, or to fold an update in). */
+  float32(name: string): tf.Variable {
+    const hw = this.half.get(name);
+    if (!hw) return this.p(name);
+    // Widened in Hugging Face's layout, then laid out as a float32 parameter would be.
+    const init = toInternal(name, hw.stored, widenHalf(hw));
+    const v = tf.variable(init, false);
+    init.dispose();
+    this.half.delete(name);
+    this.params.set(name, v);
+    return v;
+  }
+
   setTrainable(trainable: boolean): void {
+    if (trainable) for (const name of [...this.half.keys()]) this.float32(name);
     for (const v of this.params.values()) v.trainable = trainable;
   }
 
   /** A linear layer by module name, with its bias and any adapter. */
   lin(module: string, x: tf.Tensor): tf.Tensor {
-    const w = this.p(`${module}.weight`);
+    const w = this.weight(`${module}.weight`);
     const b = this.params.get(`${module}.bias`) ?? null;
     if (this.adapter && this.adapterEnabled && this.adapter.targets(module)) return this.adapter.linear(module, x, w, b);
     return linear(x, w, b);
@@ -172,7 +202,7 @@ export class Decoder {
     const mask = tf.tensor4d(attentionMask({ batch: B, queryLen: T, keyLen: Tk, keyValid, segments: batch.segments, window: cfg.sliding_window ?? undefined }), [B, 1, T, Tk]);
     // The residual stream is [B·T, D] until the end: linear layers take it as it is.
     const ids = tf.tensor1d(Array.from(batch.ids), 'int32');
-    let x = embed(this.p('model.embed_tokens.weight') as tf.Tensor2D, ids) as tf.Tensor;
+    let x = embed(this.weight('model.embed_tokens.weight'), ids) as tf.Tensor;
     const L = cfg.num_hidden_layers;
     const eps = cfg.rms_norm_eps;
     if (this.checkpointLayers && !cache && L > 0) {
@@ -266,13 +296,13 @@ export class Decoder {
 
   /** Logits [N, V] for hidden states [N, D]; a tied head multiplies by the embedding [V, D] transposed. */
   logits(h: tf.Tensor2D): tf.Tensor2D {
-    const w = this.p(`${this.headModule()}.weight`) as tf.Tensor2D;
+    const w = this.weight(`${this.headModule()}.weight`);
     return this.cfg.tie_word_embeddings ? mmTransB(h, w) : mm(h, w);
   }
 
   /** g [N, V] taken back through the head to [N, D]: the transpose of logits' product (g·E tied, g·Wᵀ untied). */
   private headBackward(g: tf.Tensor2D): tf.Tensor2D {
-    const w = this.p(`${this.headModule()}.weight`) as tf.Tensor2D;
+    const w = this.weight(`${this.headModule()}.weight`);
     return this.cfg.tie_word_embeddings ? mm(g, w) : mmTransB(g, w);
   }
 
@@ -324,6 +354,8 @@ export class Decoder {
 
   /** The parameter in Hugging Face layout, on the host. */
   hfData(name: string): Float32Array {
+    const hw = this.half.get(name);
+    if (hw) return widenHalf(hw); // stored as the file has it, which is Hugging Face's layout
     const v = this.p(name);
     return fromInternal(name, v.shape, v.dataSync() as Float32Array);
   }
@@ -334,14 +366,33 @@ export class Decoder {
 
   paramCount(): number {
     let n = 0;
-    for (const v of this.params.values()) n += v.size;
+    for (const v of [...this.params.values(), ...this.half.values()]) n += v.size;
     return n;
   }
 
   dispose(): void {
     for (const v of this.params.values()) v.dispose();
     this.params.clear();
+    this.half.clear();
   }
+}
+
+/**
+ * A fresh tensor in HF layout: N(0, std) for matrices (transformers' initializer_range, 0.02),
+ * ones for norms, zeros for biases; each from its own stream, so one can be made without the
+ * others (init-model writes a 7B checkpoint a tensor at a time).
+ */
+export function initTensor(cfg: ModelConfig, name: string, seed: number, std = 0.02): { shape: number[]; data: Float32Array } {
+  const shape = expectedShapes(cfg).get(name);
+  if (!shape) throw new Error(`a ${cfg.arch} model has no tensor ${name}`);
+  const n = shape.reduce((a, b) => a * b, 1);
+  const data = new Float32Array(n);
+  if (name.endsWith('norm.weight')) data.fill(1);
+  else if (!name.endsWith('.bias')) {
+    const rng = new Rng(seed, name);
+    for (let i = 0; i < n; i++) data[i] = rng.normal() * std;
+  }
+  return { shape, data };
 }
 
 /** HF layout → memory layout: linear weights [out, in] become [in, out]. */

@@ -1,15 +1,54 @@
 import { Decoder } from './decoder.js';
-import { checkFinite, openCheckpoint, readGenerationConfig, SaveOptions, writeCheckpointFiles } from '../io/checkpoint.js';
+import { checkFinite, openCheckpoint, readGenerationConfig, SaveOptions, TensorSource, writeCheckpointFiles } from '../io/checkpoint.js';
+import { readHalfBits } from '../io/safetensors.js';
 import { writeDirAtomic } from '../util/fsutil.js';
+import { UserError } from '../util/errors.js';
+import { HalfWeight } from '../engine/half.js';
+import { fusedActive } from '../engine/fused.js';
+import { firstNonFiniteHalf } from '../engine/native.js';
+import { isLinearWeight } from './config.js';
+
+export interface LoadOptions {
+  /** Float32 variables that training updates; otherwise the weights are frozen. */
+  trainable?: boolean;
+  /**
+   * Keep a frozen model's bf16/f16 matrices in 16 bits (engine/half), where the native kernels
+   * serve the backend (default). False: every weight widened to float32, as before.
+   */
+  half?: boolean;
+}
 
 /** Load a checkpoint directory into a Decoder; every tensor is validated before use. */
-export function loadModel(dir: string, opts: { trainable?: boolean } = {}): Decoder {
+export function loadModel(dir: string, opts: LoadOptions = {}): Decoder {
   const { cfg, src } = openCheckpoint(dir);
-  return Decoder.fromHF(cfg, (name) => {
-    const t = src.read(name);
-    checkFinite(name, src.fileOf(name), t.data);
-    return t;
-  }, opts.trainable ?? false);
+  const trainable = opts.trainable ?? false;
+  const half = !trainable && (opts.half ?? true) && fusedActive();
+  return Decoder.fromHF(cfg, (name) => (half && keepsHalf(src, name) ? readHalf(src, name) : readChecked(src, name)), trainable);
+}
+
+/**
+ * The matrices that stay 16-bit when frozen: the linear layers, the embedding and the LM head
+ * (all but a few MB of a model); norms and biases are widened, as the kernels that read them
+ * take float32.
+ */
+export function keepsHalf(src: TensorSource, name: string): boolean {
+  const dt = src.dtype(name);
+  return (dt === 'BF16' || dt === 'F16') && src.shape(name).length === 2 && (/(_proj|lm_head)\.weight$/.test(name) || name === 'model.embed_tokens.weight');
+}
+
+function readChecked(src: TensorSource, name: string) {
+  const t = src.read(name);
+  checkFinite(name, src.fileOf(name), t.data);
+  return t;
+}
+
+function readHalf(src: TensorSource, name: string): HalfWeight {
+  const st = src.files.get(src.where.get(name)!)!;
+  const [rows, cols] = src.shape(name);
+  const w = new HalfWeight(readHalfBits(st, name), src.dtype(name) === 'BF16' ? 'bf16' : 'f16', [rows, cols], isLinearWeight(name));
+  const i = firstNonFiniteHalf(w);
+  if (i >= 0) throw new UserError(`${src.fileOf(name)}: tensor "${name}" holds a non-finite value at index ${i}`);
+  return w;
 }
 
 /**
@@ -22,4 +61,3 @@ export async function saveModel(model: Decoder, dir: string, opts: SaveOptions =
     writeCheckpointFiles(tmp, model.cfg.raw, model.hfEntries(), (name) => model.hfData(name), { ...opts, generationConfig: gen }),
   );
 }
-

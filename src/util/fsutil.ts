@@ -169,3 +169,12 @@ export function readJson(file: string): any {
     throw new UserError(`${file}: invalid JSON (${e.message})`);
   }
 }
+
+/**
+ * Write all of `buf` at the file's position: one write(2) moves at most 2 GiB − 4 KiB on Linux,
+ * and fs.writeSync reports a short count rather than looping (a 7B model's float32 embedding
+ * table is 2.6 GB).
+ */
+export function writeAll(fd: number, buf: Uint8Array): void {
+  for (let off = 0; off < buf.length; ) off += fs.writeSync(fd, buf, off, Math.min(buf.length - off, 1 << 30));
+}
