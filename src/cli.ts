@@ -125,7 +125,8 @@ function addDoctorCommand(program: Command, withBackend: WithBackend): void {
           if (report.warning) process.stdout.write(`warning: ${report.warning}\n`);
           process.stdout.write(`node ${report.node}, ${report.cpus} cpus, ${report.memory_gb} GiB\n`);
           if (mem) {
-            process.stdout.write(`\npeak memory on ${o.model} (${(mem.params / 1e6).toFixed(1)}M parameters, ${o.batchSize} × ${o.maxLength} tokens; limit ${gib(mem.limit)}, ${mem.limitSource}):\n`);
+            const held = mem.halfWeights ? '; frozen matrices held in the file\'s 16 bits' : '';
+            process.stdout.write(`\npeak memory on ${o.model} (${(mem.params / 1e6).toFixed(1)}M parameters, ${o.batchSize} × ${o.maxLength} tokens; limit ${gib(mem.limit)}, ${mem.limitSource}${held}):\n`);
             for (const j of mem.jobs) {
               const parts = Object.entries(j.parts).map(([k, v]) => `${k} ${gib(v)}`).join(', ');
               process.stdout.write(`  ${j.fits ? 'fits' : 'TOO BIG'}  ${j.job}${j.checkpointing ? ', checkpointed' : ''}: ${gib(j.bytes)} (${parts})\n`);

@@ -168,6 +168,11 @@ describe('memory estimate and the up-front check', () => {
     expect(estimateMemory(cfg, { kind: 'full', rows: 4, len: 10, gradAccum: 2 }).parts.activations).toBe(2 * 4 * activationFloats(cfg) * N);
     expect(estimateMemory(cfg, { kind: 'full', rows: 4, len: 10, gradAccum: 2 }).parts.training_state).toBe(4 * 4 * paramCount(cfg));
     expect(estimateMemory(cfg, { kind: 'full', rows: 4, len: 10 }).parts.head_grads).toBe(3 * 4 * 50 * 32);
+    // A bf16 checkpoint's matrices (every linear, the embedding, the untied head) at 2 bytes when
+    // frozen; the norms stay float32, and full SFT trains (so widens) everything.
+    const matrices = 2 * 50 * 32 + 2 * (32 * 32 + 2 * (32 * 16) + 32 * 32 + 3 * 32 * 72);
+    for (const kind of ['lora', 'logprobs', 'generate'] as const) expect(estimateMemory(cfg, { kind, rows: 4, len: 10, halfWeights: true }).parts.weights, kind).toBe(4 * paramCount(cfg) - 2 * matrices);
+    expect(estimateMemory(cfg, { kind: 'full', rows: 4, len: 10, halfWeights: true }).parts.weights).toBe(4 * paramCount(cfg));
     expect([parseBytes('12GiB'), parseBytes('800MB'), parseBytes('1e9'), parseBytes('lots')]).toEqual([12 * 2 ** 30, 800e6, 1e9, null]);
   });
 

@@ -10,7 +10,8 @@ import { loadModel, saveModel } from '../src/model/load.js';
 import { LoraAdapter, attach } from '../src/lora/lora.js';
 import { completionLogprobs } from '../src/infer/logprobs.js';
 import { Rng } from '../src/util/rng.js';
-import { readHeader } from '../src/io/safetensors.js';
+import { readHalfBits, readHeader } from '../src/io/safetensors.js';
+import { writeCheckpointFiles } from '../src/io/checkpoint.js';
 import { ARCH_SPECS, makeTestModel } from './helpers/models.js';
 
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'prefopt-merge-'));
@@ -103,6 +104,51 @@ describe('merging checkpoints', () => {
     merged.dispose();
     ad.dispose();
     model.dispose();
+  });
+
+  it('merge-lora of a bf16 checkpoint to bf16: tensors the adapter does not touch are copied byte for byte; folded ones are W + s·B·A rounded once to bf16', async () => {
+    const d = tmp();
+    const { cfg, w, raw } = makeTestModel(ARCH_SPECS['llama GQA untied'], 3);
+    await writeCheckpointFiles(path.join(d, 'base'), raw, [...w].map(([name, t]) => ({ name, shape: t.shape })), (n) => w.get(n)!.data, { dtype: 'BF16' });
+    const base = loadModel(path.join(d, 'base'));
+    const ad = LoraAdapter.create(base, { r: 4, alpha: 8, dropout: 0, targets: ['q_proj', 'down_proj'], useRslora: false }, 2);
+    for (const { b } of ad.weights.values()) b.assign(tf.randomNormal(b.shape, 0, 0.3, 'float32', 9));
+    await ad.save(path.join(d, 'adapter'));
+    await mergeLora(path.join(d, 'base'), path.join(d, 'adapter'), path.join(d, 'merged'), 'bf16');
+    const src = readHeader(path.join(d, 'base', 'model.safetensors'));
+    const out = readHeader(path.join(d, 'merged', 'model.safetensors'));
+    const u32 = new Uint32Array(1);
+    const f = new Float32Array(u32.buffer);
+    const widen = (bits: Uint16Array) => Float32Array.from(bits, (h) => ((u32[0] = h << 16), f[0]));
+    let folded = 0;
+    for (const name of src.tensors.keys()) {
+      expect(out.tensors.get(name)!.dtype, name).toBe('BF16');
+      const before = readHalfBits(src, name);
+      const after = readHalfBits(out, name);
+      const mod = name.replace(/\.weight$/, '');
+      const lw = ad.weights.get(mod);
+      if (!lw) {
+        expect(Buffer.from(after.buffer).equals(Buffer.from(before.buffer)), name).toBe(true);
+        continue;
+      }
+      folded++;
+      // W [out, in] + s·(Aᵀ [in, r] · Bᵀ [r, out])ᵀ in float64, against the bf16 written: within one rounding.
+      const [outDim, inDim] = out.tensors.get(name)!.shape;
+      const A = lw.a.dataSync();
+      const B = lw.b.dataSync();
+      const W = widen(before);
+      const got = widen(after);
+      for (let o = 0; o < outDim; o++)
+        for (let i = 0; i < inDim; i++) {
+          let s = 0;
+          for (let k = 0; k < 4; k++) s += A[i * 4 + k] * B[k * outDim + o];
+          const want = W[o * inDim + i] + ad.scale * s;
+          expect(Math.abs(got[o * inDim + i] - want), name).toBeLessThanOrEqual(Math.abs(want) * 2 ** -8 + 1e-30);
+        }
+    }
+    expect(folded).toBe(2 * cfg.num_hidden_layers);
+    ad.dispose();
+    base.dispose();
   });
 
   it('streams a TIES merge of three checkpoints; mismatched models and zero weights are refused with nothing left behind', async () => {

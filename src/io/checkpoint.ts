@@ -4,7 +4,7 @@ import { UserError } from '../util/errors.js';
 import { firstNonFinite } from '../engine/native.js';
 import { readJson } from '../util/fsutil.js';
 import { ModelConfig, expectedShapes, parseConfig } from '../model/config.js';
-import { DType, SafetensorsFile, TORCH_DTYPE, readHeader, readTensor, writeSafetensors } from './safetensors.js';
+import { DType, EncodedTensor, SafetensorsFile, TORCH_DTYPE, TensorData, readEncoded, readHeader, readTensor, writeSafetensors } from './safetensors.js';
 
 /**
  * Hugging Face checkpoint directories (docs/REFERENCE.md §1): config.json, one safetensors file or shards
@@ -70,6 +70,12 @@ export class TensorSource {
   dtype(name: string): DType {
     return this.files.get(this.where.get(name)!)!.tensors.get(name)!.dtype;
   }
+  /** The tensor's bytes as stored (to copy it unchanged). */
+  readEncoded(name: string): EncodedTensor {
+    const f = this.where.get(name);
+    if (!f) throw new UserError(`${this.dir}: missing tensor "${name}"`);
+    return readEncoded(this.files.get(f)!, name);
+  }
   read(name: string): HostTensor {
     const f = this.where.get(name);
     if (!f) throw new UserError(`${this.dir}: missing tensor "${name}"`);
@@ -124,7 +130,7 @@ export async function writeCheckpointFiles(
   dir: string,
   rawConfig: Record<string, any>,
   entries: { name: string; shape: number[] }[],
-  getData: (name: string) => Float32Array | Promise<Float32Array>,
+  getData: (name: string) => TensorData | Promise<TensorData>,
   opts: SaveOptions = {},
 ): Promise<void> {
   const dtype = opts.dtype ?? 'F32';

@@ -106,6 +106,13 @@ export function readTensor(st: SafetensorsFile, name: string): Float32Array {
   return decode(readBytes(st, name, t), t.dtype);
 }
 
+/** A tensor's bytes as the file holds them, with their dtype. */
+export function readEncoded(st: SafetensorsFile, name: string): EncodedTensor {
+  const t = st.tensors.get(name);
+  if (!t) throw new UserError(`${st.file}: no tensor "${name}"`);
+  return { bytes: readBytes(st, name, t), dtype: t.dtype };
+}
+
 /** Read a BF16 or F16 tensor's bits as they are, into the array that is returned. */
 export function readHalfBits(st: SafetensorsFile, name: string): Uint16Array {
   const t = st.tensors.get(name);
@@ -242,6 +249,13 @@ export interface WriteEntry {
   shape: number[];
 }
 
+/** A tensor's values to write: float32 (encoded to the file's dtype), or bytes already in it. */
+export type TensorData = Float32Array | EncodedTensor;
+export interface EncodedTensor {
+  bytes: Uint8Array;
+  dtype: DType;
+}
+
 /**
  * Stream tensors into a safetensors file: the header is written first from the shapes, then each
  * tensor's data is asked for in turn, so only one tensor is in memory. Written under a temporary
@@ -251,7 +265,7 @@ export async function writeSafetensors(
   file: string,
   entries: WriteEntry[],
   dtype: DType,
-  getData: (name: string) => Float32Array | Promise<Float32Array>,
+  getData: (name: string) => TensorData | Promise<TensorData>,
   metadata: Record<string, string> = { format: 'pt' },
 ): Promise<void> {
   const names = new Set<string>();
@@ -275,8 +289,13 @@ export async function writeSafetensors(
     for (const e of entries) {
       const data = await getData(e.name);
       const numel = e.shape.reduce((a, b) => a * b, 1);
-      if (data.length !== numel) throw new Error(`tensor ${e.name}: ${data.length} values for shape ${JSON.stringify(e.shape)}`);
-      writeAll(fd, encode(data, dtype));
+      if (data instanceof Float32Array) {
+        if (data.length !== numel) throw new Error(`tensor ${e.name}: ${data.length} values for shape ${JSON.stringify(e.shape)}`);
+        writeAll(fd, encode(data, dtype));
+      } else {
+        if (data.dtype !== dtype || data.bytes.length !== numel * DTYPE_BYTES[dtype]) throw new Error(`tensor ${e.name}: ${data.bytes.length} bytes of ${data.dtype} for ${dtype} ${JSON.stringify(e.shape)}`);
+        writeAll(fd, data.bytes);
+      }
     }
   });
 }

@@ -186,6 +186,14 @@ export function expectedShapes(cfg: ModelConfig): Map<string, number[]> {
   return m;
 }
 
+/**
+ * The matrices a frozen model keeps in its checkpoint's bf16/f16 (model/load): the linear
+ * layers, the embedding and the LM head — all but a few MB of a model.
+ */
+export function isHalfMatrix(name: string): boolean {
+  return /(_proj|lm_head)\.weight$/.test(name) || name === 'model.embed_tokens.weight';
+}
+
 /** Linear weights are stored transposed ([in, out]) in memory; everything else as on disk. */
 export function isLinearWeight(name: string): boolean {
   return /(_proj|lm_head|score)\.weight$/.test(name) || /lora_[AB]\.weight$/.test(name);

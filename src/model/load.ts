@@ -6,7 +6,7 @@ import { UserError } from '../util/errors.js';
 import { HalfWeight } from '../engine/half.js';
 import { fusedActive } from '../engine/fused.js';
 import { firstNonFiniteHalf } from '../engine/native.js';
-import { isLinearWeight } from './config.js';
+import { isHalfMatrix, isLinearWeight } from './config.js';
 
 export interface LoadOptions {
   /** Float32 variables that training updates; otherwise the weights are frozen. */
@@ -26,14 +26,20 @@ export function loadModel(dir: string, opts: LoadOptions = {}): Decoder {
   return Decoder.fromHF(cfg, (name) => (half && keepsHalf(src, name) ? readHalf(src, name) : readChecked(src, name)), trainable);
 }
 
-/**
- * The matrices that stay 16-bit when frozen: the linear layers, the embedding and the LM head
- * (all but a few MB of a model); norms and biases are widened, as the kernels that read them
- * take float32.
- */
+/** A matrix stored in 16 bits (norms and biases are widened: the kernels that read them take float32). */
 export function keepsHalf(src: TensorSource, name: string): boolean {
   const dt = src.dtype(name);
-  return (dt === 'BF16' || dt === 'F16') && src.shape(name).length === 2 && (/(_proj|lm_head)\.weight$/.test(name) || name === 'model.embed_tokens.weight');
+  return (dt === 'BF16' || dt === 'F16') && src.shape(name).length === 2 && isHalfMatrix(name);
+}
+
+/**
+ * Whether loading `dir` frozen would keep its matrices in 16 bits (for the memory estimate,
+ * before anything is loaded): a bf16/f16 checkpoint, with the native kernels serving the backend.
+ */
+export function loadsHalf(dir: string): boolean {
+  if (!fusedActive()) return false;
+  const src = TensorSource.open(dir);
+  return src.names().some((n) => keepsHalf(src, n));
 }
 
 function readChecked(src: TensorSource, name: string) {

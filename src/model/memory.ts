@@ -1,6 +1,7 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
-import { ModelConfig, expectedShapes } from './config.js';
+import { ModelConfig, expectedShapes, isHalfMatrix } from './config.js';
+import { loadsHalf } from './load.js';
 import { HEAD_CHUNK_BYTES, headChunkRows } from './decoder.js';
 import { UserError } from '../util/errors.js';
 import { loadConfig } from '../io/checkpoint.js';
@@ -12,7 +13,8 @@ import { LoraConfig, defaultTargets } from '../lora/lora.js';
  * loaded (docs/REFERENCE.md §10), and the check that stops a job the machine cannot hold. Every
  * tensor is float32. The terms follow what the engine keeps alive at its peak:
  *
- * - weights: 4 bytes per parameter, resident for the whole job;
+ * - weights: 4 bytes per parameter, resident for the whole job — but 2 for the matrices of a
+ *   bf16/f16 checkpoint in a job that does not train them (model/load keeps them 16-bit);
  * - training state: gradients, AdamW's two moments (and an accumulation buffer with grad_accum
  *   > 1) for the trained tensors — all weights in full SFT, the adapters in LoRA;
  * - activations: what the gradient tape keeps per layer and token (ACTIVATION_FLOATS), for every
@@ -44,6 +46,8 @@ export interface JobShape {
   /** LoRA: rank and the linear modules it targets (their last name component). */
   lora?: { r: number; targets: string[] };
   gradAccum?: number;
+  /** The checkpoint's matrices are bf16/f16 and stay so when frozen (model/load's loadsHalf). */
+  halfWeights?: boolean;
 }
 
 export interface MemoryEstimate {
@@ -80,13 +84,21 @@ export function loraParamCount(cfg: ModelConfig, lora: { r: number; targets: str
   return n;
 }
 
+/** Parameters in the matrices a frozen model may keep in 16 bits (config's isHalfMatrix). */
+export function halfMatrixCount(cfg: ModelConfig): number {
+  let n = 0;
+  for (const [name, s] of expectedShapes(cfg)) if (isHalfMatrix(name)) n += s.reduce((a, b) => a * b, 1);
+  return n;
+}
+
 export function estimateMemory(cfg: ModelConfig, job: JobShape): MemoryEstimate {
   const P = paramCount(cfg);
   const N = job.rows * job.len;
   const L = cfg.num_hidden_layers;
   const layer = 4 * activationFloats(cfg) * N;
   const headRows = Math.min(N, headChunkRows(HEAD_CHUNK_BYTES, cfg.vocab_size));
-  const parts: Record<string, number> = { weights: 4 * P };
+  const half = job.halfWeights && job.kind !== 'full' ? halfMatrixCount(cfg) : 0;
+  const parts: Record<string, number> = { weights: 4 * P - 2 * half };
   const train = job.kind === 'lora' || job.kind === 'full';
   if (train) {
     const T = job.kind === 'full' ? P : loraParamCount(cfg, job.lora ?? { r: 8, targets: [] });
@@ -146,7 +158,7 @@ export function describeEstimate(e: MemoryEstimate): string {
 export function checkJobFits(dir: string, what: string, job: (cfg: ModelConfig) => JobShape): void {
   const cfg = loadConfig(dir);
   const shape = job(cfg);
-  assertFits(estimateMemory(cfg, { ...shape, len: Math.min(shape.len, cfg.max_position_embeddings) }), what);
+  assertFits(estimateMemory(cfg, { ...shape, len: Math.min(shape.len, cfg.max_position_embeddings), halfWeights: loadsHalf(dir) }), what);
 }
 
 export interface JobReport {
@@ -162,22 +174,24 @@ export interface JobReport {
  * LoRA DPO (rank r on every linear layer, `pairs` pairs a step) and full SFT — at the default
  * checkpointing, against memoryLimit().
  */
-export function jobReports(dir: string, o: { pairs: number; maxLength: number; loraR: number }): { params: number; limit: number; limitSource: string; jobs: JobReport[] } {
+export function jobReports(dir: string, o: { pairs: number; maxLength: number; loraR: number }): { params: number; limit: number; limitSource: string; halfWeights: boolean; jobs: JobReport[] } {
   const cfg = loadConfig(dir);
   const P = paramCount(cfg);
   const len = Math.min(o.maxLength, cfg.max_position_embeddings);
   const ck = checkpointingOn('auto', P);
   const linears = [...new Set([...expectedShapes(cfg).keys()].map(linearKind).filter((m): m is string => !!m))];
   const lim = memoryLimit();
+  const halfWeights = loadsHalf(dir);
   const jobs: [string, JobShape][] = [
-    ['logprobs', { kind: 'logprobs', rows: 2 * o.pairs, len }],
-    [`lora dpo (r ${o.loraR}, ${linears.join(',')})`, { kind: 'lora', rows: 2 * o.pairs, len, checkpointing: ck, lora: { r: o.loraR, targets: linears } }],
+    ['logprobs', { kind: 'logprobs', rows: 2 * o.pairs, len, halfWeights }],
+    [`lora dpo (r ${o.loraR}, ${linears.join(',')})`, { kind: 'lora', rows: 2 * o.pairs, len, checkpointing: ck, lora: { r: o.loraR, targets: linears }, halfWeights }],
     ['full sft', { kind: 'full', rows: o.pairs, len, checkpointing: ck }],
   ];
   return {
     params: P,
     limit: lim.bytes,
     limitSource: lim.source,
+    halfWeights,
     jobs: jobs.map(([job, s]) => {
       const e = estimateMemory(cfg, s);
       return { job, checkpointing: !!s.checkpointing, bytes: e.total, parts: e.parts, fits: e.total <= lim.bytes };
