@@ -1,19 +1,28 @@
 """A float64 reference for log-probs on checkpoints too large for memory, written plainly.
 
-`stream_ref.py CHECKPOINT ROWS.json`: ROWS.json holds [{"ids": [...], "start": s}, ...]; prints one
-JSON line {"logps": [[log p(ids[t] | ids[:t]) for t >= max(s, 1)] per row], "peak_rss": bytes}.
+`stream_ref.py CHECKPOINT ROWS.json [float32]`: ROWS.json holds [{"ids": [...], "start": s}, ...];
+prints one JSON line {"logps": [[log p(ids[t] | ids[:t]) for t >= max(s, 1)] per row], "seconds",
+"peak_rss": bytes, "blas"}. In float64 (the default) it is the parity reference of the 7B-shaped
+checks; in float32 it is PyTorch's side of the 7B log-probs bench (a float32 7B model, 31 GB, does
+not fit the machine, so PyTorch streams it too).
 
 The model runs one decoder layer at a time: each layer's tensors are read from the safetensors
 shards (bf16, f16 or f32), widened to float64, used for every row, and dropped before the next
 layer is read. So a 7B model's reference needs one layer in float64 (~1.6 GB) and the hidden
 states, not the model. Covers the architectures prefopt's decoder does without rope scaling or
 sliding windows: llama, qwen2, qwen3 (q/k norms) and 360Zhinao (fused, grouped qkv_proj)."""
-import json, os, resource, struct, sys
+import json, os, resource, struct, sys, time
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from blas import blas_in_use
+
+T0 = time.perf_counter()
+
 torch.set_num_threads(os.cpu_count() or 1)
 DIR, ROWS = sys.argv[1], json.load(open(sys.argv[2]))
+DT = torch.float32 if sys.argv[3:4] == ["float32"] else torch.float64
 cfg = json.load(open(os.path.join(DIR, "config.json")))
 D, H, L, V = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_hidden_layers"], cfg["vocab_size"]
 KV = cfg.get("num_key_value_heads", H)
@@ -46,7 +55,7 @@ def get(name):
         x = raw.view(np.float16)
     else:
         x = raw.view(np.float32)
-    return torch.from_numpy(x.astype(np.float64)).reshape(shape)
+    return torch.from_numpy(x.astype(np.float64 if DT == torch.float64 else np.float32)).reshape(shape)
 
 
 def has(name):
@@ -60,7 +69,7 @@ def rms(x, w):
 def rope(x):  # x [T, heads, HD]
     T = x.shape[0]
     inv = THETA ** (-torch.arange(0, HD, 2, dtype=torch.float64) / HD)
-    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None]
+    ang = (torch.arange(T, dtype=torch.float64)[:, None] * inv[None]).to(DT)
     cos, sin = torch.cat([ang.cos()] * 2, -1)[:, None], torch.cat([ang.sin()] * 2, -1)[:, None]
     half = HD // 2
     rot = torch.cat([-x[..., half:], x[..., :half]], -1)
@@ -110,4 +119,4 @@ for r, x in zip(ROWS, xs):
     lp = torch.log_softmax(rms(x, norm) @ head.t(), -1)
     ids = r["ids"]
     out.append([lp[t - 1, ids[t]].item() for t in range(max(r["start"], 1), len(ids))])
-print(json.dumps({"logps": out, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print(json.dumps({"logps": out, "seconds": round(time.perf_counter() - T0, 2), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "blas": blas_in_use()}))

@@ -13,6 +13,9 @@ import json, math, os, resource, sys, time
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from blas import blas_in_use
+
 torch.manual_seed(0)
 torch.set_num_threads(os.cpu_count() or 1)
 REAL = sys.argv[1:2] == ["real"]
@@ -192,14 +195,6 @@ def real(job):
         raise SystemExit(f"unknown job {job}")
     s = bench(f, 1)
     print(json.dumps({"tokens_per_s": round(tokens / s, 2), "seconds": round(s, 2), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "blas": blas_in_use()}))
-
-
-def blas_in_use():
-    """The BLAS library this process mapped (Debian's torch links the generic libblas.so.3, which
-    its alternatives point at OpenBLAS or the slow reference BLAS)."""
-    with open("/proc/self/maps") as f:
-        libs = {os.path.basename(l.split()[-1]) for l in f if "blas" in l.lower() and "/" in l}
-    return ", ".join(sorted(libs)) or "none mapped"
 
 
 def small():

@@ -182,6 +182,8 @@ describe('16-bit frozen weights', () => {
         const trained = loadModel(dir, { trainable: true });
         const matrices = [...m.w.keys()].filter((n) => MATRIX.test(n));
         expect([...frozen.half.keys()].sort()).toEqual(matrices.sort());
+        // The bits are views of the memory-mapped file, not copies.
+        for (const h of frozen.half.values()) expect(h.bits.buffer.byteLength).toBe(fs.statSync(path.join(dir, 'model.safetensors')).size);
         expect(wide.half.size + trained.half.size).toBe(0);
         const matrixValues = matrices.reduce((s, n) => s + m.w.get(n)!.data.length, 0);
         expect(wideBytes - halfBytes).toBe(4 * matrixValues); // the matrices are not tfjs tensors …

@@ -22,6 +22,7 @@ interface Addon extends FusedAddon {
   firstNonFinite(x: Float32Array | Uint16Array, n: number, dt: number): number;
   matmulWeight(tb: boolean, m: number, n: number, k: number, a: Float32Array, b: Float32Array | Uint16Array, bdt: number, c: Float32Array): void;
   widen(src: Uint16Array, n: number, dt: number, out: Float32Array): void;
+  mapFile(path: string): ArrayBuffer | null;
 }
 
 export interface NativeReport {
@@ -108,6 +109,14 @@ function loaded(): Addon {
 /** The same for a 16-bit weight: the index of its first NaN or ±Inf, or −1. */
 export function firstNonFiniteHalf(w: HalfWeight): number {
   return loaded().firstNonFinite(w.bits, w.size, w.code);
+}
+
+/**
+ * The whole file as a memory-mapped ArrayBuffer (copy-on-write; unmapped when collected), or null
+ * where it cannot be mapped or the addon is not loaded: then read it.
+ */
+export function mapFile(file: string): ArrayBuffer | null {
+  return loadNative().active && addon ? addon.mapFile(file) : null;
 }
 
 /** A 16-bit weight widened to float32, in its stored layout. */

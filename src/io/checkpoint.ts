@@ -1,10 +1,10 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { UserError } from '../util/errors.js';
-import { firstNonFinite } from '../engine/native.js';
+import { firstNonFinite, mapFile } from '../engine/native.js';
 import { readJson } from '../util/fsutil.js';
 import { ModelConfig, expectedShapes, parseConfig } from '../model/config.js';
-import { DType, EncodedTensor, SafetensorsFile, TORCH_DTYPE, TensorData, readEncoded, readHeader, readTensor, writeSafetensors } from './safetensors.js';
+import { DType, EncodedTensor, SafetensorsFile, TORCH_DTYPE, TensorData, readEncoded, readHalfBits, readHeader, readTensor, writeSafetensors } from './safetensors.js';
 
 /**
  * Hugging Face checkpoint directories (docs/REFERENCE.md §1): config.json, one safetensors file or shards
@@ -76,6 +76,22 @@ export class TensorSource {
     if (!f) throw new UserError(`${this.dir}: missing tensor "${name}"`);
     return readEncoded(this.files.get(f)!, name);
   }
+  /**
+   * A BF16/F16 tensor's bits: a view of the memory-mapped file where it can be mapped (no copy,
+   * no page faults on fresh memory), else read into an array of its own.
+   */
+  halfBits(name: string): Uint16Array {
+    const f = this.where.get(name);
+    if (!f) throw new UserError(`${this.dir}: missing tensor "${name}"`);
+    const st = this.files.get(f)!;
+    const t = st.tensors.get(name)!;
+    if (!this.mapped.has(f)) this.mapped.set(f, mapFile(st.file));
+    const map = this.mapped.get(f);
+    if (!map || t.begin % 2 !== 0 || t.end > map.byteLength || (t.dtype !== 'BF16' && t.dtype !== 'F16')) return readHalfBits(st, name);
+    return new Uint16Array(map, t.begin, (t.end - t.begin) / 2);
+  }
+  private readonly mapped = new Map<string, ArrayBuffer | null>();
+
   read(name: string): HostTensor {
     const f = this.where.get(name);
     if (!f) throw new UserError(`${this.dir}: missing tensor "${name}"`);

@@ -1,6 +1,5 @@
 import { Decoder } from './decoder.js';
 import { checkFinite, openCheckpoint, readGenerationConfig, SaveOptions, TensorSource, writeCheckpointFiles } from '../io/checkpoint.js';
-import { readHalfBits } from '../io/safetensors.js';
 import { writeDirAtomic } from '../util/fsutil.js';
 import { UserError } from '../util/errors.js';
 import { HalfWeight } from '../engine/half.js';
@@ -49,9 +48,8 @@ function readChecked(src: TensorSource, name: string) {
 }
 
 function readHalf(src: TensorSource, name: string): HalfWeight {
-  const st = src.files.get(src.where.get(name)!)!;
   const [rows, cols] = src.shape(name);
-  const w = new HalfWeight(readHalfBits(st, name), src.dtype(name) === 'BF16' ? 'bf16' : 'f16', [rows, cols], isLinearWeight(name));
+  const w = new HalfWeight(src.halfBits(name), src.dtype(name) === 'BF16' ? 'bf16' : 'f16', [rows, cols], isLinearWeight(name));
   const i = firstNonFiniteHalf(w);
   if (i >= 0) throw new UserError(`${src.fileOf(name)}: tensor "${name}" holds a non-finite value at index ${i}`);
   return w;
