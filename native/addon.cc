@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <unordered_map>
 #include <vector>
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -515,6 +516,119 @@ napi_value MapFile(napi_env env, napi_callback_info info) {
   return result;
 }
 
+// ---- tensor memory of the native backend (engine/native-backend.ts) -------------------------
+// A block handed to JavaScript as an external ArrayBuffer. Freed at once by Free (the buffer is
+// detached first, so every view of it reads as empty instead of into freed memory), or, if
+// JavaScript drops it without that, when the buffer is collected.
+//
+// Blocks are whole pages from mmap, and a freed one is kept (up to kPoolBytes) for the next
+// request of the same size: a step allocates the same shapes layer after layer and step after
+// step. From malloc, freed blocks stayed in glibc's heap (its mmap threshold rises to the largest
+// size freed), and the log-probs job's RSS grew a third over the cpu backend's; fresh mmaps for
+// every tensor would pay the first-touch page faults (~2.7 s per GB here) again and again.
+struct Block {
+  void* p;
+  size_t n;  // bytes asked for
+  size_t mapped;  // whole pages
+  bool freed;
+};
+std::unordered_map<void*, Block*> g_blocks;
+int64_t g_native_bytes = 0;
+constexpr size_t kPoolBytes = size_t(1024) << 20;
+// Larger blocks (a full SFT's [vocab, D] gradients, 544 MB at 0.5B) go back at once: held, they
+// raised that job's peak by a third of a GB, and their page faults are small beside their work.
+constexpr size_t kPoolBlockMax = size_t(256) << 20;
+std::unordered_multimap<size_t, void*> g_pool;
+size_t g_pooled = 0;
+
+void* take(size_t mapped) {
+  auto it = g_pool.find(mapped);
+  if (it != g_pool.end()) {
+    void* p = it->second;
+    g_pool.erase(it);
+    g_pooled -= mapped;
+    return p;
+  }
+  void* p = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  return p == MAP_FAILED ? nullptr : p;
+}
+
+void give(void* p, size_t mapped) {
+  if (mapped <= kPoolBlockMax && g_pooled + mapped <= kPoolBytes) {
+    g_pool.emplace(mapped, p);
+    g_pooled += mapped;
+  } else {
+    munmap(p, mapped);
+  }
+}
+
+void release(Block* b) {
+  if (b->freed) return;
+  give(b->p, b->mapped);
+  b->freed = true;
+  g_native_bytes -= (int64_t)b->n;
+  g_blocks.erase(b->p);
+}
+
+// alloc(bytes) → an ArrayBuffer of that many bytes of native memory, page-aligned, contents
+// undefined.
+napi_value Alloc(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1], result = nullptr;
+  napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
+  double want = 0;
+  if (argc < 1 || napi_get_value_double(env, argv[0], &want) != napi_ok || !(want >= 1) || want > 1e15) {
+    napi_throw_range_error(env, nullptr, "alloc: bytes must be a positive number");
+    return nullptr;
+  }
+  size_t n = (size_t)want, mapped = (n + 4095) / 4096 * 4096;
+  void* p = take(mapped);
+  if (!p) {
+    napi_throw_error(env, nullptr, "alloc: out of memory");
+    return nullptr;
+  }
+  Block* b = new Block{p, n, mapped, false};
+  auto collected = [](napi_env, void*, void* hint) {
+    Block* b = static_cast<Block*>(hint);
+    release(b);
+    delete b;
+  };
+  if (napi_create_external_arraybuffer(env, p, n, collected, b, &result) != napi_ok) {
+    give(p, mapped);
+    delete b;
+    return nullptr;  // the failed call has thrown
+  }
+  g_blocks[p] = b;
+  g_native_bytes += (int64_t)n;
+  return result;
+}
+
+// free(buffer): release a block from alloc now; anything else is left alone (false).
+napi_value Free(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1], result;
+  napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
+  void* data = nullptr;
+  size_t len = 0;
+  bool done = false;
+  if (argc >= 1 && napi_get_arraybuffer_info(env, argv[0], &data, &len) == napi_ok) {
+    auto it = g_blocks.find(data);
+    if (it != g_blocks.end() && napi_detach_arraybuffer(env, argv[0]) == napi_ok) {
+      release(it->second);
+      done = true;
+    }
+  }
+  napi_get_boolean(env, done, &result);
+  return result;
+}
+
+// nativeBytes() → bytes currently allocated by alloc and not yet freed.
+napi_value NativeBytes(napi_env env, napi_callback_info) {
+  napi_value r;
+  napi_create_double(env, (double)g_native_bytes, &r);
+  return r;
+}
+
 napi_value Info(napi_env env, napi_callback_info) {
   napi_value o, v;
   napi_create_object(env, &o);
@@ -543,6 +657,9 @@ napi_value Init(napi_env env, napi_value exports) {
       {"matmulWeight", nullptr, MatmulWeight, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"widen", nullptr, Widen, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"mapFile", nullptr, MapFile, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"alloc", nullptr, Alloc, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"free", nullptr, Free, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"nativeBytes", nullptr, NativeBytes, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"loraForward", nullptr, LoraForward, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"loraBackward", nullptr, LoraBackward, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"labelLogProbs", nullptr, LabelLogProbs, nullptr, nullptr, nullptr, napi_default, nullptr},

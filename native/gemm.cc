@@ -482,7 +482,71 @@ void run_terms(const Term* t, int n, int M, int N, const Out& c, int threads, in
 // 16-wide kernel computes the same bits.
 int gemm_panel_width(int N) { return g_isa == kAVX512 && N > 16 ? 32 : 16; }
 
+namespace {
+#ifdef PREFOPT_X86
+__attribute__((target("avx512f"))) float dot_avx512(const float* a, const float* b, int K) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+  int k = 0;
+  for (; k + 32 <= K; k += 32) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 16), _mm512_loadu_ps(b + k + 16), s1);
+  }
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+  for (; k < K; k++) s = std::fma(a[k], b[k], s);
+  return s;
+}
+#endif
+float dot(const float* a, const float* b, int K) {
+#ifdef PREFOPT_X86
+  if (g_isa == kAVX512) return dot_avx512(a, b, K);
+#endif
+  float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  int k = 0;
+  for (; k + 4 <= K; k += 4) {
+    s0 = std::fma(a[k], b[k], s0);
+    s1 = std::fma(a[k + 1], b[k + 1], s1);
+    s2 = std::fma(a[k + 2], b[k + 2], s2);
+    s3 = std::fma(a[k + 3], b[k + 3], s3);
+  }
+  float s = (s0 + s1) + (s2 + s3);
+  for (; k < K; k++) s = std::fma(a[k], b[k], s);
+  return s;
+}
+
+// Rows of C at most this many take x·Wᵀ for a 16-bit W [N, K] as dot products (gemv_half).
+constexpr int kGemvRows = 4;
+
+// C[m][j] (+)= Σ_k A[m][k]·W[j][k] for a 16-bit W stored [N, K] (x·Wᵀ: every frozen linear and
+// the tied head when decoding, a few rows at a time). Each row of W is widened once into a
+// scratch row and dotted with the M rows of A: the weights are read once, at 2 bytes a value,
+// where packing them into panels for one row tile cost more than the arithmetic (decoding 4
+// samples of the 0.5B model: see bench/RESULTS.md). Each output is one dot product in a fixed
+// order, so any thread count gives the same bits; they differ from the tiled kernel's (another
+// summation order) in float32 rounding only.
+void gemv_half(int M, int N, int K, const float* A, int64_t lda, const uint16_t* W, int64_t ldw, Dt dt, float* C, int64_t ldc, bool acc, int threads) {
+  parallel(N, threads, [&](int j0, int j1) {
+    thread_local std::vector<float> row;
+    if ((int)row.size() < K) row.resize(K);
+    for (int j = j0; j < j1; j++) {
+      widen(W + (size_t)j * ldw, K, dt, row.data());
+      for (int m = 0; m < M; m++) {
+        float v = dot(A + m * lda, row.data(), K);
+        float& c = C[m * ldc + j];
+        c = acc ? c + v : v;
+      }
+    }
+  });
+}
+}  // namespace
+
 void gemm_sum(int M, int N, const GemmTerm* terms, int nterms, float* C, int64_t ldc, bool accumulate, int threads) {
+  // Decoding: leading terms of x·Wᵀ on a 16-bit W go through gemv_half, the rest add to them.
+  if (M <= kGemvRows)
+    for (; nterms > 0 && (terms[0].K == 0 || (terms[0].bdt != kF32 && terms[0].tb && !terms[0].ta)); terms++, nterms--) {
+      if (terms[0].K == 0) continue;
+      gemv_half(M, N, terms[0].K, terms[0].A, terms[0].lda, static_cast<const uint16_t*>(terms[0].B), terms[0].ldb, terms[0].bdt, C, ldc, accumulate, threads);
+      accumulate = true;
+    }
   Out c{C, ldc, accumulate};
   Term t[kMaxTerms];  // on the stack: attention calls this hundreds of times per head
   int n = 0;

@@ -102,7 +102,7 @@ function addDoctorCommand(program: Command, withBackend: WithBackend): void {
           warning: b.warning ?? null,
           wasm_simd: b.chosen === 'wasm' ? tf.env().getBool('WASM_HAS_SIMD_SUPPORT' as any) : null,
           wasm_threads: b.chosen === 'wasm' ? tf.env().getBool('WASM_HAS_MULTITHREAD_SUPPORT' as any) : null,
-          native_matmul: b.native.active && (b.chosen === 'wasm' || b.chosen === 'cpu') ? { kernel: b.native.kernel, library: b.native.library ?? null, threads: b.native.threads, isa: b.native.isa } : null,
+          native_matmul: b.native.active && (b.chosen === 'wasm' || b.chosen === 'native' || b.chosen === 'cpu') ? { kernel: b.native.kernel, library: b.native.library ?? null, threads: b.native.threads, isa: b.native.isa } : null,
           native_reason: b.native.reason,
           fused_kernels: fusedActive(),
           gpu: gpuReport(b),
@@ -116,7 +116,7 @@ function addDoctorCommand(program: Command, withBackend: WithBackend): void {
           process.stdout.write(`backend: ${report.backend} (tfjs "${report.tfjs_backend}")${report.requested ? ` — requested "${report.requested}"` : ''}\n`);
           for (const t of b.tried) process.stdout.write(`  ${t.ok ? 'ok  ' : 'skip'} ${t.name}: ${t.reason}\n`);
           if (report.wasm_simd !== null) process.stdout.write(`wasm: simd=${report.wasm_simd} threads=${report.wasm_threads}\n`);
-          if (b.chosen === 'wasm' || b.chosen === 'cpu') {
+          if (b.chosen === 'wasm' || b.chosen === 'native' || b.chosen === 'cpu') {
             process.stdout.write(`matmul: ${report.native_matmul ? `native, ${b.native.reason}, ${b.native.threads} threads` : `tfjs ${b.chosen} kernel — ${b.native.reason}`}\n`);
             process.stdout.write(`fused kernels (attention, RMSNorm, SwiGLU, rotary, loss): ${report.fused_kernels ? 'native' : b.native.active ? 'off (PREFOPT_FUSED=0): tfjs compositions' : 'tfjs compositions'}\n`);
           }

@@ -13,7 +13,7 @@ describe('prefopt CLI: foundation commands', () => {
     const r = prefopt(['--json', 'doctor']);
     expect(r.code).toBe(0);
     const rep = JSON.parse(r.stdout);
-    expect(['tensorflow-gpu', 'tensorflow', 'wasm', 'cpu']).toContain(rep.backend);
+    expect(['tensorflow-gpu', 'tensorflow', 'wasm', 'native', 'cpu']).toContain(rep.backend);
     expect(rep.tried.at(-1).ok).toBe(true);
     // The GPU state is said as it is: no NVIDIA driver on this machine, no tfjs-node-gpu loaded.
     const driver = fs.existsSync('/proc/driver/nvidia/version');

@@ -5,7 +5,8 @@ import * as path from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { UserError } from '../util/errors.js';
 import { packageRoot } from '../util/package-root.js';
-import { NativeReport, loadNative, registerNativeKernels } from './native.js';
+import { NativeReport, loadNative, nativeAllocator, registerNativeKernels } from './native.js';
+import { NATIVE_BACKEND, registerNativeBackend } from './native-backend.js';
 import { registerZeroCopyKernels } from './wasm.js';
 
 /**
@@ -13,7 +14,7 @@ import { registerZeroCopyKernels } from './wasm.js';
  * install downloads libtensorflow; where that failed they are simply absent, so each candidate
  * is tried in order and the reason it was passed over is kept for `prefopt doctor`.
  */
-export const BACKEND_ORDER = ['tensorflow-gpu', 'tensorflow', 'wasm', 'cpu'] as const;
+export const BACKEND_ORDER = ['tensorflow-gpu', 'tensorflow', 'wasm', 'native', 'cpu'] as const;
 export type BackendName = (typeof BACKEND_ORDER)[number];
 
 export interface BackendReport {
@@ -61,6 +62,14 @@ async function tryBackend(name: BackendName): Promise<string> {
       registerZeroCopyKernels();
       return 'wasm';
     }
+    case 'native': {
+      const mem = nativeAllocator();
+      if (!mem) throw new Error(loadNative().reason);
+      await import('@tensorflow/tfjs-backend-cpu'); // its kernels serve the glue ops
+      registerNativeBackend(mem);
+      if (!(await tf.setBackend(NATIVE_BACKEND))) throw new Error('native backend failed to initialise');
+      return NATIVE_BACKEND;
+    }
     case 'cpu':
       await import('@tensorflow/tfjs-backend-cpu');
       if (!(await tf.setBackend('cpu'))) throw new Error('cpu backend failed to initialise');
@@ -72,17 +81,17 @@ function normalise(name: string): BackendName {
   const n = name.trim().toLowerCase();
   const alias: Record<string, BackendName> = {
     'node-gpu': 'tensorflow-gpu', gpu: 'tensorflow-gpu', 'tensorflow-gpu': 'tensorflow-gpu', cuda: 'tensorflow-gpu',
-    node: 'tensorflow', tensorflow: 'tensorflow', wasm: 'wasm', cpu: 'cpu',
+    node: 'tensorflow', tensorflow: 'tensorflow', wasm: 'wasm', native: 'native', cpu: 'cpu',
   };
   const b = alias[n];
-  if (!b) throw new UserError(`unknown backend "${name}": expected one of node-gpu, node, wasm, cpu`);
+  if (!b) throw new UserError(`unknown backend "${name}": expected one of node-gpu, node, wasm, native, cpu`);
   return b;
 }
 
 /**
  * wasm keeps every tensor in one 32-bit heap (4 GiB at most, docs/REFERENCE.md §10). Past this
  * much float32 weight a training step no longer fits beside the weights, so a model that large
- * skips wasm for the cpu backend, whose tensors are ordinary memory and run the same native kernels.
+ * skips wasm for the native backend, whose tensors are the addon's memory (no ceiling), with the same kernels.
  */
 export const WASM_WEIGHT_LIMIT = 2 ** 30;
 

@@ -301,7 +301,12 @@ let loaded: FusedAddon | null = null;
 // PREFOPT_FUSED=0 keeps the native matmul but runs the plain tfjs compositions (to compare).
 let enabled = !['0', 'off', 'false', 'no'].includes(String(process.env.PREFOPT_FUSED ?? '').toLowerCase());
 
-/** Register every fused kernel for `backend` ('wasm' or 'cpu'). */
+/**
+ * Register every fused kernel for `backend` ('wasm', 'cpu' or 'native'). DEFS says what each kernel
+ * takes and gives, independent of where tensors live; `addon` is the kernel set for the device
+ * that backend's memory is on (the host: native/). A backend on another device registers the same
+ * table with its own kernel set behind the FusedAddon interface (issue on the CUDA backend).
+ */
 export function registerFusedKernels(backend: string, addon: FusedAddon): void {
   if (registered.has(backend)) return;
   loaded = addon;

@@ -7,7 +7,7 @@ import * as tf from '@tensorflow/tfjs-core';
  */
 
 /**
- * Allocate float32 outputs of `shapes` on backend `be` ('wasm' or 'cpu'), then call
+ * Allocate float32 outputs of `shapes` on backend `be` ('wasm', 'cpu' or 'native'), then call
  * fill(input views, output views) on the tensors' own memory. An absent (optional) input's
  * view is null.
  */
@@ -18,12 +18,13 @@ export function runInPlace(backend: string, be: any, inputs: tf.TensorInfo[], sh
     fill(inputs.map((t) => (t ? tensorView(backend, be, t) : null)), outs.map((t) => tensorView(backend, be, t)));
     return outs;
   }
-  const arrs = shapes.map((s) => new Float32Array(tf.util.sizeFromShape(s)));
+  // The native backend's outputs live in the addon's memory (engine/native-backend).
+  const arrs = shapes.map((s) => (be.allocFloat32 ? be.allocFloat32(tf.util.sizeFromShape(s)) : new Float32Array(tf.util.sizeFromShape(s))) as Float32Array);
   fill(inputs.map((t) => (t ? tensorView(backend, be, t) : null)), arrs);
   return arrs.map((a, i) => be.makeTensorInfo(shapes[i], 'float32', a));
 }
 
-/** A tensor's own memory as a typed array on backend `be` ('wasm': a heap view, valid until the heap grows; 'cpu': its array). */
+/** A tensor's own memory as a typed array on backend `be` ('wasm': a heap view, valid until the heap grows; 'cpu', 'native': its array). */
 export function tensorView(backend: string, be: any, t: tf.TensorInfo): any {
   return backend === 'wasm' ? be.typedArrayFromHeap(t) : be.data.get(t.dataId).values;
 }

@@ -6,6 +6,7 @@ import { packageRoot } from '../util/package-root.js';
 import { FusedAddon, registerFusedKernels } from './fused.js';
 import { overrideKernel, runInPlace } from './kernels.js';
 import { DT_CODE, HalfWeight, isHalf } from './half.js';
+import { NATIVE_BACKEND, NativeAllocator } from './native-backend.js';
 
 /**
  * The native addon (native/, built at install by node-gyp): its matmul registered as the
@@ -23,6 +24,9 @@ interface Addon extends FusedAddon {
   matmulWeight(tb: boolean, m: number, n: number, k: number, a: Float32Array, b: Float32Array | Uint16Array, bdt: number, c: Float32Array): void;
   widen(src: Uint16Array, n: number, dt: number, out: Float32Array): void;
   mapFile(path: string): ArrayBuffer | null;
+  alloc(bytes: number): ArrayBuffer;
+  free(buffer: ArrayBuffer): boolean;
+  nativeBytes(): number;
 }
 
 export interface NativeReport {
@@ -111,6 +115,11 @@ export function firstNonFiniteHalf(w: HalfWeight): number {
   return loaded().firstNonFinite(w.bits, w.size, w.code);
 }
 
+/** The addon's tensor memory allocator (for the native backend), or null where it is not loaded. */
+export function nativeAllocator(): NativeAllocator | null {
+  return loadNative().active && addon ? { alloc: (n) => addon!.alloc(n), free: (b) => addon!.free(b), nativeBytes: () => addon!.nativeBytes() } : null;
+}
+
 /**
  * The whole file as a memory-mapped ArrayBuffer (copy-on-write; unmapped when collected), or null
  * where it cannot be mapped or the addon is not loaded: then read it.
@@ -195,13 +204,13 @@ function runPairs(s: Shapes, ta: boolean, tb: boolean, A: Float32Array, B: Float
 }
 
 /**
- * Register the native BatchMatMul for `backend` ('wasm' or 'cpu'), keeping tfjs's own kernel
+ * Register the native BatchMatMul for `backend` ('wasm', 'cpu' or 'native'), keeping tfjs's own kernel
  * for what it does not cover (non-float32 inputs, shapes that do not broadcast). Two-sided
  * batch broadcasts ([2,1,…] against [1,3,…]) come out right here, unlike tfjs 4.22's kernels.
  */
 export function registerNativeKernels(backend: string): NativeReport {
   const r = loadNative();
-  if (!r.active || registered.has(backend) || (backend !== 'wasm' && backend !== 'cpu')) return r;
+  if (!r.active || registered.has(backend) || (backend !== 'wasm' && backend !== 'cpu' && backend !== NATIVE_BACKEND)) return r;
   const useBlas = r.kernel === 'blas';
   const matmul = (args: any, original: tf.KernelFunc) => {
     const { inputs, backend: be, attrs } = args;

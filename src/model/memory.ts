@@ -24,8 +24,8 @@ import { LoraConfig, defaultTargets } from '../lora/lora.js';
  *   training also three [V, D] gradients of the head weight in flight (a chunk's, the running
  *   sum, the new sum);
  * - generation: the KV cache;
- * - slack: SLACK of the tensor terms — freed tensor memory goes back to the system at the next
- *   garbage collection, not at once;
+ * - slack: SLACK of the tensor terms but the weights — freed tensor memory of tfjs's own kernels
+ *   goes back to the system at the next garbage collection, not at once;
  * - the runtime (Node, tfjs, the addon, tokenizer): RUNTIME_BYTES.
  *
  * Calibrated against measured peak RSS (bench/RESULTS.md, "real sizes": at 0.5B, LoRA DPO 3.66
@@ -109,7 +109,8 @@ export function estimateMemory(cfg: ModelConfig, job: JobShape): MemoryEstimate 
   parts.lm_head = 3 * 4 * headRows * cfg.vocab_size;
   if (job.kind === 'full') parts.head_grads = 3 * 4 * cfg.vocab_size * cfg.hidden_size;
   if (job.kind === 'generate') parts.kv_cache = 2 * 4 * L * N * cfg.num_key_value_heads * cfg.head_dim;
-  parts.slack = Math.round(SLACK * Object.values(parts).reduce((a, b) => a + b, 0));
+  // Weights are resident (never freed and reallocated), so they need no slack.
+  parts.slack = Math.round(SLACK * (Object.values(parts).reduce((a, b) => a + b, 0) - parts.weights));
   parts.runtime = RUNTIME_BYTES;
   return { parts, total: Object.values(parts).reduce((a, b) => a + b, 0) };
 }

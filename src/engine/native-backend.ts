@@ -1,0 +1,105 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { MathBackendCPU } from '@tensorflow/tfjs-backend-cpu';
+
+/**
+ * The `native` backend (docs/REFERENCE.md §11): tfjs's cpu backend, whose JavaScript kernels
+ * serve the glue ops, with the tensors prefopt's native kernels write (every product, attention,
+ * norm, activation and loss) held in memory the addon allocates and frees. Such a tensor's memory
+ * goes back when its last tensor is disposed, not at some later garbage collection, so a step's
+ * peak is what it keeps alive; `tf.memory().nativeBytes` counts it. There is no heap ceiling.
+ *
+ * A buffer may back several tensors (tfjs's reshape shares a tensor's data; a slice may be a
+ * view of it): it is freed when the last of them is disposed. What `dataSync()` returns is a copy
+ * for such tensors, so arrays read before a dispose stay valid after it.
+ */
+export const NATIVE_BACKEND = 'native';
+
+/** The addon's allocator (native/addon.cc). */
+export interface NativeAllocator {
+  alloc(bytes: number): ArrayBuffer;
+  free(buffer: ArrayBuffer): boolean;
+  nativeBytes(): number;
+}
+
+/** Outputs smaller than this stay in JavaScript's heap: the addon's allocation costs more than it saves there. */
+const NATIVE_MIN_BYTES = 16 * 1024;
+
+export class NativeMemoryBackend extends MathBackendCPU {
+  /** Native buffers → how many of this backend's data entries hold a view of them. */
+  private readonly users = new Map<ArrayBufferLike, number>();
+
+  constructor(private readonly mem: NativeAllocator) {
+    super();
+  }
+
+  /** A float32 array of n values for a kernel's output: native memory unless it is small. */
+  allocFloat32(n: number): Float32Array {
+    if (4 * n < NATIVE_MIN_BYTES) return new Float32Array(n);
+    const b = this.mem.alloc(4 * n);
+    this.natives.add(b);
+    return new Float32Array(b, 0, n);
+  }
+
+  private hold(values: unknown): void {
+    const b = (values as ArrayBufferView | null)?.buffer;
+    if (b && (this.users.has(b) || this.isNative(b))) this.users.set(b, (this.users.get(b) ?? 0) + 1);
+  }
+
+  private release(values: unknown): void {
+    const b = (values as ArrayBufferView | null)?.buffer;
+    const n = b ? this.users.get(b) : undefined;
+    if (b === undefined || n === undefined) return;
+    if (n > 1) this.users.set(b, n - 1);
+    else {
+      this.users.delete(b);
+      this.mem.free(b as ArrayBuffer);
+    }
+  }
+
+  private isNative(b: ArrayBufferLike): boolean {
+    return this.natives.has(b);
+  }
+  /** The buffers allocFloat32 took from the addon. */
+  private readonly natives = new WeakSet<ArrayBufferLike>();
+
+  override write(values: any, shape: number[], dtype: tf.DataType) {
+    const id = super.write(values, shape, dtype);
+    this.hold(values);
+    return id;
+  }
+
+  override move(dataId: any, values: any, shape: number[], dtype: tf.DataType, refCount: number): void {
+    super.move(dataId, values, shape, dtype, refCount);
+    this.hold(values);
+  }
+
+  override disposeData(dataId: any, force = false): boolean {
+    const values = this.data.has(dataId) ? this.data.get(dataId).values : null;
+    const gone = super.disposeData(dataId, force);
+    if (gone && values) this.release(values);
+    return gone;
+  }
+
+  override readSync(dataId: any) {
+    const v = super.readSync(dataId) as any;
+    return v?.buffer && this.users.has(v.buffer) ? v.slice() : v;
+  }
+
+  override async read(dataId: any) {
+    return this.readSync(dataId);
+  }
+
+  override memory() {
+    return { ...super.memory(), nativeBytes: this.mem.nativeBytes() } as any;
+  }
+}
+
+/**
+ * Register the backend (and every kernel of tfjs's cpu backend under its name). Its own native
+ * kernels are registered by engine/native, as for wasm and cpu.
+ */
+export function registerNativeBackend(mem: NativeAllocator): void {
+  if (tf.findBackendFactory(NATIVE_BACKEND)) return;
+  tf.registerBackend(NATIVE_BACKEND, () => new NativeMemoryBackend(mem), 0);
+  for (const k of tf.getKernelsForBackend('cpu')) tf.registerKernel({ ...k, backendName: NATIVE_BACKEND });
+}
