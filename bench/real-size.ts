@@ -297,7 +297,8 @@ function appendSection(results: Record<string, Row>): void {
     merge_lora_7b: '7B shape: merge-lora to bf16 (r 16 on every linear), M parameters/s',
   };
   const cell = (r: JobResult | string | null, k: 'tokens_per_s' | 'peak_rss') => (r === null ? 'n/a' : typeof r === 'string' ? `failed (${r})` : k === 'peak_rss' ? `${gb(r.peak_rss)} GB` : String(r.tokens_per_s));
-  const lines = ['', `## ${new Date().toISOString()} — real sizes: Qwen2.5-0.5B's shape (494M parameters, random weights)`, ''];
+  const big = Object.keys(results).some((j) => j.endsWith('_7b')) ? " and 360Zhinao2-7B's (7.8B, bf16, 4 shards)" : '';
+  const lines = ['', `## ${new Date().toISOString()} — real sizes: Qwen2.5-0.5B's shape (494M parameters, random weights)${big}`, ''];
   const any = Object.values(results).map((r) => r.prefopt).find((r): r is JobResult => typeof r !== 'string');
   const anyTorch = Object.values(results).map((r) => r.torch).find((r): r is JobResult => !!r && typeof r !== 'string');
   lines.push(

@@ -77,6 +77,12 @@ class Args {
     return n;
   }
   int32_t* i32(int i, int64_t need, const char* what) { return static_cast<int32_t*>(array(i, need, what, napi_int32_array, "Int32Array")); }
+  // A Uint32Array of at least `need` values, or nullptr for null.
+  void* u32_or_null(int i, int64_t need, const char* what) {
+    napi_valuetype t;
+    if (ok_ && napi_typeof(env_, argv_[i], &t) == napi_ok && t == napi_null) return nullptr;
+    return array(i, need, what, napi_uint32_array, "Uint32Array");
+  }
   // A storage type (argument i: 0 float32, 1 bf16, 2 f16).
   Dt dtype(int i) {
     int64_t d = num(i);
@@ -306,13 +312,26 @@ napi_value FirstNonFinite(napi_env env, napi_callback_info info) {
 
 // dropoutAlea(x, n, s0, s1, s2, c, keep, y)
 napi_value DropoutAlea(napi_env env, napi_callback_info info) {
-  Args a(env, info, 8, "dropoutAlea");
+  Args a(env, info, 9, "dropoutAlea");
   int64_t n = a.num(1);
   const float* x = a.f32(0, n, "x");
   double s0 = a.real(2), s1 = a.real(3), s2 = a.real(4), c = a.real(5);
   float keep = static_cast<float>(a.real(6));
   float* y = a.f32(7, n, "y");
-  if (a.ok()) dropout_alea(x, n, s0, s1, s2, c, keep, y);
+  uint32_t* bits = static_cast<uint32_t*>(a.u32_or_null(8, (n + 31) / 32, "bits"));
+  if (a.ok()) dropout_alea(x, n, s0, s1, s2, c, keep, y, bits);
+  return nullptr;
+}
+
+// dropoutBits(x, n, bits, keep, y)
+napi_value DropoutBits(napi_env env, napi_callback_info info) {
+  Args a(env, info, 5, "dropoutBits");
+  int64_t n = a.num(1);
+  const float* x = a.f32(0, n, "x");
+  const uint32_t* bits = static_cast<const uint32_t*>(a.u32_or_null(2, (n + 31) / 32, "bits"));
+  float keep = static_cast<float>(a.real(3));
+  float* y = a.f32(4, n, "y");
+  if (a.ok() && a.require(bits != nullptr, "bits must be a Uint32Array")) dropout_bits(x, n, bits, keep, y);
   return nullptr;
 }
 
@@ -534,7 +553,7 @@ struct Block {
 };
 std::unordered_map<void*, Block*> g_blocks;
 int64_t g_native_bytes = 0;
-constexpr size_t kPoolBytes = size_t(1024) << 20;
+constexpr size_t kPoolBytes = size_t(2048) << 20;
 // Larger blocks (a full SFT's [vocab, D] gradients, 544 MB at 0.5B) go back at once: held, they
 // raised that job's peak by a third of a GB, and their page faults are small beside their work.
 constexpr size_t kPoolBlockMax = size_t(256) << 20;
@@ -669,6 +688,7 @@ napi_value Init(napi_env env, napi_value exports) {
       {"swiglu", nullptr, Binary<swiglu>, nullptr, nullptr, nullptr, napi_default, (void*)"swiglu"},
       {"swigluGrad", nullptr, SwigluGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"dropoutAlea", nullptr, DropoutAlea, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"dropoutBits", nullptr, DropoutBits, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"transpose", nullptr, Transpose, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"firstNonFinite", nullptr, FirstNonFinite, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"rope", nullptr, Rope, nullptr, nullptr, nullptr, napi_default, nullptr},

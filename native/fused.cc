@@ -280,8 +280,9 @@ void over_sigmoid(const float* g, int64_t n, const F& f) {
 }
 }  // namespace
 
-void dropout_alea(const float* x, int64_t n, double s0, double s1, double s2, double c, float keep, float* y) {
+void dropout_alea(const float* x, int64_t n, double s0, double s1, double s2, double c, float keep, float* y, uint32_t* bits) {
   const float scale = 1.f / keep;  // floor(u + keep) is 0 or 1: the quotient is 0 or f32(1 / keep)
+  if (bits) std::fill(bits, bits + (n + 31) / 32, 0u);
   for (int64_t i = 0; i < n; i++) {
     // alea's step (seedrandom lib/alea.js): t | 0 truncates a positive t below 2^31.
     double t = 2091639.0 * s0 + c * 2.3283064365386963e-10;
@@ -290,8 +291,35 @@ void dropout_alea(const float* x, int64_t n, double s0, double s1, double s2, do
     c = static_cast<double>(static_cast<int32_t>(t));
     s2 = t - c;
     float u = static_cast<float>(s2);
-    y[i] = std::floor(u + keep) != 0.f ? x[i] * scale : x[i] * 0.f;
+    bool kept = std::floor(u + keep) != 0.f;
+    y[i] = kept ? x[i] * scale : x[i] * 0.f;
+    if (bits && kept) bits[i >> 5] |= 1u << (i & 31);
   }
+}
+
+#ifdef PREFOPT_X86
+// 16 elements a step, their 16 bits a mask register (i0 a multiple of 16: they share a word).
+__attribute__((target("avx512f"))) int64_t dropout_bits_avx512(const float* x, int64_t i0, int64_t i1, const uint32_t* bits, float scale, float* y) {
+  const __m512 s = _mm512_set1_ps(scale), zero = _mm512_setzero_ps();
+  int64_t i = i0;
+  for (; i + 16 <= i1; i += 16) {
+    __mmask16 m = (__mmask16)((bits[i >> 5] >> (i & 31)) & 0xffffu);
+    __m512 v = _mm512_loadu_ps(x + i);
+    _mm512_storeu_ps(y + i, _mm512_mask_blend_ps(m, _mm512_mul_ps(v, zero), _mm512_mul_ps(v, s)));
+  }
+  return i;
+}
+#endif
+
+void dropout_bits(const float* x, int64_t n, const uint32_t* bits, float keep, float* y) {
+  const float scale = 1.f / keep;
+  for_chunks(n, [&](int64_t, int64_t i0, int64_t i1) {
+    int64_t i = i0;
+#ifdef PREFOPT_X86
+    if (g_isa == kAVX512 && i0 % 16 == 0) i = dropout_bits_avx512(x, i0, i1, bits, scale, y);
+#endif
+    for (; i < i1; i++) y[i] = (bits[i >> 5] >> (i & 31)) & 1u ? x[i] * scale : x[i] * 0.f;
+  });
 }
 
 void swiglu(const float* g, const float* u, int64_t n, float* y) {

@@ -114,8 +114,11 @@ void attention_grad(const float* q, const float* k, const float* v, const float*
 void split_qkv(float* qkv, int64_t N, int64_t KV, int64_t G, int64_t hd, float* q, float* k, float* v, bool merge);
 // tf.dropout(x, 1 − keep, seed) bit for bit: u_i from seedrandom's alea generator, whose state
 // (s0, s1, s2, c) the caller seeds as tfjs does; y_i = x_i · (floor(f32(u_i) + keep) / keep) in
-// float32. The generator is sequential, so this runs on one thread.
-void dropout_alea(const float* x, int64_t n, double s0, double s1, double s2, double c, float keep, float* y);
+// float32. The generator is sequential, so this runs on one thread. With bits, also writes
+// which elements were kept (bit i of bits[i / 32]), for dropout_bits to apply the same mask again.
+void dropout_alea(const float* x, int64_t n, double s0, double s1, double s2, double c, float keep, float* y, uint32_t* bits = nullptr);
+// y_i = x_i·(1/keep) where bit i is set, x_i·0 elsewhere: the mask dropout_alea drew, on every thread.
+void dropout_bits(const float* x, int64_t n, const uint32_t* bits, float keep, float* y);
 // Loading a checkpoint: out [cols, rows] = aᵀ for a [rows, cols] (HF's [out, in] linear weights
 // to prefopt's [in, out]), in cache-sized tiles on every thread; and the index of the first NaN
 // or ±Inf in x (float32 or 16-bit), or −1.

@@ -523,4 +523,23 @@ describe('dropout', () => {
     }
     x.dispose();
   });
+
+  it.skipIf(!native.active)('a mask applied again from its recorded bits (a recompute, the backward pass) is the mask drawn, on another tensor of the same size too, across the 32-bit word and thread chunk boundaries', async () => {
+    const { dropout } = await import('../src/engine/dropout.js');
+    const rng = new Rng(22);
+    const n = 3 * 4096 + 45;
+    const x = tf.tensor1d(f32(rand(rng, n)));
+    const z = tf.tensor1d(f32(rand(rng, n)));
+    const want = tf.tidy(() => [tf.dropout(x, 0.1, undefined, 9).dataSync(), tf.dropout(z, 0.1, undefined, 9).dataSync(), tf.grad((t: tf.Tensor) => tf.sum(tf.dropout(t, 0.1, undefined, 9)))(x).dataSync()]);
+    // Forward twice with no backward in between: the second comes from the recorded bits, and so
+    // does the same seed's mask on z; then a gradient retires the entry and draws afresh.
+    const first = tf.tidy(() => dropout(x, 0.1, 9).dataSync());
+    const again = tf.tidy(() => dropout(x, 0.1, 9).dataSync());
+    const onZ = tf.tidy(() => dropout(z, 0.1, 9).dataSync());
+    const grad = tf.tidy(() => tf.grad((t: tf.Tensor) => tf.sum(dropout(t, 0.1, 9)))(x).dataSync());
+    for (const got of [first, again]) expect(Array.from(got)).toEqual(Array.from(want[0]));
+    expect(Array.from(onZ)).toEqual(Array.from(want[1]));
+    expect(Array.from(grad)).toEqual(Array.from(want[2]));
+    tf.dispose([x, z]);
+  });
 });

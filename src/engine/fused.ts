@@ -1,6 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { overrideKernel, runInPlace, tensorView } from './kernels.js';
-import type { AleaState } from './dropout.js';
+import type { AleaState, MaskStore } from './dropout.js';
 import { DT_CODE, HalfWeight, Weight, isHalf } from './half.js';
 
 /**
@@ -31,7 +31,8 @@ export interface FusedAddon {
   splitQkv(qkv: Float32Array, n: number, kv: number, g: number, hd: number, q: Float32Array, k: Float32Array, v: Float32Array, merge: boolean): void;
   embed(table: Float32Array | Uint16Array, v: number, d: number, ids: Int32Array, n: number, out: Float32Array, dt: number): void;
   embedGrad(ids: Int32Array, n: number, dy: Float32Array, v: number, d: number, dtable: Float32Array): void;
-  dropoutAlea(x: Float32Array, n: number, s0: number, s1: number, s2: number, c: number, keep: number, y: Float32Array): void;
+  dropoutAlea(x: Float32Array, n: number, s0: number, s1: number, s2: number, c: number, keep: number, y: Float32Array, bits: Uint32Array | null): void;
+  dropoutBits(x: Float32Array, n: number, bits: Uint32Array, keep: number, y: Float32Array): void;
 }
 
 /** Input views: Float32Array, or Int32Array for int32 inputs (labels). */
@@ -104,11 +105,18 @@ const DEFS: Record<string, Def> = {
     outputs: (ins) => [[last(ins[0])]],
     run: (a, [dy], [out], ins) => a.columnSum(dy, size(ins[0].shape) / last(ins[0]), last(ins[0]), out),
   },
-  // tf.dropout's mask from alea state attrs.state, applied to x (or, the same mask, to dy).
+  // tf.dropout's mask from alea state attrs.state, applied to x; the kept elements also go to
+  // attrs.bits when given (one bit each).
   PrefoptDropout: {
     inputs: ['x'],
     outputs: same(0),
-    run: (a, [x], [y], ins, { state, keep }) => a.dropoutAlea(x, size(ins[0].shape), state.s0, state.s1, state.s2, state.c, keep, y),
+    run: (a, [x], [y], ins, { state, keep, bits }) => a.dropoutAlea(x, size(ins[0].shape), state.s0, state.s1, state.s2, state.c, keep, y, bits ?? null),
+  },
+  // A mask PrefoptDropout recorded (attrs.bits), applied to x again.
+  PrefoptDropoutBits: {
+    inputs: ['x'],
+    outputs: same(0),
+    run: (a, [x], [y], ins, { bits, keep }) => a.dropoutBits(x, size(ins[0].shape), bits, keep, y),
   },
   // table [V, D], ids [N] → [N, D].
   PrefoptEmbed: {
@@ -408,11 +416,27 @@ export const fused = {
   labelLogProbs: (logits: tf.Tensor2D, labels: tf.Tensor1D) => run('PrefoptLabelLogProbs', { logits: f32(logits), labels: i32(labels) }) as tf.Tensor1D,
   labelLogProbsGrad: (logits: tf.Tensor2D, labels: tf.Tensor1D, out: tf.Tensor1D, dy: tf.Tensor1D) =>
     run('PrefoptLabelLogProbsGrad', { logits: f32(logits), labels: i32(labels), out, dy }) as tf.Tensor2D,
-  /** x·mask with tf.dropout's mask for alea `state`; the gradient is dy·mask, the same kernel. */
-  dropout: (x: tf.Tensor, state: AleaState, keep: number) => {
+  /**
+   * x·mask with tf.dropout's mask for alea `state`; the gradient is dy·mask. The mask is drawn
+   * once and its bits kept in `store` (engine/dropout): later uses apply the bits; the backward
+   * pass, the last use, retires them.
+   */
+  dropout: (x: tf.Tensor, state: AleaState, keep: number, store: MaskStore) => {
+    const apply = (t: tf.Tensor) => {
+      const have = store.get();
+      if (have) return run('PrefoptDropoutBits', { x: t }, { keep, bits: have }) as tf.Tensor;
+      const bits = new Uint32Array(Math.ceil(t.size / 32));
+      const y = run('PrefoptDropout', { x: t }, { state, keep, bits }) as tf.Tensor;
+      store.set(bits);
+      return y;
+    };
     const f = tf.customGrad(((xi: tf.Tensor) => ({
-      value: run('PrefoptDropout', { x: xi }, { state, keep }) as tf.Tensor,
-      gradFunc: (dy: tf.Tensor) => run('PrefoptDropout', { x: dy }, { state, keep }) as tf.Tensor,
+      value: apply(xi),
+      gradFunc: (dy: tf.Tensor) => {
+        const g = apply(dy);
+        store.retire();
+        return g;
+      },
     })) as any) as (x: tf.Tensor) => tf.Tensor;
     return f(f32(x));
   },
