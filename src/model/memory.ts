@@ -26,13 +26,18 @@ import { LoraConfig, defaultTargets } from '../lora/lora.js';
  * - generation: the KV cache;
  * - slack: SLACK of the tensor terms but the weights — freed tensor memory of tfjs's own kernels
  *   goes back to the system at the next garbage collection, not at once;
+ * - pool (training): freed blocks the native backend keeps for reuse, half the tensor terms, at
+ *   most POOL_BYTES (measured: a training step's peak is ~0.4 GiB over the other terms at 0.5B);
  * - the runtime (Node, tfjs, the addon, tokenizer): RUNTIME_BYTES.
  *
- * Calibrated against measured peak RSS (bench/RESULTS.md, "real sizes": at 0.5B, LoRA DPO 3.66
- * GB measured for 3.93 estimated, full SFT 11.94 for 12.2, log-probs 2.79 for 3.6).
+ * Calibrated against measured peak RSS (bench/RESULTS.md, "real sizes", native backend, bf16
+ * checkpoint: at 0.5B, LoRA DPO 3.07 GB measured for 3.18 estimated, full SFT 12.35 for 14.0,
+ * log-probs 1.85 for 1.99; at 7B, log-probs 16.4 for 16.8).
  */
 export const RUNTIME_BYTES = 400 * 2 ** 20;
 export const SLACK = 0.15;
+/** The native backend's pool of freed blocks (native/addon.cc, kPoolBytes). */
+export const POOL_BYTES = 2 * 2 ** 30;
 
 export type JobKind = 'logprobs' | 'generate' | 'lora' | 'full';
 
@@ -110,7 +115,9 @@ export function estimateMemory(cfg: ModelConfig, job: JobShape): MemoryEstimate 
   if (job.kind === 'full') parts.head_grads = 3 * 4 * cfg.vocab_size * cfg.hidden_size;
   if (job.kind === 'generate') parts.kv_cache = 2 * 4 * L * N * cfg.num_key_value_heads * cfg.head_dim;
   // Weights are resident (never freed and reallocated), so they need no slack.
-  parts.slack = Math.round(SLACK * (Object.values(parts).reduce((a, b) => a + b, 0) - parts.weights));
+  const tensors = Object.values(parts).reduce((a, b) => a + b, 0) - parts.weights;
+  parts.slack = Math.round(SLACK * tensors);
+  if (train) parts.pool = Math.min(POOL_BYTES, Math.round(0.5 * tensors));
   parts.runtime = RUNTIME_BYTES;
   return { parts, total: Object.values(parts).reduce((a, b) => a + b, 0) };
 }
