@@ -553,7 +553,7 @@ struct Block {
 };
 std::unordered_map<void*, Block*> g_blocks;
 int64_t g_native_bytes = 0;
-constexpr size_t kPoolBytes = size_t(2048) << 20;
+size_t kPoolBytes = size_t(2048) << 20;  // PREFOPT_POOL_MB overrides (read when the addon loads)
 // Larger blocks (a full SFT's [vocab, D] gradients, 544 MB at 0.5B) go back at once: held, they
 // raised that job's peak by a third of a GB, and their page faults are small beside their work.
 constexpr size_t kPoolBlockMax = size_t(256) << 20;
@@ -668,6 +668,7 @@ napi_value Init(napi_env env, napi_value exports) {
   // PREFOPT_BLAS names one (openblas, blis, mkl_rt, Accelerate). Never chosen by timing: the
   // kernel decides the rounding, and the same seed must give the same result.
   g_isa = detect_isa();
+  if (const char* mb = getenv("PREFOPT_POOL_MB")) kPoolBytes = (size_t)std::strtoull(mb, nullptr, 10) << 20;
   const char* want = getenv("PREFOPT_BLAS");
   bool builtin_only = want && strcmp(want, "builtin") == 0;
   if (!builtin_only && ((want && *want) || g_isa == kPortable)) open_blas(want);
