@@ -77,11 +77,12 @@ class Args {
     return n;
   }
   int32_t* i32(int i, int64_t need, const char* what) { return static_cast<int32_t*>(array(i, need, what, napi_int32_array, "Int32Array")); }
+  uint32_t* u32(int i, int64_t need, const char* what) { return static_cast<uint32_t*>(array(i, need, what, napi_uint32_array, "Uint32Array")); }
   // A Uint32Array of at least `need` values, or nullptr for null.
-  void* u32_or_null(int i, int64_t need, const char* what) {
+  uint32_t* u32_or_null(int i, int64_t need, const char* what) {
     napi_valuetype t;
     if (ok_ && napi_typeof(env_, argv_[i], &t) == napi_ok && t == napi_null) return nullptr;
-    return array(i, need, what, napi_uint32_array, "Uint32Array");
+    return u32(i, need, what);
   }
   // A storage type (argument i: 0 float32, 1 bf16, 2 f16).
   Dt dtype(int i) {
@@ -318,7 +319,7 @@ napi_value DropoutAlea(napi_env env, napi_callback_info info) {
   double s0 = a.real(2), s1 = a.real(3), s2 = a.real(4), c = a.real(5);
   float keep = static_cast<float>(a.real(6));
   float* y = a.f32(7, n, "y");
-  uint32_t* bits = static_cast<uint32_t*>(a.u32_or_null(8, (n + 31) / 32, "bits"));
+  uint32_t* bits = a.u32_or_null(8, (n + 31) / 32, "bits");
   if (a.ok()) dropout_alea(x, n, s0, s1, s2, c, keep, y, bits);
   return nullptr;
 }
@@ -328,10 +329,10 @@ napi_value DropoutBits(napi_env env, napi_callback_info info) {
   Args a(env, info, 5, "dropoutBits");
   int64_t n = a.num(1);
   const float* x = a.f32(0, n, "x");
-  const uint32_t* bits = static_cast<const uint32_t*>(a.u32_or_null(2, (n + 31) / 32, "bits"));
+  const uint32_t* bits = a.u32(2, (n + 31) / 32, "bits");
   float keep = static_cast<float>(a.real(3));
   float* y = a.f32(4, n, "y");
-  if (a.ok() && a.require(bits != nullptr, "bits must be a Uint32Array")) dropout_bits(x, n, bits, keep, y);
+  if (a.ok()) dropout_bits(x, n, bits, keep, y);
   return nullptr;
 }
 
@@ -540,7 +541,7 @@ napi_value MapFile(napi_env env, napi_callback_info info) {
 // detached first, so every view of it reads as empty instead of into freed memory), or, if
 // JavaScript drops it without that, when the buffer is collected.
 //
-// Blocks are whole pages from mmap, and a freed one is kept (up to kPoolBytes) for the next
+// Blocks are whole pages from mmap, and a freed one is kept (up to g_pool_cap) for the next
 // request of the same size: a step allocates the same shapes layer after layer and step after
 // step. From malloc, freed blocks stayed in glibc's heap (its mmap threshold rises to the largest
 // size freed), and the log-probs job's RSS grew a third over the cpu backend's; fresh mmaps for
@@ -553,7 +554,7 @@ struct Block {
 };
 std::unordered_map<void*, Block*> g_blocks;
 int64_t g_native_bytes = 0;
-size_t kPoolBytes = size_t(2048) << 20;  // PREFOPT_POOL_MB overrides (read when the addon loads)
+size_t g_pool_cap = size_t(2048) << 20;  // PREFOPT_POOL_MB overrides (read when the addon loads)
 // Larger blocks (a full SFT's [vocab, D] gradients, 544 MB at 0.5B) go back at once: held, they
 // raised that job's peak by a third of a GB, and their page faults are small beside their work.
 constexpr size_t kPoolBlockMax = size_t(256) << 20;
@@ -573,7 +574,7 @@ void* take(size_t mapped) {
 }
 
 void give(void* p, size_t mapped) {
-  if (mapped <= kPoolBlockMax && g_pooled + mapped <= kPoolBytes) {
+  if (mapped <= kPoolBlockMax && g_pooled + mapped <= g_pool_cap) {
     g_pool.emplace(mapped, p);
     g_pooled += mapped;
   } else {
@@ -668,7 +669,7 @@ napi_value Init(napi_env env, napi_value exports) {
   // PREFOPT_BLAS names one (openblas, blis, mkl_rt, Accelerate). Never chosen by timing: the
   // kernel decides the rounding, and the same seed must give the same result.
   g_isa = detect_isa();
-  if (const char* mb = getenv("PREFOPT_POOL_MB")) kPoolBytes = (size_t)std::strtoull(mb, nullptr, 10) << 20;
+  if (const char* mb = getenv("PREFOPT_POOL_MB")) g_pool_cap = (size_t)std::strtoull(mb, nullptr, 10) << 20;
   const char* want = getenv("PREFOPT_BLAS");
   bool builtin_only = want && strcmp(want, "builtin") == 0;
   if (!builtin_only && ((want && *want) || g_isa == kPortable)) open_blas(want);

@@ -42,7 +42,7 @@ export class NativeMemoryBackend extends MathBackendCPU {
 
   private hold(values: unknown): void {
     const b = (values as ArrayBufferView | null)?.buffer;
-    if (b && (this.users.has(b) || this.isNative(b))) this.users.set(b, (this.users.get(b) ?? 0) + 1);
+    if (b && this.natives.has(b)) this.users.set(b, (this.users.get(b) ?? 0) + 1);
   }
 
   private release(values: unknown): void {
@@ -56,9 +56,6 @@ export class NativeMemoryBackend extends MathBackendCPU {
     }
   }
 
-  private isNative(b: ArrayBufferLike): boolean {
-    return this.natives.has(b);
-  }
   /** The buffers allocFloat32 took from the addon. */
   private readonly natives = new WeakSet<ArrayBufferLike>();
 

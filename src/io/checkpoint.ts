@@ -1,7 +1,8 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { UserError } from '../util/errors.js';
-import { firstNonFinite, mapFile } from '../engine/native.js';
+import { firstNonFinite, firstNonFiniteHalf, mapFile } from '../engine/native.js';
+import type { HalfWeight } from '../engine/half.js';
 import { readJson } from '../util/fsutil.js';
 import { ModelConfig, expectedShapes, parseConfig } from '../model/config.js';
 import { DType, EncodedTensor, SafetensorsFile, TORCH_DTYPE, TensorData, readEncoded, readHalfBits, readHeader, readTensor, writeSafetensors } from './safetensors.js';
@@ -64,39 +65,42 @@ export class TensorSource {
     return path.join(this.dir, this.where.get(name)!);
   }
   shape(name: string): number[] {
-    const st = this.files.get(this.where.get(name)!)!;
-    return st.tensors.get(name)!.shape;
+    return this.info(name).shape;
   }
   dtype(name: string): DType {
-    return this.files.get(this.where.get(name)!)!.tensors.get(name)!.dtype;
+    return this.info(name).dtype;
   }
   /** The tensor's bytes as stored (to copy it unchanged). */
   readEncoded(name: string): EncodedTensor {
-    const f = this.where.get(name);
-    if (!f) throw new UserError(`${this.dir}: missing tensor "${name}"`);
-    return readEncoded(this.files.get(f)!, name);
+    return readEncoded(this.fileFor(name), name);
   }
   /**
    * A BF16/F16 tensor's bits: a view of the memory-mapped file where it can be mapped (no copy,
    * no page faults on fresh memory), else read into an array of its own.
    */
   halfBits(name: string): Uint16Array {
-    const f = this.where.get(name);
-    if (!f) throw new UserError(`${this.dir}: missing tensor "${name}"`);
-    const st = this.files.get(f)!;
+    const st = this.fileFor(name);
     const t = st.tensors.get(name)!;
-    if (!this.mapped.has(f)) this.mapped.set(f, mapFile(st.file));
-    const map = this.mapped.get(f);
+    if (!this.mapped.has(st.file)) this.mapped.set(st.file, mapFile(st.file));
+    const map = this.mapped.get(st.file);
     if (!map || t.begin % 2 !== 0 || t.end > map.byteLength || (t.dtype !== 'BF16' && t.dtype !== 'F16')) return readHalfBits(st, name);
     return new Uint16Array(map, t.begin, (t.end - t.begin) / 2);
   }
+  /** Each file's mapping (null: it could not be mapped), made on first use. */
   private readonly mapped = new Map<string, ArrayBuffer | null>();
 
   read(name: string): HostTensor {
+    return { shape: this.shape(name), data: readTensor(this.fileFor(name), name) };
+  }
+
+  /** The file holding `name`, or a UserError saying the checkpoint lacks it. */
+  private fileFor(name: string): SafetensorsFile {
     const f = this.where.get(name);
     if (!f) throw new UserError(`${this.dir}: missing tensor "${name}"`);
-    const st = this.files.get(f)!;
-    return { shape: st.tensors.get(name)!.shape, data: readTensor(st, name) };
+    return this.files.get(f)!;
+  }
+  private info(name: string) {
+    return this.fileFor(name).tensors.get(name)!;
   }
 }
 
@@ -125,9 +129,11 @@ export function checkShapes(dir: string, cfg: ModelConfig, src: TensorSource): v
   }
 }
 
-export function checkFinite(name: string, file: string, data: Float32Array): void {
-  const i = firstNonFinite(data);
-  if (i >= 0) throw new UserError(`${file}: tensor "${name}" holds a non-finite value (${data[i]}) at index ${i}`);
+/** A UserError naming the first NaN or ±Inf of a tensor as read (float32 values, or a 16-bit weight's bits). */
+export function checkFinite(name: string, file: string, data: Float32Array | HalfWeight): void {
+  const i = data instanceof Float32Array ? firstNonFinite(data) : firstNonFiniteHalf(data);
+  const value = data instanceof Float32Array ? ` (${data[i]})` : '';
+  if (i >= 0) throw new UserError(`${file}: tensor "${name}" holds a non-finite value${value} at index ${i}`);
 }
 
 export interface SaveOptions {

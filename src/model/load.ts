@@ -1,10 +1,8 @@
 import { Decoder } from './decoder.js';
 import { checkFinite, openCheckpoint, readGenerationConfig, SaveOptions, TensorSource, writeCheckpointFiles } from '../io/checkpoint.js';
 import { writeDirAtomic } from '../util/fsutil.js';
-import { UserError } from '../util/errors.js';
 import { HalfWeight } from '../engine/half.js';
 import { fusedActive } from '../engine/fused.js';
-import { firstNonFiniteHalf } from '../engine/native.js';
 import { isHalfMatrix, isLinearWeight } from './config.js';
 
 export interface LoadOptions {
@@ -50,8 +48,7 @@ function readChecked(src: TensorSource, name: string) {
 function readHalf(src: TensorSource, name: string): HalfWeight {
   const [rows, cols] = src.shape(name);
   const w = new HalfWeight(src.halfBits(name), src.dtype(name) === 'BF16' ? 'bf16' : 'f16', [rows, cols], isLinearWeight(name));
-  const i = firstNonFiniteHalf(w);
-  if (i >= 0) throw new UserError(`${src.fileOf(name)}: tensor "${name}" holds a non-finite value at index ${i}`);
+  checkFinite(name, src.fileOf(name), w);
   return w;
 }
 

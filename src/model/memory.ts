@@ -36,7 +36,7 @@ import { LoraConfig, defaultTargets } from '../lora/lora.js';
  */
 export const RUNTIME_BYTES = 400 * 2 ** 20;
 export const SLACK = 0.15;
-/** The native backend's pool of freed blocks (native/addon.cc, kPoolBytes). */
+/** The native backend's pool of freed blocks (native/addon.cc, g_pool_cap; PREFOPT_POOL_MB). */
 export const POOL_BYTES = 2 * 2 ** 30;
 
 export type JobKind = 'logprobs' | 'generate' | 'lora' | 'full';
