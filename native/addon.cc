@@ -3,10 +3,12 @@
 // backend's array); lengths are checked against the shapes before any kernel touches them.
 #include <node_api.h>
 #include "kernels.h"
+#include "cuda_probe.h"
 #include "parallel.h"
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <list>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -546,6 +548,15 @@ napi_value MapFile(napi_env env, napi_callback_info info) {
 // step. From malloc, freed blocks stayed in glibc's heap (its mmap threshold rises to the largest
 // size freed), and the log-probs job's RSS grew a third over the cpu backend's; fresh mmaps for
 // every tensor would pay the first-touch page faults (~2.7 s per GB here) again and again.
+//
+// The pool never makes a job bigger than its own high-water mark of live blocks: a request the
+// pool cannot serve first unmaps the longest-unused pooled blocks until live + pooled + the new
+// block fit under that mark. So it needs no size cap, and holds blocks of every size, the large
+// ones too (a full SFT step's [vocab, D] gradients): a fixed 2 GB pool of blocks up to 256 MB put
+// that step 0.6 GB over the pool-less peak and still mapped 6.6 GB of fresh pages a step
+// (bench/RESULTS.md). Phases that use different sizes (a forward pass's layers, then its LM-head
+// chunk) do evict and remap each other's blocks every pass; huge pages (map_block) make that
+// cheap. trimPool hands everything back between jobs (docs/REFERENCE.md §11).
 struct Block {
   void* p;
   size_t n;  // bytes asked for
@@ -554,28 +565,73 @@ struct Block {
 };
 std::unordered_map<void*, Block*> g_blocks;
 int64_t g_native_bytes = 0;
-size_t g_pool_cap = size_t(2048) << 20;  // PREFOPT_POOL_MB overrides (read when the addon loads)
-// Larger blocks (a full SFT's [vocab, D] gradients, 544 MB at 0.5B) go back at once: held, they
-// raised that job's peak by a third of a GB, and their page faults are small beside their work.
-constexpr size_t kPoolBlockMax = size_t(256) << 20;
-std::unordered_multimap<size_t, void*> g_pool;
-size_t g_pooled = 0;
+// PREFOPT_POOL_MB caps the pool below the high-water mark (0: no pool); read when the addon loads.
+size_t g_pool_cap = SIZE_MAX;
+// Pooled blocks, oldest free first, and an index by size into that list.
+using Pooled = std::list<std::pair<size_t, void*>>;
+Pooled g_lru;
+std::unordered_multimap<size_t, Pooled::iterator> g_pool;
+size_t g_pooled = 0, g_live = 0, g_high_water = 0;  // bytes mapped
+size_t g_mapped_total = 0, g_evicted_total = 0;  // bytes mapped fresh, and unmapped from the pool, ever
+
+void unpool(Pooled::iterator it) {
+  auto range = g_pool.equal_range(it->first);
+  for (auto m = range.first; m != range.second; ++m)
+    if (m->second == it) {
+      g_pool.erase(m);
+      break;
+    }
+  g_pooled -= it->first;
+  g_lru.erase(it);
+}
+
+// Fresh pages cost a fault each on first touch (~2.7 s per GB of 4 KB pages here). Blocks from
+// 4 MB start on a 2 MB boundary and are offered to transparent huge pages, which fault 2 MB at a
+// time; the tail past the last whole huge page stays in small pages, so nothing extra is resident.
+// PREFOPT_HUGEPAGES=0 keeps small pages (where huge-page compaction stalls).
+constexpr size_t kHuge = size_t(2) << 20;
+bool g_huge = true;
+void* map_block(size_t mapped) {
+  const int prot = PROT_READ | PROT_WRITE, flags = MAP_PRIVATE | MAP_ANONYMOUS;
+  if (mapped < 2 * kHuge || !g_huge) {
+    void* p = mmap(nullptr, mapped, prot, flags, -1, 0);
+    return p == MAP_FAILED ? nullptr : p;
+  }
+  void* raw = mmap(nullptr, mapped + kHuge, prot, flags, -1, 0);
+  if (raw == MAP_FAILED) return nullptr;
+  char* lo = static_cast<char*>(raw);
+  char* p = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(lo) + kHuge - 1) & ~(kHuge - 1));
+  if (p > lo) munmap(lo, p - lo);
+  if (lo + kHuge > p) munmap(p + mapped, lo + kHuge - p);
+  madvise(p, mapped, MADV_HUGEPAGE);
+  return p;
+}
 
 void* take(size_t mapped) {
-  auto it = g_pool.find(mapped);
-  if (it != g_pool.end()) {
-    void* p = it->second;
-    g_pool.erase(it);
-    g_pooled -= mapped;
-    return p;
+  auto hit = g_pool.find(mapped);
+  void* p = nullptr;
+  if (hit != g_pool.end()) {
+    p = hit->second->second;
+    unpool(hit->second);
+  } else {
+    g_high_water = std::max(g_high_water, g_live + mapped);
+    while (!g_lru.empty() && g_live + mapped + g_pooled > g_high_water) {
+      munmap(g_lru.front().second, g_lru.front().first);
+      g_evicted_total += g_lru.front().first;
+      unpool(g_lru.begin());
+    }
+    p = map_block(mapped);
+    if (!p) return nullptr;
+    g_mapped_total += mapped;
   }
-  void* p = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  return p == MAP_FAILED ? nullptr : p;
+  g_live += mapped;
+  return p;
 }
 
 void give(void* p, size_t mapped) {
-  if (mapped <= kPoolBlockMax && g_pooled + mapped <= g_pool_cap) {
-    g_pool.emplace(mapped, p);
+  g_live -= mapped;
+  if (g_pooled + mapped <= g_pool_cap) {
+    g_pool.emplace(mapped, g_lru.insert(g_lru.end(), {mapped, p}));
     g_pooled += mapped;
   } else {
     munmap(p, mapped);
@@ -649,6 +705,88 @@ napi_value NativeBytes(napi_env env, napi_callback_info) {
   return r;
 }
 
+// trimPool(): unmap every pooled block, and start the high-water mark again from what is live.
+napi_value TrimPool(napi_env env, napi_callback_info) {
+  while (!g_lru.empty()) {
+    munmap(g_lru.front().second, g_lru.front().first);
+    unpool(g_lru.begin());
+  }
+  g_high_water = g_live;
+  return nullptr;
+}
+
+// poolStats() → {live, pooled, highWater, mappedTotal, evictedTotal}: bytes mapped for live
+// blocks, kept in the pool, the most ever live at once (since the last trim), ever mapped fresh,
+// and ever unmapped to make room under the mark.
+napi_value PoolStats(napi_env env, napi_callback_info) {
+  napi_value o, v;
+  napi_create_object(env, &o);
+  const std::pair<const char*, size_t> fields[] = {{"live", g_live}, {"pooled", g_pooled}, {"highWater", g_high_water}, {"mappedTotal", g_mapped_total}, {"evictedTotal", g_evicted_total}};
+  for (const auto& [name, value] : fields) {
+    napi_create_double(env, (double)value, &v);
+    napi_set_named_property(env, o, name, v);
+  }
+  return o;
+}
+
+// probeCuda(driver, cublasLt, nvrtc): each a list of candidate files or sonames, tried in order →
+// {driver: {path, version, error}, cublasLt: {…}, nvrtc: {…}, devices: [{name, major, minor, memory}]}
+// (engine/cuda.ts builds the lists and words the report).
+std::vector<std::string> string_list(napi_env env, napi_value v) {
+  std::vector<std::string> out;
+  uint32_t n = 0;
+  if (napi_get_array_length(env, v, &n) != napi_ok) return out;
+  for (uint32_t i = 0; i < n; i++) {
+    napi_value e;
+    char buf[4096];
+    size_t len = 0;
+    if (napi_get_element(env, v, i, &e) == napi_ok && napi_get_value_string_utf8(env, e, buf, sizeof buf, &len) == napi_ok && len < sizeof buf - 1) out.emplace_back(buf, len);
+  }
+  return out;
+}
+
+napi_value lib_object(napi_env env, const prefopt::LibProbe& l) {
+  napi_value o, v;
+  napi_create_object(env, &o);
+  for (const auto& [key, value] : {std::pair<const char*, const std::string*>{"path", &l.path}, {"version", &l.version}, {"error", &l.error}}) {
+    if (value->empty()) napi_get_null(env, &v);
+    else napi_create_string_utf8(env, value->c_str(), value->size(), &v);
+    napi_set_named_property(env, o, key, v);
+  }
+  return o;
+}
+
+napi_value ProbeCuda(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3], o, list, v;
+  napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
+  if (argc < 3) {
+    napi_throw_type_error(env, nullptr, "probeCuda(driver, cublasLt, nvrtc): three lists of candidates");
+    return nullptr;
+  }
+  prefopt::CudaProbe p = prefopt::probe_cuda(string_list(env, argv[0]), string_list(env, argv[1]), string_list(env, argv[2]));
+  napi_create_object(env, &o);
+  napi_set_named_property(env, o, "driver", lib_object(env, p.driver));
+  napi_set_named_property(env, o, "cublasLt", lib_object(env, p.cublaslt));
+  napi_set_named_property(env, o, "nvrtc", lib_object(env, p.nvrtc));
+  napi_create_array_with_length(env, p.devices.size(), &list);
+  for (size_t i = 0; i < p.devices.size(); i++) {
+    napi_value d;
+    napi_create_object(env, &d);
+    napi_create_string_utf8(env, p.devices[i].name.c_str(), NAPI_AUTO_LENGTH, &v);
+    napi_set_named_property(env, d, "name", v);
+    napi_create_int32(env, p.devices[i].major, &v);
+    napi_set_named_property(env, d, "major", v);
+    napi_create_int32(env, p.devices[i].minor, &v);
+    napi_set_named_property(env, d, "minor", v);
+    napi_create_double(env, (double)p.devices[i].memory, &v);
+    napi_set_named_property(env, d, "memory", v);
+    napi_set_element(env, list, (uint32_t)i, d);
+  }
+  napi_set_named_property(env, o, "devices", list);
+  return o;
+}
+
 napi_value Info(napi_env env, napi_callback_info) {
   napi_value o, v;
   napi_create_object(env, &o);
@@ -670,6 +808,7 @@ napi_value Init(napi_env env, napi_value exports) {
   // kernel decides the rounding, and the same seed must give the same result.
   g_isa = detect_isa();
   if (const char* mb = getenv("PREFOPT_POOL_MB")) g_pool_cap = (size_t)std::strtoull(mb, nullptr, 10) << 20;
+  if (const char* h = getenv("PREFOPT_HUGEPAGES")) g_huge = strcmp(h, "0") != 0;
   const char* want = getenv("PREFOPT_BLAS");
   bool builtin_only = want && strcmp(want, "builtin") == 0;
   if (!builtin_only && ((want && *want) || g_isa == kPortable)) open_blas(want);
@@ -681,6 +820,9 @@ napi_value Init(napi_env env, napi_value exports) {
       {"alloc", nullptr, Alloc, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"free", nullptr, Free, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"nativeBytes", nullptr, NativeBytes, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"poolStats", nullptr, PoolStats, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"trimPool", nullptr, TrimPool, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"probeCuda", nullptr, ProbeCuda, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"loraForward", nullptr, LoraForward, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"loraBackward", nullptr, LoraBackward, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"labelLogProbs", nullptr, LabelLogProbs, nullptr, nullptr, nullptr, napi_default, nullptr},

@@ -5,19 +5,20 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { fusedActive } from './engine/fused.js';
 import { gpuReport, initBackend } from './engine/backend.js';
+import { cudaReport } from './engine/cuda.js';
 import { UserError } from './util/errors.js';
 import { loadConfig } from './io/checkpoint.js';
 import { gib, jobReports, paramCount } from './model/memory.js';
 import { log, setLogMode } from './util/log.js';
 import { generateCmd, initModel, logprobsCmd, trainTokenizer } from './commands/model.js';
-import { addLoraOptions, addTableOptions, addTrainOptions, int, num, trainConfigFrom } from './commands/train-options.js';
+import { addLoraOptions, addTableOptions, addTrainOptions, int, num } from './commands/train-options.js';
+import { trainConfigFrom } from './train/options.js';
 import { valuesFrom } from './util/schema.js';
 import { DPO_OPTIONS } from './dpo/loss.js';
 import { PAIR_OPTIONS, PAIR_SHAPE_OPTIONS } from './data/prefs.js';
 import { OptionRow } from './util/schema.js';
 import { DEFAULT_SFT, SFT_OPTIONS, runSft, sftSettingsFrom } from './stages/sft.js';
 import { dpoCmd, evalDpoCmd } from './commands/dpo.js';
-import { DEFAULT_DPO_STAGE } from './stages/dpo.js';
 import { rmScoreCmd, rmTrainCmd } from './commands/rm.js';
 import { DEFAULT_RM } from './stages/rm.js';
 import { exportPairsCmd, onlineCmd, statusCmd } from './commands/online.js';
@@ -106,6 +107,7 @@ function addDoctorCommand(program: Command, withBackend: WithBackend): void {
           native_reason: b.native.reason,
           fused_kernels: fusedActive(),
           gpu: gpuReport(b),
+          cuda: cudaReport(),
           node: process.version,
           cpus: os.cpus().length,
           memory_gb: +(os.totalmem() / 2 ** 30).toFixed(1),
@@ -122,6 +124,7 @@ function addDoctorCommand(program: Command, withBackend: WithBackend): void {
           }
           const g = report.gpu;
           process.stdout.write(`gpu: ${g.status}\n  nvidia driver: ${g.nvidia_driver ?? 'none'}; @tensorflow/tfjs-node-gpu: ${g.tfjs_node_gpu}\n`);
+          process.stdout.write(`cuda: ${report.cuda.state} — ${report.cuda.reason}\n`);
           if (report.warning) process.stdout.write(`warning: ${report.warning}\n`);
           process.stdout.write(`node ${report.node}, ${report.cpus} cpus, ${report.memory_gb} GiB\n`);
           if (mem) {
@@ -251,8 +254,9 @@ function addSftDpoCommands(program: Command, withBackend: WithBackend): void {
       .option('--eval-data <file>', 'held-out pairs (default: --eval-ratio of --data)')
       .option('--ref-model <dir>', 'explicit reference checkpoint (default: the base with the adapter off)')
       .option('--adapter <dir>', 'start from this adapter')
-      .option('--cache <db>', 'SQLite file for cached reference log-probs (default OUT/prefopt.db)'),
-  ).action(withBackend(async (o) => dpoCmd(o, trainConfigFrom(o, DEFAULT_DPO_STAGE.train))));
+      .option('--cache <db>', 'SQLite file for cached reference log-probs (default OUT/prefopt.db)')
+      .option('--config <file>', "settings under TRL's DPOConfig and PEFT's LoraConfig names, as a trainer command gets them (flags override it)"),
+  ).action(withBackend(async (o) => dpoCmd(o)));
 
   dpoOptions(
     program
@@ -481,7 +485,7 @@ export function buildProgram(): Command {
   program
     .name('prefopt')
     .description('Preference optimization of language models: SFT, LoRA DPO, iterative on-policy DPO, merging')
-    .option('--backend <name>', 'tfjs backend: node-gpu, node, wasm or cpu (default: first that loads; env PREFOPT_BACKEND)')
+    .option('--backend <name>', 'backend: node-gpu, node, wasm, native, cpu or cuda (default: first that loads; env PREFOPT_BACKEND; doctor says why each is or is not usable)')
     .option('--json', 'structured logs (one JSON object per line on stderr)')
     .option('--quiet', 'no logs')
     .showHelpAfterError();

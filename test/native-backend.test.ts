@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
 import { initBackend } from '../src/engine/backend.js';
-import { loadNative } from '../src/engine/native.js';
+import { loadNative, nativeAllocator } from '../src/engine/native.js';
 import { Decoder } from '../src/model/decoder.js';
 import { LoraAdapter, attach } from '../src/lora/lora.js';
 import { makeBatch } from '../src/infer/batch.js';
@@ -120,5 +120,52 @@ describe('native backend', () => {
     const b = await step('native');
     expect(b.loss).toBe(a.loss);
     b.grads.forEach((g, i) => g.forEach((v, j) => expect(Math.abs(v - a.grads[i][j])).toBeLessThan(1e-6)));
+  });
+
+  it('the allocator reuses freed blocks of the same size, and live + pooled never passes the high-water mark of live blocks', () => {
+    const mem = nativeAllocator();
+    if (!mem) return;
+    const PAGE = 4096;
+    const check = (what: string) => {
+      const s = mem.poolStats();
+      expect(s.live + s.pooled, what).toBeLessThanOrEqual(s.highWater);
+    };
+    // Reuse: a block freed and asked for again comes from the pool, with no new mapping.
+    const size = 3 * 2 ** 20 + 7 * PAGE; // a size nothing else in the suite asks for
+    mem.free(mem.alloc(size));
+    const s0 = mem.poolStats();
+    const again = mem.alloc(size);
+    const s1 = mem.poolStats();
+    expect(s1.pooled).toBe(s0.pooled - size);
+    expect(s1.live).toBe(s0.live + size);
+    expect(s1.highWater).toBe(s0.highWater);
+    mem.free(again);
+    // A request the pool cannot serve, sized past the mark's room, unmaps pooled blocks first.
+    const s2 = mem.poolStats();
+    const room = s2.highWater - s2.live - s2.pooled;
+    const odd = room + PAGE * (1 + Math.floor(s2.pooled / PAGE / 2)); // needs half the pool
+    const big = mem.alloc(odd);
+    const s3 = mem.poolStats();
+    expect(s3.pooled).toBeLessThan(s2.pooled);
+    expect(s3.live + s3.pooled).toBeLessThanOrEqual(Math.max(s2.highWater, s3.live));
+    mem.free(big);
+    check('after the eviction');
+    // Random sizes (from a few, so some are reused) and frees, in any order.
+    const rng = new Rng(9);
+    const held: ArrayBuffer[] = [];
+    for (let i = 0; i < 400; i++) {
+      if (held.length && rng.next() < 0.45) mem.free(held.splice(rng.int(held.length), 1)[0]);
+      else held.push(mem.alloc((1 + rng.int(6)) * 37 * PAGE + rng.int(2) * 11));
+      check(`operation ${i}`);
+    }
+    for (const b of held) mem.free(b);
+    check('all freed');
+    // Between jobs everything pooled goes back, and the mark starts again from what is live.
+    const kept = mem.alloc(5 * PAGE);
+    mem.trimPool();
+    const t = mem.poolStats();
+    expect(t.pooled).toBe(0);
+    expect(t.highWater).toBe(t.live);
+    mem.free(kept);
   });
 });

@@ -137,8 +137,9 @@ describe('flags and recipe fields', () => {
     const program = buildProgram();
     const command = (names: string[]) => names.reduce((c: any, n) => c.commands.find((x: any) => x.name() === n), program);
     // Set by the runner for every stage: the output directory (from the stage name), resumption
-    // (a recipe always resumes) and the run database (its reference cache).
-    const runner = new Set(['out', 'workdir', 'resume', 'cache']);
+    // (a recipe always resumes) and the run database (its reference cache); dpo's --config is
+    // the file a trainer command gets, written from the stage's own fields.
+    const runner = new Set(['out', 'workdir', 'resume', 'cache', 'config']);
     // Flags that are fields of a nested recipe mapping.
     const nested: Record<string, string> = {
       lora_r: 'lora.r', lora_alpha: 'lora.alpha', lora_dropout: 'lora.dropout', lora_targets: 'lora.targets', use_rslora: 'lora.use_rslora',
@@ -157,7 +158,7 @@ describe('flags and recipe fields', () => {
 
 describe('one table for the training settings', () => {
   it('a flag and a recipe field are checked by the same rule, with the same words', async () => {
-    const { trainConfigFrom, TRAIN_OPTIONS } = await import('../src/commands/train-options.js');
+    const { trainConfigFrom, TRAIN_OPTIONS } = await import('../src/train/options.js');
     for (const [field, bad, want] of [
       ['warmup_ratio', 1, 'expected a number ≥ 0 and < 1, found 1'],
       ['adam_beta2', 1, 'expected a number ≥ 0 and < 1, found 1'],
@@ -200,7 +201,7 @@ describe('one table for the DPO loss settings', () => {
 
 describe('one table each for LoRA, sampling, the online stage, pairs and SFT', () => {
   it('a flag, a recipe field and the library check give the same words for the same bad value', async () => {
-    const { loraFrom } = await import('../src/commands/train-options.js');
+    const { loraFrom } = await import('../src/lora/lora.js');
     const { LoraAdapter, DEFAULT_LORA } = await import('../src/lora/lora.js');
     const { onlineSettingsFrom } = await import('../src/stages/online.js');
     const { sftSettingsFrom } = await import('../src/stages/sft.js');

@@ -1,12 +1,12 @@
 import { DEFAULT_DPO_STAGE, evaluatePairs, runDpo } from '../stages/dpo.js';
 import { DPO_OPTIONS, DpoParams, validateDpoParams } from '../dpo/loss.js';
-import { loraFrom } from './train-options.js';
+import { loraFrom, withAdapterOff } from '../lora/lora.js';
 import { valuesFrom } from '../util/schema.js';
 import { pairLogpsHost } from '../dpo/logps.js';
 import { loadPrefs, pairSettingsFrom } from '../data/prefs.js';
-import { withAdapterOff } from '../lora/lora.js';
 import { loadModel } from '../model/load.js';
-import { TrainConfig } from '../train/trainer.js';
+import { trainConfigFrom } from '../train/options.js';
+import { DPO_JOB_DEFAULTS, readDpoConfig } from '../stages/trl-config.js';
 import { UserError } from '../util/errors.js';
 import { log } from '../util/log.js';
 import { openPolicy } from '../model/policy.js';
@@ -18,19 +18,22 @@ export function dpoParamsFrom(o: Record<string, any>, base: DpoParams, from: 'fl
   return validateDpoParams(valuesFrom(DPO_OPTIONS, o, base, from), where);
 }
 
-export async function dpoCmd(o: Record<string, any>, train: TrainConfig): Promise<void> {
+export async function dpoCmd(o: Record<string, any>): Promise<void> {
+  const base = o.config ? readDpoConfig(o.config, DPO_JOB_DEFAULTS) : DPO_JOB_DEFAULTS;
+  if (base.reference === 'start_adapter' && !o.adapter) throw new UserError(`${o.config}: prefopt.reference "start_adapter" needs --adapter`);
   const res = await runDpo({
     ...DEFAULT_DPO_STAGE,
     model: o.model,
     data: o.data,
     out: o.out,
-    evalData: o.evalData,
-    ...pairSettingsFrom(o, DEFAULT_DPO_STAGE, 'flags'),
-    refModel: o.refModel,
+    evalData: o.evalData ?? base.evalData,
+    ...pairSettingsFrom(o, base.pairs, 'flags'),
+    refModel: o.refModel ?? base.refModel,
     adapter: o.adapter,
-    dpo: dpoParamsFrom(o, DEFAULT_DPO_STAGE.dpo),
-    lora: loraFrom(o),
-    train,
+    refIsStartAdapter: base.reference === 'start_adapter',
+    dpo: dpoParamsFrom(o, base.dpo),
+    lora: loraFrom(o, base.lora),
+    train: trainConfigFrom(o, base.train),
     cacheDb: o.cache,
     resume: !!o.resume,
   });

@@ -10,7 +10,7 @@ import { log } from '../util/log.js';
 import { toJsonl } from '../data/jsonl.js';
 import { rowMessages } from '../data/prompts.js';
 import { dpoParamsFrom } from './dpo.js';
-import { loraFrom } from './train-options.js';
+import { loraFrom } from '../lora/lora.js';
 
 export async function onlineCmd(o: Record<string, any>, train: TrainConfig): Promise<void> {
   const sampler = o.samplerUrl

@@ -8,7 +8,7 @@ import { pairSettingsFrom } from '../data/prefs.js';
 import { UserError } from '../util/errors.js';
 import { writeFileAtomic } from '../util/fsutil.js';
 import { log } from '../util/log.js';
-import { loraFrom } from './train-options.js';
+import { loraFrom } from '../lora/lora.js';
 
 export async function rmTrainCmd(o: Record<string, any>, train: TrainConfig): Promise<void> {
   const res = await runRmTrain({

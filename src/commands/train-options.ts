@@ -1,10 +1,8 @@
 import { Command } from 'commander';
-import { CHECKPOINT_MODES, DEFAULT_TRAIN, TrainConfig } from '../train/trainer.js';
-import { SCHEDULERS } from '../train/schedule.js';
+import { TRAIN_OPTIONS } from '../train/options.js';
 import * as schema from '../util/schema.js';
-import type { Spec } from '../util/schema.js';
 import { UserError } from '../util/errors.js';
-import { DEFAULT_LORA, LORA_OPTIONS, LoraConfig, validateLora } from '../lora/lora.js';
+import { LORA_OPTIONS } from '../lora/lora.js';
 
 /** Flag parsers: a finite number, an integer. */
 export const num = (v: string): number => {
@@ -18,42 +16,6 @@ export const int = (v: string): number => {
   return n;
 };
 
-/**
- * The training settings every training command and stage shares, declared once: the recipe field,
- * the TrainConfig key, the allowed values and the help. The CLI flags (the field in kebab-case),
- * the recipe schema and the range checks all come from this table.
- */
-export type TrainOption = schema.OptionRow<keyof TrainConfig>;
-
-const below1 = schema.num({ min: 0, max: 1, exclusiveMax: true });
-export const TRAIN_OPTIONS: TrainOption[] = [
-  { key: 'lr', field: 'lr', spec: schema.num({ min: 0, exclusiveMin: true }), help: 'peak learning rate' },
-  { key: 'epochs', field: 'epochs', spec: schema.num({ min: 0, exclusiveMin: true }), help: 'epochs' },
-  { key: 'maxSteps', field: 'max_steps', spec: schema.int({ min: 0 }), help: 'optimizer steps (overrides epochs)' },
-  { key: 'gradAccum', field: 'grad_accum', spec: schema.int({ min: 1 }), help: 'micro-batches per optimizer step' },
-  { key: 'warmupRatio', field: 'warmup_ratio', spec: below1, help: 'fraction of steps spent warming up' },
-  { key: 'scheduler', field: 'lr_scheduler', spec: schema.str([...SCHEDULERS]), help: SCHEDULERS.join(' | ') },
-  { key: 'weightDecay', field: 'weight_decay', spec: schema.num({ min: 0 }), help: 'AdamW weight decay (not on norms and biases)' },
-  { key: 'beta1', field: 'adam_beta1', spec: below1, help: 'AdamW β1' },
-  { key: 'beta2', field: 'adam_beta2', spec: below1, help: 'AdamW β2' },
-  { key: 'eps', field: 'adam_eps', spec: schema.num({ min: 0, exclusiveMin: true }), help: 'AdamW ε' },
-  { key: 'maxGradNorm', field: 'max_grad_norm', spec: schema.num({ min: 0 }), help: 'clip the global gradient norm (0 = off)' },
-  { key: 'loggingSteps', field: 'logging_steps', spec: schema.int({ min: 0 }), help: 'log metrics every n steps (0 = every step)' },
-  { key: 'saveSteps', field: 'save_steps', spec: schema.int({ min: 0 }), help: 'checkpoint every n steps (0 = off)' },
-  { key: 'saveTotalLimit', field: 'save_total_limit', spec: schema.int({ min: 0 }), help: 'checkpoints kept' },
-  { key: 'evalSteps', field: 'eval_steps', spec: schema.int({ min: 0 }), help: 'evaluate every n steps (0 = at the end)' },
-  { key: 'seed', field: 'seed', spec: schema.int(), help: 'seed' },
-  { key: 'detectAnomaly', field: 'detect_anomaly', spec: schema.bool, help: 'check every gradient and weight each step; name the first NaN/Inf tensor' },
-  {
-    key: 'gradientCheckpointing',
-    field: 'gradient_checkpointing',
-    spec: schema.str([...CHECKPOINT_MODES]),
-    help: `${CHECKPOINT_MODES.join(' | ')}: recompute each layer in the backward pass instead of keeping its activations (auto: on from 100M parameters)`,
-  },
-];
-
-/** The recipe schema of the training settings. */
-export const TRAIN_SCHEMA: Record<string, Spec> = schema.fieldsOf(TRAIN_OPTIONS);
 
 /** One flag per row of an option table: --field-in-kebab-case, parsed by the row's kind. */
 export function addTableOptions(cmd: Command, rows: schema.OptionRow<string>[]): Command {
@@ -75,28 +37,7 @@ export function addTrainOptions(cmd: Command): Command {
 }
 
 
-/**
- * A TrainConfig from parsed CLI options (commander's camelCase names) or from a recipe stage
- * (snake_case fields), over `base`, range-checked.
- */
-export function trainConfigFrom(o: Record<string, any>, base: TrainConfig = DEFAULT_TRAIN, from: 'flags' | 'recipe' = 'flags', where = ''): TrainConfig {
-  return validateTrainConfig(schema.valuesFrom(TRAIN_OPTIONS, o, base, from), where);
-}
-
-/** Range checks from TRAIN_OPTIONS, naming the setting by its recipe field. */
-export function validateTrainConfig(c: TrainConfig, where = ''): TrainConfig {
-  const bad = schema.firstViolation(TRAIN_OPTIONS, c as unknown as Record<keyof TrainConfig, unknown>);
-  if (bad) throw new UserError(`${where}${bad}`);
-  if (c.loggingSteps === 0) c.loggingSteps = 1;
-  return c;
-}
-
 /** LoRA flags shared by dpo, rm train and online. */
 export function addLoraOptions(cmd: Command): Command {
   return addTableOptions(cmd, LORA_OPTIONS);
-}
-
-/** A LoraConfig from CLI flags or a recipe stage's `lora` mapping, over `base`, range-checked. */
-export function loraFrom(o: Record<string, any>, base: LoraConfig = DEFAULT_LORA, from: 'flags' | 'recipe' = 'flags', where = ''): LoraConfig {
-  return validateLora(schema.valuesFrom(LORA_OPTIONS, o, base, from), where);
 }

@@ -105,16 +105,19 @@ export function loadPrefs(file: string, tok: TextTokenizer | null, vocab: number
       skip(where, 'empty completion');
       continue;
     }
-    if (!lim.allowIdentical && p.chosen.length === p.rejected.length && p.chosen.every((v, i) => v === p.rejected[i])) {
-      skip(where, 'chosen identical to rejected');
-      continue;
-    }
     if (p.prompt.length > lim.maxPromptLength || p.prompt.length >= lim.maxLength) {
       skip(where, 'prompt longer than max_prompt_length');
       continue;
     }
     const room = lim.maxLength - p.prompt.length;
-    pairs.push({ prompt: p.prompt, chosen: p.chosen.slice(0, room), rejected: p.rejected.slice(0, room), where, margin: p.margin });
+    const [chosen, rejected] = [p.chosen.slice(0, room), p.rejected.slice(0, room)];
+    // Compared as truncated: answers that differ only past max_length teach nothing, and reading
+    // the pairs a trainer command is handed (already truncated) keeps the same ones.
+    if (!lim.allowIdentical && chosen.length === rejected.length && chosen.every((v, i) => v === rejected[i])) {
+      skip(where, 'chosen identical to rejected');
+      continue;
+    }
+    pairs.push({ prompt: p.prompt, chosen, rejected, where, margin: p.margin });
   }
   return { pairs, skipped };
 }
@@ -132,13 +135,13 @@ export interface PairSettings {
 export const PAIR_SHAPE_OPTIONS: OptionRow<'maxLength' | 'maxPromptLength' | 'batchSize'>[] = [
   { key: 'maxLength', field: 'max_length', spec: int({ min: 2 }), help: 'prompt + completion tokens at most' },
   { key: 'maxPromptLength', field: 'max_prompt_length', spec: int({ min: 1 }), help: 'prompt tokens at most (longer prompts are skipped)' },
-  { key: 'batchSize', field: 'batch_size', spec: int({ min: 1 }), help: 'pairs per micro-batch' },
+  { key: 'batchSize', field: 'batch_size', hf: 'per_device_train_batch_size', spec: int({ min: 1 }), help: 'pairs per micro-batch' },
 ];
 
 export const PAIR_OPTIONS: OptionRow<keyof PairSettings>[] = [
-  { key: 'evalRatio', field: 'eval_ratio', spec: num({ min: 0, max: 0.9 }), help: 'fraction of the pairs held out for evaluation when no eval data is given' },
+  { key: 'evalRatio', field: 'eval_ratio', hf: null, spec: num({ min: 0, max: 0.9 }), help: 'fraction of the pairs held out for evaluation when no eval data is given' },
   ...PAIR_SHAPE_OPTIONS,
-  { key: 'strict', field: 'strict', spec: bool, help: 'unusable rows are errors instead of being skipped and counted' },
+  { key: 'strict', field: 'strict', hf: null, spec: bool, help: 'unusable rows are errors instead of being skipped and counted' },
 ];
 
 /** A stage's pair settings from CLI flags or recipe fields over its defaults, range-checked. */

@@ -8,6 +8,7 @@ import { packageRoot } from '../util/package-root.js';
 import { NativeReport, loadNative, nativeAllocator, registerNativeKernels } from './native.js';
 import { NATIVE_BACKEND, registerNativeBackend } from './native-backend.js';
 import { registerZeroCopyKernels } from './wasm.js';
+import { cudaReport } from './cuda.js';
 
 /**
  * Run-time backend choice. The native TensorFlow bindings are optional dependencies whose
@@ -80,11 +81,12 @@ async function tryBackend(name: BackendName): Promise<string> {
 function normalise(name: string): BackendName {
   const n = name.trim().toLowerCase();
   const alias: Record<string, BackendName> = {
-    'node-gpu': 'tensorflow-gpu', gpu: 'tensorflow-gpu', 'tensorflow-gpu': 'tensorflow-gpu', cuda: 'tensorflow-gpu',
+    'node-gpu': 'tensorflow-gpu', gpu: 'tensorflow-gpu', 'tensorflow-gpu': 'tensorflow-gpu',
     node: 'tensorflow', tensorflow: 'tensorflow', wasm: 'wasm', native: 'native', cpu: 'cpu',
   };
   const b = alias[n];
-  if (!b) throw new UserError(`unknown backend "${name}": expected one of node-gpu, node, wasm, native, cpu`);
+  if (n === 'cuda') throw new UserError(`backend "cuda" is not usable here: ${cudaReport().reason}`);
+  if (!b) throw new UserError(`unknown backend "${name}": expected one of node-gpu, node, wasm, native, cpu, cuda`);
   return b;
 }
 
@@ -127,6 +129,19 @@ export async function initBackend(requested?: string, weightBytes = 0): Promise<
   throw new UserError(req ? `backend "${req}" is not usable here (${detail})` : `no tfjs backend could be loaded (${detail})`);
 }
 
+/** The backend initBackend chose in this process, or null before it ran. */
+export function currentBackend(): BackendName | null {
+  return current?.chosen ?? null;
+}
+
+/**
+ * Between jobs in one process (a recipe's stages): hand the native backend's pool of freed blocks
+ * back to the system. Within a job the pool stays under the job's own peak of live tensors, but
+ * after it that memory would sit beside the next job's model.
+ */
+export function releasePooledMemory(): void {
+  if (current?.chosen === 'native') nativeAllocator()?.trimPool();
+}
 
 export interface GpuReport {
   /** An NVIDIA kernel driver is loaded (its version), or null. */
@@ -162,7 +177,7 @@ export function gpuReport(b: BackendReport): GpuReport {
   const status = loaded
     ? 'tfjs-node-gpu loaded (libtensorflow 2.9.1: CUDA 11.2 / cuDNN 8.1); untested by prefopt, f32 only'
     : 'no GPU path: tfjs-node-gpu needs CUDA 11.2 + cuDNN 8.1 (it does not load on CUDA 12/13 and has no Hopper kernels) and is untested; ' +
-      'a CUDA backend of prefopt\'s own is planned. Training runs on the CPU.';
+      'prefopt\'s own CUDA backend: see "cuda". Training runs on the CPU.';
   return { nvidia_driver: driver, tfjs_node_gpu: loaded ? 'loaded' : installed ? 'installed, not loaded' : 'not installed', status };
 }
 

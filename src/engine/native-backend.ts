@@ -14,11 +14,29 @@ import { MathBackendCPU } from '@tensorflow/tfjs-backend-cpu';
  */
 export const NATIVE_BACKEND = 'native';
 
-/** The addon's allocator (native/addon.cc). */
+/**
+ * Bytes mapped for the allocator's live blocks, kept in its pool of freed blocks, the most ever
+ * live at once (since the last trim), and ever mapped fresh or unmapped to make room.
+ */
+export interface PoolStats {
+  live: number;
+  pooled: number;
+  highWater: number;
+  mappedTotal: number;
+  evictedTotal: number;
+}
+
+/**
+ * The addon's allocator (native/addon.cc). Freed blocks are pooled for reuse, but live + pooled
+ * never exceeds the high-water mark of live blocks: the pool does not raise a job's peak.
+ */
 export interface NativeAllocator {
   alloc(bytes: number): ArrayBuffer;
   free(buffer: ArrayBuffer): boolean;
   nativeBytes(): number;
+  poolStats(): PoolStats;
+  /** Unmap every pooled block and restart the high-water mark: between jobs. */
+  trimPool(): void;
 }
 
 /** Outputs smaller than this stay in JavaScript's heap: the addon's allocation costs more than it saves there. */

@@ -6,7 +6,7 @@ import { packageRoot } from '../util/package-root.js';
 import { FusedAddon, registerFusedKernels } from './fused.js';
 import { overrideKernel, runInPlace } from './kernels.js';
 import { DT_CODE, HalfWeight, isHalf } from './half.js';
-import { NATIVE_BACKEND, NativeAllocator } from './native-backend.js';
+import { NATIVE_BACKEND, NativeAllocator, PoolStats } from './native-backend.js';
 
 /**
  * The native addon (native/, built at install by node-gyp): its matmul registered as the
@@ -27,6 +27,23 @@ interface Addon extends FusedAddon {
   alloc(bytes: number): ArrayBuffer;
   free(buffer: ArrayBuffer): boolean;
   nativeBytes(): number;
+  poolStats(): PoolStats;
+  trimPool(): void;
+  probeCuda(driver: string[], cublasLt: string[], nvrtc: string[]): CudaProbeResult;
+}
+
+/** One library the CUDA probe looked for: the file that loaded and its version, or why none did. */
+export interface CudaLib {
+  path: string | null;
+  version: string | null;
+  error: string | null;
+}
+
+export interface CudaProbeResult {
+  driver: CudaLib;
+  cublasLt: CudaLib;
+  nvrtc: CudaLib;
+  devices: { name: string; major: number; minor: number; memory: number }[];
 }
 
 export interface NativeReport {
@@ -117,7 +134,13 @@ export function firstNonFiniteHalf(w: HalfWeight): number {
 
 /** The addon's tensor memory allocator (for the native backend), or null where it is not loaded. */
 export function nativeAllocator(): NativeAllocator | null {
-  return loadNative().active && addon ? { alloc: (n) => addon!.alloc(n), free: (b) => addon!.free(b), nativeBytes: () => addon!.nativeBytes() } : null;
+  return loadNative().active && addon ? { alloc: (n) => addon!.alloc(n), free: (b) => addon!.free(b), nativeBytes: () => addon!.nativeBytes(), poolStats: () => addon!.poolStats(), trimPool: () => addon!.trimPool() } : null;
+}
+
+/** Open the CUDA libraries from these candidates (engine/cuda); null with the reason where the addon is not loaded. */
+export function cudaProbe(driver: string[], cublasLt: string[], nvrtc: string[]): { result: CudaProbeResult | null; reason: string } {
+  const r = loadNative();
+  return r.active && addon ? { result: addon.probeCuda(driver, cublasLt, nvrtc), reason: '' } : { result: null, reason: r.reason };
 }
 
 /**

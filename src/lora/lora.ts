@@ -7,7 +7,7 @@ import { loraLinear, onRows } from '../engine/ops.js';
 import { SafetensorsFile, readHeader, readTensor, writeSafetensors } from '../io/safetensors.js';
 import { readJson, writeDirAtomic } from '../util/fsutil.js';
 import { UserError } from '../util/errors.js';
-import { OptionRow, bool, firstViolation, int, num, strings } from '../util/schema.js';
+import { OptionRow, bool, firstViolation, int, num, strings, valuesFrom } from '../util/schema.js';
 import { Rng } from '../util/rng.js';
 import { RngHooks } from '../engine/checkpoint.js';
 import { dropout } from '../engine/dropout.js';
@@ -34,9 +34,9 @@ export const DEFAULT_LORA: LoraConfig = { r: 8, alpha: 16, dropout: 0.05, target
 /** The adapter settings: recipe fields of a stage's `lora` mapping, `--lora-*` flags, and their ranges. */
 export const LORA_OPTIONS: OptionRow<keyof LoraConfig>[] = [
   { key: 'r', field: 'r', flag: 'lora-r', spec: int({ min: 1 }), help: 'LoRA rank (default 8)' },
-  { key: 'alpha', field: 'alpha', flag: 'lora-alpha', spec: num({ min: 0, exclusiveMin: true }), help: 'LoRA alpha: updates scale by alpha / r (default 16)' },
-  { key: 'dropout', field: 'dropout', flag: 'lora-dropout', spec: num({ min: 0, max: 1, exclusiveMax: true }), help: "dropout on the adapter's input (default 0.05)" },
-  { key: 'targets', field: 'targets', flag: 'lora-targets', spec: strings, help: 'comma-separated modules (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; qkv_proj on Zhinao); default the attention projections' },
+  { key: 'alpha', field: 'alpha', hf: 'lora_alpha', flag: 'lora-alpha', spec: num({ min: 0, exclusiveMin: true }), help: 'LoRA alpha: updates scale by alpha / r (default 16)' },
+  { key: 'dropout', field: 'dropout', hf: 'lora_dropout', flag: 'lora-dropout', spec: num({ min: 0, max: 1, exclusiveMax: true }), help: "dropout on the adapter's input (default 0.05)" },
+  { key: 'targets', field: 'targets', hf: 'target_modules', flag: 'lora-targets', spec: strings, help: 'comma-separated modules (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; qkv_proj on Zhinao); default the attention projections' },
   { key: 'useRslora', field: 'use_rslora', spec: bool, help: 'scale by alpha / √r (rsLoRA)' },
 ];
 
@@ -44,6 +44,11 @@ export function validateLora(c: LoraConfig, where = ''): LoraConfig {
   const bad = firstViolation(LORA_OPTIONS, c as unknown as Record<keyof LoraConfig, unknown>);
   if (bad) throw new UserError(`${where}lora.${bad}`);
   return c;
+}
+
+/** A LoraConfig from CLI flags or a recipe stage's `lora` mapping, over `base`, range-checked. */
+export function loraFrom(o: Record<string, any>, base: LoraConfig = DEFAULT_LORA, from: 'flags' | 'recipe' = 'flags', where = ''): LoraConfig {
+  return validateLora(valuesFrom(LORA_OPTIONS, o, base, from), where);
 }
 
 export function defaultTargets(arch: string): string[] {

@@ -21,6 +21,8 @@ const REF_HELP: Record<string, string> = {
   tokenizer: 'tokenizer directory',
   config: 'config.json fields for the new model',
   preset: 'a named model shape (tiny, 5m, zhinao2-7b)',
+  'trainer.type': 'builtin (prefopt trains) | command (a program trains: TRL, another machine)',
+  'trainer.run': 'with type command: a shell command; {model} {adapter} {data} {config} {out} become paths (docs/REFERENCE.md §13)',
 };
 
 function helpOf(type: string): Map<string, string> {

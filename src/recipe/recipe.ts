@@ -4,7 +4,7 @@ import YAML from 'yaml';
 import { OptionRow, Problem, Spec, bool, check, fieldsOf, formatProblems, int, num, obj, str } from '../util/schema.js';
 import { readText } from '../data/jsonl.js';
 import { UserError } from '../util/errors.js';
-import { TRAIN_OPTIONS, TRAIN_SCHEMA } from '../commands/train-options.js';
+import { TRAIN_OPTIONS, TRAIN_SCHEMA } from '../train/options.js';
 import { DPO_OPTIONS } from '../dpo/loss.js';
 import { MERGE_METHODS } from '../merge/methods.js';
 import { BACKEND_ORDER } from '../engine/backend.js';
@@ -15,6 +15,7 @@ import { SFT_OPTIONS } from '../stages/sft.js';
 import { PAIR_OPTIONS, PAIR_SHAPE_OPTIONS } from '../data/prefs.js';
 import { SAMPLING_OPTIONS } from '../infer/sampling.js';
 import { GGUF_OPTIONS } from '../gguf/export.js';
+import { PLACEHOLDERS, unknownPlaceholder } from '../stages/command-trainer.js';
 
 /**
  * Recipes (YAML or JSON): run settings and an ordered list of stages. A stage names its inputs
@@ -23,7 +24,8 @@ import { GGUF_OPTIONS } from '../gguf/export.js';
  */
 const train = TRAIN_SCHEMA;
 const lora = obj(fieldsOf(LORA_OPTIONS));
-const dpoFields: Record<string, Spec> = { ...fieldsOf(DPO_OPTIONS), ...fieldsOf(PAIR_SHAPE_OPTIONS), lora };
+const trainer = obj({ type: str(['builtin', 'command']), run: str() }, ['type']);
+const dpoFields: Record<string, Spec> = { ...fieldsOf(DPO_OPTIONS), ...fieldsOf(PAIR_SHAPE_OPTIONS), lora, trainer };
 
 /**
  * Each stage type's recipe schema, the fields that name other stages' outputs, and the option
@@ -105,7 +107,7 @@ export interface Recipe {
   hash: string;
 }
 
-const TOP = obj({ name: str(), seed: int(), workdir: str(), backend: str([...BACKEND_ORDER, 'auto', 'node', 'node-gpu', 'gpu']), description: str(), stages: { kind: 'list', of: { kind: 'any' } } }, ['name', 'stages']);
+const TOP = obj({ name: str(), seed: int(), workdir: str(), backend: str([...BACKEND_ORDER, 'auto', 'node', 'node-gpu', 'gpu', 'cuda']), description: str(), stages: { kind: 'list', of: { kind: 'any' } } }, ['name', 'stages']);
 
 /** Every reference in a stage value: "x.output", "x.round-2", split on "+", "model:x.output". */
 export function refsIn(value: string): { stage: string; what: string }[] {
@@ -139,6 +141,12 @@ export function validateRecipe(raw: unknown, file: string): { recipe: Recipe | n
     else if (names.has(st.name)) problems.push({ path: `${p}.name`, expected: `a unique stage name (also used by stages[${names.get(st.name)}])`, found: st.name });
     if (!STAGE_SPECS[st.type]) return problems.push({ path: `${p}.type`, expected: STAGE_TYPES.join(' | '), found: st.type });
     check(st, STAGE_SPECS[st.type].spec, p, problems);
+    const t = st.trainer;
+    if (t?.type === 'command') {
+      const bad = typeof t.run === 'string' ? unknownPlaceholder(t.run) : null;
+      if (typeof t.run !== 'string' || !t.run.trim()) problems.push({ path: `${p}.trainer.run`, expected: 'the command to run (required with type: command)', found: t.run });
+      else if (bad) problems.push({ path: `${p}.trainer.run`, expected: `placeholders among ${PLACEHOLDERS.map((x) => `{${x}}`).join(' ')}`, found: `{${bad}}` });
+    }
     for (const v of stageValues(st)) {
       for (const ref of refsIn(v)) {
         if (!names.has(ref.stage)) {

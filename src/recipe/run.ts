@@ -4,18 +4,19 @@ import { Recipe, Stage, changedStages, refsIn } from './recipe.js';
 import { openDb, DB } from '../store/db.js';
 import { ensureRun, ensureStage, logEvent, putMetrics, resetStage, roundOfStage, runByName, setRunRecipe, setStage, setStageConfig, stageIdByName, stageOutput } from '../store/run.js';
 import { TrainConfig } from '../train/trainer.js';
-import { loraFrom, trainConfigFrom } from '../commands/train-options.js';
+import { trainConfigFrom } from '../train/options.js';
 import { valuesFrom } from '../util/schema.js';
 import { initModel } from '../commands/model.js';
 import { DEFAULT_SFT, runSft, sftSettingsFrom } from '../stages/sft.js';
-import { DEFAULT_DPO_STAGE, runDpo } from '../stages/dpo.js';
+import { DEFAULT_DPO_STAGE } from '../stages/dpo.js';
+import { trainDpo } from '../stages/command-trainer.js';
 import { DEFAULT_RM, runRmTrain } from '../stages/rm.js';
 import { DEFAULT_ONLINE, onlineSettingsFrom, runOnline } from '../stages/online.js';
 import { runMerge, validateMergeConfig } from '../merge/merge.js';
 import { DEFAULT_GGUF, GGUF_OPTIONS, GgufExportResult, exportGguf } from '../gguf/export.js';
 import { evaluatePolicy } from '../stages/evaluate.js';
 import { openPolicy, stopIdsOf, needTokenizer } from '../model/policy.js';
-import { LoraAdapter, DEFAULT_LORA, attach } from '../lora/lora.js';
+import { LoraAdapter, DEFAULT_LORA, attach, loraFrom } from '../lora/lora.js';
 import { loadPrompts } from '../data/prompts.js';
 import { pairSettingsFrom } from '../data/prefs.js';
 import { makeScorer } from '../../rm/spec.js';
@@ -23,6 +24,7 @@ import { UserError } from '../util/errors.js';
 import { dpoParamsFrom } from '../commands/dpo.js';
 import { removeDir, writeDirAtomic } from '../util/fsutil.js';
 import { log } from '../util/log.js';
+import { releasePooledMemory } from '../engine/backend.js';
 
 /**
  * `prefopt run`: stages in order, recorded in the run database. Finished stages are skipped;
@@ -161,6 +163,8 @@ export class RecipeRunner {
         } catch (e: any) {
           setStage(this.db, row.id, 'failed', { result: { error: String(e?.message ?? e) } });
           throw e;
+        } finally {
+          releasePooledMemory();
         }
         const secs = (Date.now() - s0) / 1000;
         putMetrics(this.db, row.id, null, { 'time/stage_s': secs });
@@ -220,7 +224,7 @@ export class RecipeRunner {
     const out = this.stageOut(st.name);
     const seed = st.seed ?? this.recipe.seed;
     const m = this.modelSpec(st.model);
-    const r = await runDpo({
+    const r = await trainDpo({
       ...DEFAULT_DPO_STAGE,
       model: m.model,
       data: this.file(st.data),
@@ -234,7 +238,7 @@ export class RecipeRunner {
       train: trainFrom(st, DEFAULT_DPO_STAGE.train, seed),
       cacheDb: this.db.name,
       resume,
-    });
+    }, st.trainer, `stage ${st.name}`);
     putMetrics(this.db, stageId, null, Object.fromEntries(Object.entries(r.evalMetrics).map(([k, v]) => [`eval/${k}`, v])));
     return { output: out, result: { steps: r.steps, pairs: r.pairs, skipped: r.skipped, eval: r.evalMetrics, eval_before: r.evalBefore } };
   }
@@ -281,6 +285,7 @@ export class RecipeRunner {
         dpo: dpoParamsFrom(st, DEFAULT_ONLINE.dpo, 'recipe', `stage ${st.name}: `),
         lora: loraFrom(st.lora ?? {}, DEFAULT_LORA, 'recipe', `stage ${st.name}: `),
         train: trainFrom(st, DEFAULT_ONLINE.train, seed),
+        trainer: st.trainer,
         workdir: out,
         seed,
         runName: this.recipe.name,

@@ -144,13 +144,10 @@ export interface DpoResult extends TrainResult {
   evalBefore: Record<string, number>;
 }
 
-export async function runDpo(c: DpoConfig): Promise<DpoResult> {
-  validateDpoParams(c.dpo);
-  checkTrainingFits(c.model, `dpo on ${c.model}`, { rows: 2 * c.batchSize, len: c.maxLength, train: c.train, lora: c.lora });
-  const policy = openPolicy(c.model);
-  const model = policy.model;
-  const V = model.cfg.vocab_size;
-  const lim = { maxLength: Math.min(c.maxLength, model.cfg.max_position_embeddings), maxPromptLength: c.maxPromptLength, strict: c.strict };
+/** The pairs a job trains and evaluates on: read with the job's limits, held out as configured. */
+export function dpoPairs(c: DpoConfig, policy: Policy): { pairs: PrefPair[]; evalPairs: PrefPair[]; skipped: Record<string, number> } {
+  const V = policy.model.cfg.vocab_size;
+  const lim = { maxLength: Math.min(c.maxLength, policy.model.cfg.max_position_embeddings), maxPromptLength: c.maxPromptLength, strict: c.strict };
   const skipped: Record<string, number> = {};
   const load = (src: string | PrefPair[]) => {
     if (Array.isArray(src)) return src;
@@ -163,9 +160,24 @@ export async function runDpo(c: DpoConfig): Promise<DpoResult> {
   if (!c.evalData) ({ train: pairs, held: evalPairs } = holdOut(pairs, c.evalRatio, c.train.seed));
   if (!pairs.length) throw new UserError(`${typeof c.data === 'string' ? c.data : 'pairs'}: no usable preference pairs (skipped: ${JSON.stringify(skipped)})`);
   if (Object.keys(skipped).length) log('skipped-pairs', skipped);
-  const adapter = c.adapter ? LoraAdapter.load(model, c.adapter) : LoraAdapter.create(model, c.lora, c.train.seed);
+  return { pairs, evalPairs, skipped };
+}
+
+/** The adapter a job starts from (the given one, or a fresh one from the seed), attached to the policy. */
+export function startAdapter(c: DpoConfig, policy: Policy): LoraAdapter {
+  const adapter = c.adapter ? LoraAdapter.load(policy.model, c.adapter) : LoraAdapter.create(policy.model, c.lora, c.train.seed);
   adapter.baseModelName = path.resolve(c.model);
-  attach(model, adapter);
+  attach(policy.model, adapter);
+  return adapter;
+}
+
+export async function runDpo(c: DpoConfig): Promise<DpoResult> {
+  validateDpoParams(c.dpo);
+  checkTrainingFits(c.model, `dpo on ${c.model}`, { rows: 2 * c.batchSize, len: c.maxLength, train: c.train, lora: c.lora });
+  const policy = openPolicy(c.model);
+  const model = policy.model;
+  const { pairs, evalPairs, skipped } = dpoPairs(c, policy);
+  const adapter = startAdapter(c, policy);
   const db = openDb(c.cacheDb ?? path.join(c.out, 'prefopt.db'));
   const ref = referenceFor(policy, c, c.batchSize);
   let trainer: Trainer<DpoBatch> | null = null;

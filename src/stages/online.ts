@@ -18,7 +18,8 @@ import { OptionRow, firstViolation, int, num, str, valuesFrom } from '../util/sc
 import { LocalSampler, OpenAISampler, OpenAISamplerConfig, SampleSettings, Sampler } from '../online/sampler.js';
 import { SELECTION_RULES, ScoredSample, SelectOptions, selectPair } from '../online/select.js';
 import { DEFAULT_TRAIN, TrainConfig } from '../train/trainer.js';
-import { DEFAULT_DPO_STAGE, runDpo } from './dpo.js';
+import { DEFAULT_DPO_STAGE } from './dpo.js';
+import { TrainerSpec, trainDpo } from './command-trainer.js';
 import { evaluatePolicy } from './evaluate.js';
 import { makeScorer } from '../../rm/spec.js';
 import { Scorer } from '../../rm/scorer.js';
@@ -62,6 +63,8 @@ export interface OnlineConfig {
   maxPromptLength: number;
   batchSize: number;
   train: TrainConfig;
+  /** Who trains each round's adapter: prefopt, or a command (stages/command-trainer). */
+  trainer?: TrainerSpec;
   workdir: string;
   seed: number;
   evalMaxNewTokens: number;
@@ -421,7 +424,7 @@ async function trainStep(ctx: RoundContext): Promise<void> {
   let dpo: Record<string, number> = {};
   if (pairs.length) {
     const data: PrefPair[] = pairs.map((x) => ({ prompt: JSON.parse(x.prompt_ids), chosen: JSON.parse(x.chosen), rejected: JSON.parse(x.rejected), where: `round ${ctx.r} prompt ${x.idx}` }));
-    const res = await runDpo({
+    const res = await trainDpo({
       ...DEFAULT_DPO_STAGE,
       model: ctx.c.model,
       data,
@@ -437,7 +440,7 @@ async function trainStep(ctx: RoundContext): Promise<void> {
       train: { ...ctx.c.train, seed: deriveSeed(ctx.c.seed, 'train', ctx.r) },
       cacheDb: ctx.db.name,
       resume: true,
-    });
+    }, ctx.c.trainer, `round ${ctx.r}`);
     adapterOut = out;
     dpo = Object.fromEntries(Object.entries(res.trainMetrics).filter(([k]) => k === 'loss' || k.includes('/')).map(([k, v]) => [`dpo/${k}`, v]));
   } else log('round', { round: ctx.r, note: 'no pairs: every prompt tied; the policy is unchanged' });

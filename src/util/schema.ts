@@ -97,13 +97,19 @@ export function formatProblems(file: string, ps: Problem[]): string {
 /**
  * A table of options, each declared once: the config key, the recipe field (the CLI flag is its
  * kebab-case), the allowed values and the help. Recipe schemas, flags and range checks are all
- * read from such tables (commands/train-options, dpo/loss).
+ * read from such tables (train/options, dpo/loss, lora/lora).
  */
 export interface OptionRow<K extends string> {
   key: K;
   field: string;
   /** The CLI flag without "--", where it is not the field in kebab-case (LoRA's `lora-r` for `lora.r`). */
   flag?: string;
+  /**
+   * Its name in Hugging Face's configs (TRL's DPOConfig and the TrainingArguments under it, PEFT's
+   * LoraConfig) where that is not the field; null where they have no such setting. Used by the
+   * trainer-command config file (stages/trl-config).
+   */
+  hf?: string | null;
   spec: Spec;
   help: string;
 }

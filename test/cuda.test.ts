@@ -1,0 +1,97 @@
+import { describe, expect, it } from 'vitest';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { spawnSync } from 'node:child_process';
+import { prefopt } from './helpers/cli.js';
+import { loadNative } from '../src/engine/native.js';
+import { candidates, cudaReportOf, cudaSearchDirs } from '../src/engine/cuda.js';
+
+/*
+ * Where the CUDA backend stands (engine/cuda, native/cuda_probe.cc). On a machine without a GPU
+ * the libraries are stand-ins compiled here: shared objects with the CUDA entry points the probe
+ * calls, so the probe's opening, symbol lookup and calls run for real.
+ */
+const native = loadNative();
+const hasCompiler = spawnSync('cc', ['--version']).status === 0;
+
+function sharedLib(dir: string, name: string, source: string): void {
+  const c = path.join(dir, `${name}.c`);
+  fs.writeFileSync(c, source);
+  const r = spawnSync('cc', ['-shared', '-fPIC', '-o', path.join(dir, name), c], { encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(r.stderr);
+}
+
+const driver = (initResult: number) => `
+#include <string.h>
+#include <stddef.h>
+int cuInit(unsigned f) { return ${initResult}; }
+int cuDriverGetVersion(int* v) { *v = 13000; return 0; }
+int cuDeviceGetCount(int* n) { *n = 1; return 0; }
+int cuDeviceGet(int* d, int i) { *d = i; return 0; }
+int cuDeviceGetName(char* s, int n, int d) { strncpy(s, "Stand-in H100", n); return 0; }
+int cuDeviceGetAttribute(int* v, int a, int d) { *v = a == 75 ? 9 : 0; return 0; }
+int cuDeviceTotalMem_v2(size_t* b, int d) { *b = (size_t)80 << 30; return 0; }
+int cuGetErrorString(int e, const char** s) { *s = e == 100 ? "no CUDA-capable device is detected" : "unknown error"; return 0; }
+`;
+const CUBLASLT = '#include <stddef.h>\nsize_t cublasLtGetVersion(void) { return 130100; }\n';
+const NVRTC = 'int nvrtcVersion(int* a, int* b) { *a = 13; *b = 0; return 0; }\n';
+
+const doctor = (libs: string) => {
+  const r = prefopt(['--json', 'doctor'], { env: { PREFOPT_CUDA_LIBS: libs } });
+  expect(r.code, r.stderr).toBe(0);
+  return JSON.parse(r.stdout.trim().split('\n').at(-1)!).cuda;
+};
+
+describe('the CUDA backend\'s state', () => {
+  it('doctor --json names it and the reason on this machine; --backend cuda stops with that reason', () => {
+    const cuda = doctor('');
+    expect(['unavailable', 'not implemented']).toContain(cuda.state);
+    if (!fs.existsSync('/proc/driver/nvidia/version')) {
+      expect(cuda.state).toBe('unavailable');
+      expect(cuda.reason).toEqual(native.active ? 'not available: libcuda.so.1 not found (no NVIDIA driver)' : expect.stringMatching(/native addon is not loaded/));
+    }
+    const r = prefopt(['--backend', 'cuda', 'doctor']);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toContain(`backend "cuda" is not usable here: ${cuda.reason}`);
+  });
+
+  it('opens stand-in libraries: a driver that sees no device, a file that is not a library, then everything found', () => {
+    if (!native.active || !hasCompiler || fs.existsSync('/proc/driver/nvidia/version')) return;
+    const noDevice = fs.mkdtempSync(path.join(os.tmpdir(), 'prefopt-cuda-'));
+    sharedLib(noDevice, 'libcuda.so.1', driver(100));
+    let cuda = doctor(noDevice);
+    expect(cuda.reason).toBe(`not available: NVIDIA driver ${path.join(noDevice, 'libcuda.so.1')}: cuInit failed: no CUDA-capable device is detected`);
+    expect(cuda.driver.version).toBe('13.0');
+
+    const libs = fs.mkdtempSync(path.join(os.tmpdir(), 'prefopt-cuda-'));
+    sharedLib(libs, 'libcuda.so.1', driver(0));
+    cuda = doctor(libs);
+    expect(cuda.reason).toMatch(new RegExp(`^not available: libcublasLt\\.so\\.13 or libcublasLt\\.so\\.12 not found \\(searched ${libs}`));
+    sharedLib(libs, 'libcublasLt.so.13', CUBLASLT);
+    fs.writeFileSync(path.join(libs, 'libnvrtc.so.13'), 'not a shared object');
+    cuda = doctor(libs);
+    expect(cuda.reason).toMatch(new RegExp(`^not available: ${path.join(libs, 'libnvrtc.so.13')}: .*(invalid ELF header|file too short)`));
+    sharedLib(libs, 'libnvrtc.so.13', NVRTC);
+    cuda = doctor(libs);
+    expect(cuda.state).toBe('not implemented');
+    expect(cuda.devices).toEqual([{ name: 'Stand-in H100', compute_capability: '9.0', memory_gb: 80 }]);
+    expect(cuda.cublasLt).toEqual({ path: path.join(libs, 'libcublasLt.so.13'), version: '13.1.0', error: null });
+    expect(cuda.reason).toBe("driver 13.0 with Stand-in H100 (sm_90, 80 GiB); cuBLASLt 13.1.0 and NVRTC 13.0 found — prefopt's CUDA kernels are not written yet, so training runs on the CPU");
+  });
+
+  it('searches PREFOPT_CUDA_LIBS, the toolkit and Python\'s nvidia packages; files before sonames', () => {
+    const home = fs.mkdtempSync(path.join(os.tmpdir(), 'prefopt-cuda-'));
+    const wheel = path.join(home, 'venv', 'lib', 'python3.12', 'site-packages', 'nvidia', 'cublas', 'lib');
+    const toolkit = path.join(home, 'cuda', 'lib64');
+    const own = path.join(home, 'own');
+    for (const d of [wheel, toolkit, own]) fs.mkdirSync(d, { recursive: true });
+    const dirs = cudaSearchDirs({ PREFOPT_CUDA_LIBS: `${own}:${path.join(home, 'missing')}`, CUDA_HOME: path.join(home, 'cuda'), VIRTUAL_ENV: path.join(home, 'venv') });
+    expect(dirs.slice(0, 2)).toEqual([own, toolkit]);
+    expect(dirs).toContain(wheel);
+    expect(dirs).not.toContain(path.join(home, 'missing'));
+    fs.writeFileSync(path.join(wheel, 'libcublasLt.so.12'), '');
+    expect(candidates(['libcublasLt.so.13', 'libcublasLt.so.12'], dirs)).toEqual([path.join(wheel, 'libcublasLt.so.12'), 'libcublasLt.so.13', 'libcublasLt.so.12']);
+    expect(cudaReportOf(null, dirs, 'turned off by PREFOPT_NATIVE=0').reason).toBe('not available: the native addon is not loaded (turned off by PREFOPT_NATIVE=0); it is what opens the CUDA libraries');
+  });
+});
