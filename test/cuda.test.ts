@@ -94,4 +94,31 @@ describe('the CUDA backend\'s state', () => {
     expect(candidates(['libcublasLt.so.13', 'libcublasLt.so.12'], dirs)).toEqual([path.join(wheel, 'libcublasLt.so.12'), 'libcublasLt.so.13', 'libcublasLt.so.12']);
     expect(cudaReportOf(null, dirs, 'turned off by PREFOPT_NATIVE=0').reason).toBe('not available: the native addon is not loaded (turned off by PREFOPT_NATIVE=0); it is what opens the CUDA libraries');
   });
+
+  it('the kernel sources compile with nvcc (sm_80, sm_90) as NVRTC input, and the device check builds and runs where a GPU is', () => {
+    const nvcc = ['/usr/local/cuda/bin/nvcc', 'nvcc'].find((c) => spawnSync(c, ['--version']).status === 0);
+    if (!nvcc) return; // no CUDA toolkit: nothing to compile with
+    const src = fs.readFileSync('native/cuda/kernels.cu', 'utf8');
+    expect(src).not.toMatch(/^\s*#\s*include/m); // NVRTC gets the file alone
+    const d = fs.mkdtempSync(path.join(os.tmpdir(), 'prefopt-nvcc-'));
+    const names = [...src.matchAll(/__global__ void (\w+)\(/g)].map((m) => m[1]);
+    expect(names).toEqual(['widen', 'rms_norm', 'rms_norm_grad_x', 'rms_norm_grad_w', 'swiglu', 'swiglu_grad', 'rope', 'label_logprobs', 'label_logprobs_grad', 'adamw']);
+    for (const arch of ['sm_80', 'sm_90']) {
+      const cubin = path.join(d, `${arch}.cubin`);
+      const r = spawnSync(nvcc, ['--cubin', `-arch=${arch}`, '--fmad=false', '-o', cubin, 'native/cuda/kernels.cu'], { encoding: 'utf8' });
+      expect(r.status, r.stderr).toBe(0);
+      // extern "C": the names cuModuleGetFunction will look up, unmangled.
+      const bin = fs.readFileSync(cubin).toString('latin1');
+      for (const n of names) expect(bin.includes(`.text.${n}\0`) || bin.includes(`${n}\0`), n).toBe(true);
+    }
+    const exe = path.join(d, 'check');
+    const build = spawnSync(nvcc, ['-O2', '--fmad=false', '-arch=sm_90', '-Xcompiler', '-ffp-contract=off', '-o', exe, 'native/cuda/check.cu'], { encoding: 'utf8' });
+    expect(build.status, build.stderr).toBe(0);
+    const run = spawnSync(exe, [], { encoding: 'utf8' });
+    if (fs.existsSync('/proc/driver/nvidia/version')) expect(run.status, run.stdout).toBe(0);
+    else {
+      expect(run.status).toBe(2);
+      expect(run.stdout).toMatch(/^\{"error":"no CUDA device: /);
+    }
+  }, 300_000);
 });

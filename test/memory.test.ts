@@ -163,7 +163,7 @@ describe('memory estimate and the up-front check', () => {
     };
     const sum = Object.values(tensors).reduce((a, b) => a + b, 0);
     const rest = sum - tensors.weights;
-    expect(e.parts).toEqual({ ...tensors, slack: Math.round(SLACK * rest), pool: Math.round(0.5 * rest), runtime: RUNTIME_BYTES });
+    expect(e.parts).toEqual({ ...tensors, slack: Math.round(SLACK * rest), runtime: RUNTIME_BYTES });
     expect(e.total).toBe(Object.values(e.parts).reduce((a, b) => a + b, 0));
     // Without checkpointing every layer's activations are kept; full SFT adds AdamW's state for every weight.
     expect(estimateMemory(cfg, { kind: 'full', rows: 4, len: 10, gradAccum: 2 }).parts.activations).toBe(2 * 4 * activationFloats(cfg) * N);

@@ -102,20 +102,24 @@ function expectSameAdapter(a: string, b: string): void {
   expect([...x].some(([n, v]) => n.includes('lora_B') && v.some((e) => e !== 0))).toBe(true);
 }
 
+/** One-stage recipes run with the built-in trainer and with `prefopt dpo` as the command: their stage outputs. */
+function bothWays(dir: string, stage: Record<string, unknown>, seed: number): [string, string] {
+  const run = (name: string, extra: object) => {
+    const rf = path.join(dir, `${name}.yaml`);
+    fs.writeFileSync(rf, YAML.stringify({ name, seed, workdir: name, stages: [{ ...stage, ...extra }] }));
+    const r = prefopt(['run', rf]);
+    expect(r.code, r.stderr.slice(-2000)).toBe(0);
+    return path.join(dir, name, stage.name as string);
+  };
+  return [run('builtin', {}), run('command', { trainer: { type: 'command', run: PREFOPT_DPO } })];
+}
+
 describe('a stage trained by a command', () => {
   it('dpo through `prefopt dpo --config {config}` gives the built-in stage\'s adapter and eval-dpo metrics', async () => {
     const f = await onlineFixture();
     const data = pairsFile(f.d);
     const stage = { name: 'dpo', type: 'dpo', model: f.base, data, lora: { r: 4, dropout: 0.1, targets: ['q_proj', 'v_proj'] }, max_steps: 3, batch_size: 2, eval_ratio: 0.25, lr: 0.01, max_length: 48, max_prompt_length: 24 };
-    const run = (name: string, extra: object) => {
-      const rf = path.join(f.d, `${name}.yaml`);
-      fs.writeFileSync(rf, YAML.stringify({ name, seed: 5, workdir: name, stages: [{ ...stage, ...extra }] }));
-      const r = prefopt(['run', rf]);
-      expect(r.code, r.stderr.slice(-2000)).toBe(0);
-      return path.join(f.d, name, 'dpo');
-    };
-    const builtin = run('builtin', {});
-    const command = run('command', { trainer: { type: 'command', run: PREFOPT_DPO } });
+    const [builtin, command] = bothWays(f.d, stage, 5);
     expectSameAdapter(builtin, command);
     const metrics = (dir: string) => {
       const r = prefopt(['--quiet', 'eval-dpo', '--model', f.base, '--adapter', dir, '--data', data]);
@@ -142,15 +146,7 @@ describe('a stage trained by a command', () => {
   it('online rounds trained by the command match the built-in ones, the reference being the previous round', async () => {
     const f = await onlineFixture();
     const stage = { name: 'online', type: 'online_dpo', model: f.base, prompts: f.prompts, scorer: f.scorer, rounds: 2, samples_per_prompt: 3, max_new_tokens: 6, lr: 5e-3, batch_size: 2, reference: 'previous', lora: { r: 4 } };
-    const run = (name: string, extra: object) => {
-      const rf = path.join(f.d, `${name}.yaml`);
-      fs.writeFileSync(rf, YAML.stringify({ name, seed: 7, workdir: name, stages: [{ ...stage, ...extra }] }));
-      const r = prefopt(['run', rf]);
-      expect(r.code, r.stderr.slice(-2000)).toBe(0);
-      return path.join(f.d, name, 'online');
-    };
-    const builtin = run('builtin', {});
-    const command = run('command', { trainer: { type: 'command', run: PREFOPT_DPO } });
+    const [builtin, command] = bothWays(f.d, stage, 7);
     for (const round of ['round-1', 'round-2']) expectSameAdapter(path.join(builtin, round), path.join(command, round));
     const cfg = JSON.parse(fs.readFileSync(path.join(command, 'round-2', 'trainer', 'config.json'), 'utf8'));
     expect(cfg.prefopt.reference).toBe('start_adapter');
@@ -175,5 +171,28 @@ describe('a stage trained by a command', () => {
     expect(empty.r.code).toBe(2);
     expect(empty.r.stderr).toMatch(/the trainer command exited 0 but left no adapter_config\.json in .*trainer\/out/);
     expect(fs.existsSync(path.join(empty.out, 'adapter_model.safetensors'))).toBe(false);
+  }, 300_000);
+
+  it('an online round whose command fails stays at its train step, and the rerun finishes it', async () => {
+    const f = await onlineFixture();
+    const marker = path.join(f.d, 'failed-once');
+    // Fails the first time it runs, then trains.
+    const cmd = `test -e ${marker} || { touch ${marker}; echo "node lost" >&2; exit 1; }; ${PREFOPT_DPO}`;
+    const rf = path.join(f.d, 'r.yaml');
+    fs.writeFileSync(rf, YAML.stringify({ name: 'r', seed: 3, workdir: 'r', stages: [{ name: 'online', type: 'online_dpo', model: f.base, prompts: f.prompts, scorer: f.scorer, rounds: 1, samples_per_prompt: 3, max_new_tokens: 6, batch_size: 2, lora: { r: 4 }, trainer: { type: 'command', run: cmd } }] }));
+    const rounds = () => {
+      const db = new Database(path.join(f.d, 'r', 'prefopt.db'), { readonly: true });
+      const rows = db.prepare('SELECT round, step FROM rounds ORDER BY round').all();
+      db.close();
+      return rows;
+    };
+    const first = prefopt(['run', rf]);
+    expect(first.code).toBe(2);
+    expect(first.stderr).toMatch(/round 1: the trainer command exited with code 1: node lost/);
+    expect(rounds()).toEqual([{ round: 1, step: 'train' }]);
+    const again = prefopt(['run', rf]);
+    expect(again.code, again.stderr.slice(-2000)).toBe(0);
+    expect(rounds()).toEqual([{ round: 1, step: 'done' }]);
+    expect(fs.existsSync(path.join(f.d, 'r', 'online', 'round-1', 'adapter_model.safetensors'))).toBe(true);
   }, 300_000);
 });

@@ -26,18 +26,16 @@ import { LoraConfig, defaultTargets } from '../lora/lora.js';
  * - generation: the KV cache;
  * - slack: SLACK of the tensor terms but the weights — freed tensor memory of tfjs's own kernels
  *   goes back to the system at the next garbage collection, not at once;
- * - pool (training): freed blocks the native backend keeps for reuse, half the tensor terms, at
- *   most POOL_BYTES (measured: a training step's peak is ~0.4 GiB over the other terms at 0.5B);
+ * - no term for the native backend's pool of freed blocks: it never holds more than the job's
+ *   own peak of live tensors leaves room for (native/addon.cc);
  * - the runtime (Node, tfjs, the addon, tokenizer): RUNTIME_BYTES.
  *
  * Calibrated against measured peak RSS (bench/RESULTS.md, "real sizes", native backend, bf16
- * checkpoint: at 0.5B, LoRA DPO 3.07 GB measured for 3.18 estimated, full SFT 12.35 for 14.0,
- * log-probs 1.85 for 1.99; at 7B, log-probs 16.4 for 16.8).
+ * checkpoint: at 0.5B, LoRA DPO 2.55 GB measured for 2.65 estimated, full SFT 11.72 for 11.89;
+ * at 7B, log-probs 16.4 for 16.8).
  */
 export const RUNTIME_BYTES = 400 * 2 ** 20;
 export const SLACK = 0.15;
-/** The native backend's pool of freed blocks (native/addon.cc, g_pool_cap; PREFOPT_POOL_MB). */
-export const POOL_BYTES = 2 * 2 ** 30;
 
 export type JobKind = 'logprobs' | 'generate' | 'lora' | 'full';
 
@@ -117,7 +115,6 @@ export function estimateMemory(cfg: ModelConfig, job: JobShape): MemoryEstimate 
   // Weights are resident (never freed and reallocated), so they need no slack.
   const tensors = Object.values(parts).reduce((a, b) => a + b, 0) - parts.weights;
   parts.slack = Math.round(SLACK * tensors);
-  if (train) parts.pool = Math.min(POOL_BYTES, Math.round(0.5 * tensors));
   parts.runtime = RUNTIME_BYTES;
   return { parts, total: Object.values(parts).reduce((a, b) => a + b, 0) };
 }

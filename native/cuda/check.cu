@@ -1,0 +1,231 @@
+// The device check of native/cuda/kernels.cu, for a machine with an NVIDIA GPU (docs/REFERENCE.md
+// §11): each kernel on random inputs against a float64 reference computed here, and the kernels
+// that only add, multiply, divide and take square roots against the CPU kernels' float32
+// expressions bit for bit. One JSON line per kernel; exit 0 when every one is within tolerance.
+//   nvcc -O2 --fmad=false -arch=native -o /tmp/prefopt-cuda-check native/cuda/check.cu && /tmp/prefopt-cuda-check
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "kernels.cu"
+
+namespace {
+
+struct Rand {
+  unsigned long long s;
+  float next() {  // uniform in [-1, 1)
+    s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+    return (float)((s >> 40) * (1.0 / (1ULL << 24))) * 2.f - 1.f;
+  }
+  std::vector<float> vec(size_t n, float scale = 1.f) {
+    std::vector<float> v(n);
+    for (auto& x : v) x = next() * scale;
+    return v;
+  }
+};
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    printf("{\"kernel\":\"%s\",\"error\":\"%s\"}\n", what, cudaGetErrorString(e));
+    exit(2);
+  }
+}
+
+template <typename T>
+T* dev(const std::vector<T>& h) {
+  T* d = nullptr;
+  check(cudaMalloc(&d, h.size() * sizeof(T) + 1), "cudaMalloc");
+  check(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), "cudaMemcpy");
+  return d;
+}
+
+template <typename T>
+std::vector<T> host(const T* d, size_t n) {
+  std::vector<T> h(n);
+  check(cudaDeviceSynchronize(), "kernel");
+  check(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost), "cudaMemcpy");
+  return h;
+}
+
+int failures = 0;
+
+// max |got − want| over max(1, |want|), against tol; bitwise: every float equal to `exact`.
+void report(const char* name, const std::vector<float>& got, const std::vector<double>& want, double tol, const std::vector<float>* exact = nullptr) {
+  double worst = 0;
+  for (size_t i = 0; i < got.size(); i++) worst = std::fmax(worst, std::fabs(got[i] - want[i]) / std::fmax(1.0, std::fabs(want[i])));
+  bool bits = exact ? memcmp(got.data(), exact->data(), got.size() * sizeof(float)) == 0 : true;
+  bool ok = worst <= tol && bits && !std::isnan(worst);
+  if (!ok) failures++;
+  printf("{\"kernel\":\"%s\",\"n\":%zu,\"max_rel_err\":%.3g,\"tol\":%.1g,\"cpu_bits_equal\":%s,\"ok\":%s}\n", name, got.size(), worst, tol, exact ? (bits ? "true" : "false") : "null", ok ? "true" : "false");
+}
+
+void check_rms_norm(Rand& rnd) {
+  const int N = 37, D = 896;
+  auto x = rnd.vec(N * D), res = rnd.vec(N * D), w = rnd.vec(D), dy = rnd.vec(N * D);
+  const float eps = 1e-6f;
+  float *dx_ = dev(x), *dres = dev(res), *dw_ = dev(w), *ddy = dev(dy), *y, *sum, *r, *gx, *gw;
+  cudaMalloc(&y, N * D * 4), cudaMalloc(&sum, N * D * 4), cudaMalloc(&r, N * 4), cudaMalloc(&gx, N * D * 4), cudaMalloc(&gw, D * 4);
+  rms_norm<<<N, 256>>>(dx_, dw_, D, eps, y, dres, sum, r);
+  rms_norm_grad_x<<<N, 256>>>(sum, dw_, ddy, r, D, gx, nullptr);
+  rms_norm_grad_w<<<(D + 127) / 128, 128>>>(sum, ddy, r, N, D, gw);
+  std::vector<double> wy(N * D), wgx(N * D), wgw(D, 0.0);
+  for (int i = 0; i < N; i++) {
+    double ss = 0, dot = 0;
+    std::vector<double> v(D);
+    for (int j = 0; j < D; j++) v[j] = (double)x[i * D + j] + res[i * D + j], ss += v[j] * v[j];
+    double inv = 1 / std::sqrt(ss / D + eps);
+    for (int j = 0; j < D; j++) wy[i * D + j] = v[j] * inv * w[j], dot += (double)w[j] * dy[i * D + j] * v[j];
+    for (int j = 0; j < D; j++) wgx[i * D + j] = inv * w[j] * dy[i * D + j] - inv * inv * inv * dot / D * v[j], wgw[j] += dy[i * D + j] * v[j] * inv;
+  }
+  report("rms_norm", host(y, N * D), wy, 1e-5);
+  report("rms_norm_grad_x", host(gx, N * D), wgx, 1e-5);
+  report("rms_norm_grad_w", host(gw, D), wgw, 1e-5);
+}
+
+void check_swiglu(Rand& rnd) {
+  const int n = 100003;
+  auto g = rnd.vec(n, 6.f), u = rnd.vec(n), dy = rnd.vec(n);
+  float *dg_ = dev(g), *du_ = dev(u), *ddy = dev(dy), *y, *gg, *gu;
+  cudaMalloc(&y, n * 4), cudaMalloc(&gg, n * 4), cudaMalloc(&gu, n * 4);
+  swiglu<<<120, 256>>>(dg_, du_, n, y);
+  swiglu_grad<<<120, 256>>>(dg_, du_, ddy, n, gg, gu);
+  std::vector<double> wy(n), wg(n), wu(n);
+  for (int i = 0; i < n; i++) {
+    double s = 1 / (1 + std::exp(-(double)g[i]));
+    wy[i] = g[i] * s * u[i], wg[i] = dy[i] * u[i] * s * (1 + g[i] * (1 - s)), wu[i] = dy[i] * g[i] * s;
+  }
+  report("swiglu", host(y, n), wy, 1e-6);
+  report("swiglu_grad(g)", host(gg, n), wg, 1e-6);
+  report("swiglu_grad(u)", host(gu, n), wu, 1e-6);
+}
+
+void check_rope(Rand& rnd) {
+  const int rows = 19, H = 14, hd = 64, h = hd / 2, n = rows * H * hd;
+  auto x = rnd.vec(n), c = rnd.vec(rows * hd), s = rnd.vec(rows * hd);
+  float *dx_ = dev(x), *dc = dev(c), *ds = dev(s), *y, *yi;
+  cudaMalloc(&y, n * 4), cudaMalloc(&yi, n * 4);
+  rope<<<64, 256>>>(dx_, dc, ds, rows, H, hd, 0, y);
+  rope<<<64, 256>>>(dx_, dc, ds, rows, H, hd, 1, yi);
+  std::vector<double> want(n), wanti(n);
+  std::vector<float> cpu(n), cpui(n);  // the CPU kernel's float32 expressions (native/fused.cc)
+  for (int r = 0; r < rows; r++)
+    for (int k = 0; k < H; k++)
+      for (int j = 0; j < h; j++) {
+        int b = (r * H + k) * hd;
+        const float *xi = &x[b], *cr = &c[r * hd], *sr = &s[r * hd];
+        want[b + j] = (double)xi[j] * cr[j] - (double)xi[j + h] * sr[j], want[b + j + h] = (double)xi[j + h] * cr[j + h] + (double)xi[j] * sr[j + h];
+        wanti[b + j] = (double)xi[j] * cr[j] + (double)xi[j + h] * sr[j + h], wanti[b + j + h] = (double)xi[j + h] * cr[j + h] - (double)xi[j] * sr[j];
+        cpu[b + j] = xi[j] * cr[j] - xi[j + h] * sr[j], cpu[b + j + h] = xi[j + h] * cr[j + h] + xi[j] * sr[j + h];
+        cpui[b + j] = xi[j] * cr[j] + xi[j + h] * sr[j + h], cpui[b + j + h] = xi[j + h] * cr[j + h] - xi[j] * sr[j];
+      }
+  report("rope", host(y, n), want, 1e-6, &cpu);
+  report("rope(inverse)", host(yi, n), wanti, 1e-6, &cpui);
+}
+
+void check_label_logprobs(Rand& rnd) {
+  const int N = 23, V = 151936;
+  auto x = rnd.vec((size_t)N * V, 8.f), dy = rnd.vec(N);
+  std::vector<int> y(N);
+  for (int i = 0; i < N; i++) y[i] = i == 3 ? -100 : (int)((rnd.next() + 1) / 2 * (V - 1));
+  float *dx_ = dev(x), *ddy = dev(dy), *out, *g;
+  int* dyl = dev(y);
+  cudaMalloc(&out, N * 4), cudaMalloc(&g, (size_t)N * V * 4);
+  label_logprobs<<<N, 1024>>>(dx_, V, dyl, out);
+  label_logprobs_grad<<<N, 1024>>>(dx_, V, dyl, out, ddy, g);
+  std::vector<double> wout(N), wg((size_t)N * V);
+  for (int i = 0; i < N; i++) {
+    const float* xi = &x[(size_t)i * V];
+    double m = -INFINITY, s = 0;
+    for (int j = 0; j < V; j++) m = std::fmax(m, xi[j]);
+    for (int j = 0; j < V; j++) s += std::exp(xi[j] - m);
+    double lse = m + std::log(s);
+    bool valid = y[i] >= 0;
+    wout[i] = valid ? xi[y[i]] - lse : 0;
+    for (int j = 0; j < V; j++) wg[(size_t)i * V + j] = valid ? dy[i] * ((j == y[i]) - std::exp(xi[j] - lse)) : 0;
+  }
+  report("label_logprobs", host(out, N), wout, 1e-5);
+  report("label_logprobs_grad", host(g, (size_t)N * V), wg, 1e-6);
+}
+
+void check_adamw(Rand& rnd) {
+  const int n = 65537;
+  auto p = rnd.vec(n), g = rnd.vec(n), m = rnd.vec(n, 0.1f), v = rnd.vec(n, 0.01f);
+  for (auto& e : v) e = std::fabs(e);
+  // Step 3 of lr 1e-3, β (0.9, 0.95), ε 1e-8, weight decay 0.1, gradient scale 0.5.
+  const float gs = 0.5f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, lr = 1e-3f, wd = 0.1f;
+  const float bc1 = 1 - std::pow(b1, 3.f), bc2 = 1 - std::pow(b2, 3.f);
+  const float sqrt_bc2 = std::sqrt(bc2), step = lr / bc1, decay = lr * wd;
+  float *dp = dev(p), *dg = dev(g), *dm = dev(m), *dv = dev(v);
+  adamw<<<64, 256>>>(dp, dg, dm, dv, n, gs, b1, 1 - b1, b2, 1 - b2, sqrt_bc2, eps, step, decay);
+  std::vector<double> want(n);
+  std::vector<float> cpu(n);
+  for (int i = 0; i < n; i++) {
+    double gi = (double)g[i] * gs, mi = m[i] * (double)b1 + gi * (1 - (double)b1), vi = v[i] * (double)b2 + gi * gi * (1 - (double)b2);
+    want[i] = p[i] - mi / (std::sqrt(vi) / std::sqrt((double)bc2) + eps) * ((double)lr / bc1) - p[i] * (double)decay;
+    float gf = g[i] * gs, mf = m[i] * b1 + gf * (1 - b1), vf = v[i] * b2 + gf * gf * (1 - b2);
+    float next = p[i] - (mf / (std::sqrt(vf) / sqrt_bc2 + eps)) * step;
+    cpu[i] = next - p[i] * decay;
+  }
+  report("adamw", host(dp, n), want, 1e-5, &cpu);
+}
+
+void check_widen(Rand& rnd) {
+  const int n = 65536;
+  std::vector<u16> bits(n);
+  for (int i = 0; i < n; i++) bits[i] = (u16)i;  // every 16-bit pattern
+  u16* d = dev(bits);
+  float* out;
+  cudaMalloc(&out, n * 4);
+  for (int dt : {1, 2}) {
+    widen<<<64, 256>>>(d, n, dt, out);
+    auto got = host(out, n);
+    std::vector<float> cpu(n);
+    std::vector<double> want(n);
+    for (int i = 0; i < n; i++) {
+      unsigned u;
+      if (dt == 1) u = (unsigned)i << 16;
+      else {  // IEEE half → float
+        unsigned s = (i >> 15) & 1, e = (i >> 10) & 31, f = i & 1023;
+        if (e == 0) {
+          float v = std::ldexp((float)f, -24);
+          memcpy(&u, &v, 4);
+          u |= s << 31;
+        } else u = (s << 31) | ((e == 31 ? 255 : e + 112) << 23) | (f << 13);
+      }
+      memcpy(&cpu[i], &u, 4);
+      want[i] = std::isnan(cpu[i]) ? 0 : cpu[i];
+    }
+    // NaNs compare by bits only.
+    for (int i = 0; i < n; i++)
+      if (std::isnan(cpu[i])) got[i] = std::isnan(got[i]) ? 0 : 1, cpu[i] = 0;
+    report(dt == 1 ? "widen(bf16)" : "widen(f16)", got, want, 0, &cpu);
+  }
+  (void)rnd;
+}
+
+}  // namespace
+
+int main() {
+  int count = 0;
+  cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess || count == 0) {
+    printf("{\"error\":\"no CUDA device: %s\"}\n", e != cudaSuccess ? cudaGetErrorString(e) : "count 0");
+    return 2;
+  }
+  cudaDeviceProp prop;
+  cudaGetDeviceProperties(&prop, 0);
+  printf("{\"device\":\"%s\",\"sm\":%d%d}\n", prop.name, prop.major, prop.minor);
+  Rand rnd{42};
+  check_widen(rnd);
+  check_rms_norm(rnd);
+  check_swiglu(rnd);
+  check_rope(rnd);
+  check_label_logprobs(rnd);
+  check_adamw(rnd);
+  printf("{\"failures\":%d}\n", failures);
+  return failures ? 1 : 0;
+}

@@ -1,0 +1,193 @@
+// prefopt's CUDA kernels: the device twins of native/kernels.h's elementwise and row kernels
+// (docs/REFERENCE.md §11). Written for NVRTC, which compiles them at run time (no nvcc on the
+// user's machine), so the file includes nothing; nvcc compiles it too (test/cuda.test.ts checks
+// that where nvcc is installed). Compiled with --fmad=false, the kernels that only add, multiply,
+// divide and take square roots (widening, rotary, AdamW) give the CPU kernels' bits; those with
+// exp or log (SwiGLU, the label log-softmax) and the reductions (RMSNorm, whose sums run in
+// another order) agree to float32 rounding. Not wired to a backend yet: native/cuda/check.cu
+// runs each against a float64 reference on a GPU.
+//
+// Launch shapes: elementwise kernels take any grid (grid-stride loops); row kernels take one
+// block per row and a power-of-two block size from 32 to 1024.
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+
+extern "C" {
+
+// ---- 16-bit weights ----------------------------------------------------------------------------
+__device__ __forceinline__ float half_to_float(u16 h, int dt) {
+  if (dt == 1) return __uint_as_float((u32)h << 16);  // bf16: the high half of a float32
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));  // f16, exact
+  return f;
+}
+
+// dst[i] = src[i] widened (dt: 1 bf16, 2 f16).
+__global__ void widen(const u16* src, i64 n, int dt, float* dst) {
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) dst[i] = half_to_float(src[i], dt);
+}
+
+// ---- block reductions --------------------------------------------------------------------------
+// The sum (or max) over a block of v, returned to every thread. The order is fixed by the block
+// size, so a launch gives the same bits every time.
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ float block_sum(float v) {
+  __shared__ float part[32];
+  v = warp_sum(v);
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  __syncthreads();  // part may still be read by a previous call
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  v = lane < warps ? part[lane] : 0.f;
+  return warp_sum(v);
+}
+__device__ float block_max(float v) {
+  __shared__ float part[32];
+  v = warp_max(v);
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  __syncthreads();
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  v = lane < warps ? part[lane] : -3.402823466e38f;
+  return warp_max(v);
+}
+
+// ---- RMSNorm -----------------------------------------------------------------------------------
+// y = v / sqrt(mean(v²) + eps) · w over rows of D, v = x (+ res, written to sum when given: the
+// residual add fused with the norm that reads it). r (one per row, may be null) keeps 1/rms for
+// the backward pass.
+__global__ void rms_norm(const float* x, const float* w, i64 D, float eps, float* y, const float* res, float* sum, float* r) {
+  const i64 row = blockIdx.x;
+  const float* xi = x + row * D;
+  float ss = 0.f;
+  for (i64 j = threadIdx.x; j < D; j += blockDim.x) {
+    float v = res ? xi[j] + res[row * D + j] : xi[j];
+    if (sum) sum[row * D + j] = v;
+    ss += v * v;
+  }
+  float inv = 1.f / sqrtf(block_sum(ss) / (float)D + eps);
+  if (r && threadIdx.x == 0) r[row] = inv;
+  for (i64 j = threadIdx.x; j < D; j += blockDim.x) {
+    float v = res ? xi[j] + res[row * D + j] : xi[j];
+    y[row * D + j] = v * inv * w[j];
+  }
+}
+
+// dx = r·(w∘dy) − r³/D · x · Σ(w∘dy∘x) (+ dres); r from the forward pass. One block per row.
+__global__ void rms_norm_grad_x(const float* x, const float* w, const float* dy, const float* r, i64 D, float* dx, const float* dres) {
+  const i64 row = blockIdx.x;
+  const float* xi = x + row * D;
+  const float* dyi = dy + row * D;
+  float dot = 0.f;
+  for (i64 j = threadIdx.x; j < D; j += blockDim.x) dot += w[j] * dyi[j] * xi[j];
+  dot = block_sum(dot);
+  float ri = r[row], k = ri * ri * ri * dot / (float)D;
+  for (i64 j = threadIdx.x; j < D; j += blockDim.x) {
+    float g = ri * w[j] * dyi[j] - k * xi[j];
+    dx[row * D + j] = dres ? g + dres[row * D + j] : g;
+  }
+}
+
+// dw[j] = Σ_rows dy·x·r, a thread per column summing the rows in order: no atomics, so the same
+// bits every run.
+__global__ void rms_norm_grad_w(const float* x, const float* dy, const float* r, i64 N, i64 D, float* dw) {
+  for (i64 j = blockIdx.x * (i64)blockDim.x + threadIdx.x; j < D; j += (i64)gridDim.x * blockDim.x) {
+    float s = 0.f;
+    for (i64 i = 0; i < N; i++) s += dy[i * D + j] * x[i * D + j] * r[i];
+    dw[j] = s;
+  }
+}
+
+// ---- SwiGLU ------------------------------------------------------------------------------------
+// y = silu(g)·u, silu(g) = g·σ(g).
+__global__ void swiglu(const float* g, const float* u, i64 n, float* y) {
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+    float s = 1.f / (1.f + expf(-g[i]));
+    y[i] = g[i] * s * u[i];
+  }
+}
+
+// dg = dy·u·σ(g)·(1 + g·(1 − σ(g))), du = dy·silu(g).
+__global__ void swiglu_grad(const float* g, const float* u, const float* dy, i64 n, float* dg, float* du) {
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+    float s = 1.f / (1.f + expf(-g[i]));
+    dg[i] = dy[i] * u[i] * s * (1.f + g[i] * (1.f - s));
+    du[i] = dy[i] * g[i] * s;
+  }
+}
+
+// ---- rotary embedding ("rotate half") ---------------------------------------------------------
+// x [rows, H, hd], cos/sin [rows, hd]; inverse applies the transpose (the backward pass). The
+// CPU kernel's expressions, term for term.
+__global__ void rope(const float* x, const float* cos, const float* sin, i64 rows, i64 H, i64 hd, int inverse, float* y) {
+  const i64 h = hd / 2, n = rows * H * h;
+  for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < n; t += (i64)gridDim.x * blockDim.x) {
+    i64 j = t % h, rh = t / h, r = rh / H;
+    const float* c = cos + r * hd;
+    const float* s = sin + r * hd;
+    const float* xi = x + rh * hd;
+    float* yo = y + rh * hd;
+    if (!inverse) {
+      yo[j] = xi[j] * c[j] - xi[j + h] * s[j];
+      yo[j + h] = xi[j + h] * c[j + h] + xi[j] * s[j + h];
+    } else {
+      yo[j] = xi[j] * c[j] + xi[j + h] * s[j + h];
+      yo[j + h] = xi[j + h] * c[j + h] - xi[j] * s[j];
+    }
+  }
+}
+
+// ---- log-softmax at the label ------------------------------------------------------------------
+// out[i] = x[i, y_i] − logsumexp(x_i) (0 where y_i ∉ [0, V)). One block per row.
+__global__ void label_logprobs(const float* x, i64 V, const int* y, float* out) {
+  const i64 row = blockIdx.x;
+  const float* xi = x + row * V;
+  float m = -3.402823466e38f;
+  for (i64 j = threadIdx.x; j < V; j += blockDim.x) m = fmaxf(m, xi[j]);
+  m = block_max(m);
+  float s = 0.f;
+  for (i64 j = threadIdx.x; j < V; j += blockDim.x) s += expf(xi[j] - m);
+  s = block_sum(s);
+  if (threadIdx.x == 0) {
+    int label = y[row];
+    out[row] = label >= 0 && label < V ? xi[label] - (m + logf(s)) : 0.f;
+  }
+}
+
+// dx[i, j] = dy_i·(1[j = y_i] − softmax(x_i)_j), the log-sum-exp recovered from out = x[y] − lse.
+__global__ void label_logprobs_grad(const float* x, i64 V, const int* y, const float* out, const float* dy, float* dx) {
+  const i64 row = blockIdx.x;
+  const int label = y[row];
+  const bool valid = label >= 0 && label < V;
+  const float lse = valid ? x[row * V + label] - out[row] : 0.f;
+  for (i64 j = threadIdx.x; j < V; j += blockDim.x) dx[row * V + j] = valid ? dy[row] * ((j == label ? 1.f : 0.f) - expf(x[row * V + j] - lse)) : 0.f;
+}
+
+// ---- AdamW -------------------------------------------------------------------------------------
+// The CPU kernel's update, operation for operation (train/adamw computes the scalars):
+// g' = g·gscale, m' = β1·m + (1−β1)·g', v' = β2·v + (1−β2)·g'², p' = p − m'/(√v'/√bc2 + ε)·step
+// − p·decay; in place.
+__global__ void adamw(float* p, const float* g, float* m, float* v, i64 n, float gscale, float beta1, float one_minus_beta1, float beta2, float one_minus_beta2, float sqrt_bc2, float eps,
+                      float step, float decay) {
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+    float gi = g[i] * gscale;
+    float mi = m[i] * beta1 + gi * one_minus_beta1;
+    float vi = v[i] * beta2 + gi * gi * one_minus_beta2;
+    float next = p[i] - (mi / (sqrtf(vi) / sqrt_bc2 + eps)) * step;
+    if (decay != 0.f) next -= p[i] * decay;
+    p[i] = next;
+    m[i] = mi;
+    v[i] = vi;
+  }
+}
+
+}  // extern "C"
