@@ -8,6 +8,9 @@ sampling); prints one JSON line of tokens/s.
 lora_dpo, sft, logprobs or generate; prints one JSON line with its tokens/s and peak RSS. One job
 per process, so that each peak is its own.
 
+`TORCH_DEVICE=cuda torch_ref.py real JOB`: the same job on the GPU in bfloat16 (PyTorch 2 eager),
+the baseline a CUDA backend is measured against (bench/gpu-check.sh); peak memory is the GPU's.
+
 Run when /usr/bin/python3 has torch (Debian: apt-get install python3-torch libopenblas0-pthread)."""
 import json, math, os, resource, sys, time
 import torch
@@ -18,6 +21,10 @@ from blas import blas_in_use
 
 torch.manual_seed(0)
 torch.set_num_threads(os.cpu_count() or 1)
+DEVICE = os.environ.get("TORCH_DEVICE", "cpu")
+GPU = DEVICE != "cpu"
+if GPU:  # PyTorch >= 2: every tensor below is created there
+    torch.set_default_device(DEVICE)
 REAL = sys.argv[1:2] == ["real"]
 if REAL:  # Qwen2.5-0.5B
     V, D, L, H, KV, FF, THETA = 151936, 896, 24, 14, 2, 4864, 1e6
@@ -64,7 +71,7 @@ def rope(x, pos):
     ang = pos[:, None].float() * inv[None]
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
     x1, x2 = x[..., : HD // 2], x[..., HD // 2 :]
-    return x * cos + torch.cat([-x2, x1], -1) * sin
+    return (x * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
 
 
 class Model(torch.nn.Module):
@@ -90,7 +97,7 @@ class Model(torch.nn.Module):
             k, v = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
             s = q @ k.transpose(-1, -2) / math.sqrt(HD)
             if t > 1:
-                s = s + torch.full((t, k.shape[2]), float("-inf")).triu(k.shape[2] - t + 1)
+                s = s + torch.full((t, k.shape[2]), float("-inf"), dtype=s.dtype).triu(k.shape[2] - t + 1)
             a = torch.softmax(s, -1) @ v
             x = x + blk.o(a.transpose(1, 2).reshape(b, t, D))
             h = rms(x, blk.n2)
@@ -104,8 +111,12 @@ def bench(f, reps=5):
     f()
     best = float("inf")
     for _ in range(reps):
+        if GPU:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         f()
+        if GPU:
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -169,10 +180,14 @@ def sample(m, prompts, new):
 def real(job):
     """The shapes of bench/real-size.ts: DPO and SFT rows of 64 prompt + 192 completion tokens."""
     m = Model()
+    if GPU:
+        m = m.to(torch.bfloat16)
     P, C = 64, 192
     ids = torch.randint(0, V, (8, P + C))
     if job == "lora_dpo":  # 4 pairs, reference log-probs computed once (cached, as a DPO stage does)
         loras = add_lora(m, dropout=0.05)
+        if GPU:
+            m = m.to(torch.bfloat16)
         opt = torch.optim.AdamW([p for l in loras for p in (l.A, l.B)], lr=1e-4)
         ref = reference_logps(m, loras, ids, P)
         tokens, f = ids.numel(), lambda: update(opt, dpo_loss(seq_logps(m, ids, P), ref))
@@ -193,8 +208,13 @@ def real(job):
         tokens, f = 4 * 64, lambda: sample(m, prompts, 64)
     else:
         raise SystemExit(f"unknown job {job}")
-    s = bench(f, 1)
-    print(json.dumps({"tokens_per_s": round(tokens / s, 2), "seconds": round(s, 2), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "blas": blas_in_use()}))
+    s = bench(f, 1 if not GPU else 5)
+    out = {"tokens_per_s": round(tokens / s, 2), "seconds": round(s, 4), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if GPU:
+        out.update(device=torch.cuda.get_device_name(), dtype="bfloat16", peak_gpu_bytes=torch.cuda.max_memory_allocated(), torch=torch.__version__)
+    else:
+        out["blas"] = blas_in_use()
+    print(json.dumps(out))
 
 
 def small():

@@ -1,0 +1,29 @@
+#!/bin/sh
+# The device check for a session that draws a GPU (docs/REFERENCE.md §11): one run, about five
+# minutes on an H100, nothing downloaded. Run from the repository root:
+#   sh bench/gpu-check.sh > $OUT/gpu-check.jsonl
+# 1. native/cuda/check.cu: prefopt's device kernels against float64 (and the CPU kernels' bits
+#    where the formula allows), one JSON line each;
+# 2. where the CUDA libraries are (what engine/cuda.ts's probe will find): the driver, and the
+#    nvidia-* wheels' cuBLASLt and NVRTC beside PyTorch;
+# 3. the PyTorch bf16 eager baseline of the real-size jobs (bench/torch_ref.py), the figures a
+#    CUDA backend is measured against.
+set -u
+say() { printf '%s\n' "$1"; }
+NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+if "$NVCC" -O2 --fmad=false -arch=native -Xcompiler -ffp-contract=off -o /tmp/prefopt-cuda-check native/cuda/check.cu 2>/tmp/prefopt-nvcc.log; then
+  /tmp/prefopt-cuda-check
+else
+  say "{\"step\":\"nvcc\",\"error\":$(python3 -c 'import json,sys; print(json.dumps(open("/tmp/prefopt-nvcc.log").read()[-2000:]))')}"
+fi
+python3 - <<'PY'
+import glob, json, os, site
+dirs = site.getsitepackages() + [site.getusersitepackages()]
+libs = sorted({p for d in dirs for p in glob.glob(os.path.join(d, "nvidia", "*", "lib", "lib*.so*"))})
+want = [p for p in libs if any(k in os.path.basename(p) for k in ("cublasLt", "nvrtc"))]
+driver = open("/proc/driver/nvidia/version").read().split("\n")[0] if os.path.exists("/proc/driver/nvidia/version") else None
+print(json.dumps({"step": "libraries", "driver": driver, "wheel_libs": want, "toolkit": sorted(glob.glob("/usr/local/cuda*/lib64/libcublasLt*") + glob.glob("/usr/local/cuda*/lib64/libnvrtc*"))}))
+PY
+for job in lora_dpo sft logprobs generate; do
+  TORCH_DEVICE=cuda python3 bench/torch_ref.py real "$job" | sed "s/^{/{\"step\":\"torch_bf16\",\"job\":\"$job\",/"
+done
