@@ -102,7 +102,7 @@ describe('the CUDA backend\'s state', () => {
     expect(src).not.toMatch(/^\s*#\s*include/m); // NVRTC gets the file alone
     const d = fs.mkdtempSync(path.join(os.tmpdir(), 'prefopt-nvcc-'));
     const names = [...src.matchAll(/__global__ void (\w+)\(/g)].map((m) => m[1]);
-    expect(names).toEqual(['widen', 'rms_norm', 'rms_norm_grad_x', 'rms_norm_grad_w', 'swiglu', 'swiglu_grad', 'rope', 'label_logprobs', 'label_logprobs_grad', 'adamw']);
+    expect(names).toEqual(['widen', 'rms_norm', 'rms_norm_grad_x', 'rms_norm_grad_w', 'swiglu', 'swiglu_grad', 'rope', 'label_logprobs', 'label_logprobs_grad', 'attention_fwd', 'attention_bwd_delta', 'attention_bwd_dq', 'attention_bwd_dkdv', 'adamw']);
     for (const arch of ['sm_80', 'sm_90']) {
       const cubin = path.join(d, `${arch}.cubin`);
       const r = spawnSync(nvcc, ['--cubin', `-arch=${arch}`, '--fmad=false', '-o', cubin, 'native/cuda/kernels.cu'], { encoding: 'utf8' });

@@ -151,6 +151,55 @@ void check_label_logprobs(Rand& rnd) {
   report("label_logprobs_grad", host(g, (size_t)N * V), wg, 1e-6);
 }
 
+void check_attention(Rand& rnd) {
+  // Causal, with the second sequence's last 5 keys padded (prefopt's −1e9), grouped heads.
+  const int B = 2, T = 67, Tk = 67, H = 4, KV = 2, hd = 64, G = H / KV;
+  const float scale = 1.f / std::sqrt((float)hd);
+  auto q = rnd.vec((size_t)B * T * H * hd), k = rnd.vec((size_t)B * Tk * KV * hd), v = rnd.vec((size_t)B * Tk * KV * hd), dout = rnd.vec((size_t)B * T * H * hd);
+  std::vector<float> mask((size_t)B * T * Tk, 0.f);
+  for (int b = 0; b < B; b++)
+    for (int i = 0; i < T; i++)
+      for (int j = 0; j < Tk; j++)
+        if (j > i || (b == 1 && j >= Tk - 5)) mask[((size_t)b * T + i) * Tk + j] = -1e9f;
+  float *dq_ = dev(q), *dk_ = dev(k), *dv_ = dev(v), *dm = dev(mask), *ddo = dev(dout), *o, *lse, *delta, *gq, *gk, *gv;
+  cudaMalloc(&o, q.size() * 4), cudaMalloc(&lse, B * H * T * 4), cudaMalloc(&delta, B * H * T * 4), cudaMalloc(&gq, q.size() * 4), cudaMalloc(&gk, k.size() * 4), cudaMalloc(&gv, v.size() * 4);
+  attention_fwd<<<8, 64>>>(dq_, dk_, dv_, dm, scale, B, T, Tk, H, KV, hd, o, lse);
+  attention_bwd_delta<<<8, 64>>>(o, ddo, B, T, H, hd, delta);
+  attention_bwd_dq<<<8, 64>>>(dq_, dk_, dv_, dm, ddo, lse, delta, scale, B, T, Tk, H, KV, hd, gq);
+  attention_bwd_dkdv<<<8, 64>>>(dq_, dk_, dv_, dm, ddo, lse, delta, scale, B, T, Tk, H, KV, hd, gk, gv);
+  std::vector<double> wo(q.size(), 0.0), wq(q.size(), 0.0), wk(k.size(), 0.0), wv(v.size(), 0.0);
+  std::vector<double> p(Tk), dp(Tk);
+  for (int b = 0; b < B; b++)
+    for (int h = 0; h < H; h++)
+      for (int i = 0; i < T; i++) {
+        const int g = h / G;
+        const size_t at = (((size_t)b * T + i) * H + h) * hd;
+        double mx = -INFINITY, sum = 0, dot = 0;
+        for (int j = 0; j < Tk; j++) {
+          const size_t kat = (((size_t)b * Tk + j) * KV + g) * hd;
+          double s = 0, e = 0;
+          for (int d = 0; d < hd; d++) s += (double)q[at + d] * k[kat + d], e += (double)dout[at + d] * v[kat + d];
+          p[j] = s * scale + mask[((size_t)b * T + i) * Tk + j], dp[j] = e, mx = std::fmax(mx, p[j]);
+        }
+        for (int j = 0; j < Tk; j++) p[j] = std::exp(p[j] - mx), sum += p[j];
+        for (int j = 0; j < Tk; j++) p[j] /= sum, dot += p[j] * dp[j];
+        for (int j = 0; j < Tk; j++) {
+          const size_t kat = (((size_t)b * Tk + j) * KV + g) * hd;
+          const double ds = p[j] * (dp[j] - dot);
+          for (int d = 0; d < hd; d++) {
+            wo[at + d] += p[j] * v[kat + d];
+            wq[at + d] += scale * ds * k[kat + d];
+            wk[kat + d] += scale * ds * q[at + d];
+            wv[kat + d] += p[j] * dout[at + d];
+          }
+        }
+      }
+  report("attention_fwd", host(o, q.size()), wo, 1e-5);
+  report("attention_bwd(dq)", host(gq, q.size()), wq, 1e-5);
+  report("attention_bwd(dk)", host(gk, k.size()), wk, 1e-5);
+  report("attention_bwd(dv)", host(gv, v.size()), wv, 1e-5);
+}
+
 void check_adamw(Rand& rnd) {
   const int n = 65537;
   auto p = rnd.vec(n), g = rnd.vec(n), m = rnd.vec(n, 0.1f), v = rnd.vec(n, 0.01f);
@@ -225,6 +274,7 @@ int main() {
   check_swiglu(rnd);
   check_rope(rnd);
   check_label_logprobs(rnd);
+  check_attention(rnd);
   check_adamw(rnd);
   printf("{\"failures\":%d}\n", failures);
   return failures ? 1 : 0;

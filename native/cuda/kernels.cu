@@ -4,8 +4,8 @@
 // that where nvcc is installed). Compiled with --fmad=false, the kernels that only add, multiply,
 // divide and take square roots (widening, rotary, AdamW) give the CPU kernels' bits; those with
 // exp or log (SwiGLU, the label log-softmax) and the reductions (RMSNorm, whose sums run in
-// another order) agree to float32 rounding. Not wired to a backend yet: native/cuda/check.cu
-// runs each against a float64 reference on a GPU.
+// another order) agree to float32 rounding, attention too. Not wired to a backend yet:
+// native/cuda/check.cu runs each against a float64 reference on a GPU.
 //
 // Launch shapes: elementwise kernels take any grid (grid-stride loops); row kernels take one
 // block per row and a power-of-two block size from 32 to 1024.
@@ -170,6 +170,103 @@ __global__ void label_logprobs_grad(const float* x, i64 V, const int* y, const f
   const bool valid = label >= 0 && label < V;
   const float lse = valid ? x[row * V + label] - out[row] : 0.f;
   for (i64 j = threadIdx.x; j < V; j += blockDim.x) dx[row * V + j] = valid ? dy[row] * ((j == label ? 1.f : 0.f) - expf(x[row * V + j] - lse)) : 0.f;
+}
+
+// ---- attention ---------------------------------------------------------------------------------
+// q [B, T, H, hd], k, v [B, Tk, KV, hd] (query head h reads kv head h / (H / KV)), additive mask
+// [B, 1, T, Tk] (prefopt's masked value is −1e9, finite, so a fully masked row is uniform, as on
+// the CPU): o = softmax(scale·q·kᵀ + mask)·v, without a [T, Tk] tensor — each query row runs an
+// online softmax over the keys, and lse [B, H, T] (the row's log-sum-exp) is kept for the
+// backward pass, which recomputes the probabilities from it. One thread per row, keys in order:
+// correctness first (the device check), tiling and tensor cores later. hd ≤ 256.
+#define PREFOPT_MAX_HD 256
+
+__device__ __forceinline__ float attn_dot(const float* a, const float* b, i64 hd) {
+  float s = 0.f;
+  for (i64 d = 0; d < hd; d++) s += a[d] * b[d];
+  return s;
+}
+
+__global__ void attention_fwd(const float* q, const float* k, const float* v, const float* mask, float scale, i64 B, i64 T, i64 Tk, i64 H, i64 KV, i64 hd, float* o, float* lse) {
+  const i64 rows = B * H * T;
+  for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < rows; t += (i64)gridDim.x * blockDim.x) {
+    const i64 i = t % T, h = t / T % H, b = t / (T * H), g = h / (H / KV);
+    const float* qi = q + ((b * T + i) * H + h) * hd;
+    const float* mi = mask + (b * T + i) * Tk;
+    float acc[PREFOPT_MAX_HD];
+    for (i64 d = 0; d < hd; d++) acc[d] = 0.f;
+    float m = -3.402823466e38f, l = 0.f;
+    for (i64 j = 0; j < Tk; j++) {
+      const float* kj = k + ((b * Tk + j) * KV + g) * hd;
+      const float* vj = v + ((b * Tk + j) * KV + g) * hd;
+      float s = attn_dot(qi, kj, hd) * scale + mi[j];
+      float mn = fmaxf(m, s), corr = expf(m - mn), e = expf(s - mn);
+      l = l * corr + e;
+      for (i64 d = 0; d < hd; d++) acc[d] = acc[d] * corr + e * vj[d];
+      m = mn;
+    }
+    float* oi = o + ((b * T + i) * H + h) * hd;
+    for (i64 d = 0; d < hd; d++) oi[d] = acc[d] / l;
+    lse[(b * H + h) * T + i] = m + logf(l);
+  }
+}
+
+// delta [B, H, T] = Σ_d dO·O per query row: the softmax gradient's row term.
+__global__ void attention_bwd_delta(const float* o, const float* dout, i64 B, i64 T, i64 H, i64 hd, float* delta) {
+  const i64 rows = B * H * T;
+  for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < rows; t += (i64)gridDim.x * blockDim.x) {
+    const i64 i = t % T, h = t / T % H, b = t / (T * H);
+    const i64 at = ((b * T + i) * H + h) * hd;
+    delta[t] = attn_dot(o + at, dout + at, hd);
+  }
+}
+
+// dq_i = scale · Σ_j p_ij (dO_i·v_j − delta_i) k_j, a thread per query row.
+__global__ void attention_bwd_dq(const float* q, const float* k, const float* v, const float* mask, const float* dout, const float* lse, const float* delta, float scale, i64 B, i64 T, i64 Tk,
+                                 i64 H, i64 KV, i64 hd, float* dq) {
+  const i64 rows = B * H * T;
+  for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < rows; t += (i64)gridDim.x * blockDim.x) {
+    const i64 i = t % T, h = t / T % H, b = t / (T * H), g = h / (H / KV);
+    const i64 at = ((b * T + i) * H + h) * hd;
+    const float* mi = mask + (b * T + i) * Tk;
+    float acc[PREFOPT_MAX_HD];
+    for (i64 d = 0; d < hd; d++) acc[d] = 0.f;
+    for (i64 j = 0; j < Tk; j++) {
+      const float* kj = k + ((b * Tk + j) * KV + g) * hd;
+      const float* vj = v + ((b * Tk + j) * KV + g) * hd;
+      float p = expf(attn_dot(q + at, kj, hd) * scale + mi[j] - lse[t]);
+      float ds = p * (attn_dot(dout + at, vj, hd) - delta[t]);
+      for (i64 d = 0; d < hd; d++) acc[d] += ds * kj[d];
+    }
+    for (i64 d = 0; d < hd; d++) dq[at + d] = acc[d] * scale;
+  }
+}
+
+// dv_j = Σ_{h in j's group, i} p_ij dO_i and dk_j = scale · Σ p_ij (dO_i·v_j − delta_i) q_i, a
+// thread per key row: sums in a fixed order, no atomics.
+__global__ void attention_bwd_dkdv(const float* q, const float* k, const float* v, const float* mask, const float* dout, const float* lse, const float* delta, float scale, i64 B, i64 T,
+                                   i64 Tk, i64 H, i64 KV, i64 hd, float* dk, float* dv) {
+  const i64 rows = B * KV * Tk, G = H / KV;
+  for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < rows; t += (i64)gridDim.x * blockDim.x) {
+    const i64 j = t % Tk, g = t / Tk % KV, b = t / (Tk * KV);
+    const i64 kat = ((b * Tk + j) * KV + g) * hd;
+    float ak[PREFOPT_MAX_HD], av[PREFOPT_MAX_HD];
+    for (i64 d = 0; d < hd; d++) ak[d] = av[d] = 0.f;
+    for (i64 h = g * G; h < (g + 1) * G; h++)
+      for (i64 i = 0; i < T; i++) {
+        const i64 at = ((b * T + i) * H + h) * hd, row = (b * H + h) * T + i;
+        float p = expf(attn_dot(q + at, k + kat, hd) * scale + mask[(b * T + i) * Tk + j] - lse[row]);
+        float ds = p * (attn_dot(dout + at, v + kat, hd) - delta[row]);
+        for (i64 d = 0; d < hd; d++) {
+          av[d] += p * dout[at + d];
+          ak[d] += ds * q[at + d];
+        }
+      }
+    for (i64 d = 0; d < hd; d++) {
+      dk[kat + d] = ak[d] * scale;
+      dv[kat + d] = av[d];
+    }
+  }
 }
 
 // ---- AdamW -------------------------------------------------------------------------------------
