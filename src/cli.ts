@@ -313,6 +313,7 @@ function addRewardAndOnlineCommands(program: Command, withBackend: WithBackend):
     .option('--sampler-model <name>', 'model name at the endpoint ({round} is replaced by the round number)')
     .option('--sampler-concurrency <n>', 'requests in flight', int)
     .option('--sampler-timeout <ms>', 'per-request timeout', int)
+    .option('--trainer-command <cmd>', 'train each round by this shell command ({model} {adapter} {data} {config} {out}; docs/REFERENCE.md §13)')
     .action(withBackend(async (o) => onlineCmd(o, trainConfigFrom(o, DEFAULT_ONLINE.train))));
 }
 

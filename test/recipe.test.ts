@@ -143,7 +143,7 @@ describe('flags and recipe fields', () => {
     // Flags that are fields of a nested recipe mapping.
     const nested: Record<string, string> = {
       lora_r: 'lora.r', lora_alpha: 'lora.alpha', lora_dropout: 'lora.dropout', lora_targets: 'lora.targets', use_rslora: 'lora.use_rslora',
-      sampler_url: 'sampler.base_url', sampler_model: 'sampler.model', sampler_concurrency: 'sampler.concurrency', sampler_timeout: 'sampler.timeout_ms',
+      sampler_url: 'sampler.base_url', sampler_model: 'sampler.model', sampler_concurrency: 'sampler.concurrency', sampler_timeout: 'sampler.timeout_ms', trainer_command: 'trainer.run',
     };
     const field = (spec: any, dotted: string) => dotted.split('.').reduce((s: any, k) => s?.fields?.[k], spec);
     for (const [stage, names] of Object.entries({ sft: ['sft'], dpo: ['dpo'], rm_train: ['rm', 'train'], online_dpo: ['online'] })) {

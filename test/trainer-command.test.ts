@@ -71,6 +71,9 @@ describe('the command line', () => {
     expect(unknownPlaceholder('x ${HOME} {out} {data}')).toBeNull();
     const { problems } = validateRecipe({ name: 'r', stages: [{ name: 'd', type: 'dpo', model: 'm', data: 'p', trainer: { type: 'command', run: 'go {modle}' } }] }, 'r.yaml');
     expect(formatProblems('r.yaml', problems)).toMatch(/r\.yaml: stages\[0\]\.trainer\.run: expected placeholders among \{model\} \{adapter\} \{data\} \{config\} \{out\}, found "\{modle\}"/);
+    const flag = prefopt(['online', '--model', 'm', '--prompts', 'p', '--scorer', 'builtin:exact_answer', '--workdir', 'w', '--trainer-command', 'go {modle}']);
+    expect(flag.code).toBe(2);
+    expect(flag.stderr).toContain('--trainer-command: unknown placeholder {modle} (expected {model} {adapter} {data} {config} {out})');
     const none = validateRecipe({ name: 'r', stages: [{ name: 'd', type: 'dpo', model: 'm', data: 'p', trainer: { type: 'command' } }] }, 'r.yaml');
     expect(formatProblems('r.yaml', none.problems)).toMatch(/stages\[0\]\.trainer\.run: expected the command to run/);
   });
