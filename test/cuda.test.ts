@@ -121,4 +121,19 @@ describe('the CUDA backend\'s state', () => {
       expect(run.stdout).toMatch(/^\{"error":"no CUDA device: /);
     }
   }, 300_000);
+
+  it('the device kernels whose threads are independent, run on the CPU one thread at a time, match float64 (and the CPU kernels\' bits for rope, AdamW, widening)', () => {
+    if (!hasCompiler) return;
+    const exe = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'prefopt-emu-')), 'check');
+    const build = spawnSync('c++', ['-std=c++17', '-O2', '-ffp-contract=off', '-x', 'c++', '-DPREFOPT_CUDA_EMULATE', '-o', exe, 'native/cuda/check.cu'], { encoding: 'utf8' });
+    expect(build.status, build.stderr).toBe(0);
+    const run = spawnSync(exe, [], { encoding: 'utf8' });
+    const lines = run.stdout.trim().split('\n').map((l) => JSON.parse(l));
+    const checked = lines.filter((l) => 'ok' in l);
+    expect(checked.map((l) => l.kernel)).toEqual(['widen(bf16)', 'widen(f16)', 'swiglu', 'swiglu_grad(g)', 'swiglu_grad(u)', 'rope', 'rope(inverse)', 'attention_fwd', 'attention_bwd(dq)', 'attention_bwd(dk)', 'attention_bwd(dv)', 'adamw']);
+    for (const l of checked) expect(l.ok, JSON.stringify(l)).toBe(true);
+    for (const k of ['rope', 'adamw', 'widen(f16)']) expect(checked.find((l) => l.kernel === k).cpu_bits_equal).toBe(true);
+    expect(lines.filter((l) => l.skipped).length).toBe(2);
+    expect(run.status).toBe(0);
+  });
 });

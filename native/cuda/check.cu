@@ -3,7 +3,16 @@
 // that only add, multiply, divide and take square roots against the CPU kernels' float32
 // expressions bit for bit. One JSON line per kernel; exit 0 when every one is within tolerance.
 //   nvcc -O2 --fmad=false -arch=native -o /tmp/prefopt-cuda-check native/cuda/check.cu && /tmp/prefopt-cuda-check
+// Built with -x c++ -DPREFOPT_CUDA_EMULATE by a host compiler, the kernels whose threads are
+// independent (grid-stride loops) run on the CPU one thread at a time (native/cuda/emulate.h):
+// their arithmetic checked without a GPU; those that cooperate within a block are skipped.
+#ifdef PREFOPT_CUDA_EMULATE
+#include "emulate.h"
+#define LAUNCH(kernel, grid, block) emulate_launch(), kernel
+#else
 #include <cuda_runtime.h>
+#define LAUNCH(kernel, grid, block) kernel<<<grid, block>>>
+#endif
 
 #include <cmath>
 #include <cstdio>
@@ -69,9 +78,9 @@ void check_rms_norm(Rand& rnd) {
   const float eps = 1e-6f;
   float *dx_ = dev(x), *dres = dev(res), *dw_ = dev(w), *ddy = dev(dy), *y, *sum, *r, *gx, *gw;
   cudaMalloc(&y, N * D * 4), cudaMalloc(&sum, N * D * 4), cudaMalloc(&r, N * 4), cudaMalloc(&gx, N * D * 4), cudaMalloc(&gw, D * 4);
-  rms_norm<<<N, 256>>>(dx_, dw_, D, eps, y, dres, sum, r);
-  rms_norm_grad_x<<<N, 256>>>(sum, dw_, ddy, r, D, gx, nullptr);
-  rms_norm_grad_w<<<(D + 127) / 128, 128>>>(sum, ddy, r, N, D, gw);
+  LAUNCH(rms_norm, N, 256)(dx_, dw_, D, eps, y, dres, sum, r);
+  LAUNCH(rms_norm_grad_x, N, 256)(sum, dw_, ddy, r, D, gx, nullptr);
+  LAUNCH(rms_norm_grad_w, (D + 127) / 128, 128)(sum, ddy, r, N, D, gw);
   std::vector<double> wy(N * D), wgx(N * D), wgw(D, 0.0);
   for (int i = 0; i < N; i++) {
     double ss = 0, dot = 0;
@@ -91,8 +100,8 @@ void check_swiglu(Rand& rnd) {
   auto g = rnd.vec(n, 6.f), u = rnd.vec(n), dy = rnd.vec(n);
   float *dg_ = dev(g), *du_ = dev(u), *ddy = dev(dy), *y, *gg, *gu;
   cudaMalloc(&y, n * 4), cudaMalloc(&gg, n * 4), cudaMalloc(&gu, n * 4);
-  swiglu<<<120, 256>>>(dg_, du_, n, y);
-  swiglu_grad<<<120, 256>>>(dg_, du_, ddy, n, gg, gu);
+  LAUNCH(swiglu, 120, 256)(dg_, du_, n, y);
+  LAUNCH(swiglu_grad, 120, 256)(dg_, du_, ddy, n, gg, gu);
   std::vector<double> wy(n), wg(n), wu(n);
   for (int i = 0; i < n; i++) {
     double s = 1 / (1 + std::exp(-(double)g[i]));
@@ -108,8 +117,8 @@ void check_rope(Rand& rnd) {
   auto x = rnd.vec(n), c = rnd.vec(rows * hd), s = rnd.vec(rows * hd);
   float *dx_ = dev(x), *dc = dev(c), *ds = dev(s), *y, *yi;
   cudaMalloc(&y, n * 4), cudaMalloc(&yi, n * 4);
-  rope<<<64, 256>>>(dx_, dc, ds, rows, H, hd, 0, y);
-  rope<<<64, 256>>>(dx_, dc, ds, rows, H, hd, 1, yi);
+  LAUNCH(rope, 64, 256)(dx_, dc, ds, rows, H, hd, 0, y);
+  LAUNCH(rope, 64, 256)(dx_, dc, ds, rows, H, hd, 1, yi);
   std::vector<double> want(n), wanti(n);
   std::vector<float> cpu(n), cpui(n);  // the CPU kernel's float32 expressions (native/fused.cc)
   for (int r = 0; r < rows; r++)
@@ -134,8 +143,8 @@ void check_label_logprobs(Rand& rnd) {
   float *dx_ = dev(x), *ddy = dev(dy), *out, *g;
   int* dyl = dev(y);
   cudaMalloc(&out, N * 4), cudaMalloc(&g, (size_t)N * V * 4);
-  label_logprobs<<<N, 1024>>>(dx_, V, dyl, out);
-  label_logprobs_grad<<<N, 1024>>>(dx_, V, dyl, out, ddy, g);
+  LAUNCH(label_logprobs, N, 1024)(dx_, V, dyl, out);
+  LAUNCH(label_logprobs_grad, N, 1024)(dx_, V, dyl, out, ddy, g);
   std::vector<double> wout(N), wg((size_t)N * V);
   for (int i = 0; i < N; i++) {
     const float* xi = &x[(size_t)i * V];
@@ -163,10 +172,10 @@ void check_attention(Rand& rnd) {
         if (j > i || (b == 1 && j >= Tk - 5)) mask[((size_t)b * T + i) * Tk + j] = -1e9f;
   float *dq_ = dev(q), *dk_ = dev(k), *dv_ = dev(v), *dm = dev(mask), *ddo = dev(dout), *o, *lse, *delta, *gq, *gk, *gv;
   cudaMalloc(&o, q.size() * 4), cudaMalloc(&lse, B * H * T * 4), cudaMalloc(&delta, B * H * T * 4), cudaMalloc(&gq, q.size() * 4), cudaMalloc(&gk, k.size() * 4), cudaMalloc(&gv, v.size() * 4);
-  attention_fwd<<<8, 64>>>(dq_, dk_, dv_, dm, scale, B, T, Tk, H, KV, hd, o, lse);
-  attention_bwd_delta<<<8, 64>>>(o, ddo, B, T, H, hd, delta);
-  attention_bwd_dq<<<8, 64>>>(dq_, dk_, dv_, dm, ddo, lse, delta, scale, B, T, Tk, H, KV, hd, gq);
-  attention_bwd_dkdv<<<8, 64>>>(dq_, dk_, dv_, dm, ddo, lse, delta, scale, B, T, Tk, H, KV, hd, gk, gv);
+  LAUNCH(attention_fwd, 8, 64)(dq_, dk_, dv_, dm, scale, B, T, Tk, H, KV, hd, o, lse);
+  LAUNCH(attention_bwd_delta, 8, 64)(o, ddo, B, T, H, hd, delta);
+  LAUNCH(attention_bwd_dq, 8, 64)(dq_, dk_, dv_, dm, ddo, lse, delta, scale, B, T, Tk, H, KV, hd, gq);
+  LAUNCH(attention_bwd_dkdv, 8, 64)(dq_, dk_, dv_, dm, ddo, lse, delta, scale, B, T, Tk, H, KV, hd, gk, gv);
   std::vector<double> wo(q.size(), 0.0), wq(q.size(), 0.0), wk(k.size(), 0.0), wv(v.size(), 0.0);
   std::vector<double> p(Tk), dp(Tk);
   for (int b = 0; b < B; b++)
@@ -209,7 +218,7 @@ void check_adamw(Rand& rnd) {
   const float bc1 = 1 - std::pow(b1, 3.f), bc2 = 1 - std::pow(b2, 3.f);
   const float sqrt_bc2 = std::sqrt(bc2), step = lr / bc1, decay = lr * wd;
   float *dp = dev(p), *dg = dev(g), *dm = dev(m), *dv = dev(v);
-  adamw<<<64, 256>>>(dp, dg, dm, dv, n, gs, b1, 1 - b1, b2, 1 - b2, sqrt_bc2, eps, step, decay);
+  LAUNCH(adamw, 64, 256)(dp, dg, dm, dv, n, gs, b1, 1 - b1, b2, 1 - b2, sqrt_bc2, eps, step, decay);
   std::vector<double> want(n);
   std::vector<float> cpu(n);
   for (int i = 0; i < n; i++) {
@@ -230,7 +239,7 @@ void check_widen(Rand& rnd) {
   float* out;
   cudaMalloc(&out, n * 4);
   for (int dt : {1, 2}) {
-    widen<<<64, 256>>>(d, n, dt, out);
+    LAUNCH(widen, 64, 256)(d, n, dt, out);
     auto got = host(out, n);
     std::vector<float> cpu(n);
     std::vector<double> want(n);
@@ -267,13 +276,21 @@ int main() {
   }
   cudaDeviceProp prop;
   cudaGetDeviceProperties(&prop, 0);
-  printf("{\"device\":\"%s\",\"sm\":%d%d}\n", prop.name, prop.major, prop.minor);
+  printf("{\"device\":\"%s\",\"compute_capability\":\"%d.%d\"}\n", prop.name, prop.major, prop.minor);
   Rand rnd{42};
   check_widen(rnd);
+#ifndef PREFOPT_CUDA_EMULATE
   check_rms_norm(rnd);
+#else
+  printf("{\"kernel\":\"rms_norm, rms_norm_grad_x, rms_norm_grad_w\",\"skipped\":\"cooperates within a block: needs a GPU\"}\n");
+#endif
   check_swiglu(rnd);
   check_rope(rnd);
+#ifndef PREFOPT_CUDA_EMULATE
   check_label_logprobs(rnd);
+#else
+  printf("{\"kernel\":\"label_logprobs, label_logprobs_grad\",\"skipped\":\"cooperates within a block: needs a GPU\"}\n");
+#endif
   check_attention(rnd);
   check_adamw(rnd);
   printf("{\"failures\":%d}\n", failures);

@@ -5,7 +5,8 @@
 // divide and take square roots (widening, rotary, AdamW) give the CPU kernels' bits; those with
 // exp or log (SwiGLU, the label log-softmax) and the reductions (RMSNorm, whose sums run in
 // another order) agree to float32 rounding, attention too. Not wired to a backend yet:
-// native/cuda/check.cu runs each against a float64 reference on a GPU.
+// native/cuda/check.cu runs each against a float64 reference on a GPU, and the kernels whose
+// threads never cooperate also on the CPU, one thread at a time (native/cuda/emulate.h).
 //
 // Launch shapes: elementwise kernels take any grid (grid-stride loops); row kernels take one
 // block per row and a power-of-two block size from 32 to 1024.
@@ -19,9 +20,15 @@ extern "C" {
 // ---- 16-bit weights ----------------------------------------------------------------------------
 __device__ __forceinline__ float half_to_float(u16 h, int dt) {
   if (dt == 1) return __uint_as_float((u32)h << 16);  // bf16: the high half of a float32
+#ifdef __CUDA_ARCH__
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));  // f16, exact
   return f;
+#else  // the host emulation of native/cuda/emulate.h
+  u32 s = (u32)(h >> 15) << 31, e = (h >> 10) & 31, m = h & 1023;
+  if (e == 0) return __uint_as_float(s) + (s ? -1.f : 1.f) * (float)m * 5.9604644775390625e-8f;  // m·2⁻²⁴
+  return __uint_as_float(s | ((e == 31 ? 255 : e + 112) << 23) | (m << 13));
+#endif
 }
 
 // dst[i] = src[i] widened (dt: 1 bf16, 2 f16).
