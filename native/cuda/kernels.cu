@@ -5,8 +5,8 @@
 // divide and take square roots (widening, rotary, AdamW) give the CPU kernels' bits; those with
 // exp or log (SwiGLU, the label log-softmax) and the reductions (RMSNorm, whose sums run in
 // another order) agree to float32 rounding, attention too. Not wired to a backend yet:
-// native/cuda/check.cu runs each against a float64 reference on a GPU, and the kernels whose
-// threads never cooperate also on the CPU, one thread at a time (native/cuda/emulate.h).
+// native/cuda/check.cu runs each against a float64 reference on a GPU, and on the CPU with a
+// block's threads as real threads (native/cuda/emulate.h).
 //
 // Launch shapes: elementwise kernels take any grid (grid-stride loops); row kernels take one
 // block per row and a power-of-two block size from 32 to 1024.
