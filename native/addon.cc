@@ -512,8 +512,10 @@ napi_value SumSquares(napi_env env, napi_callback_info info) {
 // pages come from the page cache as the kernels first touch them, where reading into fresh
 // memory cost ~2.7 s per GB of page faults on this project's machines. Mapped copy-on-write, so
 // a stray write from JavaScript changes this process's page, never the file; unmapped when the
-// last view is collected. The file must not be truncated while mapped (prefopt writes
-// checkpoints to a temporary name and renames it, so the mapped inode stays whole).
+// last view is collected, or at once by unmapFile. The file must not be truncated while mapped
+// (prefopt writes checkpoints to a temporary name and renames it, so the mapped inode stays whole).
+std::unordered_map<void*, size_t> g_file_maps;  // still mapped: the collector or unmapFile unmaps once
+
 napi_value MapFile(napi_env env, napi_callback_info info) {
   size_t argc = 1;
   napi_value argv[1], result = nullptr;
@@ -530,11 +532,40 @@ napi_value MapFile(napi_env env, napi_callback_info info) {
   close(fd);
   if (p == MAP_FAILED) return result;
   size_t size = (size_t)st.st_size;
-  auto unmap = [](napi_env, void* data, void* hint) { munmap(data, (size_t)(uintptr_t)hint); };
-  if (napi_create_external_arraybuffer(env, p, size, unmap, (void*)(uintptr_t)size, &result) != napi_ok) {
+  auto unmap = [](napi_env, void* data, void*) {
+    auto it = g_file_maps.find(data);
+    if (it == g_file_maps.end()) return;
+    munmap(data, it->second);
+    g_file_maps.erase(it);
+  };
+  if (napi_create_external_arraybuffer(env, p, size, unmap, nullptr, &result) != napi_ok) {
     munmap(p, size);
     napi_get_null(env, &result);
+    return result;
   }
+  g_file_maps[p] = size;
+  return result;
+}
+
+// unmapFile(buffer): unmap a mapFile buffer now (a model that widened its 16-bit weights no longer
+// reads them, and the mapped pages would count in its memory until a collection). The buffer is
+// detached first, so a view left over reads as empty, never as unmapped memory. → whether it did.
+napi_value UnmapFile(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1], result;
+  napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
+  void* data = nullptr;
+  size_t len = 0;
+  bool done = false;
+  if (argc >= 1 && napi_get_arraybuffer_info(env, argv[0], &data, &len) == napi_ok) {
+    auto it = g_file_maps.find(data);
+    if (it != g_file_maps.end() && napi_detach_arraybuffer(env, argv[0]) == napi_ok) {
+      munmap(data, it->second);
+      g_file_maps.erase(it);
+      done = true;
+    }
+  }
+  napi_get_boolean(env, done, &result);
   return result;
 }
 
@@ -817,6 +848,7 @@ napi_value Init(napi_env env, napi_value exports) {
       {"matmulWeight", nullptr, MatmulWeight, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"widen", nullptr, Widen, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"mapFile", nullptr, MapFile, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"unmapFile", nullptr, UnmapFile, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"alloc", nullptr, Alloc, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"free", nullptr, Free, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"nativeBytes", nullptr, NativeBytes, nullptr, nullptr, nullptr, napi_default, nullptr},

@@ -5,10 +5,10 @@ import * as path from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { Decoder, KVCache } from '../src/model/decoder.js';
 import { HalfDtype, HalfWeight } from '../src/engine/half.js';
-import { firstNonFiniteHalf, loadNative, matmulWeight, widenHalf } from '../src/engine/native.js';
+import { firstNonFiniteHalf, loadNative, matmulWeight, unmapFile, widenHalf } from '../src/engine/native.js';
 import { fusedActive } from '../src/engine/fused.js';
 import { f16ToF32, f32ToBf16Bits, f32ToF16, readHalfBits, readHeader } from '../src/io/safetensors.js';
-import { writeCheckpointFiles } from '../src/io/checkpoint.js';
+import { TensorSource, writeCheckpointFiles } from '../src/io/checkpoint.js';
 import { loadModel, saveModel } from '../src/model/load.js';
 import { isLinearWeight } from '../src/model/config.js';
 import { LoraAdapter, attach, mergeInto } from '../src/lora/lora.js';
@@ -212,6 +212,15 @@ describe('16-bit frozen weights', () => {
         const ids = [5, 1, 7, 3, 2, 6]; // more rows than decoding's dot-product path takes: the tiled kernel, bit for bit
         const logits = (d: Decoder) => tf.tidy(() => d.logits(tf.reshape(d.hidden({ ids, batch: 1, len: 6 }), [6, -1]) as tf.Tensor2D).dataSync());
         expect(Array.from(logits(frozen))).toEqual(Array.from(logits(wide)));
+        // Loaded to train: widened from the mapped bits straight into float32 parameters, the
+        // same values as the float32 path, and the file unmapped once they are.
+        for (const n of trained.names()) expect(Array.from(trained.p(n).dataSync()), n).toEqual(Array.from(wide.p(n).dataSync()));
+        const st = TensorSource.open(dir);
+        const view = st.halfBits(matrices[0]);
+        expect(view.length).toBeGreaterThan(0);
+        st.unmap();
+        expect(view.length).toBe(0); // detached: reads as empty, never as unmapped memory
+        expect(unmapFile(view.buffer as ArrayBuffer)).toBe(false); // and only once
         const out = path.join(root, dtype + '-saved');
         await saveModel(frozen, out, { dtype });
         const a = readHeader(path.join(dir, 'model.safetensors'));

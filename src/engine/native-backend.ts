@@ -58,6 +58,11 @@ export class NativeMemoryBackend extends MathBackendCPU {
     return new Float32Array(b, 0, n);
   }
 
+  /** Hand back an array from allocFloat32 that no tensor took (a tensor's data is freed with it). */
+  discard(a: Float32Array): void {
+    if (this.natives.has(a.buffer) && !this.users.has(a.buffer)) this.mem.free(a.buffer as ArrayBuffer);
+  }
+
   private hold(values: unknown): void {
     const b = (values as ArrayBufferView | null)?.buffer;
     if (b && this.natives.has(b)) this.users.set(b, (this.users.get(b) ?? 0) + 1);
@@ -117,4 +122,19 @@ export function registerNativeBackend(mem: NativeAllocator): void {
   if (tf.findBackendFactory(NATIVE_BACKEND)) return;
   tf.registerBackend(NATIVE_BACKEND, () => new NativeMemoryBackend(mem), 0);
   for (const k of tf.getKernelsForBackend('cpu')) tf.registerKernel({ ...k, backendName: NATIVE_BACKEND });
+}
+
+/**
+ * An array for values that will become a tensor's data (loading weights): memory of the native
+ * backend when it is the active one — huge pages, freed with the tensor, reused through its pool —
+ * else the JavaScript heap. dropTensorArray hands back one that no tensor took.
+ */
+export function tensorArray(n: number): Float32Array {
+  const b = tf.backend();
+  return b instanceof NativeMemoryBackend ? b.allocFloat32(n) : new Float32Array(n);
+}
+
+export function dropTensorArray(a: Float32Array): void {
+  const b = tf.backend();
+  if (b instanceof NativeMemoryBackend) b.discard(a);
 }

@@ -24,6 +24,7 @@ interface Addon extends FusedAddon {
   matmulWeight(tb: boolean, m: number, n: number, k: number, a: Float32Array, b: Float32Array | Uint16Array, bdt: number, c: Float32Array): void;
   widen(src: Uint16Array, n: number, dt: number, out: Float32Array): void;
   mapFile(path: string): ArrayBuffer | null;
+  unmapFile(buffer: ArrayBuffer): boolean;
   alloc(bytes: number): ArrayBuffer;
   free(buffer: ArrayBuffer): boolean;
   nativeBytes(): number;
@@ -106,8 +107,7 @@ export function hostMatmul(a: Float32Array, b: Float32Array, m: number, k: numbe
 }
 
 /** aᵀ for a [rows, cols] (row-major), on every core when the addon is loaded. */
-export function transpose2d(a: Float32Array, rows: number, cols: number): Float32Array {
-  const out = new Float32Array(a.length);
+export function transpose2d(a: Float32Array, rows: number, cols: number, out: Float32Array = new Float32Array(a.length)): Float32Array {
   if (loadNative().active && addon) addon.transpose(a, rows, cols, out);
   else for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) out[c * rows + r] = a[r * cols + c];
   return out;
@@ -151,9 +151,13 @@ export function mapFile(file: string): ArrayBuffer | null {
   return loadNative().active && addon ? addon.mapFile(file) : null;
 }
 
+/** Unmap a mapFile buffer now; its views then read as empty. False where it was not one. */
+export function unmapFile(buffer: ArrayBuffer): boolean {
+  return loadNative().active && addon ? addon.unmapFile(buffer) : false;
+}
+
 /** A 16-bit weight widened to float32, in its stored layout. */
-export function widenHalf(w: HalfWeight): Float32Array {
-  const out = new Float32Array(w.size);
+export function widenHalf(w: HalfWeight, out: Float32Array = new Float32Array(w.size)): Float32Array {
   loaded().widen(w.bits, w.size, w.code, out);
   return out;
 }

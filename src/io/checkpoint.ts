@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { UserError } from '../util/errors.js';
-import { firstNonFinite, firstNonFiniteHalf, mapFile } from '../engine/native.js';
+import { firstNonFinite, firstNonFiniteHalf, mapFile, unmapFile } from '../engine/native.js';
 import type { HalfWeight } from '../engine/half.js';
 import { readJson } from '../util/fsutil.js';
 import { ModelConfig, expectedShapes, parseConfig } from '../model/config.js';
@@ -88,6 +88,15 @@ export class TensorSource {
   }
   /** Each file's mapping (null: it could not be mapped), made on first use. */
   private readonly mapped = new Map<string, ArrayBuffer | null>();
+
+  /**
+   * Unmap the files now: for a caller that copied what it read (a model loaded to train), so the
+   * mapped pages stop counting in its memory. Views from halfBits read as empty afterwards.
+   */
+  unmap(): void {
+    for (const m of this.mapped.values()) if (m) unmapFile(m);
+    this.mapped.clear();
+  }
 
   read(name: string): HostTensor {
     return { shape: this.shape(name), data: readTensor(this.fileFor(name), name) };

@@ -6,6 +6,7 @@ import { addRmsNorm, attention, embed, labelLogProbs, labelLogProbsSlope, linear
 import { Rng } from '../util/rng.js';
 import { RngHooks, checkpoint } from '../engine/checkpoint.js';
 import { transpose2d, widenHalf } from '../engine/native.js';
+import { dropTensorArray, tensorArray } from '../engine/native-backend.js';
 import { HalfWeight, Weight, isHalf } from '../engine/half.js';
 
 /**
@@ -114,11 +115,11 @@ export class Decoder {
     try {
       for (const [name] of expectedShapes(cfg)) {
         const t = get(name);
-        if (isHalf(t)) {
+        if (isHalf(t) && !trainable) {
           half.set(name, t);
           continue;
         }
-        const init = toInternal(name, t.shape, t.data);
+        const init = isHalf(t) ? halfToInternal(name, t) : toInternal(name, t.shape, t.data);
         params.set(name, tf.variable(init, trainable));
         init.dispose();
       }
@@ -161,8 +162,7 @@ export class Decoder {
   float32(name: string): tf.Variable {
     const hw = this.half.get(name);
     if (!hw) return this.p(name);
-    // Widened in Hugging Face's layout, then laid out as a float32 parameter would be.
-    const init = toInternal(name, hw.stored, widenHalf(hw));
+    const init = halfToInternal(name, hw);
     const v = tf.variable(init, false);
     init.dispose();
     this.half.delete(name);
@@ -397,8 +397,16 @@ export function initTensor(cfg: ModelConfig, name: string, seed: number, std = 0
 
 /** HF layout → memory layout: linear weights [out, in] become [in, out]. */
 export function toInternal(name: string, shape: number[], data: Float32Array): tf.Tensor {
-  if (isLinearWeight(name) && shape.length === 2) return tf.tensor2d(transpose2d(data, shape[0], shape[1]), [shape[1], shape[0]]);
+  if (isLinearWeight(name) && shape.length === 2) return tf.tensor2d(transpose2d(data, shape[0], shape[1], tensorArray(data.length)), [shape[1], shape[0]]);
   return tf.tensor(data, shape);
+}
+
+/** A 16-bit weight as a float32 tensor in prefopt's layout: widened in Hugging Face's, then laid out. */
+function halfToInternal(name: string, hw: HalfWeight): tf.Tensor {
+  const wide = widenHalf(hw, tensorArray(hw.size));
+  const t = toInternal(name, hw.stored, wide);
+  dropTensorArray(wide); // unless it became the tensor's own data
+  return t;
 }
 
 export function fromInternal(name: string, internalShape: number[], data: Float32Array): Float32Array {

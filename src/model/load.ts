@@ -19,8 +19,12 @@ export interface LoadOptions {
 export function loadModel(dir: string, opts: LoadOptions = {}): Decoder {
   const { cfg, src } = openCheckpoint(dir);
   const trainable = opts.trainable ?? false;
-  const half = !trainable && (opts.half ?? true) && fusedActive();
-  return Decoder.fromHF(cfg, (name) => (half && keepsHalf(src, name) ? readHalf(src, name) : readChecked(src, name)), trainable);
+  // Trained 16-bit matrices are read from the mapped file too, and widened straight into the
+  // backend's memory (Decoder.fromHF): no float32 copy in the JavaScript heap on the way.
+  const half = (opts.half ?? true) && fusedActive();
+  const model = Decoder.fromHF(cfg, (name) => (half && keepsHalf(src, name) ? readHalf(src, name) : readChecked(src, name)), trainable);
+  if (trainable) src.unmap(); // every 16-bit matrix was widened
+  return model;
 }
 
 /** A matrix stored in 16 bits (norms and biases are widened: the kernels that read them take float32). */
