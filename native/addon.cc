@@ -507,6 +507,28 @@ napi_value SumSquares(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
+// The one-argument calls that let go of an external buffer now (free, unmapFile): when its data
+// is a key of `registry`, the buffer is detached — every view then reads as empty, never as
+// memory given back — and `drop` gets the registry entry. → whether it was one.
+template <typename Registry, typename Drop>
+napi_value detach_registered(napi_env env, napi_callback_info info, Registry& registry, Drop drop) {
+  size_t argc = 1;
+  napi_value argv[1], result;
+  napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
+  void* data = nullptr;
+  size_t len = 0;
+  bool done = false;
+  if (argc >= 1 && napi_get_arraybuffer_info(env, argv[0], &data, &len) == napi_ok) {
+    auto it = registry.find(data);
+    if (it != registry.end() && napi_detach_arraybuffer(env, argv[0]) == napi_ok) {
+      drop(it);
+      done = true;
+    }
+  }
+  napi_get_boolean(env, done, &result);
+  return result;
+}
+
 // mapFile(path) → an ArrayBuffer over the whole file, memory-mapped, or null when it cannot be
 // (the caller then reads the file). Loading a checkpoint's 16-bit weights is then no copy at all:
 // pages come from the page cache as the kernels first touch them, where reading into fresh
@@ -551,22 +573,10 @@ napi_value MapFile(napi_env env, napi_callback_info info) {
 // reads them, and the mapped pages would count in its memory until a collection). The buffer is
 // detached first, so a view left over reads as empty, never as unmapped memory. → whether it did.
 napi_value UnmapFile(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1], result;
-  napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
-  void* data = nullptr;
-  size_t len = 0;
-  bool done = false;
-  if (argc >= 1 && napi_get_arraybuffer_info(env, argv[0], &data, &len) == napi_ok) {
-    auto it = g_file_maps.find(data);
-    if (it != g_file_maps.end() && napi_detach_arraybuffer(env, argv[0]) == napi_ok) {
-      munmap(data, it->second);
-      g_file_maps.erase(it);
-      done = true;
-    }
-  }
-  napi_get_boolean(env, done, &result);
-  return result;
+  return detach_registered(env, info, g_file_maps, [](auto it) {
+    munmap(it->first, it->second);
+    g_file_maps.erase(it);
+  });
 }
 
 // ---- tensor memory of the native backend (engine/native-backend.ts) -------------------------
@@ -712,21 +722,7 @@ napi_value Alloc(napi_env env, napi_callback_info info) {
 
 // free(buffer): release a block from alloc now; anything else is left alone (false).
 napi_value Free(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1], result;
-  napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
-  void* data = nullptr;
-  size_t len = 0;
-  bool done = false;
-  if (argc >= 1 && napi_get_arraybuffer_info(env, argv[0], &data, &len) == napi_ok) {
-    auto it = g_blocks.find(data);
-    if (it != g_blocks.end() && napi_detach_arraybuffer(env, argv[0]) == napi_ok) {
-      release(it->second);
-      done = true;
-    }
-  }
-  napi_get_boolean(env, done, &result);
-  return result;
+  return detach_registered(env, info, g_blocks, [](auto it) { release(it->second); });
 }
 
 // nativeBytes() → bytes currently allocated by alloc and not yet freed.
