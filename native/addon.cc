@@ -626,6 +626,14 @@ void unpool(Pooled::iterator it) {
   g_lru.erase(it);
 }
 
+// Unmap the longest-unused pooled block; → its size.
+size_t unmap_oldest() {
+  size_t n = g_lru.front().first;
+  munmap(g_lru.front().second, n);
+  unpool(g_lru.begin());
+  return n;
+}
+
 // Fresh pages cost a fault each on first touch (~2.7 s per GB of 4 KB pages here). Blocks from
 // 4 MB start on a 2 MB boundary and are offered to transparent huge pages, which fault 2 MB at a
 // time; the tail past the last whole huge page stays in small pages, so nothing extra is resident.
@@ -656,11 +664,7 @@ void* take(size_t mapped) {
     unpool(hit->second);
   } else {
     g_high_water = std::max(g_high_water, g_live + mapped);
-    while (!g_lru.empty() && g_live + mapped + g_pooled > g_high_water) {
-      munmap(g_lru.front().second, g_lru.front().first);
-      g_evicted_total += g_lru.front().first;
-      unpool(g_lru.begin());
-    }
+    while (!g_lru.empty() && g_live + mapped + g_pooled > g_high_water) g_evicted_total += unmap_oldest();
     p = map_block(mapped);
     if (!p) return nullptr;
     g_mapped_total += mapped;
@@ -734,10 +738,7 @@ napi_value NativeBytes(napi_env env, napi_callback_info) {
 
 // trimPool(): unmap every pooled block, and start the high-water mark again from what is live.
 napi_value TrimPool(napi_env env, napi_callback_info) {
-  while (!g_lru.empty()) {
-    munmap(g_lru.front().second, g_lru.front().first);
-    unpool(g_lru.begin());
-  }
+  while (!g_lru.empty()) unmap_oldest();
   g_high_water = g_live;
   return nullptr;
 }

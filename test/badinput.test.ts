@@ -3,6 +3,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { prefopt } from './helpers/cli.js';
 import { onlineFixture } from './helpers/online-fixture.js';
+import { writeSafetensors } from '../src/io/safetensors.js';
 
 /**
  * Bad inputs, generated here rather than shipped as blobs: each case must exit non-zero with one
@@ -64,5 +65,15 @@ describe('bad-input corpus through the CLI', () => {
     fs.writeFileSync(path.join(cfgBad, 'config.json'), JSON.stringify({ ...JSON.parse(fs.readFileSync(path.join(f.base, 'config.json'), 'utf8')), architectures: ['GPT2LMHeadModel'], model_type: 'gpt2' }));
     expect(prefopt(['logprobs', '--model', cfgBad, '--input', rows]).stderr).toMatch(/config\.json: unsupported architecture \["GPT2LMHeadModel"\]/);
     expect(prefopt(['logprobs', '--model', f.base, '--adapter', path.join(d, 'nope'), '--input', rows]).stderr).toMatch(/nope: not a PEFT adapter directory/);
+    // An adapter holding a NaN: refused by file and tensor, as a checkpoint's would be.
+    const nan = path.join(d, 'nan-adapter');
+    fs.mkdirSync(nan);
+    fs.writeFileSync(path.join(nan, 'adapter_config.json'), JSON.stringify({ peft_type: 'LORA', r: 2, lora_alpha: 4, target_modules: ['q_proj'] }));
+    const mod = 'base_model.model.model.layers.0.self_attn.q_proj';
+    const b = new Float32Array(32 * 2).fill(0.1);
+    b[5] = NaN;
+    const data: Record<string, Float32Array> = { [`${mod}.lora_A.weight`]: new Float32Array(2 * 32).fill(0.1), [`${mod}.lora_B.weight`]: b };
+    await writeSafetensors(path.join(nan, 'adapter_model.safetensors'), [{ name: `${mod}.lora_A.weight`, shape: [2, 32] }, { name: `${mod}.lora_B.weight`, shape: [32, 2] }], 'F32', (n) => data[n]);
+    expect(prefopt(['logprobs', '--model', f.base, '--adapter', nan, '--input', rows]).stderr).toMatch(/adapter_model\.safetensors: tensor "base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_B\.weight" holds a non-finite value \(NaN\) at index 5/);
   }, 60_000);
 });

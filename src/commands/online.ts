@@ -11,14 +11,14 @@ import { toJsonl } from '../data/jsonl.js';
 import { rowMessages } from '../data/prompts.js';
 import { dpoParamsFrom } from './dpo.js';
 import { loraFrom } from '../lora/lora.js';
-import { PLACEHOLDERS, unknownPlaceholder } from '../stages/command-trainer.js';
+import { PLACEHOLDER_LIST, unknownPlaceholder } from '../stages/command-trainer.js';
 
 export async function onlineCmd(o: Record<string, any>, train: TrainConfig): Promise<void> {
   const sampler = o.samplerUrl
     ? { type: 'openai' as const, baseUrl: o.samplerUrl, model: o.samplerModel ?? 'policy', concurrency: o.samplerConcurrency ?? 8, timeoutMs: o.samplerTimeout ?? 120_000, retries: 3, apiKey: process.env.PREFOPT_SAMPLER_API_KEY }
     : { type: 'local' as const };
   const bad = o.trainerCommand ? unknownPlaceholder(o.trainerCommand) : null;
-  if (bad) throw new UserError(`--trainer-command: unknown placeholder {${bad}} (expected ${PLACEHOLDERS.map((x) => `{${x}}`).join(' ')})`);
+  if (bad) throw new UserError(`--trainer-command: unknown placeholder {${bad}} (expected ${PLACEHOLDER_LIST})`);
   const res = await runOnline({
     ...DEFAULT_ONLINE,
     model: o.model,

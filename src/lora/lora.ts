@@ -5,6 +5,7 @@ import { Decoder, LinearAdapter } from '../model/decoder.js';
 import { transpose2d } from '../engine/native.js';
 import { loraLinear, onRows } from '../engine/ops.js';
 import { SafetensorsFile, readHeader, readTensor, writeSafetensors } from '../io/safetensors.js';
+import { checkFinite } from '../io/checkpoint.js';
 import { readJson, writeDirAtomic } from '../util/fsutil.js';
 import { UserError } from '../util/errors.js';
 import { OptionRow, bool, firstViolation, int, num, strings, valuesFrom } from '../util/schema.js';
@@ -191,6 +192,12 @@ export class LoraAdapter implements LinearAdapter {
     const { cfg, baseModelName, st, file: wfile, modules: byModule } = readPeftAdapter(dir);
     const ad = new LoraAdapter(cfg);
     ad.baseModelName = baseModelName;
+    // A NaN or Inf in an adapter is refused by name, as in a checkpoint (model/load).
+    const read = (key: string) => {
+      const data = readTensor(st, key);
+      checkFinite(key, wfile, data);
+      return data;
+    };
     try {
       for (const [mod, keys] of byModule) {
         if (!model.names().includes(`${mod}.weight`)) throw new UserError(`${wfile}: module "${mod}" does not exist in the model (${model.cfg.arch}); wrong base model?`);
@@ -199,7 +206,7 @@ export class LoraAdapter implements LinearAdapter {
         const bShape = st.tensors.get(keys.B)!.shape;
         if (aShape.join() !== [cfg.r, inDim].join()) throw new UserError(`${wfile}: "${keys.A}" has shape [${aShape}], expected [${cfg.r}, ${inDim}] (r=${cfg.r})`);
         if (bShape.join() !== [outDim, cfg.r].join()) throw new UserError(`${wfile}: "${keys.B}" has shape [${bShape}], expected [${outDim}, ${cfg.r}] (r=${cfg.r})`);
-        ad.set(mod, tf.tensor2d(transpose2d(readTensor(st, keys.A), cfg.r, inDim), [inDim, cfg.r]), tf.tensor2d(transpose2d(readTensor(st, keys.B), outDim, cfg.r), [cfg.r, outDim]));
+        ad.set(mod, tf.tensor2d(transpose2d(read(keys.A), cfg.r, inDim), [inDim, cfg.r]), tf.tensor2d(transpose2d(read(keys.B), outDim, cfg.r), [cfg.r, outDim]));
       }
     } catch (e) {
       ad.dispose();

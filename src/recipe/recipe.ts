@@ -15,7 +15,7 @@ import { SFT_OPTIONS } from '../stages/sft.js';
 import { PAIR_OPTIONS, PAIR_SHAPE_OPTIONS } from '../data/prefs.js';
 import { SAMPLING_OPTIONS } from '../infer/sampling.js';
 import { GGUF_OPTIONS } from '../gguf/export.js';
-import { PLACEHOLDERS, unknownPlaceholder } from '../stages/command-trainer.js';
+import { PLACEHOLDER_LIST, unknownPlaceholder } from '../stages/command-trainer.js';
 
 /**
  * Recipes (YAML or JSON): run settings and an ordered list of stages. A stage names its inputs
@@ -145,7 +145,7 @@ export function validateRecipe(raw: unknown, file: string): { recipe: Recipe | n
     if (t?.type === 'command') {
       const bad = typeof t.run === 'string' ? unknownPlaceholder(t.run) : null;
       if (typeof t.run !== 'string' || !t.run.trim()) problems.push({ path: `${p}.trainer.run`, expected: 'the command to run (required with type: command)', found: t.run });
-      else if (bad) problems.push({ path: `${p}.trainer.run`, expected: `placeholders among ${PLACEHOLDERS.map((x) => `{${x}}`).join(' ')}`, found: `{${bad}}` });
+      else if (bad) problems.push({ path: `${p}.trainer.run`, expected: `placeholders among ${PLACEHOLDER_LIST}`, found: `{${bad}}` });
     }
     for (const v of stageValues(st)) {
       for (const ref of refsIn(v)) {

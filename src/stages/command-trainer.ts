@@ -5,12 +5,11 @@ import { DpoConfig, DpoResult, dpoPairs, evaluatePairs, referenceFor, runDpo, st
 import { publishFiles } from './sft.js';
 import { DpoJobSettings, writeDpoConfig } from './trl-config.js';
 import { referenceLogps } from '../dpo/logps.js';
-import { PrefPair } from '../data/prefs.js';
+import { PrefPair, pairSettingsFrom } from '../data/prefs.js';
 import { LoraAdapter, attach } from '../lora/lora.js';
 import { Policy, openPolicy } from '../model/policy.js';
 import { checkpointingOn, readMetricsFile } from '../train/trainer.js';
 import { currentBackend } from '../engine/backend.js';
-import { firstNonFinite } from '../engine/native.js';
 import { openDb } from '../store/db.js';
 import { packageRoot } from '../util/package-root.js';
 import { UserError } from '../util/errors.js';
@@ -33,6 +32,9 @@ export interface TrainerSpec {
 /** The words a command may use; each becomes a quoted path. */
 export const PLACEHOLDERS = ['model', 'adapter', 'data', 'config', 'out'] as const;
 type Placeholder = (typeof PLACEHOLDERS)[number];
+
+/** The placeholders as a user writes them, for messages. */
+export const PLACEHOLDER_LIST = PLACEHOLDERS.map((x) => `{${x}}`).join(' ');
 
 /** The first `{word}` in a command that is not a placeholder (`${VAR}` is the shell's), or null. */
 export function unknownPlaceholder(run: string): string | null {
@@ -81,18 +83,11 @@ function prefoptShim(dir: string): string {
   return bin;
 }
 
-/** The adapter the command left: it must load onto the model and hold finite values. */
+/** The adapter the command left: it must be there, and load onto the model (shapes, finite values). */
 function checkedAdapter(policy: Policy, dir: string, what: string): LoraAdapter {
   for (const f of ['adapter_config.json', 'adapter_model.safetensors'])
     if (!fs.existsSync(path.join(dir, f))) throw new UserError(`${what}: the trainer command exited 0 but left no ${f} in ${dir}`);
-  const ad = LoraAdapter.load(policy.model, dir);
-  for (const [mod, w] of ad.weights)
-    for (const [name, t] of [['lora_A', w.a], ['lora_B', w.b]] as const)
-      if (firstNonFinite(t.dataSync() as Float32Array) >= 0) {
-        ad.dispose();
-        throw new UserError(`${what}: ${path.join(dir, 'adapter_model.safetensors')}: ${mod}.${name} holds NaN or Inf`);
-      }
-  return ad;
+  return LoraAdapter.load(policy.model, dir);
 }
 
 /** DPO by the built-in trainer or by the command a stage names. */
@@ -129,7 +124,7 @@ export async function runDpoCommand(c: DpoConfig, run: string, what: string): Pr
       // 'auto' is settled here: Hugging Face's flag is a yes or no.
       train: { ...c.train, gradientCheckpointing: checkpointingOn(c.train.gradientCheckpointing, policy.model.paramCount()) ? 'on' : 'off' },
       // The hold-out is done: the command gets the pairs to train on and, apart, those to evaluate.
-      pairs: { evalRatio: 0, maxLength: c.maxLength, maxPromptLength: c.maxPromptLength, batchSize: c.batchSize, strict: c.strict },
+      pairs: { ...pairSettingsFrom({}, c, 'recipe'), evalRatio: 0 },
       reference: c.refIsStartAdapter && c.adapter ? 'start_adapter' : 'adapter_off',
       evalData: evalPairs.length ? files.eval : undefined,
       refModel: c.refModel ? path.resolve(c.refModel) : undefined,

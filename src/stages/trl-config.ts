@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import { DPO_OPTIONS, DpoParams } from '../dpo/loss.js';
 import { LORA_OPTIONS, LoraConfig } from '../lora/lora.js';
-import { PAIR_OPTIONS, PairSettings } from '../data/prefs.js';
+import { PAIR_OPTIONS, PairSettings, pairSettingsFrom } from '../data/prefs.js';
 import { TRAIN_OPTIONS, validateTrainConfig } from '../train/options.js';
 import { TrainConfig } from '../train/trainer.js';
 import { OptionRow, Problem, check, formatProblems } from '../util/schema.js';
@@ -32,7 +32,7 @@ export const DPO_JOB_DEFAULTS: DpoJobSettings = {
   dpo: DEFAULT_DPO_STAGE.dpo,
   lora: DEFAULT_DPO_STAGE.lora,
   train: DEFAULT_DPO_STAGE.train,
-  pairs: { evalRatio: DEFAULT_DPO_STAGE.evalRatio, maxLength: DEFAULT_DPO_STAGE.maxLength, maxPromptLength: DEFAULT_DPO_STAGE.maxPromptLength, batchSize: DEFAULT_DPO_STAGE.batchSize, strict: DEFAULT_DPO_STAGE.strict },
+  pairs: pairSettingsFrom({}, DEFAULT_DPO_STAGE, 'recipe'),
   reference: 'adapter_off',
 };
 
@@ -57,6 +57,9 @@ const VALUE_MAP: Record<string, { toHf: (v: any) => unknown; fromHf: (v: any) =>
   gradient_checkpointing: { toHf: (v) => (v === 'on' ? true : v === 'off' ? false : undefined), fromHf: (v) => (v === true ? 'on' : v === false ? 'off' : v) },
 };
 const hfName = (row: OptionRow<string>): string | null => (row.hf === null ? null : row.hf ?? row.field);
+/** The first row (and its group) of the sections' tables that `match` accepts. */
+const rowWhere = (sections: Section[], match: (row: OptionRow<string>) => boolean) =>
+  GROUPS.filter((g) => sections.includes(g.section)).flatMap((g) => g.rows.filter(match).map((row) => ({ row, group: g.group })))[0];
 const REFERENCES = ['adapter_off', 'start_adapter'];
 
 /** The file's JSON for these settings. */
@@ -103,7 +106,7 @@ export function readDpoConfig(file: string, base: DpoJobSettings): DpoJobSetting
         if (raw !== 'CAUSAL_LM') throw new UserError(`${file}: lora_config.task_type must be "CAUSAL_LM", found ${JSON.stringify(raw)}`);
         continue;
       }
-      const hit = GROUPS.filter((g) => g.section === section).flatMap((g) => g.rows.filter((r) => hfName(r) === k).map((row) => ({ row, group: g.group })))[0];
+      const hit = rowWhere([section], (r) => hfName(r) === k);
       if (!hit) throw new UserError(`${file}: ${section}.${k} is not a setting prefopt reads`);
       set(hit.row, hit.group, VALUE_MAP[hit.row.field] ? VALUE_MAP[hit.row.field].fromHf(raw) : raw, `${section}.${k}`);
     }
@@ -118,7 +121,7 @@ export function readDpoConfig(file: string, base: DpoJobSettings): DpoJobSetting
       if (typeof v !== 'string' || !v) throw new UserError(`${file}: prefopt.${k} must be a path`);
       s[k === 'eval_data' ? 'evalData' : 'refModel'] = v;
     } else {
-      const hit = GROUPS.flatMap((g) => g.rows.filter((r) => r.field === k).map((row) => ({ row, group: g.group })))[0];
+      const hit = rowWhere(['dpo_config', 'lora_config'], (r) => r.field === k);
       if (!hit) throw new UserError(`${file}: prefopt.${k} is not a setting prefopt reads`);
       set(hit.row, hit.group, v, `prefopt.${k}`);
     }
