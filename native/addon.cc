@@ -20,6 +20,7 @@
 namespace prefopt {
 
 int g_threads = 1;
+void define_cuda(napi_env env, napi_value exports);  // cuda_addon.cc
 
 Pool& pool() {
   static Pool* p = new Pool();  // never destroyed: its threads live as long as the process
@@ -879,6 +880,7 @@ napi_value Init(napi_env env, napi_value exports) {
       {"info", nullptr, Info, nullptr, nullptr, nullptr, napi_default, nullptr},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
+  define_cuda(env, exports);
   return exports;
 }
 

@@ -4,9 +4,10 @@
 // that where nvcc is installed). Compiled with --fmad=false, the kernels that only add, multiply,
 // divide and take square roots (widening, rotary, AdamW) give the CPU kernels' bits; those with
 // exp or log (SwiGLU, the label log-softmax) and the reductions (RMSNorm, whose sums run in
-// another order) agree to float32 rounding, attention too. Not wired to a backend yet:
-// native/cuda/check.cu runs each against a float64 reference on a GPU, and on the CPU with a
-// block's threads as real threads (native/cuda/emulate.h).
+// another order) agree to float32 rounding, attention too. The `cuda` backend launches them
+// (native/cuda_device.cc, src/engine/cuda-backend.ts); native/cuda/check.cu runs each against a
+// float64 reference on a GPU, and on the CPU with a block's threads as real threads
+// (native/cuda/emulate.h), which is also the backend's emulated device.
 //
 // Launch shapes: elementwise kernels take any grid (grid-stride loops); row kernels take one
 // block per row and a power-of-two block size from 32 to 1024.
@@ -291,6 +292,146 @@ __global__ void adamw(float* p, const float* g, float* m, float* v, i64 n, float
     p[i] = next;
     m[i] = mi;
     v[i] = vi;
+  }
+}
+
+
+// ---- glue: what the tfjs graph around the fused kernels needs on the device -------------------
+// Up to 6 dimensions: the shape of the iteration and the element strides of two operands (0
+// where one is broadcast). Passed by value: no upload per launch.
+#define PREFOPT_MAX_RANK 6
+struct Dims {
+  i64 shape[PREFOPT_MAX_RANK];
+  i64 a[PREFOPT_MAX_RANK];
+  i64 b[PREFOPT_MAX_RANK];
+};
+
+// The two operands' offsets of element i of the iteration (row-major over d.shape).
+__device__ __forceinline__ void dims_offsets(const Dims& d, int rank, i64 i, i64* oa, i64* ob) {
+  i64 a = 0, b = 0;
+  for (int r = rank - 1; r >= 0; r--) {
+    i64 idx = i % d.shape[r];
+    i /= d.shape[r];
+    a += idx * d.a[r];
+    b += idx * d.b[r];
+  }
+  *oa = a;
+  *ob = b;
+}
+
+// dst[Σ idx·d.b] = src[Σ idx·d.a] over the n elements of d.shape, 4-byte elements (float32 or
+// int32): slices, concatenation, splits, transposes and padding are all this copy.
+__global__ void strided_copy(const u32* src, u32* dst, i64 n, int rank, Dims d) {
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+    i64 oa, ob;
+    dims_offsets(d, rank, i, &oa, &ob);
+    dst[ob] = src[oa];
+  }
+}
+
+// y[i] = a[·] op b[·] (op: 0 add, 1 subtract, 2 multiply, 3 divide) with numpy broadcasting
+// through the strides; y is contiguous over d.shape.
+__global__ void binary(int op, const float* a, const float* b, float* y, i64 n, int rank, Dims d) {
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+    i64 oa, ob;
+    dims_offsets(d, rank, i, &oa, &ob);
+    float x = a[oa], z = b[ob];
+    y[i] = op == 0 ? x + z : op == 1 ? x - z : op == 2 ? x * z : x / z;
+  }
+}
+
+// y = −x (op 0), eˣ (1), the only elementwise functions with device work of any size.
+__global__ void unary(int op, const float* x, float* y, i64 n) {
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) y[i] = op == 0 ? -x[i] : expf(x[i]);
+}
+
+// n 4-byte words set to the bits v (a float's or an int's).
+__global__ void fill32(u32* y, i64 n, u32 v) {
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) y[i] = v;
+}
+
+// y[row] = Σ_j x[row, j]: one block per row.
+__global__ void sum_rows(const float* x, i64 cols, float* y) {
+  const i64 row = blockIdx.x;
+  float s = 0.f;
+  for (i64 j = threadIdx.x; j < cols; j += blockDim.x) s += x[row * cols + j];
+  s = block_sum(s);
+  if (threadIdx.x == 0) y[row] = s;
+}
+
+// y = x + b over rows of d (x may be y).
+__global__ void bias_add(const float* x, const float* b, i64 n, i64 d, float* y) {
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n * d; i += (i64)gridDim.x * blockDim.x) y[i] = x[i] + b[i % d];
+}
+
+// out[j] = Σ_rows dy[row, j], a thread per column, rows in order.
+__global__ void column_sum(const float* dy, i64 n, i64 d, float* out) {
+  for (i64 j = blockIdx.x * (i64)blockDim.x + threadIdx.x; j < d; j += (i64)gridDim.x * blockDim.x) {
+    float s = 0.f;
+    for (i64 i = 0; i < n; i++) s += dy[i * d + j];
+    out[j] = s;
+  }
+}
+
+// out[0] = Σ x², one block (launch with grid 1): the gradient norm, once per step.
+__global__ void sum_squares(const float* x, i64 n, float* out) {
+  float s = 0.f;
+  for (i64 i = threadIdx.x; i < n; i += blockDim.x) s += x[i] * x[i];
+  s = block_sum(s);
+  if (threadIdx.x == 0) out[0] = s;
+}
+
+// r[row] = 1/sqrt(mean(x²) + eps), as rms_norm computes it: for a backward pass whose forward
+// pass kept no r.
+__global__ void rms_inv(const float* x, i64 D, float eps, float* r) {
+  const i64 row = blockIdx.x;
+  float ss = 0.f;
+  for (i64 j = threadIdx.x; j < D; j += blockDim.x) ss += x[row * D + j] * x[row * D + j];
+  ss = block_sum(ss);
+  if (threadIdx.x == 0) r[row] = 1.f / sqrtf(ss / (float)D + eps);
+}
+
+// qkv [N, KV, G+2, hd] ↔ q [N, KV·G, hd], k, v [N, KV, hd] (merge: q, k, v → qkv).
+__global__ void split_qkv(float* qkv, i64 N, i64 KV, i64 G, i64 hd, float* q, float* k, float* v, int merge) {
+  const i64 n = N * KV * (G + 2) * hd;
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+    i64 d = i % hd, s = i / hd % (G + 2), g = i / (hd * (G + 2)) % KV, t = i / (hd * (G + 2) * KV);
+    float* o = s < G ? q + ((t * KV + g) * G + s) * hd + d : (s == G ? k : v) + (t * KV + g) * hd + d;
+    if (merge) qkv[i] = *o;
+    else *o = qkv[i];
+  }
+}
+
+// out [n, D] = table rows ids (zeros for an id outside [0, V)).
+__global__ void embed(const float* table, i64 V, i64 D, const int* ids, i64 n, float* out) {
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n * D; i += (i64)gridDim.x * blockDim.x) {
+    i64 id = ids[i / D];
+    out[i] = id >= 0 && id < V ? table[id * D + i % D] : 0.f;
+  }
+}
+
+// dtable [V, D] = Σ over rows i with ids[i] = v of dy[i]: a thread per column walks the rows in
+// order (no atomics: the same bits every run). dtable is zeroed first.
+__global__ void embed_grad(const int* ids, i64 n, const float* dy, i64 V, i64 D, float* dtable) {
+  for (i64 j = blockIdx.x * (i64)blockDim.x + threadIdx.x; j < D; j += (i64)gridDim.x * blockDim.x)
+    for (i64 i = 0; i < n; i++) {
+      i64 id = ids[i];
+      if (id >= 0 && id < V) dtable[id * D + j] += dy[i * D + j];
+    }
+}
+
+// y_i = x_i·(1/keep) where bit i is set, x_i·0 elsewhere (the CPU kernel's expression).
+__global__ void dropout_bits(const float* x, i64 n, const u32* bits, float keep, float* y) {
+  const float scale = 1.f / keep;
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) y[i] = (bits[i >> 5] >> (i & 31)) & 1u ? x[i] * scale : x[i] * 0.f;
+}
+
+// y [outer, m, inner] = x [outer, axis, inner] at indices idx [m] (4-byte elements).
+__global__ void gather(const u32* x, const int* idx, i64 outer, i64 m, i64 axis, i64 inner, u32* y) {
+  const i64 n = outer * m * inner;
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+    i64 in = i % inner, j = i / inner % m, o = i / (inner * m);
+    y[i] = x[(o * axis + idx[j]) * inner + in];
   }
 }
 

@@ -1,0 +1,316 @@
+#include "cuda_device.h"
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#include "kernels.h"
+
+namespace prefopt {
+namespace cuda {
+
+// ---- the caching allocator ---------------------------------------------------------------------
+// Small blocks in 512-byte steps, large ones in 2 MiB steps: few distinct sizes, so freed blocks
+// are found again; at most 2 MiB of rounding per large block.
+size_t Memory::round(size_t n) {
+  const size_t small = 512, large = 2u << 20;
+  if (n <= (1u << 20)) return std::max(small, (n + small - 1) / small * small);
+  return (n + large - 1) / large * large;
+}
+
+uint64_t Memory::alloc(size_t bytes) {
+  const size_t n = round(bytes);
+  auto& list = free_[n];
+  uint64_t p = 0;
+  if (!list.empty()) {
+    p = list.back();
+    list.pop_back();
+    cached_ -= n;
+  } else if (!d_->raw_alloc(n, &p)) {
+    trim();  // the cache holds other sizes: give them back and try once more
+    if (!d_->raw_alloc(n, &p)) return 0;
+  }
+  size_[p] = n;
+  live_ += n;
+  peak_ = std::max(peak_, live_);
+  return p;
+}
+
+bool Memory::free(uint64_t p) {
+  auto it = size_.find(p);
+  if (it == size_.end()) return false;
+  free_[it->second].push_back(p);
+  live_ -= it->second;
+  cached_ += it->second;
+  size_.erase(it);
+  return true;
+}
+
+void Memory::trim() {
+  for (auto& [n, list] : free_)
+    for (uint64_t p : list) d_->raw_free(p);
+  free_.clear();
+  cached_ = 0;
+}
+
+namespace {
+
+// ---- the emulated device -----------------------------------------------------------------------
+class Emulated : public Device {
+ public:
+  std::string name() const override { return "host emulation"; }
+  unsigned max_grid() const override { return 1; }  // one block's threads stride over everything
+  bool raw_alloc(size_t n, uint64_t* out) override {
+    void* p = std::aligned_alloc(256, (n + 255) / 256 * 256);
+    *out = reinterpret_cast<uint64_t>(p);
+    return p != nullptr;
+  }
+  void raw_free(uint64_t p) override { std::free(reinterpret_cast<void*>(p)); }
+  bool upload(uint64_t dst, const void* src, size_t n) override { return std::memcpy(ptr(dst), src, n), true; }
+  bool download(void* dst, uint64_t src, size_t n) override { return std::memcpy(dst, ptr(src), n), true; }
+  bool copy(uint64_t dst, uint64_t src, size_t n) override { return std::memmove(ptr(dst), ptr(src), n), true; }
+  bool launch(const KernelInfo& k, unsigned grid, unsigned block, void** args) override {
+    k.emulate(grid, block, args);
+    return true;
+  }
+  // The addon's own product (exact float32, as cuBLASLt's CUBLAS_COMPUTE_32F), then alpha and beta.
+  bool gemm(const Gemm& g) override {
+    std::vector<float> t((size_t)(g.batch * g.m * g.n));
+    matmul(g.ta, g.tb, g.batch, g.m, g.n, g.k, f(g.a), g.sa, f(g.b), g.sb, t.data(), false);
+    for (int64_t e = 0; e < g.batch; e++) {
+      float* c = f(g.c) + e * g.sc;
+      const float* s = t.data() + e * g.m * g.n;
+      for (int64_t i = 0; i < g.m * g.n; i++) c[i] = g.beta == 0.f ? g.alpha * s[i] : g.alpha * s[i] + g.beta * c[i];
+    }
+    return true;
+  }
+  bool sync() override { return true; }
+  void memory(size_t* free_bytes, size_t* total_bytes) override { *free_bytes = *total_bytes = 0; }
+
+ private:
+  static void* ptr(uint64_t p) { return reinterpret_cast<void*>(p); }
+  static float* f(uint64_t p) { return reinterpret_cast<float*>(p); }
+};
+
+// ---- the GPU -----------------------------------------------------------------------------------
+// The few driver, NVRTC and cuBLASLt entry points used, declared here with the C types they have
+// in cuda.h, nvrtc.h and cublasLt.h (the constants are those headers' values).
+using CUresult = int;
+using CUdevice = int;
+using CUdeviceptr = unsigned long long;
+using Handle = void*;
+constexpr int kAttrSMs = 16, kAttrMajor = 75, kAttrMinor = 76;             // CU_DEVICE_ATTRIBUTE_*
+constexpr int kDescTransA = 3, kDescTransB = 4;                           // CUBLASLT_MATMUL_DESC_*
+constexpr int kLayoutBatch = 5, kLayoutStride = 6;                        // CUBLASLT_MATRIX_LAYOUT_*
+constexpr int kR32F = 0, kCompute32F = 68, kCompute32FFastTF32 = 77;      // CUDA_R_32F, CUBLAS_COMPUTE_*
+constexpr size_t kWorkspace = 32u << 20;
+
+struct Driver {
+  CUresult (*init)(unsigned);
+  CUresult (*device_get)(CUdevice*, int);
+  CUresult (*attribute)(int*, int, CUdevice);
+  CUresult (*name)(char*, int, CUdevice);
+  CUresult (*primary_ctx)(Handle*, CUdevice);
+  CUresult (*set_ctx)(Handle);
+  CUresult (*mem_alloc)(CUdeviceptr*, size_t);
+  CUresult (*mem_free)(CUdeviceptr);
+  CUresult (*htod)(CUdeviceptr, const void*, size_t);
+  CUresult (*dtoh)(void*, CUdeviceptr, size_t);
+  CUresult (*dtod)(CUdeviceptr, CUdeviceptr, size_t);
+  CUresult (*mem_info)(size_t*, size_t*);
+  CUresult (*module_load)(Handle*, const void*);
+  CUresult (*get_function)(Handle*, Handle, const char*);
+  CUresult (*launch)(Handle, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, Handle, void**, void**);
+  CUresult (*synchronize)();
+  CUresult (*error_string)(CUresult, const char**);
+};
+
+struct Nvrtc {
+  int (*create)(Handle*, const char*, const char*, int, const char* const*, const char* const*);
+  int (*compile)(Handle, int, const char* const*);
+  int (*log_size)(Handle, size_t*);
+  int (*log)(Handle, char*);
+  int (*cubin_size)(Handle, size_t*);
+  int (*cubin)(Handle, char*);
+  int (*destroy)(Handle*);
+  const char* (*error_string)(int);
+};
+
+struct Lt {
+  int (*create)(Handle*);
+  int (*desc_create)(Handle*, int, int);
+  int (*desc_set)(Handle, int, const void*, size_t);
+  int (*desc_destroy)(Handle);
+  int (*layout_create)(Handle*, int, uint64_t, uint64_t, int64_t);
+  int (*layout_set)(Handle, int, const void*, size_t);
+  int (*layout_destroy)(Handle);
+  int (*matmul)(Handle, Handle, const void*, const void*, Handle, const void*, Handle, const void*, const void*, Handle, void*, Handle, const void*, void*, size_t, Handle);
+};
+
+void* open_first(const std::vector<std::string>& names, std::string* why, const char* what) {
+  std::string failed;
+  for (const auto& n : names) {
+    if (void* h = dlopen(n.c_str(), RTLD_NOW | RTLD_LOCAL)) return h;
+    const char* e = dlerror();
+    if (e && !strstr(e, "No such file or directory") && failed.empty()) failed = e;
+  }
+  *why = failed.empty() ? std::string(what) + " not found" : failed;
+  return nullptr;
+}
+
+// Every symbol of a table, or the first missing one named.
+struct Resolver {
+  void* lib;
+  std::string* why;
+  template <typename F>
+  void operator()(F& f, const char* name) {
+    f = reinterpret_cast<F>(dlsym(lib, name));
+    if (!f && why->empty()) *why = std::string("has no ") + name;
+  }
+};
+
+class Gpu : public Device {
+ public:
+  bool open(const std::vector<std::string>& driver, const std::vector<std::string>& cublas_lt, const std::vector<std::string>& nvrtc, const std::string& source, bool tf32, std::string* why) {
+    tf32_ = tf32;
+    void* dl = open_first(driver, why, "libcuda.so.1");
+    void* ll = dl ? open_first(cublas_lt, why, "libcublasLt") : nullptr;
+    void* nl = ll ? open_first(nvrtc, why, "libnvrtc") : nullptr;
+    if (!nl) return false;
+    Resolver d{dl, why}, l{ll, why}, n{nl, why};
+    d(cu_.init, "cuInit"), d(cu_.device_get, "cuDeviceGet"), d(cu_.attribute, "cuDeviceGetAttribute"), d(cu_.name, "cuDeviceGetName");
+    d(cu_.primary_ctx, "cuDevicePrimaryCtxRetain"), d(cu_.set_ctx, "cuCtxSetCurrent"), d(cu_.mem_alloc, "cuMemAlloc_v2"), d(cu_.mem_free, "cuMemFree_v2");
+    d(cu_.htod, "cuMemcpyHtoD_v2"), d(cu_.dtoh, "cuMemcpyDtoH_v2"), d(cu_.dtod, "cuMemcpyDtoD_v2"), d(cu_.mem_info, "cuMemGetInfo_v2");
+    d(cu_.module_load, "cuModuleLoadData"), d(cu_.get_function, "cuModuleGetFunction"), d(cu_.launch, "cuLaunchKernel"), d(cu_.synchronize, "cuCtxSynchronize");
+    d(cu_.error_string, "cuGetErrorString");
+    n(rtc_.create, "nvrtcCreateProgram"), n(rtc_.compile, "nvrtcCompileProgram"), n(rtc_.log_size, "nvrtcGetProgramLogSize"), n(rtc_.log, "nvrtcGetProgramLog");
+    n(rtc_.cubin_size, "nvrtcGetCUBINSize"), n(rtc_.cubin, "nvrtcGetCUBIN"), n(rtc_.destroy, "nvrtcDestroyProgram"), n(rtc_.error_string, "nvrtcGetErrorString");
+    l(lt_.create, "cublasLtCreate"), l(lt_.desc_create, "cublasLtMatmulDescCreate"), l(lt_.desc_set, "cublasLtMatmulDescSetAttribute"), l(lt_.desc_destroy, "cublasLtMatmulDescDestroy");
+    l(lt_.layout_create, "cublasLtMatrixLayoutCreate"), l(lt_.layout_set, "cublasLtMatrixLayoutSetAttribute"), l(lt_.layout_destroy, "cublasLtMatrixLayoutDestroy"), l(lt_.matmul, "cublasLtMatmul");
+    if (!why->empty()) return false;
+    CUdevice dev = 0;
+    Handle ctx = nullptr;
+    char name[256] = {0};
+    int major = 0, minor = 0;
+    if (!ok(cu_.init(0), "cuInit") || !ok(cu_.device_get(&dev, 0), "cuDeviceGet") || !ok(cu_.primary_ctx(&ctx, dev), "cuDevicePrimaryCtxRetain") || !ok(cu_.set_ctx(ctx), "cuCtxSetCurrent") ||
+        !ok(cu_.name(name, sizeof name - 1, dev), "cuDeviceGetName") || !ok(cu_.attribute(&major, kAttrMajor, dev), "cuDeviceGetAttribute") ||
+        !ok(cu_.attribute(&minor, kAttrMinor, dev), "cuDeviceGetAttribute") || !ok(cu_.attribute(&sms_, kAttrSMs, dev), "cuDeviceGetAttribute")) {
+      *why = error;
+      return false;
+    }
+    name_ = std::string(name) + " (sm_" + std::to_string(major * 10 + minor) + ")";
+    if (!compile(source, major * 10 + minor, why)) return false;
+    if (lt_.create(&lt_handle_) != 0) return *why = "cublasLtCreate failed", false;
+    if (!ok(cu_.mem_alloc(&workspace_, kWorkspace), "cuMemAlloc (cuBLASLt workspace)")) return *why = error, false;
+    return true;
+  }
+
+  std::string name() const override { return name_; }
+  unsigned max_grid() const override { return (unsigned)sms_ * 16; }
+  bool raw_alloc(size_t n, uint64_t* out) override {
+    CUdeviceptr p = 0;
+    if (cu_.mem_alloc(&p, n) != 0) return false;
+    *out = p;
+    return true;
+  }
+  void raw_free(uint64_t p) override { cu_.mem_free(p); }
+  bool upload(uint64_t dst, const void* src, size_t n) override { return ok(cu_.htod(dst, src, n), "cuMemcpyHtoD"); }
+  bool download(void* dst, uint64_t src, size_t n) override { return ok(cu_.dtoh(dst, src, n), "cuMemcpyDtoH"); }
+  bool copy(uint64_t dst, uint64_t src, size_t n) override { return ok(cu_.dtod(dst, src, n), "cuMemcpyDtoD"); }
+  bool launch(const KernelInfo& k, unsigned grid, unsigned block, void** args) override {
+    Handle f = function(k.name);
+    return f && ok(cu_.launch(f, grid, 1, 1, block, 1, 1, 0, nullptr, args, nullptr), k.name);
+  }
+  // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: cuBLASLt's A is our B and its B
+  // our A, each seen column-major (a row-major [r, c] matrix is a column-major [c, r] one).
+  bool gemm(const Gemm& g) override {
+    Handle desc = nullptr, la = nullptr, lb = nullptr, lc = nullptr;
+    const int opa = g.tb ? 1 : 0, opb = g.ta ? 1 : 0;
+    bool good = lt_.desc_create(&desc, tf32_ ? kCompute32FFastTF32 : kCompute32F, kR32F) == 0 && lt_.desc_set(desc, kDescTransA, &opa, sizeof opa) == 0 &&
+                lt_.desc_set(desc, kDescTransB, &opb, sizeof opb) == 0 && layout(&la, g.tb ? g.k : g.n, g.tb ? g.n : g.k, g.batch, g.sb) &&
+                layout(&lb, g.ta ? g.m : g.k, g.ta ? g.k : g.m, g.batch, g.sa) && layout(&lc, g.n, g.m, g.batch, g.sc);
+    if (good)
+      good = lt_.matmul(lt_handle_, desc, &g.alpha, reinterpret_cast<void*>(g.b), la, reinterpret_cast<void*>(g.a), lb, &g.beta, reinterpret_cast<void*>(g.c), lc, reinterpret_cast<void*>(g.c), lc,
+                        nullptr, reinterpret_cast<void*>(workspace_), kWorkspace, nullptr) == 0;
+    if (!good) error = "cublasLtMatmul failed (" + std::to_string(g.m) + "x" + std::to_string(g.n) + "x" + std::to_string(g.k) + ", batch " + std::to_string(g.batch) + ")";
+    for (Handle h : {la, lb, lc})
+      if (h) lt_.layout_destroy(h);
+    if (desc) lt_.desc_destroy(desc);
+    return good;
+  }
+  bool sync() override { return ok(cu_.synchronize(), "a kernel or copy"); }
+  void memory(size_t* free_bytes, size_t* total_bytes) override {
+    if (cu_.mem_info(free_bytes, total_bytes) != 0) *free_bytes = *total_bytes = 0;
+  }
+
+ private:
+  // A column-major layout of rows × cols (leading dimension rows), batched.
+  bool layout(Handle* l, int64_t rows, int64_t cols, int64_t batch, int64_t stride) {
+    if (lt_.layout_create(l, kR32F, (uint64_t)rows, (uint64_t)cols, rows) != 0) return false;
+    if (batch == 1) return true;
+    int32_t b = (int32_t)batch;
+    return lt_.layout_set(*l, kLayoutBatch, &b, sizeof b) == 0 && lt_.layout_set(*l, kLayoutStride, &stride, sizeof stride) == 0;
+  }
+  bool ok(CUresult r, const char* what) {
+    if (r == 0) return true;
+    const char* s = nullptr;
+    error = std::string(what) + " failed: " + (cu_.error_string && cu_.error_string(r, &s) == 0 && s ? s : "CUDA error " + std::to_string(r));
+    return false;
+  }
+  // kernels.cu through NVRTC, for this GPU's architecture, loaded as a module.
+  bool compile(const std::string& source, int arch, std::string* why) {
+    Handle prog = nullptr;
+    if (rtc_.create(&prog, source.c_str(), "kernels.cu", 0, nullptr, nullptr) != 0) return *why = "nvrtcCreateProgram failed", false;
+    const std::string gpu = "--gpu-architecture=sm_" + std::to_string(arch);
+    const char* opts[] = {gpu.c_str(), "--fmad=false", "--std=c++17"};
+    int r = rtc_.compile(prog, 3, opts);
+    if (r != 0) {
+      size_t n = 0;
+      rtc_.log_size(prog, &n);
+      std::string log(n, '\0');
+      if (n) rtc_.log(prog, log.data());
+      *why = std::string("NVRTC could not compile native/cuda/kernels.cu for sm_") + std::to_string(arch) + ": " + rtc_.error_string(r) + "\n" + log;
+      rtc_.destroy(&prog);
+      return false;
+    }
+    size_t n = 0;
+    rtc_.cubin_size(prog, &n);
+    std::string cubin(n, '\0');
+    rtc_.cubin(prog, cubin.data());
+    rtc_.destroy(&prog);
+    if (!ok(cu_.module_load(&module_, cubin.data()), "cuModuleLoadData")) return *why = error, false;
+    return true;
+  }
+  Handle function(const char* name) {
+    auto it = functions_.find(name);
+    if (it != functions_.end()) return it->second;
+    Handle f = nullptr;
+    if (!ok(cu_.get_function(&f, module_, name), name)) return nullptr;
+    return functions_[name] = f;
+  }
+  Driver cu_{};
+  Nvrtc rtc_{};
+  Lt lt_{};
+  Handle lt_handle_ = nullptr, module_ = nullptr;
+  CUdeviceptr workspace_ = 0;
+  int sms_ = 1;
+  bool tf32_ = true;
+  std::string name_;
+  std::unordered_map<std::string, Handle> functions_;
+};
+
+}  // namespace
+
+std::unique_ptr<Device> open_emulated() { return std::make_unique<Emulated>(); }
+
+std::unique_ptr<Device> open_gpu(const std::vector<std::string>& driver, const std::vector<std::string>& cublas_lt, const std::vector<std::string>& nvrtc, const std::string& source,
+                                 bool tf32, std::string* why) {
+  auto g = std::make_unique<Gpu>();
+  if (!g->open(driver, cublas_lt, nvrtc, source, tf32, why)) return nullptr;
+  return g;
+}
+
+}  // namespace cuda
+}  // namespace prefopt

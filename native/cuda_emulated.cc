@@ -1,0 +1,90 @@
+// kernels.cu compiled for the host (native/cuda/emulate.h): the emulated device's kernels, and
+// the table of every kernel's name and parameter types, which the GPU device also uses to pack a
+// launch's arguments — so a call that does not match a kernel's parameters fails on any machine.
+#include "cuda_device.h"
+
+#include <cstring>
+#include <tuple>
+#include <utility>
+
+#include "cuda/emulate.h"
+#include "cuda/kernels.cu"
+
+namespace prefopt {
+namespace cuda {
+namespace {
+
+static_assert(sizeof(DimsArg) == sizeof(Dims), "DimsArg must be laid out as kernels.cu's Dims");
+
+template <typename T>
+struct SigOf;
+template <typename T>
+struct SigOf<T*> {
+  static constexpr char c = 'p';
+};
+template <>
+struct SigOf<i64> {
+  static constexpr char c = 'l';
+};
+template <>
+struct SigOf<int> {
+  static constexpr char c = 'i';
+};
+template <>
+struct SigOf<unsigned> {
+  static constexpr char c = 'u';
+};
+template <>
+struct SigOf<float> {
+  static constexpr char c = 'f';
+};
+template <>
+struct SigOf<Dims> {
+  static constexpr char c = 'D';
+};
+
+template <typename... P>
+std::string sig_of(void (*)(P...)) {
+  return std::string{SigOf<P>::c...};
+}
+
+template <typename... P, size_t... I>
+void call(void (*f)(P...), void** args, std::index_sequence<I...>) {
+  f(*static_cast<P*>(args[I])...);
+}
+
+template <typename... P>
+void emulate_with(void (*f)(P...), unsigned grid, unsigned block, void** args) {
+  emu_run(grid, block, [&] { call(f, args, std::index_sequence_for<P...>{}); });
+}
+
+template <auto F>
+void emulate(unsigned grid, unsigned block, void** args) {
+  emulate_with(F, grid, block, args);
+}
+
+#define PREFOPT_KERNEL(k) KernelInfo{#k, sig_of(&::k), &emulate<&::k>}
+
+}  // namespace
+
+const std::vector<KernelInfo>& kernels() {
+  static const std::vector<KernelInfo> all = {
+      PREFOPT_KERNEL(widen),           PREFOPT_KERNEL(rms_norm),          PREFOPT_KERNEL(rms_norm_grad_x),     PREFOPT_KERNEL(rms_norm_grad_w),
+      PREFOPT_KERNEL(swiglu),          PREFOPT_KERNEL(swiglu_grad),       PREFOPT_KERNEL(rope),                PREFOPT_KERNEL(label_logprobs),
+      PREFOPT_KERNEL(label_logprobs_grad), PREFOPT_KERNEL(attention_fwd), PREFOPT_KERNEL(attention_bwd_delta), PREFOPT_KERNEL(attention_bwd_dq),
+      PREFOPT_KERNEL(attention_bwd_dkdv), PREFOPT_KERNEL(adamw),          PREFOPT_KERNEL(strided_copy),        PREFOPT_KERNEL(binary),
+      PREFOPT_KERNEL(unary),           PREFOPT_KERNEL(fill32),            PREFOPT_KERNEL(sum_rows),            PREFOPT_KERNEL(bias_add),
+      PREFOPT_KERNEL(column_sum),      PREFOPT_KERNEL(sum_squares),       PREFOPT_KERNEL(rms_inv),             PREFOPT_KERNEL(split_qkv),
+      PREFOPT_KERNEL(embed),           PREFOPT_KERNEL(embed_grad),        PREFOPT_KERNEL(dropout_bits),        PREFOPT_KERNEL(gather),
+  };
+  return all;
+}
+
+const KernelInfo* find_kernel(const std::string& name) {
+  for (const auto& k : kernels())
+    if (name == k.name) return &k;
+  return nullptr;
+}
+
+}  // namespace cuda
+}  // namespace prefopt
