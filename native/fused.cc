@@ -292,7 +292,7 @@ void dropout_alea(const float* x, int64_t n, double s0, double s1, double s2, do
     s2 = t - c;
     float u = static_cast<float>(s2);
     bool kept = std::floor(u + keep) != 0.f;
-    y[i] = kept ? x[i] * scale : x[i] * 0.f;
+    if (y) y[i] = kept ? x[i] * scale : x[i] * 0.f;
     if (bits && kept) bits[i >> 5] |= 1u << (i & 31);
   }
 }

@@ -116,6 +116,7 @@ void split_qkv(float* qkv, int64_t N, int64_t KV, int64_t G, int64_t hd, float* 
 // (s0, s1, s2, c) the caller seeds as tfjs does; y_i = x_i · (floor(f32(u_i) + keep) / keep) in
 // float32. The generator is sequential, so this runs on one thread. With bits, also writes
 // which elements were kept (bit i of bits[i / 32]), for dropout_bits to apply the same mask again.
+// x and y may both be null: the bits alone, for a device that applies them (the cuda backend).
 void dropout_alea(const float* x, int64_t n, double s0, double s1, double s2, double c, float keep, float* y, uint32_t* bits = nullptr);
 // y_i = x_i·(1/keep) where bit i is set, x_i·0 elsewhere: the mask dropout_alea drew, on every thread.
 void dropout_bits(const float* x, int64_t n, const uint32_t* bits, float keep, float* y);

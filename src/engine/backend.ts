@@ -8,7 +8,12 @@ import { packageRoot } from '../util/package-root.js';
 import { NativeReport, loadNative, nativeAllocator, registerNativeKernels } from './native.js';
 import { NATIVE_BACKEND, registerNativeBackend } from './native-backend.js';
 import { registerZeroCopyKernels } from './wasm.js';
-import { cudaReport } from './cuda.js';
+import { cudaReport, cudaEmulated } from './cuda.js';
+import { openCudaDevice } from './cuda-device.js';
+import { CUDA_BACKEND, registerCudaBackend } from './cuda-backend.js';
+import { registerCudaGlue } from './cuda-glue.js';
+import { registerCudaFused } from './cuda-fused.js';
+import { cudaAddon } from './native.js';
 
 /**
  * Run-time backend choice. The native TensorFlow bindings are optional dependencies whose
@@ -16,7 +21,8 @@ import { cudaReport } from './cuda.js';
  * is tried in order and the reason it was passed over is kept for `prefopt doctor`.
  */
 export const BACKEND_ORDER = ['tensorflow-gpu', 'tensorflow', 'wasm', 'native', 'cpu'] as const;
-export type BackendName = (typeof BACKEND_ORDER)[number];
+/** cuda is chosen only by request: it has not yet been checked on a GPU (engine/cuda). */
+export type BackendName = (typeof BACKEND_ORDER)[number] | 'cuda';
 
 export interface BackendReport {
   chosen: BackendName;
@@ -75,6 +81,17 @@ async function tryBackend(name: BackendName): Promise<string> {
       await import('@tensorflow/tfjs-backend-cpu');
       if (!(await tf.setBackend('cpu'))) throw new Error('cpu backend failed to initialise');
       return 'cpu';
+    case 'cuda': {
+      const r = cudaEmulated() ? null : cudaReport();
+      const lib = (l: { path: string | null } | null) => (l?.path ? [l.path] : []);
+      const dev = openCudaDevice(r && { driver: lib(r.driver), cublasLt: lib(r.cublasLt), nvrtc: lib(r.nvrtc) });
+      await import('@tensorflow/tfjs-backend-cpu'); // its kernels serve what the device lacks, on the host
+      registerCudaBackend(dev);
+      registerCudaGlue();
+      registerCudaFused(dev, (n, [s0, s1, s2, c], keep, bits) => cudaAddon()!.dropoutAlea(null, n, s0, s1, s2, c, keep, null, bits));
+      if (!(await tf.setBackend(CUDA_BACKEND))) throw new Error('cuda backend failed to initialise');
+      return CUDA_BACKEND;
+    }
   }
 }
 
@@ -85,7 +102,11 @@ function normalise(name: string): BackendName {
     node: 'tensorflow', tensorflow: 'tensorflow', wasm: 'wasm', native: 'native', cpu: 'cpu',
   };
   const b = alias[n];
-  if (n === 'cuda') throw new UserError(`backend "cuda" is not usable here: ${cudaReport().reason}`);
+  if (n === 'cuda') {
+    const r = cudaEmulated() ? null : cudaReport();
+    if (r && r.state === 'unavailable') throw new UserError(`backend "cuda" is not usable here: ${r.reason}`);
+    return 'cuda';
+  }
   if (!b) throw new UserError(`unknown backend "${name}": expected one of node-gpu, node, wasm, native, cpu, cuda`);
   return b;
 }
@@ -141,6 +162,7 @@ export function currentBackend(): BackendName | null {
  */
 export function releasePooledMemory(): void {
   if (current?.chosen === 'native') nativeAllocator()?.trimPool();
+  if (current?.chosen === 'cuda') cudaAddon()?.cudaTrim();
 }
 
 export interface GpuReport {

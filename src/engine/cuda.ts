@@ -8,10 +8,16 @@ import { cudaProbe, CudaLib, CudaProbeResult } from './native.js';
  * `--backend cuda`. It needs the NVIDIA driver (libcuda), cuBLASLt for the products and NVRTC to
  * compile its kernels at run time — not nvcc — from a CUDA install or the `nvidia-*` wheels a
  * PyTorch install brings. Each is found by opening it (native/cuda_probe.cc), so a file that is
- * there but cannot load is reported with the loader's reason. prefopt's CUDA kernels themselves
- * are not written yet: with everything found, the state says so.
+ * there but cannot load is reported with the loader's reason. With everything found the backend
+ * is available by request (`--backend cuda`); it is not chosen on its own until it has been
+ * checked on a GPU (bench/gpu-check.sh). PREFOPT_CUDA_DEVICE=emulate runs it on the host.
  */
-export type CudaState = 'unavailable' | 'not implemented';
+export type CudaState = 'unavailable' | 'available' | 'emulated';
+
+/** PREFOPT_CUDA_DEVICE=emulate: the backend's device emulated on the host (tests, no GPU needed). */
+export function cudaEmulated(env: NodeJS.ProcessEnv = process.env): boolean {
+  return (env.PREFOPT_CUDA_DEVICE ?? '').toLowerCase() === 'emulate';
+}
 
 export interface CudaReport {
   state: CudaState;
@@ -78,14 +84,15 @@ export function cudaReportOf(p: CudaProbeResult | null, searched: string[], addo
   if (p.nvrtc.error) return unavailable(`${what(p.nvrtc, CUDA_LIBS.nvrtc)} (${where})`);
   const gpus = devices.map((d) => `${d.name} (sm_${d.compute_capability.replace('.', '')}, ${d.memory_gb} GiB)`).join(', ');
   return {
-    state: 'not implemented',
-    reason: `driver ${p.driver.version} with ${gpus}; cuBLASLt ${p.cublasLt.version} and NVRTC ${p.nvrtc.version} found — prefopt's CUDA kernels are not written yet, so training runs on the CPU`,
+    state: 'available',
+    reason: `driver ${p.driver.version} with ${gpus}; cuBLASLt ${p.cublasLt.version} and NVRTC ${p.nvrtc.version} found — \`--backend cuda\` runs on it (not yet checked on a GPU by prefopt's tests, so never chosen on its own)`,
     devices,
     ...base,
   };
 }
 
 export function cudaReport(): CudaReport {
+  if (cudaEmulated()) return { state: 'emulated', reason: 'PREFOPT_CUDA_DEVICE=emulate: the CUDA backend runs on the host (kernels.cu compiled for the CPU, the addon\'s GEMM)', driver: null, devices: [], cublasLt: null, nvrtc: null, searched: [] };
   const dirs = cudaSearchDirs();
   const probe = cudaProbe(candidates(CUDA_LIBS.driver, dirs), candidates(CUDA_LIBS.cublasLt, dirs), candidates(CUDA_LIBS.nvrtc, dirs));
   return cudaReportOf(probe.result, dirs, probe.reason);

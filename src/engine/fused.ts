@@ -38,7 +38,7 @@ export interface FusedAddon {
 /** Input views: Float32Array, or Int32Array for int32 inputs (labels). */
 type Arr = any;
 type Info = tf.TensorInfo;
-type Run = (addon: FusedAddon, ins: Arr[], outs: Float32Array[], inputs: Info[], attrs: any) => void;
+type Run = (addon: FusedAddon, ins: Arr[], outs: Arr[], inputs: Info[], attrs: any) => void;
 
 interface Def {
   inputs: string[];
@@ -303,9 +303,24 @@ const GRADS: tf.GradConfig[] = [
   },
 ];
 
-const registered = new Set<string>();
+/**
+ * Where a backend's tensors live, for the kernels: `run` allocates the outputs and calls fill with
+ * the inputs' and outputs' storage (typed arrays on the host; device addresses for the cuda
+ * backend), `view` gives one tensor's storage (for adamwInPlace).
+ */
+export interface Placement {
+  run(be: any, inputs: Info[], shapes: number[][], fill: (ins: any[], outs: any[]) => void): Info[];
+  view(be: any, t: Info): any;
+}
+
+const hostPlacement = (backend: string): Placement => ({
+  run: (be, inputs, shapes, fill) => runInPlace(backend, be, inputs, shapes, fill),
+  view: (be, t) => tensorView(backend, be, t),
+});
+
+/** Each registered backend's kernel set and placement. */
+const registered = new Map<string, { addon: FusedAddon; place: Placement }>();
 let gradsRegistered = false;
-let loaded: FusedAddon | null = null;
 // PREFOPT_FUSED=0 keeps the native matmul but runs the plain tfjs compositions (to compare).
 let enabled = !['0', 'off', 'false', 'no'].includes(String(process.env.PREFOPT_FUSED ?? '').toLowerCase());
 
@@ -313,14 +328,14 @@ let enabled = !['0', 'off', 'false', 'no'].includes(String(process.env.PREFOPT_F
  * Register every fused kernel for `backend` ('wasm', 'cpu' or 'native'). DEFS says what each kernel
  * takes and gives, independent of where tensors live; `addon` is the kernel set for the device
  * that backend's memory is on (the host: native/). A backend on another device registers the same
- * table with its own kernel set behind the FusedAddon interface (issue on the CUDA backend).
+ * table with its own kernel set behind the FusedAddon interface and its own placement (the cuda
+ * backend: engine/cuda-kernels).
  */
-export function registerFusedKernels(backend: string, addon: FusedAddon): void {
+export function registerFusedKernels(backend: string, addon: FusedAddon, place: Placement = hostPlacement(backend)): void {
   if (registered.has(backend)) return;
-  loaded = addon;
   const native = (def: Def) => ({ inputs, backend: be, attrs }: any) => {
     const ins: Info[] = def.inputs.map((n) => inputs[n]);
-    const outs = runInPlace(backend, be, ins, def.outputs(ins, attrs), (views, outViews) => def.run(addon, views, outViews, ins, attrs));
+    const outs = place.run(be, ins, def.outputs(ins, attrs), (views, outViews) => def.run(addon, views, outViews, ins, attrs));
     return outs.length === 1 ? outs[0] : outs;
   };
   for (const [name, def] of Object.entries(DEFS)) tf.registerKernel({ kernelName: name, backendName: backend, kernelFunc: native(def) });
@@ -330,7 +345,7 @@ export function registerFusedKernels(backend: string, addon: FusedAddon): void {
   }
   if (!gradsRegistered) for (const g of GRADS) tf.registerGradient(g);
   gradsRegistered = true;
-  registered.add(backend);
+  registered.set(backend, { addon, place });
 }
 
 /** Whether the fused kernels serve the current backend. */
@@ -400,11 +415,11 @@ export const fused = {
    * scalars per parameter as train/adamw computes them (gscale, β1, 1−β1, β2, 1−β2, √bc2, eps, lr/bc1, lr·wd); the kernel rounds them to float32 as tfjs would. m and v are the optimizer's own.
    */
   adamwInPlace: (ps: tf.Tensor[], gs: tf.Tensor[], ms: tf.Tensor[], vs: tf.Tensor[], scalars: number[][]): boolean => {
-    const backend = tf.getBackend();
+    const reg = registered.get(tf.getBackend());
     const be = tf.backend() as any;
-    if (!loaded || gs.some((g) => g.dtype !== 'float32') || ps.some((p) => be.refCount(p.dataId) !== 1)) return false;
-    const view = (ts: tf.Tensor[]) => ts.map((t) => tensorView(backend, be, t) as Float32Array);
-    loaded.adamwInPlace(view(ps), view(gs), view(ms), view(vs), Float32Array.from(scalars.flat()));
+    if (!reg || gs.some((g) => g.dtype !== 'float32') || ps.some((p) => be.refCount(p.dataId) !== 1)) return false;
+    const view = (ts: tf.Tensor[]) => ts.map((t) => reg.place.view(be, t));
+    reg.addon.adamwInPlace(view(ps), view(gs), view(ms), view(vs), Float32Array.from(scalars.flat()));
     return true;
   },
   sumSquares: (x: tf.Tensor) => run('PrefoptSumSquares', { x: f32(x) }) as tf.Scalar,

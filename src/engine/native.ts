@@ -31,6 +31,24 @@ interface Addon extends FusedAddon {
   poolStats(): PoolStats;
   trimPool(): void;
   probeCuda(driver: string[], cublasLt: string[], nvrtc: string[]): CudaProbeResult;
+  dropoutAlea(x: Float32Array | null, n: number, s0: number, s1: number, s2: number, c: number, keep: number, y: Float32Array | null, bits: Uint32Array | null): void;
+}
+
+/** The addon's CUDA device (native/cuda_addon.cc): addresses are numbers, sizes in bytes. */
+export interface CudaAddon {
+  cudaOpen(mode: 'emulate' | 'gpu', driver?: string[], cublasLt?: string[], nvrtc?: string[], source?: string, tf32?: boolean): { name: string; maxGrid: number };
+  cudaAlloc(bytes: number): number;
+  cudaFree(addr: number): boolean;
+  cudaUpload(addr: number, src: ArrayBufferView): void;
+  cudaDownload(addr: number, dst: ArrayBufferView): void;
+  cudaCopy(dst: number, src: number, bytes: number): void;
+  cudaLaunch(kernel: string, grid: number, block: number, args: (number | number[])[]): void;
+  /** [ta, tb, batch, m, n, k, a, sa, b, sb, c, sc, alpha, beta] (strides in elements). */
+  cudaGemm(args: number[]): void;
+  cudaSync(): void;
+  cudaStats(resetPeak?: boolean): { live: number; cached: number; peak: number; free: number; total: number };
+  cudaTrim(): void;
+  cudaKernels(): Record<string, string>;
 }
 
 /** One library the CUDA probe looked for: the file that loaded and its version, or why none did. */
@@ -137,6 +155,11 @@ export function nativeAllocator(): NativeAllocator | null {
   return loadNative().active && addon ? { alloc: (n) => addon!.alloc(n), free: (b) => addon!.free(b), nativeBytes: () => addon!.nativeBytes(), poolStats: () => addon!.poolStats(), trimPool: () => addon!.trimPool() } : null;
 }
 
+/** The addon's CUDA device functions and its host dropout mask, or null where the addon is not loaded. */
+export function cudaAddon(): (CudaAddon & Pick<Addon, 'dropoutAlea'>) | null {
+  return loadNative().active && addon ? (addon as unknown as CudaAddon & Pick<Addon, 'dropoutAlea'>) : null;
+}
+
 /** Open the CUDA libraries from these candidates (engine/cuda); null with the reason where the addon is not loaded. */
 export function cudaProbe(driver: string[], cublasLt: string[], nvrtc: string[]): { result: CudaProbeResult | null; reason: string } {
   const r = loadNative();
@@ -170,7 +193,7 @@ export function matmulWeight(a: Float32Array, m: number, k: number, b: Float32Ar
   return c;
 }
 
-interface Shapes {
+export interface Shapes {
   batchShape: number[];
   m: number;
   n: number;
@@ -180,7 +203,7 @@ interface Shapes {
 }
 
 /** The product's shape and operand pairing; batch dimensions broadcast like numpy's. */
-function shapesOf(a: number[], b: number[], ta: boolean, tb: boolean): Shapes | null {
+export function shapesOf(a: number[], b: number[], ta: boolean, tb: boolean): Shapes | null {
   const m = ta ? a[a.length - 1] : a[a.length - 2];
   const k = ta ? a[a.length - 2] : a[a.length - 1];
   const n = tb ? b[b.length - 2] : b[b.length - 1];
@@ -214,16 +237,26 @@ function shapesOf(a: number[], b: number[], ta: boolean, tb: boolean): Shapes | 
   return { batchShape, m, n, k, pairs };
 }
 
-/** Run the pairs as few kernel calls as possible: one when the offsets advance evenly. */
-function runPairs(s: Shapes, ta: boolean, tb: boolean, A: Float32Array, B: Float32Array, C: Float32Array, useBlas: boolean): void {
-  const { m, n, k, pairs } = s;
+/**
+ * When the pairs' offsets advance evenly (by 0 or 1 matrix each), the steps of A and B: then the
+ * whole batch is one strided call. Null otherwise.
+ */
+export function evenSteps(pairs: [number, number][]): [number, number] | null {
   const even = (j: 0 | 1) => {
     const d = pairs.length > 1 ? pairs[1][j] - pairs[0][j] : 0;
     return (d === 0 || d === 1) && pairs.every((p, i) => p[j] === pairs[0][j] + i * d) ? d : -1;
   };
   const da = even(0);
   const db = even(1);
-  if (da >= 0 && db >= 0) {
+  return da >= 0 && db >= 0 ? [da, db] : null;
+}
+
+/** Run the pairs as few kernel calls as possible: one when the offsets advance evenly. */
+function runPairs(s: Shapes, ta: boolean, tb: boolean, A: Float32Array, B: Float32Array, C: Float32Array, useBlas: boolean): void {
+  const { m, n, k, pairs } = s;
+  const steps = evenSteps(pairs);
+  if (steps) {
+    const [da, db] = steps;
     addon!.matmul(ta, tb, pairs.length, m, n, k, A.subarray(pairs[0][0] * m * k), da * m * k, B.subarray(pairs[0][1] * k * n), db * k * n, C, useBlas);
     return;
   }

@@ -1,0 +1,112 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { packageRoot } from '../util/package-root.js';
+import { CudaAddon, cudaAddon } from './native.js';
+
+/**
+ * The `cuda` backend's device (native/cuda_device.cc, docs/REFERENCE.md §11): a GPU through the
+ * driver API, NVRTC and cuBLASLt, or the host emulation of the same device that the tests run
+ * (PREFOPT_CUDA_DEVICE=emulate). Addresses are numbers; launches name a kernel of
+ * native/cuda/kernels.cu and pass its arguments in order, checked against its parameter types.
+ */
+export class CudaDevice {
+  readonly name: string;
+  private readonly maxGrid: number;
+
+  constructor(readonly addon: CudaAddon, opened: { name: string; maxGrid: number }, readonly emulated: boolean) {
+    this.name = opened.name;
+    this.maxGrid = opened.maxGrid;
+  }
+
+  alloc(bytes: number): number {
+    return this.addon.cudaAlloc(bytes);
+  }
+
+  free(addr: number): void {
+    this.addon.cudaFree(addr);
+  }
+
+  upload(addr: number, src: ArrayBufferView): void {
+    if (src.byteLength) this.addon.cudaUpload(addr, src);
+  }
+
+  download(addr: number, dst: ArrayBufferView): void {
+    if (dst.byteLength) this.addon.cudaDownload(addr, dst);
+  }
+
+  copy(dst: number, src: number, bytes: number): void {
+    if (bytes) this.addon.cudaCopy(dst, src, bytes);
+  }
+
+  /** A kernel with one block per row (block: a power of two, 32 to 1024). */
+  rows(kernel: string, rows: number, args: (number | number[])[], block = 256): void {
+    if (rows > 0) this.addon.cudaLaunch(kernel, rows, block, args);
+  }
+
+  /** A grid-stride kernel over n items. */
+  each(kernel: string, n: number, args: (number | number[])[], block = 256): void {
+    if (n > 0) this.addon.cudaLaunch(kernel, Math.max(1, Math.min(Math.ceil(n / block), this.maxGrid)), block, args);
+  }
+
+  /** One block (reductions to a single value). */
+  single(kernel: string, args: (number | number[])[], block = 1024): void {
+    this.addon.cudaLaunch(kernel, 1, block, args);
+  }
+
+  /** c = alpha·op(a)·op(b) + beta·c, row-major float32; strides in elements (0: broadcast). */
+  gemm(o: { ta?: boolean; tb?: boolean; batch?: number; m: number; n: number; k: number; a: number; b: number; c: number; sa?: number; sb?: number; sc?: number; alpha?: number; beta?: number }): void {
+    if (o.m === 0 || o.n === 0) return;
+    if (o.k === 0) {
+      if (!o.beta) this.fill(o.c, (o.batch ?? 1) * o.m * o.n, 0);
+      return;
+    }
+    this.addon.cudaGemm([+!!o.ta, +!!o.tb, o.batch ?? 1, o.m, o.n, o.k, o.a, o.sa ?? 0, o.b, o.sb ?? 0, o.c, o.sc ?? o.m * o.n, o.alpha ?? 1, o.beta ?? 0]);
+  }
+
+  /** n 4-byte words set to the float value v (or, with asInt, the int32 v). */
+  fill(addr: number, n: number, v: number, asInt = false): void {
+    const w = new Uint32Array(asInt ? Int32Array.of(v).buffer : Float32Array.of(v).buffer)[0];
+    this.each('fill32', n, [addr, n, w]);
+  }
+
+  /** Scratch memory for the length of f. */
+  withTemp<T>(bytes: number[], f: (addrs: number[]) => T): T {
+    const addrs = bytes.map((b) => this.alloc(b));
+    try {
+      return f(addrs);
+    } finally {
+      addrs.forEach((a) => this.free(a));
+    }
+  }
+
+  stats(resetPeak = false) {
+    return this.addon.cudaStats(resetPeak);
+  }
+
+  trim(): void {
+    this.addon.cudaTrim();
+  }
+
+  sync(): void {
+    this.addon.cudaSync();
+  }
+}
+
+let device: CudaDevice | null = null;
+
+/**
+ * Open the device (once per process): the host emulation when PREFOPT_CUDA_DEVICE=emulate, else
+ * the GPU with the libraries engine/cuda found. Throws with the reason it cannot.
+ */
+export function openCudaDevice(libs: { driver: string[]; cublasLt: string[]; nvrtc: string[] } | null): CudaDevice {
+  if (device) return device;
+  const addon = cudaAddon();
+  if (!addon) throw new Error('the native addon is not loaded; it is what drives the CUDA device');
+  const emulate = (process.env.PREFOPT_CUDA_DEVICE ?? '').toLowerCase() === 'emulate';
+  if (emulate) return (device = new CudaDevice(addon, addon.cudaOpen('emulate'), true));
+  if (!libs) throw new Error('no CUDA libraries');
+  const source = fs.readFileSync(path.join(packageRoot(), 'native', 'cuda', 'kernels.cu'), 'utf8');
+  // TF32 tensor-core products unless PREFOPT_CUDA_TF32=0 asks for exact float32 ones.
+  const tf32 = !['0', 'off', 'false', 'no'].includes(String(process.env.PREFOPT_CUDA_TF32 ?? '').toLowerCase());
+  return (device = new CudaDevice(addon, addon.cudaOpen('gpu', libs.driver, libs.cublasLt, libs.nvrtc, source, tf32), false));
+}

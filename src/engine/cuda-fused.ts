@@ -1,0 +1,140 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { DT_CODE } from './half.js';
+import { FusedAddon, Placement, registerFusedKernels } from './fused.js';
+import { CUDA_BACKEND, CudaBackend } from './cuda-backend.js';
+import { CudaDevice } from './cuda-device.js';
+
+/**
+ * prefopt's fused kernels (engine/fused's table) on the device: the FusedAddon calls with device
+ * addresses where the host kernels take arrays, each one or a few launches of
+ * native/cuda/kernels.cu or cuBLASLt products. 16-bit frozen weights come as the host's bits
+ * (engine/half) and are widened on the device once, kept while their bits are alive. Dropout
+ * masks are drawn on the host (alea is one sequential stream; native/fused.cc draws it as tfjs
+ * does) and only their bits go to the device.
+ */
+type Addr = number;
+/** What `view` gives adamwInPlace: an address and a length. */
+interface DeviceArray {
+  addr: Addr;
+  length: number;
+}
+
+export function cudaFused(dev: CudaDevice, hostDropout: (n: number, s: number[], keep: number, bits: Uint32Array) => void): FusedAddon {
+  const widened = new WeakMap<Uint16Array, Addr>();
+  const weights = new FinalizationRegistry<Addr>((a) => dev.free(a));
+  /** A frozen weight as float32 on the device: itself, or its 16-bit bits widened once. */
+  const weight = (w: Addr | Uint16Array, dt: number): Addr => {
+    if (dt === DT_CODE.f32) return w as Addr;
+    const bits = w as Uint16Array;
+    let a = widened.get(bits);
+    if (a === undefined) {
+      a = dev.alloc(4 * bits.length);
+      const out = a;
+      dev.withTemp([2 * bits.length], ([src]) => {
+        dev.upload(src, bits);
+        dev.each('widen', bits.length, [src, bits.length, dt, out]);
+      });
+      widened.set(bits, a);
+      weights.register(bits, a);
+    }
+    return a;
+  };
+  const bitsOn = (bits: Uint32Array, f: (a: Addr) => void) =>
+    dev.withTemp([4 * bits.length], ([a]) => {
+      dev.upload(a, bits);
+      f(a);
+    });
+  const dropoutBits = (x: Addr, n: number, bits: Uint32Array, keep: number, y: Addr) => bitsOn(bits, (b) => dev.each('dropout_bits', n, [x, n, b, keep, y]));
+  const gemm = dev.gemm.bind(dev);
+
+  const k: FusedAddon = {
+    labelLogProbs: (x: any, n, v, labels: any, out: any) => dev.rows('label_logprobs', n, [x, v, labels, out]),
+    labelLogProbsGrad: (x: any, n, v, labels: any, out: any, dy: any, dx: any) => dev.rows('label_logprobs_grad', n, [x, v, labels, out, dy, dx]),
+    rmsNorm: (x: any, w: any, n, d, eps, y: any, res: any, sum: any) => dev.rows('rms_norm', n, [x, w, d, eps, y, res ?? 0, sum ?? 0, 0]),
+    rmsNormGrad: (x: any, w: any, dy: any, n, d, eps, dx: any, dw: any, dres: any) =>
+      dev.withTemp([4 * n], ([r]) => {
+        dev.rows('rms_inv', n, [x, d, eps, r]);
+        if (dx !== null) dev.rows('rms_norm_grad_x', n, [x, w, dy, r, d, dx, dres ?? 0]);
+        if (dw !== null) dev.each('rms_norm_grad_w', d, [x, dy, r, n, d, dw]);
+      }),
+    swiglu: (g: any, u: any, n, y: any) => dev.each('swiglu', n, [g, u, n, y]),
+    swigluGrad: (g: any, u: any, dy: any, n, dg: any, du: any) =>
+      dev.withTemp([dg === null ? 4 * n : 0, du === null ? 4 * n : 0], ([tg, tu]) => dev.each('swiglu_grad', n, [g, u, dy, n, dg ?? tg, du ?? tu])),
+    rope: (x: any, cos: any, sin: any, rows, heads, hd, inverse, y: any) => dev.each('rope', (rows * heads * hd) / 2, [x, cos, sin, rows, heads, hd, inverse ? 1 : 0, y]),
+    attention: (q: any, kk: any, v: any, mask: any, scale, b, t, tk, h, kv, hd, o: any) => {
+      checkHeadDim(hd);
+      dev.withTemp([4 * b * h * t], ([lse]) => dev.each('attention_fwd', b * h * t, [q, kk, v, mask, scale, b, t, tk, h, kv, hd, o, lse], 128));
+    },
+    // The forward pass again for o and the log-sum-exps (the forward kernel keeps none), then
+    // the flash-style backward pass.
+    attentionGrad: (q: any, kk: any, v: any, mask: any, scale, b, t, tk, h, kv, hd, dout: any, dq: any, dk: any, dv: any) => {
+      checkHeadDim(hd);
+      dev.withTemp([4 * b * t * h * hd, 4 * b * h * t, 4 * b * h * t], ([o, lse, delta]) => {
+        dev.each('attention_fwd', b * h * t, [q, kk, v, mask, scale, b, t, tk, h, kv, hd, o, lse], 128);
+        dev.each('attention_bwd_delta', b * h * t, [o, dout, b, t, h, hd, delta]);
+        dev.each('attention_bwd_dq', b * h * t, [q, kk, v, mask, dout, lse, delta, scale, b, t, tk, h, kv, hd, dq], 128);
+        dev.each('attention_bwd_dkdv', b * kv * tk, [q, kk, v, mask, dout, lse, delta, scale, b, t, tk, h, kv, hd, dk, dv], 128);
+      });
+    },
+    biasAdd: (x: any, bias: any, n, d, y: any) => dev.each('bias_add', n * d, [x, bias, n, d, y]),
+    columnSum: (dy: any, n, d, out: any) => dev.each('column_sum', d, [dy, n, d, out]),
+    add: (a: any, b: any, n, y: any) => dev.each('binary', n, [0, a, b, y, n, 1, [n, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1]]),
+    // u = s·(xd·A), y = x·W + u·B (+ bias): the host kernel's terms (native/lora.cc).
+    loraForward: (m, din, dout, r, x: any, xd: any, w: any, a: any, b: any, scale, wdt, whf, y: any, u: any, bias: any) => {
+      gemm({ m, n: r, k: din, a: xd, b: a, c: u, alpha: scale });
+      gemm({ m, n: dout, k: din, a: x, b: weight(w, wdt), tb: whf, c: y });
+      gemm({ m, n: dout, k: r, a: u, b, c: y, beta: 1 });
+      if (bias !== null) dev.each('bias_add', m * dout, [y, bias, m, dout, y]);
+    },
+    // g = s·dy·Bᵀ; dA = xdᵀ·g, dB = uᵀ·dy, dx = dy·Wᵀ (+ g·Aᵀ, or that to dxd under dropout).
+    loraBackward: (m, din, dout, r, dy: any, xd: any, w: any, a: any, b: any, u: any, scale, wdt, whf, dx: any, dxd: any, da: any, db: any) =>
+      dev.withTemp([4 * m * r], ([g]) => {
+        gemm({ m, n: r, k: dout, a: dy, b, tb: true, c: g, alpha: scale });
+        gemm({ m: din, n: r, k: m, a: xd, ta: true, b: g, c: da });
+        gemm({ m: r, n: dout, k: m, a: u, ta: true, b: dy, c: db });
+        gemm({ m, n: din, k: dout, a: dy, b: weight(w, wdt), tb: !whf, c: dx });
+        if (dxd === null) gemm({ m, n: din, k: r, a: g, b: a, tb: true, c: dx, beta: 1 });
+        else gemm({ m, n: din, k: r, a: g, b: a, tb: true, c: dxd });
+      }),
+    matmulWeight: (tb, m, n, kk, a: any, b: any, bdt, c: any) => gemm({ m, n, k: kk, a, b: weight(b, bdt), tb, c }),
+    adamwInPlace: (ps: any[], gs: any[], ms: any[], vs: any[], scalars) => {
+      ps.forEach((p: DeviceArray, i) => {
+        const s = Array.from(scalars.subarray(9 * i, 9 * i + 9));
+        dev.each('adamw', p.length, [p.addr, (gs[i] as DeviceArray).addr, (ms[i] as DeviceArray).addr, (vs[i] as DeviceArray).addr, p.length, ...s]);
+      });
+    },
+    sumSquares: (x: any, n, out: any) => dev.single('sum_squares', [x, n, out]),
+    splitQkv: (qkv: any, n, kv, g, hd, q: any, kk: any, v: any, merge) => dev.each('split_qkv', n * kv * (g + 2) * hd, [qkv, n, kv, g, hd, q, kk, v, merge ? 1 : 0]),
+    embed: (table: any, v, d, ids: any, n, out: any, dt) => dev.each('embed', n * d, [weight(table, dt), v, d, ids, n, out]),
+    embedGrad: (ids: any, n, dy: any, v, d, dtable: any) => {
+      dev.fill(dtable, v * d, 0);
+      dev.each('embed_grad', d, [ids, n, dy, v, d, dtable]);
+    },
+    dropoutAlea: (x: any, n, s0, s1, s2, c, keep, y: any, bits) => {
+      const b = bits ?? new Uint32Array(Math.ceil(n / 32));
+      hostDropout(n, [s0, s1, s2, c], keep, b);
+      dropoutBits(x, n, b, keep, y);
+    },
+    dropoutBits: (x: any, n, bits, keep, y: any) => dropoutBits(x, n, bits, keep, y),
+  };
+  return k;
+}
+
+function checkHeadDim(hd: number): void {
+  // kernels.cu's attention keeps a head's row in registers (PREFOPT_MAX_HD).
+  if (hd > 256) throw new Error(`cuda backend: attention supports head_dim up to 256, not ${hd}`);
+}
+
+/** Outputs allocated on the device; kernels get addresses, adamwInPlace {addr, length}. */
+const devicePlacement: Placement = {
+  run: (be: CudaBackend, inputs, shapes, fill) => {
+    const outs = shapes.map((s) => be.makeTensorInfo(s, 'float32'));
+    fill(inputs.map((t) => (t ? be.addr(t) : null)), outs.map((t) => be.addr(t)));
+    return outs;
+  },
+  view: (be: CudaBackend, t) => ({ addr: be.addr(t), length: tf.util.sizeFromShape(t.shape) }),
+};
+
+export function registerCudaFused(dev: CudaDevice, hostDropout: (n: number, s: number[], keep: number, bits: Uint32Array) => void): void {
+  registerFusedKernels(CUDA_BACKEND, cudaFused(dev, hostDropout), devicePlacement);
+}

@@ -1,0 +1,203 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { CUDA_BACKEND, CudaBackend } from './cuda-backend.js';
+import { evenSteps, shapesOf } from './native.js';
+
+/**
+ * The tfjs kernels around prefopt's fused ones, on the device: views (Reshape, Identity),
+ * elementwise arithmetic with broadcasting, copies (Concat, Slice, SplitV, Transpose, PadV2),
+ * sums, gathers, fills and BatchMatMul. Each handles float32 (and, for copies, int32: both are
+ * 4-byte words); anything else goes to the host (engine/cuda-backend's onHost).
+ */
+type Info = tf.TensorInfo;
+type Kernel = (be: CudaBackend, inputs: any, attrs: any) => Info | Info[] | null;
+
+const MAX_RANK = 6;
+const size = (s: number[]) => tf.util.sizeFromShape(s);
+const words = (t: Info) => t.dtype === 'float32' || t.dtype === 'int32';
+const f32 = (t: Info) => t.dtype === 'float32';
+const stridesOf = (shape: number[]) => {
+  const s = new Array(shape.length).fill(1);
+  for (let i = shape.length - 2; i >= 0; i--) s[i] = s[i + 1] * shape[i + 1];
+  return s;
+};
+
+/** kernels.cu's Dims: shape, then two operands' strides, each padded to MAX_RANK. */
+const dims = (shape: number[], a: number[], b: number[]) => {
+  const pad = (v: number[]) => [...v, ...new Array(MAX_RANK - v.length).fill(0)];
+  return [...pad(shape), ...pad(a), ...pad(b)];
+};
+
+/** dst (+ dstOff words, strides dstStrides) ← src (+ srcOff, srcStrides) over `shape`. */
+function copy(be: CudaBackend, src: number, srcOff: number, srcStrides: number[], dst: number, dstOff: number, dstStrides: number[], shape: number[]): void {
+  const n = size(shape);
+  if (n === 0) return;
+  if (shape.length === 0) return be.device.copy(dst + 4 * dstOff, src + 4 * srcOff, 4);
+  be.device.each('strided_copy', n, [src + 4 * srcOff, dst + 4 * dstOff, n, shape.length, dims(shape, srcStrides, dstStrides)]);
+}
+
+const alias = (be: CudaBackend, x: Info, shape: number[]): Info => {
+  be.incRef(x.dataId);
+  return { dataId: x.dataId, shape, dtype: x.dtype };
+};
+
+/** Strides of `shape` read as broadcast into `out` (0 along broadcast axes). */
+function broadcastStrides(shape: number[], out: number[]): number[] {
+  const s = stridesOf(shape);
+  const off = out.length - shape.length;
+  return out.map((_, i) => (i < off || shape[i - off] === 1 ? 0 : s[i - off]));
+}
+
+const binary = (op: number): Kernel => (be, { a, b }) => {
+  if (!f32(a) || !f32(b)) return null;
+  const shape = tf.broadcast_util.assertAndGetBroadcastShape(a.shape, b.shape);
+  if (shape.length > MAX_RANK) return null;
+  const y = be.makeTensorInfo(shape, 'float32');
+  const n = size(shape);
+  const r = Math.max(shape.length, 1);
+  const sh = shape.length ? shape : [1];
+  be.device.each('binary', n, [op, be.addr(a), be.addr(b), be.addr(y), n, r, dims(sh, shape.length ? broadcastStrides(a.shape, shape) : [0], shape.length ? broadcastStrides(b.shape, shape) : [0])]);
+  return y;
+};
+
+const unary = (op: number): Kernel => (be, { x }) => {
+  if (!f32(x)) return null;
+  const y = be.makeTensorInfo(x.shape, 'float32');
+  be.device.each('unary', size(x.shape), [op, be.addr(x), be.addr(y), size(x.shape)]);
+  return y;
+};
+
+function slice(be: CudaBackend, x: Info, begin: number[], sz: number[]): Info {
+  const y = be.makeTensorInfo(sz, x.dtype);
+  const xs = stridesOf(x.shape);
+  copy(be, be.addr(x), begin.reduce((o, b, i) => o + b * xs[i], 0), xs, be.addr(y), 0, stridesOf(sz), sz);
+  return y;
+}
+
+/** x with its axes in `perm` order, as a new tensor. */
+function transpose(be: CudaBackend, x: Info, perm: number[]): Info {
+  const shape = perm.map((p) => x.shape[p]);
+  const y = be.makeTensorInfo(shape, x.dtype);
+  const xs = stridesOf(x.shape);
+  copy(be, be.addr(x), 0, perm.map((p) => xs[p]), be.addr(y), 0, stridesOf(shape), shape);
+  return y;
+}
+
+const KERNELS: Record<string, Kernel> = {
+  Reshape: (be, { x }, { shape }) => alias(be, x, tf.util.inferFromImplicitShape(shape, size(x.shape))),
+  Identity: (be, { x }) => alias(be, x, x.shape),
+  Cast: (be, { x }, { dtype }) => (x.dtype === dtype ? alias(be, x, x.shape) : null),
+  Add: binary(0),
+  Sub: binary(1),
+  Multiply: binary(2),
+  RealDiv: binary(3),
+  Neg: unary(0),
+  Exp: unary(1),
+  ZerosLike: (be, { x }) => {
+    if (!words(x)) return null;
+    const y = be.makeTensorInfo(x.shape, x.dtype);
+    be.device.fill(be.addr(y), size(x.shape), 0);
+    return y;
+  },
+  Fill: (be, _inputs, { shape, value, dtype }) => {
+    if (dtype !== 'float32' && dtype !== 'int32') return null;
+    const y = be.makeTensorInfo(shape, dtype);
+    be.device.fill(be.addr(y), size(shape), value as number, dtype === 'int32');
+    return y;
+  },
+  Concat: (be, inputs: Info[], { axis }) => {
+    if (!inputs.every(words) || new Set(inputs.map((t) => t.dtype)).size !== 1) return null;
+    const ax = tf.util.parseAxisParam(axis, inputs[0].shape)[0];
+    const shape = tf.backend_util.computeOutShape(inputs.map((t) => t.shape), ax);
+    const y = be.makeTensorInfo(shape, inputs[0].dtype);
+    const ys = stridesOf(shape);
+    let at = 0;
+    for (const t of inputs) {
+      copy(be, be.addr(t), 0, stridesOf(t.shape), be.addr(y), at * ys[ax], ys, t.shape);
+      at += t.shape[ax];
+    }
+    return y;
+  },
+  Slice: (be, { x }, { begin, size: sz }) => {
+    if (!words(x)) return null;
+    const [b, s] = tf.slice_util.parseSliceParams(x, begin, sz);
+    return slice(be, x, b, s);
+  },
+  SplitV: (be, { x }, { numOrSizeSplits, axis }) => {
+    if (!words(x)) return null;
+    const ax = tf.util.parseAxisParam(axis, x.shape)[0];
+    const sizes = tf.backend_util.prepareSplitSize(x, numOrSizeSplits, ax);
+    let at = 0;
+    return sizes.map((n) => {
+      const b = x.shape.map((_: number, i: number) => (i === ax ? at : 0));
+      const s = x.shape.map((d: number, i: number) => (i === ax ? n : d));
+      at += n;
+      return slice(be, x, b, s);
+    });
+  },
+  Transpose: (be, { x }, { perm }) => (words(x) ? transpose(be, x, perm) : null),
+  PadV2: (be, { x }, { paddings, constantValue }) => {
+    if (!f32(x)) return null;
+    const shape = x.shape.map((d: number, i: number) => paddings[i][0] + d + paddings[i][1]);
+    const y = be.makeTensorInfo(shape, 'float32');
+    be.device.fill(be.addr(y), size(shape), constantValue);
+    const ys = stridesOf(shape);
+    copy(be, be.addr(x), 0, stridesOf(x.shape), be.addr(y), paddings.reduce((o: number, p: number[], i: number) => o + p[0] * ys[i], 0), ys, x.shape);
+    return y;
+  },
+  // Over any axes: those summed are moved last (a copy, unless they are already), then one
+  // block sums each row.
+  Sum: (be, { x }, { axis, keepDims }) => {
+    if (!f32(x)) return null;
+    const axes = tf.util.parseAxisParam(axis, x.shape);
+    const perm = tf.backend_util.getAxesPermutation(axes, x.shape.length);
+    const moved = perm ? transpose(be, x, perm) : x;
+    const [outShape, reduceShape] = tf.backend_util.computeOutAndReduceShapes(moved.shape, tf.backend_util.getInnerMostAxes(axes.length, x.shape.length));
+    const y = be.makeTensorInfo(keepDims ? tf.backend_util.expandShapeToKeepDim(outShape, axes) : outShape, 'float32');
+    be.device.rows('sum_rows', size(outShape), [be.addr(moved), size(reduceShape), be.addr(y)]);
+    if (moved !== x) be.disposeData(moved.dataId);
+    return y;
+  },
+  GatherV2: (be, { x, indices }, { axis, batchDims }) => {
+    if (!words(x) || indices.dtype !== 'int32' || batchDims) return null;
+    const ax = tf.util.parseAxisParam(axis, x.shape)[0];
+    const shape = [...x.shape.slice(0, ax), ...indices.shape, ...x.shape.slice(ax + 1)];
+    const y = be.makeTensorInfo(shape, x.dtype);
+    const outer = size(x.shape.slice(0, ax));
+    const inner = size(x.shape.slice(ax + 1));
+    const m = size(indices.shape);
+    be.device.each('gather', outer * m * inner, [be.addr(x), be.addr(indices), outer, m, x.shape[ax], inner, be.addr(y)]);
+    return y;
+  },
+  // Batches broadcast like numpy's; one strided product when the operands step evenly.
+  BatchMatMul: (be, { a, b }, { transposeA, transposeB }) => {
+    const s = f32(a) && f32(b) ? shapesOf(a.shape, b.shape, !!transposeA, !!transposeB) : null;
+    if (!s) return null;
+    const y = be.makeTensorInfo([...s.batchShape, s.m, s.n], 'float32');
+    const { m, n, k, pairs } = s;
+    const g = { ta: !!transposeA, tb: !!transposeB, m, n, k };
+    const steps = evenSteps(pairs);
+    if (steps)
+      be.device.gemm({ ...g, batch: pairs.length, a: be.addr(a) + 4 * pairs[0][0] * m * k, sa: steps[0] * m * k, b: be.addr(b) + 4 * pairs[0][1] * k * n, sb: steps[1] * k * n, c: be.addr(y), sc: m * n });
+    else pairs.forEach(([ia, ib], o) => be.device.gemm({ ...g, a: be.addr(a) + 4 * ia * m * k, b: be.addr(b) + 4 * ib * k * n, c: be.addr(y) + 4 * o * m * n }));
+    return y;
+  },
+};
+
+/** Register the device kernels over the host ones; a kernel that returns null passes the call to the host. */
+export function registerCudaGlue(): void {
+  for (const [name, run] of Object.entries(KERNELS)) {
+    const host = tf.getKernel(name, 'cpu');
+    tf.unregisterKernel(name, CUDA_BACKEND);
+    tf.registerKernel({
+      kernelName: name,
+      backendName: CUDA_BACKEND,
+      kernelFunc: (args: any) => {
+        const be = args.backend as CudaBackend;
+        const out = run(be, args.inputs, args.attrs ?? {});
+        if (out) return out;
+        if (!host) throw new Error(`cuda backend: ${name} has no host kernel for these inputs`);
+        return be.onHost(host.kernelFunc, args);
+      },
+    });
+  }
+}
