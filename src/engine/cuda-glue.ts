@@ -184,7 +184,11 @@ const KERNELS: Record<string, Kernel> = {
 };
 
 /** Register the device kernels over the host ones; a kernel that returns null passes the call to the host. */
+let glueRegistered = false;
+
 export function registerCudaGlue(): void {
+  if (glueRegistered) return;
+  glueRegistered = true;
   for (const [name, run] of Object.entries(KERNELS)) {
     const host = tf.getKernel(name, 'cpu');
     tf.unregisterKernel(name, CUDA_BACKEND);
