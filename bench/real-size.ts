@@ -52,13 +52,11 @@ import { packageRoot } from '../src/util/package-root.js';
 import { Rng } from '../src/util/rng.js';
 import { setLogMode } from '../src/util/log.js';
 import { DEFAULT_GGUF, exportGguf } from '../src/gguf/export.js';
-import { loraDpoStepOf, sftStepOf, timeIt } from './steps.js';
+import { COMPLETION, PROMPT, QWEN05_SHAPE, benchRows, loraDpoStepOf, sftStepOf, timeIt } from './steps.js';
 
 const JOBS = ['lora_dpo', 'sft', 'logprobs', 'generate', 'logprobs_7b', 'merge_lora_7b'] as const;
 type Job = (typeof JOBS)[number];
-const SHAPE = { hidden_size: 896, intermediate_size: 4864, num_hidden_layers: 24, num_attention_heads: 14, num_key_value_heads: 2, head_dim: 64, max_position_embeddings: 32768, rope_theta: 1000000, tie_word_embeddings: true, vocab_size: 151936 };
-const PROMPT = 64;
-const COMPLETION = 192;
+const SHAPE = QWEN05_SHAPE;
 const say = (s: string) => process.stderr.write(s + '\n');
 
 interface JobResult {
@@ -130,13 +128,7 @@ const parityRow = () => {
 /** The sampling prompt both generate jobs (prefopt's and llama.cpp's) continue. */
 const samplePrompt = () => Array.from(rows(1, 0).ids).slice(0, PROMPT);
 
-function rows(n: number, scoredFrom: number): ReturnType<typeof makeBatch> {
-  const rng = new Rng(1);
-  return makeBatch(Array.from({ length: n }, () => {
-    const ids = Array.from({ length: PROMPT + COMPLETION }, () => rng.int(SHAPE.vocab_size));
-    return { ids, weights: ids.map((_, t) => (t >= scoredFrom ? 1 : 0)) };
-  }));
-}
+const rows = (n: number, scoredFrom: number) => benchRows(n, scoredFrom);
 
 /** merge_lora_7b in this process: one merge-lora into a temporary directory, removed after. */
 async function mergeChild(dir: string, adapter: string): Promise<JobResult> {

@@ -7,6 +7,7 @@ import { LoraAdapter, attach, withAdapterOff } from '../src/lora/lora.js';
 import { DEFAULT_DPO, dpoLosses } from '../src/dpo/loss.js';
 import { sequenceLogps } from '../src/dpo/logps.js';
 import { Rng } from '../src/util/rng.js';
+import { makeBatch } from '../src/infer/batch.js';
 
 /** The timed steps both benchmarks run (bench/run.ts at 5M, bench/real-size.ts at 0.5B). */
 
@@ -95,3 +96,67 @@ export function loraDpoStepOf(model: Decoder, pb: SeqBatch, o: { dropout?: numbe
   };
 }
 
+
+/** Qwen2.5-0.5B's shape (494M parameters), the real-size bench's and the GPU check's model. */
+export const QWEN05_SHAPE = { hidden_size: 896, intermediate_size: 4864, num_hidden_layers: 24, num_attention_heads: 14, num_key_value_heads: 2, head_dim: 64, max_position_embeddings: 32768, rope_theta: 1000000, tie_word_embeddings: true, vocab_size: 151936 };
+export const PROMPT = 64;
+export const COMPLETION = 192;
+
+/** n rows of PROMPT + COMPLETION random tokens, scored from position scoredFrom on. */
+export function benchRows(n: number, scoredFrom: number, vocab = QWEN05_SHAPE.vocab_size): SeqBatch {
+  const rng = new Rng(1);
+  return makeBatch(Array.from({ length: n }, () => {
+    const ids = Array.from({ length: PROMPT + COMPLETION }, () => rng.int(vocab));
+    return { ids, weights: ids.map((_, t) => (t >= scoredFrom ? 1 : 0)) };
+  }));
+}
+
+/**
+ * LoRA DPO on `model` for comparing two backends: the adapter's B set non-zero (so that A has a
+ * gradient too), then `steps` steps with dropout; the loss of each step, the adapter's
+ * gradients at the first and the adapter after the last. Reads everything back as arrays.
+ */
+export function loraDpoTrace(model: Decoder, pb: SeqBatch, o: { dropout: number; steps: number; lr: number; r: number; targets: string[] }) {
+  const ad = LoraAdapter.create(model, { r: o.r, alpha: 2 * o.r, dropout: o.dropout, targets: o.targets, useRslora: false }, 0);
+  attach(model, ad);
+  const params = ad.params();
+  const rng = new Rng(7);
+  for (const [name, v] of params) if (name.includes('lora_B')) tf.tidy(() => v.assign(tf.tensor(Float32Array.from({ length: v.size }, () => rng.normal() * 0.1), v.shape)));
+  const opt = new AdamW({ beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.01 }, params);
+  const n = pb.batch / 2;
+  const out = { loss: [] as number[], grads: {} as Record<string, Float32Array>, adapter: {} as Record<string, Float32Array> };
+  for (let step = 0; step < o.steps; step++) {
+    const refT = tf.tidy(() => withAdapterOff(model, () => sequenceLogps(model, pb)));
+    const ref = refT.dataSync();
+    refT.dispose();
+    ad.setTraining(true, new Rng(0, 'dropout', step));
+    const { value, grads } = tf.variableGrads(() => {
+      const all = sequenceLogps(model, pb);
+      const l = dpoLosses({ policyChosen: tf.slice(all, [0], [n]) as tf.Tensor1D, policyRejected: tf.slice(all, [n], [n]) as tf.Tensor1D, refChosen: tf.tensor1d(ref.slice(0, n)), refRejected: tf.tensor1d(ref.slice(n)), lenChosen: tf.fill([n], 8) as tf.Tensor1D, lenRejected: tf.fill([n], 8) as tf.Tensor1D }, { ...DEFAULT_DPO, beta: 0.5 });
+      return tf.mean(l) as tf.Scalar;
+    }, [...params.values()]);
+    ad.setTraining(false);
+    out.loss.push(value.dataSync()[0]);
+    if (step === 0) for (const [k, v] of params) out.grads[k] = grads[v.name].dataSync() as Float32Array;
+    opt.step(new Map([...params].map(([k, v]) => [k, grads[v.name]])), o.lr);
+    value.dispose();
+    Object.values(grads).forEach((g) => g.dispose());
+  }
+  for (const [k, v] of params) out.adapter[k] = v.dataSync() as Float32Array;
+  opt.dispose();
+  ad.dispose();
+  model.adapter = null;
+  return out;
+}
+
+/** max |a − b| over max |b|: one backend's array against another's. */
+export function worstRel(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  if (a.length !== b.length) return Infinity;
+  let scale = 0;
+  let w = 0;
+  for (let i = 0; i < b.length; i++) {
+    scale = Math.max(scale, Math.abs(b[i]));
+    w = Math.max(w, Math.abs(a[i] - b[i]));
+  }
+  return w / Math.max(scale, 1e-30);
+}

@@ -5,15 +5,13 @@ import { cudaAddon, loadNative } from '../src/engine/native.js';
 import { Decoder } from '../src/model/decoder.js';
 import { makeBatch, SeqBatch } from '../src/infer/batch.js';
 import { generate } from '../src/infer/generate.js';
-import { LoraAdapter, attach, withAdapterOff } from '../src/lora/lora.js';
-import { sequenceLogps } from '../src/dpo/logps.js';
-import { DEFAULT_DPO, dpoLosses } from '../src/dpo/loss.js';
 import { sftLoss } from '../src/stages/sft.js';
 import { AdamW } from '../src/train/adamw.js';
 import { HalfWeight } from '../src/engine/half.js';
 import { isLinearWeight } from '../src/model/config.js';
 import { f32ToBf16Bits } from '../src/io/safetensors.js';
 import { Rng } from '../src/util/rng.js';
+import { loraDpoTrace, worstRel } from '../bench/steps.js';
 import { ARCH_SPECS, makeTestModel } from './helpers/models.js';
 
 /*
@@ -36,56 +34,15 @@ async function both<T>(f: () => T): Promise<{ native: T; cuda: T }> {
   return { native: n, cuda: c };
 }
 
-const worstRel = (a: ArrayLike<number>, b: ArrayLike<number>) => {
-  expect(a.length).toBe(b.length);
-  let scale = 0;
-  for (let i = 0; i < b.length; i++) scale = Math.max(scale, Math.abs(b[i]));
-  let w = 0;
-  for (let i = 0; i < a.length; i++) w = Math.max(w, Math.abs(a[i] - b[i]));
-  return w / Math.max(scale, 1e-30);
-};
-
 function pairBatch(vocab: number, seed: number): SeqBatch {
   const rng = new Rng(seed);
   return makeBatch([9, 6, 11, 7].map((n) => ({ ids: Array.from({ length: n }, () => 2 + rng.int(vocab - 2)), weights: Array.from({ length: n }, (_, i) => (i < 3 ? 0 : 1)) })));
 }
 
-/**
- * LoRA DPO on `model`: loss and the adapter's gradients (B set non-zero so that A has one), with
- * dropout, then the adapter after two AdamW steps.
- */
+/** LoRA r 4 on every linear (the fused projection for zhinao), two steps at lr 1e-2. */
 function loraDpo(model: Decoder, pb: SeqBatch, dropout: number) {
   const targets = model.cfg.arch === 'zhinao' ? ['qkv_proj', ...LINEARS.slice(3)] : LINEARS;
-  const ad = LoraAdapter.create(model, { r: 4, alpha: 8, dropout, targets, useRslora: false }, 0);
-  attach(model, ad);
-  const params = ad.params();
-  const rng = new Rng(7);
-  for (const [name, v] of params) if (name.includes('lora_B')) tf.tidy(() => v.assign(tf.tensor(Float32Array.from({ length: v.size }, () => rng.normal() * 0.1), v.shape)));
-  const opt = new AdamW({ beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.01 }, params);
-  const n = pb.batch / 2;
-  const out: { loss: number[]; grads: Record<string, Float32Array>; adapter: Record<string, Float32Array> } = { loss: [], grads: {}, adapter: {} };
-  for (let step = 0; step < 2; step++) {
-    const refT = tf.tidy(() => withAdapterOff(model, () => sequenceLogps(model, pb)));
-    const ref = refT.dataSync();
-    refT.dispose();
-    ad.setTraining(true, new Rng(0, 'dropout', step));
-    const { value, grads } = tf.variableGrads(() => {
-      const all = sequenceLogps(model, pb);
-      const l = dpoLosses({ policyChosen: tf.slice(all, [0], [n]) as tf.Tensor1D, policyRejected: tf.slice(all, [n], [n]) as tf.Tensor1D, refChosen: tf.tensor1d(ref.slice(0, n)), refRejected: tf.tensor1d(ref.slice(n)), lenChosen: tf.fill([n], 8) as tf.Tensor1D, lenRejected: tf.fill([n], 8) as tf.Tensor1D }, { ...DEFAULT_DPO, beta: 0.5 });
-      return tf.mean(l) as tf.Scalar;
-    }, [...params.values()]);
-    ad.setTraining(false);
-    out.loss.push(value.dataSync()[0]);
-    if (step === 0) for (const [k, v] of params) out.grads[k] = grads[v.name].dataSync() as Float32Array;
-    opt.step(new Map([...params].map(([k, v]) => [k, grads[v.name]])), 1e-2);
-    value.dispose();
-    Object.values(grads).forEach((g) => g.dispose());
-  }
-  for (const [k, v] of params) out.adapter[k] = v.dataSync() as Float32Array;
-  opt.dispose();
-  ad.dispose();
-  model.adapter = null;
-  return out;
+  return loraDpoTrace(model, pb, { dropout, steps: 2, lr: 1e-2, r: 4, targets });
 }
 
 function compareLora(r: { native: ReturnType<typeof loraDpo>; cuda: ReturnType<typeof loraDpo> }) {
