@@ -115,6 +115,11 @@ async function time(): Promise<void> {
   }
 }
 
-if (what === 'compare') await compare();
-else if (what === 'time') await time();
-else throw new Error(`cuda-check: unknown "${what}" (compare or time)`);
+try {
+  if (what === 'compare') await compare();
+  else if (what === 'time') await time();
+  else throw new Error(`unknown "${what}" (compare or time)`);
+} catch (e: any) {
+  say({ step: `cuda_${what}`, error: String(e?.message ?? e) });
+  process.exitCode = 1;
+}

@@ -1,13 +1,17 @@
 #!/bin/sh
-# The device check for a session that draws a GPU (docs/REFERENCE.md §11): one run, about five
-# minutes on an H100, nothing downloaded. Run from the repository root:
-#   sh bench/gpu-check.sh > $OUT/gpu-check.jsonl
+# The device check for a session that draws a GPU (docs/REFERENCE.md §11): one run, about eight
+# minutes on an H100, nothing downloaded. Here first: npm install && npm run build &&
+# sh scripts/gpu-bundle.sh (the machine has no Node.js: .gpu/ brings it); then, as one device
+# run carrying .gpu, from the repository root:
+#   sh bench/gpu-check.sh | tee $OUT/gpu-check.jsonl
 # 1. native/cuda/check.cu: prefopt's device kernels against float64 (and the CPU kernels' bits
 #    where the formula allows), one JSON line each;
 # 2. where the CUDA libraries are (what engine/cuda.ts's probe will find): the driver, and the
 #    nvidia-* wheels' cuBLASLt and NVRTC beside PyTorch;
-# 3. the PyTorch bf16 eager baseline of the real-size jobs (bench/torch_ref.py), the figures a
-#    CUDA backend is measured against.
+# 3. the cuda backend (bench/cuda-check.ts): a 0.5B LoRA DPO step's loss and gradients against
+#    the CPU path in exact float32, then its speed with TF32 products and with exact ones;
+# 4. the PyTorch bf16 eager baseline of the real-size jobs (bench/torch_ref.py), the figures the
+#    cuda backend is measured against.
 set -u
 say() { printf '%s\n' "$1"; }
 NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
@@ -24,6 +28,16 @@ want = [p for p in libs if any(k in os.path.basename(p) for k in ("cublasLt", "n
 driver = open("/proc/driver/nvidia/version").read().split("\n")[0] if os.path.exists("/proc/driver/nvidia/version") else None
 print(json.dumps({"step": "libraries", "driver": driver, "wheel_libs": want, "toolkit": sorted(glob.glob("/usr/local/cuda*/lib64/libcublasLt*") + glob.glob("/usr/local/cuda*/lib64/libnvrtc*"))}))
 PY
-for job in lora_dpo sft logprobs generate; do
+if [ -d .gpu/app ]; then
+  xz -dc .gpu/node.xz > /tmp/prefopt-node && chmod +x /tmp/prefopt-node
+  LIBS=$(python3 -c 'import glob, os, site; print(":".join(sorted({os.path.dirname(p) for d in site.getsitepackages() for p in glob.glob(os.path.join(d, "nvidia", "*", "lib", "lib*.so*"))})))')
+  (cd .gpu/app && export PREFOPT_CUDA_LIBS="$LIBS" &&
+    PREFOPT_CUDA_TF32=0 timeout 240 /tmp/prefopt-node dist/bench/cuda-check.js compare &&
+    timeout 150 /tmp/prefopt-node dist/bench/cuda-check.js time &&
+    PREFOPT_CUDA_TF32=0 timeout 150 /tmp/prefopt-node dist/bench/cuda-check.js time) 2>&1 | grep '^{'
+else
+  say '{"step":"cuda_backend","error":".gpu/ is missing: run sh scripts/gpu-bundle.sh here and carry .gpu"}'
+fi
+for job in lora_dpo logprobs sft generate; do
   TORCH_DEVICE=cuda python3 bench/torch_ref.py real "$job" | sed "s/^{/{\"step\":\"torch_bf16\",\"job\":\"$job\",/"
 done

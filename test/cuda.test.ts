@@ -97,6 +97,14 @@ describe('the CUDA backend\'s state', () => {
     expect(dirs).not.toContain(path.join(home, 'missing'));
     fs.writeFileSync(path.join(wheel, 'libcublasLt.so.12'), '');
     expect(candidates(['libcublasLt.so.13', 'libcublasLt.so.12'], dirs)).toEqual([path.join(wheel, 'libcublasLt.so.12'), 'libcublasLt.so.13', 'libcublasLt.so.12']);
+    // A virtual environment that is not active but whose python3 is on PATH (PyTorch's, say).
+    const torchEnv = path.join(home, 'torch-env');
+    const torchWheel = path.join(torchEnv, 'lib', 'python3.12', 'site-packages', 'nvidia', 'cu13', 'lib');
+    fs.mkdirSync(torchWheel, { recursive: true });
+    fs.mkdirSync(path.join(torchEnv, 'bin'));
+    fs.writeFileSync(path.join(torchEnv, 'bin', 'python3'), '');
+    expect(cudaSearchDirs({ PATH: `/nonexistent:${path.join(torchEnv, 'bin')}` })).toContain(torchWheel);
+    expect(cudaSearchDirs({ PATH: '/nonexistent' })).not.toContain(torchWheel);
     expect(cudaReportOf(null, dirs, 'turned off by PREFOPT_NATIVE=0').reason).toBe('not available: the native addon is not loaded (turned off by PREFOPT_NATIVE=0); it is what opens the CUDA libraries');
   });
 

@@ -49,13 +49,15 @@ const glob1 = (dir: string, re: RegExp): string[] => {
 /**
  * Where CUDA libraries live besides the loader's path: PREFOPT_CUDA_LIBS (':'-separated), the
  * toolkit (CUDA_HOME, CUDA_PATH, /usr/local/cuda), and the lib folders of Python's `nvidia`
- * packages (site-packages/nvidia/{cublas,cuda_nvrtc,cu13,…}/lib) in the system's, the user's and
- * an active virtual environment's Python.
+ * packages (site-packages/nvidia/{cublas,cuda_nvrtc,cu13,…}/lib) in the system's, the user's, an
+ * active virtual environment's and the PATH's python3's environment.
  */
 export function cudaSearchDirs(env: NodeJS.ProcessEnv = process.env): string[] {
   const dirs = (env.PREFOPT_CUDA_LIBS ?? '').split(path.delimiter).filter(Boolean);
   for (const root of [env.CUDA_HOME, env.CUDA_PATH, '/usr/local/cuda'].filter(Boolean) as string[]) dirs.push(path.join(root, 'lib64'), path.join(root, 'targets', 'x86_64-linux', 'lib'));
-  const libRoots = ['/usr/lib', '/usr/local/lib', path.join(os.homedir(), '.local', 'lib'), ...(env.VIRTUAL_ENV ? [path.join(env.VIRTUAL_ENV, 'lib')] : [])];
+  // The environment of the python3 on PATH too (PyTorch's virtual environment, active or not).
+  const pathPython = (env.PATH ?? '').split(path.delimiter).filter((d) => d && fs.existsSync(path.join(d, 'python3'))).map((d) => path.join(path.dirname(d), 'lib'));
+  const libRoots = ['/usr/lib', '/usr/local/lib', path.join(os.homedir(), '.local', 'lib'), ...(env.VIRTUAL_ENV ? [path.join(env.VIRTUAL_ENV, 'lib')] : []), ...pathPython];
   for (const lib of libRoots)
     for (const py of glob1(lib, /^python3(\.\d+)?$/))
       for (const pkgs of ['site-packages', 'dist-packages'])
