@@ -1,0 +1,59 @@
+import { describe, expect, it } from 'vitest';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { cudaAddon, loadNative } from '../src/engine/native.js';
+import { cudaReport } from '../src/engine/cuda.js';
+import { initBackend } from '../src/engine/backend.js';
+import { onlineFixture } from './helpers/online-fixture.js';
+import { prefopt } from './helpers/cli.js';
+import { cudaBackendCases } from './helpers/cuda-cases.js';
+import { buildCudaStandIns } from './helpers/cuda-standins.js';
+
+/*
+ * The cuda backend's GPU code path (native/cuda_device.cc's Gpu: driver API, NVRTC, cuBLASLt)
+ * over stand-in libraries (test/helpers/cuda-standins.ts): what a GPU machine would run, short of
+ * the GPU. Products in exact float32 here (PREFOPT_CUDA_TF32=0) for the shared cases.
+ */
+const native = loadNative();
+const libs = native.active && !fs.existsSync('/proc/driver/nvidia/version') ? buildCudaStandIns() : null;
+if (libs) {
+  process.env.PREFOPT_CUDA_LIBS = libs;
+  process.env.PREFOPT_CUDA_TF32 = '0';
+  delete process.env.PREFOPT_CUDA_DEVICE;
+}
+
+describe('the cuda backend over stand-in CUDA libraries', () => {
+  it('the probe finds them and the backend opens the device: NVRTC compiles kernels.cu for its sm_90, the module has every kernel', async () => {
+    if (!libs) return;
+    const r = cudaReport();
+    expect(r.state).toBe('available');
+    expect(r.driver?.path).toBe(path.join(libs, 'libcuda.so.1'));
+    const b = await initBackend('cuda');
+    expect(b.chosen).toBe('cuda');
+    expect(cudaAddon()!.cudaOpen('gpu').name).toBe('Stand-in GPU (sm_90)');
+  });
+
+  if (libs) cudaBackendCases();
+});
+
+describe('TF32 products from the command line', () => {
+  it('eval-dpo on the stand-in GPU: exact float32 products give the native backend\'s metrics; TF32 ones (the default) differ, within TF32\'s rounding', async () => {
+    if (!libs) return;
+    const f = await onlineFixture();
+    const data = path.join(f.d, 'pairs.jsonl');
+    fs.writeFileSync(data, Array.from({ length: 6 }, (_, i) => JSON.stringify({ prompt: `What is ${i} plus 2?`, chosen: `The answer is ${i + 2}.`, rejected: `The answer is ${i}.` })).join('\n') + '\n');
+    const metrics = (backend: string, tf32: string) => {
+      const r = prefopt(['--quiet', '--backend', backend, 'eval-dpo', '--model', f.base, '--data', data], { env: { PREFOPT_CUDA_LIBS: libs, PREFOPT_CUDA_TF32: tf32 } });
+      expect(r.code, r.stderr).toBe(0);
+      return JSON.parse(r.stdout);
+    };
+    const n = metrics('native', '0');
+    const exact = metrics('cuda', '0');
+    const tf32 = metrics('cuda', '');
+    for (const k of ['logps/chosen', 'logps/rejected']) {
+      expect(Math.abs(exact[k] - n[k]), k).toBeLessThanOrEqual(1e-4 * Math.abs(n[k]));
+      expect(Math.abs(tf32[k] - n[k]), k).toBeGreaterThan(1e-6 * Math.abs(n[k]));
+      expect(Math.abs(tf32[k] - n[k]), k).toBeLessThanOrEqual(2e-2 * Math.abs(n[k]));
+    }
+  }, 300_000);
+});

@@ -1,0 +1,198 @@
+import { expect, it } from 'vitest';
+import * as tf from '@tensorflow/tfjs-core';
+import { initBackend } from '../../src/engine/backend.js';
+import { cudaAddon, loadNative } from '../../src/engine/native.js';
+import { Decoder } from '../../src/model/decoder.js';
+import { makeBatch, SeqBatch } from '../../src/infer/batch.js';
+import { generate } from '../../src/infer/generate.js';
+import { sftLoss } from '../../src/stages/sft.js';
+import { AdamW } from '../../src/train/adamw.js';
+import { HalfWeight } from '../../src/engine/half.js';
+import { isLinearWeight } from '../../src/model/config.js';
+import { f32ToBf16Bits } from '../../src/io/safetensors.js';
+import { Rng } from '../../src/util/rng.js';
+import { loraDpoTrace, worstRel } from '../../bench/steps.js';
+import { ARCH_SPECS, makeTestModel } from './models.js';
+
+/*
+ * The cuda backend's cases (engine/cuda-backend, -glue, -fused), run on whichever device the
+ * calling test file opens — the emulated device (test/cuda-backend.test.ts) or the GPU code path
+ * over stand-in CUDA libraries (test/cuda-standin.test.ts). Every result is checked against the
+ * native backend (the host kernels, another implementation) or tfjs's cpu kernels.
+ */
+const native = loadNative();
+const LINEARS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'];
+
+/** f on each backend in turn; tensors it returns are read to arrays. */
+async function both<T>(f: () => T): Promise<{ native: T; cuda: T }> {
+  await initBackend('native');
+  const n = f();
+  await initBackend('cuda');
+  const c = f();
+  return { native: n, cuda: c };
+}
+
+function pairBatch(vocab: number, seed: number): SeqBatch {
+  const rng = new Rng(seed);
+  return makeBatch([9, 6, 11, 7].map((n) => ({ ids: Array.from({ length: n }, () => 2 + rng.int(vocab - 2)), weights: Array.from({ length: n }, (_, i) => (i < 3 ? 0 : 1)) })));
+}
+
+/** LoRA r 4 on every linear (the fused projection for zhinao), two steps at lr 1e-2. */
+function loraDpo(model: Decoder, pb: SeqBatch, dropout: number) {
+  const targets = model.cfg.arch === 'zhinao' ? ['qkv_proj', ...LINEARS.slice(3)] : LINEARS;
+  return loraDpoTrace(model, pb, { dropout, steps: 2, lr: 1e-2, r: 4, targets });
+}
+
+function compareLora(r: { native: ReturnType<typeof loraDpo>; cuda: ReturnType<typeof loraDpo> }) {
+  r.cuda.loss.forEach((l, i) => expect(Math.abs(l - r.native.loss[i]), `loss ${i}`).toBeLessThan(1e-5));
+  for (const k of Object.keys(r.native.grads)) {
+    expect(r.native.grads[k].some((g) => g !== 0), k).toBe(true);
+    expect(worstRel(r.cuda.grads[k], r.native.grads[k]), `gradient ${k}`).toBeLessThan(2e-5);
+  }
+  // Not the adapters after the steps: Adam's first update is lr·g/(|g| + eps), the sign of g,
+  // so a gradient element within rounding of zero may move either way (the update itself is
+  // compared on equal gradients below). The second loss, after the update, must agree.
+  for (const k of Object.keys(r.native.adapter)) expect(worstRel(r.cuda.adapter[k], r.native.adapter[k]), `adapter ${k}`).toBeLessThan(0.1);
+}
+
+
+/** The cases, inside the caller's describe. */
+export function cudaBackendCases(): void {
+  it('glue kernels give tfjs cpu kernels\' values: broadcast arithmetic, concat/slice/split/transpose/pad, sums, gather, batched products', async () => {
+    if (!native.active) return;
+    const rng = new Rng(1);
+    const r = (shape: number[]) => tf.tensor(Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, () => rng.normal()), shape);
+    const cases: [string, () => tf.Tensor | tf.Tensor[]][] = [
+      ['add broadcast', () => tf.add(r([2, 3, 4]), r([3, 1]))],
+      ['sub scalar', () => tf.sub(r([5, 7]), tf.scalar(0.5))],
+      ['mul', () => tf.mul(r([2, 1, 4]), r([1, 3, 4]))],
+      ['div', () => tf.div(r([6, 5]), tf.add(tf.abs(r([5])), 1))],
+      ['neg exp', () => tf.exp(tf.neg(r([33])))],
+      ['concat axis 1', () => tf.concat([r([2, 3, 4]), r([2, 1, 4]), r([2, 5, 4])], 1)],
+      ['concat int32', () => tf.concat([tf.tensor1d([1, 2], 'int32'), tf.tensor1d([3], 'int32')])],
+      ['slice', () => tf.slice(r([4, 6, 5]), [1, 2, 0], [2, -1, 3])],
+      ['split', () => tf.split(r([3, 10]), [2, 5, 3], 1)],
+      ['transpose', () => tf.transpose(r([2, 3, 4, 5]), [0, 2, 1, 3])],
+      ['pad', () => tf.pad(r([2, 3]), [[1, 0], [2, 1]], 0.25)],
+      ['sum rows', () => tf.sum(r([7, 9]), 1)],
+      ['sum axes 0,2 keepDims', () => tf.sum(r([3, 4, 5]), [0, 2], true)],
+      ['gather axis 1', () => tf.gather(r([3, 5, 2]), tf.tensor1d([4, 0, 4], 'int32'), 1)],
+      ['matmul transposes', () => tf.matMul(r([5, 3]), r([4, 5]), true, true)],
+      ['matmul batch broadcast', () => tf.matMul(r([2, 1, 3, 4]), r([1, 3, 4, 5]))],
+      ['zeros fill', () => tf.add(tf.zerosLike(r([3, 3])), tf.fill([3, 3], 2.5))],
+      ['reshape shares', () => tf.reshape(r([2, 6]), [3, -1])],
+    ];
+    for (const [name, f] of cases) {
+      const res = await both(() => {
+        const seed = new Rng(1);
+        Object.assign(rng, seed);
+        return tf.tidy(() => [f()].flat().map((t) => ({ shape: t.shape, dtype: t.dtype, values: Array.from(t.dataSync()) })));
+      });
+      expect(res.cuda, name).toEqual(res.native.map((o) => ({ ...o, values: expect.anything() })));
+      res.native.forEach((o, i) => expect(worstRel(res.cuda[i].values, o.values), name).toBeLessThan(1e-6));
+    }
+  });
+
+  it('launches are checked against the kernel\'s parameters; device memory is freed with the tensors and cached for reuse', async () => {
+    if (!native.active) return;
+    await initBackend('cuda');
+    const a = cudaAddon()!;
+    expect(() => a.cudaLaunch('rms_norm', 1, 32, [0, 0, 4])).toThrow('cudaLaunch rms_norm: 3 arguments given, the kernel takes 8');
+    expect(() => a.cudaLaunch('no_such', 1, 32, [])).toThrow('no kernel no_such in native/cuda/kernels.cu');
+    expect(() => a.cudaLaunch('fill32', 1, 32, [0, 1.5, 0])).toThrow('argument 1 is not an integer');
+    const before = a.cudaStats().live;
+    const x = tf.randomNormal([300, 300]);
+    const y = tf.matMul(x, x);
+    expect(a.cudaStats().live).toBeGreaterThanOrEqual(before + 2 * 300 * 300 * 4);
+    tf.dispose([x, y]);
+    expect(a.cudaStats().live).toBe(before);
+    expect(a.cudaStats().cached).toBeGreaterThan(0);
+    a.cudaTrim();
+    expect(a.cudaStats().cached).toBe(0);
+  });
+
+  for (const arch of ['qwen2 biases tied rope 1e6', 'qwen3 q/k norms, head_dim 12 apart from hidden / heads, tied', 'zhinao fused qkv GQA', 'mistral sliding window 3', 'llama with attention_bias'])
+    it(`LoRA DPO with dropout (${arch}): loss, adapter gradients and two AdamW steps as on the native backend; no tensor or device memory kept`, async () => {
+      if (!native.active) return;
+      const m = makeTestModel(ARCH_SPECS[arch], 4, 0.2);
+      const pb = pairBatch(m.cfg.vocab_size, 2);
+      const res = await both(() => {
+        const model = Decoder.fromHF(m.cfg, (n) => m.w.get(n)!, false);
+        const tensors = tf.memory().numTensors;
+        const live = tf.getBackend() === 'cuda' ? cudaAddon()!.cudaStats().live : 0;
+        const out = loraDpo(model, pb, 0.1);
+        expect(tf.memory().numTensors).toBe(tensors);
+        if (tf.getBackend() === 'cuda') expect(cudaAddon()!.cudaStats().live).toBe(live);
+        model.dispose();
+        return out;
+      });
+      compareLora(res);
+    });
+
+  it('AdamW on the device (weight decay, gradient scale, bias corrections) gives the host\'s update on the same gradients', async () => {
+    if (!native.active) return;
+    const rng = new Rng(11);
+    const init = Float32Array.from({ length: 1000 }, () => rng.normal());
+    const gs = [0, 1, 2].map(() => Float32Array.from({ length: 1000 }, () => rng.normal() * (rng.next() < 0.1 ? 1e-6 : 1)));
+    const res = await both(() => {
+      // A matrix (decayed) and a norm weight (not), as the optimizer tells them apart by name.
+      const params = new Map([
+        ['w', tf.variable(tf.tensor(init.slice(0, 800), [20, 40]), true, `adamw-w-${tf.getBackend()}`)],
+        ['layer.norm.weight', tf.variable(tf.tensor(init.slice(800)), true, `adamw-n-${tf.getBackend()}`)],
+      ]);
+      const opt = new AdamW({ beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.1 }, params);
+      for (const g of gs) tf.tidy(() => opt.step(new Map([['w', tf.tensor(g.slice(0, 800), [20, 40])], ['layer.norm.weight', tf.tensor(g.slice(800))]]), 1e-2, 0.7));
+      const out = Float32Array.from([...params.values()].flatMap((p) => Array.from(p.dataSync())));
+      opt.dispose();
+      params.forEach((p) => p.dispose());
+      return out;
+    });
+    expect(worstRel(res.cuda, res.native)).toBeLessThan(1e-6);
+    expect(worstRel(res.native, init)).toBeGreaterThan(1e-3); // it moved
+  });
+
+  it('LoRA on a bf16 base: the 16-bit weights are widened once on the device and give the native backend\'s gradients', async () => {
+    if (!native.active) return;
+    const m = makeTestModel(ARCH_SPECS['llama GQA untied'], 4, 0.2);
+    const halves = new Map<string, HalfWeight>();
+    const u = new Uint32Array(1);
+    const f = new Float32Array(u.buffer);
+    for (const [name, t] of m.w) {
+      if (!/(_proj|lm_head)\.weight$|^model\.embed_tokens\.weight$/.test(name)) continue;
+      const bits = Uint16Array.from(t.data, (v) => ((f[0] = v), f32ToBf16Bits(u[0])));
+      halves.set(name, new HalfWeight(bits, 'bf16', [t.shape[0], t.shape[1]], isLinearWeight(name)));
+    }
+    const pb = pairBatch(m.cfg.vocab_size, 5);
+    const res = await both(() => {
+      const model = Decoder.fromHF(m.cfg, (n) => halves.get(n) ?? m.w.get(n)!, false);
+      const out = loraDpo(model, pb, 0);
+      model.dispose();
+      return out;
+    });
+    compareLora(res);
+  });
+
+  it('a full SFT step (every weight trains) and greedy decoding with the KV cache match the native backend', async () => {
+    if (!native.active) return;
+    const m = makeTestModel(ARCH_SPECS['qwen2 biases tied rope 1e6'], 2, 0.3);
+    const sb = pairBatch(m.cfg.vocab_size, 9);
+    const res = await both(() => {
+      // A copy each: a trainable weight may be the tensor's own memory, updated in place.
+      const model = Decoder.fromHF(m.cfg, (n) => ({ ...m.w.get(n)!, data: m.w.get(n)!.data.slice() }), true);
+      const opt = new AdamW({ beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.1 }, model.params);
+      const { value, grads } = tf.variableGrads(() => sftLoss(model, sb), [...model.params.values()]);
+      const loss = value.dataSync()[0];
+      opt.step(new Map([...model.params].map(([n, v]) => [n, grads[v.name]])), 1e-3);
+      tf.dispose([value, ...Object.values(grads)]);
+      const after = Object.fromEntries([...model.params].map(([n, v]) => [n, v.dataSync() as Float32Array]));
+      const gen = generate(model, [{ prompt: [5, 6, 7, 8], seeds: [1] }, { prompt: [9, 3], seeds: [2, 3] }], { maxNewTokens: 8, stopIds: [], temperature: 0, topK: 0, topP: 1, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0 });
+      opt.dispose();
+      model.dispose();
+      return { loss, after, gen: gen.map((r) => r.map((s) => s.ids)) };
+    });
+    expect(Math.abs(res.cuda.loss - res.native.loss)).toBeLessThan(1e-5);
+    for (const k of Object.keys(res.native.after)) expect(worstRel(res.cuda.after[k], res.native.after[k]), k).toBeLessThan(1e-5);
+    expect(res.cuda.gen).toEqual(res.native.gen);
+    expect(new Set(res.native.gen.flat(2)).size).toBeGreaterThan(1); // not a constant stream
+  });
+}
