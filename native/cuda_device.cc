@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstdio>
 #include <cstring>
 
 #include "kernels.h"
@@ -105,7 +106,17 @@ constexpr int kAttrSMs = 16, kAttrMajor = 75, kAttrMinor = 76;             // CU
 constexpr int kDescTransA = 3, kDescTransB = 4;                           // CUBLASLT_MATMUL_DESC_*
 constexpr int kLayoutBatch = 5, kLayoutStride = 6;                        // CUBLASLT_MATRIX_LAYOUT_*
 constexpr int kR32F = 0, kCompute32F = 68, kCompute32FFastTF32 = 77;      // CUDA_R_32F, CUBLAS_COMPUTE_*
+constexpr int kPrefWorkspace = 1, kPrefAlignA = 5;                         // CUBLASLT_MATMUL_PREF_* (A, B, C, D: 5–8)
 constexpr size_t kWorkspace = 32u << 20;
+
+// cublasLtMatmulHeuristicResult_t: the algorithm (64 bytes), its workspace, its state.
+struct Heuristic {
+  uint64_t algo[8];
+  size_t workspace;
+  int state;
+  float waves;
+  int reserved[4];
+};
 
 struct Driver {
   CUresult (*init)(unsigned);
@@ -147,7 +158,18 @@ struct Lt {
   int (*layout_set)(Handle, int, const void*, size_t);
   int (*layout_destroy)(Handle);
   int (*matmul)(Handle, Handle, const void*, const void*, Handle, const void*, Handle, const void*, const void*, Handle, void*, Handle, const void*, void*, size_t, Handle);
+  int (*pref_create)(Handle*);
+  int (*pref_set)(Handle, int, const void*, size_t);
+  int (*pref_destroy)(Handle);
+  int (*heuristic)(Handle, Handle, Handle, Handle, Handle, Handle, Handle, int, Heuristic*, int*);
 };
+
+// The largest power of two (4 to 256) dividing an address: what cuBLASLt may assume of it.
+uint32_t alignment(uint64_t p) {
+  uint32_t a = 256;
+  while (a > 4 && p % a) a >>= 1;
+  return a;
+}
 
 void* open_first(const std::vector<std::string>& names, std::string* why, const char* what) {
   std::string failed;
@@ -195,6 +217,8 @@ class Gpu : public Device {
     n(rtc_.cubin_size, "nvrtcGetCUBINSize"), n(rtc_.cubin, "nvrtcGetCUBIN"), n(rtc_.destroy, "nvrtcDestroyProgram"), n(rtc_.error_string, "nvrtcGetErrorString");
     l(lt_.create, "cublasLtCreate"), l(lt_.desc_create, "cublasLtMatmulDescCreate"), l(lt_.desc_set, "cublasLtMatmulDescSetAttribute"), l(lt_.desc_destroy, "cublasLtMatmulDescDestroy");
     l(lt_.layout_create, "cublasLtMatrixLayoutCreate"), l(lt_.layout_set, "cublasLtMatrixLayoutSetAttribute"), l(lt_.layout_destroy, "cublasLtMatrixLayoutDestroy"), l(lt_.matmul, "cublasLtMatmul");
+    l(lt_.pref_create, "cublasLtMatmulPreferenceCreate"), l(lt_.pref_set, "cublasLtMatmulPreferenceSetAttribute"), l(lt_.pref_destroy, "cublasLtMatmulPreferenceDestroy");
+    l(lt_.heuristic, "cublasLtMatmulAlgoGetHeuristic");
     if (!why->empty()) return false;
     // The stand-in driver of test/cuda-standin.test.ts (host memory, no GPU) runs launches through
     // the emulated kernels: it asks for them here. A real driver has no such symbol.
@@ -241,9 +265,11 @@ class Gpu : public Device {
     bool good = lt_.desc_create(&desc, tf32_ ? kCompute32FFastTF32 : kCompute32F, kR32F) == 0 && lt_.desc_set(desc, kDescTransA, &opa, sizeof opa) == 0 &&
                 lt_.desc_set(desc, kDescTransB, &opb, sizeof opb) == 0 && layout(&la, g.tb ? g.k : g.n, g.tb ? g.n : g.k, g.batch, g.sb) &&
                 layout(&lb, g.ta ? g.m : g.k, g.ta ? g.k : g.m, g.batch, g.sa) && layout(&lc, g.n, g.m, g.batch, g.sc);
+    const Heuristic* h = good ? algorithm(g, desc, la, lb, lc) : nullptr;
+    good = h != nullptr;
     if (good)
       good = lt_.matmul(lt_handle_, desc, &g.alpha, reinterpret_cast<void*>(g.b), la, reinterpret_cast<void*>(g.a), lb, &g.beta, reinterpret_cast<void*>(g.c), lc, reinterpret_cast<void*>(g.c), lc,
-                        nullptr, reinterpret_cast<void*>(workspace_), kWorkspace, nullptr) == 0;
+                        h->algo, reinterpret_cast<void*>(workspace_), kWorkspace, nullptr) == 0;
     if (!good) error = "cublasLtMatmul failed (" + std::to_string(g.m) + "x" + std::to_string(g.n) + "x" + std::to_string(g.k) + ", batch " + std::to_string(g.batch) + ")";
     for (Handle h : {la, lb, lc})
       if (h) lt_.layout_destroy(h);
@@ -256,6 +282,27 @@ class Gpu : public Device {
   }
 
  private:
+  // cuBLASLt's best algorithm for this product's shapes and its operands' actual alignments
+  // (its default preference assumes 256-byte aligned buffers, which a batch entry or a view
+  // need not be), found once per distinct product.
+  const Heuristic* algorithm(const Gemm& g, Handle desc, Handle la, Handle lb, Handle lc) {
+    const uint32_t al[4] = {alignment(g.b), alignment(g.a), alignment(g.c), alignment(g.c)};
+    char key[256];
+    snprintf(key, sizeof key, "%d%d %lld %lld %lld %lld %lld %lld %lld %u %u %u", g.ta, g.tb, (long long)g.batch, (long long)g.m, (long long)g.n, (long long)g.k, (long long)g.sa, (long long)g.sb,
+             (long long)g.sc, al[0], al[1], al[2]);
+    auto it = algos_.find(key);
+    if (it != algos_.end()) return &it->second;
+    Handle pref = nullptr;
+    Heuristic h{};
+    int found = 0;
+    const uint64_t ws = kWorkspace;
+    bool good = lt_.pref_create(&pref) == 0 && lt_.pref_set(pref, kPrefWorkspace, &ws, sizeof ws) == 0;
+    for (int i = 0; i < 4 && good; i++) good = lt_.pref_set(pref, kPrefAlignA + i, &al[i], sizeof al[i]) == 0;
+    if (good) good = lt_.heuristic(lt_handle_, desc, la, lb, lc, lc, pref, 1, &h, &found) == 0 && found > 0;
+    if (pref) lt_.pref_destroy(pref);
+    if (!good) return nullptr;
+    return &(algos_[key] = h);
+  }
   // A column-major layout of rows × cols (leading dimension rows), batched.
   bool layout(Handle* l, int64_t rows, int64_t cols, int64_t batch, int64_t stride) {
     if (lt_.layout_create(l, kR32F, (uint64_t)rows, (uint64_t)cols, rows) != 0) return false;
@@ -309,6 +356,7 @@ class Gpu : public Device {
   bool tf32_ = true;
   std::string name_;
   std::unordered_map<std::string, Handle> functions_;
+  std::unordered_map<std::string, Heuristic> algos_;
 };
 
 }  // namespace
