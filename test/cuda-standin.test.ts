@@ -57,3 +57,20 @@ describe('TF32 products from the command line', () => {
     }
   }, 300_000);
 });
+
+describe('GPU memory, checked before a job starts', () => {
+  it('a dpo job over the device\'s free memory (the stand-in has 512 MiB) stops before loading, naming the need and the device\'s room; the host would hold it', async () => {
+    if (!libs) return;
+    const f = await onlineFixture();
+    const data = path.join(f.d, 'pairs.jsonl');
+    fs.writeFileSync(data, JSON.stringify({ prompt: 'What is 1 plus 2?', chosen: 'The answer is 3.', rejected: 'no' }) + '\n');
+    const out = path.join(f.d, 'big');
+    const args = ['dpo', '--model', f.base, '--data', data, '--out', out, '--max-steps', '1', '--batch-size', '256', '--max-length', '256', '--gradient-checkpointing', 'off'];
+    const r = prefopt(['--backend', 'cuda', ...args], { env: { PREFOPT_CUDA_LIBS: libs } });
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(/dpo on .*base needs about [\d.]+ GiB \(weights .*\) of GPU memory, more than the 0\.50 GiB free on the device \(of 1\.00 GiB\)/);
+    expect(fs.existsSync(out)).toBe(false);
+    const host = prefopt(['--backend', 'native', ...args, '--max-steps', '0']);
+    expect(host.stderr).not.toMatch(/needs about/);
+  }, 120_000);
+});

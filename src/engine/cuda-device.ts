@@ -79,6 +79,13 @@ export class CudaDevice {
     }
   }
 
+  /** What a job may use on the device: its free memory and the blocks prefopt keeps for reuse; null when emulated (host memory). */
+  available(): { bytes: number; total: number } | null {
+    if (this.emulated) return null;
+    const s = this.stats();
+    return { bytes: s.free + s.cached, total: s.total };
+  }
+
   stats(resetPeak = false) {
     return this.addon.cudaStats(resetPeak);
   }
@@ -93,6 +100,11 @@ export class CudaDevice {
 }
 
 let device: CudaDevice | null = null;
+
+/** The device if the cuda backend opened one in this process. */
+export function openedCudaDevice(): CudaDevice | null {
+  return device;
+}
 
 /**
  * Open the device (once per process): the host emulation when PREFOPT_CUDA_DEVICE=emulate, else

@@ -7,6 +7,8 @@ import { UserError } from '../util/errors.js';
 import { loadConfig } from '../io/checkpoint.js';
 import { TrainConfig, checkpointingOn } from '../train/trainer.js';
 import { LoraConfig, defaultTargets } from '../lora/lora.js';
+import { currentBackend } from '../engine/backend.js';
+import { openedCudaDevice } from '../engine/cuda-device.js';
 
 /**
  * Peak memory of a job, estimated from the model's config and the job's shape before anything is
@@ -162,8 +164,26 @@ export function describeEstimate(e: MemoryEstimate): string {
  */
 export function checkJobFits(dir: string, what: string, job: (cfg: ModelConfig) => JobShape): void {
   const cfg = loadConfig(dir);
-  const shape = job(cfg);
-  assertFits(estimateMemory(cfg, { ...shape, len: Math.min(shape.len, cfg.max_position_embeddings), halfWeights: loadsHalf(dir) }), what);
+  const asked = job(cfg);
+  const shape = { ...asked, len: Math.min(asked.len, cfg.max_position_embeddings) };
+  const dev = currentBackend() === 'cuda' ? openedCudaDevice()?.available() : null;
+  if (dev) assertFitsDevice(estimateMemory(cfg, { ...shape, halfWeights: false }), what, dev);
+  else assertFits(estimateMemory(cfg, { ...shape, halfWeights: loadsHalf(dir) }), what);
+}
+
+/**
+ * The same on the cuda backend's GPU, whose memory holds every tensor: the estimate's terms
+ * with the weights in float32 (16-bit matrices are widened on the device) and without the host's
+ * runtime, against the device's free memory and prefopt's reusable blocks.
+ */
+export function assertFitsDevice(e: MemoryEstimate, what: string, dev: { bytes: number; total: number }): void {
+  const { runtime: _host, ...parts } = e.parts;
+  const total = e.total - (_host ?? 0);
+  if (total <= dev.bytes) return;
+  throw new UserError(
+    `${what} needs about ${describeEstimate({ parts, total })} of GPU memory, more than the ${gib(dev.bytes)} free on the device (of ${gib(dev.total)}); ` +
+      'lower --batch-size or --max-length, or turn on --gradient-checkpointing',
+  );
 }
 
 export interface JobReport {
