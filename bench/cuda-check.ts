@@ -10,11 +10,12 @@
  * One JSON line per result. PREFOPT_CUDA_TF32=0 makes the device's products exact float32 (the
  * comparison's tolerance is then float32's; with TF32, 10-bit mantissas, about 1e-2).
  * PREFOPT_CUDA_DEVICE=emulate runs it all without a GPU (slowly): the script's own test.
- *   node dist/bench/cuda-check.js [compare|time] [--layers N]
+ *   node dist/bench/cuda-check.js [report|compare|time] [--layers N]   (report: what `doctor` says of CUDA)
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { initBackend } from '../src/engine/backend.js';
 import { cudaAddon } from '../src/engine/native.js';
+import { cudaReport } from '../src/engine/cuda.js';
 import { HalfWeight } from '../src/engine/half.js';
 import { Decoder } from '../src/model/decoder.js';
 import { expectedShapes, isLinearWeight, parseConfig, presetConfig } from '../src/model/config.js';
@@ -66,8 +67,8 @@ async function compare(): Promise<void> {
     model.dispose();
     return { ...r, seconds: s };
   };
+  const gpu = await run('cuda'); // first: where it cannot open, nothing else is worth the time
   const cpu = await run('native');
-  const gpu = await run('cuda');
   const grads = Object.keys(cpu.grads).map((k) => ({ k, rel: worstRel(gpu.grads[k], cpu.grads[k]) }));
   const worst = grads.reduce((a, b) => (b.rel > a.rel ? b : a));
   // Gradients to float32 rounding (or TF32's 10-bit mantissas); the loss is a difference of sums
@@ -116,7 +117,8 @@ async function time(): Promise<void> {
 }
 
 try {
-  if (what === 'compare') await compare();
+  if (what === 'report') say({ step: 'cuda_report', ...cudaReport() });
+  else if (what === 'compare') await compare();
   else if (what === 'time') await time();
   else throw new Error(`unknown "${what}" (compare or time)`);
 } catch (e: any) {

@@ -31,10 +31,16 @@ PY
 if [ -d .gpu/app ]; then
   xz -dc .gpu/node.xz > /tmp/prefopt-node && chmod +x /tmp/prefopt-node
   LIBS=$(python3 -c 'import glob, os, site; print(":".join(sorted({os.path.dirname(p) for d in site.getsitepackages() for p in glob.glob(os.path.join(d, "nvidia", "*", "lib", "lib*.so*"))})))')
-  (cd .gpu/app && export PREFOPT_CUDA_LIBS="$LIBS" &&
-    PREFOPT_CUDA_TF32=0 timeout 240 /tmp/prefopt-node dist/bench/cuda-check.js compare &&
-    timeout 150 /tmp/prefopt-node dist/bench/cuda-check.js time &&
-    PREFOPT_CUDA_TF32=0 timeout 150 /tmp/prefopt-node dist/bench/cuda-check.js time) 2>&1 | grep '^{'
+  # Each step on its own: one that fails (its error is a JSON line too) does not stop the next.
+  node_step() {
+    (cd .gpu/app && PREFOPT_CUDA_LIBS="$LIBS" PREFOPT_CUDA_TF32="${3:-}" timeout "$1" /tmp/prefopt-node dist/bench/cuda-check.js "$2" 2>/tmp/prefopt-node.err)
+    rc=$?
+    [ $rc -eq 0 ] || say "{\"step\":\"cuda_$2\",\"exit\":$rc,\"stderr\":$(python3 -c 'import json; print(json.dumps(open("/tmp/prefopt-node.err").read()[-1500:]))')}"
+  }
+  node_step 60 report
+  node_step 240 compare 0
+  node_step 150 time
+  node_step 150 time 0
 else
   say '{"step":"cuda_backend","error":".gpu/ is missing: run sh scripts/gpu-bundle.sh here and carry .gpu"}'
 fi
