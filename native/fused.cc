@@ -280,21 +280,77 @@ void over_sigmoid(const float* g, int64_t n, const F& f) {
 }
 }  // namespace
 
+namespace alea {
+// seedrandom's alea as integers: its state is three 32-bit words (s·2³²) and a carry, and a
+// draw is t = a·S0 + c, c' = t >> 32, S' = t mod 2³² (the double arithmetic of lib/alea.js is
+// exact: a·S0 + c < 2⁵³). That is a lag-3 multiply-with-carry generator, which is a linear
+// congruential one in disguise (docs/REFERENCE.md §11): Y = c·b³ + S2·b² + S1·b + S0 (b = 2³²)
+// steps as Y' = Y·b⁻¹ mod m, m = a·b³ − 1, with b⁻¹ = a·b² — so k draws ahead is one modular
+// power, and a mask's chunks are drawn on every thread, each from its own start.
+using u128 = unsigned __int128;
+constexpr uint64_t kA = 2091639;
+constexpr u128 kM = ((u128)kA << 96) - 1;
+
+struct Words {
+  uint32_t s0, s1, s2;
+  uint64_t c;
+};
+
+inline u128 add_mod(u128 x, u128 y) {  // x, y < m < 2¹¹⁷: no overflow
+  x += y;
+  return x >= kM ? x - kM : x;
+}
+u128 mul_mod(u128 x, u128 y) {
+  u128 r = 0;
+  for (int i = 116; i >= 0; i--) {
+    r = add_mod(r, r);
+    if ((y >> i) & 1) r = add_mod(r, x);
+  }
+  return r;
+}
+u128 pow_mod(u128 x, uint64_t k) {
+  u128 r = 1;
+  for (; k; k >>= 1, x = mul_mod(x, x))
+    if (k & 1) r = mul_mod(r, x);
+  return r;
+}
+
+Words words(double s0, double s1, double s2, double c) {
+  const double b = 4294967296.0;
+  return Words{(uint32_t)(s0 * b), (uint32_t)(s1 * b), (uint32_t)(s2 * b), (uint64_t)c};
+}
+
+// The state k draws later.
+Words jump(Words w, uint64_t k) {
+  if (k == 0) return w;
+  const u128 y = ((u128)w.c << 96) | ((u128)w.s2 << 64) | ((u128)w.s1 << 32) | w.s0;
+  const u128 z = mul_mod(y, pow_mod((u128)kA << 64, k));
+  return Words{(uint32_t)z, (uint32_t)(z >> 32), (uint32_t)(z >> 64), (uint64_t)(z >> 96)};
+}
+
+// One draw, as the float32 tf.dropout compares: lib/alea.js's s2 rounded to float.
+inline float draw(Words& w) {
+  const uint64_t t = kA * w.s0 + w.c;
+  w.s0 = w.s1, w.s1 = w.s2, w.c = t >> 32, w.s2 = (uint32_t)t;
+  return static_cast<float>(w.s2 * 2.3283064365386963e-10);
+}
+}  // namespace alea
+
 void dropout_alea(const float* x, int64_t n, double s0, double s1, double s2, double c, float keep, float* y, uint32_t* bits) {
   const float scale = 1.f / keep;  // floor(u + keep) is 0 or 1: the quotient is 0 or f32(1 / keep)
-  if (bits) std::fill(bits, bits + (n + 31) / 32, 0u);
-  for (int64_t i = 0; i < n; i++) {
-    // alea's step (seedrandom lib/alea.js): t | 0 truncates a positive t below 2^31.
-    double t = 2091639.0 * s0 + c * 2.3283064365386963e-10;
-    s0 = s1;
-    s1 = s2;
-    c = static_cast<double>(static_cast<int32_t>(t));
-    s2 = t - c;
-    float u = static_cast<float>(s2);
-    bool kept = std::floor(u + keep) != 0.f;
-    if (y) y[i] = kept ? x[i] * scale : x[i] * 0.f;
-    if (bits && kept) bits[i >> 5] |= 1u << (i & 31);
-  }
+  const alea::Words start = alea::words(s0, s1, s2, c);
+  const int64_t chunks = (n + kChunk - 1) / kChunk;  // kChunk is a multiple of 32: a thread owns whole words
+  parallel((int)chunks, threads_for(n), [&](int c0, int c1) {
+    const int64_t i0 = c0 * kChunk, i1 = std::min(n, c1 * kChunk);
+    alea::Words w = alea::jump(start, (uint64_t)i0);
+    if (bits) std::fill(bits + i0 / 32, bits + (i1 + 31) / 32, 0u);
+    for (int64_t i = i0; i < i1; i++) {
+      const float u = alea::draw(w);
+      const bool kept = std::floor(u + keep) != 0.f;
+      if (y) y[i] = kept ? x[i] * scale : x[i] * 0.f;
+      if (bits && kept) bits[i >> 5] |= 1u << (i & 31);
+    }
+  });
 }
 
 #ifdef PREFOPT_X86

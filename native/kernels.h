@@ -114,7 +114,8 @@ void attention_grad(const float* q, const float* k, const float* v, const float*
 void split_qkv(float* qkv, int64_t N, int64_t KV, int64_t G, int64_t hd, float* q, float* k, float* v, bool merge);
 // tf.dropout(x, 1 − keep, seed) bit for bit: u_i from seedrandom's alea generator, whose state
 // (s0, s1, s2, c) the caller seeds as tfjs does; y_i = x_i · (floor(f32(u_i) + keep) / keep) in
-// float32. The generator is sequential, so this runs on one thread. With bits, also writes
+// float32, on every thread: each jumps ahead in the generator to its part (alea is a
+// congruential generator in disguise, fused.cc). With bits, also writes
 // which elements were kept (bit i of bits[i / 32]), for dropout_bits to apply the same mask again.
 // x and y may both be null: the bits alone, for a device that applies them (the cuda backend).
 void dropout_alea(const float* x, int64_t n, double s0, double s1, double s2, double c, float keep, float* y, uint32_t* bits = nullptr);

@@ -524,6 +524,20 @@ describe('dropout', () => {
     x.dispose();
   });
 
+  it.skipIf(!native.active)('a mask of 300,001 draws, drawn on every thread, each thread jumping ahead in the generator to its part (alea as a congruential generator), is tf.dropout\'s', async () => {
+    const { dropout } = await import('../src/engine/dropout.js');
+    const n = 300_001;
+    const x = tf.fill([n], 1.5);
+    for (const [rate, seed] of [[0.05, 3], [0.5, 4294967295]] as const) {
+      const want = tf.tidy(() => tf.dropout(x, rate, undefined, seed).dataSync());
+      const got = tf.tidy(() => dropout(x, rate, seed).dataSync());
+      let diff = -1;
+      for (let i = 0; i < n && diff < 0; i++) if (got[i] !== want[i]) diff = i;
+      expect(diff, `first differing element, rate ${rate}`).toBe(-1);
+    }
+    x.dispose();
+  });
+
   it.skipIf(!native.active)('a mask applied again from its recorded bits (a recompute, the backward pass) is the mask drawn, on another tensor of the same size too, across the 32-bit word and thread chunk boundaries', async () => {
     const { dropout } = await import('../src/engine/dropout.js');
     const rng = new Rng(22);

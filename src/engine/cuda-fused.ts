@@ -9,8 +9,8 @@ import { CudaDevice } from './cuda-device.js';
  * addresses where the host kernels take arrays, each one or a few launches of
  * native/cuda/kernels.cu or cuBLASLt products. 16-bit frozen weights come as the host's bits
  * (engine/half) and are widened on the device once, kept while their bits are alive. Dropout
- * masks are drawn on the host (alea is one sequential stream; native/fused.cc draws it as tfjs
- * does) and only their bits go to the device.
+ * masks are drawn on the host (native/fused.cc draws alea's stream as tf.dropout does, on every
+ * core by jumping ahead in it) and only their bits go to the device.
  */
 type Addr = number;
 /** What `view` gives adamwInPlace: an address and a length. */

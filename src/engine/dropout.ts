@@ -53,7 +53,7 @@ export function aleaState(seed: number | string): AleaState {
 /**
  * Masks already drawn, by generator state, size and rate: a training step applies each mask two
  * or three times (forward; a checkpointed layer's recompute; the backward pass), and only the
- * first needs the sequential generator — the others apply the recorded bits on every core
+ * first needs the generator — the others apply the recorded bits on every core
  * (at 0.5B, LoRA dropout on all seven linears took a third of a DPO step drawing each mask three
  * times). The mask is a function of the key, so the cache never changes a result: an entry
  * dropped (the cache is bounded) is drawn again, the same. The backward pass retires its entry.
