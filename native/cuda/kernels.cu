@@ -180,99 +180,138 @@ __global__ void label_logprobs_grad(const float* x, i64 V, const int* y, const f
   for (i64 j = threadIdx.x; j < V; j += blockDim.x) dx[row * V + j] = valid ? dy[row] * ((j == label ? 1.f : 0.f) - expf(x[row * V + j] - lse)) : 0.f;
 }
 
-// ---- attention ---------------------------------------------------------------------------------
+// ---- attention ----------------------------------------------------------------------------------
 // q [B, T, H, hd], k, v [B, Tk, KV, hd] (query head h reads kv head h / (H / KV)), additive mask
 // [B, 1, T, Tk] (prefopt's masked value is −1e9, finite, so a fully masked row is uniform, as on
 // the CPU): o = softmax(scale·q·kᵀ + mask)·v, without a [T, Tk] tensor — each query row runs an
 // online softmax over the keys, and lse [B, H, T] (the row's log-sum-exp) is kept for the
-// backward pass, which recomputes the probabilities from it. One thread per row, keys in order:
-// correctness first (the device check), tiling and tensor cores later. hd ≤ 256.
+// backward pass, which recomputes the probabilities from it. One warp per row: its lanes hold a
+// head's dimensions (lane + 32·e, hd ≤ 256) and a dot product is a warp sum, so a warp reads each
+// key row in one coalesced pass. Launch with a block of a multiple of 32 threads and any grid:
+// a block's warps take rows together, every warp the same number of rounds (rows past the end
+// are computed on the last row and not written), as the emulation's block-wide shuffles need.
 #define PREFOPT_MAX_HD 256
+#define PREFOPT_HD_LANES 8
 
-__device__ __forceinline__ float attn_dot(const float* a, const float* b, i64 hd) {
+// Σ a·b over a row of hd, held as lanes' parts.
+__device__ __forceinline__ float warp_dot(const float* a, const float* b) {
   float s = 0.f;
-  for (i64 d = 0; d < hd; d++) s += a[d] * b[d];
-  return s;
+  for (int e = 0; e < PREFOPT_HD_LANES; e++) s += a[e] * b[e];
+  return warp_sum(s);
+}
+
+// This lane's dimensions of a row of hd floats at p (zeros past hd).
+__device__ __forceinline__ void lane_load(const float* p, i64 hd, int lane, float* out) {
+  for (int e = 0; e < PREFOPT_HD_LANES; e++) {
+    i64 d = lane + 32 * e;
+    out[e] = d < hd ? p[d] : 0.f;
+  }
+}
+
+__device__ __forceinline__ void lane_store(float* p, i64 hd, int lane, const float* v, float scale) {
+  for (int e = 0; e < PREFOPT_HD_LANES; e++) {
+    i64 d = lane + 32 * e;
+    if (d < hd) p[d] = v[e] * scale;
+  }
 }
 
 __global__ void attention_fwd(const float* q, const float* k, const float* v, const float* mask, float scale, i64 B, i64 T, i64 Tk, i64 H, i64 KV, i64 hd, float* o, float* lse) {
+  const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   const i64 rows = B * H * T;
-  for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < rows; t += (i64)gridDim.x * blockDim.x) {
+  for (i64 base = blockIdx.x * (i64)warps; base < rows; base += (i64)gridDim.x * warps) {
+    const i64 row = base + (threadIdx.x >> 5), t = row < rows ? row : rows - 1;
     const i64 i = t % T, h = t / T % H, b = t / (T * H), g = h / (H / KV);
-    const float* qi = q + ((b * T + i) * H + h) * hd;
     const float* mi = mask + (b * T + i) * Tk;
-    float acc[PREFOPT_MAX_HD];
-    for (i64 d = 0; d < hd; d++) acc[d] = 0.f;
+    float qv[PREFOPT_HD_LANES], kv[PREFOPT_HD_LANES], vv[PREFOPT_HD_LANES], acc[PREFOPT_HD_LANES];
+    lane_load(q + ((b * T + i) * H + h) * hd, hd, lane, qv);
+    for (int e = 0; e < PREFOPT_HD_LANES; e++) acc[e] = 0.f;
     float m = -3.402823466e38f, l = 0.f;
     for (i64 j = 0; j < Tk; j++) {
-      const float* kj = k + ((b * Tk + j) * KV + g) * hd;
-      const float* vj = v + ((b * Tk + j) * KV + g) * hd;
-      float s = attn_dot(qi, kj, hd) * scale + mi[j];
-      float mn = fmaxf(m, s), corr = expf(m - mn), e = expf(s - mn);
-      l = l * corr + e;
-      for (i64 d = 0; d < hd; d++) acc[d] = acc[d] * corr + e * vj[d];
+      lane_load(k + ((b * Tk + j) * KV + g) * hd, hd, lane, kv);
+      lane_load(v + ((b * Tk + j) * KV + g) * hd, hd, lane, vv);
+      float s = warp_dot(qv, kv) * scale + mi[j];
+      float mn = fmaxf(m, s), corr = expf(m - mn), p = expf(s - mn);
+      l = l * corr + p;
+      for (int e = 0; e < PREFOPT_HD_LANES; e++) acc[e] = acc[e] * corr + p * vv[e];
       m = mn;
     }
-    float* oi = o + ((b * T + i) * H + h) * hd;
-    for (i64 d = 0; d < hd; d++) oi[d] = acc[d] / l;
-    lse[(b * H + h) * T + i] = m + logf(l);
+    if (row < rows) {
+      lane_store(o + ((b * T + i) * H + h) * hd, hd, lane, acc, 1.f / l);
+      if (lane == 0) lse[(b * H + h) * T + i] = m + logf(l);
+    }
   }
 }
 
-// delta [B, H, T] = Σ_d dO·O per query row: the softmax gradient's row term.
+// delta [B, H, T] = Σ_d dO·O per query row: the softmax gradient's row term. A warp per row.
 __global__ void attention_bwd_delta(const float* o, const float* dout, i64 B, i64 T, i64 H, i64 hd, float* delta) {
+  const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   const i64 rows = B * H * T;
-  for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < rows; t += (i64)gridDim.x * blockDim.x) {
+  for (i64 base = blockIdx.x * (i64)warps; base < rows; base += (i64)gridDim.x * warps) {
+    const i64 row = base + (threadIdx.x >> 5), t = row < rows ? row : rows - 1;
     const i64 i = t % T, h = t / T % H, b = t / (T * H);
     const i64 at = ((b * T + i) * H + h) * hd;
-    delta[t] = attn_dot(o + at, dout + at, hd);
+    float ov[PREFOPT_HD_LANES], dv[PREFOPT_HD_LANES];
+    lane_load(o + at, hd, lane, ov);
+    lane_load(dout + at, hd, lane, dv);
+    float s = warp_dot(ov, dv);
+    if (row < rows && lane == 0) delta[t] = s;
   }
 }
 
-// dq_i = scale · Σ_j p_ij (dO_i·v_j − delta_i) k_j, a thread per query row.
+// dq_i = scale · Σ_j p_ij (dO_i·v_j − delta_i) k_j, a warp per query row.
 __global__ void attention_bwd_dq(const float* q, const float* k, const float* v, const float* mask, const float* dout, const float* lse, const float* delta, float scale, i64 B, i64 T, i64 Tk,
                                  i64 H, i64 KV, i64 hd, float* dq) {
+  const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   const i64 rows = B * H * T;
-  for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < rows; t += (i64)gridDim.x * blockDim.x) {
+  for (i64 base = blockIdx.x * (i64)warps; base < rows; base += (i64)gridDim.x * warps) {
+    const i64 row = base + (threadIdx.x >> 5), t = row < rows ? row : rows - 1;
     const i64 i = t % T, h = t / T % H, b = t / (T * H), g = h / (H / KV);
     const i64 at = ((b * T + i) * H + h) * hd;
     const float* mi = mask + (b * T + i) * Tk;
-    float acc[PREFOPT_MAX_HD];
-    for (i64 d = 0; d < hd; d++) acc[d] = 0.f;
+    float qv[PREFOPT_HD_LANES], dov[PREFOPT_HD_LANES], kv[PREFOPT_HD_LANES], vv[PREFOPT_HD_LANES], acc[PREFOPT_HD_LANES];
+    lane_load(q + at, hd, lane, qv);
+    lane_load(dout + at, hd, lane, dov);
+    for (int e = 0; e < PREFOPT_HD_LANES; e++) acc[e] = 0.f;
     for (i64 j = 0; j < Tk; j++) {
-      const float* kj = k + ((b * Tk + j) * KV + g) * hd;
-      const float* vj = v + ((b * Tk + j) * KV + g) * hd;
-      float p = expf(attn_dot(q + at, kj, hd) * scale + mi[j] - lse[t]);
-      float ds = p * (attn_dot(dout + at, vj, hd) - delta[t]);
-      for (i64 d = 0; d < hd; d++) acc[d] += ds * kj[d];
+      lane_load(k + ((b * Tk + j) * KV + g) * hd, hd, lane, kv);
+      lane_load(v + ((b * Tk + j) * KV + g) * hd, hd, lane, vv);
+      float p = expf(warp_dot(qv, kv) * scale + mi[j] - lse[t]);
+      float ds = p * (warp_dot(dov, vv) - delta[t]);
+      for (int e = 0; e < PREFOPT_HD_LANES; e++) acc[e] += ds * kv[e];
     }
-    for (i64 d = 0; d < hd; d++) dq[at + d] = acc[d] * scale;
+    if (row < rows) lane_store(dq + at, hd, lane, acc, scale);
   }
 }
 
 // dv_j = Σ_{h in j's group, i} p_ij dO_i and dk_j = scale · Σ p_ij (dO_i·v_j − delta_i) q_i, a
-// thread per key row: sums in a fixed order, no atomics.
+// warp per key row: sums in a fixed order, no atomics.
 __global__ void attention_bwd_dkdv(const float* q, const float* k, const float* v, const float* mask, const float* dout, const float* lse, const float* delta, float scale, i64 B, i64 T,
                                    i64 Tk, i64 H, i64 KV, i64 hd, float* dk, float* dv) {
+  const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   const i64 rows = B * KV * Tk, G = H / KV;
-  for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < rows; t += (i64)gridDim.x * blockDim.x) {
+  for (i64 base = blockIdx.x * (i64)warps; base < rows; base += (i64)gridDim.x * warps) {
+    const i64 row = base + (threadIdx.x >> 5), t = row < rows ? row : rows - 1;
     const i64 j = t % Tk, g = t / Tk % KV, b = t / (Tk * KV);
     const i64 kat = ((b * Tk + j) * KV + g) * hd;
-    float ak[PREFOPT_MAX_HD], av[PREFOPT_MAX_HD];
-    for (i64 d = 0; d < hd; d++) ak[d] = av[d] = 0.f;
+    float kv[PREFOPT_HD_LANES], vv[PREFOPT_HD_LANES], qv[PREFOPT_HD_LANES], dov[PREFOPT_HD_LANES], ak[PREFOPT_HD_LANES], av[PREFOPT_HD_LANES];
+    lane_load(k + kat, hd, lane, kv);
+    lane_load(v + kat, hd, lane, vv);
+    for (int e = 0; e < PREFOPT_HD_LANES; e++) ak[e] = av[e] = 0.f;
     for (i64 h = g * G; h < (g + 1) * G; h++)
       for (i64 i = 0; i < T; i++) {
-        const i64 at = ((b * T + i) * H + h) * hd, row = (b * H + h) * T + i;
-        float p = expf(attn_dot(q + at, k + kat, hd) * scale + mask[(b * T + i) * Tk + j] - lse[row]);
-        float ds = p * (attn_dot(dout + at, v + kat, hd) - delta[row]);
-        for (i64 d = 0; d < hd; d++) {
-          av[d] += p * dout[at + d];
-          ak[d] += ds * q[at + d];
+        const i64 at = ((b * T + i) * H + h) * hd, r = (b * H + h) * T + i;
+        lane_load(q + at, hd, lane, qv);
+        lane_load(dout + at, hd, lane, dov);
+        float p = expf(warp_dot(qv, kv) * scale + mask[(b * T + i) * Tk + j] - lse[r]);
+        float ds = p * (warp_dot(dov, vv) - delta[r]);
+        for (int e = 0; e < PREFOPT_HD_LANES; e++) {
+          av[e] += p * dov[e];
+          ak[e] += ds * qv[e];
         }
       }
-    for (i64 d = 0; d < hd; d++) {
-      dk[kat + d] = ak[d] * scale;
-      dv[kat + d] = av[d];
+    if (row < rows) {
+      lane_store(dk + kat, hd, lane, ak, scale);
+      lane_store(dv + kat, hd, lane, av, 1.f);
     }
   }
 }

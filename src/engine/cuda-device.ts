@@ -48,6 +48,11 @@ export class CudaDevice {
     if (n > 0) this.addon.cudaLaunch(kernel, Math.max(1, Math.min(Math.ceil(n / block), this.maxGrid)), block, args);
   }
 
+  /** A kernel with one warp per row (blocks of `block` threads, a multiple of 32). */
+  warps(kernel: string, rows: number, args: (number | number[])[], block = 128): void {
+    if (rows > 0) this.addon.cudaLaunch(kernel, Math.max(1, Math.min(Math.ceil(rows / (block / 32)), this.maxGrid)), block, args);
+  }
+
   /** One block (reductions to a single value). */
   single(kernel: string, args: (number | number[])[], block = 1024): void {
     this.addon.cudaLaunch(kernel, 1, block, args);

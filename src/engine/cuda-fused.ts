@@ -63,17 +63,17 @@ export function cudaFused(dev: CudaDevice, hostDropout: (n: number, s: number[],
     rope: (x: any, cos: any, sin: any, rows, heads, hd, inverse, y: any) => dev.each('rope', (rows * heads * hd) / 2, [x, cos, sin, rows, heads, hd, inverse ? 1 : 0, y]),
     attention: (q: any, kk: any, v: any, mask: any, scale, b, t, tk, h, kv, hd, o: any) => {
       checkHeadDim(hd);
-      dev.withTemp([4 * b * h * t], ([lse]) => dev.each('attention_fwd', b * h * t, [q, kk, v, mask, scale, b, t, tk, h, kv, hd, o, lse], 128));
+      dev.withTemp([4 * b * h * t], ([lse]) => dev.warps('attention_fwd', b * h * t, [q, kk, v, mask, scale, b, t, tk, h, kv, hd, o, lse]));
     },
     // The forward pass again for o and the log-sum-exps (the forward kernel keeps none), then
     // the flash-style backward pass.
     attentionGrad: (q: any, kk: any, v: any, mask: any, scale, b, t, tk, h, kv, hd, dout: any, dq: any, dk: any, dv: any) => {
       checkHeadDim(hd);
       dev.withTemp([4 * b * t * h * hd, 4 * b * h * t, 4 * b * h * t], ([o, lse, delta]) => {
-        dev.each('attention_fwd', b * h * t, [q, kk, v, mask, scale, b, t, tk, h, kv, hd, o, lse], 128);
-        dev.each('attention_bwd_delta', b * h * t, [o, dout, b, t, h, hd, delta]);
-        dev.each('attention_bwd_dq', b * h * t, [q, kk, v, mask, dout, lse, delta, scale, b, t, tk, h, kv, hd, dq], 128);
-        dev.each('attention_bwd_dkdv', b * kv * tk, [q, kk, v, mask, dout, lse, delta, scale, b, t, tk, h, kv, hd, dk, dv], 128);
+        dev.warps('attention_fwd', b * h * t, [q, kk, v, mask, scale, b, t, tk, h, kv, hd, o, lse]);
+        dev.warps('attention_bwd_delta', b * h * t, [o, dout, b, t, h, hd, delta]);
+        dev.warps('attention_bwd_dq', b * h * t, [q, kk, v, mask, dout, lse, delta, scale, b, t, tk, h, kv, hd, dq]);
+        dev.warps('attention_bwd_dkdv', b * kv * tk, [q, kk, v, mask, dout, lse, delta, scale, b, t, tk, h, kv, hd, dk, dv]);
       });
     },
     biasAdd: (x: any, bias: any, n, d, y: any) => dev.each('bias_add', n * d, [x, bias, n, d, y]),
