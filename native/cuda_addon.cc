@@ -124,24 +124,19 @@ napi_value Free(napi_env env, napi_callback_info info) {
   return v;
 }
 
-// cudaUpload(address, typedArray) / cudaDownload(address, typedArray): the array's bytes.
-napi_value Upload(napi_env env, napi_callback_info info) {
+// cudaUpload(address, typedArray) / cudaDownload(address, typedArray): the array's bytes, up
+// (callback data non-null) or down.
+napi_value Transfer(napi_env env, napi_callback_info info) {
   Call c(env, info);
+  void* up = nullptr;
+  napi_get_cb_info(env, info, nullptr, nullptr, nullptr, &up);
+  const char* fn = up ? "cudaUpload" : "cudaDownload";
   void* data;
   size_t n;
   if (!need_device(env)) return nullptr;
-  if (!c.bytes(1, &data, &n)) return throw_error(env, "cudaUpload: the source is not a typed array");
-  if (!g_device->upload((uint64_t)c.num(0), data, n)) return throw_error(env, g_device->error);
-  return nullptr;
-}
-
-napi_value Download(napi_env env, napi_callback_info info) {
-  Call c(env, info);
-  void* data;
-  size_t n;
-  if (!need_device(env)) return nullptr;
-  if (!c.bytes(1, &data, &n)) return throw_error(env, "cudaDownload: the destination is not a typed array");
-  if (!g_device->download(data, (uint64_t)c.num(0), n)) return throw_error(env, g_device->error);
+  if (!c.bytes(1, &data, &n)) return throw_error(env, std::string(fn) + ": argument 1 is not a typed array");
+  const uint64_t addr = (uint64_t)c.num(0);
+  if (!(up ? g_device->upload(addr, data, n) : g_device->download(data, addr, n))) return throw_error(env, g_device->error);
   return nullptr;
 }
 
@@ -266,8 +261,8 @@ void define_cuda(napi_env env, napi_value exports) {
       {"cudaOpen", nullptr, Open, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"cudaAlloc", nullptr, Alloc, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"cudaFree", nullptr, Free, nullptr, nullptr, nullptr, napi_default, nullptr},
-      {"cudaUpload", nullptr, Upload, nullptr, nullptr, nullptr, napi_default, nullptr},
-      {"cudaDownload", nullptr, Download, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"cudaUpload", nullptr, Transfer, nullptr, nullptr, nullptr, napi_default, (void*)"up"},
+      {"cudaDownload", nullptr, Transfer, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"cudaCopy", nullptr, Copy, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"cudaLaunch", nullptr, Launch, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"cudaGemm", nullptr, GemmCall, nullptr, nullptr, nullptr, napi_default, nullptr},

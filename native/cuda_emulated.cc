@@ -5,6 +5,7 @@
 
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 #include "cuda/emulate.h"
@@ -16,36 +17,23 @@ namespace {
 
 static_assert(sizeof(DimsArg) == sizeof(Dims), "DimsArg must be laid out as kernels.cu's Dims");
 
+// A parameter's type as one character of a kernel's signature.
 template <typename T>
-struct SigOf;
-template <typename T>
-struct SigOf<T*> {
-  static constexpr char c = 'p';
-};
-template <>
-struct SigOf<i64> {
-  static constexpr char c = 'l';
-};
-template <>
-struct SigOf<int> {
-  static constexpr char c = 'i';
-};
-template <>
-struct SigOf<unsigned> {
-  static constexpr char c = 'u';
-};
-template <>
-struct SigOf<float> {
-  static constexpr char c = 'f';
-};
-template <>
-struct SigOf<Dims> {
-  static constexpr char c = 'D';
-};
+constexpr char sig_char() {
+  if constexpr (std::is_pointer_v<T>) return 'p';
+  else if constexpr (std::is_same_v<T, i64>) return 'l';
+  else if constexpr (std::is_same_v<T, int>) return 'i';
+  else if constexpr (std::is_same_v<T, unsigned>) return 'u';
+  else if constexpr (std::is_same_v<T, float>) return 'f';
+  else {
+    static_assert(std::is_same_v<T, Dims>, "a kernel parameter type the launcher cannot pack");
+    return 'D';
+  }
+}
 
 template <typename... P>
 std::string sig_of(void (*)(P...)) {
-  return std::string{SigOf<P>::c...};
+  return std::string{sig_char<P>()...};
 }
 
 template <typename... P, size_t... I>
