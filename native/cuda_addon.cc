@@ -195,20 +195,20 @@ napi_value Launch(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
-// cudaGemm(ta, tb, batch, m, n, k, a, sa, b, sb, c, sc, alpha, beta) — more than Call's 8
-// arguments, so they come as one array.
+// cudaGemm([ta, tb, batch, m, n, k, a, sa, b, sb, c, sc, alpha, beta, adt, bdt]) — more than
+// Call's 8 arguments, so they come as one array; adt, bdt: 0 float32, 1 bf16.
 napi_value GemmCall(napi_env env, napi_callback_info info) {
   Call c(env, info);
   if (!need_device(env)) return nullptr;
-  double v[14];
-  for (uint32_t i = 0; i < 14; i++) {
+  double v[16];
+  for (uint32_t i = 0; i < 16; i++) {
     napi_value e;
     napi_get_element(env, c.argv[0], i, &e);
     v[i] = NAN;
     napi_get_value_double(env, e, &v[i]);
   }
   cuda::Gemm g{v[0] != 0, v[1] != 0, (int64_t)v[2], (int64_t)v[3], (int64_t)v[4], (int64_t)v[5], (uint64_t)v[6], (uint64_t)v[8], (uint64_t)v[10], (int64_t)v[7], (int64_t)v[9], (int64_t)v[11],
-               (float)v[12], (float)v[13]};
+               (float)v[12], (float)v[13], v[14] == 1 ? 1 : 0, v[15] == 1 ? 1 : 0};
   if (!g_device->gemm(g)) return throw_error(env, g_device->error);
   return nullptr;
 }

@@ -78,8 +78,10 @@ class Emulated : public Device {
   }
   // The addon's own product (exact float32, as cuBLASLt's CUBLAS_COMPUTE_32F), then alpha and beta.
   bool gemm(const Gemm& g) override {
-    std::vector<float> t((size_t)(g.batch * g.m * g.n));
-    matmul(g.ta, g.tb, g.batch, g.m, g.n, g.k, f(g.a), g.sa, f(g.b), g.sb, t.data(), false);
+    std::vector<float> t((size_t)(g.batch * g.m * g.n)), wa, wb;
+    const float* a = operand(g.a, g.adt, g.sa, g.batch, g.m * g.k, wa);
+    const float* b = operand(g.b, g.bdt, g.sb, g.batch, g.k * g.n, wb);
+    matmul(g.ta, g.tb, g.batch, g.m, g.n, g.k, a, g.sa, b, g.sb, t.data(), false);
     for (int64_t e = 0; e < g.batch; e++) {
       float* c = f(g.c) + e * g.sc;
       const float* s = t.data() + e * g.m * g.n;
@@ -93,6 +95,18 @@ class Emulated : public Device {
  private:
   static void* ptr(uint64_t p) { return reinterpret_cast<void*>(p); }
   static float* f(uint64_t p) { return reinterpret_cast<float*>(p); }
+  // A product's operand as float32: itself, or its bf16 values widened (exact) into `keep`.
+  static const float* operand(uint64_t p, int dt, int64_t stride, int64_t batch, int64_t size, std::vector<float>& keep) {
+    if (dt == 0) return f(p);
+    const int64_t n = stride ? (batch - 1) * stride + size : size;
+    const uint16_t* h = reinterpret_cast<const uint16_t*>(p);
+    keep.resize((size_t)n);
+    for (int64_t i = 0; i < n; i++) {
+      uint32_t u = (uint32_t)h[i] << 16;
+      std::memcpy(&keep[(size_t)i], &u, 4);
+    }
+    return keep.data();
+  }
 };
 
 // ---- the GPU -----------------------------------------------------------------------------------
@@ -105,7 +119,7 @@ using Handle = void*;
 constexpr int kAttrSMs = 16, kAttrMajor = 75, kAttrMinor = 76;             // CU_DEVICE_ATTRIBUTE_*
 constexpr int kDescTransA = 3, kDescTransB = 4;                           // CUBLASLT_MATMUL_DESC_*
 constexpr int kLayoutBatch = 5, kLayoutStride = 6;                        // CUBLASLT_MATRIX_LAYOUT_*
-constexpr int kR32F = 0, kCompute32F = 68, kCompute32FFastTF32 = 77;      // CUDA_R_32F, CUBLAS_COMPUTE_*
+constexpr int kR32F = 0, kR16BF = 14, kCompute32F = 68, kCompute32FFastTF32 = 77;  // CUDA_R_*, CUBLAS_COMPUTE_*
 constexpr int kPrefWorkspace = 1, kPrefAlignA = 5;                         // CUBLASLT_MATMUL_PREF_* (A, B, C, D: 5–8)
 constexpr size_t kWorkspace = 32u << 20;
 
@@ -262,9 +276,11 @@ class Gpu : public Device {
   bool gemm(const Gemm& g) override {
     Handle desc = nullptr, la = nullptr, lb = nullptr, lc = nullptr;
     const int opa = g.tb ? 1 : 0, opb = g.ta ? 1 : 0;
-    bool good = lt_.desc_create(&desc, tf32_ ? kCompute32FFastTF32 : kCompute32F, kR32F) == 0 && lt_.desc_set(desc, kDescTransA, &opa, sizeof opa) == 0 &&
-                lt_.desc_set(desc, kDescTransB, &opb, sizeof opb) == 0 && layout(&la, g.tb ? g.k : g.n, g.tb ? g.n : g.k, g.batch, g.sb) &&
-                layout(&lb, g.ta ? g.m : g.k, g.ta ? g.k : g.m, g.batch, g.sa) && layout(&lc, g.n, g.m, g.batch, g.sc);
+    // bf16 operands accumulate in float32 (CUBLAS_COMPUTE_32F); TF32 applies to float32 ones.
+    const int compute = g.adt || g.bdt ? kCompute32F : tf32_ ? kCompute32FFastTF32 : kCompute32F;
+    bool good = g.adt == g.bdt && lt_.desc_create(&desc, compute, kR32F) == 0 && lt_.desc_set(desc, kDescTransA, &opa, sizeof opa) == 0 &&
+                lt_.desc_set(desc, kDescTransB, &opb, sizeof opb) == 0 && layout(&la, g.bdt, g.tb ? g.k : g.n, g.tb ? g.n : g.k, g.batch, g.sb) &&
+                layout(&lb, g.adt, g.ta ? g.m : g.k, g.ta ? g.k : g.m, g.batch, g.sa) && layout(&lc, 0, g.n, g.m, g.batch, g.sc);
     const Heuristic* h = good ? algorithm(g, desc, la, lb, lc) : nullptr;
     good = h != nullptr;
     if (good)
@@ -288,7 +304,7 @@ class Gpu : public Device {
   const Heuristic* algorithm(const Gemm& g, Handle desc, Handle la, Handle lb, Handle lc) {
     const uint32_t al[4] = {alignment(g.b), alignment(g.a), alignment(g.c), alignment(g.c)};
     char key[256];
-    snprintf(key, sizeof key, "%d%d %lld %lld %lld %lld %lld %lld %lld %u %u %u", g.ta, g.tb, (long long)g.batch, (long long)g.m, (long long)g.n, (long long)g.k, (long long)g.sa, (long long)g.sb,
+    snprintf(key, sizeof key, "%d%d%d%d %lld %lld %lld %lld %lld %lld %lld %u %u %u", g.ta, g.tb, g.adt, g.bdt, (long long)g.batch, (long long)g.m, (long long)g.n, (long long)g.k, (long long)g.sa, (long long)g.sb,
              (long long)g.sc, al[0], al[1], al[2]);
     auto it = algos_.find(key);
     if (it != algos_.end()) return &it->second;
@@ -303,9 +319,9 @@ class Gpu : public Device {
     if (!good) return nullptr;
     return &(algos_[key] = h);
   }
-  // A column-major layout of rows × cols (leading dimension rows), batched.
-  bool layout(Handle* l, int64_t rows, int64_t cols, int64_t batch, int64_t stride) {
-    if (lt_.layout_create(l, kR32F, (uint64_t)rows, (uint64_t)cols, rows) != 0) return false;
+  // A column-major layout of rows × cols (leading dimension rows) of float32 or bf16 (dt 1), batched.
+  bool layout(Handle* l, int dt, int64_t rows, int64_t cols, int64_t batch, int64_t stride) {
+    if (lt_.layout_create(l, dt ? kR16BF : kR32F, (uint64_t)rows, (uint64_t)cols, rows) != 0) return false;
     if (batch == 1) return true;
     int32_t b = (int32_t)batch;
     return lt_.layout_set(*l, kLayoutBatch, &b, sizeof b) == 0 && lt_.layout_set(*l, kLayoutStride, &stride, sizeof stride) == 0;

@@ -30,14 +30,16 @@ struct DimsArg {
   int64_t v[18];
 };
 
-// C [m, n] (+ batch·sc) = alpha·op(A)·op(B) + beta·C, row-major, float32, batch entries sa/sb/sc
-// elements apart (0: the same matrix for every entry).
+// C [m, n] (+ batch·sc) = alpha·op(A)·op(B) + beta·C, row-major, batch entries sa/sb/sc elements
+// apart (0: the same matrix for every entry). C is float32; A and B both float32 (adt = bdt = 0)
+// or both bf16 (1), accumulated in float32.
 struct Gemm {
   bool ta, tb;
   int64_t batch, m, n, k;
   uint64_t a, b, c;
   int64_t sa, sb, sc;
   float alpha, beta;
+  int adt = 0, bdt = 0;
 };
 
 class Device {

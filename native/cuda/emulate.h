@@ -138,6 +138,11 @@ inline float __uint_as_float(unsigned u) {
   std::memcpy(&f, &u, 4);
   return f;
 }
+inline unsigned __float_as_uint(float f) {
+  unsigned u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
 inline float fmaxf(float a, float b) { return std::fmax(a, b); }
 
 // Run body() as `grid` blocks of `block` threads. Blocks run 64 threads at most (still two warps,

@@ -37,6 +37,24 @@ __global__ void widen(const u16* src, i64 n, int dt, float* dst) {
   for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) dst[i] = half_to_float(src[i], dt);
 }
 
+// y = x rounded to bf16: to nearest, ties to even (as the checkpoint writer rounds); NaN stays a
+// NaN. The activations' side of a product with a bf16 weight.
+__global__ void to_bf16(const float* x, i64 n, u16* y) {
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+    u32 u = __float_as_uint(x[i]);
+    y[i] = (u & 0x7fffffffu) > 0x7f800000u ? (u16)((u >> 16) | 0x40u) : (u16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+}
+
+// out [n, D] = rows ids of a 16-bit table [V, D] (dt: 1 bf16, 2 f16), widened; zeros for an id
+// outside [0, V).
+__global__ void embed_half(const u16* table, i64 V, i64 D, int dt, const int* ids, i64 n, float* out) {
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n * D; i += (i64)gridDim.x * blockDim.x) {
+    i64 id = ids[i / D];
+    out[i] = id >= 0 && id < V ? half_to_float(table[id * D + i % D], dt) : 0.f;
+  }
+}
+
 // ---- block reductions --------------------------------------------------------------------------
 // The sum (or max) over a block of v, returned to every thread. The order is fixed by the block
 // size, so a launch gives the same bits every time.

@@ -58,14 +58,17 @@ export class CudaDevice {
     this.addon.cudaLaunch(kernel, 1, block, args);
   }
 
-  /** c = alpha·op(a)·op(b) + beta·c, row-major float32; strides in elements (0: broadcast). */
-  gemm(o: { ta?: boolean; tb?: boolean; batch?: number; m: number; n: number; k: number; a: number; b: number; c: number; sa?: number; sb?: number; sc?: number; alpha?: number; beta?: number }): void {
+  /**
+   * c = alpha·op(a)·op(b) + beta·c, row-major, c float32; a and b float32, or both bf16 (half:
+   * accumulated in float32); strides in elements (0: broadcast).
+   */
+  gemm(o: { ta?: boolean; tb?: boolean; batch?: number; m: number; n: number; k: number; a: number; b: number; c: number; sa?: number; sb?: number; sc?: number; alpha?: number; beta?: number; half?: boolean }): void {
     if (o.m === 0 || o.n === 0) return;
     if (o.k === 0) {
       if (!o.beta) this.fill(o.c, (o.batch ?? 1) * o.m * o.n, 0);
       return;
     }
-    this.addon.cudaGemm([+!!o.ta, +!!o.tb, o.batch ?? 1, o.m, o.n, o.k, o.a, o.sa ?? 0, o.b, o.sb ?? 0, o.c, o.sc ?? o.m * o.n, o.alpha ?? 1, o.beta ?? 0]);
+    this.addon.cudaGemm([+!!o.ta, +!!o.tb, o.batch ?? 1, o.m, o.n, o.k, o.a, o.sa ?? 0, o.b, o.sb ?? 0, o.c, o.sc ?? o.m * o.n, o.alpha ?? 1, o.beta ?? 0, +!!o.half, +!!o.half]);
   }
 
   /** n 4-byte words set to the float value v (or, with asInt, the int32 v). */

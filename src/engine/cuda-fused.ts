@@ -8,7 +8,8 @@ import { CudaDevice } from './cuda-device.js';
  * prefopt's fused kernels (engine/fused's table) on the device: the FusedAddon calls with device
  * addresses where the host kernels take arrays, each one or a few launches of
  * native/cuda/kernels.cu or cuBLASLt products. 16-bit frozen weights come as the host's bits
- * (engine/half) and are widened on the device once, kept while their bits are alive. Dropout
+ * (engine/half) and go up once, kept while their bits are alive: bf16 as bits for bf16 products
+ * (cudaBf16Products), f16 widened to float32. Dropout
  * masks are drawn on the host (native/fused.cc draws alea's stream as tf.dropout does, on every
  * core by jumping ahead in it) and only their bits go to the device.
  */
@@ -19,25 +20,50 @@ interface DeviceArray {
   length: number;
 }
 
+/** A frozen weight on the device: float32, or bf16 bits for bf16 products. */
+interface DeviceWeight {
+  addr: Addr;
+  half: boolean;
+}
+
+/**
+ * bf16 checkpoints' frozen matrices stay bf16 on the device and their products run bf16 × bf16
+ * with float32 accumulation (the activations rounded to bf16 for them, as PyTorch's bf16 models
+ * do), unless PREFOPT_CUDA_BF16=0 widens them to float32 (exact products, twice the memory).
+ */
+export const cudaBf16Products = () => !['0', 'off', 'false', 'no'].includes(String(process.env.PREFOPT_CUDA_BF16 ?? '').toLowerCase());
+
 export function cudaFused(dev: CudaDevice, hostDropout: (n: number, s: number[], keep: number, bits: Uint32Array) => void): FusedAddon {
-  const widened = new WeakMap<Uint16Array, Addr>();
+  const kept = { f32: new WeakMap<Uint16Array, Addr>(), half: new WeakMap<Uint16Array, Addr>() };
   const weights = new FinalizationRegistry<Addr>((a) => dev.free(a));
-  /** A frozen weight as float32 on the device: itself, or its 16-bit bits widened once. */
-  const weight = (w: Addr | Uint16Array, dt: number): Addr => {
-    if (dt === DT_CODE.f32) return w as Addr;
+  /** A frozen weight on the device, uploaded once per form and kept while its bits are alive. */
+  const weight = (w: Addr | Uint16Array, dt: number): DeviceWeight => {
+    if (dt === DT_CODE.f32) return { addr: w as Addr, half: false };
     const bits = w as Uint16Array;
-    let a = widened.get(bits);
+    const half = dt === DT_CODE.bf16 && cudaBf16Products();
+    const cache = half ? kept.half : kept.f32;
+    let a = cache.get(bits);
     if (a === undefined) {
-      a = dev.alloc(4 * bits.length);
+      a = dev.alloc((half ? 2 : 4) * bits.length);
       const out = a;
-      dev.withTemp([2 * bits.length], ([src]) => {
-        dev.upload(src, bits);
-        dev.each('widen', bits.length, [src, bits.length, dt, out]);
-      });
-      widened.set(bits, a);
+      if (half) dev.upload(out, bits);
+      else
+        dev.withTemp([2 * bits.length], ([src]) => {
+          dev.upload(src, bits);
+          dev.each('widen', bits.length, [src, bits.length, dt, out]);
+        });
+      cache.set(bits, a);
       weights.register(bits, a);
     }
-    return a;
+    return { addr: a, half };
+  };
+  /** c (+)= a [m, k] · op(W): through bf16 when W is bf16, a rounded for it. */
+  const byWeight = (o: { m: number; n: number; k: number; a: Addr; w: DeviceWeight; tb: boolean; c: Addr; beta?: number }) => {
+    if (!o.w.half) return dev.gemm({ m: o.m, n: o.n, k: o.k, a: o.a, b: o.w.addr, tb: o.tb, c: o.c, beta: o.beta });
+    dev.withTemp([2 * o.m * o.k], ([a16]) => {
+      dev.each('to_bf16', o.m * o.k, [o.a, o.m * o.k, a16]);
+      dev.gemm({ m: o.m, n: o.n, k: o.k, a: a16, b: o.w.addr, tb: o.tb, c: o.c, beta: o.beta, half: true });
+    });
   };
   const bitsOn = (bits: Uint32Array, f: (a: Addr) => void) =>
     dev.withTemp([4 * bits.length], ([a]) => {
@@ -82,7 +108,7 @@ export function cudaFused(dev: CudaDevice, hostDropout: (n: number, s: number[],
     // u = s·(xd·A), y = x·W + u·B (+ bias): the host kernel's terms (native/lora.cc).
     loraForward: (m, din, dout, r, x: any, xd: any, w: any, a: any, b: any, scale, wdt, whf, y: any, u: any, bias: any) => {
       gemm({ m, n: r, k: din, a: xd, b: a, c: u, alpha: scale });
-      gemm({ m, n: dout, k: din, a: x, b: weight(w, wdt), tb: whf, c: y });
+      byWeight({ m, n: dout, k: din, a: x, w: weight(w, wdt), tb: whf, c: y });
       gemm({ m, n: dout, k: r, a: u, b, c: y, beta: 1 });
       if (bias !== null) dev.each('bias_add', m * dout, [y, bias, m, dout, y]);
     },
@@ -92,11 +118,11 @@ export function cudaFused(dev: CudaDevice, hostDropout: (n: number, s: number[],
         gemm({ m, n: r, k: dout, a: dy, b, tb: true, c: g, alpha: scale });
         gemm({ m: din, n: r, k: m, a: xd, ta: true, b: g, c: da });
         gemm({ m: r, n: dout, k: m, a: u, ta: true, b: dy, c: db });
-        gemm({ m, n: din, k: dout, a: dy, b: weight(w, wdt), tb: !whf, c: dx });
+        byWeight({ m, n: din, k: dout, a: dy, w: weight(w, wdt), tb: !whf, c: dx });
         if (dxd === null) gemm({ m, n: din, k: r, a: g, b: a, tb: true, c: dx, beta: 1 });
         else gemm({ m, n: din, k: r, a: g, b: a, tb: true, c: dxd });
       }),
-    matmulWeight: (tb, m, n, kk, a: any, b: any, bdt, c: any) => gemm({ m, n, k: kk, a, b: weight(b, bdt), tb, c }),
+    matmulWeight: (tb, m, n, kk, a: any, b: any, bdt, c: any) => byWeight({ m, n, k: kk, a, w: weight(b, bdt), tb, c }),
     adamwInPlace: (ps: any[], gs: any[], ms: any[], vs: any[], scalars) => {
       ps.forEach((p: DeviceArray, i) => {
         const s = Array.from(scalars.subarray(9 * i, 9 * i + 9));
@@ -105,7 +131,11 @@ export function cudaFused(dev: CudaDevice, hostDropout: (n: number, s: number[],
     },
     sumSquares: (x: any, n, out: any) => dev.single('sum_squares', [x, n, out]),
     splitQkv: (qkv: any, n, kv, g, hd, q: any, kk: any, v: any, merge) => dev.each('split_qkv', n * kv * (g + 2) * hd, [qkv, n, kv, g, hd, q, kk, v, merge ? 1 : 0]),
-    embed: (table: any, v, d, ids: any, n, out: any, dt) => dev.each('embed', n * d, [weight(table, dt), v, d, ids, n, out]),
+    embed: (table: any, v, d, ids: any, n, out: any, dt) => {
+      const t = weight(table, dt);
+      if (t.half) dev.each('embed_half', n * d, [t.addr, v, d, dt, ids, n, out]);
+      else dev.each('embed', n * d, [t.addr, v, d, ids, n, out]);
+    },
     embedGrad: (ids: any, n, dy: any, v, d, dtable: any) => {
       dev.fill(dtable, v * d, 0);
       dev.each('embed_grad', d, [ids, n, dy, v, d, dtable]);

@@ -43,7 +43,7 @@ export interface CudaAddon {
   cudaDownload(addr: number, dst: ArrayBufferView): void;
   cudaCopy(dst: number, src: number, bytes: number): void;
   cudaLaunch(kernel: string, grid: number, block: number, args: (number | number[])[]): void;
-  /** [ta, tb, batch, m, n, k, a, sa, b, sb, c, sc, alpha, beta] (strides in elements). */
+  /** [ta, tb, batch, m, n, k, a, sa, b, sb, c, sc, alpha, beta, adt, bdt] (strides in elements; dt 1: bf16). */
   cudaGemm(args: number[]): void;
   cudaSync(): void;
   cudaStats(resetPeak?: boolean): { live: number; cached: number; peak: number; free: number; total: number };

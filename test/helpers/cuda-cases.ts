@@ -32,6 +32,12 @@ async function both<T>(f: () => T): Promise<{ native: T; cuda: T }> {
   return { native: n, cuda: c };
 }
 
+/** Float32 values as the bf16 bits nearest each. */
+function bf16Of(data: Float32Array): Uint16Array {
+  const u = new Uint32Array(data.buffer, data.byteOffset, data.length);
+  return Uint16Array.from(u, (b) => f32ToBf16Bits(b));
+}
+
 function pairBatch(vocab: number, seed: number): SeqBatch {
   const rng = new Rng(seed);
   return makeBatch([9, 6, 11, 7].map((n) => ({ ids: Array.from({ length: n }, () => 2 + rng.int(vocab - 2)), weights: Array.from({ length: n }, (_, i) => (i < 3 ? 0 : 1)) })));
@@ -151,25 +157,67 @@ export function cudaBackendCases(): void {
     expect(worstRel(res.native, init)).toBeGreaterThan(1e-3); // it moved
   });
 
-  it('LoRA on a bf16 base: the 16-bit weights are widened once on the device and give the native backend\'s gradients', async () => {
-    if (!native.active) return;
+  /** A llama model whose matrices are bf16 bits, and LoRA DPO on it on both backends. */
+  const bf16Base = async (bf16Products: boolean) => {
     const m = makeTestModel(ARCH_SPECS['llama GQA untied'], 4, 0.2);
     const halves = new Map<string, HalfWeight>();
-    const u = new Uint32Array(1);
-    const f = new Float32Array(u.buffer);
     for (const [name, t] of m.w) {
       if (!/(_proj|lm_head)\.weight$|^model\.embed_tokens\.weight$/.test(name)) continue;
-      const bits = Uint16Array.from(t.data, (v) => ((f[0] = v), f32ToBf16Bits(u[0])));
-      halves.set(name, new HalfWeight(bits, 'bf16', [t.shape[0], t.shape[1]], isLinearWeight(name)));
+      halves.set(name, new HalfWeight(bf16Of(t.data), 'bf16', [t.shape[0], t.shape[1]], isLinearWeight(name)));
     }
     const pb = pairBatch(m.cfg.vocab_size, 5);
-    const res = await both(() => {
-      const model = Decoder.fromHF(m.cfg, (n) => halves.get(n) ?? m.w.get(n)!, false);
-      const out = loraDpo(model, pb, 0);
-      model.dispose();
-      return out;
-    });
-    compareLora(res);
+    const before = process.env.PREFOPT_CUDA_BF16;
+    process.env.PREFOPT_CUDA_BF16 = bf16Products ? '1' : '0';
+    try {
+      return await both(() => {
+        const model = Decoder.fromHF(m.cfg, (n) => halves.get(n) ?? m.w.get(n)!, false);
+        const out = loraDpo(model, pb, 0);
+        model.dispose();
+        return out;
+      });
+    } finally {
+      if (before === undefined) delete process.env.PREFOPT_CUDA_BF16;
+      else process.env.PREFOPT_CUDA_BF16 = before;
+    }
+  };
+
+  it('LoRA on a bf16 base, weights widened on the device (PREFOPT_CUDA_BF16=0): the native backend\'s gradients', async () => {
+    if (!native.active) return;
+    compareLora(await bf16Base(false));
+  });
+
+  it('LoRA on a bf16 base with bf16 products (the default): within bf16 rounding of the float32 result, and not equal to it', async () => {
+    if (!native.active) return;
+    const r = await bf16Base(true);
+    r.cuda.loss.forEach((l, i) => expect(Math.abs(l - r.native.loss[i]), `loss ${i}`).toBeLessThan(2e-2 * Math.max(1, Math.abs(r.native.loss[i]))));
+    let rounded = 0;
+    for (const k of Object.keys(r.native.grads)) {
+      const rel = worstRel(r.cuda.grads[k], r.native.grads[k]);
+      expect(rel, `gradient ${k}`).toBeLessThan(5e-2);
+      rounded = Math.max(rounded, rel);
+    }
+    expect(rounded).toBeGreaterThan(1e-5); // the activations really went through bf16
+  });
+
+  it('to_bf16 rounds as the checkpoint writer does: to nearest, ties to even, NaN kept, overflow to infinity', async () => {
+    if (!native.active) return;
+    await initBackend('cuda');
+    const a = cudaAddon()!;
+    const rng = new Rng(5);
+    const u = new Uint32Array([0x3f808000, 0x3f818000, 0x3f80ffff, 0x7f7fffff, 0xff7fffff, 0x7fc00001, 0xffa00000, 0x80000000, 0x00000001, 0x7f800000, ...Array.from({ length: 1000 }, () => (rng.next() * 2 ** 32) >>> 0)]);
+    const x = new Float32Array(u.buffer);
+    const dx = a.cudaAlloc(4 * x.length);
+    const dy = a.cudaAlloc(2 * x.length);
+    a.cudaUpload(dx, x);
+    a.cudaLaunch('to_bf16', 1, 256, [dx, x.length, dy]);
+    const got = new Uint16Array(x.length);
+    a.cudaDownload(dy, got);
+    a.cudaFree(dx);
+    a.cudaFree(dy);
+    expect(Array.from(got)).toEqual(Array.from(u, (b) => f32ToBf16Bits(b)));
+    expect(got[0]).toBe(0x3f80); // a tie, to even
+    expect(got[1]).toBe(0x3f82); // a tie, up to even
+    expect(got[3]).toBe(0x7f80); // past bf16's largest: +Inf
   });
 
   it('a full SFT step (every weight trains) and greedy decoding with the KV cache match the native backend', async () => {

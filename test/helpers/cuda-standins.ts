@@ -11,7 +11,8 @@ import { spawnSync } from 'node:child_process';
  * emulated kernel of that name (the driver asks the addon for it: prefopt_standin_launcher);
  * cublasLtMatmul is written from cuBLASLt's documented contract — column-major layouts of rows ×
  * cols with a leading dimension, op(A) and op(B), strided batches, D = α·op(A)·op(B) + β·C —
- * in float64, with TF32 inputs (10-bit mantissas) when that compute type is asked for, and only
+ * in float64, bf16 or float32 operands, with TF32 inputs (10-bit mantissas) when that compute type
+ * is asked for, and only
  * with an algorithm from its heuristic for buffers at least as aligned as the preference said.
  */
 const DRIVER = String.raw`
@@ -86,7 +87,7 @@ const CUBLASLT = String.raw`
 #include <string.h>
 #include <stdint.h>
 typedef struct { int compute, ta, tb; } desc;
-typedef struct { unsigned long long rows, cols; long long ld, stride; int batch; } layout;
+typedef struct { unsigned long long rows, cols; long long ld, stride; int batch, type; } layout;
 size_t cublasLtGetVersion(void) { return 130100; }
 int cublasLtCreate(void** h) { *h = (void*)3; return 0; }
 int cublasLtMatmulDescCreate(void** d, int compute, int scale) {
@@ -106,9 +107,9 @@ int cublasLtMatmulDescSetAttribute(void* d, int attr, const void* buf, size_t n)
 }
 int cublasLtMatmulDescDestroy(void* d) { free(d); return 0; }
 int cublasLtMatrixLayoutCreate(void** l, int type, unsigned long long rows, unsigned long long cols, long long ld) {
-  if (type != 0 || ld < (long long)rows) return 7;
+  if ((type != 0 && type != 14) || ld < (long long)rows) return 7; /* CUDA_R_32F, CUDA_R_16BF */
   layout* x = calloc(1, sizeof *x);
-  x->rows = rows, x->cols = cols, x->ld = ld, x->batch = 1;
+  x->rows = rows, x->cols = cols, x->ld = ld, x->batch = 1, x->type = type;
   *l = x;
   return 0;
 }
@@ -120,6 +121,14 @@ int cublasLtMatrixLayoutSetAttribute(void* l, int attr, const void* buf, size_t 
   return 0;
 }
 int cublasLtMatrixLayoutDestroy(void* l) { free(l); return 0; }
+static double in(float v, int tf32) {
+  if (!tf32) return v;
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  u = (u + 0x1000u) & ~0x1fffu; /* to the nearest 10-bit mantissa */
+  memcpy(&v, &u, 4);
+  return v;
+}
 /* Preferences: the workspace and the four buffers' alignments, which the algorithm found keeps. */
 typedef struct { unsigned long long ws; unsigned align[4]; } pref;
 int cublasLtMatmulPreferenceCreate(void** p) { pref* x = calloc(1, sizeof *x); for (int i = 0; i < 4; i++) x->align[i] = 256; *p = x; return 0; }
@@ -142,13 +151,13 @@ int cublasLtMatmulAlgoGetHeuristic(void* h, void* d, void* a, void* b, void* c, 
   return 0;
 }
 static int aligned(const void* ptr, unsigned long long a) { return ((uintptr_t)ptr % a) == 0; }
-static double in(float v, int tf32) {
-  if (!tf32) return v;
-  uint32_t u;
-  memcpy(&u, &v, 4);
-  u = (u + 0x1000u) & ~0x1fffu; /* to the nearest 10-bit mantissa */
-  memcpy(&v, &u, 4);
-  return v;
+/* Element e of an operand of layout l: float32, or bf16 widened (exact). */
+static double at(const void* p, const layout* l, long long e, int tf32) {
+  if (l->type == 0) return in(((const float*)p)[e], tf32);
+  uint32_t u = (uint32_t)((const uint16_t*)p)[e] << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
 }
 int cublasLtMatmul(void* h, void* dd, const void* alpha, const void* A, void* Ad, const void* B, void* Bd, const void* beta, const void* C, void* Cd, void* D, void* Dd, const void* algo, void* ws, size_t wss, void* stream) {
   desc* x = dd;
@@ -156,20 +165,23 @@ int cublasLtMatmul(void* h, void* dd, const void* alpha, const void* A, void* Ad
   long long m = d->rows, n = d->cols, k = x->ta ? a->rows : a->cols;
   if ((x->ta ? a->cols : a->rows) != m || (x->tb ? b->rows : b->cols) != n || (x->tb ? b->cols : b->rows) != k) return 7;
   if (c->rows != d->rows || c->cols != d->cols || a->batch != d->batch || b->batch != d->batch || c->batch != d->batch) return 7;
+  /* A and B of one type; C and D float32; bf16 inputs only with CUBLAS_COMPUTE_32F. */
+  if (a->type != b->type || c->type != 0 || d->type != 0 || (a->type == 14 && x->compute != 68)) return 15;
+  const long long ea = a->type == 14 ? 2 : 4, eb = b->type == 14 ? 2 : 4;
   /* An algorithm from the heuristic, for buffers at least as aligned as it was told they are. */
   const unsigned long long* g = algo;
   if (!g || g[0] != 0x5151 || !aligned(A, g[1]) || !aligned(B, g[2]) || !aligned(C, g[3]) || !aligned(D, g[4])) return 7;
   float al = *(const float*)alpha, be = *(const float*)beta;
   int tf32 = x->compute == 77;
   for (int e = 0; e < d->batch; e++) {
-    const float* Ae = (const float*)A + e * a->stride;
-    const float* Be = (const float*)B + e * b->stride;
+    const char* Ae = (const char*)A + e * a->stride * ea;
+    const char* Be = (const char*)B + e * b->stride * eb;
     const float* Ce = (const float*)C + e * c->stride;
     float* De = (float*)D + e * d->stride;
     for (long long j = 0; j < n; j++)
       for (long long i = 0; i < m; i++) {
         double s = 0;
-        for (long long p = 0; p < k; p++) s += in(x->ta ? Ae[p + i * a->ld] : Ae[i + p * a->ld], tf32) * in(x->tb ? Be[j + p * b->ld] : Be[p + j * b->ld], tf32);
+        for (long long p = 0; p < k; p++) s += at(Ae, a, x->ta ? p + i * a->ld : i + p * a->ld, tf32) * at(Be, b, x->tb ? j + p * b->ld : p + j * b->ld, tf32);
         De[i + j * d->ld] = (float)(al * s + (be != 0.f ? be * Ce[i + j * c->ld] : 0.0));
       }
   }
