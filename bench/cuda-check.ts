@@ -7,8 +7,9 @@
  * - time: the real-size bench's LoRA DPO step (4 pairs × 256 tokens, dropout 0.05, reference
  *   cached) and its log-probs job on the cuda backend, tokens/s and the device's peak bytes.
  *
- * One JSON line per result. PREFOPT_CUDA_TF32=0 makes the device's products exact float32 (the
- * comparison's tolerance is then float32's; with TF32, 10-bit mantissas, about 1e-2).
+ * One JSON line per result. PREFOPT_CUDA_BF16=0 PREFOPT_CUDA_TF32=0 makes the device's products
+ * exact float32 (the comparison's tolerance is then float32's); by default the bf16 weights'
+ * products run in bf16 and the rest in TF32 (tolerance a few 1e-2).
  * PREFOPT_CUDA_DEVICE=emulate runs it all without a GPU (slowly): the script's own test.
  *   node dist/bench/cuda-check.js [report|compare|time] [--layers N]   (report: what `doctor` says of CUDA)
  */
@@ -16,6 +17,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { initBackend } from '../src/engine/backend.js';
 import { cudaAddon } from '../src/engine/native.js';
 import { cudaReport } from '../src/engine/cuda.js';
+import { cudaBf16Products } from '../src/engine/cuda-fused.js';
 import { HalfWeight } from '../src/engine/half.js';
 import { Decoder } from '../src/model/decoder.js';
 import { expectedShapes, isLinearWeight, parseConfig, presetConfig } from '../src/model/config.js';
@@ -31,6 +33,7 @@ const arg = (name: string) => {
 const what = process.argv[2] ?? 'compare';
 const layers = Number(arg('--layers') ?? QWEN05_SHAPE.num_hidden_layers);
 const tf32 = !['0', 'off', 'false', 'no'].includes(String(process.env.PREFOPT_CUDA_TF32 ?? '').toLowerCase());
+const bf16 = cudaBf16Products();
 
 const cfg = parseConfig(presetConfig('qwen2', { ...QWEN05_SHAPE, num_hidden_layers: layers }, QWEN05_SHAPE.vocab_size, { eos: 1, pad: 0 }));
 
@@ -71,15 +74,17 @@ async function compare(): Promise<void> {
   const cpu = await run('native');
   const grads = Object.keys(cpu.grads).map((k) => ({ k, rel: worstRel(gpu.grads[k], cpu.grads[k]) }));
   const worst = grads.reduce((a, b) => (b.rel > a.rel ? b : a));
-  // Gradients to float32 rounding (or TF32's 10-bit mantissas); the loss is a difference of sums
-  // over 192 tokens of log-softmaxes over 151,936 logits, summed in another order on each side.
-  const tol = tf32 ? 2e-2 : 1e-4;
-  const lossTol = tf32 ? 2e-2 : 5e-4;
+  // Gradients to float32 rounding, or to TF32's / bf16's (the activations rounded to 8 bits of
+  // mantissa for the weights' products); the loss is a difference of sums over 192 tokens of
+  // log-softmaxes over 151,936 logits, summed in another order on each side.
+  const tol = bf16 ? 5e-2 : tf32 ? 2e-2 : 1e-4;
+  const lossTol = (bf16 ? 5e-2 : tf32 ? 2e-2 : 5e-4) * Math.max(1, Math.abs(cpu.loss[0]));
   say({
     step: 'cuda_compare',
     device: cudaAddon()!.cudaOpen('gpu').name,
     layers,
     tf32,
+    bf16,
     loss_native: cpu.loss[0],
     loss_cuda: gpu.loss[0],
     loss_abs_diff: Math.abs(cpu.loss[0] - gpu.loss[0]),
@@ -112,7 +117,7 @@ async function time(): Promise<void> {
       f = () => void tf.tidy(() => sequenceLogps(model, sb)).dataSync();
     }
     const s = timeIt(f, 3);
-    say({ step: 'cuda_time', job, device: dev.cudaOpen('gpu').name, tf32, layers, tokens_per_s: +(tokens / s).toFixed(1), seconds: +s.toFixed(4), peak_device_bytes: dev.cudaStats().peak });
+    say({ step: 'cuda_time', job, device: dev.cudaOpen('gpu').name, tf32, bf16, layers, tokens_per_s: +(tokens / s).toFixed(1), seconds: +s.toFixed(4), peak_device_bytes: dev.cudaStats().peak });
   }
 }
 

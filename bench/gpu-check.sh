@@ -9,7 +9,8 @@
 # 2. where the CUDA libraries are (what engine/cuda.ts's probe will find): the driver, and the
 #    nvidia-* wheels' cuBLASLt and NVRTC beside PyTorch;
 # 3. the cuda backend (bench/cuda-check.ts): a 0.5B LoRA DPO step's loss and gradients against
-#    the CPU path in exact float32, then its speed with TF32 products and with exact ones;
+#    the CPU path with exact float32 products and with the defaults (bf16 × bf16 for the bf16
+#    weights, TF32 for the rest), then its speed both ways;
 # 4. the PyTorch bf16 eager baseline of the real-size jobs (bench/torch_ref.py), the figures the
 #    cuda backend is measured against.
 set -u
@@ -33,14 +34,15 @@ if [ -d .gpu/app ]; then
   LIBS=$(python3 -c 'import glob, os, site; print(":".join(sorted({os.path.dirname(p) for d in site.getsitepackages() for p in glob.glob(os.path.join(d, "nvidia", "*", "lib", "lib*.so*"))})))')
   # Each step on its own: one that fails (its error is a JSON line too) does not stop the next.
   node_step() {
-    (cd .gpu/app && PREFOPT_CUDA_LIBS="$LIBS" PREFOPT_CUDA_TF32="${3:-}" timeout "$1" /tmp/prefopt-node dist/bench/cuda-check.js "$2" 2>/tmp/prefopt-node.err)
+    (cd .gpu/app && PREFOPT_CUDA_LIBS="$LIBS" PREFOPT_CUDA_TF32="${3:-}" PREFOPT_CUDA_BF16="${3:-}" timeout "$1" /tmp/prefopt-node dist/bench/cuda-check.js "$2" 2>/tmp/prefopt-node.err)
     rc=$?
     [ $rc -eq 0 ] || say "{\"step\":\"cuda_$2\",\"exit\":$rc,\"stderr\":$(python3 -c 'import json; print(json.dumps(open("/tmp/prefopt-node.err").read()[-1500:]))')}"
   }
   node_step 60 report
-  node_step 240 compare 0
-  node_step 150 time
-  node_step 150 time 0
+  node_step 200 compare 0   # exact float32 products: float32 tolerance
+  node_step 200 compare     # the defaults (bf16 weights' products in bf16, TF32): bf16 tolerance
+  node_step 120 time
+  node_step 120 time 0
 else
   say '{"step":"cuda_backend","error":".gpu/ is missing: run sh scripts/gpu-bundle.sh here and carry .gpu"}'
 fi
