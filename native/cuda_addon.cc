@@ -79,8 +79,8 @@ napi_value number(napi_env env, double x) {
   return v;
 }
 
-// cudaOpen(mode 'emulate' | 'gpu', driver[], cublasLt[], nvrtc[], source, tf32) → the device's
-// name; throws with the reason it cannot open.
+// cudaOpen(mode 'emulate' | 'gpu', driver[], cublasLt[], nvrtc[], source, tf32, cacheDir) → the
+// device's name; throws with the reason it cannot open.
 napi_value Open(napi_env env, napi_callback_info info) {
   Call c(env, info);
   std::string mode = c.str(0);
@@ -88,7 +88,7 @@ napi_value Open(napi_env env, napi_callback_info info) {
     std::string why;
     bool tf32 = false;
     if (c.argc > 5) napi_get_value_bool(env, c.argv[5], &tf32);
-    g_device = mode == "emulate" ? cuda::open_emulated() : cuda::open_gpu(c.strs(1), c.strs(2), c.strs(3), c.str(4), tf32, &why);
+    g_device = mode == "emulate" ? cuda::open_emulated() : cuda::open_gpu(c.strs(1), c.strs(2), c.strs(3), c.str(4), tf32, c.str(6), &why);
     if (!g_device) return throw_error(env, why);
     g_memory = std::make_unique<cuda::Memory>(g_device.get());
   }

@@ -1,6 +1,7 @@
 #include "cuda_device.h"
 
 #include <dlfcn.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -161,6 +162,7 @@ struct Nvrtc {
   int (*cubin)(Handle, char*);
   int (*destroy)(Handle*);
   const char* (*error_string)(int);
+  int (*version)(int*, int*);
 };
 
 struct Lt {
@@ -215,8 +217,10 @@ bool emulated_launch(const char* name, unsigned grid, unsigned block, void** arg
 
 class Gpu : public Device {
  public:
-  bool open(const std::vector<std::string>& driver, const std::vector<std::string>& cublas_lt, const std::vector<std::string>& nvrtc, const std::string& source, bool tf32, std::string* why) {
+  bool open(const std::vector<std::string>& driver, const std::vector<std::string>& cublas_lt, const std::vector<std::string>& nvrtc, const std::string& source, bool tf32,
+            const std::string& cache_dir, std::string* why) {
     tf32_ = tf32;
+    cache_dir_ = cache_dir;
     void* dl = open_first(driver, why, "libcuda.so.1");
     void* ll = dl ? open_first(cublas_lt, why, "libcublasLt") : nullptr;
     void* nl = ll ? open_first(nvrtc, why, "libnvrtc") : nullptr;
@@ -229,6 +233,7 @@ class Gpu : public Device {
     d(cu_.error_string, "cuGetErrorString");
     n(rtc_.create, "nvrtcCreateProgram"), n(rtc_.compile, "nvrtcCompileProgram"), n(rtc_.log_size, "nvrtcGetProgramLogSize"), n(rtc_.log, "nvrtcGetProgramLog");
     n(rtc_.cubin_size, "nvrtcGetCUBINSize"), n(rtc_.cubin, "nvrtcGetCUBIN"), n(rtc_.destroy, "nvrtcDestroyProgram"), n(rtc_.error_string, "nvrtcGetErrorString");
+    n(rtc_.version, "nvrtcVersion");
     l(lt_.create, "cublasLtCreate"), l(lt_.desc_create, "cublasLtMatmulDescCreate"), l(lt_.desc_set, "cublasLtMatmulDescSetAttribute"), l(lt_.desc_destroy, "cublasLtMatmulDescDestroy");
     l(lt_.layout_create, "cublasLtMatrixLayoutCreate"), l(lt_.layout_set, "cublasLtMatrixLayoutSetAttribute"), l(lt_.layout_destroy, "cublasLtMatrixLayoutDestroy"), l(lt_.matmul, "cublasLtMatmul");
     l(lt_.pref_create, "cublasLtMatmulPreferenceCreate"), l(lt_.pref_set, "cublasLtMatmulPreferenceSetAttribute"), l(lt_.pref_destroy, "cublasLtMatmulPreferenceDestroy");
@@ -332,12 +337,19 @@ class Gpu : public Device {
     error = std::string(what) + " failed: " + (cu_.error_string && cu_.error_string(r, &s) == 0 && s ? s : "CUDA error " + std::to_string(r));
     return false;
   }
-  // kernels.cu through NVRTC, for this GPU's architecture, loaded as a module.
+  // kernels.cu through NVRTC, for this GPU's architecture, loaded as a module. The CUBIN is kept
+  // in cache_dir under a hash of everything it depends on (source, options, NVRTC's version), so
+  // later processes load it instead of compiling; a cached file that does not load is rebuilt.
   bool compile(const std::string& source, int arch, std::string* why) {
-    Handle prog = nullptr;
-    if (rtc_.create(&prog, source.c_str(), "kernels.cu", 0, nullptr, nullptr) != 0) return *why = "nvrtcCreateProgram failed", false;
     const std::string gpu = "--gpu-architecture=sm_" + std::to_string(arch);
     const char* opts[] = {gpu.c_str(), "--fmad=false", "--std=c++17"};
+    int major = 0, minor = 0;
+    rtc_.version(&major, &minor);
+    const std::string cached = cache_dir_.empty() ? "" : cache_dir_ + "/kernels-" + hash_hex(source + "\n" + gpu + " --fmad=false --std=c++17 nvrtc " + std::to_string(major) + "." + std::to_string(minor)) + ".cubin";
+    std::string cubin;
+    if (!cached.empty() && read_file(cached, &cubin) && cu_.module_load(&module_, cubin.data()) == 0) return true;
+    Handle prog = nullptr;
+    if (rtc_.create(&prog, source.c_str(), "kernels.cu", 0, nullptr, nullptr) != 0) return *why = "nvrtcCreateProgram failed", false;
     int r = rtc_.compile(prog, 3, opts);
     if (r != 0) {
       size_t n = 0;
@@ -350,11 +362,37 @@ class Gpu : public Device {
     }
     size_t n = 0;
     rtc_.cubin_size(prog, &n);
-    std::string cubin(n, '\0');
+    cubin.assign(n, '\0');
     rtc_.cubin(prog, cubin.data());
     rtc_.destroy(&prog);
     if (!ok(cu_.module_load(&module_, cubin.data()), "cuModuleLoadData")) return *why = error, false;
+    if (!cached.empty()) write_file_atomic(cached, cubin);  // a cache: failing to write it is no error
     return true;
+  }
+  static std::string hash_hex(const std::string& s) {
+    uint64_t h = 1469598103934665603ull;  // FNV-1a
+    for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+    char out[17];
+    snprintf(out, sizeof out, "%016llx", (unsigned long long)h);
+    return out;
+  }
+  static bool read_file(const std::string& path, std::string* out) {
+    FILE* f = fopen(path.c_str(), "rb");
+    if (!f) return false;
+    char buf[1 << 16];
+    size_t n;
+    out->clear();
+    while ((n = fread(buf, 1, sizeof buf, f)) > 0) out->append(buf, n);
+    fclose(f);
+    return !out->empty();
+  }
+  static void write_file_atomic(const std::string& path, const std::string& data) {
+    const std::string tmp = path + ".tmp" + std::to_string((long)getpid());
+    FILE* f = fopen(tmp.c_str(), "wb");
+    if (!f) return;
+    bool good = fwrite(data.data(), 1, data.size(), f) == data.size();
+    good = fclose(f) == 0 && good;
+    if (!good || rename(tmp.c_str(), path.c_str()) != 0) remove(tmp.c_str());
   }
   Handle function(const char* name) {
     auto it = functions_.find(name);
@@ -370,7 +408,7 @@ class Gpu : public Device {
   CUdeviceptr workspace_ = 0;
   int sms_ = 1;
   bool tf32_ = true;
-  std::string name_;
+  std::string name_, cache_dir_;
   std::unordered_map<std::string, Handle> functions_;
   std::unordered_map<std::string, Heuristic> algos_;
 };
@@ -380,9 +418,9 @@ class Gpu : public Device {
 std::unique_ptr<Device> open_emulated() { return std::make_unique<Emulated>(); }
 
 std::unique_ptr<Device> open_gpu(const std::vector<std::string>& driver, const std::vector<std::string>& cublas_lt, const std::vector<std::string>& nvrtc, const std::string& source,
-                                 bool tf32, std::string* why) {
+                                 bool tf32, const std::string& cache_dir, std::string* why) {
   auto g = std::make_unique<Gpu>();
-  if (!g->open(driver, cublas_lt, nvrtc, source, tf32, why)) return nullptr;
+  if (!g->open(driver, cublas_lt, nvrtc, source, tf32, cache_dir, why)) return nullptr;
   return g;
 }
 

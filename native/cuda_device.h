@@ -63,8 +63,9 @@ class Device {
 
 std::unique_ptr<Device> open_emulated();
 // The first library of each list that loads; null with *why saying what is missing or failed.
+// cache_dir (may be empty: none) keeps the compiled kernels between processes.
 std::unique_ptr<Device> open_gpu(const std::vector<std::string>& driver, const std::vector<std::string>& cublas_lt, const std::vector<std::string>& nvrtc, const std::string& source,
-                                 bool tf32, std::string* why);
+                                 bool tf32, const std::string& cache_dir, std::string* why);
 
 // A caching allocator over a device: freed blocks wait in per-size lists for reuse (device
 // allocation synchronizes the GPU, so a training step must not allocate afresh), and go back

@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { cudaAddon, loadNative } from '../src/engine/native.js';
 import { cudaReport } from '../src/engine/cuda.js';
@@ -19,6 +20,7 @@ const libs = native.active && !fs.existsSync('/proc/driver/nvidia/version') ? bu
 if (libs) {
   process.env.PREFOPT_CUDA_LIBS = libs;
   process.env.PREFOPT_CUDA_TF32 = '0';
+  process.env.PREFOPT_CUDA_CACHE = fs.mkdtempSync(path.join(os.tmpdir(), 'prefopt-kcache-')); // not the user's
   delete process.env.PREFOPT_CUDA_DEVICE;
 }
 
@@ -73,4 +75,27 @@ describe('GPU memory, checked before a job starts', () => {
     const host = prefopt(['--backend', 'native', ...args, '--max-steps', '0']);
     expect(host.stderr).not.toMatch(/needs about/);
   }, 120_000);
+});
+
+describe('compiled kernels kept between processes', () => {
+  it('the second process loads the cached CUBIN instead of compiling; a damaged file is rebuilt; an empty PREFOPT_CUDA_CACHE keeps none', () => {
+    if (!libs) return;
+    const cache = fs.mkdtempSync(path.join(os.tmpdir(), 'prefopt-kcache-'));
+    const log = path.join(os.tmpdir(), `prefopt-nvrtc-${process.pid}.log`);
+    fs.rmSync(log, { force: true });
+    const open = (dir: string) => {
+      const r = prefopt(['--backend', 'cuda', 'doctor'], { env: { PREFOPT_CUDA_LIBS: libs, PREFOPT_CUDA_CACHE: dir, STANDIN_NVRTC_LOG: log } });
+      expect(r.code, r.stderr).toBe(0);
+      return fs.existsSync(log) ? fs.readFileSync(log, 'utf8').split('\n').filter(Boolean).length : 0;
+    };
+    expect(open(cache)).toBe(1);
+    const files = fs.readdirSync(cache).filter((f) => /^kernels-[0-9a-f]{16}\.cubin$/.test(f));
+    expect(files.length).toBe(1);
+    expect(open(cache)).toBe(1); // loaded, not compiled
+    fs.writeFileSync(path.join(cache, files[0]), 'damaged');
+    expect(open(cache)).toBe(2);
+    expect(fs.readFileSync(path.join(cache, files[0]), 'utf8')).toMatch(/^STANDIN-CUBIN sm_90\n/);
+    expect(open('')).toBe(3);
+    expect(open('')).toBe(4);
+  });
 });

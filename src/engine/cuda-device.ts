@@ -1,4 +1,5 @@
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { packageRoot } from '../util/package-root.js';
 import { CudaAddon, cudaAddon } from './native.js';
@@ -128,5 +129,21 @@ export function openCudaDevice(libs: { driver: string[]; cublasLt: string[]; nvr
   const source = fs.readFileSync(path.join(packageRoot(), 'native', 'cuda', 'kernels.cu'), 'utf8');
   // TF32 tensor-core products unless PREFOPT_CUDA_TF32=0 asks for exact float32 ones.
   const tf32 = !['0', 'off', 'false', 'no'].includes(String(process.env.PREFOPT_CUDA_TF32 ?? '').toLowerCase());
-  return (device = new CudaDevice(addon, addon.cudaOpen('gpu', libs.driver, libs.cublasLt, libs.nvrtc, source, tf32), false));
+  return (device = new CudaDevice(addon, addon.cudaOpen('gpu', libs.driver, libs.cublasLt, libs.nvrtc, source, tf32, kernelCacheDir()), false));
+}
+
+/**
+ * Where compiled kernels are kept between processes (NVRTC takes seconds per process):
+ * PREFOPT_CUDA_CACHE, else ~/.cache/prefopt (XDG_CACHE_HOME's when set); '' (none) when it cannot
+ * be made or PREFOPT_CUDA_CACHE is empty.
+ */
+export function kernelCacheDir(env: NodeJS.ProcessEnv = process.env): string {
+  const dir = env.PREFOPT_CUDA_CACHE ?? path.join(env.XDG_CACHE_HOME || path.join(os.homedir(), '.cache'), 'prefopt');
+  if (!dir) return '';
+  try {
+    fs.mkdirSync(dir, { recursive: true });
+    return dir;
+  } catch {
+    return '';
+  }
 }

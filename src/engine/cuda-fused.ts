@@ -33,10 +33,13 @@ interface DeviceWeight {
  */
 export const cudaBf16Products = () => !['0', 'off', 'false', 'no'].includes(String(process.env.PREFOPT_CUDA_BF16 ?? '').toLowerCase());
 
-export function cudaFused(dev: CudaDevice, hostDropout: (n: number, s: number[], keep: number, bits: Uint32Array) => void): FusedAddon {
+/**
+ * Frozen weights on the device, uploaded once per form and kept while their bits are alive, and
+ * the products with them.
+ */
+function deviceWeights(dev: CudaDevice) {
   const kept = { f32: new WeakMap<Uint16Array, Addr>(), half: new WeakMap<Uint16Array, Addr>() };
   const weights = new FinalizationRegistry<Addr>((a) => dev.free(a));
-  /** A frozen weight on the device, uploaded once per form and kept while its bits are alive. */
   const weight = (w: Addr | Uint16Array, dt: number): DeviceWeight => {
     if (dt === DT_CODE.f32) return { addr: w as Addr, half: false };
     const bits = w as Uint16Array;
@@ -65,6 +68,11 @@ export function cudaFused(dev: CudaDevice, hostDropout: (n: number, s: number[],
       dev.gemm({ m: o.m, n: o.n, k: o.k, a: a16, b: o.w.addr, tb: o.tb, c: o.c, beta: o.beta, half: true });
     });
   };
+  return { weight, byWeight };
+}
+
+export function cudaFused(dev: CudaDevice, hostDropout: (n: number, s: number[], keep: number, bits: Uint32Array) => void): FusedAddon {
+  const { weight, byWeight } = deviceWeights(dev);
   const bitsOn = (bits: Uint32Array, f: (a: Addr) => void) =>
     dev.withTemp([4 * bits.length], ([a]) => {
       dev.upload(a, bits);

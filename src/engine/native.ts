@@ -36,7 +36,7 @@ interface Addon extends FusedAddon {
 
 /** The addon's CUDA device (native/cuda_addon.cc): addresses are numbers, sizes in bytes. */
 export interface CudaAddon {
-  cudaOpen(mode: 'emulate' | 'gpu', driver?: string[], cublasLt?: string[], nvrtc?: string[], source?: string, tf32?: boolean): { name: string; maxGrid: number };
+  cudaOpen(mode: 'emulate' | 'gpu', driver?: string[], cublasLt?: string[], nvrtc?: string[], source?: string, tf32?: boolean, cacheDir?: string): { name: string; maxGrid: number };
   cudaAlloc(bytes: number): number;
   cudaFree(addr: number): boolean;
   cudaUpload(addr: number, src: ArrayBufferView): void;
