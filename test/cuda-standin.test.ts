@@ -97,5 +97,8 @@ describe('compiled kernels kept between processes', () => {
     expect(fs.readFileSync(path.join(cache, files[0]), 'utf8')).toMatch(/^STANDIN-CUBIN sm_90\n/);
     expect(open('')).toBe(3);
     expect(open('')).toBe(4);
+    // doctor names the place
+    const r = prefopt(['--json', 'doctor'], { env: { PREFOPT_CUDA_LIBS: libs, PREFOPT_CUDA_CACHE: cache } });
+    expect(JSON.parse(r.stdout.trim().split('\n').at(-1)!).cuda.kernel_cache).toBe(cache);
   });
 });

@@ -1,8 +1,8 @@
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { packageRoot } from '../util/package-root.js';
 import { CudaAddon, cudaAddon } from './native.js';
+import { kernelCachePath } from './cuda.js';
 
 /**
  * The `cuda` backend's device (native/cuda_device.cc, docs/REFERENCE.md §11): a GPU through the
@@ -138,7 +138,7 @@ export function openCudaDevice(libs: { driver: string[]; cublasLt: string[]; nvr
  * be made or PREFOPT_CUDA_CACHE is empty.
  */
 export function kernelCacheDir(env: NodeJS.ProcessEnv = process.env): string {
-  const dir = env.PREFOPT_CUDA_CACHE ?? path.join(env.XDG_CACHE_HOME || path.join(os.homedir(), '.cache'), 'prefopt');
+  const dir = kernelCachePath(env);
   if (!dir) return '';
   try {
     fs.mkdirSync(dir, { recursive: true });

@@ -29,6 +29,13 @@ export interface CudaReport {
   nvrtc: CudaLib | null;
   /** Directories searched before the loader's own path (ld.so.cache, LD_LIBRARY_PATH). */
   searched: string[];
+  /** Where NVRTC's build of native/cuda/kernels.cu is kept between processes ('' : nowhere). */
+  kernel_cache: string;
+}
+
+/** PREFOPT_CUDA_CACHE, else ~/.cache/prefopt (XDG_CACHE_HOME's when set); '' when set empty. */
+export function kernelCachePath(env: NodeJS.ProcessEnv = process.env): string {
+  return env.PREFOPT_CUDA_CACHE ?? path.join(env.XDG_CACHE_HOME || path.join(os.homedir(), '.cache'), 'prefopt');
 }
 
 /** Sonames, newest CUDA first: 13 (the H100/H200 machines' toolkit), then 12. */
@@ -76,7 +83,7 @@ const what = (lib: CudaLib, names: string[]) => (lib.error === 'not found' ? `${
 
 /** The report from a probe's result (pure: the tests feed it results). */
 export function cudaReportOf(p: CudaProbeResult | null, searched: string[], addonReason = ''): CudaReport {
-  const base = { searched, driver: p?.driver ?? null, cublasLt: p?.cublasLt ?? null, nvrtc: p?.nvrtc ?? null };
+  const base = { searched, driver: p?.driver ?? null, cublasLt: p?.cublasLt ?? null, nvrtc: p?.nvrtc ?? null, kernel_cache: kernelCachePath() };
   const devices = (p?.devices ?? []).map((d) => ({ name: d.name, compute_capability: `${d.major}.${d.minor}`, memory_gb: +(d.memory / 2 ** 30).toFixed(1) }));
   const unavailable = (why: string): CudaReport => ({ state: 'unavailable', reason: `not available: ${why}`, devices, ...base });
   if (!p) return unavailable(`the native addon is not loaded (${addonReason}); it is what opens the CUDA libraries`);
@@ -94,7 +101,7 @@ export function cudaReportOf(p: CudaProbeResult | null, searched: string[], addo
 }
 
 export function cudaReport(): CudaReport {
-  if (cudaEmulated()) return { state: 'emulated', reason: 'PREFOPT_CUDA_DEVICE=emulate: the CUDA backend runs on the host (kernels.cu compiled for the CPU, the addon\'s GEMM)', driver: null, devices: [], cublasLt: null, nvrtc: null, searched: [] };
+  if (cudaEmulated()) return { state: 'emulated', reason: 'PREFOPT_CUDA_DEVICE=emulate: the CUDA backend runs on the host (kernels.cu compiled for the CPU, the addon\'s GEMM)', driver: null, devices: [], cublasLt: null, nvrtc: null, searched: [], kernel_cache: '' };
   const dirs = cudaSearchDirs();
   const probe = cudaProbe(candidates(CUDA_LIBS.driver, dirs), candidates(CUDA_LIBS.cublasLt, dirs), candidates(CUDA_LIBS.nvrtc, dirs));
   return cudaReportOf(probe.result, dirs, probe.reason);
