@@ -43,6 +43,14 @@ export function loadsHalf(dir: string): boolean {
   return src.names().some((n) => keepsHalf(src, n));
 }
 
+/** The 16-bit type of the matrices loading `dir` frozen keeps in 16 bits, or null (as loadsHalf). */
+export function halfDtypeOf(dir: string): 'bf16' | 'f16' | null {
+  if (!fusedActive()) return null;
+  const src = TensorSource.open(dir);
+  const name = src.names().find((n) => keepsHalf(src, n));
+  return name === undefined ? null : src.dtype(name) === 'BF16' ? 'bf16' : 'f16';
+}
+
 function readChecked(src: TensorSource, name: string) {
   const t = src.read(name);
   checkFinite(name, src.fileOf(name), t.data);

@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import { ModelConfig, expectedShapes, isHalfMatrix } from './config.js';
-import { loadsHalf } from './load.js';
+import { halfDtypeOf, loadsHalf } from './load.js';
 import { HEAD_CHUNK_BYTES, headChunkRows } from './decoder.js';
 import { UserError } from '../util/errors.js';
 import { loadConfig } from '../io/checkpoint.js';
@@ -9,6 +9,7 @@ import { TrainConfig, checkpointingOn } from '../train/trainer.js';
 import { LoraConfig, defaultTargets } from '../lora/lora.js';
 import { currentBackend } from '../engine/backend.js';
 import { openedCudaDevice } from '../engine/cuda-device.js';
+import { cudaBf16Products } from '../engine/cuda-fused.js';
 
 /**
  * Peak memory of a job, estimated from the model's config and the job's shape before anything is
@@ -167,14 +168,15 @@ export function checkJobFits(dir: string, what: string, job: (cfg: ModelConfig) 
   const asked = job(cfg);
   const shape = { ...asked, len: Math.min(asked.len, cfg.max_position_embeddings) };
   const dev = currentBackend() === 'cuda' ? openedCudaDevice()?.available() : null;
-  if (dev) assertFitsDevice(estimateMemory(cfg, { ...shape, halfWeights: false }), what, dev);
+  // On the device a bf16 checkpoint's frozen matrices stay bf16 (bf16 products); f16 ones widen.
+  if (dev) assertFitsDevice(estimateMemory(cfg, { ...shape, halfWeights: cudaBf16Products() && halfDtypeOf(dir) === 'bf16' }), what, dev);
   else assertFits(estimateMemory(cfg, { ...shape, halfWeights: loadsHalf(dir) }), what);
 }
 
 /**
  * The same on the cuda backend's GPU, whose memory holds every tensor: the estimate's terms
- * with the weights in float32 (16-bit matrices are widened on the device) and without the host's
- * runtime, against the device's free memory and prefopt's reusable blocks.
+ * (frozen bf16 matrices at 2 bytes, f16 ones widened to 4) without the host's runtime, against
+ * the device's free memory and prefopt's reusable blocks.
  */
 export function assertFitsDevice(e: MemoryEstimate, what: string, dev: { bytes: number; total: number }): void {
   const { runtime: _host, ...parts } = e.parts;
