@@ -1,6 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import * as os from 'node:os';
 import { loadNative } from '../src/engine/native.js';
 import { onlineFixture } from './helpers/online-fixture.js';
 import { prefopt } from './helpers/cli.js';
@@ -42,4 +43,45 @@ describe('the cuda backend from the command line (emulated device)', () => {
     for (const k of Object.keys(n)) expect(Math.abs(c[k] - n[k]), k).toBeLessThanOrEqual(1e-4 * Math.max(1, Math.abs(n[k])));
     expect(n.loss).toBeLessThan(Math.log(2) - 0.01); // it trained: an untrained adapter gives ln 2
   }, 300_000);
+});
+
+describe('the embedded default\'s stages on the cuda backend (emulated device)', () => {
+  it('init → SFT → LoRA DPO (dropout) → online rounds → TIES merge → GGUF → eval: every logged metric is the native backend\'s', async () => {
+    if (!native.active) return;
+    // The quickstart's data and model shape, cut to a few rows and steps.
+    const d = fs.mkdtempSync(path.join(os.tmpdir(), 'prefopt-qs-cuda-'));
+    const q = path.resolve('data/quickstart');
+    fs.writeFileSync(path.join(d, 'sft.json'), JSON.stringify(JSON.parse(fs.readFileSync(path.join(q, 'sft.json'), 'utf8')).slice(0, 16)));
+    for (const [f, n] of [['prefs.jsonl', 10], ['prompts.jsonl', 3], ['eval.jsonl', 3]] as const) fs.writeFileSync(path.join(d, f), fs.readFileSync(path.join(q, f), 'utf8').split('\n').slice(0, n).join('\n') + '\n');
+    // Rewards from the text (varied, so that every round has pairs to train on).
+    fs.writeFileSync(path.join(d, 'scorer.mjs'), 'export default (p, cs) => cs.map((c) => (c.match(/[aeiou]/g) || []).length % 4);\n');
+    const lora = { r: 4, alpha: 8, targets: ['qkv_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] };
+    const stages = [
+      { name: 'base', type: 'init', arch: 'zhinao', config: path.join(q, 'model.json'), tokenizer: path.join(q, 'tokenizer') },
+      { name: 'sft', type: 'sft', model: 'base.output', data: path.join(d, 'sft.json'), lr: 2e-3, max_steps: 2, batch_size: 4, max_len: 48, eval_ratio: 0.1 },
+      { name: 'dpo', type: 'dpo', model: 'sft.output', data: path.join(d, 'prefs.jsonl'), rpo_alpha: 1, lora: { ...lora, dropout: 0.1 }, max_steps: 2, batch_size: 2, eval_ratio: 0.2 },
+      { name: 'online', type: 'online_dpo', model: 'sft.output', adapter: 'dpo.output', prompts: path.join(d, 'prompts.jsonl'), scorer: `module:${path.join(d, 'scorer.mjs')}`, rounds: 2, samples_per_prompt: 4, max_new_tokens: 4, lora: { ...lora, dropout: 0 }, batch_size: 2 },
+      { name: 'merged', type: 'merge', merge_method: 'ties', base_model: 'sft.output', models: [{ model: 'sft.output+online.output', parameters: { weight: 1, density: 0.8 } }, { model: 'sft.output+dpo.output', parameters: { weight: 0.25, density: 0.8 } }], parameters: { normalize: true, lambda: 1 }, dtype: 'float32' },
+      { name: 'gguf', type: 'export_gguf', model: 'merged.output', dtype: 'f32' },
+      { name: 'eval', type: 'eval', prompts: path.join(d, 'eval.jsonl'), scorer: 'builtin:exact_answer', max_new_tokens: 4, models: { 'sft-base': 'sft.output', 'round-2': 'sft.output+online.round-2', merged: 'merged.output' } },
+    ];
+    const events = (backend: string) => {
+      const rf = path.join(d, `${backend}.yaml`);
+      fs.writeFileSync(rf, JSON.stringify({ name: backend, seed: 0, workdir: path.join(d, backend), stages }));
+      const r = prefopt(['--json', '--backend', backend, 'run', rf], { env: { PREFOPT_CUDA_DEVICE: 'emulate' } });
+      expect(r.code, r.stderr.slice(-2000)).toBe(0);
+      return r.stderr.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l)).filter((e) => ['train', 'eval', 'round-done'].includes(e.event));
+    };
+    const [n, c] = [events('native'), events('cuda')];
+    expect(c.map((e) => e.event)).toEqual(n.map((e) => e.event));
+    // sft, dpo and each round trained
+    expect(n.filter((e) => e.event === 'train').length).toBeGreaterThanOrEqual(4);
+    expect(n.filter((e) => e.event === 'round-done').map((e) => e.pairs > 0)).toEqual([true, true]);
+    n.forEach((e, i) => {
+      for (const [k, v] of Object.entries(e)) {
+        if (typeof v !== 'number' || ['tokens_per_s', 'seconds'].includes(k)) continue;
+        expect(Math.abs(c[i][k] - v), `${e.event} ${i} ${k}`).toBeLessThanOrEqual(1e-4 * Math.max(1, Math.abs(v)));
+      }
+    });
+  }, 400_000);
 });
