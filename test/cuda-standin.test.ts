@@ -74,6 +74,14 @@ describe('GPU memory, checked before a job starts', () => {
     expect(fs.existsSync(out)).toBe(false);
     const host = prefopt(['--backend', 'native', ...args, '--max-steps', '0']);
     expect(host.stderr).not.toMatch(/needs about/);
+    // doctor --model holds the jobs to the same budget
+    const doc = prefopt(['--json', '--backend', 'cuda', 'doctor', '--model', f.base, '--batch-size', '256', '--max-length', '256'], { env: { PREFOPT_CUDA_LIBS: libs } });
+    expect(doc.code, doc.stderr).toBe(0);
+    const mem = JSON.parse(doc.stdout.trim().split('\n').at(-1)!).memory;
+    expect(mem.limit).toBe(2 ** 29);
+    expect(mem.limitSource).toBe('GPU memory free on the device (of 1.00 GiB)');
+    expect(mem.jobs.find((j: any) => j.job.startsWith('lora dpo')).fits).toBe(false);
+    expect(mem.jobs[0].parts.runtime).toBeUndefined(); // the host's runtime is not on the GPU
   }, 120_000);
 });
 

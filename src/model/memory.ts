@@ -166,26 +166,30 @@ export function describeEstimate(e: MemoryEstimate): string {
 export function checkJobFits(dir: string, what: string, job: (cfg: ModelConfig) => JobShape): void {
   const cfg = loadConfig(dir);
   const asked = job(cfg);
-  const shape = { ...asked, len: Math.min(asked.len, cfg.max_position_embeddings) };
-  const dev = currentBackend() === 'cuda' ? openedCudaDevice()?.available() : null;
-  // On the device a bf16 checkpoint's frozen matrices stay bf16 (bf16 products); f16 ones widen.
-  if (dev) assertFitsDevice(estimateMemory(cfg, { ...shape, halfWeights: cudaBf16Products() && halfDtypeOf(dir) === 'bf16' }), what, dev);
-  else assertFits(estimateMemory(cfg, { ...shape, halfWeights: loadsHalf(dir) }), what);
+  const b = budgetFor(dir);
+  const e = counted(estimateMemory(cfg, { ...asked, len: Math.min(asked.len, cfg.max_position_embeddings), halfWeights: b.halfWeights }), b);
+  if (!b.device) return assertFits(e, what);
+  if (e.total > b.bytes)
+    throw new UserError(`${what} needs about ${describeEstimate(e)} of GPU memory, more than the ${gib(b.bytes)} ${b.source}; lower --batch-size or --max-length, or turn on --gradient-checkpointing`);
 }
 
 /**
- * The same on the cuda backend's GPU, whose memory holds every tensor: the estimate's terms
- * (frozen bf16 matrices at 2 bytes, f16 ones widened to 4) without the host's runtime, against
- * the device's free memory and prefopt's reusable blocks.
+ * What a job on `dir` is held to: this machine's memory — or, on the cuda backend, its GPU's,
+ * which holds every tensor: the device's free memory and prefopt's reusable blocks, with a bf16
+ * checkpoint's frozen matrices at 2 bytes (bf16 products; f16 ones are widened to 4).
  */
-export function assertFitsDevice(e: MemoryEstimate, what: string, dev: { bytes: number; total: number }): void {
-  const { runtime: _host, ...parts } = e.parts;
-  const total = e.total - (_host ?? 0);
-  if (total <= dev.bytes) return;
-  throw new UserError(
-    `${what} needs about ${describeEstimate({ parts, total })} of GPU memory, more than the ${gib(dev.bytes)} free on the device (of ${gib(dev.total)}); ` +
-      'lower --batch-size or --max-length, or turn on --gradient-checkpointing',
-  );
+export function budgetFor(dir: string): { bytes: number; source: string; halfWeights: boolean; device: boolean } {
+  const room = currentBackend() === 'cuda' ? openedCudaDevice()?.available() : null;
+  if (room) return { bytes: room.bytes, source: `free on the device (of ${gib(room.total)})`, halfWeights: cudaBf16Products() && halfDtypeOf(dir) === 'bf16', device: true };
+  const lim = memoryLimit();
+  return { bytes: lim.bytes, source: lim.source, halfWeights: loadsHalf(dir), device: false };
+}
+
+/** An estimate as a budget counts it: on the GPU without the host's runtime. */
+function counted(e: MemoryEstimate, b: { device: boolean }): MemoryEstimate {
+  if (!b.device) return e;
+  const { runtime, ...parts } = e.parts;
+  return { parts, total: e.total - (runtime ?? 0) };
 }
 
 export interface JobReport {
@@ -199,7 +203,7 @@ export interface JobReport {
 /**
  * `prefopt doctor --model`: the estimates for the jobs people run on a checkpoint — log-probs,
  * LoRA DPO (rank r on every linear layer, `pairs` pairs a step) and full SFT — at the default
- * checkpointing, against memoryLimit().
+ * checkpointing, against the budget a job there is held to (budgetFor: the GPU's on cuda).
  */
 export function jobReports(dir: string, o: { pairs: number; maxLength: number; loraR: number }): { params: number; limit: number; limitSource: string; halfWeights: boolean; jobs: JobReport[] } {
   const cfg = loadConfig(dir);
@@ -207,8 +211,8 @@ export function jobReports(dir: string, o: { pairs: number; maxLength: number; l
   const len = Math.min(o.maxLength, cfg.max_position_embeddings);
   const ck = checkpointingOn('auto', P);
   const linears = [...new Set([...expectedShapes(cfg).keys()].map(linearKind).filter((m): m is string => !!m))];
-  const lim = memoryLimit();
-  const halfWeights = loadsHalf(dir);
+  const lim = budgetFor(dir);
+  const halfWeights = lim.halfWeights;
   const jobs: [string, JobShape][] = [
     ['logprobs', { kind: 'logprobs', rows: 2 * o.pairs, len, halfWeights }],
     [`lora dpo (r ${o.loraR}, ${linears.join(',')})`, { kind: 'lora', rows: 2 * o.pairs, len, checkpointing: ck, lora: { r: o.loraR, targets: linears }, halfWeights }],
@@ -217,10 +221,10 @@ export function jobReports(dir: string, o: { pairs: number; maxLength: number; l
   return {
     params: P,
     limit: lim.bytes,
-    limitSource: lim.source,
+    limitSource: lim.device ? `GPU memory ${lim.source}` : lim.source,
     halfWeights,
     jobs: jobs.map(([job, s]) => {
-      const e = estimateMemory(cfg, s);
+      const e = counted(estimateMemory(cfg, s), lim);
       return { job, checkpointing: !!s.checkpointing, bytes: e.total, parts: e.parts, fits: e.total <= lim.bytes };
     }),
   };
