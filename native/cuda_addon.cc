@@ -254,22 +254,17 @@ napi_value Kernels(napi_env env, napi_callback_info) {
   return o;
 }
 
+// A function property of the exports.
+napi_property_descriptor method(const char* name, napi_callback f, void* data = nullptr) { return {name, nullptr, f, nullptr, nullptr, nullptr, napi_default, data}; }
+
 }  // namespace
 
 void define_cuda(napi_env env, napi_value exports) {
-  napi_property_descriptor props[] = {
-      {"cudaOpen", nullptr, Open, nullptr, nullptr, nullptr, napi_default, nullptr},
-      {"cudaAlloc", nullptr, Alloc, nullptr, nullptr, nullptr, napi_default, nullptr},
-      {"cudaFree", nullptr, Free, nullptr, nullptr, nullptr, napi_default, nullptr},
-      {"cudaUpload", nullptr, Transfer, nullptr, nullptr, nullptr, napi_default, (void*)"up"},
-      {"cudaDownload", nullptr, Transfer, nullptr, nullptr, nullptr, napi_default, nullptr},
-      {"cudaCopy", nullptr, Copy, nullptr, nullptr, nullptr, napi_default, nullptr},
-      {"cudaLaunch", nullptr, Launch, nullptr, nullptr, nullptr, napi_default, nullptr},
-      {"cudaGemm", nullptr, GemmCall, nullptr, nullptr, nullptr, napi_default, nullptr},
-      {"cudaSync", nullptr, Sync, nullptr, nullptr, nullptr, napi_default, nullptr},
-      {"cudaStats", nullptr, Stats, nullptr, nullptr, nullptr, napi_default, nullptr},
-      {"cudaTrim", nullptr, Trim, nullptr, nullptr, nullptr, napi_default, nullptr},
-      {"cudaKernels", nullptr, Kernels, nullptr, nullptr, nullptr, napi_default, nullptr},
+  const napi_property_descriptor props[] = {
+      method("cudaOpen", Open),         method("cudaAlloc", Alloc),       method("cudaFree", Free),
+      method("cudaUpload", Transfer, (void*)"up"), method("cudaDownload", Transfer), method("cudaCopy", Copy),
+      method("cudaLaunch", Launch),     method("cudaGemm", GemmCall),     method("cudaSync", Sync),
+      method("cudaStats", Stats),       method("cudaTrim", Trim),         method("cudaKernels", Kernels),
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
 }
