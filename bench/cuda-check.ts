@@ -24,6 +24,7 @@ import { expectedShapes, isLinearWeight, parseConfig, presetConfig } from '../sr
 import { sequenceLogps } from '../src/dpo/logps.js';
 import { f32ToBf16Bits } from '../src/io/safetensors.js';
 import { ALL_LINEARS, PROMPT, QWEN05_SHAPE, benchRows, loraDpoStepOf, loraDpoTrace, timeIt, worstRel } from './steps.js';
+import { envOff } from '../src/util/env.js';
 
 const say = (o: object) => process.stdout.write(JSON.stringify(o) + '\n');
 const arg = (name: string) => {
@@ -32,7 +33,7 @@ const arg = (name: string) => {
 };
 const what = process.argv[2] ?? 'compare';
 const layers = Number(arg('--layers') ?? QWEN05_SHAPE.num_hidden_layers);
-const tf32 = !['0', 'off', 'false', 'no'].includes(String(process.env.PREFOPT_CUDA_TF32 ?? '').toLowerCase());
+const tf32 = !envOff('PREFOPT_CUDA_TF32');
 const bf16 = cudaBf16Products();
 
 const cfg = parseConfig(presetConfig('qwen2', { ...QWEN05_SHAPE, num_hidden_layers: layers }, QWEN05_SHAPE.vocab_size, { eos: 1, pad: 0 }));

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstring>
 
+#include "cuda_probe.h"
 #include "kernels.h"
 
 namespace prefopt {
@@ -187,28 +188,6 @@ uint32_t alignment(uint64_t p) {
   return a;
 }
 
-void* open_first(const std::vector<std::string>& names, std::string* why, const char* what) {
-  std::string failed;
-  for (const auto& n : names) {
-    if (void* h = dlopen(n.c_str(), RTLD_NOW | RTLD_LOCAL)) return h;
-    const char* e = dlerror();
-    if (e && !strstr(e, "No such file or directory") && failed.empty()) failed = e;
-  }
-  *why = failed.empty() ? std::string(what) + " not found" : failed;
-  return nullptr;
-}
-
-// Every symbol of a table, or the first missing one named.
-struct Resolver {
-  void* lib;
-  std::string* why;
-  template <typename F>
-  void operator()(F& f, const char* name) {
-    f = reinterpret_cast<F>(dlsym(lib, name));
-    if (!f && why->empty()) *why = std::string("has no ") + name;
-  }
-};
-
 bool emulated_launch(const char* name, unsigned grid, unsigned block, void** args) {
   const KernelInfo* k = find_kernel(name);
   if (k) k->emulate(grid, block, args);
@@ -221,11 +200,19 @@ class Gpu : public Device {
             const std::string& cache_dir, std::string* why) {
     tf32_ = tf32;
     cache_dir_ = cache_dir;
-    void* dl = open_first(driver, why, "libcuda.so.1");
-    void* ll = dl ? open_first(cublas_lt, why, "libcublasLt") : nullptr;
-    void* nl = ll ? open_first(nvrtc, why, "libnvrtc") : nullptr;
-    if (!nl) return false;
-    Resolver d{dl, why}, l{ll, why}, n{nl, why};
+    // Each library found by the probe's own rules (native/cuda_probe.cc), every entry point
+    // resolved; the first problem, in the order driver, NVRTC, cuBLASLt, is the reason.
+    LibProbe dp, lp, np;
+    const auto missing = [&](const LibProbe& p, const char* what) { return *why = p.error == "not found" ? std::string(what) + " not found" : p.error, false; };
+    void* dl = open_first(driver, dp);
+    if (!dl) return missing(dp, "libcuda.so.1");
+    void* ll = open_first(cublas_lt, lp);
+    if (!ll) return missing(lp, "libcublasLt");
+    void* nl = open_first(nvrtc, np);
+    if (!nl) return missing(np, "libnvrtc");
+    const auto d = [&](auto& f, const char* name) { resolve(dl, name, f, dp); };
+    const auto l = [&](auto& f, const char* name) { resolve(ll, name, f, lp); };
+    const auto n = [&](auto& f, const char* name) { resolve(nl, name, f, np); };
     d(cu_.init, "cuInit"), d(cu_.device_get, "cuDeviceGet"), d(cu_.attribute, "cuDeviceGetAttribute"), d(cu_.name, "cuDeviceGetName");
     d(cu_.primary_ctx, "cuDevicePrimaryCtxRetain"), d(cu_.set_ctx, "cuCtxSetCurrent"), d(cu_.mem_alloc, "cuMemAlloc_v2"), d(cu_.mem_free, "cuMemFree_v2");
     d(cu_.htod, "cuMemcpyHtoD_v2"), d(cu_.dtoh, "cuMemcpyDtoH_v2"), d(cu_.dtod, "cuMemcpyDtoD_v2"), d(cu_.mem_info, "cuMemGetInfo_v2");
@@ -238,7 +225,8 @@ class Gpu : public Device {
     l(lt_.layout_create, "cublasLtMatrixLayoutCreate"), l(lt_.layout_set, "cublasLtMatrixLayoutSetAttribute"), l(lt_.layout_destroy, "cublasLtMatrixLayoutDestroy"), l(lt_.matmul, "cublasLtMatmul");
     l(lt_.pref_create, "cublasLtMatmulPreferenceCreate"), l(lt_.pref_set, "cublasLtMatmulPreferenceSetAttribute"), l(lt_.pref_destroy, "cublasLtMatmulPreferenceDestroy");
     l(lt_.heuristic, "cublasLtMatmulAlgoGetHeuristic");
-    if (!why->empty()) return false;
+    for (const LibProbe* p : {&dp, &np, &lp})
+      if (!p->error.empty()) return *why = p->error, false;
     // The stand-in driver of test/cuda-standin.test.ts (host memory, no GPU) runs launches through
     // the emulated kernels: it asks for them here. A real driver has no such symbol.
     using launcher = bool (*)(const char*, unsigned, unsigned, void**);

@@ -6,10 +6,9 @@
 #include <cstring>
 
 namespace prefopt {
-namespace {
 
-// The first candidate that loads. "Not found" is said once for the whole list; a candidate that
-// exists but fails to load is the more useful message, so it wins.
+// "Not found" is said once for the whole list; a candidate that exists but fails to load is the
+// more useful message, so it wins.
 void* open_first(const std::vector<std::string>& names, LibProbe& out) {
   std::string failed;
   for (const auto& n : names) {
@@ -26,11 +25,17 @@ void* open_first(const std::vector<std::string>& names, LibProbe& out) {
   return nullptr;
 }
 
-template <typename F>
-F sym(void* h, const char* name, LibProbe& out) {
-  auto f = reinterpret_cast<F>(dlsym(h, name));
+void* find_symbol(void* lib, const char* name, LibProbe& out) {
+  void* f = dlsym(lib, name);
   if (!f && out.error.empty()) out.error = std::string("has no ") + name;
   return f;
+}
+
+namespace {
+
+template <typename F>
+F sym(void* h, const char* name, LibProbe& out) {
+  return reinterpret_cast<F>(find_symbol(h, name, out));
 }
 
 void probe_driver(const std::vector<std::string>& names, CudaProbe& p) {

@@ -24,6 +24,16 @@ struct CudaProbe {
   std::vector<CudaDevice> devices;
 };
 
+// The first of `names` that loads (its handle, out.path set), or nullptr with out.error: "not
+// found" for the whole list, or the loader's own reason for a file that exists but failed.
+void* open_first(const std::vector<std::string>& names, LibProbe& out);
+// The library's entry point `name`, or nullptr with out.error naming it (if none is named yet).
+void* find_symbol(void* lib, const char* name, LibProbe& out);
+template <typename F>
+void resolve(void* lib, const char* name, F& f, LibProbe& out) {
+  f = reinterpret_cast<F>(find_symbol(lib, name, out));
+}
+
 // Each list holds candidates in order (full paths, or sonames for the loader's own search).
 CudaProbe probe_cuda(const std::vector<std::string>& driver, const std::vector<std::string>& cublaslt, const std::vector<std::string>& nvrtc);
 

@@ -14,7 +14,6 @@ export const CUDA_BACKEND = 'cuda';
 
 interface Entry {
   addr: number;
-  bytes: number;
   dtype: tf.DataType;
   size: number;
   refCount: number;
@@ -49,9 +48,8 @@ export class CudaBackend extends tf.KernelBackend {
   makeTensorInfo(shape: number[], dtype: tf.DataType, values?: any): tf.TensorInfo {
     const dataId = {};
     const size = tf.util.sizeFromShape(shape);
-    const bytes = size * bytesPer(dtype);
-    const addr = this.device.alloc(bytes);
-    this.entries.set(dataId, { addr, bytes, dtype, size, refCount: 1 });
+    const addr = this.device.alloc(size * bytesPer(dtype));
+    this.entries.set(dataId, { addr, dtype, size, refCount: 1 });
     this.count++;
     if (values) this.device.upload(addr, typed(values, dtype));
     return { dataId, shape, dtype };

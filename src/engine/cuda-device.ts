@@ -2,7 +2,8 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { packageRoot } from '../util/package-root.js';
 import { CudaAddon, cudaAddon } from './native.js';
-import { kernelCachePath } from './cuda.js';
+import { cudaEmulated, kernelCachePath } from './cuda.js';
+import { envOff } from '../util/env.js';
 
 /**
  * The `cuda` backend's device (native/cuda_device.cc, docs/REFERENCE.md §11): a GPU through the
@@ -108,6 +109,13 @@ export class CudaDevice {
   }
 }
 
+/** kernels.cu's Dims (PREFOPT_MAX_RANK): a launch's shape, then two operands' strides, each padded to MAX_RANK. */
+export const MAX_RANK = 6;
+export const dims = (shape: number[], a: number[], b: number[]): number[] => {
+  const pad = (v: number[]) => [...v, ...new Array(MAX_RANK - v.length).fill(0)];
+  return [...pad(shape), ...pad(a), ...pad(b)];
+};
+
 let device: CudaDevice | null = null;
 
 /** The device if the cuda backend opened one in this process. */
@@ -123,13 +131,11 @@ export function openCudaDevice(libs: { driver: string[]; cublasLt: string[]; nvr
   if (device) return device;
   const addon = cudaAddon();
   if (!addon) throw new Error('the native addon is not loaded; it is what drives the CUDA device');
-  const emulate = (process.env.PREFOPT_CUDA_DEVICE ?? '').toLowerCase() === 'emulate';
-  if (emulate) return (device = new CudaDevice(addon, addon.cudaOpen('emulate'), true));
+  if (cudaEmulated()) return (device = new CudaDevice(addon, addon.cudaOpen('emulate'), true));
   if (!libs) throw new Error('no CUDA libraries');
   const source = fs.readFileSync(path.join(packageRoot(), 'native', 'cuda', 'kernels.cu'), 'utf8');
   // TF32 tensor-core products unless PREFOPT_CUDA_TF32=0 asks for exact float32 ones.
-  const tf32 = !['0', 'off', 'false', 'no'].includes(String(process.env.PREFOPT_CUDA_TF32 ?? '').toLowerCase());
-  return (device = new CudaDevice(addon, addon.cudaOpen('gpu', libs.driver, libs.cublasLt, libs.nvrtc, source, tf32, kernelCacheDir()), false));
+  return (device = new CudaDevice(addon, addon.cudaOpen('gpu', libs.driver, libs.cublasLt, libs.nvrtc, source, !envOff('PREFOPT_CUDA_TF32'), kernelCacheDir()), false));
 }
 
 /**

@@ -2,7 +2,8 @@ import * as tf from '@tensorflow/tfjs-core';
 import { DT_CODE } from './half.js';
 import { FusedAddon, Placement, registerFusedKernels } from './fused.js';
 import { CUDA_BACKEND, CudaBackend } from './cuda-backend.js';
-import { CudaDevice } from './cuda-device.js';
+import { CudaDevice, dims } from './cuda-device.js';
+import { envOff } from '../util/env.js';
 
 /**
  * prefopt's fused kernels (engine/fused's table) on the device: the FusedAddon calls with device
@@ -31,7 +32,7 @@ interface DeviceWeight {
  * with float32 accumulation (the activations rounded to bf16 for them, as PyTorch's bf16 models
  * do), unless PREFOPT_CUDA_BF16=0 widens them to float32 (exact products, twice the memory).
  */
-export const cudaBf16Products = () => !['0', 'off', 'false', 'no'].includes(String(process.env.PREFOPT_CUDA_BF16 ?? '').toLowerCase());
+export const cudaBf16Products = () => !envOff('PREFOPT_CUDA_BF16');
 
 /**
  * Frozen weights on the device, uploaded once per form and kept while their bits are alive, and
@@ -112,7 +113,7 @@ export function cudaFused(dev: CudaDevice, hostDropout: (n: number, s: number[],
     },
     biasAdd: (x: any, bias: any, n, d, y: any) => dev.each('bias_add', n * d, [x, bias, n, d, y]),
     columnSum: (dy: any, n, d, out: any) => dev.each('column_sum', d, [dy, n, d, out]),
-    add: (a: any, b: any, n, y: any) => dev.each('binary', n, [0, a, b, y, n, 1, [n, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1]]),
+    add: (a: any, b: any, n, y: any) => dev.each('binary', n, [0, a, b, y, n, 1, dims([n], [1], [1])]),
     // u = s·(xd·A), y = x·W + u·B (+ bias): the host kernel's terms (native/lora.cc).
     loraForward: (m, din, dout, r, x: any, xd: any, w: any, a: any, b: any, scale, wdt, whf, y: any, u: any, bias: any) => {
       gemm({ m, n: r, k: din, a: xd, b: a, c: u, alpha: scale });

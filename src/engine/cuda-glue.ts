@@ -1,6 +1,8 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { CUDA_BACKEND, CudaBackend } from './cuda-backend.js';
 import { evenSteps, shapesOf } from './native.js';
+import { MAX_RANK, dims } from './cuda-device.js';
+import { overrideKernel } from './kernels.js';
 
 /**
  * The tfjs kernels around prefopt's fused ones, on the device: views (Reshape, Identity),
@@ -11,7 +13,6 @@ import { evenSteps, shapesOf } from './native.js';
 type Info = tf.TensorInfo;
 type Kernel = (be: CudaBackend, inputs: any, attrs: any) => Info | Info[] | null;
 
-const MAX_RANK = 6;
 const size = (s: number[]) => tf.util.sizeFromShape(s);
 const words = (t: Info) => t.dtype === 'float32' || t.dtype === 'int32';
 const f32 = (t: Info) => t.dtype === 'float32';
@@ -21,11 +22,6 @@ const stridesOf = (shape: number[]) => {
   return s;
 };
 
-/** kernels.cu's Dims: shape, then two operands' strides, each padded to MAX_RANK. */
-const dims = (shape: number[], a: number[], b: number[]) => {
-  const pad = (v: number[]) => [...v, ...new Array(MAX_RANK - v.length).fill(0)];
-  return [...pad(shape), ...pad(a), ...pad(b)];
-};
 
 /** dst (+ dstOff words, strides dstStrides) ← src (+ srcOff, srcStrides) over `shape`. */
 function copy(be: CudaBackend, src: number, srcOff: number, srcStrides: number[], dst: number, dstOff: number, dstStrides: number[], shape: number[]): void {
@@ -183,25 +179,14 @@ const KERNELS: Record<string, Kernel> = {
   },
 };
 
-/** Register the device kernels over the host ones; a kernel that returns null passes the call to the host. */
 let glueRegistered = false;
 
+/**
+ * Register the device kernels over the host ones (engine/cuda-backend registers every cpu kernel
+ * through onHost); a device kernel that returns null passes the call on to that host one.
+ */
 export function registerCudaGlue(): void {
   if (glueRegistered) return;
   glueRegistered = true;
-  for (const [name, run] of Object.entries(KERNELS)) {
-    const host = tf.getKernel(name, 'cpu');
-    tf.unregisterKernel(name, CUDA_BACKEND);
-    tf.registerKernel({
-      kernelName: name,
-      backendName: CUDA_BACKEND,
-      kernelFunc: (args: any) => {
-        const be = args.backend as CudaBackend;
-        const out = run(be, args.inputs, args.attrs ?? {});
-        if (out) return out;
-        if (!host) throw new Error(`cuda backend: ${name} has no host kernel for these inputs`);
-        return be.onHost(host.kernelFunc, args);
-      },
-    });
-  }
+  for (const [name, run] of Object.entries(KERNELS)) overrideKernel(name, CUDA_BACKEND, (args, onHost) => run(args.backend as CudaBackend, args.inputs, args.attrs ?? {}) ?? onHost(args));
 }

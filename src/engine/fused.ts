@@ -2,6 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { overrideKernel, runInPlace, tensorView } from './kernels.js';
 import type { AleaState, MaskStore } from './dropout.js';
 import { DT_CODE, HalfWeight, Weight, isHalf } from './half.js';
+import { envOff } from '../util/env.js';
 
 /**
  * The native addon's fused kernels (native/fused.cc, native/lora.cc) as tfjs kernels of the
@@ -322,7 +323,7 @@ const hostPlacement = (backend: string): Placement => ({
 const registered = new Map<string, { addon: FusedAddon; place: Placement }>();
 let gradsRegistered = false;
 // PREFOPT_FUSED=0 keeps the native matmul but runs the plain tfjs compositions (to compare).
-let enabled = !['0', 'off', 'false', 'no'].includes(String(process.env.PREFOPT_FUSED ?? '').toLowerCase());
+let enabled = !envOff('PREFOPT_FUSED');
 
 /**
  * Register every fused kernel for `backend` ('wasm', 'cpu' or 'native'). DEFS says what each kernel

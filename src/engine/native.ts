@@ -7,6 +7,7 @@ import { FusedAddon, registerFusedKernels } from './fused.js';
 import { overrideKernel, runInPlace } from './kernels.js';
 import { DT_CODE, HalfWeight, isHalf } from './half.js';
 import { NATIVE_BACKEND, NativeAllocator, PoolStats } from './native-backend.js';
+import { envOff } from '../util/env.js';
 
 /**
  * The native addon (native/, built at install by node-gyp): its matmul registered as the
@@ -83,7 +84,7 @@ const registered = new Set<string>();
 
 export function loadNative(): NativeReport {
   if (report) return report;
-  const off = ['0', 'off', 'false', 'no'].includes(String(process.env.PREFOPT_NATIVE ?? '').toLowerCase());
+  const off = envOff('PREFOPT_NATIVE');
   if (off) return (report = { active: false, kernel: null, reason: 'disabled by PREFOPT_NATIVE' });
   const file = path.join(packageRoot(), 'build', 'Release', 'prefopt_native.node');
   if (!fs.existsSync(file)) return (report = { active: false, kernel: null, reason: 'the native addon is not built (npm install builds it with node-gyp when a C++ compiler is present)' });
