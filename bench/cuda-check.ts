@@ -5,18 +5,24 @@
  * - compare: one LoRA DPO step (r 16 on every linear, B non-zero, 2 pairs × 256 tokens) on the
  *   native backend (the CPU) and on the cuda backend — the loss and every adapter gradient;
  * - time: the real-size bench's LoRA DPO step (4 pairs × 256 tokens, dropout 0.05, reference
- *   cached) and its log-probs job on the cuda backend, tokens/s and the device's peak bytes.
+ *   cached) and its log-probs job on the cuda backend, tokens/s and the device's peak bytes;
+ * - profile: that LoRA DPO step once more with every device operation timed alone
+ *   (CudaDevice.profile): one line per kernel, product shape, copy and host kernel, the slowest
+ *   first, with its share of the step — what to speed up next.
  *
  * One JSON line per result. PREFOPT_CUDA_BF16=0 PREFOPT_CUDA_TF32=0 makes the device's products
  * exact float32 (the comparison's tolerance is then float32's); by default the bf16 weights'
  * products run in bf16 and the rest in TF32 (tolerance a few 1e-2).
  * PREFOPT_CUDA_DEVICE=emulate runs it all without a GPU (slowly): the script's own test.
- *   node dist/bench/cuda-check.js [report|compare|time] [--layers N]   (report: what `doctor` says of CUDA)
+ *   node dist/bench/cuda-check.js [report|compare|time|profile] [--layers N] [--tiny]   (report: what `doctor` says of CUDA)
+ * --tiny: the same jobs on a model of Qwen2's layout a thousand times smaller and 32-token rows,
+ * which the emulation runs in seconds (test/cuda-check.test.ts runs every mode so).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { initBackend } from '../src/engine/backend.js';
 import { cudaAddon } from '../src/engine/native.js';
 import { cudaReport } from '../src/engine/cuda.js';
+import { openedCudaDevice } from '../src/engine/cuda-device.js';
 import { cudaBf16Products } from '../src/engine/cuda-fused.js';
 import { HalfWeight } from '../src/engine/half.js';
 import { Decoder } from '../src/model/decoder.js';
@@ -32,11 +38,17 @@ const arg = (name: string) => {
   return i > 0 ? process.argv[i + 1] : undefined;
 };
 const what = process.argv[2] ?? 'compare';
-const layers = Number(arg('--layers') ?? QWEN05_SHAPE.num_hidden_layers);
+const tiny = process.argv.includes('--tiny');
+const shape = tiny
+  ? { ...QWEN05_SHAPE, hidden_size: 64, intermediate_size: 160, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 16, vocab_size: 512 }
+  : QWEN05_SHAPE;
+const layers = Number(arg('--layers') ?? shape.num_hidden_layers);
+/** The jobs' rows: n of the real-size bench's length (32 tokens with --tiny), scored after the prompt. */
+const rows = (n: number) => (tiny ? benchRows(n, 8, shape.vocab_size, 32) : benchRows(n, PROMPT));
 const tf32 = !envOff('PREFOPT_CUDA_TF32');
 const bf16 = cudaBf16Products();
 
-const cfg = parseConfig(presetConfig('qwen2', { ...QWEN05_SHAPE, num_hidden_layers: layers }, QWEN05_SHAPE.vocab_size, { eos: 1, pad: 0 }));
+const cfg = parseConfig(presetConfig('qwen2', { ...shape, num_hidden_layers: layers }, shape.vocab_size, { eos: 1, pad: 0 }));
 
 /** Random weights: matrices in bf16 (uniform, std 0.02), norms near 1, biases small. One stream, so every backend gets the same. */
 function weights(): Map<string, HalfWeight | { shape: number[]; data: Float32Array }> {
@@ -61,7 +73,7 @@ function weights(): Map<string, HalfWeight | { shape: number[]; data: Float32Arr
 
 async function compare(): Promise<void> {
   const w = weights();
-  const pb = benchRows(4, PROMPT);
+  const pb = rows(4);
   const run = async (backend: string) => {
     await initBackend(backend);
     const model = Decoder.fromHF(cfg, (n) => w.get(n)!, false);
@@ -109,11 +121,11 @@ async function time(): Promise<void> {
     let f: () => void;
     let tokens: number;
     if (job === 'lora_dpo') {
-      const pb = benchRows(8, PROMPT);
+      const pb = rows(8);
       tokens = pb.batch * pb.len;
       f = loraDpoStepOf(model, pb, { dropout: 0.05, cachedReference: true }).step;
     } else {
-      const sb = benchRows(2, PROMPT);
+      const sb = rows(2);
       tokens = sb.batch * sb.len;
       f = () => void tf.tidy(() => sequenceLogps(model, sb)).dataSync();
     }
@@ -122,11 +134,33 @@ async function time(): Promise<void> {
   }
 }
 
+async function profile(): Promise<void> {
+  await initBackend('cuda');
+  const dev = openedCudaDevice()!;
+  const w = weights();
+  const model = Decoder.fromHF(cfg, (n) => w.get(n)!, false);
+  const pb = rows(8);
+  const step = loraDpoStepOf(model, pb, { dropout: 0.05, cachedReference: true }).step;
+  const seconds = timeIt(step, 1);
+  dev.profile(true);
+  const t0 = performance.now();
+  step();
+  const profiled = (performance.now() - t0) / 1000;
+  const ops = Object.entries(dev.profile(false)).sort((a, b) => b[1].seconds - a[1].seconds);
+  const total = ops.reduce((s, [, t]) => s + t.seconds, 0);
+  say({ step: 'cuda_profile', device: dev.name, tf32, bf16, layers, tokens: pb.batch * pb.len, step_seconds: +seconds.toFixed(4), profiled_seconds: +profiled.toFixed(4), timed_seconds: +total.toFixed(4), operations: ops.reduce((s, [, t]) => s + t.count, 0) });
+  for (const [key, t] of ops) {
+    const rate = key.startsWith('gemm') ? { tflops: +(t.work / t.seconds / 1e12).toFixed(2) } : t.work ? { gb_per_s: +(t.work / t.seconds / 1e9).toFixed(2) } : {};
+    say({ step: 'cuda_profile_op', key, count: t.count, ms: +(t.seconds * 1000).toFixed(3), share: +(t.seconds / total).toFixed(4), ...rate });
+  }
+}
+
 try {
   if (what === 'report') say({ step: 'cuda_report', ...cudaReport() });
   else if (what === 'compare') await compare();
   else if (what === 'time') await time();
-  else throw new Error(`unknown "${what}" (compare or time)`);
+  else if (what === 'profile') await profile();
+  else throw new Error(`unknown "${what}" (report, compare, time or profile)`);
 } catch (e: any) {
   say({ step: `cuda_${what}`, error: String(e?.message ?? e) });
   process.exitCode = 1;

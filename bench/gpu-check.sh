@@ -10,7 +10,8 @@
 #    nvidia-* wheels' cuBLASLt and NVRTC beside PyTorch;
 # 3. the cuda backend (bench/cuda-check.ts): a 0.5B LoRA DPO step's loss and gradients against
 #    the CPU path with exact float32 products and with the defaults (bf16 × bf16 for the bf16
-#    weights, TF32 for the rest), then its speed both ways;
+#    weights, TF32 for the rest), then its speed both ways, then a profile of the step (each
+#    kernel, product shape, copy and host kernel timed alone);
 # 4. the PyTorch bf16 eager baseline of the real-size jobs (bench/torch_ref.py), the figures the
 #    cuda backend is measured against.
 set -u
@@ -43,6 +44,7 @@ if [ -d .gpu/app ]; then
   node_step 200 compare     # the defaults (bf16 weights' products in bf16, TF32): bf16 tolerance
   node_step 120 time
   node_step 120 time 0
+  node_step 120 profile     # where the default step's time goes, operation by operation
 else
   say '{"step":"cuda_backend","error":".gpu/ is missing: run sh scripts/gpu-bundle.sh here and carry .gpu"}'
 fi

@@ -102,11 +102,11 @@ export const QWEN05_SHAPE = { hidden_size: 896, intermediate_size: 4864, num_hid
 export const PROMPT = 64;
 export const COMPLETION = 192;
 
-/** n rows of PROMPT + COMPLETION random tokens, scored from position scoredFrom on. */
-export function benchRows(n: number, scoredFrom: number, vocab = QWEN05_SHAPE.vocab_size): SeqBatch {
+/** n rows of `len` (PROMPT + COMPLETION) random tokens, scored from position scoredFrom on. */
+export function benchRows(n: number, scoredFrom: number, vocab = QWEN05_SHAPE.vocab_size, len = PROMPT + COMPLETION): SeqBatch {
   const rng = new Rng(1);
   return makeBatch(Array.from({ length: n }, () => {
-    const ids = Array.from({ length: PROMPT + COMPLETION }, () => rng.int(vocab));
+    const ids = Array.from({ length: len }, () => rng.int(vocab));
     return { ids, weights: ids.map((_, t) => (t >= scoredFrom ? 1 : 0)) };
   }));
 }

@@ -2,7 +2,9 @@
 // opened by cudaOpen, addresses as JS numbers (below 2^53 on every platform CUDA runs on).
 #include <node_api.h>
 
+#include <chrono>
 #include <cmath>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -16,6 +18,29 @@ using cuda::KernelInfo;
 
 std::unique_ptr<Device> g_device;
 std::unique_ptr<cuda::Memory> g_memory;
+
+// The profile (cudaProfile): per operation, how many and how long. Each operation is timed alone,
+// the device synchronized before and after it, so the time includes its launch latency and none
+// of the overlap a normal run has: a diagnosis of where a step's time goes, not its speed.
+struct Timing {
+  double count = 0, seconds = 0, work = 0;  // work: flops of a product, bytes of a copy
+};
+bool g_profiling = false;
+std::map<std::string, Timing> g_profile;
+
+// Run the device operation f (which returns false on failure), timed under `key` when profiling.
+template <class F>
+bool timed(const std::string& key, double work, F&& f) {
+  if (!g_profiling) return f();
+  if (!g_device->sync()) return false;
+  const auto t0 = std::chrono::steady_clock::now();
+  if (!f() || !g_device->sync()) return false;
+  Timing& t = g_profile[key];
+  t.count++;
+  t.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  t.work += work;
+  return true;
+}
 
 napi_value throw_error(napi_env env, const std::string& msg) {
   napi_throw_error(env, nullptr, msg.c_str());
@@ -136,7 +161,7 @@ napi_value Transfer(napi_env env, napi_callback_info info) {
   if (!need_device(env)) return nullptr;
   if (!c.bytes(1, &data, &n)) return throw_error(env, std::string(fn) + ": argument 1 is not a typed array");
   const uint64_t addr = (uint64_t)c.num(0);
-  if (!(up ? g_device->upload(addr, data, n) : g_device->download(data, addr, n))) return throw_error(env, g_device->error);
+  if (!timed(up ? "upload" : "download", (double)n, [&] { return up ? g_device->upload(addr, data, n) : g_device->download(data, addr, n); })) return throw_error(env, g_device->error);
   return nullptr;
 }
 
@@ -144,7 +169,8 @@ napi_value Transfer(napi_env env, napi_callback_info info) {
 napi_value Copy(napi_env env, napi_callback_info info) {
   Call c(env, info);
   if (!need_device(env)) return nullptr;
-  if (!g_device->copy((uint64_t)c.num(0), (uint64_t)c.num(1), (size_t)c.num(2))) return throw_error(env, g_device->error);
+  const size_t n = (size_t)c.num(2);
+  if (!timed("copy", (double)n, [&] { return g_device->copy((uint64_t)c.num(0), (uint64_t)c.num(1), n); })) return throw_error(env, g_device->error);
   return nullptr;
 }
 
@@ -191,7 +217,7 @@ napi_value Launch(napi_env env, napi_callback_info info) {
     if ((t == 'p' || t == 'l' || t == 'i' || t == 'u') && x != std::floor(x)) return throw_error(env, "cudaLaunch " + name + ": argument " + std::to_string(i) + " is not an integer");
     args[i] = slot;
   }
-  if (!g_device->launch(*k, (unsigned)grid, (unsigned)block, args.data())) return throw_error(env, g_device->error);
+  if (!timed(name, 0, [&] { return g_device->launch(*k, (unsigned)grid, (unsigned)block, args.data()); })) return throw_error(env, g_device->error);
   return nullptr;
 }
 
@@ -209,7 +235,11 @@ napi_value GemmCall(napi_env env, napi_callback_info info) {
   }
   cuda::Gemm g{v[0] != 0, v[1] != 0, (int64_t)v[2], (int64_t)v[3], (int64_t)v[4], (int64_t)v[5], (uint64_t)v[6], (uint64_t)v[8], (uint64_t)v[10], (int64_t)v[7], (int64_t)v[9], (int64_t)v[11],
                (float)v[12], (float)v[13], v[14] == 1 ? 1 : 0, v[15] == 1 ? 1 : 0};
-  if (!g_device->gemm(g)) return throw_error(env, g_device->error);
+  const auto key = [&] {
+    return std::string("gemm ") + (g.adt ? "bf16 " : "f32 ") + (g.ta ? "T" : "N") + (g.tb ? "T" : "N") + " " + std::to_string(g.m) + "x" + std::to_string(g.n) + "x" + std::to_string(g.k) +
+           (g.batch > 1 ? " *" + std::to_string(g.batch) : "");
+  };
+  if (!timed(g_profiling ? key() : std::string(), 2.0 * (double)g.batch * (double)g.m * (double)g.n * (double)g.k, [&] { return g_device->gemm(g); })) return throw_error(env, g_device->error);
   return nullptr;
 }
 
@@ -235,6 +265,25 @@ napi_value Stats(napi_env env, napi_callback_info info) {
   napi_set_named_property(env, o, "peak", number(env, (double)g_memory->peak()));
   napi_set_named_property(env, o, "free", number(env, (double)fr));
   napi_set_named_property(env, o, "total", number(env, (double)total));
+  return o;
+}
+
+// cudaProfile(on) → the profile so far as { key: { count, seconds, work } }, then cleared; on
+// (true/false) starts or stops timing every device operation (see Timing).
+napi_value Profile(napi_env env, napi_callback_info info) {
+  Call c(env, info);
+  napi_value o;
+  napi_create_object(env, &o);
+  for (const auto& [key, t] : g_profile) {
+    napi_value e;
+    napi_create_object(env, &e);
+    napi_set_named_property(env, e, "count", number(env, t.count));
+    napi_set_named_property(env, e, "seconds", number(env, t.seconds));
+    napi_set_named_property(env, e, "work", number(env, t.work));
+    napi_set_named_property(env, o, key.c_str(), e);
+  }
+  g_profile.clear();
+  if (c.argc > 0) napi_get_value_bool(env, c.argv[0], &g_profiling);
   return o;
 }
 
@@ -265,6 +314,7 @@ void define_cuda(napi_env env, napi_value exports) {
       method("cudaUpload", Transfer, (void*)"up"), method("cudaDownload", Transfer), method("cudaCopy", Copy),
       method("cudaLaunch", Launch),     method("cudaGemm", GemmCall),     method("cudaSync", Sync),
       method("cudaStats", Stats),       method("cudaTrim", Trim),         method("cudaKernels", Kernels),
+      method("cudaProfile", Profile),
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
 }

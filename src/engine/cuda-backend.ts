@@ -144,7 +144,20 @@ export class CudaBackend extends tf.KernelBackend {
    * A tfjs cpu kernel run on the host: inputs copied down, outputs copied up. Kernels whose
    * inputs are a list (Concat, AddN) get a list.
    */
-  onHost(kernel: tf.KernelFunc, args: { inputs: any; attrs?: any }): tf.TensorInfo | tf.TensorInfo[] {
+  onHost(name: string, kernel: tf.KernelFunc, args: { inputs: any; attrs?: any }): tf.TensorInfo | tf.TensorInfo[] {
+    const profile = this.device.hostProfile;
+    const t0 = profile ? performance.now() : 0;
+    try {
+      return this.hostKernel(kernel, args);
+    } finally {
+      if (profile) {
+        const t = profile.get(name) ?? { count: 0, seconds: 0, work: 0 };
+        profile.set(name, { count: t.count + 1, seconds: t.seconds + (performance.now() - t0) / 1000, work: 0 });
+      }
+    }
+  }
+
+  private hostKernel(kernel: tf.KernelFunc, args: { inputs: any; attrs?: any }): tf.TensorInfo | tf.TensorInfo[] {
     const made: object[] = [];
     const down = (t: tf.TensorInfo | undefined) => {
       if (!t) return t;
@@ -173,5 +186,5 @@ export function registerCudaBackend(device: CudaDevice): void {
   if (tf.findBackendFactory(CUDA_BACKEND)) return;
   tf.registerBackend(CUDA_BACKEND, () => new CudaBackend(device), 0);
   for (const k of tf.getKernelsForBackend('cpu'))
-    tf.registerKernel({ kernelName: k.kernelName, backendName: CUDA_BACKEND, kernelFunc: (args: any) => (args.backend as CudaBackend).onHost(k.kernelFunc, args) });
+    tf.registerKernel({ kernelName: k.kernelName, backendName: CUDA_BACKEND, kernelFunc: (args: any) => (args.backend as CudaBackend).onHost(k.kernelName, k.kernelFunc, args) });
 }

@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { packageRoot } from '../util/package-root.js';
-import { CudaAddon, cudaAddon } from './native.js';
+import { CudaAddon, ProfileTiming, cudaAddon } from './native.js';
 import { cudaEmulated, kernelCachePath } from './cuda.js';
 import { envOff } from '../util/env.js';
 
@@ -102,6 +102,21 @@ export class CudaDevice {
 
   trim(): void {
     this.addon.cudaTrim();
+  }
+
+  /** Host kernels' timings while profiling (the backend's onHost), else null. */
+  hostProfile: Map<string, ProfileTiming> | null = null;
+
+  /**
+   * Time every device operation alone (synchronized before and after) and every host kernel;
+   * profile(false) stops and returns what was timed, keyed by kernel, product shape, copy, or
+   * "host <kernel>" — where a step's time goes, not its speed (nothing overlaps while profiling).
+   */
+  profile(on: boolean): Record<string, ProfileTiming> {
+    const out = this.addon.cudaProfile(on);
+    for (const [k, t] of this.hostProfile ?? []) out[`host ${k}`] = t;
+    this.hostProfile = on ? new Map() : null;
+    return out;
   }
 
   sync(): void {

@@ -35,6 +35,13 @@ interface Addon extends FusedAddon {
   dropoutAlea(x: Float32Array | null, n: number, s0: number, s1: number, s2: number, c: number, keep: number, y: Float32Array | null, bits: Uint32Array | null): void;
 }
 
+/** One operation's profile: how many, their seconds, their flops (products) or bytes (copies). */
+export interface ProfileTiming {
+  count: number;
+  seconds: number;
+  work: number;
+}
+
 /** The addon's CUDA device (native/cuda_addon.cc): addresses are numbers, sizes in bytes. */
 export interface CudaAddon {
   cudaOpen(mode: 'emulate' | 'gpu', driver?: string[], cublasLt?: string[], nvrtc?: string[], source?: string, tf32?: boolean, cacheDir?: string): { name: string; maxGrid: number };
@@ -50,6 +57,8 @@ export interface CudaAddon {
   cudaStats(resetPeak?: boolean): { live: number; cached: number; peak: number; free: number; total: number };
   cudaTrim(): void;
   cudaKernels(): Record<string, string>;
+  /** The profile so far (then cleared); on starts or stops timing each device operation. */
+  cudaProfile(on: boolean): Record<string, ProfileTiming>;
 }
 
 /** One library the CUDA probe looked for: the file that loaded and its version, or why none did. */
@@ -154,6 +163,13 @@ export function firstNonFiniteHalf(w: HalfWeight): number {
 /** The addon's tensor memory allocator (for the native backend), or null where it is not loaded. */
 export function nativeAllocator(): NativeAllocator | null {
   return loadNative().active && addon ? { alloc: (n) => addon!.alloc(n), free: (b) => addon!.free(b), nativeBytes: () => addon!.nativeBytes(), poolStats: () => addon!.poolStats(), trimPool: () => addon!.trimPool() } : null;
+}
+
+/** One operation's profile: how many, their seconds, their flops (products) or bytes (copies). */
+export interface ProfileTiming {
+  count: number;
+  seconds: number;
+  work: number;
 }
 
 /** The addon's CUDA device functions and its host dropout mask, or null where the addon is not loaded. */
