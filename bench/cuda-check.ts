@@ -150,8 +150,8 @@ async function profile(): Promise<void> {
   const total = ops.reduce((s, [, t]) => s + t.seconds, 0);
   say({ step: 'cuda_profile', device: dev.name, tf32, bf16, layers, tokens: pb.batch * pb.len, step_seconds: +seconds.toFixed(4), profiled_seconds: +profiled.toFixed(4), timed_seconds: +total.toFixed(4), operations: ops.reduce((s, [, t]) => s + t.count, 0) });
   for (const [key, t] of ops) {
-    const rate = key.startsWith('gemm') ? { tflops: +(t.work / t.seconds / 1e12).toFixed(2) } : t.work ? { gb_per_s: +(t.work / t.seconds / 1e9).toFixed(2) } : {};
-    say({ step: 'cuda_profile_op', key, count: t.count, ms: +(t.seconds * 1000).toFixed(3), share: +(t.seconds / total).toFixed(4), ...rate });
+    const rate = key.startsWith('gemm') ? { tflops: +(t.work / t.seconds / 1e12).toPrecision(3) } : t.work ? { gb_per_s: +(t.work / t.seconds / 1e9).toPrecision(3) } : {};
+    say({ step: 'cuda_profile_op', key, count: t.count, ms: +(t.seconds * 1000).toPrecision(4), share: +(t.seconds / total).toFixed(4), ...rate });
   }
 }
 

@@ -2,6 +2,7 @@ import { describe, expect, it } from 'vitest';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as os from 'node:os';
+import { spawnSync } from 'node:child_process';
 import { loadNative } from '../src/engine/native.js';
 import { onlineFixture } from './helpers/online-fixture.js';
 import { prefopt } from './helpers/cli.js';
@@ -84,4 +85,50 @@ describe('the embedded default\'s stages on the cuda backend (emulated device)',
       }
     });
   }, 400_000);
+});
+
+describe("the GPU check's node part (bench/cuda-check.ts) on the emulated device, --tiny", () => {
+  const run = (mode: string, env: Record<string, string> = {}) => {
+    const r = spawnSync(process.execPath, ['dist/bench/cuda-check.js', mode, '--tiny'], { encoding: 'utf8', env: { ...process.env, PREFOPT_CUDA_DEVICE: 'emulate', ...env } });
+    expect(r.status, r.stderr.slice(-2000) + r.stdout.slice(-2000)).toBe(0);
+    return r.stdout.trim().split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l));
+  };
+
+  it('compare: the cuda step matches the CPU path within float32 tolerance with exact products, within bf16 tolerance with the defaults', () => {
+    if (!native.active) return;
+    const [exact] = run('compare', { PREFOPT_CUDA_TF32: '0', PREFOPT_CUDA_BF16: '0' });
+    expect(exact).toMatchObject({ step: 'cuda_compare', device: 'host emulation', tf32: false, bf16: false, tolerance: 1e-4, ok: true });
+    expect(exact.worst_grad_rel).toBeLessThan(1e-4);
+    const [def] = run('compare');
+    expect(def).toMatchObject({ tf32: true, bf16: true, tolerance: 5e-2, ok: true });
+    // bf16 products are not float32 ones: the defaults' gradients differ more, the check must see it
+    expect(def.worst_grad_rel).toBeGreaterThan(exact.worst_grad_rel);
+  }, 120_000);
+
+  it('time and profile: tokens/s and device peak per job; the profile accounts every operation of a step (attention twice per layer, products with their flops)', () => {
+    if (!native.active) return;
+    const times = run('time');
+    expect(times.map((t) => t.job)).toEqual(['lora_dpo', 'logprobs']);
+    for (const t of times) {
+      expect(t.tokens_per_s).toBeGreaterThan(0);
+      expect(t.peak_device_bytes).toBeGreaterThan(0);
+    }
+    const [head, ...ops] = run('profile');
+    expect(head).toMatchObject({ step: 'cuda_profile', layers: 2, tokens: 8 * 32 });
+    const byKey = new Map(ops.map((o) => [o.key, o]));
+    expect(ops.reduce((s, o) => s + o.count, 0)).toBe(head.operations);
+    expect(ops.reduce((s, o) => s + o.ms, 0) / 1000).toBeCloseTo(head.timed_seconds, 2);
+    expect(ops.reduce((s, o) => s + o.share, 0)).toBeCloseTo(1, 2);
+    // One forward pass (the reference is cached) and the backward pass's recomputation, per layer.
+    expect(byKey.get('attention_fwd')?.count).toBe(4);
+    expect(byKey.get('attention_bwd_dkdv')?.count).toBe(2);
+    // The tiny model's grouped heads (4 query heads, 2 kv heads): dk and dv summed per group.
+    expect(byKey.get('head_group_sum')?.count).toBe(4);
+    // A product's rate is its 2·m·n·k flops per launch over its time.
+    const gemm = ops.find((o) => o.key.startsWith('gemm bf16 NT'))!;
+    const [m, n, k] = gemm.key.split(' ')[3].split('x').map(Number);
+    expect(Math.abs(gemm.tflops / ((2 * m * n * k * gemm.count) / (gemm.ms / 1000) / 1e12) - 1)).toBeLessThan(0.01);
+    expect(ops.some((o) => o.key.startsWith('host '))).toBe(true);
+    expect(byKey.get('upload')?.gb_per_s).toBeGreaterThan(0);
+  }, 120_000);
 });

@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "kernels.cu"
@@ -159,9 +160,11 @@ void check_label_logprobs(Rand& rnd) {
   report("label_logprobs_grad", host(g, (size_t)N * V), wg, 1e-6);
 }
 
-void check_attention(Rand& rnd) {
-  // Causal, with the second sequence's last 5 keys padded (prefopt's −1e9), grouped heads.
-  const int B = 2, T = 67, Tk = 67, H = 4, KV = 2, hd = 64, G = H / KV;
+// Causal, with the second sequence's last 5 keys padded (prefopt's −1e9), grouped heads; hd
+// picks the threads per row (64: 2; 12: 1, most of a thread's 32 slots unused; 80: 4, uneven;
+// 256: 8, and tiles of 16 rows), and the launch's 8 blocks of 64 threads take several jobs each.
+void check_attention(Rand& rnd, int hd) {
+  const int B = 2, T = 67, Tk = 67, H = 4, KV = 2, G = H / KV;
   const float scale = 1.f / std::sqrt((float)hd);
   auto q = rnd.vec((size_t)B * T * H * hd), k = rnd.vec((size_t)B * Tk * KV * hd), v = rnd.vec((size_t)B * Tk * KV * hd), dout = rnd.vec((size_t)B * T * H * hd);
   std::vector<float> mask((size_t)B * T * Tk, 0.f);
@@ -169,12 +172,15 @@ void check_attention(Rand& rnd) {
     for (int i = 0; i < T; i++)
       for (int j = 0; j < Tk; j++)
         if (j > i || (b == 1 && j >= Tk - 5)) mask[((size_t)b * T + i) * Tk + j] = -1e9f;
-  float *dq_ = dev(q), *dk_ = dev(k), *dv_ = dev(v), *dm = dev(mask), *ddo = dev(dout), *o, *lse, *delta, *gq, *gk, *gv;
+  float *dq_ = dev(q), *dk_ = dev(k), *dv_ = dev(v), *dm = dev(mask), *ddo = dev(dout), *o, *lse, *delta, *gq, *gk, *gv, *pk, *pv;
   cudaMalloc(&o, q.size() * 4), cudaMalloc(&lse, B * H * T * 4), cudaMalloc(&delta, B * H * T * 4), cudaMalloc(&gq, q.size() * 4), cudaMalloc(&gk, k.size() * 4), cudaMalloc(&gv, v.size() * 4);
+  cudaMalloc(&pk, k.size() * G * 4), cudaMalloc(&pv, v.size() * G * 4);
   LAUNCH(attention_fwd, 8, 64)(dq_, dk_, dv_, dm, scale, B, T, Tk, H, KV, hd, o, lse);
   LAUNCH(attention_bwd_delta, 8, 64)(o, ddo, B, T, H, hd, delta);
   LAUNCH(attention_bwd_dq, 8, 64)(dq_, dk_, dv_, dm, ddo, lse, delta, scale, B, T, Tk, H, KV, hd, gq);
-  LAUNCH(attention_bwd_dkdv, 8, 64)(dq_, dk_, dv_, dm, ddo, lse, delta, scale, B, T, Tk, H, KV, hd, gk, gv);
+  LAUNCH(attention_bwd_dkdv, 8, 64)(dq_, dk_, dv_, dm, ddo, lse, delta, scale, B, T, Tk, H, KV, hd, pk, pv);
+  LAUNCH(head_group_sum, 8, 64)(pk, B * Tk, KV, G, hd, gk);
+  LAUNCH(head_group_sum, 8, 64)(pv, B * Tk, KV, G, hd, gv);
   std::vector<double> wo(q.size(), 0.0), wq(q.size(), 0.0), wk(k.size(), 0.0), wv(v.size(), 0.0);
   std::vector<double> p(Tk), dp(Tk);
   for (int b = 0; b < B; b++)
@@ -202,10 +208,11 @@ void check_attention(Rand& rnd) {
           }
         }
       }
-  report("attention_fwd", host(o, q.size()), wo, 1e-5);
-  report("attention_bwd(dq)", host(gq, q.size()), wq, 1e-5);
-  report("attention_bwd(dk)", host(gk, k.size()), wk, 1e-5);
-  report("attention_bwd(dv)", host(gv, v.size()), wv, 1e-5);
+  const std::string at = "(hd " + std::to_string(hd) + ")";
+  report(("attention_fwd" + at).c_str(), host(o, q.size()), wo, 1e-5);
+  report(("attention_bwd(dq)" + at).c_str(), host(gq, q.size()), wq, 1e-5);
+  report(("attention_bwd(dk)" + at).c_str(), host(gk, k.size()), wk, 1e-5);
+  report(("attention_bwd(dv)" + at).c_str(), host(gv, v.size()), wv, 1e-5);
 }
 
 void check_adamw(Rand& rnd) {
@@ -282,7 +289,7 @@ int main() {
   check_swiglu(rnd);
   check_rope(rnd);
   check_label_logprobs(rnd);
-  check_attention(rnd);
+  for (int hd : {64, 12, 80, 256}) check_attention(rnd, hd);
   check_adamw(rnd);
   printf("{\"failures\":%d}\n", failures);
   return failures ? 1 : 0;

@@ -203,134 +203,246 @@ __global__ void label_logprobs_grad(const float* x, i64 V, const int* y, const f
 // [B, 1, T, Tk] (prefopt's masked value is −1e9, finite, so a fully masked row is uniform, as on
 // the CPU): o = softmax(scale·q·kᵀ + mask)·v, without a [T, Tk] tensor — each query row runs an
 // online softmax over the keys, and lse [B, H, T] (the row's log-sum-exp) is kept for the
-// backward pass, which recomputes the probabilities from it. One warp per row: its lanes hold a
-// head's dimensions (lane + 32·e, hd ≤ 256) and a dot product is a warp sum, so a warp reads each
-// key row in one coalesced pass. Launch with a block of a multiple of 32 threads and any grid:
-// a block's warps take rows together, every warp the same number of rounds (rows past the end
-// are computed on the last row and not written), as the emulation's block-wide shuffles need.
+// backward pass, which recomputes the probabilities from it.
+//
+// A row (a query's, or a key's for dk/dv) belongs to a group of P = attn_group(hd) adjacent
+// threads, each holding the dimensions p, p + P, p + 2P, … (at most 32) in registers, so a dot
+// product is a thread's partial sum and log2(P) shuffles. A block's rows share one (b, head) and
+// read the other side's rows in tiles staged in shared memory: each staged row is read from
+// global memory once per block (not once per row, as a warp per row did), and the P threads of a
+// group read adjacent words (no bank conflicts; the groups read the same words, a broadcast).
+// Any block size that is a multiple of 32 works: a block takes jobs (b, head, tile of rows) in
+// turn, every thread the same number of rounds and barriers (rows past the end are computed on
+// the last row and not written), as the emulation's block-wide shuffles need.
 #define PREFOPT_MAX_HD 256
-#define PREFOPT_HD_LANES 8
+#define PREFOPT_ATT_TILE 4096  // floats of shared memory per staged operand
+#ifdef __CUDA_ARCH__
+#define PREFOPT_UNROLL _Pragma("unroll")
+#else
+#define PREFOPT_UNROLL
+#endif
 
-// Σ a·b over a row of hd, held as lanes' parts.
-__device__ __forceinline__ float warp_dot(const float* a, const float* b) {
-  float s = 0.f;
-  for (int e = 0; e < PREFOPT_HD_LANES; e++) s += a[e] * b[e];
-  return warp_sum(s);
+__device__ __forceinline__ int attn_group(i64 hd) { return hd <= 32 ? 1 : hd <= 64 ? 2 : hd <= 128 ? 4 : 8; }
+// Rows per staged tile: PREFOPT_ATT_TILE floats, at most 64 rows.
+__device__ __forceinline__ int attn_tile(i64 hd) { return PREFOPT_ATT_TILE / hd < 64 ? (int)(PREFOPT_ATT_TILE / hd) : 64; }
+
+// The kernels below are written once for each group size P (a template parameter, so that a
+// thread's dimensions sit at constant offsets: no registers spent on addresses) and dispatched
+// on attn_group(hd); their shared memory is the kernel's, passed down.
+extern "C++" {
+// This thread's place: its dimension p of P (it holds p, p + P, …, E of them below hd) and its
+// row r of the R rows a job covers.
+template <int P>
+struct AttnLanes {
+  int p, R, r, E;
+  __device__ __forceinline__ explicit AttnLanes(i64 hd) : p((int)(threadIdx.x % P)), R((int)(blockDim.x / P)), r((int)(threadIdx.x / P)), E((int)((hd - p + P - 1) / P)) {}
+
+  // The sum over the group's P threads (aligned lanes), returned to each.
+  __device__ __forceinline__ float sum(float v) const {
+    for (int o = P >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+  }
+  // This thread's dimensions of the row at x; zeros past E.
+  __device__ __forceinline__ void load(const float* x, float* out) const {
+    x += p;
+    PREFOPT_UNROLL
+    for (int e = 0; e < 32; e++) out[e] = e < E ? x[P * e] : 0.f;
+  }
+  // The row's dot product with a (this thread's part, then the group's sum); two chains.
+  __device__ __forceinline__ float dot(const float* a, const float* s) const {
+    s += p;
+    float s0 = 0.f, s1 = 0.f;
+    PREFOPT_UNROLL
+    for (int e = 0; e < 32; e += 2) {
+      if (e < E) s0 += a[e] * s[P * e];
+      if (e + 1 < E) s1 += a[e + 1] * s[P * (e + 1)];
+    }
+    return sum(s0 + s1);
+  }
+  // acc = acc·c + w·row s.
+  __device__ __forceinline__ void axpy(float* acc, float c, float w, const float* s) const {
+    s += p;
+    PREFOPT_UNROLL
+    for (int e = 0; e < 32; e++)
+      if (e < E) acc[e] = acc[e] * c + w * s[P * e];
+  }
+  __device__ __forceinline__ void store(float* x, const float* v, float scale) const {
+    x += p;
+    PREFOPT_UNROLL
+    for (int e = 0; e < 32; e++)
+      if (e < E) x[P * e] = v[e] * scale;
+  }
+};
+
+// s [n, hd] = rows [r0, r0 + n) of x [B, rows, heads, hd] at (b, head), by the whole block,
+// between barriers (the previous tile is consumed before, this one complete after).
+__device__ __forceinline__ void stage(float* s, const float* x, i64 b, i64 r0, int n, i64 rows, i64 heads, i64 head, i64 hd) {
+  __syncthreads();
+  const float* src = x + ((b * rows + r0) * heads + head) * hd;
+  const int w = (int)hd;
+  for (int t = threadIdx.x; t < n * w; t += blockDim.x) s[t] = src[(i64)(t / w) * heads * hd + t % w];
+  __syncthreads();
 }
 
-// This lane's dimensions of a row of hd floats at p (zeros past hd).
-__device__ __forceinline__ void lane_load(const float* p, i64 hd, int lane, float* out) {
-  for (int e = 0; e < PREFOPT_HD_LANES; e++) {
-    i64 d = lane + 32 * e;
-    out[e] = d < hd ? p[d] : 0.f;
+template <int P>
+__device__ __forceinline__ void attention_fwd_p(float* ks, float* vs, const float* q, const float* k, const float* v, const float* mask, float scale, i64 B, i64 T, i64 Tk, i64 H, i64 KV,
+                                                i64 hd, float* o, float* lse) {
+  const AttnLanes<P> L(hd);
+  const int KT = attn_tile(hd), w = (int)hd;
+  const i64 tiles = (T + L.R - 1) / L.R;
+  for (i64 job = blockIdx.x; job < B * H * tiles; job += gridDim.x) {
+    const i64 h = job / tiles % H, b = job / (tiles * H), g = h / (H / KV);
+    const i64 i = job % tiles * L.R + L.r, ic = i < T ? i : T - 1;
+    const float* mi = mask + (b * T + ic) * Tk;
+    float qv[32], acc[32];
+    L.load(q + ((b * T + ic) * H + h) * hd, qv);
+    PREFOPT_UNROLL
+    for (int e = 0; e < 32; e++) acc[e] = 0.f;
+    float m = -3.402823466e38f, l = 0.f;
+    for (i64 j0 = 0; j0 < Tk; j0 += KT) {
+      const int n = Tk - j0 < KT ? (int)(Tk - j0) : KT;
+      stage(ks, k, b, j0, n, Tk, KV, g, hd);
+      stage(vs, v, b, j0, n, Tk, KV, g, hd);
+      for (int jj = 0; jj < n; jj++) {
+        float s = L.dot(qv, ks + jj * w) * scale + mi[j0 + jj];
+        float mn = fmaxf(m, s), corr = expf(m - mn), pr = expf(s - mn);
+        l = l * corr + pr;
+        L.axpy(acc, corr, pr, vs + jj * w);
+        m = mn;
+      }
+    }
+    if (i < T) {
+      L.store(o + ((b * T + i) * H + h) * hd, acc, 1.f / l);
+      if (L.p == 0) lse[(b * H + h) * T + i] = m + logf(l);
+    }
   }
 }
 
-__device__ __forceinline__ void lane_store(float* p, i64 hd, int lane, const float* v, float scale) {
-  for (int e = 0; e < PREFOPT_HD_LANES; e++) {
-    i64 d = lane + 32 * e;
-    if (d < hd) p[d] = v[e] * scale;
+template <int P>
+__device__ __forceinline__ void attention_bwd_dq_p(float* ks, float* vs, const float* q, const float* k, const float* v, const float* mask, const float* dout, const float* lse,
+                                                   const float* delta, float scale, i64 B, i64 T, i64 Tk, i64 H, i64 KV, i64 hd, float* dq) {
+  const AttnLanes<P> L(hd);
+  const int KT = attn_tile(hd), w = (int)hd;
+  const i64 tiles = (T + L.R - 1) / L.R;
+  for (i64 job = blockIdx.x; job < B * H * tiles; job += gridDim.x) {
+    const i64 h = job / tiles % H, b = job / (tiles * H), g = h / (H / KV);
+    const i64 i = job % tiles * L.R + L.r, ic = i < T ? i : T - 1, at = ((b * T + ic) * H + h) * hd;
+    const float* mi = mask + (b * T + ic) * Tk;
+    const float li = lse[(b * H + h) * T + ic], de = delta[(b * H + h) * T + ic];
+    float qv[32], dov[32], acc[32];
+    L.load(q + at, qv);
+    L.load(dout + at, dov);
+    PREFOPT_UNROLL
+    for (int e = 0; e < 32; e++) acc[e] = 0.f;
+    for (i64 j0 = 0; j0 < Tk; j0 += KT) {
+      const int n = Tk - j0 < KT ? (int)(Tk - j0) : KT;
+      stage(ks, k, b, j0, n, Tk, KV, g, hd);
+      stage(vs, v, b, j0, n, Tk, KV, g, hd);
+      for (int jj = 0; jj < n; jj++) {
+        float pr = expf(L.dot(qv, ks + jj * w) * scale + mi[j0 + jj] - li);
+        float ds = pr * (L.dot(dov, vs + jj * w) - de);
+        L.axpy(acc, 1.f, ds, ks + jj * w);
+      }
+    }
+    if (i < T) L.store(dq + at, acc, scale);
   }
 }
+
+template <int P>
+__device__ __forceinline__ void attention_bwd_dkdv_p(float* qs, float* dos, float* ls, float* dls, const float* q, const float* k, const float* v, const float* mask, const float* dout,
+                                                     const float* lse, const float* delta, float scale, i64 B, i64 T, i64 Tk, i64 H, i64 KV, i64 hd, float* dk, float* dv) {
+  const AttnLanes<P> L(hd);
+  const int QT = attn_tile(hd), w = (int)hd;
+  const i64 tiles = (Tk + L.R - 1) / L.R;
+  for (i64 job = blockIdx.x; job < B * H * tiles; job += gridDim.x) {
+    const i64 h = job / tiles % H, b = job / (tiles * H), g = h / (H / KV);
+    const i64 j = job % tiles * L.R + L.r, jc = j < Tk ? j : Tk - 1, kat = ((b * Tk + jc) * KV + g) * hd;
+    const float* mj = mask + b * T * Tk + jc;
+    float kv[32], vv[32], ak[32], av[32];
+    L.load(k + kat, kv);
+    L.load(v + kat, vv);
+    PREFOPT_UNROLL
+    for (int e = 0; e < 32; e++) ak[e] = av[e] = 0.f;
+    for (i64 i0 = 0; i0 < T; i0 += QT) {
+      const int n = T - i0 < QT ? (int)(T - i0) : QT;
+      __syncthreads();
+      for (int t = threadIdx.x; t < n; t += blockDim.x) ls[t] = lse[(b * H + h) * T + i0 + t], dls[t] = delta[(b * H + h) * T + i0 + t];
+      stage(qs, q, b, i0, n, T, H, h, hd);
+      stage(dos, dout, b, i0, n, T, H, h, hd);
+      for (int ii = 0; ii < n; ii++) {
+        float pr = expf(L.dot(kv, qs + ii * w) * scale + mj[(i0 + ii) * Tk] - ls[ii]);
+        float ds = pr * (L.dot(vv, dos + ii * w) - dls[ii]);
+        L.axpy(av, 1.f, pr, dos + ii * w);
+        L.axpy(ak, 1.f, ds, qs + ii * w);
+      }
+    }
+    if (j < Tk) {
+      const i64 out = ((b * Tk + j) * H + h) * hd;
+      L.store(dk + out, ak, scale);
+      L.store(dv + out, av, 1.f);
+    }
+  }
+}
+}  // extern "C++"
+
+// The kernels' dispatch on the group size.
+#define PREFOPT_ATTN_DISPATCH(f, ...)                  \
+  switch (attn_group(hd)) {                            \
+    case 1: f<1>(__VA_ARGS__); break;                  \
+    case 2: f<2>(__VA_ARGS__); break;                  \
+    case 4: f<4>(__VA_ARGS__); break;                  \
+    default: f<8>(__VA_ARGS__);                        \
+  }
 
 __global__ void attention_fwd(const float* q, const float* k, const float* v, const float* mask, float scale, i64 B, i64 T, i64 Tk, i64 H, i64 KV, i64 hd, float* o, float* lse) {
-  const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  const i64 rows = B * H * T;
-  for (i64 base = blockIdx.x * (i64)warps; base < rows; base += (i64)gridDim.x * warps) {
-    const i64 row = base + (threadIdx.x >> 5), t = row < rows ? row : rows - 1;
-    const i64 i = t % T, h = t / T % H, b = t / (T * H), g = h / (H / KV);
-    const float* mi = mask + (b * T + i) * Tk;
-    float qv[PREFOPT_HD_LANES], kv[PREFOPT_HD_LANES], vv[PREFOPT_HD_LANES], acc[PREFOPT_HD_LANES];
-    lane_load(q + ((b * T + i) * H + h) * hd, hd, lane, qv);
-    for (int e = 0; e < PREFOPT_HD_LANES; e++) acc[e] = 0.f;
-    float m = -3.402823466e38f, l = 0.f;
-    for (i64 j = 0; j < Tk; j++) {
-      lane_load(k + ((b * Tk + j) * KV + g) * hd, hd, lane, kv);
-      lane_load(v + ((b * Tk + j) * KV + g) * hd, hd, lane, vv);
-      float s = warp_dot(qv, kv) * scale + mi[j];
-      float mn = fmaxf(m, s), corr = expf(m - mn), p = expf(s - mn);
-      l = l * corr + p;
-      for (int e = 0; e < PREFOPT_HD_LANES; e++) acc[e] = acc[e] * corr + p * vv[e];
-      m = mn;
-    }
-    if (row < rows) {
-      lane_store(o + ((b * T + i) * H + h) * hd, hd, lane, acc, 1.f / l);
-      if (lane == 0) lse[(b * H + h) * T + i] = m + logf(l);
-    }
-  }
+  __shared__ float ks[PREFOPT_ATT_TILE], vs[PREFOPT_ATT_TILE];
+  PREFOPT_ATTN_DISPATCH(attention_fwd_p, ks, vs, q, k, v, mask, scale, B, T, Tk, H, KV, hd, o, lse)
 }
 
-// delta [B, H, T] = Σ_d dO·O per query row: the softmax gradient's row term. A warp per row.
+// delta [B, H, T] = Σ_d dO·O per query row: the softmax gradient's row term. A warp per row
+// (one pass over two rows: the layout above would gain nothing).
 __global__ void attention_bwd_delta(const float* o, const float* dout, i64 B, i64 T, i64 H, i64 hd, float* delta) {
   const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   const i64 rows = B * H * T;
   for (i64 base = blockIdx.x * (i64)warps; base < rows; base += (i64)gridDim.x * warps) {
     const i64 row = base + (threadIdx.x >> 5), t = row < rows ? row : rows - 1;
     const i64 i = t % T, h = t / T % H, b = t / (T * H);
-    const i64 at = ((b * T + i) * H + h) * hd;
-    float ov[PREFOPT_HD_LANES], dv[PREFOPT_HD_LANES];
-    lane_load(o + at, hd, lane, ov);
-    lane_load(dout + at, hd, lane, dv);
-    float s = warp_dot(ov, dv);
+    const float* oi = o + ((b * T + i) * H + h) * hd;
+    const float* di = dout + ((b * T + i) * H + h) * hd;
+    float s = 0.f;
+    for (i64 d = lane; d < hd; d += 32) s += oi[d] * di[d];
+    s = warp_sum(s);
     if (row < rows && lane == 0) delta[t] = s;
   }
 }
 
-// dq_i = scale · Σ_j p_ij (dO_i·v_j − delta_i) k_j, a warp per query row.
+// dq_i = scale · Σ_j p_ij (dO_i·v_j − delta_i) k_j: query rows as in attention_fwd.
 __global__ void attention_bwd_dq(const float* q, const float* k, const float* v, const float* mask, const float* dout, const float* lse, const float* delta, float scale, i64 B, i64 T, i64 Tk,
                                  i64 H, i64 KV, i64 hd, float* dq) {
-  const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  const i64 rows = B * H * T;
-  for (i64 base = blockIdx.x * (i64)warps; base < rows; base += (i64)gridDim.x * warps) {
-    const i64 row = base + (threadIdx.x >> 5), t = row < rows ? row : rows - 1;
-    const i64 i = t % T, h = t / T % H, b = t / (T * H), g = h / (H / KV);
-    const i64 at = ((b * T + i) * H + h) * hd;
-    const float* mi = mask + (b * T + i) * Tk;
-    float qv[PREFOPT_HD_LANES], dov[PREFOPT_HD_LANES], kv[PREFOPT_HD_LANES], vv[PREFOPT_HD_LANES], acc[PREFOPT_HD_LANES];
-    lane_load(q + at, hd, lane, qv);
-    lane_load(dout + at, hd, lane, dov);
-    for (int e = 0; e < PREFOPT_HD_LANES; e++) acc[e] = 0.f;
-    for (i64 j = 0; j < Tk; j++) {
-      lane_load(k + ((b * Tk + j) * KV + g) * hd, hd, lane, kv);
-      lane_load(v + ((b * Tk + j) * KV + g) * hd, hd, lane, vv);
-      float p = expf(warp_dot(qv, kv) * scale + mi[j] - lse[t]);
-      float ds = p * (warp_dot(dov, vv) - delta[t]);
-      for (int e = 0; e < PREFOPT_HD_LANES; e++) acc[e] += ds * kv[e];
-    }
-    if (row < rows) lane_store(dq + at, hd, lane, acc, scale);
-  }
+  __shared__ float ks[PREFOPT_ATT_TILE], vs[PREFOPT_ATT_TILE];
+  PREFOPT_ATTN_DISPATCH(attention_bwd_dq_p, ks, vs, q, k, v, mask, dout, lse, delta, scale, B, T, Tk, H, KV, hd, dq)
 }
 
-// dv_j = Σ_{h in j's group, i} p_ij dO_i and dk_j = scale · Σ p_ij (dO_i·v_j − delta_i) q_i, a
-// warp per key row: sums in a fixed order, no atomics.
+// One query head's share of the key side: dv_j = Σ_i p_ij dO_i and dk_j = scale · Σ_i p_ij
+// (dO_i·v_j − delta_i) q_i for key rows j, written to dk, dv [B, Tk, H, hd] at head h — the
+// heads of a kv group are summed by head_group_sum (or, without grouping, this is dk, dv):
+// a job per (b, head, tile of keys), so there are as many jobs as for the query side, and no
+// atomics. The queries, their dO, lse and delta are staged in tiles.
 __global__ void attention_bwd_dkdv(const float* q, const float* k, const float* v, const float* mask, const float* dout, const float* lse, const float* delta, float scale, i64 B, i64 T,
                                    i64 Tk, i64 H, i64 KV, i64 hd, float* dk, float* dv) {
-  const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  const i64 rows = B * KV * Tk, G = H / KV;
-  for (i64 base = blockIdx.x * (i64)warps; base < rows; base += (i64)gridDim.x * warps) {
-    const i64 row = base + (threadIdx.x >> 5), t = row < rows ? row : rows - 1;
-    const i64 j = t % Tk, g = t / Tk % KV, b = t / (Tk * KV);
-    const i64 kat = ((b * Tk + j) * KV + g) * hd;
-    float kv[PREFOPT_HD_LANES], vv[PREFOPT_HD_LANES], qv[PREFOPT_HD_LANES], dov[PREFOPT_HD_LANES], ak[PREFOPT_HD_LANES], av[PREFOPT_HD_LANES];
-    lane_load(k + kat, hd, lane, kv);
-    lane_load(v + kat, hd, lane, vv);
-    for (int e = 0; e < PREFOPT_HD_LANES; e++) ak[e] = av[e] = 0.f;
-    for (i64 h = g * G; h < (g + 1) * G; h++)
-      for (i64 i = 0; i < T; i++) {
-        const i64 at = ((b * T + i) * H + h) * hd, r = (b * H + h) * T + i;
-        lane_load(q + at, hd, lane, qv);
-        lane_load(dout + at, hd, lane, dov);
-        float p = expf(warp_dot(qv, kv) * scale + mask[(b * T + i) * Tk + j] - lse[r]);
-        float ds = p * (warp_dot(dov, vv) - delta[r]);
-        for (int e = 0; e < PREFOPT_HD_LANES; e++) {
-          av[e] += p * dov[e];
-          ak[e] += ds * qv[e];
-        }
-      }
-    if (row < rows) {
-      lane_store(dk + kat, hd, lane, ak, scale);
-      lane_store(dv + kat, hd, lane, av, 1.f);
-    }
+  __shared__ float qs[PREFOPT_ATT_TILE], dos[PREFOPT_ATT_TILE], ls[64], dls[64];
+  PREFOPT_ATTN_DISPATCH(attention_bwd_dkdv_p, qs, dos, ls, dls, q, k, v, mask, dout, lse, delta, scale, B, T, Tk, H, KV, hd, dk, dv)
+}
+
+// out [n, KV, hd] = Σ_{s < G} part [n, KV, G, hd] over s in order: the query heads of each kv
+// group summed (attention_bwd_dkdv's per-head dk and dv).
+__global__ void head_group_sum(const float* part, i64 n, i64 KV, i64 G, i64 hd, float* out) {
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n * KV * hd; i += (i64)gridDim.x * blockDim.x) {
+    const i64 d = i % hd, row = i / hd;  // row = t·KV + g
+    const float* p = part + row * G * hd + d;
+    float s = 0.f;
+    for (i64 si = 0; si < G; si++) s += p[si * hd];
+    out[i] = s;
   }
 }
 

@@ -55,6 +55,11 @@ export class CudaDevice {
     if (rows > 0) this.addon.cudaLaunch(kernel, Math.max(1, Math.min(Math.ceil(rows / (block / 32)), this.maxGrid)), block, args);
   }
 
+  /** A kernel that takes `jobs` jobs a block at a time (as many blocks as there are jobs, up to the grid limit). */
+  blocks(kernel: string, jobs: number, args: (number | number[])[], block = 128): void {
+    if (jobs > 0) this.addon.cudaLaunch(kernel, Math.min(jobs, this.maxGrid), block, args);
+  }
+
   /** One block (reductions to a single value). */
   single(kernel: string, args: (number | number[])[], block = 1024): void {
     this.addon.cudaLaunch(kernel, 1, block, args);

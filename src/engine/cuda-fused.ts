@@ -98,17 +98,25 @@ export function cudaFused(dev: CudaDevice, hostDropout: (n: number, s: number[],
     rope: (x: any, cos: any, sin: any, rows, heads, hd, inverse, y: any) => dev.each('rope', (rows * heads * hd) / 2, [x, cos, sin, rows, heads, hd, inverse ? 1 : 0, y]),
     attention: (q: any, kk: any, v: any, mask: any, scale, b, t, tk, h, kv, hd, o: any) => {
       checkHeadDim(hd);
-      dev.withTemp([4 * b * h * t], ([lse]) => dev.warps('attention_fwd', b * h * t, [q, kk, v, mask, scale, b, t, tk, h, kv, hd, o, lse]));
+      dev.withTemp([4 * b * h * t], ([lse]) => dev.blocks('attention_fwd', attentionJobs(b * h, t, hd), [q, kk, v, mask, scale, b, t, tk, h, kv, hd, o, lse], ATTENTION_BLOCK));
     },
     // The forward pass again for o and the log-sum-exps (the forward kernel keeps none), then
-    // the flash-style backward pass.
+    // the flash-style backward pass; with grouped heads, dk and dv per query head first, summed
+    // over each group after (kernels.cu: no atomics).
     attentionGrad: (q: any, kk: any, v: any, mask: any, scale, b, t, tk, h, kv, hd, dout: any, dq: any, dk: any, dv: any) => {
       checkHeadDim(hd);
-      dev.withTemp([4 * b * t * h * hd, 4 * b * h * t, 4 * b * h * t], ([o, lse, delta]) => {
-        dev.warps('attention_fwd', b * h * t, [q, kk, v, mask, scale, b, t, tk, h, kv, hd, o, lse]);
+      const g = h / kv;
+      const perHead = g > 1 ? 4 * b * tk * h * hd : 0;
+      dev.withTemp([4 * b * t * h * hd, 4 * b * h * t, 4 * b * h * t, perHead, perHead], ([o, lse, delta, pk, pv]) => {
+        const queryJobs = attentionJobs(b * h, t, hd);
+        dev.blocks('attention_fwd', queryJobs, [q, kk, v, mask, scale, b, t, tk, h, kv, hd, o, lse], ATTENTION_BLOCK);
         dev.warps('attention_bwd_delta', b * h * t, [o, dout, b, t, h, hd, delta]);
-        dev.warps('attention_bwd_dq', b * h * t, [q, kk, v, mask, dout, lse, delta, scale, b, t, tk, h, kv, hd, dq]);
-        dev.warps('attention_bwd_dkdv', b * kv * tk, [q, kk, v, mask, dout, lse, delta, scale, b, t, tk, h, kv, hd, dk, dv]);
+        dev.blocks('attention_bwd_dq', queryJobs, [q, kk, v, mask, dout, lse, delta, scale, b, t, tk, h, kv, hd, dq], ATTENTION_BLOCK);
+        dev.blocks('attention_bwd_dkdv', attentionJobs(b * h, tk, hd), [q, kk, v, mask, dout, lse, delta, scale, b, t, tk, h, kv, hd, g > 1 ? pk : dk, g > 1 ? pv : dv], ATTENTION_BLOCK);
+        if (g > 1) {
+          dev.each('head_group_sum', b * tk * kv * hd, [pk, b * tk, kv, g, hd, dk]);
+          dev.each('head_group_sum', b * tk * kv * hd, [pv, b * tk, kv, g, hd, dv]);
+        }
       });
     },
     biasAdd: (x: any, bias: any, n, d, y: any) => dev.each('bias_add', n * d, [x, bias, n, d, y]),
@@ -157,6 +165,18 @@ export function cudaFused(dev: CudaDevice, hostDropout: (n: number, s: number[],
     dropoutBits: (x: any, n, bits, keep, y: any) => dropoutBits(x, n, bits, keep, y),
   };
   return k;
+}
+
+/** Threads per block of the attention kernels. */
+const ATTENTION_BLOCK = 128;
+
+/**
+ * kernels.cu's attention jobs for `heads` (b, head) pairs of `rows` rows: a block covers
+ * ATTENTION_BLOCK / P rows of one pair, P threads a row (attn_group: hd ≤ 32·P).
+ */
+export function attentionJobs(heads: number, rows: number, hd: number): number {
+  const p = hd <= 32 ? 1 : hd <= 64 ? 2 : hd <= 128 ? 4 : 8;
+  return heads * Math.ceil(rows / (ATTENTION_BLOCK / p));
 }
 
 function checkHeadDim(hd: number): void {
