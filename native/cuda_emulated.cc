@@ -57,7 +57,7 @@ void emulate(unsigned grid, unsigned block, void** args) {
 
 const std::vector<KernelInfo>& kernels() {
   static const std::vector<KernelInfo> all = {
-      PREFOPT_KERNEL(widen),           PREFOPT_KERNEL(rms_norm),          PREFOPT_KERNEL(rms_norm_grad_x),     PREFOPT_KERNEL(rms_norm_grad_w),
+      PREFOPT_KERNEL(widen),           PREFOPT_KERNEL(rms_norm),          PREFOPT_KERNEL(rms_norm_grad_x),     PREFOPT_KERNEL(column_sum_part),
       PREFOPT_KERNEL(swiglu),          PREFOPT_KERNEL(swiglu_grad),       PREFOPT_KERNEL(rope),                PREFOPT_KERNEL(label_logprobs),
       PREFOPT_KERNEL(label_logprobs_grad), PREFOPT_KERNEL(attention_fwd), PREFOPT_KERNEL(attention_bwd_delta), PREFOPT_KERNEL(attention_bwd_dq),
       PREFOPT_KERNEL(attention_bwd_dkdv), PREFOPT_KERNEL(adamw),          PREFOPT_KERNEL(strided_copy),        PREFOPT_KERNEL(binary),

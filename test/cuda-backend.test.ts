@@ -7,6 +7,7 @@ import { loadNative } from '../src/engine/native.js';
 import { onlineFixture } from './helpers/online-fixture.js';
 import { prefopt } from './helpers/cli.js';
 import { cudaBackendCases } from './helpers/cuda-cases.js';
+import { rowsById } from '../src/engine/cuda-fused.js';
 
 /*
  * The cuda backend on its emulated device: the same host code that drives a GPU — allocation,
@@ -131,4 +132,14 @@ describe("the GPU check's node part (bench/cuda-check.ts) on the emulated device
     expect(ops.some((o) => o.key.startsWith('host '))).toBe(true);
     expect(byKey.get('upload')?.gb_per_s).toBeGreaterThan(0);
   }, 120_000);
+});
+
+describe('rowsById (the embedding gradient\'s grouping)', () => {
+  it('groups rows by id, ids and rows ascending, dropping ids outside the table', () => {
+    const g = rowsById(Int32Array.from([3, -1, 3, 0, 7, 0, 4]), 5);
+    expect([...g.ids]).toEqual([0, 3, 4]);
+    expect([...g.starts]).toEqual([0, 2, 4, 5]);
+    expect([...g.rows]).toEqual([3, 5, 0, 2, 6]);
+    expect([...rowsById(Int32Array.from([9, -2]), 5).starts]).toEqual([0]);
+  });
 });

@@ -76,11 +76,13 @@ void check_rms_norm(Rand& rnd) {
   const int N = 37, D = 896;
   auto x = rnd.vec(N * D), res = rnd.vec(N * D), w = rnd.vec(D), dy = rnd.vec(N * D);
   const float eps = 1e-6f;
-  float *dx_ = dev(x), *dres = dev(res), *dw_ = dev(w), *ddy = dev(dy), *y, *sum, *r, *gx, *gw;
-  cudaMalloc(&y, N * D * 4), cudaMalloc(&sum, N * D * 4), cudaMalloc(&r, N * 4), cudaMalloc(&gx, N * D * 4), cudaMalloc(&gw, D * 4);
+  float *dx_ = dev(x), *dres = dev(res), *dw_ = dev(w), *ddy = dev(dy), *y, *sum, *r, *gx, *gw, *part;
+  const int chunk = 8, C = (N + chunk - 1) / chunk;  // 5 chunks, the last of 5 rows
+  cudaMalloc(&y, N * D * 4), cudaMalloc(&sum, N * D * 4), cudaMalloc(&r, N * 4), cudaMalloc(&gx, N * D * 4), cudaMalloc(&gw, D * 4), cudaMalloc(&part, C * D * 4);
   LAUNCH(rms_norm, N, 256)(dx_, dw_, D, eps, y, dres, sum, r);
   LAUNCH(rms_norm_grad_x, N, 256)(sum, dw_, ddy, r, D, gx, nullptr);
-  LAUNCH(rms_norm_grad_w, (D + 127) / 128, 128)(sum, ddy, r, N, D, gw);
+  LAUNCH(column_sum_part, 7, 128)(ddy, sum, r, N, D, chunk, part);
+  LAUNCH(column_sum, 3, 128)(part, C, D, gw);
   std::vector<double> wy(N * D), wgx(N * D), wgw(D, 0.0);
   for (int i = 0; i < N; i++) {
     double ss = 0, dot = 0;

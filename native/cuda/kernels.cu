@@ -123,13 +123,17 @@ __global__ void rms_norm_grad_x(const float* x, const float* w, const float* dy,
   }
 }
 
-// dw[j] = Σ_rows dy·x·r, a thread per column summing the rows in order: no atomics, so the same
-// bits every run.
-__global__ void rms_norm_grad_w(const float* x, const float* dy, const float* r, i64 N, i64 D, float* dw) {
-  for (i64 j = blockIdx.x * (i64)blockDim.x + threadIdx.x; j < D; j += (i64)gridDim.x * blockDim.x) {
+// part [C, D], C = ⌈N / chunk⌉: part[c, j] = Σ over the rows i of chunk c, in order, of dy[i, j]
+// (· x[i, j]·r[i] when x is given: RMSNorm's weight gradient). A thread per (chunk, column):
+// column sums over thousands of rows in parallel; column_sum over part finishes them, in order —
+// no atomics, the same bits every run.
+__global__ void column_sum_part(const float* dy, const float* x, const float* r, i64 N, i64 D, i64 chunk, float* part) {
+  const i64 C = (N + chunk - 1) / chunk;
+  for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < C * D; t += (i64)gridDim.x * blockDim.x) {
+    const i64 j = t % D, c = t / D, end = (c + 1) * chunk < N ? (c + 1) * chunk : N;
     float s = 0.f;
-    for (i64 i = 0; i < N; i++) s += dy[i * D + j] * x[i * D + j] * r[i];
-    dw[j] = s;
+    for (i64 i = c * chunk; i < end; i++) s += x ? dy[i * D + j] * x[i * D + j] * r[i] : dy[i * D + j];
+    part[t] = s;
   }
 }
 
@@ -579,14 +583,17 @@ __global__ void embed(const float* table, i64 V, i64 D, const int* ids, i64 n, f
   }
 }
 
-// dtable [V, D] = Σ over rows i with ids[i] = v of dy[i]: a thread per column walks the rows in
-// order (no atomics: the same bits every run). dtable is zeroed first.
-__global__ void embed_grad(const int* ids, i64 n, const float* dy, i64 V, i64 D, float* dtable) {
-  for (i64 j = blockIdx.x * (i64)blockDim.x + threadIdx.x; j < D; j += (i64)gridDim.x * blockDim.x)
-    for (i64 i = 0; i < n; i++) {
-      i64 id = ids[i];
-      if (id >= 0 && id < V) dtable[id * D + j] += dy[i * D + j];
-    }
+// dtable[ids[u], j] = Σ dy[rows[k], j] over k in [starts[u], starts[u + 1]), in order: the rows
+// of each of U distinct ids, grouped on the host (a stable sort), so a thread per (id, column)
+// sums them with no atomics and no serial walk over all rows. Other rows of dtable are left as
+// they are (zeroed before).
+__global__ void embed_grad(const int* ids, const int* starts, const int* rows, i64 U, const float* dy, i64 D, float* dtable) {
+  for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < U * D; t += (i64)gridDim.x * blockDim.x) {
+    const i64 u = t / D, j = t % D;
+    float s = 0.f;
+    for (int k = starts[u]; k < starts[u + 1]; k++) s += dy[(i64)rows[k] * D + j];
+    dtable[(i64)ids[u] * D + j] = s;
+  }
 }
 
 // y_i = x_i·(1/keep) where bit i is set, x_i·0 elsewhere (the CPU kernel's expression).

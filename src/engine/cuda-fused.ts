@@ -81,6 +81,14 @@ export function cudaFused(dev: CudaDevice, hostDropout: (n: number, s: number[],
     });
   const dropoutBits = (x: Addr, n: number, bits: Uint32Array, keep: number, y: Addr) => bitsOn(bits, (b) => dev.each('dropout_bits', n, [x, n, b, keep, y]));
   const gemm = dev.gemm.bind(dev);
+  /** out [d] = Σ_rows dy (· x·r): chunks of rows in parallel, then their sums in order. */
+  const columnSum = (dy: Addr, x: Addr, r: Addr, n: number, d: number, out: Addr) => {
+    const chunks = Math.ceil(n / COLUMN_CHUNK);
+    dev.withTemp([4 * chunks * d], ([part]) => {
+      dev.each('column_sum_part', chunks * d, [dy, x, r, n, d, COLUMN_CHUNK, part]);
+      dev.each('column_sum', d, [part, chunks, d, out]);
+    });
+  };
 
   const k: FusedAddon = {
     labelLogProbs: (x: any, n, v, labels: any, out: any) => dev.rows('label_logprobs', n, [x, v, labels, out]),
@@ -90,7 +98,7 @@ export function cudaFused(dev: CudaDevice, hostDropout: (n: number, s: number[],
       dev.withTemp([4 * n], ([r]) => {
         dev.rows('rms_inv', n, [x, d, eps, r]);
         if (dx !== null) dev.rows('rms_norm_grad_x', n, [x, w, dy, r, d, dx, dres ?? 0]);
-        if (dw !== null) dev.each('rms_norm_grad_w', d, [x, dy, r, n, d, dw]);
+        if (dw !== null) columnSum(dy, x, r, n, d, dw);
       }),
     swiglu: (g: any, u: any, n, y: any) => dev.each('swiglu', n, [g, u, n, y]),
     swigluGrad: (g: any, u: any, dy: any, n, dg: any, du: any) =>
@@ -120,7 +128,7 @@ export function cudaFused(dev: CudaDevice, hostDropout: (n: number, s: number[],
       });
     },
     biasAdd: (x: any, bias: any, n, d, y: any) => dev.each('bias_add', n * d, [x, bias, n, d, y]),
-    columnSum: (dy: any, n, d, out: any) => dev.each('column_sum', d, [dy, n, d, out]),
+    columnSum: (dy: any, n, d, out: any) => columnSum(dy, 0, 0, n, d, out),
     add: (a: any, b: any, n, y: any) => dev.each('binary', n, [0, a, b, y, n, 1, dims([n], [1], [1])]),
     // u = s·(xd·A), y = x·W + u·B (+ bias): the host kernel's terms (native/lora.cc).
     loraForward: (m, din, dout, r, x: any, xd: any, w: any, a: any, b: any, scale, wdt, whf, y: any, u: any, bias: any) => {
@@ -153,9 +161,19 @@ export function cudaFused(dev: CudaDevice, hostDropout: (n: number, s: number[],
       if (t.half) dev.each('embed_half', n * d, [t.addr, v, d, dt, ids, n, out]);
       else dev.each('embed', n * d, [t.addr, v, d, ids, n, out]);
     },
+    // The ids come down (a few KB) to group the rows by id on the host: the kernel then sums
+    // each id's rows in parallel over ids and columns (kernels.cu: embed_grad).
     embedGrad: (ids: any, n, dy: any, v, d, dtable: any) => {
+      const host = new Int32Array(n);
+      dev.download(ids, host);
+      const g = rowsById(host, v);
       dev.fill(dtable, v * d, 0);
-      dev.each('embed_grad', d, [ids, n, dy, v, d, dtable]);
+      dev.withTemp([4 * g.ids.length, 4 * g.starts.length, 4 * g.rows.length], ([ia, sa, ra]) => {
+        dev.upload(ia, g.ids);
+        dev.upload(sa, g.starts);
+        dev.upload(ra, g.rows);
+        dev.each('embed_grad', g.ids.length * d, [ia, sa, ra, g.ids.length, dy, d, dtable]);
+      });
     },
     dropoutAlea: (x: any, n, s0, s1, s2, c, keep, y: any, bits) => {
       const b = bits ?? new Uint32Array(Math.ceil(n / 32));
@@ -165,6 +183,25 @@ export function cudaFused(dev: CudaDevice, hostDropout: (n: number, s: number[],
     dropoutBits: (x: any, n, bits, keep, y: any) => dropoutBits(x, n, bits, keep, y),
   };
   return k;
+}
+
+/** Rows a thread of column_sum_part sums: 2048 rows of 896 columns make 28,672 threads. */
+const COLUMN_CHUNK = 64;
+
+/**
+ * The rows of each distinct id in [0, v), in order (ids ascending, rows ascending within one):
+ * rows of ids[u] are rows[starts[u] .. starts[u + 1]). Ids outside [0, v) have no gradient.
+ */
+export function rowsById(idx: Int32Array, v: number): { ids: Int32Array; starts: Int32Array; rows: Int32Array } {
+  const order = Int32Array.from({ length: idx.length }, (_, i) => i).filter((i) => idx[i] >= 0 && idx[i] < v);
+  order.sort((a, b) => idx[a] - idx[b] || a - b);
+  const ids: number[] = [];
+  const starts: number[] = [];
+  order.forEach((row, k) => {
+    if (k === 0 || idx[row] !== idx[order[k - 1]]) ids.push(idx[row]), starts.push(k);
+  });
+  starts.push(order.length);
+  return { ids: Int32Array.from(ids), starts: Int32Array.from(starts), rows: order };
 }
 
 /** Threads per block of the attention kernels. */
