@@ -81,6 +81,7 @@ class Args {
   }
   int32_t* i32(int i, int64_t need, const char* what) { return static_cast<int32_t*>(array(i, need, what, napi_int32_array, "Int32Array")); }
   uint32_t* u32(int i, int64_t need, const char* what) { return static_cast<uint32_t*>(array(i, need, what, napi_uint32_array, "Uint32Array")); }
+  uint64_t* u64(int i, int64_t need, const char* what) { return static_cast<uint64_t*>(array(i, need, what, napi_biguint64_array, "BigUint64Array")); }
   // A Uint32Array of at least `need` values, or nullptr for null.
   uint32_t* u32_or_null(int i, int64_t need, const char* what) {
     napi_valuetype t;
@@ -325,6 +326,15 @@ napi_value DropoutAlea(napi_env env, napi_callback_info info) {
   a.require((x == nullptr) == (y == nullptr), "x and y are both given or both null");
   uint32_t* bits = a.u32_or_null(8, (n + 31) / 32, "bits");
   if (a.ok()) dropout_alea(x, n, s0, s1, s2, c, keep, y, bits);
+  return nullptr;
+}
+
+// aleaJumps(step, count, out: BigUint64Array of 2·count)
+napi_value AleaJumps(napi_env env, napi_callback_info info) {
+  Args a(env, info, 3, "aleaJumps");
+  int64_t step = a.num(0), count = a.num(1);
+  uint64_t* out = a.u64(2, 2 * count, "out");
+  if (a.ok()) alea_jumps(step, count, out);
   return nullptr;
 }
 
@@ -864,6 +874,7 @@ napi_value Init(napi_env env, napi_value exports) {
       {"swigluGrad", nullptr, SwigluGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"dropoutAlea", nullptr, DropoutAlea, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"dropoutBits", nullptr, DropoutBits, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"aleaJumps", nullptr, AleaJumps, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"transpose", nullptr, Transpose, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"firstNonFinite", nullptr, FirstNonFinite, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"rope", nullptr, Rope, nullptr, nullptr, nullptr, napi_default, nullptr},

@@ -320,11 +320,14 @@ Words words(double s0, double s1, double s2, double c) {
   return Words{(uint32_t)(s0 * b), (uint32_t)(s1 * b), (uint32_t)(s2 * b), (uint64_t)c};
 }
 
+// The multiplier of a k-draw jump: Y·(a·b²)^k mod m.
+u128 jump_multiplier(uint64_t k) { return pow_mod((u128)kA << 64, k); }
+
 // The state k draws later.
 Words jump(Words w, uint64_t k) {
   if (k == 0) return w;
   const u128 y = ((u128)w.c << 96) | ((u128)w.s2 << 64) | ((u128)w.s1 << 32) | w.s0;
-  const u128 z = mul_mod(y, pow_mod((u128)kA << 64, k));
+  const u128 z = mul_mod(y, jump_multiplier(k));
   return Words{(uint32_t)z, (uint32_t)(z >> 32), (uint32_t)(z >> 64), (uint64_t)(z >> 96)};
 }
 
@@ -335,6 +338,12 @@ inline float draw(Words& w) {
   return static_cast<float>(w.s2 * 2.3283064365386963e-10);
 }
 }  // namespace alea
+
+void alea_jumps(int64_t step, int64_t count, uint64_t* out) {
+  const alea::u128 m = alea::jump_multiplier((uint64_t)step);
+  alea::u128 r = 1;
+  for (int64_t i = 0; i < count; i++, r = alea::mul_mod(r, m)) out[2 * i] = (uint64_t)r, out[2 * i + 1] = (uint64_t)(r >> 64);
+}
 
 void dropout_alea(const float* x, int64_t n, double s0, double s1, double s2, double c, float keep, float* y, uint32_t* bits) {
   const float scale = 1.f / keep;  // floor(u + keep) is 0 or 1: the quotient is 0 or f32(1 / keep)

@@ -119,6 +119,10 @@ void split_qkv(float* qkv, int64_t N, int64_t KV, int64_t G, int64_t hd, float* 
 // which elements were kept (bit i of bits[i / 32]), for dropout_bits to apply the same mask again.
 // x and y may both be null: the bits alone, for a device that applies them (the cuda backend).
 void dropout_alea(const float* x, int64_t n, double s0, double s1, double s2, double c, float keep, float* y, uint32_t* bits = nullptr);
+// The alea state's multipliers for jumps of 0, step, 2·step, … draws (count of them; each a
+// 117-bit number as two 64-bit words, low first): what a device drawing a mask in chunks of step
+// needs to start each chunk (native/cuda/kernels.cu: alea_bits).
+void alea_jumps(int64_t step, int64_t count, uint64_t* out);
 // y_i = x_i·(1/keep) where bit i is set, x_i·0 elsewhere: the mask dropout_alea drew, on every thread.
 void dropout_bits(const float* x, int64_t n, const uint32_t* bits, float keep, float* y);
 // Loading a checkpoint: out [cols, rows] = aᵀ for a [rows, cols] (HF's [out, in] linear weights

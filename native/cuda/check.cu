@@ -217,6 +217,47 @@ void check_attention(Rand& rnd, int hd) {
   report(("attention_bwd(dv)" + at).c_str(), host(gv, v.size()), wv, 1e-5);
 }
 
+// alea_bits against the generator drawn in sequence from the start (no jumps): the host makes
+// the chunks' jump multipliers by repeated modular products (a second formulation of
+// native/fused.cc's powers), the device jumps to each chunk and draws it.
+void check_alea(Rand& rnd) {
+  typedef unsigned __int128 u128;
+  const unsigned long long a = 2091639;
+  const u128 m = ((u128)a << 96) - 1;
+  auto mul = [&](u128 x, u128 y) {
+    u128 r = 0;
+    for (int i = 116; i >= 0; i--) {
+      r = r + r >= m ? r + r - m : r + r;
+      if ((y >> i) & 1) r = r + x >= m ? r + x - m : r + x;
+    }
+    return r;
+  };
+  const long long n = 300001, chunks = (n + PREFOPT_ALEA_CHUNK - 1) / PREFOPT_ALEA_CHUNK;
+  u128 step = 1;  // (a·2⁶⁴)^1024: one draw is a multiplication by a·2⁶⁴
+  for (int i = 0; i < PREFOPT_ALEA_CHUNK; i++) step = mul(step, (u128)a << 64);
+  std::vector<unsigned long long> jumps(2 * chunks);
+  u128 j = 1;
+  for (long long c = 0; c < chunks; c++, j = mul(j, step)) jumps[2 * c] = (unsigned long long)j, jumps[2 * c + 1] = (unsigned long long)(j >> 64);
+  const u32 s0 = (u32)(rnd.next() * 2e9 + 2e9), s1 = (u32)(rnd.next() * 2e9 + 2e9), s2 = (u32)(rnd.next() * 2e9 + 2e9);
+  const float keep = 0.95f;
+  std::vector<u32> zeros((n + 31) / 32, 0);
+  unsigned long long* dj = dev(jumps);
+  u32* db = dev(zeros);
+  LAUNCH(alea_bits, 4, 64)(n, s0, s1, s2, 1u, dj, keep, db);
+  std::vector<u32> got = host(db, zeros.size());
+  std::vector<float> gotf(n);
+  std::vector<double> want(n);
+  u32 w0 = s0, w1 = s1, w2 = s2;
+  unsigned long long c = 1;
+  for (long long i = 0; i < n; i++) {
+    const unsigned long long t = a * w0 + c;
+    w0 = w1, w1 = w2, c = t >> 32, w2 = (u32)t;
+    want[i] = std::floor((float)(w2 * 2.3283064365386963e-10) + keep) != 0.f;
+    gotf[i] = (float)((got[i >> 5] >> (i & 31)) & 1u);
+  }
+  report("alea_bits", gotf, want, 0);
+}
+
 void check_adamw(Rand& rnd) {
   const int n = 65537;
   auto p = rnd.vec(n), g = rnd.vec(n), m = rnd.vec(n, 0.1f), v = rnd.vec(n, 0.01f);
@@ -292,6 +333,7 @@ int main() {
   check_rope(rnd);
   check_label_logprobs(rnd);
   for (int hd : {64, 12, 80, 256}) check_attention(rnd, hd);
+  check_alea(rnd);
   check_adamw(rnd);
   printf("{\"failures\":%d}\n", failures);
   return failures ? 1 : 0;

@@ -596,6 +596,63 @@ __global__ void embed_grad(const int* ids, const int* starts, const int* rows, i
   }
 }
 
+// ---- dropout masks: tf.dropout's alea stream, drawn on the device ------------------------------
+// The CPU kernel's generator (native/fused.cc, docs/REFERENCE.md §11): the state Y = c·b³ + S2·b²
+// + S1·b + S0 (b = 2³²) is k draws later Y·J_k mod m, m = a·b³ − 1 < 2¹¹⁷. The host gives J for
+// every chunk's start (alea_jumps: J_{i·PREFOPT_ALEA_CHUNK}); a thread takes a chunk, jumps with
+// one modular product (117-bit words as two 64-bit halves: no __int128, which NVRTC does not
+// take by default) and draws it, writing its mask words — the CPU's bits exactly.
+#define PREFOPT_ALEA_CHUNK 1024
+typedef unsigned long long u64;
+struct AleaWide {
+  u64 lo, hi;
+};
+#define PREFOPT_ALEA_A 2091639ull
+
+// x + y mod m, for x, y < m (the sum is below 2¹¹⁸: no overflow).
+__device__ __forceinline__ AleaWide alea_add_mod(AleaWide x, AleaWide y) {
+  const u64 mhi = (PREFOPT_ALEA_A << 32) - 1, mlo = ~0ull;  // m = a·2⁹⁶ − 1
+  AleaWide r;
+  r.lo = x.lo + y.lo;
+  r.hi = x.hi + y.hi + (r.lo < x.lo ? 1 : 0);
+  if (r.hi > mhi || (r.hi == mhi && r.lo == mlo)) {
+    r.hi = r.hi - mhi - (r.lo < mlo ? 1 : 0);
+    r.lo = r.lo - mlo;
+  }
+  return r;
+}
+
+// x·j mod m by doubling and adding over j's 117 bits.
+__device__ __forceinline__ AleaWide alea_mul_mod(AleaWide x, AleaWide j) {
+  AleaWide r = {0, 0};
+  for (int i = 116; i >= 0; i--) {
+    r = alea_add_mod(r, r);
+    if ((i >= 64 ? j.hi >> (i - 64) : j.lo >> i) & 1) r = alea_add_mod(r, x);
+  }
+  return r;
+}
+
+// bits (⌈n / 32⌉ words) = which of n draws from the state (s0, s1, s2, c) keep their element:
+// floor(u + keep) ≠ 0, u the draw as float32 (tf.dropout's test). jumps: 2 words per chunk.
+__global__ void alea_bits(i64 n, u32 s0, u32 s1, u32 s2, u32 c, const u64* jumps, float keep, u32* bits) {
+  const i64 chunks = (n + PREFOPT_ALEA_CHUNK - 1) / PREFOPT_ALEA_CHUNK;
+  for (i64 ch = blockIdx.x * (i64)blockDim.x + threadIdx.x; ch < chunks; ch += (i64)gridDim.x * blockDim.x) {
+    const AleaWide y = {((u64)s1 << 32) | s0, ((u64)c << 32) | s2}, j = {jumps[2 * ch], jumps[2 * ch + 1]};
+    const AleaWide z = alea_mul_mod(y, j);
+    u32 w0 = (u32)z.lo, w1 = (u32)(z.lo >> 32), w2 = (u32)z.hi;
+    u64 carry = z.hi >> 32;
+    const i64 i0 = ch * PREFOPT_ALEA_CHUNK, i1 = i0 + PREFOPT_ALEA_CHUNK < n ? i0 + PREFOPT_ALEA_CHUNK : n;
+    u32 word = 0;
+    for (i64 i = i0; i < i1; i++) {
+      const u64 t = PREFOPT_ALEA_A * w0 + carry;
+      w0 = w1, w1 = w2, carry = t >> 32, w2 = (u32)t;
+      const float u = (float)((double)w2 * 2.3283064365386963e-10);
+      if (floorf(u + keep) != 0.f) word |= 1u << (i & 31);
+      if ((i & 31) == 31 || i == i1 - 1) bits[i >> 5] = word, word = 0;
+    }
+  }
+}
+
 // y_i = x_i·(1/keep) where bit i is set, x_i·0 elsewhere (the CPU kernel's expression).
 __global__ void dropout_bits(const float* x, i64 n, const u32* bits, float keep, float* y) {
   const float scale = 1.f / keep;

@@ -88,7 +88,7 @@ async function tryBackend(name: BackendName): Promise<string> {
       await import('@tensorflow/tfjs-backend-cpu'); // its kernels serve what the device lacks, on the host
       registerCudaBackend(dev);
       registerCudaGlue();
-      registerCudaFused(dev, (n, [s0, s1, s2, c], keep, bits) => cudaAddon()!.dropoutAlea(null, n, s0, s1, s2, c, keep, null, bits));
+      registerCudaFused(dev, (step, count, out) => cudaAddon()!.aleaJumps(step, count, out));
       if (!(await tf.setBackend(CUDA_BACKEND))) throw new Error('cuda backend failed to initialise');
       return CUDA_BACKEND;
     }

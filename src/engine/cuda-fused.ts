@@ -72,8 +72,40 @@ function deviceWeights(dev: CudaDevice) {
   return { weight, byWeight };
 }
 
-export function cudaFused(dev: CudaDevice, hostDropout: (n: number, s: number[], keep: number, bits: Uint32Array) => void): FusedAddon {
+/** The host's alea jump multipliers (native/fused.cc: alea_jumps). */
+export type AleaJumps = (step: number, count: number, out: BigUint64Array) => void;
+
+/** Mask draws per thread of kernels.cu's alea_bits (PREFOPT_ALEA_CHUNK). */
+const ALEA_CHUNK = 1024;
+
+/**
+ * The multipliers that start each chunk of a mask (kernels.cu: alea_bits), on the device for the
+ * life of the process: made at registration for masks up to 16M elements (256 KiB, a few ms),
+ * remade larger when a mask needs more.
+ */
+function aleaJumpTable(dev: CudaDevice, jumps: AleaJumps) {
+  let addr = 0;
+  let chunks = 0;
+  const grow = (need: number) => {
+    const words = new BigUint64Array(2 * need);
+    jumps(ALEA_CHUNK, need, words);
+    const fresh = dev.alloc(words.byteLength);
+    dev.upload(fresh, words);
+    if (addr) dev.free(addr);
+    addr = fresh;
+    chunks = need;
+  };
+  grow(16384);
+  return (n: number): Addr => {
+    const need = Math.ceil(n / ALEA_CHUNK);
+    if (need > chunks) grow(Math.max(need, 2 * chunks));
+    return addr;
+  };
+}
+
+export function cudaFused(dev: CudaDevice, jumps: AleaJumps): FusedAddon {
   const { weight, byWeight } = deviceWeights(dev);
+  const jumpTable = aleaJumpTable(dev, jumps);
   const bitsOn = (bits: Uint32Array, f: (a: Addr) => void) =>
     dev.withTemp([4 * bits.length], ([a]) => {
       dev.upload(a, bits);
@@ -175,12 +207,16 @@ export function cudaFused(dev: CudaDevice, hostDropout: (n: number, s: number[],
         dev.each('embed_grad', g.ids.length * d, [ia, sa, ra, g.ids.length, dy, d, dtable]);
       });
     },
-    dropoutAlea: (x: any, n, s0, s1, s2, c, keep, y: any, bits) => {
-      const b = bits ?? new Uint32Array(Math.ceil(n / 32));
-      hostDropout(n, [s0, s1, s2, c], keep, b);
-      dropoutBits(x, n, b, keep, y);
-    },
+    // The mask drawn on the device from the generator's state (its words: s·2³², exact), applied
+    // there; copied to the host only if asked for (drawsMasks: dropout does not ask).
+    dropoutAlea: (x: any, n, s0, s1, s2, c, keep, y: any, bits) =>
+      dev.withTemp([4 * Math.ceil(n / 32)], ([b]) => {
+        dev.each('alea_bits', Math.ceil(n / ALEA_CHUNK), [n, s0 * 2 ** 32, s1 * 2 ** 32, s2 * 2 ** 32, c, jumpTable(n), keep, b], 128);
+        dev.each('dropout_bits', n, [x, n, b, keep, y]);
+        if (bits) dev.download(b, bits);
+      }),
     dropoutBits: (x: any, n, bits, keep, y: any) => dropoutBits(x, n, bits, keep, y),
+    drawsMasks: true,
   };
   return k;
 }
@@ -231,6 +267,6 @@ const devicePlacement: Placement = {
   view: (be: CudaBackend, t) => ({ addr: be.addr(t), length: tf.util.sizeFromShape(t.shape) }),
 };
 
-export function registerCudaFused(dev: CudaDevice, hostDropout: (n: number, s: number[], keep: number, bits: Uint32Array) => void): void {
-  registerFusedKernels(CUDA_BACKEND, cudaFused(dev, hostDropout), devicePlacement);
+export function registerCudaFused(dev: CudaDevice, jumps: AleaJumps): void {
+  registerFusedKernels(CUDA_BACKEND, cudaFused(dev, jumps), devicePlacement);
 }

@@ -34,6 +34,11 @@ export interface FusedAddon {
   embedGrad(ids: Int32Array, n: number, dy: Float32Array, v: number, d: number, dtable: Float32Array): void;
   dropoutAlea(x: Float32Array, n: number, s0: number, s1: number, s2: number, c: number, keep: number, y: Float32Array, bits: Uint32Array | null): void;
   dropoutBits(x: Float32Array, n: number, bits: Uint32Array, keep: number, y: Float32Array): void;
+  /**
+   * Drawing a mask again costs less than keeping it (a GPU: the draw is a kernel, a kept mask a
+   * host round trip): dropout then draws at each use and records nothing.
+   */
+  readonly drawsMasks?: boolean;
 }
 
 /** Input views: Float32Array, or Int32Array for int32 inputs (labels). */
@@ -438,7 +443,9 @@ export const fused = {
    * pass, the last use, retires them.
    */
   dropout: (x: tf.Tensor, state: AleaState, keep: number, store: MaskStore) => {
+    const draws = registered.get(tf.getBackend())?.addon.drawsMasks;
     const apply = (t: tf.Tensor) => {
+      if (draws) return run('PrefoptDropout', { x: t }, { state, keep }) as tf.Tensor;
       const have = store.get();
       if (have) return run('PrefoptDropoutBits', { x: t }, { keep, bits: have }) as tf.Tensor;
       const bits = new Uint32Array(Math.ceil(t.size / 32));

@@ -33,6 +33,8 @@ interface Addon extends FusedAddon {
   trimPool(): void;
   probeCuda(driver: string[], cublasLt: string[], nvrtc: string[]): CudaProbeResult;
   dropoutAlea(x: Float32Array | null, n: number, s0: number, s1: number, s2: number, c: number, keep: number, y: Float32Array | null, bits: Uint32Array | null): void;
+  /** The alea multipliers of jumps of 0, step, 2·step, … draws (count; two words each, low first). */
+  aleaJumps(step: number, count: number, out: BigUint64Array): void;
 }
 
 /** One operation's profile: how many, their seconds, their flops (products) or bytes (copies). */
@@ -173,8 +175,8 @@ export interface ProfileTiming {
 }
 
 /** The addon's CUDA device functions and its host dropout mask, or null where the addon is not loaded. */
-export function cudaAddon(): (CudaAddon & Pick<Addon, 'dropoutAlea'>) | null {
-  return loadNative().active && addon ? (addon as unknown as CudaAddon & Pick<Addon, 'dropoutAlea'>) : null;
+export function cudaAddon(): (CudaAddon & Pick<Addon, 'dropoutAlea' | 'aleaJumps'>) | null {
+  return loadNative().active && addon ? (addon as unknown as CudaAddon & Pick<Addon, 'dropoutAlea' | 'aleaJumps'>) : null;
 }
 
 /** Open the CUDA libraries from these candidates (engine/cuda); null with the reason where the addon is not loaded. */

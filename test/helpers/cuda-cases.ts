@@ -13,6 +13,7 @@ import { f32ToBf16Bits } from '../../src/io/safetensors.js';
 import { Rng } from '../../src/util/rng.js';
 import { loraDpoTrace, worstRel } from '../../bench/steps.js';
 import { ARCH_SPECS, makeTestModel } from './models.js';
+import { dropout } from '../../src/engine/dropout.js';
 
 /*
  * The cuda backend's cases (engine/cuda-backend, -glue, -fused), run on whichever device the
@@ -198,6 +199,32 @@ export function cudaBackendCases(): void {
     }
     expect(rounded).toBeGreaterThan(1e-5); // the activations really went through bf16
   });
+
+  it('dropout masks drawn on the device are tf.dropout\'s (the CPU kernel\'s) bit for bit, forward and backward; a mask over 16M elements grows the jump table', async () => {
+    if (!native.active) return;
+    // Sizes: under one chunk; 300,001 (not a multiple of a word or of the 1024-draw chunk);
+    // 17M (past the 16,384 chunks made at start). Seeds give unrelated generator states.
+    for (const [n, seed, rate] of [[1000, 5, 0.5], [300_001, 11, 0.05], [17_000_003, 3, 0.3]] as const) {
+      const res = await both(() => {
+        const x = tf.fill([n], 1.5);
+        const [y, g] = tf.tidy(() => {
+          const f = (t: tf.Tensor) => tf.sum(tf.mul(dropout(t, rate, seed), tf.mod(tf.range(0, n), 7)));
+          return [dropout(x, rate, seed), tf.grad(f)(x)];
+        });
+        const out = { y: y.dataSync() as Float32Array, g: g.dataSync() as Float32Array };
+        tf.dispose([x, y, g]);
+        return out;
+      });
+      let diff = 0;
+      let kept = 0;
+      for (let i = 0; i < n; i++) {
+        if (res.cuda.y[i] !== res.native.y[i] || res.cuda.g[i] !== res.native.g[i]) diff++;
+        if (res.native.y[i] !== 0) kept++;
+      }
+      expect(diff, `n ${n}`).toBe(0);
+      expect(Math.abs(kept / n - (1 - rate))).toBeLessThan(n > 10_000 ? 0.01 : 0.06); // a mask, not all or nothing
+    }
+  }, 120_000);
 
   it('to_bf16 rounds as the checkpoint writer does: to nearest, ties to even, NaN kept, overflow to infinity', async () => {
     if (!native.active) return;
