@@ -11,8 +11,8 @@ import { envOff } from '../util/env.js';
  * native/cuda/kernels.cu or cuBLASLt products. 16-bit frozen weights come as the host's bits
  * (engine/half) and go up once, kept while their bits are alive: bf16 as bits for bf16 products
  * (cudaBf16Products), f16 widened to float32. Dropout
- * masks are drawn on the host (native/fused.cc draws alea's stream as tf.dropout does, on every
- * core by jumping ahead in it) and only their bits go to the device.
+ * masks are drawn on the device, tf.dropout's alea stream with each thread jumping ahead to its
+ * chunk (kernels.cu: alea_bits), again at each use rather than kept.
  */
 type Addr = number;
 /** What `view` gives adamwInPlace: an address and a length. */
