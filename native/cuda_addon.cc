@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cuda_device.h"
+#include "napi_args.h"
 
 namespace prefopt {
 namespace {
@@ -47,51 +48,6 @@ napi_value throw_error(napi_env env, const std::string& msg) {
   return nullptr;
 }
 
-struct Call {
-  napi_env env;
-  size_t argc = 8;
-  napi_value argv[8];
-  Call(napi_env e, napi_callback_info info) : env(e) { napi_get_cb_info(e, info, &argc, argv, nullptr, nullptr); }
-  double num(size_t i) {
-    double x = NAN;
-    if (i < argc) napi_get_value_double(env, argv[i], &x);
-    return x;
-  }
-  std::string str(size_t i) {
-    size_t n = 0;
-    if (i >= argc || napi_get_value_string_utf8(env, argv[i], nullptr, 0, &n) != napi_ok) return "";
-    std::string s(n, '\0');
-    napi_get_value_string_utf8(env, argv[i], s.data(), n + 1, &n);
-    return s;
-  }
-  std::vector<std::string> strs(size_t i) {
-    std::vector<std::string> out;
-    uint32_t n = 0;
-    if (i >= argc || napi_get_array_length(env, argv[i], &n) != napi_ok) return out;
-    for (uint32_t k = 0; k < n; k++) {
-      napi_value e;
-      napi_get_element(env, argv[i], k, &e);
-      size_t len = 0;
-      napi_get_value_string_utf8(env, e, nullptr, 0, &len);
-      std::string s(len, '\0');
-      napi_get_value_string_utf8(env, e, s.data(), len + 1, &len);
-      out.push_back(s);
-    }
-    return out;
-  }
-  // A typed array's bytes.
-  bool bytes(size_t i, void** data, size_t* n) {
-    napi_typedarray_type t;
-    size_t len;
-    napi_value ab;
-    size_t off;
-    if (i >= argc || napi_get_typedarray_info(env, argv[i], &t, &len, data, &ab, &off) != napi_ok) return false;
-    size_t el = t == napi_int8_array || t == napi_uint8_array || t == napi_uint8_clamped_array ? 1 : t == napi_int16_array || t == napi_uint16_array ? 2 : t == napi_float64_array || t == napi_bigint64_array || t == napi_biguint64_array ? 8 : 4;
-    *n = len * el;
-    return true;
-  }
-};
-
 bool need_device(napi_env env) {
   if (g_device) return true;
   throw_error(env, "the CUDA device is not open (cudaOpen)");
@@ -107,13 +63,19 @@ napi_value number(napi_env env, double x) {
 // cudaOpen(mode 'emulate' | 'gpu', driver[], cublasLt[], nvrtc[], source, tf32, cacheDir) → the
 // device's name; throws with the reason it cannot open.
 napi_value Open(napi_env env, napi_callback_info info) {
-  Call c(env, info);
-  std::string mode = c.str(0);
+  Args a(env, info, 1, "cudaOpen");
+  const std::string mode = a.str(0);
+  if (!a.ok()) return nullptr;
   if (!g_device) {
     std::string why;
-    bool tf32 = false;
-    if (c.argc > 5) napi_get_value_bool(env, c.argv[5], &tf32);
-    g_device = mode == "emulate" ? cuda::open_emulated() : cuda::open_gpu(c.strs(1), c.strs(2), c.strs(3), c.str(4), tf32, c.str(6), &why);
+    if (mode == "emulate") g_device = cuda::open_emulated();
+    else {
+      const auto driver = a.strs(1, "driver"), lt = a.strs(2, "cublasLt"), rtc = a.strs(3, "nvrtc");
+      const std::string source = a.str(4), cache = a.str(6);
+      const bool tf32 = a.flag(5);
+      if (!a.ok()) return nullptr;
+      g_device = cuda::open_gpu(driver, lt, rtc, source, tf32, cache, &why);
+    }
     if (!g_device) return throw_error(env, why);
     g_memory = std::make_unique<cuda::Memory>(g_device.get());
   }
@@ -127,11 +89,10 @@ napi_value Open(napi_env env, napi_callback_info info) {
 
 // cudaAlloc(bytes) → address; throws when the device has no room.
 napi_value Alloc(napi_env env, napi_callback_info info) {
-  Call c(env, info);
-  if (!need_device(env)) return nullptr;
-  double n = c.num(0);
-  if (!(n >= 0)) return throw_error(env, "cudaAlloc: the size is not a non-negative number");
-  uint64_t p = g_memory->alloc((size_t)std::max(1.0, n));
+  Args a(env, info, 1, "cudaAlloc");
+  const uint64_t n = a.address(0);
+  if (!a.ok() || !need_device(env)) return nullptr;
+  uint64_t p = g_memory->alloc((size_t)std::max<uint64_t>(1, n));
   if (!p) {
     size_t fr = 0, total = 0;
     g_device->memory(&fr, &total);
@@ -142,57 +103,55 @@ napi_value Alloc(napi_env env, napi_callback_info info) {
 }
 
 napi_value Free(napi_env env, napi_callback_info info) {
-  Call c(env, info);
-  if (!need_device(env)) return nullptr;
+  Args a(env, info, 1, "cudaFree");
+  const uint64_t p = a.address(0);
+  if (!a.ok() || !need_device(env)) return nullptr;
   napi_value v;
-  napi_get_boolean(env, g_memory->free((uint64_t)c.num(0)), &v);
+  napi_get_boolean(env, g_memory->free(p), &v);
   return v;
 }
 
 // cudaUpload(address, typedArray) / cudaDownload(address, typedArray): the array's bytes, up
 // (callback data non-null) or down.
 napi_value Transfer(napi_env env, napi_callback_info info) {
-  Call c(env, info);
   void* up = nullptr;
   napi_get_cb_info(env, info, nullptr, nullptr, nullptr, &up);
-  const char* fn = up ? "cudaUpload" : "cudaDownload";
-  void* data;
-  size_t n;
-  if (!need_device(env)) return nullptr;
-  if (!c.bytes(1, &data, &n)) return throw_error(env, std::string(fn) + ": argument 1 is not a typed array");
-  const uint64_t addr = (uint64_t)c.num(0);
+  Args a(env, info, 2, up ? "cudaUpload" : "cudaDownload");
+  const uint64_t addr = a.address(0);
+  size_t n = 0;
+  void* data = a.bytes(1, &n, "argument 1");
+  if (!a.ok() || !need_device(env)) return nullptr;
   if (!timed(up ? "upload" : "download", (double)n, [&] { return up ? g_device->upload(addr, data, n) : g_device->download(data, addr, n); })) return throw_error(env, g_device->error);
   return nullptr;
 }
 
 // cudaCopy(dst, src, bytes)
 napi_value Copy(napi_env env, napi_callback_info info) {
-  Call c(env, info);
-  if (!need_device(env)) return nullptr;
-  const size_t n = (size_t)c.num(2);
-  if (!timed("copy", (double)n, [&] { return g_device->copy((uint64_t)c.num(0), (uint64_t)c.num(1), n); })) return throw_error(env, g_device->error);
+  Args a(env, info, 3, "cudaCopy");
+  const uint64_t dst = a.address(0), src = a.address(1), n = a.address(2);
+  if (!a.ok() || !need_device(env)) return nullptr;
+  if (!timed("copy", (double)n, [&] { return g_device->copy(dst, src, n); })) return throw_error(env, g_device->error);
   return nullptr;
 }
 
 // cudaLaunch(kernel, grid, block, args[]): each argument converted to the kernel's parameter
 // type (kernels() knows them); a count or a value that does not fit throws before any launch.
 napi_value Launch(napi_env env, napi_callback_info info) {
-  Call c(env, info);
-  if (!need_device(env)) return nullptr;
-  const std::string name = c.str(0);
+  Args a(env, info, 4, "cudaLaunch");
+  const std::string name = a.str(0);
+  const double grid = a.real(1), block = a.real(2);
+  const uint32_t argc = a.length(3, "the kernel's arguments");
+  if (!a.ok() || !need_device(env)) return nullptr;
   const KernelInfo* k = cuda::find_kernel(name);
   if (!k) return throw_error(env, "cudaLaunch: no kernel " + name + " in native/cuda/kernels.cu");
-  double grid = c.num(1), block = c.num(2);
   if (!(grid >= 1 && grid < 2147483648.0 && block >= 1 && block <= 1024)) return throw_error(env, "cudaLaunch " + name + ": grid or block out of range");
-  uint32_t argc = 0;
-  napi_get_array_length(env, c.argv[3], &argc);
   if (argc != k->sig.size()) return throw_error(env, "cudaLaunch " + name + ": " + std::to_string(argc) + " arguments given, the kernel takes " + std::to_string(k->sig.size()));
   std::vector<cuda::DimsArg> dims(k->sig.size());
   std::vector<int64_t> words(k->sig.size());
   std::vector<void*> args(k->sig.size());
   for (uint32_t i = 0; i < argc; i++) {
     napi_value e;
-    napi_get_element(env, c.argv[3], i, &e);
+    napi_get_element(env, a.arg(3), i, &e);
     const char t = k->sig[i];
     if (t == 'D') {
       uint32_t n = 0;
@@ -221,15 +180,16 @@ napi_value Launch(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
-// cudaGemm([ta, tb, batch, m, n, k, a, sa, b, sb, c, sc, alpha, beta, adt, bdt]) — more than
-// Call's 8 arguments, so they come as one array; adt, bdt: 0 float32, 1 bf16.
+// cudaGemm([ta, tb, batch, m, n, k, a, sa, b, sb, c, sc, alpha, beta, adt, bdt]) — one array
+// (one N-API value to read per product); adt, bdt: 0 float32, 1 bf16.
 napi_value GemmCall(napi_env env, napi_callback_info info) {
-  Call c(env, info);
-  if (!need_device(env)) return nullptr;
+  Args a(env, info, 1, "cudaGemm");
+  if (a.length(0, "the product's numbers") != 16 && a.ok()) return throw_error(env, "cudaGemm: 16 numbers expected");
+  if (!a.ok() || !need_device(env)) return nullptr;
   double v[16];
   for (uint32_t i = 0; i < 16; i++) {
     napi_value e;
-    napi_get_element(env, c.argv[0], i, &e);
+    napi_get_element(env, a.arg(0), i, &e);
     v[i] = NAN;
     napi_get_value_double(env, e, &v[i]);
   }
@@ -251,11 +211,9 @@ napi_value Sync(napi_env env, napi_callback_info) {
 
 // cudaStats() → { live, cached, peak, free, total } bytes; cudaStats(true) restarts the peak.
 napi_value Stats(napi_env env, napi_callback_info info) {
-  Call c(env, info);
+  Args a(env, info, 0, "cudaStats");
   if (!need_device(env)) return nullptr;
-  bool reset = false;
-  if (c.argc > 0) napi_get_value_bool(env, c.argv[0], &reset);
-  if (reset) g_memory->reset_peak();
+  if (a.count() > 0 && a.flag(0)) g_memory->reset_peak();
   size_t fr = 0, total = 0;
   g_device->memory(&fr, &total);
   napi_value o;
@@ -271,7 +229,9 @@ napi_value Stats(napi_env env, napi_callback_info info) {
 // cudaProfile(on) → the profile so far as { key: { count, seconds, work } }, then cleared; on
 // (true/false) starts or stops timing every device operation (see Timing).
 napi_value Profile(napi_env env, napi_callback_info info) {
-  Call c(env, info);
+  Args a(env, info, 1, "cudaProfile");
+  const bool on = a.flag(0);
+  if (!a.ok()) return nullptr;
   napi_value o;
   napi_create_object(env, &o);
   for (const auto& [key, t] : g_profile) {
@@ -283,7 +243,7 @@ napi_value Profile(napi_env env, napi_callback_info info) {
     napi_set_named_property(env, o, key.c_str(), e);
   }
   g_profile.clear();
-  if (c.argc > 0) napi_get_value_bool(env, c.argv[0], &g_profiling);
+  g_profiling = on;
   return o;
 }
 

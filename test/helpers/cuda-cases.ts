@@ -107,6 +107,12 @@ export function cudaBackendCases(): void {
     expect(() => a.cudaLaunch('rms_norm', 1, 32, [0, 0, 4])).toThrow('cudaLaunch rms_norm: 3 arguments given, the kernel takes 8');
     expect(() => a.cudaLaunch('no_such', 1, 32, [])).toThrow('no kernel no_such in native/cuda/kernels.cu');
     expect(() => a.cudaLaunch('fill32', 1, 32, [0, 1.5, 0])).toThrow('argument 1 is not an integer');
+    // The addon's argument checks (native/napi_args.h), before any device work.
+    expect(() => (a.cudaLaunch as any)('fill32', 1, 32)).toThrow(new TypeError('cudaLaunch: wrong number of arguments'));
+    expect(() => a.cudaAlloc(-1)).toThrow(new RangeError('cudaAlloc: an address or size is not a non-negative integer below 2^53'));
+    expect(() => a.cudaCopy(0, 2 ** 53, 4)).toThrow(RangeError);
+    expect(() => a.cudaUpload(0, [1, 2] as any)).toThrow(new TypeError('cudaUpload: argument 1 must be a typed array'));
+    expect(() => (a.cudaGemm as any)([1, 2])).toThrow('cudaGemm: 16 numbers expected');
     const before = a.cudaStats().live;
     const x = tf.randomNormal([300, 300]);
     const y = tf.matMul(x, x);
