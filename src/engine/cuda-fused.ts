@@ -103,39 +103,9 @@ function aleaJumpTable(dev: CudaDevice, jumps: AleaJumps) {
   };
 }
 
-export function cudaFused(dev: CudaDevice, jumps: AleaJumps): FusedAddon {
-  const { weight, byWeight } = deviceWeights(dev);
-  const jumpTable = aleaJumpTable(dev, jumps);
-  const bitsOn = (bits: Uint32Array, f: (a: Addr) => void) =>
-    dev.withTemp([4 * bits.length], ([a]) => {
-      dev.upload(a, bits);
-      f(a);
-    });
-  const dropoutBits = (x: Addr, n: number, bits: Uint32Array, keep: number, y: Addr) => bitsOn(bits, (b) => dev.each('dropout_bits', n, [x, n, b, keep, y]));
-  const gemm = dev.gemm.bind(dev);
-  /** out [d] = Σ_rows dy (· x·r): chunks of rows in parallel, then their sums in order. */
-  const columnSum = (dy: Addr, x: Addr, r: Addr, n: number, d: number, out: Addr) => {
-    const chunks = Math.ceil(n / COLUMN_CHUNK);
-    dev.withTemp([4 * chunks * d], ([part]) => {
-      dev.each('column_sum_part', chunks * d, [dy, x, r, n, d, COLUMN_CHUNK, part]);
-      dev.each('column_sum', d, [part, chunks, d, out]);
-    });
-  };
-
-  const k: FusedAddon = {
-    labelLogProbs: (x: any, n, v, labels: any, out: any) => dev.rows('label_logprobs', n, [x, v, labels, out]),
-    labelLogProbsGrad: (x: any, n, v, labels: any, out: any, dy: any, dx: any) => dev.rows('label_logprobs_grad', n, [x, v, labels, out, dy, dx]),
-    rmsNorm: (x: any, w: any, n, d, eps, y: any, res: any, sum: any) => dev.rows('rms_norm', n, [x, w, d, eps, y, res ?? 0, sum ?? 0, 0]),
-    rmsNormGrad: (x: any, w: any, dy: any, n, d, eps, dx: any, dw: any, dres: any) =>
-      dev.withTemp([4 * n], ([r]) => {
-        dev.rows('rms_inv', n, [x, d, eps, r]);
-        if (dx !== null) dev.rows('rms_norm_grad_x', n, [x, w, dy, r, d, dx, dres ?? 0]);
-        if (dw !== null) columnSum(dy, x, r, n, d, dw);
-      }),
-    swiglu: (g: any, u: any, n, y: any) => dev.each('swiglu', n, [g, u, n, y]),
-    swigluGrad: (g: any, u: any, dy: any, n, dg: any, du: any) =>
-      dev.withTemp([dg === null ? 4 * n : 0, du === null ? 4 * n : 0], ([tg, tu]) => dev.each('swiglu_grad', n, [g, u, dy, n, dg ?? tg, du ?? tu])),
-    rope: (x: any, cos: any, sin: any, rows, heads, hd, inverse, y: any) => dev.each('rope', (rows * heads * hd) / 2, [x, cos, sin, rows, heads, hd, inverse ? 1 : 0, y]),
+/** Attention forward and backward on the device (kernels.cu's attention section). */
+function deviceAttention(dev: CudaDevice): Pick<FusedAddon, 'attention' | 'attentionGrad'> {
+  return {
     attention: (q: any, kk: any, v: any, mask: any, scale, b, t, tk, h, kv, hd, o: any) => {
       checkHeadDim(hd);
       dev.withTemp([4 * b * h * t], ([lse]) => dev.blocks('attention_fwd', attentionJobs(b * h, t, hd), [q, kk, v, mask, scale, b, t, tk, h, kv, hd, o, lse], ATTENTION_BLOCK));
@@ -159,6 +129,59 @@ export function cudaFused(dev: CudaDevice, jumps: AleaJumps): FusedAddon {
         }
       });
     },
+  };
+}
+
+/** Dropout on the device: masks drawn there (alea_bits) and applied (dropout_bits). */
+function deviceDropout(dev: CudaDevice, jumps: AleaJumps): Pick<FusedAddon, 'dropoutAlea' | 'dropoutBits' | 'drawsMasks'> {
+  const jumpTable = aleaJumpTable(dev, jumps);
+  return {
+    // The mask drawn on the device from the generator's state (its words: s·2³², exact), applied
+    // there; copied to the host only if asked for (drawsMasks: dropout does not ask).
+    dropoutAlea: (x: any, n, s0, s1, s2, c, keep, y: any, bits) =>
+      dev.withTemp([4 * Math.ceil(n / 32)], ([b]) => {
+        dev.each('alea_bits', Math.ceil(n / ALEA_CHUNK), [n, s0 * 2 ** 32, s1 * 2 ** 32, s2 * 2 ** 32, c, jumpTable(n), keep, b], 128);
+        dev.each('dropout_bits', n, [x, n, b, keep, y]);
+        if (bits) dev.download(b, bits);
+      }),
+    // A mask kept on the host (only where drawsMasks is off: not on this device).
+    dropoutBits: (x: any, n, bits, keep, y: any) =>
+      dev.withTemp([4 * bits.length], ([b]) => {
+        dev.upload(b, bits);
+        dev.each('dropout_bits', n, [x, n, b, keep, y]);
+      }),
+    drawsMasks: true,
+  };
+}
+
+export function cudaFused(dev: CudaDevice, jumps: AleaJumps): FusedAddon {
+  const { weight, byWeight } = deviceWeights(dev);
+  const gemm = dev.gemm.bind(dev);
+  /** out [d] = Σ_rows dy (· x·r): chunks of rows in parallel, then their sums in order. */
+  const columnSum = (dy: Addr, x: Addr, r: Addr, n: number, d: number, out: Addr) => {
+    const chunks = Math.ceil(n / COLUMN_CHUNK);
+    dev.withTemp([4 * chunks * d], ([part]) => {
+      dev.each('column_sum_part', chunks * d, [dy, x, r, n, d, COLUMN_CHUNK, part]);
+      dev.each('column_sum', d, [part, chunks, d, out]);
+    });
+  };
+
+  const k: FusedAddon = {
+    ...deviceAttention(dev),
+    ...deviceDropout(dev, jumps),
+    labelLogProbs: (x: any, n, v, labels: any, out: any) => dev.rows('label_logprobs', n, [x, v, labels, out]),
+    labelLogProbsGrad: (x: any, n, v, labels: any, out: any, dy: any, dx: any) => dev.rows('label_logprobs_grad', n, [x, v, labels, out, dy, dx]),
+    rmsNorm: (x: any, w: any, n, d, eps, y: any, res: any, sum: any) => dev.rows('rms_norm', n, [x, w, d, eps, y, res ?? 0, sum ?? 0, 0]),
+    rmsNormGrad: (x: any, w: any, dy: any, n, d, eps, dx: any, dw: any, dres: any) =>
+      dev.withTemp([4 * n], ([r]) => {
+        dev.rows('rms_inv', n, [x, d, eps, r]);
+        if (dx !== null) dev.rows('rms_norm_grad_x', n, [x, w, dy, r, d, dx, dres ?? 0]);
+        if (dw !== null) columnSum(dy, x, r, n, d, dw);
+      }),
+    swiglu: (g: any, u: any, n, y: any) => dev.each('swiglu', n, [g, u, n, y]),
+    swigluGrad: (g: any, u: any, dy: any, n, dg: any, du: any) =>
+      dev.withTemp([dg === null ? 4 * n : 0, du === null ? 4 * n : 0], ([tg, tu]) => dev.each('swiglu_grad', n, [g, u, dy, n, dg ?? tg, du ?? tu])),
+    rope: (x: any, cos: any, sin: any, rows, heads, hd, inverse, y: any) => dev.each('rope', (rows * heads * hd) / 2, [x, cos, sin, rows, heads, hd, inverse ? 1 : 0, y]),
     biasAdd: (x: any, bias: any, n, d, y: any) => dev.each('bias_add', n * d, [x, bias, n, d, y]),
     columnSum: (dy: any, n, d, out: any) => columnSum(dy, 0, 0, n, d, out),
     add: (a: any, b: any, n, y: any) => dev.each('binary', n, [0, a, b, y, n, 1, dims([n], [1], [1])]),
@@ -207,16 +230,6 @@ export function cudaFused(dev: CudaDevice, jumps: AleaJumps): FusedAddon {
         dev.each('embed_grad', g.ids.length * d, [ia, sa, ra, g.ids.length, dy, d, dtable]);
       });
     },
-    // The mask drawn on the device from the generator's state (its words: s·2³², exact), applied
-    // there; copied to the host only if asked for (drawsMasks: dropout does not ask).
-    dropoutAlea: (x: any, n, s0, s1, s2, c, keep, y: any, bits) =>
-      dev.withTemp([4 * Math.ceil(n / 32)], ([b]) => {
-        dev.each('alea_bits', Math.ceil(n / ALEA_CHUNK), [n, s0 * 2 ** 32, s1 * 2 ** 32, s2 * 2 ** 32, c, jumpTable(n), keep, b], 128);
-        dev.each('dropout_bits', n, [x, n, b, keep, y]);
-        if (bits) dev.download(b, bits);
-      }),
-    dropoutBits: (x: any, n, bits, keep, y: any) => dropoutBits(x, n, bits, keep, y),
-    drawsMasks: true,
   };
   return k;
 }
