@@ -241,6 +241,26 @@ struct AttnLanes {
   int p, R, r, E;
   __device__ __forceinline__ explicit AttnLanes(i64 hd) : p((int)(threadIdx.x % P)), R((int)(blockDim.x / P)), r((int)(threadIdx.x / P)), E((int)((hd - p + P - 1) / P)) {}
 
+  // Job j of B·H·tiles (tiles of R rows per (b, head)): its head, its batch entry and this
+  // thread's row, clamped to the last (rows past the end compute it and write nothing).
+  struct Job {
+    i64 h, b, row, at;
+  };
+  __device__ __forceinline__ Job job(i64 j, i64 tiles, i64 H, i64 rows) const {
+    const i64 row = j % tiles * R + r;
+    return Job{j / tiles % H, j / (tiles * H), row, row < rows ? row : rows - 1};
+  }
+  // f(job) for each of this block's jobs: (b, head, tile of R rows) over B·H·⌈rows / R⌉.
+  template <class F>
+  __device__ __forceinline__ void jobs(i64 B, i64 H, i64 rows, F&& f) const {
+    const i64 tiles = (rows + R - 1) / R;
+    for (i64 j = blockIdx.x; j < B * H * tiles; j += gridDim.x) f(job(j, tiles, H, rows));
+  }
+  __device__ __forceinline__ static void zero(float* acc) {
+    PREFOPT_UNROLL
+    for (int e = 0; e < 32; e++) acc[e] = 0.f;
+  }
+
   // The sum over the group's P threads (aligned lanes), returned to each.
   __device__ __forceinline__ float sum(float v) const {
     for (int o = P >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -293,15 +313,12 @@ __device__ __forceinline__ void attention_fwd_p(float* ks, float* vs, const floa
                                                 i64 hd, float* o, float* lse) {
   const AttnLanes<P> L(hd);
   const int KT = attn_tile(hd), w = (int)hd;
-  const i64 tiles = (T + L.R - 1) / L.R;
-  for (i64 job = blockIdx.x; job < B * H * tiles; job += gridDim.x) {
-    const i64 h = job / tiles % H, b = job / (tiles * H), g = h / (H / KV);
-    const i64 i = job % tiles * L.R + L.r, ic = i < T ? i : T - 1;
+  L.jobs(B, H, T, [&](const typename AttnLanes<P>::Job& J) {
+    const i64 h = J.h, b = J.b, g = h / (H / KV), i = J.row, ic = J.at;
     const float* mi = mask + (b * T + ic) * Tk;
     float qv[32], acc[32];
     L.load(q + ((b * T + ic) * H + h) * hd, qv);
-    PREFOPT_UNROLL
-    for (int e = 0; e < 32; e++) acc[e] = 0.f;
+    L.zero(acc);
     float m = -3.402823466e38f, l = 0.f;
     for (i64 j0 = 0; j0 < Tk; j0 += KT) {
       const int n = Tk - j0 < KT ? (int)(Tk - j0) : KT;
@@ -319,7 +336,7 @@ __device__ __forceinline__ void attention_fwd_p(float* ks, float* vs, const floa
       L.store(o + ((b * T + i) * H + h) * hd, acc, 1.f / l);
       if (L.p == 0) lse[(b * H + h) * T + i] = m + logf(l);
     }
-  }
+  });
 }
 
 template <int P>
@@ -327,17 +344,14 @@ __device__ __forceinline__ void attention_bwd_dq_p(float* ks, float* vs, const f
                                                    const float* delta, float scale, i64 B, i64 T, i64 Tk, i64 H, i64 KV, i64 hd, float* dq) {
   const AttnLanes<P> L(hd);
   const int KT = attn_tile(hd), w = (int)hd;
-  const i64 tiles = (T + L.R - 1) / L.R;
-  for (i64 job = blockIdx.x; job < B * H * tiles; job += gridDim.x) {
-    const i64 h = job / tiles % H, b = job / (tiles * H), g = h / (H / KV);
-    const i64 i = job % tiles * L.R + L.r, ic = i < T ? i : T - 1, at = ((b * T + ic) * H + h) * hd;
+  L.jobs(B, H, T, [&](const typename AttnLanes<P>::Job& J) {
+    const i64 h = J.h, b = J.b, g = h / (H / KV), i = J.row, ic = J.at, at = ((b * T + ic) * H + h) * hd;
     const float* mi = mask + (b * T + ic) * Tk;
     const float li = lse[(b * H + h) * T + ic], de = delta[(b * H + h) * T + ic];
     float qv[32], dov[32], acc[32];
     L.load(q + at, qv);
     L.load(dout + at, dov);
-    PREFOPT_UNROLL
-    for (int e = 0; e < 32; e++) acc[e] = 0.f;
+    L.zero(acc);
     for (i64 j0 = 0; j0 < Tk; j0 += KT) {
       const int n = Tk - j0 < KT ? (int)(Tk - j0) : KT;
       stage(ks, k, b, j0, n, Tk, KV, g, hd);
@@ -349,7 +363,7 @@ __device__ __forceinline__ void attention_bwd_dq_p(float* ks, float* vs, const f
       }
     }
     if (i < T) L.store(dq + at, acc, scale);
-  }
+  });
 }
 
 template <int P>
@@ -357,16 +371,14 @@ __device__ __forceinline__ void attention_bwd_dkdv_p(float* qs, float* dos, floa
                                                      const float* lse, const float* delta, float scale, i64 B, i64 T, i64 Tk, i64 H, i64 KV, i64 hd, float* dk, float* dv) {
   const AttnLanes<P> L(hd);
   const int QT = attn_tile(hd), w = (int)hd;
-  const i64 tiles = (Tk + L.R - 1) / L.R;
-  for (i64 job = blockIdx.x; job < B * H * tiles; job += gridDim.x) {
-    const i64 h = job / tiles % H, b = job / (tiles * H), g = h / (H / KV);
-    const i64 j = job % tiles * L.R + L.r, jc = j < Tk ? j : Tk - 1, kat = ((b * Tk + jc) * KV + g) * hd;
+  L.jobs(B, H, Tk, [&](const typename AttnLanes<P>::Job& J) {
+    const i64 h = J.h, b = J.b, g = h / (H / KV), j = J.row, jc = J.at, kat = ((b * Tk + jc) * KV + g) * hd;
     const float* mj = mask + b * T * Tk + jc;
     float kv[32], vv[32], ak[32], av[32];
     L.load(k + kat, kv);
     L.load(v + kat, vv);
-    PREFOPT_UNROLL
-    for (int e = 0; e < 32; e++) ak[e] = av[e] = 0.f;
+    L.zero(ak);
+    L.zero(av);
     for (i64 i0 = 0; i0 < T; i0 += QT) {
       const int n = T - i0 < QT ? (int)(T - i0) : QT;
       __syncthreads();
@@ -385,7 +397,7 @@ __device__ __forceinline__ void attention_bwd_dkdv_p(float* qs, float* dos, floa
       L.store(dk + out, ak, scale);
       L.store(dv + out, av, 1.f);
     }
-  }
+  });
 }
 }  // extern "C++"
 
