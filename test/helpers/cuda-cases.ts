@@ -230,6 +230,16 @@ export function cudaBackendCases(): void {
       expect(diff, `n ${n}`).toBe(0);
       expect(Math.abs(kept / n - (1 - rate))).toBeLessThan(n > 10_000 ? 0.01 : 0.06); // a mask, not all or nothing
     }
+    // A mask kept as host bits (the path of devices that keep masks) applied on this device.
+    await initBackend('cuda');
+    const n = 1000;
+    const bits = new Uint32Array(Math.ceil(n / 32));
+    cudaAddon()!.dropoutAlea(null, n, 0.25, 0.5, 0.75, 1, 0.8, null, bits);
+    const x = tf.tensor1d(Float32Array.from({ length: n }, (_, i) => i - 500));
+    const y = tf.engine().runKernel('PrefoptDropoutBits', { x }, { bits, keep: 0.8 }) as tf.Tensor;
+    const want = Float32Array.from({ length: n }, (_, i) => ((bits[i >> 5] >>> (i & 31)) & 1 ? Math.fround((i - 500) * Math.fround(1 / 0.8)) : 0));
+    expect([...(y.dataSync() as Float32Array)].map((v) => v + 0)).toEqual([...want]);
+    tf.dispose([x, y]);
   }, 120_000);
 
   it('to_bf16 rounds as the checkpoint writer does: to nearest, ties to even, NaN kept, overflow to infinity', async () => {
