@@ -150,5 +150,12 @@ describe('the CUDA backend\'s state', () => {
     for (const l of checked) expect(l.ok, JSON.stringify(l)).toBe(true);
     for (const k of ['rope', 'adamw', 'widen(f16)']) expect(checked.find((l) => l.kernel === k).cpu_bits_equal).toBe(true);
     expect(run.status).toBe(0);
+    // Attention passes over the tiles a causal mask hides (kernels.cu: tile_masked); built to
+    // compute every tile, it must give the same bits.
+    const every = path.join(path.dirname(exe), 'check-every-tile');
+    expect(spawnSync('c++', ['-std=c++20', '-O2', '-ffp-contract=off', '-pthread', '-x', 'c++', '-DPREFOPT_CUDA_EMULATE', '-DPREFOPT_ATTN_NO_SKIP', '-o', every, 'native/cuda/check.cu']).status).toBe(0);
+    const all = spawnSync(every, [], { encoding: 'utf8' }).stdout.trim().split('\n').map((l) => JSON.parse(l)).filter((l) => String(l.kernel).startsWith('attention'));
+    expect(all.length).toBe(16);
+    for (const l of all) expect(checked.find((c) => c.kernel === l.kernel).bits, l.kernel).toBe(l.bits);
   }, 120_000);
 });

@@ -206,8 +206,9 @@ __global__ void label_logprobs_grad(const float* x, i64 V, const int* y, const f
 // q [B, T, H, hd], k, v [B, Tk, KV, hd] (query head h reads kv head h / (H / KV)), additive mask
 // [B, 1, T, Tk] (prefopt's masked value is −1e9, finite, so a fully masked row is uniform, as on
 // the CPU): o = softmax(scale·q·kᵀ + mask)·v, without a [T, Tk] tensor — each query row runs an
-// online softmax over the keys, and lse [B, H, T] (the row's log-sum-exp) is kept for the
-// backward pass, which recomputes the probabilities from it.
+// online softmax over the keys, and stat [B, H, T, 2] (the row's max score m and log Σ exp(s − m))
+// is kept for the backward pass, which recomputes p = exp((s − m) − log Σ) from it. Two numbers,
+// not their sum: a fully masked row's m is about −1e9, where m + log Σ would round log Σ away.
 //
 // A row (a query's, or a key's for dk/dv) belongs to a group of P = attn_group(hd) adjacent
 // threads, each holding the dimensions p, p + P, p + 2P, … (at most 32) in registers, so a dot
@@ -308,67 +309,90 @@ __device__ __forceinline__ void stage(float* s, const float* x, i64 b, i64 r0, i
   __syncthreads();
 }
 
+// Whether the block can pass over a tile: every thread's row is `ready` and masks all n of the
+// tile's keys (m[t·stride] ≤ −1e8; prefopt masks with −1e9). Exact: a ready row has a score
+// above −1e7 in its running max (fwd) or its max (backward), so each skipped key's
+// exp(s − max) is exp(< −8.9e7) = 0 in float32 — its term is +0 either way. A row that has seen
+// no key it attends to is never ready (a fully masked row stays uniform over every key). For a
+// causal mask this passes over the tiles above the diagonal. Uniform over the block.
+__device__ __forceinline__ bool tile_masked(const float* m, i64 stride, int n, bool ready) {
+#ifdef PREFOPT_ATTN_NO_SKIP  // check.cu's second build: every tile computed, the same bits expected
+  return false;
+#else
+  __shared__ int all;
+  bool mine = ready;
+  for (int t = 0; mine && t < n; t++) mine = m[t * stride] <= -1e8f;
+  __syncthreads();  // the previous tile's answer has been read
+  if (threadIdx.x == 0) all = 1;
+  __syncthreads();
+  if (!mine) all = 0;
+  __syncthreads();
+  return all != 0;
+#endif
+}
+
+// f(k row, v row, mask value) for each key of a query row (mask row mi), K and V staged by the
+// block in tiles; a tile tile_masked passes over is skipped, `ready()` saying whether this row
+// may skip.
+template <class Ready, class F>
+__device__ __forceinline__ void over_keys(float* ks, float* vs, const float* k, const float* v, i64 b, i64 g, i64 Tk, i64 KV, i64 hd, const float* mi, Ready&& ready, F&& f) {
+  const int KT = attn_tile(hd), w = (int)hd;
+  for (i64 j0 = 0; j0 < Tk; j0 += KT) {
+    const int n = Tk - j0 < KT ? (int)(Tk - j0) : KT;
+    if (tile_masked(mi + j0, 1, n, ready())) continue;
+    stage(ks, k, b, j0, n, Tk, KV, g, hd);
+    stage(vs, v, b, j0, n, Tk, KV, g, hd);
+    for (int jj = 0; jj < n; jj++) f(ks + jj * w, vs + jj * w, mi[j0 + jj]);
+  }
+}
+
 template <int P>
 __device__ __forceinline__ void attention_fwd_p(float* ks, float* vs, const float* q, const float* k, const float* v, const float* mask, float scale, i64 B, i64 T, i64 Tk, i64 H, i64 KV,
-                                                i64 hd, float* o, float* lse) {
+                                                i64 hd, float* o, float* stat) {
   const AttnLanes<P> L(hd);
-  const int KT = attn_tile(hd), w = (int)hd;
   L.jobs(B, H, T, [&](const typename AttnLanes<P>::Job& J) {
-    const i64 h = J.h, b = J.b, g = h / (H / KV), i = J.row, ic = J.at;
-    const float* mi = mask + (b * T + ic) * Tk;
+    const i64 h = J.h, b = J.b, i = J.row, ic = J.at;
     float qv[32], acc[32];
     L.load(q + ((b * T + ic) * H + h) * hd, qv);
     L.zero(acc);
     float m = -3.402823466e38f, l = 0.f;
-    for (i64 j0 = 0; j0 < Tk; j0 += KT) {
-      const int n = Tk - j0 < KT ? (int)(Tk - j0) : KT;
-      stage(ks, k, b, j0, n, Tk, KV, g, hd);
-      stage(vs, v, b, j0, n, Tk, KV, g, hd);
-      for (int jj = 0; jj < n; jj++) {
-        float s = L.dot(qv, ks + jj * w) * scale + mi[j0 + jj];
-        float mn = fmaxf(m, s), corr = expf(m - mn), pr = expf(s - mn);
-        l = l * corr + pr;
-        L.axpy(acc, corr, pr, vs + jj * w);
-        m = mn;
-      }
-    }
+    over_keys(ks, vs, k, v, b, h / (H / KV), Tk, KV, hd, mask + (b * T + ic) * Tk, [&] { return m >= -1e7f; }, [&](const float* kr, const float* vr, float mask_j) {
+      float s = L.dot(qv, kr) * scale + mask_j;
+      float mn = fmaxf(m, s), corr = expf(m - mn), pr = expf(s - mn);
+      l = l * corr + pr;
+      L.axpy(acc, corr, pr, vr);
+      m = mn;
+    });
     if (i < T) {
       L.store(o + ((b * T + i) * H + h) * hd, acc, 1.f / l);
-      if (L.p == 0) lse[(b * H + h) * T + i] = m + logf(l);
+      if (L.p == 0) stat[2 * ((b * H + h) * T + i)] = m, stat[2 * ((b * H + h) * T + i) + 1] = logf(l);
     }
   });
 }
 
 template <int P>
-__device__ __forceinline__ void attention_bwd_dq_p(float* ks, float* vs, const float* q, const float* k, const float* v, const float* mask, const float* dout, const float* lse,
+__device__ __forceinline__ void attention_bwd_dq_p(float* ks, float* vs, const float* q, const float* k, const float* v, const float* mask, const float* dout, const float* stat,
                                                    const float* delta, float scale, i64 B, i64 T, i64 Tk, i64 H, i64 KV, i64 hd, float* dq) {
   const AttnLanes<P> L(hd);
-  const int KT = attn_tile(hd), w = (int)hd;
   L.jobs(B, H, T, [&](const typename AttnLanes<P>::Job& J) {
-    const i64 h = J.h, b = J.b, g = h / (H / KV), i = J.row, ic = J.at, at = ((b * T + ic) * H + h) * hd;
-    const float* mi = mask + (b * T + ic) * Tk;
-    const float li = lse[(b * H + h) * T + ic], de = delta[(b * H + h) * T + ic];
+    const i64 h = J.h, b = J.b, i = J.row, ic = J.at, at = ((b * T + ic) * H + h) * hd;
+    const float mr = stat[2 * ((b * H + h) * T + ic)], ll = stat[2 * ((b * H + h) * T + ic) + 1], de = delta[(b * H + h) * T + ic];
     float qv[32], dov[32], acc[32];
     L.load(q + at, qv);
     L.load(dout + at, dov);
     L.zero(acc);
-    for (i64 j0 = 0; j0 < Tk; j0 += KT) {
-      const int n = Tk - j0 < KT ? (int)(Tk - j0) : KT;
-      stage(ks, k, b, j0, n, Tk, KV, g, hd);
-      stage(vs, v, b, j0, n, Tk, KV, g, hd);
-      for (int jj = 0; jj < n; jj++) {
-        float pr = expf(L.dot(qv, ks + jj * w) * scale + mi[j0 + jj] - li);
-        float ds = pr * (L.dot(dov, vs + jj * w) - de);
-        L.axpy(acc, 1.f, ds, ks + jj * w);
-      }
-    }
+    over_keys(ks, vs, k, v, b, h / (H / KV), Tk, KV, hd, mask + (b * T + ic) * Tk, [&] { return mr >= -1e7f; }, [&](const float* kr, const float* vr, float mask_j) {
+      float pr = expf((L.dot(qv, kr) * scale + mask_j - mr) - ll);
+      float ds = pr * (L.dot(dov, vr) - de);
+      L.axpy(acc, 1.f, ds, kr);
+    });
     if (i < T) L.store(dq + at, acc, scale);
   });
 }
 
 template <int P>
 __device__ __forceinline__ void attention_bwd_dkdv_p(float* qs, float* dos, float* ls, float* dls, const float* q, const float* k, const float* v, const float* mask, const float* dout,
-                                                     const float* lse, const float* delta, float scale, i64 B, i64 T, i64 Tk, i64 H, i64 KV, i64 hd, float* dk, float* dv) {
+                                                     const float* stat, const float* delta, float scale, i64 B, i64 T, i64 Tk, i64 H, i64 KV, i64 hd, float* dk, float* dv) {
   const AttnLanes<P> L(hd);
   const int QT = attn_tile(hd), w = (int)hd;
   L.jobs(B, H, Tk, [&](const typename AttnLanes<P>::Job& J) {
@@ -382,11 +406,16 @@ __device__ __forceinline__ void attention_bwd_dkdv_p(float* qs, float* dos, floa
     for (i64 i0 = 0; i0 < T; i0 += QT) {
       const int n = T - i0 < QT ? (int)(T - i0) : QT;
       __syncthreads();
-      for (int t = threadIdx.x; t < n; t += blockDim.x) ls[t] = lse[(b * H + h) * T + i0 + t], dls[t] = delta[(b * H + h) * T + i0 + t];
+      for (int t = threadIdx.x; t < 2 * n; t += blockDim.x) ls[t] = stat[2 * ((b * H + h) * T + i0) + t];  // (m, log Σ) pairs
+      for (int t = threadIdx.x; t < n; t += blockDim.x) dls[t] = delta[(b * H + h) * T + i0 + t];
+      __syncthreads();
+      bool ready = true;
+      for (int t = 0; t < n; t++) ready = ready && ls[2 * t] >= -1e7f;
+      if (tile_masked(mj + i0 * Tk, Tk, n, ready)) continue;
       stage(qs, q, b, i0, n, T, H, h, hd);
       stage(dos, dout, b, i0, n, T, H, h, hd);
       for (int ii = 0; ii < n; ii++) {
-        float pr = expf(L.dot(kv, qs + ii * w) * scale + mj[(i0 + ii) * Tk] - ls[ii]);
+        float pr = expf((L.dot(kv, qs + ii * w) * scale + mj[(i0 + ii) * Tk] - ls[2 * ii]) - ls[2 * ii + 1]);
         float ds = pr * (L.dot(vv, dos + ii * w) - dls[ii]);
         L.axpy(av, 1.f, pr, dos + ii * w);
         L.axpy(ak, 1.f, ds, qs + ii * w);
@@ -410,9 +439,9 @@ __device__ __forceinline__ void attention_bwd_dkdv_p(float* qs, float* dos, floa
     default: f<8>(__VA_ARGS__);                        \
   }
 
-__global__ void attention_fwd(const float* q, const float* k, const float* v, const float* mask, float scale, i64 B, i64 T, i64 Tk, i64 H, i64 KV, i64 hd, float* o, float* lse) {
+__global__ void attention_fwd(const float* q, const float* k, const float* v, const float* mask, float scale, i64 B, i64 T, i64 Tk, i64 H, i64 KV, i64 hd, float* o, float* stat) {
   __shared__ float ks[PREFOPT_ATT_TILE], vs[PREFOPT_ATT_TILE];
-  PREFOPT_ATTN_DISPATCH(attention_fwd_p, ks, vs, q, k, v, mask, scale, B, T, Tk, H, KV, hd, o, lse)
+  PREFOPT_ATTN_DISPATCH(attention_fwd_p, ks, vs, q, k, v, mask, scale, B, T, Tk, H, KV, hd, o, stat)
 }
 
 // delta [B, H, T] = Σ_d dO·O per query row: the softmax gradient's row term. A warp per row
@@ -433,21 +462,21 @@ __global__ void attention_bwd_delta(const float* o, const float* dout, i64 B, i6
 }
 
 // dq_i = scale · Σ_j p_ij (dO_i·v_j − delta_i) k_j: query rows as in attention_fwd.
-__global__ void attention_bwd_dq(const float* q, const float* k, const float* v, const float* mask, const float* dout, const float* lse, const float* delta, float scale, i64 B, i64 T, i64 Tk,
+__global__ void attention_bwd_dq(const float* q, const float* k, const float* v, const float* mask, const float* dout, const float* stat, const float* delta, float scale, i64 B, i64 T, i64 Tk,
                                  i64 H, i64 KV, i64 hd, float* dq) {
   __shared__ float ks[PREFOPT_ATT_TILE], vs[PREFOPT_ATT_TILE];
-  PREFOPT_ATTN_DISPATCH(attention_bwd_dq_p, ks, vs, q, k, v, mask, dout, lse, delta, scale, B, T, Tk, H, KV, hd, dq)
+  PREFOPT_ATTN_DISPATCH(attention_bwd_dq_p, ks, vs, q, k, v, mask, dout, stat, delta, scale, B, T, Tk, H, KV, hd, dq)
 }
 
 // One query head's share of the key side: dv_j = Σ_i p_ij dO_i and dk_j = scale · Σ_i p_ij
 // (dO_i·v_j − delta_i) q_i for key rows j, written to dk, dv [B, Tk, H, hd] at head h — the
 // heads of a kv group are summed by head_group_sum (or, without grouping, this is dk, dv):
 // a job per (b, head, tile of keys), so there are as many jobs as for the query side, and no
-// atomics. The queries, their dO, lse and delta are staged in tiles.
-__global__ void attention_bwd_dkdv(const float* q, const float* k, const float* v, const float* mask, const float* dout, const float* lse, const float* delta, float scale, i64 B, i64 T,
+// atomics. The queries, their dO, stat and delta are staged in tiles.
+__global__ void attention_bwd_dkdv(const float* q, const float* k, const float* v, const float* mask, const float* dout, const float* stat, const float* delta, float scale, i64 B, i64 T,
                                    i64 Tk, i64 H, i64 KV, i64 hd, float* dk, float* dv) {
-  __shared__ float qs[PREFOPT_ATT_TILE], dos[PREFOPT_ATT_TILE], ls[64], dls[64];
-  PREFOPT_ATTN_DISPATCH(attention_bwd_dkdv_p, qs, dos, ls, dls, q, k, v, mask, dout, lse, delta, scale, B, T, Tk, H, KV, hd, dk, dv)
+  __shared__ float qs[PREFOPT_ATT_TILE], dos[PREFOPT_ATT_TILE], ls[128], dls[64];
+  PREFOPT_ATTN_DISPATCH(attention_bwd_dkdv_p, qs, dos, ls, dls, q, k, v, mask, dout, stat, delta, scale, B, T, Tk, H, KV, hd, dk, dv)
 }
 
 // out [n, KV, hd] = Σ_{s < G} part [n, KV, G, hd] over s in order: the query heads of each kv

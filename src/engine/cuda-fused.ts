@@ -108,21 +108,21 @@ function deviceAttention(dev: CudaDevice): Pick<FusedAddon, 'attention' | 'atten
   return {
     attention: (q: any, kk: any, v: any, mask: any, scale, b, t, tk, h, kv, hd, o: any) => {
       checkHeadDim(hd);
-      dev.withTemp([4 * b * h * t], ([lse]) => dev.blocks('attention_fwd', attentionJobs(b * h, t, hd), [q, kk, v, mask, scale, b, t, tk, h, kv, hd, o, lse], ATTENTION_BLOCK));
+      dev.withTemp([8 * b * h * t], ([stat]) => dev.blocks('attention_fwd', attentionJobs(b * h, t, hd), [q, kk, v, mask, scale, b, t, tk, h, kv, hd, o, stat], ATTENTION_BLOCK));
     },
-    // The forward pass again for o and the log-sum-exps (the forward kernel keeps none), then
+    // The forward pass again for o and each row's max and log Σ exp (the forward op keeps none), then
     // the flash-style backward pass; with grouped heads, dk and dv per query head first, summed
     // over each group after (kernels.cu: no atomics).
     attentionGrad: (q: any, kk: any, v: any, mask: any, scale, b, t, tk, h, kv, hd, dout: any, dq: any, dk: any, dv: any) => {
       checkHeadDim(hd);
       const g = h / kv;
       const perHead = g > 1 ? 4 * b * tk * h * hd : 0;
-      dev.withTemp([4 * b * t * h * hd, 4 * b * h * t, 4 * b * h * t, perHead, perHead], ([o, lse, delta, pk, pv]) => {
+      dev.withTemp([4 * b * t * h * hd, 8 * b * h * t, 4 * b * h * t, perHead, perHead], ([o, stat, delta, pk, pv]) => {
         const queryJobs = attentionJobs(b * h, t, hd);
-        dev.blocks('attention_fwd', queryJobs, [q, kk, v, mask, scale, b, t, tk, h, kv, hd, o, lse], ATTENTION_BLOCK);
+        dev.blocks('attention_fwd', queryJobs, [q, kk, v, mask, scale, b, t, tk, h, kv, hd, o, stat], ATTENTION_BLOCK);
         dev.warps('attention_bwd_delta', b * h * t, [o, dout, b, t, h, hd, delta]);
-        dev.blocks('attention_bwd_dq', queryJobs, [q, kk, v, mask, dout, lse, delta, scale, b, t, tk, h, kv, hd, dq], ATTENTION_BLOCK);
-        dev.blocks('attention_bwd_dkdv', attentionJobs(b * h, tk, hd), [q, kk, v, mask, dout, lse, delta, scale, b, t, tk, h, kv, hd, g > 1 ? pk : dk, g > 1 ? pv : dv], ATTENTION_BLOCK);
+        dev.blocks('attention_bwd_dq', queryJobs, [q, kk, v, mask, dout, stat, delta, scale, b, t, tk, h, kv, hd, dq], ATTENTION_BLOCK);
+        dev.blocks('attention_bwd_dkdv', attentionJobs(b * h, tk, hd), [q, kk, v, mask, dout, stat, delta, scale, b, t, tk, h, kv, hd, g > 1 ? pk : dk, g > 1 ? pv : dv], ATTENTION_BLOCK);
         if (g > 1) {
           dev.each('head_group_sum', b * tk * kv * hd, [pk, b * tk, kv, g, hd, dk]);
           dev.each('head_group_sum', b * tk * kv * hd, [pv, b * tk, kv, g, hd, dv]);
