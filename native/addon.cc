@@ -215,11 +215,10 @@ napi_value FirstNonFinite(napi_env env, napi_callback_info info) {
 napi_value DropoutAlea(napi_env env, napi_callback_info info) {
   Args a(env, info, 9, "dropoutAlea");
   int64_t n = a.num(1);
-  const float* x = a.f32_or_null(0, n, "x");  // null x and y: the mask's bits alone (a device applies them)
+  const float* x = a.f32(0, n, "x");
   double s0 = a.real(2), s1 = a.real(3), s2 = a.real(4), c = a.real(5);
   float keep = static_cast<float>(a.real(6));
-  float* y = a.f32_or_null(7, n, "y");
-  a.require((x == nullptr) == (y == nullptr), "x and y are both given or both null");
+  float* y = a.f32(7, n, "y");
   uint32_t* bits = a.u32_or_null(8, (n + 31) / 32, "bits");
   if (a.ok()) dropout_alea(x, n, s0, s1, s2, c, keep, y, bits);
   return nullptr;

@@ -356,7 +356,7 @@ void dropout_alea(const float* x, int64_t n, double s0, double s1, double s2, do
     for (int64_t i = i0; i < i1; i++) {
       const float u = alea::draw(w);
       const bool kept = std::floor(u + keep) != 0.f;
-      if (y) y[i] = kept ? x[i] * scale : x[i] * 0.f;
+      y[i] = kept ? x[i] * scale : x[i] * 0.f;
       if (bits && kept) bits[i >> 5] |= 1u << (i & 31);
     }
   });

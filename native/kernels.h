@@ -117,7 +117,6 @@ void split_qkv(float* qkv, int64_t N, int64_t KV, int64_t G, int64_t hd, float* 
 // float32, on every thread: each jumps ahead in the generator to its part (alea is a
 // congruential generator in disguise, fused.cc). With bits, also writes
 // which elements were kept (bit i of bits[i / 32]), for dropout_bits to apply the same mask again.
-// x and y may both be null: the bits alone, for a device that applies them (the cuda backend).
 void dropout_alea(const float* x, int64_t n, double s0, double s1, double s2, double c, float keep, float* y, uint32_t* bits = nullptr);
 // The alea state's multipliers for jumps of 0, step, 2·step, … draws (count of them; each a
 // 117-bit number as two 64-bit words, low first): what a device drawing a mask in chunks of step

@@ -219,7 +219,6 @@ __global__ void label_logprobs_grad(const float* x, i64 V, const int* y, const f
 // Any block size that is a multiple of 32 works: a block takes jobs (b, head, tile of rows) in
 // turn, every thread the same number of rounds and barriers (rows past the end are computed on
 // the last row and not written), as the emulation's block-wide shuffles need.
-#define PREFOPT_MAX_HD 256
 #define PREFOPT_ATT_TILE 4096  // floats of shared memory per staged operand
 #ifdef __CUDA_ARCH__
 #define PREFOPT_UNROLL _Pragma("unroll")

@@ -222,12 +222,15 @@ export function cudaFused(dev: CudaDevice, jumps: AleaJumps): FusedAddon {
       const host = new Int32Array(n);
       dev.download(ids, host);
       const g = rowsById(host, v);
+      const u = g.ids.length;
+      const packed = new Int32Array(u + g.starts.length + g.rows.length); // one upload: ids, starts, rows
+      packed.set(g.ids);
+      packed.set(g.starts, u);
+      packed.set(g.rows, u + g.starts.length);
       dev.fill(dtable, v * d, 0);
-      dev.withTemp([4 * g.ids.length, 4 * g.starts.length, 4 * g.rows.length], ([ia, sa, ra]) => {
-        dev.upload(ia, g.ids);
-        dev.upload(sa, g.starts);
-        dev.upload(ra, g.rows);
-        dev.each('embed_grad', g.ids.length * d, [ia, sa, ra, g.ids.length, dy, d, dtable]);
+      dev.withTemp([4 * packed.length], ([p]) => {
+        dev.upload(p, packed);
+        dev.each('embed_grad', u * d, [p, p + 4 * u, p + 4 * (u + g.starts.length), u, dy, d, dtable]);
       });
     },
   };
@@ -266,7 +269,7 @@ export function attentionJobs(heads: number, rows: number, hd: number): number {
 }
 
 function checkHeadDim(hd: number): void {
-  // kernels.cu's attention keeps a head's row in registers (PREFOPT_MAX_HD).
+  // kernels.cu's attention holds a row in at most 8 threads of 32 dimensions each (attn_group).
   if (hd > 256) throw new Error(`cuda backend: attention supports head_dim up to 256, not ${hd}`);
 }
 

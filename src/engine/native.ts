@@ -32,7 +32,6 @@ interface Addon extends FusedAddon {
   poolStats(): PoolStats;
   trimPool(): void;
   probeCuda(driver: string[], cublasLt: string[], nvrtc: string[]): CudaProbeResult;
-  dropoutAlea(x: Float32Array | null, n: number, s0: number, s1: number, s2: number, c: number, keep: number, y: Float32Array | null, bits: Uint32Array | null): void;
   /** The alea multipliers of jumps of 0, step, 2·step, … draws (count; two words each, low first). */
   aleaJumps(step: number, count: number, out: BigUint64Array): void;
 }
@@ -167,16 +166,9 @@ export function nativeAllocator(): NativeAllocator | null {
   return loadNative().active && addon ? { alloc: (n) => addon!.alloc(n), free: (b) => addon!.free(b), nativeBytes: () => addon!.nativeBytes(), poolStats: () => addon!.poolStats(), trimPool: () => addon!.trimPool() } : null;
 }
 
-/** One operation's profile: how many, their seconds, their flops (products) or bytes (copies). */
-export interface ProfileTiming {
-  count: number;
-  seconds: number;
-  work: number;
-}
-
-/** The addon's CUDA device functions and its host dropout mask, or null where the addon is not loaded. */
-export function cudaAddon(): (CudaAddon & Pick<Addon, 'dropoutAlea' | 'aleaJumps'>) | null {
-  return loadNative().active && addon ? (addon as unknown as CudaAddon & Pick<Addon, 'dropoutAlea' | 'aleaJumps'>) : null;
+/** The addon's CUDA device functions and the alea jumps its dropout masks start from, or null where the addon is not loaded. */
+export function cudaAddon(): (CudaAddon & Pick<Addon, 'aleaJumps'>) | null {
+  return loadNative().active && addon ? (addon as unknown as CudaAddon & Pick<Addon, 'aleaJumps'>) : null;
 }
 
 /** Open the CUDA libraries from these candidates (engine/cuda); null with the reason where the addon is not loaded. */
