@@ -13,7 +13,9 @@
  * One JSON line per result. PREFOPT_CUDA_BF16=0 PREFOPT_CUDA_TF32=0 makes the device's products
  * exact float32 (the comparison's tolerance is then float32's); by default the bf16 weights'
  * products run in bf16 and the rest in TF32 (tolerance a few 1e-2).
- * PREFOPT_CUDA_DEVICE=emulate runs it all without a GPU (slowly): the script's own test.
+ * PREFOPT_CUDA_DEVICE=emulate runs it all without a GPU (slowly): the script's own test;
+ * PREFOPT_CUDA_DEVICE=dry issues every kernel and product without running them: `time` then gives
+ * the host floor, what a step costs before any device work.
  *   node dist/bench/cuda-check.js [report|compare|time|profile] [--layers N] [--tiny]   (report: what `doctor` says of CUDA)
  * --tiny: the same jobs on a model of Qwen2's layout a thousand times smaller and 32-token rows,
  * which the emulation runs in seconds (test/cuda-check.test.ts runs every mode so).

@@ -60,7 +60,7 @@ napi_value number(napi_env env, double x) {
   return v;
 }
 
-// cudaOpen(mode 'emulate' | 'gpu', driver[], cublasLt[], nvrtc[], source, tf32, cacheDir) → the
+// cudaOpen(mode 'emulate' | 'dry' | 'gpu', driver[], cublasLt[], nvrtc[], source, tf32, cacheDir) → the
 // device's name; throws with the reason it cannot open.
 napi_value Open(napi_env env, napi_callback_info info) {
   Args a(env, info, 1, "cudaOpen");
@@ -68,7 +68,7 @@ napi_value Open(napi_env env, napi_callback_info info) {
   if (!a.ok()) return nullptr;
   if (!g_device) {
     std::string why;
-    if (mode == "emulate") g_device = cuda::open_emulated();
+    if (mode == "emulate" || mode == "dry") g_device = cuda::open_emulated(mode == "dry");
     else {
       const auto driver = a.strs(1, "driver"), lt = a.strs(2, "cublasLt"), rtc = a.strs(3, "nvrtc");
       const std::string source = a.str(4), cache = a.str(6);

@@ -63,7 +63,8 @@ namespace {
 // ---- the emulated device -----------------------------------------------------------------------
 class Emulated : public Device {
  public:
-  std::string name() const override { return "host emulation"; }
+  explicit Emulated(bool dry) : dry_(dry) {}
+  std::string name() const override { return dry_ ? "host emulation, kernels not run" : "host emulation"; }
   unsigned max_grid() const override { return 1; }  // one block's threads stride over everything
   bool raw_alloc(size_t n, uint64_t* out) override {
     void* p = std::aligned_alloc(256, (n + 255) / 256 * 256);
@@ -75,11 +76,12 @@ class Emulated : public Device {
   bool download(void* dst, uint64_t src, size_t n) override { return std::memcpy(dst, ptr(src), n), true; }
   bool copy(uint64_t dst, uint64_t src, size_t n) override { return std::memmove(ptr(dst), ptr(src), n), true; }
   bool launch(const KernelInfo& k, unsigned grid, unsigned block, void** args) override {
-    k.emulate(grid, block, args);
+    if (!dry_) k.emulate(grid, block, args);
     return true;
   }
   // The addon's own product (exact float32, as cuBLASLt's CUBLAS_COMPUTE_32F), then alpha and beta.
   bool gemm(const Gemm& g) override {
+    if (dry_) return true;
     std::vector<float> t((size_t)(g.batch * g.m * g.n)), wa, wb;
     const float* a = operand(g.a, g.adt, g.sa, g.batch, g.m * g.k, wa);
     const float* b = operand(g.b, g.bdt, g.sb, g.batch, g.k * g.n, wb);
@@ -95,6 +97,7 @@ class Emulated : public Device {
   void memory(size_t* free_bytes, size_t* total_bytes) override { *free_bytes = *total_bytes = 0; }
 
  private:
+  bool dry_;
   static void* ptr(uint64_t p) { return reinterpret_cast<void*>(p); }
   static float* f(uint64_t p) { return reinterpret_cast<float*>(p); }
   // A product's operand as float32: itself, or its bf16 values widened (exact) into `keep`.
@@ -403,7 +406,7 @@ class Gpu : public Device {
 
 }  // namespace
 
-std::unique_ptr<Device> open_emulated() { return std::make_unique<Emulated>(); }
+std::unique_ptr<Device> open_emulated(bool dry) { return std::make_unique<Emulated>(dry); }
 
 std::unique_ptr<Device> open_gpu(const std::vector<std::string>& driver, const std::vector<std::string>& cublas_lt, const std::vector<std::string>& nvrtc, const std::string& source,
                                  bool tf32, const std::string& cache_dir, std::string* why) {

@@ -61,7 +61,9 @@ class Device {
   std::string error;
 };
 
-std::unique_ptr<Device> open_emulated();
+// dry: launches and products are issued but do nothing (copies still happen) — what the host
+// alone spends issuing work, the floor under a GPU's time for the same work.
+std::unique_ptr<Device> open_emulated(bool dry = false);
 // The first library of each list that loads; null with *why saying what is missing or failed.
 // cache_dir (may be empty: none) keeps the compiled kernels between processes.
 std::unique_ptr<Device> open_gpu(const std::vector<std::string>& driver, const std::vector<std::string>& cublas_lt, const std::vector<std::string>& nvrtc, const std::string& source,

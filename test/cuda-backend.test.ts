@@ -106,7 +106,7 @@ describe("the GPU check's node part (bench/cuda-check.ts) on the emulated device
     expect(def.worst_grad_rel).toBeGreaterThan(exact.worst_grad_rel);
   }, 120_000);
 
-  it('time and profile: tokens/s and device peak per job; the profile accounts every operation of a step (attention twice per layer, products with their flops)', () => {
+  it('time and profile: tokens/s and device peak per job; the profile accounts every operation of a step (attention twice per layer, products with their flops); the dry device issues the same operations without running them', () => {
     if (!native.active) return;
     const times = run('time');
     expect(times.map((t) => t.job)).toEqual(['lora_dpo', 'logprobs']);
@@ -131,6 +131,13 @@ describe("the GPU check's node part (bench/cuda-check.ts) on the emulated device
     expect(Math.abs(gemm.tflops / ((2 * m * n * k * gemm.count) / (gemm.ms / 1000) / 1e12) - 1)).toBeLessThan(0.01);
     expect(ops.some((o) => o.key.startsWith('host '))).toBe(true);
     expect(byKey.get('upload')?.gb_per_s).toBeGreaterThan(0);
+    // The dry device (the host floor's) issues the very same operations, none of them run.
+    const [dryHead, ...dryOps] = run('profile', { PREFOPT_CUDA_DEVICE: 'dry' });
+    expect(dryHead).toMatchObject({ device: 'host emulation, kernels not run', operations: head.operations });
+    const counts = (list: any[]) => Object.fromEntries(list.map((o) => [o.key, o.count]));
+    expect(counts(dryOps)).toEqual(counts(ops));
+    const kernelMs = (list: any[]) => list.filter((o) => o.key === 'attention_fwd' || o.key.startsWith('gemm')).reduce((s, o) => s + o.ms, 0);
+    expect(kernelMs(dryOps)).toBeLessThan(kernelMs(ops) / 5);
   }, 120_000);
 });
 

@@ -2,7 +2,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { packageRoot } from '../util/package-root.js';
 import { CudaAddon, ProfileTiming, cudaAddon } from './native.js';
-import { cudaEmulated, kernelCachePath } from './cuda.js';
+import { cudaEmulation, kernelCachePath } from './cuda.js';
 import { envOff } from '../util/env.js';
 
 /**
@@ -144,14 +144,15 @@ export function openedCudaDevice(): CudaDevice | null {
 }
 
 /**
- * Open the device (once per process): the host emulation when PREFOPT_CUDA_DEVICE=emulate, else
+ * Open the device (once per process): the host emulation when PREFOPT_CUDA_DEVICE=emulate (or dry), else
  * the GPU with the libraries engine/cuda found. Throws with the reason it cannot.
  */
 export function openCudaDevice(libs: { driver: string[]; cublasLt: string[]; nvrtc: string[] } | null): CudaDevice {
   if (device) return device;
   const addon = cudaAddon();
   if (!addon) throw new Error('the native addon is not loaded; it is what drives the CUDA device');
-  if (cudaEmulated()) return (device = new CudaDevice(addon, addon.cudaOpen('emulate'), true));
+  const emulation = cudaEmulation();
+  if (emulation) return (device = new CudaDevice(addon, addon.cudaOpen(emulation), true));
   if (!libs) throw new Error('no CUDA libraries');
   const source = fs.readFileSync(path.join(packageRoot(), 'native', 'cuda', 'kernels.cu'), 'utf8');
   // TF32 tensor-core products unless PREFOPT_CUDA_TF32=0 asks for exact float32 ones.

@@ -14,10 +14,17 @@ import { cudaProbe, CudaLib, CudaProbeResult } from './native.js';
  */
 export type CudaState = 'unavailable' | 'available' | 'emulated';
 
-/** PREFOPT_CUDA_DEVICE=emulate: the backend's device emulated on the host (tests, no GPU needed). */
-export function cudaEmulated(env: NodeJS.ProcessEnv = process.env): boolean {
-  return (env.PREFOPT_CUDA_DEVICE ?? '').toLowerCase() === 'emulate';
+/**
+ * PREFOPT_CUDA_DEVICE=emulate: the backend's device emulated on the host (tests, no GPU needed);
+ * =dry: the same device with its kernels and products not run — a step's host side alone
+ * (bench/cuda-check.ts's host floor); null: the GPU.
+ */
+export function cudaEmulation(env: NodeJS.ProcessEnv = process.env): 'emulate' | 'dry' | null {
+  const v = (env.PREFOPT_CUDA_DEVICE ?? '').toLowerCase();
+  return v === 'emulate' || v === 'dry' ? v : null;
 }
+
+export const cudaEmulated = (env: NodeJS.ProcessEnv = process.env): boolean => cudaEmulation(env) !== null;
 
 export interface CudaReport {
   state: CudaState;
@@ -101,7 +108,12 @@ export function cudaReportOf(p: CudaProbeResult | null, searched: string[], addo
 }
 
 export function cudaReport(): CudaReport {
-  if (cudaEmulated()) return { state: 'emulated', reason: 'PREFOPT_CUDA_DEVICE=emulate: the CUDA backend runs on the host (kernels.cu compiled for the CPU, the addon\'s GEMM)', driver: null, devices: [], cublasLt: null, nvrtc: null, searched: [], kernel_cache: '' };
+  const emulation = cudaEmulation();
+  const emulatedHow = {
+    emulate: "PREFOPT_CUDA_DEVICE=emulate: the CUDA backend runs on the host (kernels.cu compiled for the CPU, the addon's GEMM)",
+    dry: "PREFOPT_CUDA_DEVICE=dry: the CUDA backend on the host with its kernels and products not run (results meaningless; what it times is the host's own work)",
+  };
+  if (emulation) return { state: 'emulated', reason: emulatedHow[emulation], driver: null, devices: [], cublasLt: null, nvrtc: null, searched: [], kernel_cache: '' };
   const dirs = cudaSearchDirs();
   const probe = cudaProbe(candidates(CUDA_LIBS.driver, dirs), candidates(CUDA_LIBS.cublasLt, dirs), candidates(CUDA_LIBS.nvrtc, dirs));
   return cudaReportOf(probe.result, dirs, probe.reason);

@@ -45,7 +45,7 @@ export interface ProfileTiming {
 
 /** The addon's CUDA device (native/cuda_addon.cc): addresses are numbers, sizes in bytes. */
 export interface CudaAddon {
-  cudaOpen(mode: 'emulate' | 'gpu', driver?: string[], cublasLt?: string[], nvrtc?: string[], source?: string, tf32?: boolean, cacheDir?: string): { name: string; maxGrid: number };
+  cudaOpen(mode: 'emulate' | 'dry' | 'gpu', driver?: string[], cublasLt?: string[], nvrtc?: string[], source?: string, tf32?: boolean, cacheDir?: string): { name: string; maxGrid: number };
   cudaAlloc(bytes: number): number;
   cudaFree(addr: number): boolean;
   cudaUpload(addr: number, src: ArrayBufferView): void;
