@@ -16,7 +16,7 @@
  * PREFOPT_CUDA_DEVICE=emulate runs it all without a GPU (slowly): the script's own test;
  * PREFOPT_CUDA_DEVICE=dry issues every kernel and product without running them: `time` then gives
  * the host floor, what a step costs before any device work.
- *   node dist/bench/cuda-check.js [report|compare|time|profile] [--layers N] [--tiny]   (report: what `doctor` says of CUDA)
+ *   node dist/bench/cuda-check.js [report|compare|time|profile] [--layers N] [--tiny] [--reps N]   (report: what `doctor` says of CUDA)
  * --tiny: the same jobs on a model of Qwen2's layout a thousand times smaller and 32-token rows,
  * which the emulation runs in seconds (test/cuda-check.test.ts runs every mode so).
  */
@@ -45,6 +45,10 @@ const shape = tiny
   ? { ...QWEN05_SHAPE, hidden_size: 64, intermediate_size: 160, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 16, vocab_size: 512 }
   : QWEN05_SHAPE;
 const layers = Number(arg('--layers') ?? shape.num_hidden_layers);
+// Timed calls per figure, the fastest kept (bench/steps: timeIt). A step's host side (tfjs's
+// dispatch and tape) reaches its speed only after V8 has compiled it: over its first few calls
+// the dry device's 0.5B step went from 62 to 35 ms here.
+const reps = Number(arg('--reps') ?? 10);
 /** The jobs' rows: n of the real-size bench's length (32 tokens with --tiny), scored after the prompt. */
 const rows = (n: number) => (tiny ? benchRows(n, 8, shape.vocab_size, 32) : benchRows(n, PROMPT));
 const tf32 = !envOff('PREFOPT_CUDA_TF32');
@@ -131,7 +135,7 @@ async function time(): Promise<void> {
       tokens = sb.batch * sb.len;
       f = () => void tf.tidy(() => sequenceLogps(model, sb)).dataSync();
     }
-    const s = timeIt(f, 3);
+    const s = timeIt(f, reps);
     say({ step: 'cuda_time', job, device: dev.cudaOpen('gpu').name, tf32, bf16, layers, tokens_per_s: +(tokens / s).toFixed(1), seconds: +s.toFixed(4), peak_device_bytes: dev.cudaStats().peak });
   }
 }
@@ -143,7 +147,7 @@ async function profile(): Promise<void> {
   const model = Decoder.fromHF(cfg, (n) => w.get(n)!, false);
   const pb = rows(8);
   const step = loraDpoStepOf(model, pb, { dropout: 0.05, cachedReference: true }).step;
-  const seconds = timeIt(step, 1);
+  const seconds = timeIt(step, reps);
   dev.profile(true);
   const t0 = performance.now();
   step();

@@ -9,6 +9,7 @@ import { NativeReport, loadNative, nativeAllocator, registerNativeKernels } from
 import { NATIVE_BACKEND, registerNativeBackend } from './native-backend.js';
 import { registerZeroCopyKernels } from './wasm.js';
 import { cudaReport, cudaEmulated } from './cuda.js';
+import { installGradients } from './gradients.js';
 import { openCudaDevice } from './cuda-device.js';
 import { CUDA_BACKEND, registerCudaBackend } from './cuda-backend.js';
 import { registerCudaGlue } from './cuda-glue.js';
@@ -47,6 +48,7 @@ async function loadGradients(): Promise<void> {
   const f = path.join(packageRoot(), 'vendor', 'tfjs-gradients.js');
   if (!fs.existsSync(f)) throw new UserError(`${f} is missing: run "npm run build"`);
   await import(pathToFileURL(f).href);
+  installGradients();
   gradientsLoaded = true;
 }
 
