@@ -8,6 +8,8 @@ import { completionLogprobs } from '../src/infer/logprobs.js';
 import { referenceLogits, logSoftmax } from './helpers/reference.js';
 import { ARCH_SPECS, makeTestModel } from './helpers/models.js';
 import { ropeTables } from '../src/model/rope.js';
+import { MASKED, attentionMask } from '../src/model/mask.js';
+import { Rng } from '../src/util/rng.js';
 
 function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
   let m = 0;
@@ -172,5 +174,30 @@ describe('rotary tables', () => {
         expect(sin[i * d + j], `row ${i} sin ${j}`).toBe(Math.fround(Math.sin(a)));
       }
     });
+  });
+});
+
+describe('attention masks', () => {
+  it('equal the rule written out per entry (causal, padding, packed segments, a sliding window, queries after a cache), on random specs', () => {
+    const rng = new Rng(12);
+    for (let trial = 0; trial < 60; trial++) {
+      const B = 1 + rng.int(3);
+      const Tk = 1 + rng.int(12);
+      const T = 1 + rng.int(Tk);
+      const keyValid = rng.next() < 0.6 ? Array.from({ length: B * Tk }, () => (rng.next() < 0.8 ? 1 : 0)) : undefined;
+      const segments = rng.next() < 0.4 ? Array.from({ length: B * Tk }, () => rng.int(3)) : undefined;
+      const window = rng.next() < 0.4 ? 1 + rng.int(5) : undefined;
+      const got = attentionMask({ batch: B, queryLen: T, keyLen: Tk, keyValid, segments, window });
+      let masked = 0;
+      for (let b = 0; b < B; b++)
+        for (let t = 0; t < T; t++)
+          for (let j = 0; j < Tk; j++) {
+            const qi = Tk - T + t;
+            const seen = j <= qi && (window === undefined || qi - j < window) && (!keyValid || keyValid[b * Tk + j] === 1) && (!segments || segments[b * Tk + j] === segments[b * Tk + qi]);
+            expect(got[(b * T + t) * Tk + j], `trial ${trial} (${b}, ${t}, ${j})`).toBe(seen ? 0 : MASKED);
+            masked += seen ? 0 : 1;
+          }
+      if (trial === 0) expect(masked).toBeGreaterThan(0);
+    }
   });
 });

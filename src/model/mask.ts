@@ -20,18 +20,21 @@ export interface MaskSpec {
 }
 
 export function attentionMask(s: MaskSpec): Float32Array {
-  const { batch: B, queryLen: T, keyLen: Tk } = s;
+  const { batch: B, queryLen: T, keyLen: Tk, keyValid, segments, window } = s;
   const out = new Float32Array(B * T * Tk);
   const off = Tk - T;
   for (let b = 0; b < B; b++) {
     for (let t = 0; t < T; t++) {
       const qi = off + t;
       const row = (b * T + t) * Tk;
-      for (let j = 0; j < Tk; j++) {
-        let ok = j <= qi && (s.window === undefined || qi - j < s.window);
-        if (ok && s.keyValid) ok = s.keyValid[b * Tk + j] !== 0;
-        if (ok && s.segments) ok = s.segments[b * Tk + j] === s.segments[b * Tk + qi];
-        if (!ok) out[row + j] = MASKED;
+      // Causality and the window bound a row to the keys lo..qi; only those need a look.
+      const lo = window === undefined ? 0 : Math.max(0, qi - window + 1);
+      out.fill(MASKED, row, row + lo);
+      out.fill(MASKED, row + qi + 1, row + Tk);
+      if (!keyValid && !segments) continue;
+      const seg = segments ? segments[b * Tk + qi] : 0;
+      for (let j = lo; j <= qi; j++) {
+        if ((keyValid && keyValid[b * Tk + j] === 0) || (segments && segments[b * Tk + j] !== seg)) out[row + j] = MASKED;
       }
     }
   }
