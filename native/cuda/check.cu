@@ -14,6 +14,7 @@
 #endif
 
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -284,6 +285,22 @@ void check_adamw(Rand& rnd) {
     cpu[i] = next - p[i] * decay;
   }
   report("adamw", host(dp, n), want, 1e-5, &cpu);
+  // The same update as three tensors of one adamw_many launch (4096-element chunks: 8, 1 and 9
+  // of them), its table as the host builds it (engine/cuda-fused: adamwMany).
+  float *mp = dev(p), *mg = dev(g), *mm = dev(m), *mv = dev(v);
+  const long long sizes[3] = {30000, 1, 35536};
+  std::vector<long long> tab;
+  long long at = 0, chunks = 0;
+  u32 decay_bits;
+  std::memcpy(&decay_bits, &decay, 4);
+  for (long long size : sizes) {
+    for (float* base : {mp, mg, mm, mv}) tab.push_back((long long)(uintptr_t)(base + at));
+    tab.insert(tab.end(), {size, chunks, (long long)decay_bits});
+    at += size;
+    chunks += (size + 4095) / 4096;
+  }
+  LAUNCH(adamw_many, 7, 256)(dev(tab), 3, chunks, gs, b1, 1 - b1, b2, 1 - b2, sqrt_bc2, eps, step);
+  report("adamw_many", host(mp, n), want, 1e-5, &cpu);
 }
 
 void check_widen(Rand& rnd) {
