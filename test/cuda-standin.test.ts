@@ -85,6 +85,32 @@ describe('GPU memory, checked before a job starts', () => {
   }, 120_000);
 });
 
+describe('gradient checkpointing on a GPU', () => {
+  it('auto checkpoints the layers only when the job would not fit the device without it (the host keeps its rule); on and off are taken as asked', async () => {
+    if (!libs) return;
+    // 16 layers of width 32: each layer's activations are 4.5 times the residual stream
+    // checkpointing keeps, so at 32 pairs of 256 tokens the job fits the stand-in's 512 MiB only
+    // with checkpointing, and at 8 pairs without it too.
+    const f = await onlineFixture(16);
+    const data = path.join(f.d, 'pairs.jsonl');
+    fs.writeFileSync(data, JSON.stringify({ prompt: 'What is 1 plus 2?', chosen: 'The answer is 3.', rejected: 'no' }) + '\n');
+    const run = (backend: string, pairs: number, mode: string) => {
+      const out = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'ck-')), 'o');
+      const r = prefopt(['--json', '--backend', backend, 'dpo', '--model', f.base, '--data', data, '--out', out, '--max-steps', '1', '--batch-size', String(pairs), '--max-length', '256', '--gradient-checkpointing', mode], { env: { PREFOPT_CUDA_LIBS: libs } });
+      const events = r.stderr.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l));
+      return { code: r.code, checkpointing: events.find((e) => e.event === 'train-start')?.gradient_checkpointing, stderr: r.stderr };
+    };
+    expect(run('cuda', 32, 'auto')).toMatchObject({ code: 0, checkpointing: 'on' });
+    const off = run('cuda', 32, 'off');
+    expect(off.code).toBe(2);
+    expect(off.stderr).toMatch(/of GPU memory, more than the 0\.50 GiB free on the device/);
+    expect(run('cuda', 8, 'auto')).toMatchObject({ code: 0, checkpointing: 'off' });
+    expect(run('cuda', 8, 'on')).toMatchObject({ code: 0, checkpointing: 'on' });
+    // The host: auto is on from 100M parameters, so off for this model whatever the batch.
+    expect(run('native', 32, 'auto')).toMatchObject({ code: 0, checkpointing: 'off' });
+  }, 300_000);
+});
+
 describe('compiled kernels kept between processes', () => {
   it('the second process loads the cached CUBIN instead of compiling; a damaged file is rebuilt; an empty PREFOPT_CUDA_CACHE keeps none', () => {
     if (!libs) return;

@@ -164,13 +164,18 @@ export function describeEstimate(e: MemoryEstimate): string {
  * `job` gets the config (its max_position_embeddings caps the length) and gives the shape.
  */
 export function checkJobFits(dir: string, what: string, job: (cfg: ModelConfig) => JobShape): void {
-  const cfg = loadConfig(dir);
-  const asked = job(cfg);
-  const b = budgetFor(dir);
-  const e = counted(estimateMemory(cfg, { ...asked, len: Math.min(asked.len, cfg.max_position_embeddings), halfWeights: b.halfWeights }), b);
+  const { e, b } = estimateFor(dir, job);
   if (!b.device) return assertFits(e, what);
   if (e.total > b.bytes)
     throw new UserError(`${what} needs about ${describeEstimate(e)} of GPU memory, more than the ${gib(b.bytes)} ${b.source}; lower --batch-size or --max-length, or turn on --gradient-checkpointing`);
+}
+
+/** The estimate of a job on the checkpoint in `dir` (as checkJobFits takes it) and the budget it is held to. */
+function estimateFor(dir: string, job: (cfg: ModelConfig) => JobShape): { e: MemoryEstimate; b: ReturnType<typeof budgetFor> } {
+  const cfg = loadConfig(dir);
+  const asked = job(cfg);
+  const b = budgetFor(dir);
+  return { e: counted(estimateMemory(cfg, { ...asked, len: Math.min(asked.len, cfg.max_position_embeddings), halfWeights: b.halfWeights }), b), b };
 }
 
 /**
@@ -202,21 +207,22 @@ export interface JobReport {
 
 /**
  * `prefopt doctor --model`: the estimates for the jobs people run on a checkpoint — log-probs,
- * LoRA DPO (rank r on every linear layer, `pairs` pairs a step) and full SFT — at the default
- * checkpointing, against the budget a job there is held to (budgetFor: the GPU's on cuda).
+ * LoRA DPO (rank r on every linear layer, `pairs` pairs a step) and full SFT — with checkpointing
+ * as `auto` decides it, against the budget a job there is held to (budgetFor: the GPU's on cuda).
  */
 export function jobReports(dir: string, o: { pairs: number; maxLength: number; loraR: number }): { params: number; limit: number; limitSource: string; halfWeights: boolean; jobs: JobReport[] } {
   const cfg = loadConfig(dir);
   const P = paramCount(cfg);
   const len = Math.min(o.maxLength, cfg.max_position_embeddings);
-  const ck = checkpointingOn('auto', P);
   const linears = [...new Set([...expectedShapes(cfg).keys()].map(linearKind).filter((m): m is string => !!m))];
   const lim = budgetFor(dir);
   const halfWeights = lim.halfWeights;
+  // Checkpointing as `auto` resolves it for each job (checkTrainingFits).
+  const auto = (s: JobShape): JobShape => ({ ...s, checkpointing: lim.device ? counted(estimateMemory(cfg, s), lim).total > lim.bytes : checkpointingOn('auto', P) });
   const jobs: [string, JobShape][] = [
     ['logprobs', { kind: 'logprobs', rows: 2 * o.pairs, len, halfWeights }],
-    [`lora dpo (r ${o.loraR}, ${linears.join(',')})`, { kind: 'lora', rows: 2 * o.pairs, len, checkpointing: ck, lora: { r: o.loraR, targets: linears }, halfWeights }],
-    ['full sft', { kind: 'full', rows: o.pairs, len, checkpointing: ck }],
+    [`lora dpo (r ${o.loraR}, ${linears.join(',')})`, auto({ kind: 'lora', rows: 2 * o.pairs, len, lora: { r: o.loraR, targets: linears }, halfWeights })],
+    ['full sft', auto({ kind: 'full', rows: o.pairs, len })],
   ];
   return {
     params: P,
@@ -231,19 +237,30 @@ export function jobReports(dir: string, o: { pairs: number; maxLength: number; l
 }
 
 /**
- * checkJobFits for a training stage, with the settings the stage will run under: checkpointing as
- * the trainer decides it from train.gradientCheckpointing, and LoRA's targets as the adapter
- * resolves them (none given: the architecture's defaults).
+ * checkJobFits for a training stage, with the settings the stage will run under, and the
+ * checkpointing it runs with (what the stage hands its trainer): `on` or `off` as asked; `auto`
+ * on the host from CHECKPOINT_AUTO_PARAMS (train/trainer: the host's memory is everything else's
+ * too), on a GPU only when the job would not fit the device without it — recomputing every layer
+ * costs a third more forward compute, for memory a GPU job does not need. LoRA's targets as the
+ * adapter resolves them (none given: the architecture's defaults).
  */
-export function checkTrainingFits(dir: string, what: string, o: { rows: number; len: number; train: TrainConfig; lora: LoraConfig | null }): void {
-  checkJobFits(dir, what, (cfg) => ({
+export function checkTrainingFits(dir: string, what: string, o: { rows: number; len: number; train: TrainConfig; lora: LoraConfig | null }): boolean {
+  const job = (checkpointing: boolean) => (cfg: ModelConfig): JobShape => ({
     kind: o.lora ? 'lora' : 'full',
     rows: o.rows,
     len: o.len,
-    checkpointing: checkpointingOn(o.train.gradientCheckpointing, paramCount(cfg)),
+    checkpointing,
     lora: o.lora ? { r: o.lora.r, targets: o.lora.targets.length ? o.lora.targets : defaultTargets(cfg.arch) } : undefined,
     gradAccum: o.train.gradAccum,
-  }));
+  });
+  const mode = o.train.gradientCheckpointing;
+  let on = checkpointingOn(mode, paramCount(loadConfig(dir)));
+  if (mode === 'auto') {
+    const plain = estimateFor(dir, job(false));
+    if (plain.b.device) on = plain.e.total > plain.b.bytes;
+  }
+  checkJobFits(dir, what, job(on));
+  return on;
 }
 
 /** Stop before anything is loaded or written when the estimate is over the limit. */

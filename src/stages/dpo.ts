@@ -173,7 +173,7 @@ export function startAdapter(c: DpoConfig, policy: Policy): LoraAdapter {
 
 export async function runDpo(c: DpoConfig): Promise<DpoResult> {
   validateDpoParams(c.dpo);
-  checkTrainingFits(c.model, `dpo on ${c.model}`, { rows: 2 * c.batchSize, len: c.maxLength, train: c.train, lora: c.lora });
+  const checkpointed = checkTrainingFits(c.model, `dpo on ${c.model}`, { rows: 2 * c.batchSize, len: c.maxLength, train: c.train, lora: c.lora });
   const policy = openPolicy(c.model);
   const model = policy.model;
   const { pairs, evalPairs, skipped } = dpoPairs(c, policy);
@@ -229,7 +229,7 @@ export async function runDpo(c: DpoConfig): Promise<DpoResult> {
             }
           : undefined,
       },
-      c.train,
+      { ...c.train, gradientCheckpointing: checkpointed ? 'on' : 'off' },
       c.out,
     );
     const res = await trainer.fit({

@@ -94,7 +94,7 @@ export interface RmResult extends TrainResult {
 }
 
 export async function runRmTrain(c: RmConfig): Promise<RmResult> {
-  checkTrainingFits(c.model, `rm train on ${c.model}`, { rows: 2 * c.batchSize, len: c.maxLength, train: c.train, lora: c.lora });
+  const checkpointed = checkTrainingFits(c.model, `rm train on ${c.model}`, { rows: 2 * c.batchSize, len: c.maxLength, train: c.train, lora: c.lora });
   const policy = openPolicy(c.model, { trainable: !c.lora });
   const model = rewardModelFrom(policy.model, c.train.seed);
   const lim = { maxLength: Math.min(c.maxLength, model.cfg.max_position_embeddings), maxPromptLength: c.maxPromptLength, strict: c.strict };
@@ -140,7 +140,7 @@ export async function runRmTrain(c: RmConfig): Promise<RmResult> {
           }
         : undefined,
     },
-    c.train,
+    { ...c.train, gradientCheckpointing: checkpointed ? 'on' : 'off' },
     c.out,
   );
   try {

@@ -122,7 +122,7 @@ export interface SftResult extends TrainResult {
 }
 
 export async function runSft(c: SftConfig): Promise<SftResult> {
-  checkTrainingFits(c.model, `sft on ${c.model}`, { rows: c.batchSize, len: c.maxLen, train: c.train, lora: null });
+  const checkpointed = checkTrainingFits(c.model, `sft on ${c.model}`, { rows: c.batchSize, len: c.maxLen, train: c.train, lora: null });
   const policy = openPolicy(c.model, { trainable: true });
   const tok = needTokenizer(policy, 'SFT on conversations');
   const model = policy.model;
@@ -152,7 +152,7 @@ export async function runSft(c: SftConfig): Promise<SftResult> {
       tokens: (b) => validTokens(b),
       loss: (b) => ({ loss: sftLoss(model, b) }),
     },
-    c.train,
+    { ...c.train, gradientCheckpointing: checkpointed ? 'on' : 'off' },
     c.out,
   );
   try {

@@ -34,7 +34,7 @@ export const TRAIN_OPTIONS: TrainOption[] = [
     key: 'gradientCheckpointing',
     field: 'gradient_checkpointing',
     spec: schema.str([...CHECKPOINT_MODES]),
-    help: `${CHECKPOINT_MODES.join(' | ')}: recompute each layer in the backward pass instead of keeping its activations (auto: on from 100M parameters)`,
+    help: `${CHECKPOINT_MODES.join(' | ')}: recompute each layer in the backward pass instead of keeping its activations (auto: on from 100M parameters; on a GPU, only when the job would not fit without it)`,
   },
 ];
 

@@ -170,6 +170,7 @@ export class Trainer<B> {
     this.totalSteps = cfg.maxSteps > 0 ? cfg.maxSteps : perEpoch * cfg.epochs;
     this.opt = new AdamW(cfg, task.params);
     if (task.model) task.model.checkpointLayers = checkpointingOn(cfg.gradientCheckpointing, task.model.paramCount());
+    log('train-start', { steps: this.totalSteps, micro_batches: this.micro, gradient_checkpointing: task.model?.checkpointLayers ? 'on' : 'off' });
     this.metricsFile = path.join(workDir, 'metrics.jsonl');
     fs.mkdirSync(workDir, { recursive: true });
   }

@@ -6,11 +6,11 @@ import { parseConfig, presetConfig } from '../../src/model/config.js';
 import { saveModel } from '../../src/model/load.js';
 import { smallTokenizer } from './tokenizer.js';
 
-/** A tiny chat model with a real tokenizer, prompts with answers, and a deterministic module scorer. */
-export async function onlineFixture() {
+/** A tiny chat model (2 layers unless asked) with a real tokenizer, prompts with answers, and a deterministic module scorer. */
+export async function onlineFixture(layers = 2) {
   const d = fs.mkdtempSync(path.join(os.tmpdir(), 'prefopt-online-'));
   const { dir: tokDir, tok } = smallTokenizer(['What is 1 plus 2? The answer is 3.', 'Say yes or no. yes no maybe'], 300);
-  const raw = presetConfig('llama', { hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 256, rope_theta: 10000, tie_word_embeddings: true }, tok.vocabSize, { eos: tok.id('<eod>'), pad: tok.id('<pad>') });
+  const raw = presetConfig('llama', { hidden_size: 32, intermediate_size: 64, num_hidden_layers: layers, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 256, rope_theta: 10000, tie_word_embeddings: true }, tok.vocabSize, { eos: tok.id('<eod>'), pad: tok.id('<pad>') });
   const m = Decoder.init(parseConfig(raw), 3, 0.2);
   await saveModel(m, path.join(d, 'base'), { copyFrom: tokDir, generationConfig: { eos_token_id: tok.stopIds(), pad_token_id: tok.id('<pad>') } });
   m.dispose();
