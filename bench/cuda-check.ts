@@ -5,7 +5,8 @@
  * - compare: one LoRA DPO step (r 16 on every linear, B non-zero, 2 pairs × 256 tokens) on the
  *   native backend (the CPU) and on the cuda backend — the loss and every adapter gradient;
  * - time: the real-size bench's LoRA DPO step (4 pairs × 256 tokens, dropout 0.05, reference
- *   cached) and its log-probs job on the cuda backend, tokens/s and the device's peak bytes;
+ *   cached), its log-probs job and its sampling job (4 × 64 new tokens, KV cache) on the cuda
+ *   backend, tokens/s and the device's peak bytes;
  * - profile: that LoRA DPO step once more with every device operation timed alone
  *   (CudaDevice.profile): one line per kernel, product shape, copy and host kernel, the slowest
  *   first, with its share of the step — what to speed up next.
@@ -30,6 +31,8 @@ import { HalfWeight } from '../src/engine/half.js';
 import { Decoder } from '../src/model/decoder.js';
 import { expectedShapes, isLinearWeight, parseConfig, presetConfig } from '../src/model/config.js';
 import { sequenceLogps } from '../src/dpo/logps.js';
+import { generate } from '../src/infer/generate.js';
+import { DEFAULT_SAMPLING } from '../src/infer/sampling.js';
 import { f32ToBf16Bits } from '../src/io/safetensors.js';
 import { ALL_LINEARS, PROMPT, QWEN05_SHAPE, benchRows, loraDpoStepOf, loraDpoTrace, timeIt, worstRel } from './steps.js';
 import { envOff } from '../src/util/env.js';
@@ -122,7 +125,7 @@ async function time(): Promise<void> {
   const dev = cudaAddon()!;
   const w = weights();
   const model = Decoder.fromHF(cfg, (n) => w.get(n)!, false);
-  for (const job of ['lora_dpo', 'logprobs']) {
+  for (const job of ['lora_dpo', 'logprobs', 'generate']) {
     dev.cudaStats(true);
     let f: () => void;
     let tokens: number;
@@ -130,12 +133,18 @@ async function time(): Promise<void> {
       const pb = rows(8);
       tokens = pb.batch * pb.len;
       f = loraDpoStepOf(model, pb, { dropout: 0.05, cachedReference: true }).step;
-    } else {
+    } else if (job === 'logprobs') {
       const sb = rows(2);
       tokens = sb.batch * sb.len;
       f = () => void tf.tidy(() => sequenceLogps(model, sb)).dataSync();
+    } else {
+      // torch_ref's and real-size's sampling job: 4 samples of 64 new tokens (8 with --tiny) after the rows' prompt, KV cache on the device.
+      const fresh = tiny ? 8 : 64;
+      const prompt = Array.from(rows(1).ids).slice(0, tiny ? 8 : PROMPT);
+      tokens = 4 * fresh;
+      f = () => void generate(model, [{ prompt, seeds: [1, 2, 3, 4] }], { ...DEFAULT_SAMPLING, maxNewTokens: fresh, stopIds: [] });
     }
-    const s = timeIt(f, reps);
+    const s = timeIt(f, job === 'generate' ? Math.min(reps, 3) : reps);
     say({ step: 'cuda_time', job, device: dev.cudaOpen('gpu').name, tf32, bf16, layers, tokens_per_s: +(tokens / s).toFixed(1), seconds: +s.toFixed(4), peak_device_bytes: dev.cudaStats().peak });
   }
 }

@@ -109,7 +109,7 @@ describe("the GPU check's node part (bench/cuda-check.ts) on the emulated device
   it('time and profile: tokens/s and device peak per job; the profile accounts every operation of a step (attention twice per layer, products with their flops); the dry device issues the same operations without running them', () => {
     if (!native.active) return;
     const times = run('time');
-    expect(times.map((t) => t.job)).toEqual(['lora_dpo', 'logprobs']);
+    expect(times.map((t) => t.job)).toEqual(['lora_dpo', 'logprobs', 'generate']);
     for (const t of times) {
       expect(t.tokens_per_s).toBeGreaterThan(0);
       expect(t.peak_device_bytes).toBeGreaterThan(0);
