@@ -11,6 +11,11 @@ per process, so that each peak is its own.
 `TORCH_DEVICE=cuda torch_ref.py real JOB`: the same job on the GPU in bfloat16 (PyTorch 2 eager),
 the baseline a CUDA backend is measured against (bench/gpu-check.sh); peak memory is the GPU's.
 
+`TORCH_DEVICE=meta torch_ref.py real lora_dpo`: the same step on the meta device, where every op is
+dispatched and shaped but nothing is computed: PyTorch's own host time for the step, the figure
+bench/host-floor.ts sets beside prefopt's dry cuda device (PyTorch 1.13 has no meta kernels for
+the foreach optimizer: AdamW updates tensor by tensor there).
+
 Run when /usr/bin/python3 has torch (Debian: apt-get install python3-torch libopenblas0-pthread)."""
 import json, math, os, resource, sys, time
 import torch
@@ -22,7 +27,8 @@ from blas import blas_in_use
 torch.manual_seed(0)
 torch.set_num_threads(os.cpu_count() or 1)
 DEVICE = os.environ.get("TORCH_DEVICE", "cpu")
-GPU = DEVICE != "cpu"
+META = DEVICE == "meta"
+GPU = DEVICE not in ("cpu", "meta")
 if GPU:  # PyTorch >= 2: every tensor below is created there
     torch.set_default_device(DEVICE)
 REAL = sys.argv[1:2] == ["real"]
@@ -67,7 +73,7 @@ def rms(x, w):
 
 
 def rope(x, pos):
-    inv = THETA ** (-torch.arange(0, HD, 2).float() / HD)
+    inv = THETA ** (-torch.arange(0, HD, 2, device=pos.device).float() / HD)
     ang = pos[:, None].float() * inv[None]
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
     x1, x2 = x[..., : HD // 2], x[..., HD // 2 :]
@@ -84,7 +90,7 @@ class Model(torch.nn.Module):
     def forward(self, ids, cache=None, start=0):
         b, t = ids.shape
         x = self.emb(ids)
-        pos = torch.arange(start, start + t)
+        pos = torch.arange(start, start + t, device=ids.device)
         new = []
         for i, blk in enumerate(self.blocks):
             h = rms(x, blk.n1)
@@ -94,10 +100,10 @@ class Model(torch.nn.Module):
             if cache is not None and cache[i] is not None:
                 k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)
             new.append((k, v))
-            k, v = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
+            k, v = k.repeat_interleave(H // KV, 1, output_size=H), v.repeat_interleave(H // KV, 1, output_size=H)
             s = q @ k.transpose(-1, -2) / math.sqrt(HD)
             if t > 1:
-                s = s + torch.full((t, k.shape[2]), float("-inf"), dtype=s.dtype).triu(k.shape[2] - t + 1)
+                s = s + torch.full((t, k.shape[2]), float("-inf"), dtype=s.dtype, device=s.device).triu(k.shape[2] - t + 1)
             a = torch.softmax(s, -1) @ v
             x = x + blk.o(a.transpose(1, 2).reshape(b, t, D))
             h = rms(x, blk.n2)
@@ -151,7 +157,7 @@ def reference_logps(m, loras, x, start):
 
 
 def update(opt, loss):
-    opt.zero_grad()
+    opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
 
@@ -188,7 +194,9 @@ def real(job):
         loras = add_lora(m, dropout=0.05)
         if GPU:
             m = m.to(torch.bfloat16)
-        opt = torch.optim.AdamW([p for l in loras for p in (l.A, l.B)], lr=1e-4)
+        if META:
+            m, ids = m.to(torch.bfloat16).to("meta"), ids.to("meta")
+        opt = torch.optim.AdamW([p for l in loras for p in (l.A, l.B)], lr=1e-4, foreach=False if META else None)
         ref = reference_logps(m, loras, ids, P)
         tokens, f = ids.numel(), lambda: update(opt, dpo_loss(seq_logps(m, ids, P), ref))
     elif job == "sft":  # 4 rows, every weight trained
@@ -208,10 +216,14 @@ def real(job):
         tokens, f = 4 * 64, lambda: sample(m, prompts, 64)
     else:
         raise SystemExit(f"unknown job {job}")
-    s = bench(f, 1 if not GPU else 10)  # on a GPU as bench/cuda-check.ts times the cuda backend
+    if META and job != "lora_dpo":
+        raise SystemExit("TORCH_DEVICE=meta times the lora_dpo job only")
+    s = bench(f, 1 if not (GPU or META) else 10)  # on a GPU as bench/cuda-check.ts times the cuda backend
     out = {"tokens_per_s": round(tokens / s, 2), "seconds": round(s, 4), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if GPU:
         out.update(device=torch.cuda.get_device_name(), dtype="bfloat16", peak_gpu_bytes=torch.cuda.max_memory_allocated(), torch=torch.__version__)
+    elif META:
+        out.update(device="meta", torch=torch.__version__)
     else:
         out["blas"] = blas_in_use()
     print(json.dumps(out))
