@@ -33,11 +33,6 @@ void* find_symbol(void* lib, const char* name, LibProbe& out) {
 
 namespace {
 
-template <typename F>
-F sym(void* h, const char* name, LibProbe& out) {
-  return reinterpret_cast<F>(find_symbol(h, name, out));
-}
-
 void probe_driver(const std::vector<std::string>& names, CudaProbe& p) {
   void* h = open_first(names, p.driver);
   if (!h) return;
@@ -48,13 +43,13 @@ void probe_driver(const std::vector<std::string>& names, CudaProbe& p) {
   using attr_fn = int (*)(int*, int, int);
   using mem_fn = int (*)(size_t*, int);
   using err_fn = int (*)(int, const char**);
-  auto init = sym<init_fn>(h, "cuInit", p.driver);
-  auto version = sym<int_fn>(h, "cuDriverGetVersion", p.driver);
-  auto count = sym<int_fn>(h, "cuDeviceGetCount", p.driver);
-  auto get = sym<get_fn>(h, "cuDeviceGet", p.driver);
-  auto name = sym<name_fn>(h, "cuDeviceGetName", p.driver);
-  auto attr = sym<attr_fn>(h, "cuDeviceGetAttribute", p.driver);
-  auto mem = sym<mem_fn>(h, "cuDeviceTotalMem_v2", p.driver);
+  auto init = symbol<init_fn>(h, "cuInit", p.driver);
+  auto version = symbol<int_fn>(h, "cuDriverGetVersion", p.driver);
+  auto count = symbol<int_fn>(h, "cuDeviceGetCount", p.driver);
+  auto get = symbol<get_fn>(h, "cuDeviceGet", p.driver);
+  auto name = symbol<name_fn>(h, "cuDeviceGetName", p.driver);
+  auto attr = symbol<attr_fn>(h, "cuDeviceGetAttribute", p.driver);
+  auto mem = symbol<mem_fn>(h, "cuDeviceTotalMem_v2", p.driver);
   auto err = reinterpret_cast<err_fn>(dlsym(h, "cuGetErrorString"));
   if (!p.driver.error.empty()) return;
   int v = 0;
@@ -87,13 +82,13 @@ CudaProbe probe_cuda(const std::vector<std::string>& driver, const std::vector<s
   CudaProbe p;
   probe_driver(driver, p);
   if (void* h = open_first(cublaslt, p.cublaslt)) {
-    if (auto v = sym<size_t (*)()>(h, "cublasLtGetVersion", p.cublaslt)) {
+    if (auto v = symbol<size_t (*)()>(h, "cublasLtGetVersion", p.cublaslt)) {
       size_t n = v();  // major * 10000 + minor * 100 + patch
       p.cublaslt.version = std::to_string(n / 10000) + "." + std::to_string(n / 100 % 100) + "." + std::to_string(n % 100);
     }
   }
   if (void* h = open_first(nvrtc, p.nvrtc)) {
-    if (auto v = sym<int (*)(int*, int*)>(h, "nvrtcVersion", p.nvrtc)) {
+    if (auto v = symbol<int (*)(int*, int*)>(h, "nvrtcVersion", p.nvrtc)) {
       int major = 0, minor = 0;
       if (v(&major, &minor) == 0) p.nvrtc.version = std::to_string(major) + "." + std::to_string(minor);
     }

@@ -30,8 +30,12 @@ void* open_first(const std::vector<std::string>& names, LibProbe& out);
 // The library's entry point `name`, or nullptr with out.error naming it (if none is named yet).
 void* find_symbol(void* lib, const char* name, LibProbe& out);
 template <typename F>
+F symbol(void* lib, const char* name, LibProbe& out) {
+  return reinterpret_cast<F>(find_symbol(lib, name, out));
+}
+template <typename F>
 void resolve(void* lib, const char* name, F& f, LibProbe& out) {
-  f = reinterpret_cast<F>(find_symbol(lib, name, out));
+  f = symbol<F>(lib, name, out);
 }
 
 // Each list holds candidates in order (full paths, or sonames for the loader's own search).
