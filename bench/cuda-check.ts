@@ -2,6 +2,8 @@
  * The cuda backend on a GPU, the node part of bench/gpu-check.sh (docs/REFERENCE.md §11): on
  * Qwen2.5-0.5B's shape with random bf16 weights (built in memory, nothing to download),
  *
+ * - gemm: the device's products against float64, one line per case (transposes, broadcast
+ *   batches, bf16 and float32, alpha and beta, misaligned operands);
  * - compare: one LoRA DPO step (r 16 on every linear, B non-zero, 2 pairs × 256 tokens) on the
  *   native backend (the CPU) and on the cuda backend — the loss and every adapter gradient;
  * - time: the real-size bench's LoRA DPO step (4 pairs × 256 tokens, dropout 0.05, reference
@@ -17,7 +19,7 @@
  * PREFOPT_CUDA_DEVICE=emulate runs it all without a GPU (slowly): the script's own test;
  * PREFOPT_CUDA_DEVICE=dry issues every kernel and product without running them: `time` then gives
  * the host floor, what a step costs before any device work.
- *   node dist/bench/cuda-check.js [report|compare|time|profile] [--layers N] [--tiny] [--reps N]   (report: what `doctor` says of CUDA)
+ *   node dist/bench/cuda-check.js [report|gemm|compare|time|profile] [--layers N] [--tiny] [--reps N]   (report: what `doctor` says of CUDA)
  * --tiny: the same jobs on a model of Qwen2's layout a thousand times smaller and 32-token rows,
  * which the emulation runs in seconds (test/cuda-check.test.ts runs every mode so).
  */
@@ -78,6 +80,84 @@ function weights(): Map<string, HalfWeight | { shape: number[]; data: Float32Arr
     } else out.set(name, { shape, data: Float32Array.from({ length: n }, () => (name.endsWith('norm.weight') ? 1 + 0.1 * next() : 0.02 * next())) });
   }
   return out;
+}
+
+/**
+ * The device's products against a float64 reference, case by case: every transpose, batches with
+ * a broadcast (stride 0) operand, bf16 and float32 operands, alpha and beta, sizes that are no
+ * tile's multiple and operands off a 16-byte boundary — the wrapper's row-major to column-major
+ * mapping and its alignment handling, which only the real cuBLASLt can confirm. Tolerance: bf16
+ * products are of exact bf16 inputs with float32 sums; float32 ones carry TF32's rounding unless
+ * PREFOPT_CUDA_TF32=0.
+ */
+async function gemmCases(): Promise<void> {
+  await initBackend('cuda');
+  const dev = openedCudaDevice()!;
+  let s = 12345;
+  const next = () => ((s = (Math.imul(s, 1664525) + 1013904223) >>> 0) / 2 ** 32) * 2 - 1;
+  const bf16 = (x: number) => {
+    const f = new Float32Array([x]);
+    return f32ToBf16Bits(new Uint32Array(f.buffer)[0]);
+  };
+  const widen = (b: number) => new Float32Array(new Uint32Array([b << 16]).buffer)[0];
+  let failed = 0;
+  const cases: { ta: boolean; tb: boolean; batch: number; sa: 0 | 1; sb: 0 | 1; half: boolean; alpha: number; beta: number; shift: number }[] = [];
+  for (const half of [false, true])
+    for (const ta of [false, true])
+      for (const tb of [false, true]) cases.push({ ta, tb, batch: 1, sa: 1, sb: 1, half, alpha: 1, beta: 0, shift: 0 });
+  for (const half of [false, true]) {
+    cases.push({ ta: false, tb: true, batch: 3, sa: 1, sb: 0, half, alpha: 1, beta: 0, shift: 0 });
+    cases.push({ ta: true, tb: false, batch: 3, sa: 0, sb: 1, half, alpha: 0.5, beta: 1, shift: 1 });
+  }
+  const [m, n, k] = tiny ? [7, 5, 9] : [67, 45, 131];
+  for (const c of cases) {
+    const esize = c.half ? 2 : 4;
+    const aLen = (c.sa ? c.batch : 1) * m * k;
+    const bLen = (c.sb ? c.batch : 1) * k * n;
+    const av = Float32Array.from({ length: aLen }, () => (c.half ? widen(bf16(next())) : next()));
+    const bv = Float32Array.from({ length: bLen }, () => (c.half ? widen(bf16(next())) : next()));
+    const cv = Float32Array.from({ length: c.batch * m * n }, () => next());
+    const pack = (v: Float32Array) => (c.half ? Uint16Array.from(v, (x) => bf16(x)) : v);
+    // shift: each operand starts one element past an aligned block (4 or 2 bytes off).
+    const pad = c.shift * esize;
+    const want = new Float64Array(c.batch * m * n);
+    for (let e = 0; e < c.batch; e++)
+      for (let i = 0; i < m; i++)
+        for (let j = 0; j < n; j++) {
+          let acc = 0;
+          for (let l = 0; l < k; l++) {
+            const x = av[(c.sa ? e * m * k : 0) + (c.ta ? l * m + i : i * k + l)];
+            const y = bv[(c.sb ? e * k * n : 0) + (c.tb ? j * k + l : l * n + j)];
+            acc += x * y;
+          }
+          want[e * m * n + i * n + j] = c.alpha * acc + c.beta * cv[e * m * n + i * n + j];
+        }
+    let got: Float32Array;
+    try {
+      got = dev.withTemp([aLen * esize + pad, bLen * esize + pad, cv.byteLength + 4 * c.shift], ([a, b, cc]) => {
+        dev.upload(a + pad, pack(av));
+        dev.upload(b + pad, pack(bv));
+        dev.upload(cc + 4 * c.shift, cv);
+        dev.gemm({ ta: c.ta, tb: c.tb, batch: c.batch, m, n, k, a: a + pad, b: b + pad, c: cc + 4 * c.shift, sa: c.sa * m * k, sb: c.sb * k * n, alpha: c.alpha, beta: c.beta, half: c.half });
+        const out = new Float32Array(c.batch * m * n);
+        dev.download(cc + 4 * c.shift, out);
+        return out;
+      });
+    } catch (e: any) {
+      // One case failing (the library refusing it) does not hide the others.
+      failed++;
+      say({ step: 'cuda_gemm', ...c, m, n, k, error: String(e?.message ?? e), ok: false });
+      continue;
+    }
+    // Relative to the terms' magnitude (a sum of k products of values up to 1).
+    let worst = 0;
+    for (let i = 0; i < got.length; i++) worst = Math.max(worst, Math.abs(got[i] - want[i]) / Math.sqrt(k));
+    const tol = c.half || !tf32 ? 1e-5 : 2e-3;
+    const ok = worst <= tol;
+    if (!ok) failed++;
+    say({ step: 'cuda_gemm', ...c, m, n, k, worst_err: +worst.toPrecision(3), tolerance: tol, ok });
+  }
+  if (failed) process.exitCode = 1;
 }
 
 async function compare(): Promise<void> {
@@ -173,9 +253,10 @@ async function profile(): Promise<void> {
 try {
   if (what === 'report') say({ step: 'cuda_report', ...cudaReport() });
   else if (what === 'compare') await compare();
+  else if (what === 'gemm') await gemmCases();
   else if (what === 'time') await time();
   else if (what === 'profile') await profile();
-  else throw new Error(`unknown "${what}" (report, compare, time or profile)`);
+  else throw new Error(`unknown "${what}" (report, gemm, compare, time or profile)`);
 } catch (e: any) {
   say({ step: `cuda_${what}`, error: String(e?.message ?? e) });
   process.exitCode = 1;

@@ -8,7 +8,8 @@
 #    where the formula allows), one JSON line each;
 # 2. where the CUDA libraries are (what engine/cuda.ts's probe will find): the driver, and the
 #    nvidia-* wheels' cuBLASLt and NVRTC beside PyTorch;
-# 3. the cuda backend (bench/cuda-check.ts): a 0.5B LoRA DPO step's loss and gradients against
+# 3. the cuda backend (bench/cuda-check.ts): cuBLASLt's products case by case against float64
+#    (transposes, broadcast batches, bf16, misaligned operands), a 0.5B LoRA DPO step's loss and gradients against
 #    the CPU path with exact float32 products and with the defaults (bf16 × bf16 for the bf16
 #    weights, TF32 for the rest), then its speed both ways, then a profile of the step (each
 #    kernel, product shape, copy and host kernel timed alone), and the host floor (the same step
@@ -47,6 +48,7 @@ torch_job() { TORCH_DEVICE=cuda python3 bench/torch_ref.py real "$1" | sed "s/^{
 # short keeps the essentials.
 if [ -d .gpu/app ]; then
   node_step 60 report
+  node_step 60 gemm         # the products case by case against float64 (the wrapper's mapping, alignments)
   node_step 200 compare 0   # exact float32 products: float32 tolerance
   node_step 200 compare     # the defaults (bf16 weights' products in bf16, TF32): bf16 tolerance
   node_step 120 time

@@ -184,10 +184,11 @@ struct Lt {
   int (*heuristic)(Handle, Handle, Handle, Handle, Handle, Handle, Handle, int, Heuristic*, int*);
 };
 
-// The largest power of two (4 to 256) dividing an address: what cuBLASLt may assume of it.
+// The largest power of two (up to 256) dividing an address: what cuBLASLt may assume of it. A
+// bf16 operand may start 2 bytes into a word (a row of an odd-width matrix).
 uint32_t alignment(uint64_t p) {
   uint32_t a = 256;
-  while (a > 4 && p % a) a >>= 1;
+  while (a > 1 && p % a) a >>= 1;
   return a;
 }
 

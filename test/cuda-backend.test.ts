@@ -95,6 +95,13 @@ describe("the GPU check's node part (bench/cuda-check.ts) on the emulated device
     return r.stdout.trim().split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l));
   };
 
+  it('gemm: every product case matches float64 within its tolerance', () => {
+    if (!native.active) return;
+    const cases = run('gemm');
+    expect(cases.length).toBe(12);
+    for (const c of cases) expect(c, JSON.stringify(c)).toMatchObject({ step: 'cuda_gemm', ok: true });
+  }, 120_000);
+
   it('compare: the cuda step matches the CPU path within float32 tolerance with exact products, within bf16 tolerance with the defaults', () => {
     if (!native.active) return;
     const [exact] = run('compare', { PREFOPT_CUDA_TF32: '0', PREFOPT_CUDA_BF16: '0' });

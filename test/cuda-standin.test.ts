@@ -2,6 +2,7 @@ import { describe, expect, it } from 'vitest';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { spawnSync } from 'node:child_process';
 import { cudaAddon, loadNative } from '../src/engine/native.js';
 import { cudaReport } from '../src/engine/cuda.js';
 import { initBackend } from '../src/engine/backend.js';
@@ -82,6 +83,21 @@ describe('GPU memory, checked before a job starts', () => {
     expect(mem.limitSource).toBe('GPU memory free on the device (of 1.00 GiB)');
     expect(mem.jobs.find((j: any) => j.job.startsWith('lora dpo')).fits).toBe(false);
     expect(mem.jobs[0].parts.runtime).toBeUndefined(); // the host's runtime is not on the GPU
+  }, 120_000);
+});
+
+describe("the GPU check's product cases (bench/cuda-check.ts gemm) over the stand-in cuBLASLt", () => {
+  it('every case within tolerance: transposes, broadcast batches, bf16 and float32, alpha and beta, operands off a word boundary', () => {
+    if (!libs) return;
+    const env: Record<string, string> = { ...(process.env as Record<string, string>), PREFOPT_CUDA_LIBS: libs };
+    delete env.PREFOPT_CUDA_DEVICE;
+    const r = spawnSync(process.execPath, ['dist/bench/cuda-check.js', 'gemm', '--tiny'], { encoding: 'utf8', env });
+    const cases = r.stdout.trim().split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l));
+    expect(r.status, r.stderr.slice(-1500) + r.stdout.slice(-1500)).toBe(0);
+    expect(cases.length).toBe(12);
+    expect(cases.every((c) => c.step === 'cuda_gemm' && c.ok)).toBe(true);
+    // A bf16 operand 2 bytes into a word: cuBLASLt must be told so (it was told 4, and refused).
+    expect(cases.some((c) => c.half && c.shift === 1)).toBe(true);
   }, 120_000);
 });
 
