@@ -78,6 +78,14 @@ function transpose(be: CudaBackend, x: Info, perm: number[]): Info {
   return y;
 }
 
+/** A tensor of x's shape and dtype, every element v. */
+const filledLike = (v: number): Kernel => (be, { x }) => {
+  if (!words(x)) return null;
+  const y = be.makeTensorInfo(x.shape, x.dtype);
+  be.device.fill(be.addr(y), size(x.shape), v, x.dtype === 'int32');
+  return y;
+};
+
 const KERNELS: Record<string, Kernel> = {
   Reshape: (be, { x }, { shape }) => alias(be, x, tf.util.inferFromImplicitShape(shape, size(x.shape))),
   Identity: (be, { x }) => alias(be, x, x.shape),
@@ -88,12 +96,10 @@ const KERNELS: Record<string, Kernel> = {
   RealDiv: binary(3),
   Neg: unary(0),
   Exp: unary(1),
-  ZerosLike: (be, { x }) => {
-    if (!words(x)) return null;
-    const y = be.makeTensorInfo(x.shape, x.dtype);
-    be.device.fill(be.addr(y), size(x.shape), 0);
-    return y;
-  },
+  ZerosLike: filledLike(0),
+  // The seed of every backward pass through a loss's scalar ops (tf.grad's dy): on the host it cost
+  // a copy each way.
+  OnesLike: filledLike(1),
   Fill: (be, _inputs, { shape, value, dtype }) => {
     if (dtype !== 'float32' && dtype !== 'int32') return null;
     const y = be.makeTensorInfo(shape, dtype);

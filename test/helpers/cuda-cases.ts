@@ -7,6 +7,7 @@ import { makeBatch, SeqBatch } from '../../src/infer/batch.js';
 import { generate } from '../../src/infer/generate.js';
 import { sftLoss } from '../../src/stages/sft.js';
 import { AdamW } from '../../src/train/adamw.js';
+import { openedCudaDevice } from '../../src/engine/cuda-device.js';
 import { HalfWeight } from '../../src/engine/half.js';
 import { isLinearWeight } from '../../src/model/config.js';
 import { f32ToBf16Bits } from '../../src/io/safetensors.js';
@@ -87,8 +88,15 @@ export function cudaBackendCases(): void {
       ['matmul transposes', () => tf.matMul(r([5, 3]), r([4, 5]), true, true)],
       ['matmul batch broadcast', () => tf.matMul(r([2, 1, 3, 4]), r([1, 3, 4, 5]))],
       ['zeros fill', () => tf.add(tf.zerosLike(r([3, 3])), tf.fill([3, 3], 2.5))],
+      ['ones like, float32 and int32', () => [tf.onesLike(r([2, 3])), tf.onesLike(tf.tensor1d([5, -2], 'int32')), tf.zerosLike(tf.tensor1d([7], 'int32'))]],
       ['reshape shares', () => tf.reshape(r([2, 6]), [3, -1])],
     ];
+    // ZerosLike and OnesLike are device fills, not host kernels (a copy each way).
+    await initBackend('cuda');
+    const dev = openedCudaDevice()!;
+    dev.profile(true);
+    tf.tidy(() => [tf.onesLike(r([4])), tf.zerosLike(tf.tensor1d([1], 'int32'))].forEach((t) => t.dataSync()));
+    expect(Object.keys(dev.profile(false)).filter((k) => k.startsWith('host '))).toEqual([]);
     for (const [name, f] of cases) {
       const res = await both(() => {
         const seed = new Rng(1);
