@@ -593,6 +593,19 @@ __global__ void fill32(u32* y, i64 n, u32 v) {
   for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) y[i] = v;
 }
 
+// model/mask.ts's attention mask [B, 1, T, Tk] made where it is used: query t of row b (key index
+// qi = Tk − T + t) sees key j when j ≤ qi, j is within the window (window < 0: none), key j is valid
+// and in qi's segment; every other entry is model/mask.ts's MASKED. From B·Tk ids, not B·T·Tk
+// floats copied up.
+__global__ void attention_mask(const int* valid, const int* seg, i64 B, i64 T, i64 Tk, i64 window, float* out) {
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < B * T * Tk; i += (i64)gridDim.x * blockDim.x) {
+    const i64 j = i % Tk, t = i / Tk % T, b = i / (T * Tk);
+    const i64 qi = Tk - T + t;
+    const bool seen = j <= qi && (window < 0 || qi - j < window) && valid[b * Tk + j] != 0 && seg[b * Tk + j] == seg[b * Tk + qi];
+    out[i] = seen ? 0.f : -1e9f;
+  }
+}
+
 // y[row] = Σ_j x[row, j]: one block per row.
 __global__ void sum_rows(const float* x, i64 cols, float* y) {
   const i64 row = blockIdx.x;

@@ -2,7 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { CUDA_BACKEND, CudaBackend } from './cuda-backend.js';
 import { evenSteps, shapesOf } from './native.js';
 import { MAX_RANK, dims } from './cuda-device.js';
-import { overrideKernel } from './kernels.js';
+import { MASK_KERNEL, overrideKernel } from './kernels.js';
 
 /**
  * The tfjs kernels around prefopt's fused ones, on the device: views (Reshape, Identity),
@@ -185,6 +185,14 @@ const KERNELS: Record<string, Kernel> = {
   },
 };
 
+/** model/mask.ts's maskTensor on the device (kernels.cu: attention_mask). */
+function attentionMask(be: CudaBackend, { valid, segments }: { valid: Info; segments: Info }, { queryLen, window }: { queryLen: number; window: number }): Info {
+  const [B, Tk] = valid.shape;
+  const y = be.makeTensorInfo([B, 1, queryLen, Tk], 'float32');
+  be.device.each('attention_mask', B * queryLen * Tk, [be.addr(valid), be.addr(segments), B, queryLen, Tk, window, be.addr(y)]);
+  return y;
+}
+
 let glueRegistered = false;
 
 /**
@@ -194,5 +202,6 @@ let glueRegistered = false;
 export function registerCudaGlue(): void {
   if (glueRegistered) return;
   glueRegistered = true;
+  tf.registerKernel({ kernelName: MASK_KERNEL, backendName: CUDA_BACKEND, kernelFunc: ({ inputs, backend, attrs }: any) => attentionMask(backend, inputs, attrs) });
   for (const [name, run] of Object.entries(KERNELS)) overrideKernel(name, CUDA_BACKEND, (args, onHost) => run(args.backend as CudaBackend, args.inputs, args.attrs ?? {}) ?? onHost(args));
 }

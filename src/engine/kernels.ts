@@ -29,6 +29,13 @@ export function tensorView(backend: string, be: any, t: tf.TensorInfo): any {
   return backend === 'wasm' ? be.typedArrayFromHeap(t) : be.data.get(t.dataId).values;
 }
 
+/**
+ * The kernel a backend may register to make model/mask's attention mask where its tensors live
+ * (the cuda backend's, engine/cuda-glue): inputs valid and segments [B, Tk] int32, attrs queryLen
+ * and window (-1: none), output [B, 1, T, Tk] float32.
+ */
+export const MASK_KERNEL = 'PrefoptAttentionMask';
+
 /** Replace tfjs's kernel `name` on `backend` with `f`, which may pass any call on to the original. */
 export function overrideKernel(name: string, backend: string, f: (args: any, original: tf.KernelFunc) => tf.TensorInfo | tf.TensorInfo[]): boolean {
   const original = tf.getKernel(name, backend);

@@ -1,6 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { ModelConfig, expectedShapes, isLinearWeight } from './config.js';
-import { attentionMask } from './mask.js';
+import { maskTensor } from './mask.js';
 import { ropeTables } from './rope.js';
 import { addRmsNorm, attention, embed, labelLogProbs, labelLogProbsSlope, linear, mm, mmTransB, rmsNorm, rope, splitQkv, swiglu } from '../engine/ops.js';
 import { Rng } from '../util/rng.js';
@@ -199,7 +199,7 @@ export class Decoder {
       for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) cache.valid[b].push(batch.valid ? batch.valid[b * T + t] : 1);
       keyValid = cache.valid.flat();
     } else if (batch.valid) keyValid = Array.from(batch.valid);
-    const mask = tf.tensor4d(attentionMask({ batch: B, queryLen: T, keyLen: Tk, keyValid, segments: batch.segments, window: cfg.sliding_window ?? undefined }), [B, 1, T, Tk]);
+    const mask = maskTensor({ batch: B, queryLen: T, keyLen: Tk, keyValid, segments: batch.segments, window: cfg.sliding_window ?? undefined });
     // The residual stream is [B·T, D] until the end: linear layers take it as it is.
     const ids = tf.tensor1d(Array.from(batch.ids), 'int32');
     let x = embed(this.weight('model.embed_tokens.weight'), ids) as tf.Tensor;

@@ -1,3 +1,6 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { MASK_KERNEL } from '../engine/kernels.js';
+
 /**
  * Additive attention masks [B, 1, T, Tk] built on the host. Query t of row b (at absolute key
  * index t + Tk − T) may see key j when j ≤ that index, key j is valid (not padding), and — for
@@ -6,6 +9,7 @@
  * rather than −∞ so that a fully padded query row stays finite.
  */
 export const MASKED = -1e9;
+
 
 export interface MaskSpec {
   batch: number;
@@ -39,4 +43,19 @@ export function attentionMask(s: MaskSpec): Float32Array {
     }
   }
   return out;
+}
+
+/**
+ * attentionMask as a tensor [B, 1, T, Tk], made by the backend when it has MASK_KERNEL (from the
+ * keys' validity and segments, [B, Tk] int32 each: on the cuda backend B·Tk ids go up instead of
+ * B·T·Tk floats, and no host loop runs), else on the host.
+ */
+export function maskTensor(s: MaskSpec): tf.Tensor4D {
+  const { batch: B, queryLen: T, keyLen: Tk } = s;
+  if (!tf.getKernel(MASK_KERNEL, tf.getBackend())) return tf.tensor4d(attentionMask(s), [B, 1, T, Tk]);
+  return tf.tidy(() => {
+    const valid = s.keyValid ? tf.tensor2d(Int32Array.from(s.keyValid), [B, Tk], 'int32') : tf.ones([B, Tk], 'int32');
+    const segments = s.segments ? tf.tensor2d(Int32Array.from(s.segments), [B, Tk], 'int32') : tf.zeros([B, Tk], 'int32');
+    return tf.engine().runKernel(MASK_KERNEL, { valid, segments }, { queryLen: T, window: s.window ?? -1 }) as tf.Tensor4D;
+  });
 }

@@ -8,6 +8,7 @@ import { generate } from '../../src/infer/generate.js';
 import { sftLoss } from '../../src/stages/sft.js';
 import { AdamW } from '../../src/train/adamw.js';
 import { openedCudaDevice } from '../../src/engine/cuda-device.js';
+import { attentionMask, maskTensor } from '../../src/model/mask.js';
 import { HalfWeight } from '../../src/engine/half.js';
 import { isLinearWeight } from '../../src/model/config.js';
 import { f32ToBf16Bits } from '../../src/io/safetensors.js';
@@ -106,6 +107,31 @@ export function cudaBackendCases(): void {
       expect(res.cuda, name).toEqual(res.native.map((o) => ({ ...o, values: expect.anything() })));
       res.native.forEach((o, i) => expect(worstRel(res.cuda[i].values, o.values), name).toBeLessThan(1e-6));
     }
+  });
+
+  it('attention masks made on the device equal the host\'s bit for bit (padding, packed segments, sliding windows, queries after a cache)', async () => {
+    if (!native.active) return;
+    await initBackend('cuda');
+    const dev = openedCudaDevice()!;
+    dev.profile(true);
+    const rng = new Rng(5);
+    for (let trial = 0; trial < 40; trial++) {
+      const B = 1 + rng.int(3);
+      const Tk = 1 + rng.int(40);
+      const T = 1 + rng.int(Tk);
+      const spec = {
+        batch: B,
+        queryLen: T,
+        keyLen: Tk,
+        keyValid: rng.next() < 0.6 ? Array.from({ length: B * Tk }, () => (rng.next() < 0.8 ? 1 : 0)) : undefined,
+        segments: rng.next() < 0.4 ? Array.from({ length: B * Tk }, () => rng.int(3)) : undefined,
+        window: rng.next() < 0.4 ? rng.int(6) : undefined,
+      };
+      const got = tf.tidy(() => maskTensor(spec).dataSync());
+      expect(Array.from(got), `trial ${trial}`).toEqual(Array.from(attentionMask(spec)));
+    }
+    // Made by the device kernel each time, not by the host's loop.
+    expect(dev.profile(false).attention_mask?.count).toBe(40);
   });
 
   it('launches are checked against the kernel\'s parameters; device memory is freed with the tensors and cached for reuse', async () => {
