@@ -164,18 +164,32 @@ export function describeEstimate(e: MemoryEstimate): string {
  * `job` gets the config (its max_position_embeddings caps the length) and gives the shape.
  */
 export function checkJobFits(dir: string, what: string, job: (cfg: ModelConfig) => JobShape): void {
-  const { e, b } = estimateFor(dir, job);
+  const cfg = loadConfig(dir);
+  const b = budgetFor(dir);
+  assertWithin(estimateOf(cfg, job(cfg), b), b, what);
+}
+
+type Budget = ReturnType<typeof budgetFor>;
+
+/** A job's estimate as its budget counts it: the length capped by the model's, its 16-bit weights as the budget's device keeps them. */
+function estimateOf(cfg: ModelConfig, asked: JobShape, b: Budget): MemoryEstimate {
+  return counted(estimateMemory(cfg, { ...asked, len: Math.min(asked.len, cfg.max_position_embeddings), halfWeights: b.halfWeights }), b);
+}
+
+function assertWithin(e: MemoryEstimate, b: Budget, what: string): void {
   if (!b.device) return assertFits(e, what);
   if (e.total > b.bytes)
     throw new UserError(`${what} needs about ${describeEstimate(e)} of GPU memory, more than the ${gib(b.bytes)} ${b.source}; lower --batch-size or --max-length, or turn on --gradient-checkpointing`);
 }
 
-/** The estimate of a job on the checkpoint in `dir` (as checkJobFits takes it) and the budget it is held to. */
-function estimateFor(dir: string, job: (cfg: ModelConfig) => JobShape): { e: MemoryEstimate; b: ReturnType<typeof budgetFor> } {
-  const cfg = loadConfig(dir);
-  const asked = job(cfg);
-  const b = budgetFor(dir);
-  return { e: counted(estimateMemory(cfg, { ...asked, len: Math.min(asked.len, cfg.max_position_embeddings), halfWeights: b.halfWeights }), b), b };
+/**
+ * Whether `gradient_checkpointing: auto` checkpoints a training job: on the host from
+ * CHECKPOINT_AUTO_PARAMS (train/trainer: the host's memory is everything else's too); on a GPU
+ * only when the job would not fit the device without it — recomputing every layer costs a third
+ * more forward compute, for memory a GPU job does not need.
+ */
+function autoCheckpoints(cfg: ModelConfig, job: JobShape, b: Budget): boolean {
+  return b.device ? estimateOf(cfg, { ...job, checkpointing: false }, b).total > b.bytes : checkpointingOn('auto', paramCount(cfg));
 }
 
 /**
@@ -217,8 +231,7 @@ export function jobReports(dir: string, o: { pairs: number; maxLength: number; l
   const linears = [...new Set([...expectedShapes(cfg).keys()].map(linearKind).filter((m): m is string => !!m))];
   const lim = budgetFor(dir);
   const halfWeights = lim.halfWeights;
-  // Checkpointing as `auto` resolves it for each job (checkTrainingFits).
-  const auto = (s: JobShape): JobShape => ({ ...s, checkpointing: lim.device ? counted(estimateMemory(cfg, s), lim).total > lim.bytes : checkpointingOn('auto', P) });
+  const auto = (s: JobShape): JobShape => ({ ...s, checkpointing: autoCheckpoints(cfg, s, lim) });
   const jobs: [string, JobShape][] = [
     ['logprobs', { kind: 'logprobs', rows: 2 * o.pairs, len, halfWeights }],
     [`lora dpo (r ${o.loraR}, ${linears.join(',')})`, auto({ kind: 'lora', rows: 2 * o.pairs, len, lora: { r: o.loraR, targets: linears }, halfWeights })],
@@ -238,28 +251,23 @@ export function jobReports(dir: string, o: { pairs: number; maxLength: number; l
 
 /**
  * checkJobFits for a training stage, with the settings the stage will run under, and the
- * checkpointing it runs with (what the stage hands its trainer): `on` or `off` as asked; `auto`
- * on the host from CHECKPOINT_AUTO_PARAMS (train/trainer: the host's memory is everything else's
- * too), on a GPU only when the job would not fit the device without it — recomputing every layer
- * costs a third more forward compute, for memory a GPU job does not need. LoRA's targets as the
- * adapter resolves them (none given: the architecture's defaults).
+ * checkpointing it runs with (what the stage hands its trainer): `on` or `off` as asked, `auto`
+ * as autoCheckpoints decides. LoRA's targets as the adapter resolves them (none given: the
+ * architecture's defaults).
  */
 export function checkTrainingFits(dir: string, what: string, o: { rows: number; len: number; train: TrainConfig; lora: LoraConfig | null }): boolean {
-  const job = (checkpointing: boolean) => (cfg: ModelConfig): JobShape => ({
+  const cfg = loadConfig(dir);
+  const b = budgetFor(dir);
+  const job: JobShape = {
     kind: o.lora ? 'lora' : 'full',
     rows: o.rows,
     len: o.len,
-    checkpointing,
     lora: o.lora ? { r: o.lora.r, targets: o.lora.targets.length ? o.lora.targets : defaultTargets(cfg.arch) } : undefined,
     gradAccum: o.train.gradAccum,
-  });
+  };
   const mode = o.train.gradientCheckpointing;
-  let on = checkpointingOn(mode, paramCount(loadConfig(dir)));
-  if (mode === 'auto') {
-    const plain = estimateFor(dir, job(false));
-    if (plain.b.device) on = plain.e.total > plain.b.bytes;
-  }
-  checkJobFits(dir, what, job(on));
+  const on = mode === 'auto' ? autoCheckpoints(cfg, job, b) : mode === 'on';
+  assertWithin(estimateOf(cfg, { ...job, checkpointing: on }, b), b, what);
   return on;
 }
 
