@@ -273,8 +273,6 @@ void check_adamw(Rand& rnd) {
   const float gs = 0.5f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, lr = 1e-3f, wd = 0.1f;
   const float bc1 = 1 - std::pow(b1, 3.f), bc2 = 1 - std::pow(b2, 3.f);
   const float sqrt_bc2 = std::sqrt(bc2), step = lr / bc1, decay = lr * wd;
-  float *dp = dev(p), *dg = dev(g), *dm = dev(m), *dv = dev(v);
-  LAUNCH(adamw, 64, 256)(dp, dg, dm, dv, n, gs, b1, 1 - b1, b2, 1 - b2, sqrt_bc2, eps, step, decay);
   std::vector<double> want(n);
   std::vector<float> cpu(n);
   for (int i = 0; i < n; i++) {
@@ -284,23 +282,28 @@ void check_adamw(Rand& rnd) {
     float next = p[i] - (mf / (std::sqrt(vf) / sqrt_bc2 + eps)) * step;
     cpu[i] = next - p[i] * decay;
   }
-  report("adamw", host(dp, n), want, 1e-5, &cpu);
-  // The same update as three tensors of one adamw_many launch (4096-element chunks: 8, 1 and 9
-  // of them), its table as the host builds it (engine/cuda-fused: adamwMany).
-  float *mp = dev(p), *mg = dev(g), *mm = dev(m), *mv = dev(v);
-  const long long sizes[3] = {30000, 1, 35536};
-  std::vector<long long> tab;
-  long long at = 0, chunks = 0;
-  u32 decay_bits;
-  std::memcpy(&decay_bits, &decay, 4);
-  for (long long size : sizes) {
-    for (float* base : {mp, mg, mm, mv}) tab.push_back((long long)(uintptr_t)(base + at));
-    tab.insert(tab.end(), {size, chunks, (long long)decay_bits});
-    at += size;
-    chunks += (size + 4095) / 4096;
+  // The arrays as one tensor, then as three (4096-element chunks: 8, 1 and 9 of them), each launch's
+  // table as the host builds it (engine/cuda-fused: adamw).
+  const float scalars[9] = {gs, b1, 1 - b1, b2, 1 - b2, sqrt_bc2, eps, step, decay};
+  const std::vector<long long> one = {n}, three = {30000, 1, 35536};
+  for (const auto* sizes : {&one, &three}) {
+    float *dp = dev(p), *dg = dev(g), *dm = dev(m), *dv = dev(v);
+    std::vector<long long> tab;
+    long long at = 0, chunks = 0;
+    for (long long size : *sizes) {
+      for (float* base : {dp, dg, dm, dv}) tab.push_back((long long)(uintptr_t)(base + at));
+      tab.insert(tab.end(), {size, chunks});
+      for (float x : scalars) {
+        u32 bits;
+        std::memcpy(&bits, &x, 4);
+        tab.push_back((long long)bits);
+      }
+      at += size;
+      chunks += (size + 4095) / 4096;
+    }
+    LAUNCH(adamw, 7, 256)(dev(tab), (int)sizes->size(), chunks);
+    report(sizes == &one ? "adamw(1 tensor)" : "adamw(3 tensors)", host(dp, n), want, 1e-5, &cpu);
   }
-  LAUNCH(adamw_many, 7, 256)(dev(tab), 3, chunks, gs, b1, 1 - b1, b2, 1 - b2, sqrt_bc2, eps, step);
-  report("adamw_many", host(mp, n), want, 1e-5, &cpu);
 }
 
 void check_widen(Rand& rnd) {

@@ -491,51 +491,42 @@ __global__ void head_group_sum(const float* part, i64 n, i64 KV, i64 G, i64 hd, 
 }
 
 // ---- AdamW -------------------------------------------------------------------------------------
-// The CPU kernel's update, operation for operation (train/adamw computes the scalars):
-// g' = g·gscale, m' = β1·m + (1−β1)·g', v' = β2·v + (1−β2)·g'², p' = p − m'/(√v'/√bc2 + ε)·step
-// − p·decay; in place.
-__device__ __forceinline__ void adamw_at(float* p, const float* g, float* m, float* v, i64 i, float gscale, float beta1, float one_minus_beta1, float beta2, float one_minus_beta2,
-                                         float sqrt_bc2, float eps, float step, float decay) {
-  float gi = g[i] * gscale;
-  float mi = m[i] * beta1 + gi * one_minus_beta1;
-  float vi = v[i] * beta2 + gi * gi * one_minus_beta2;
-  float next = p[i] - (mi / (sqrtf(vi) / sqrt_bc2 + eps)) * step;
-  if (decay != 0.f) next -= p[i] * decay;
-  p[i] = next;
-  m[i] = mi;
-  v[i] = vi;
-}
-
-__global__ void adamw(float* p, const float* g, float* m, float* v, i64 n, float gscale, float beta1, float one_minus_beta1, float beta2, float one_minus_beta2, float sqrt_bc2, float eps,
-                      float step, float decay) {
-  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
-    adamw_at(p, g, m, v, i, gscale, beta1, one_minus_beta1, beta2, one_minus_beta2, sqrt_bc2, eps, step, decay);
-}
-
 // Every parameter of an optimizer step in one launch (an adapter has hundreds of small ones, a
-// launch each otherwise). tab holds, per tensor, 7 words: p, g, m, v (addresses), n, its first
-// chunk of PREFOPT_ADAMW_CHUNK elements (ascending), and its decay's float bits; a block takes a
-// chunk at a time and finds its tensor by bisection.
+// launch each otherwise). tab holds, per tensor, PREFOPT_ADAMW_WORDS words: p, g, m, v
+// (addresses), n, its first chunk of PREFOPT_ADAMW_CHUNK elements (ascending), then the float bits
+// of its nine scalars as train/adamw computes them (gscale, β1, 1−β1, β2, 1−β2, √bc2, ε, step,
+// decay). A block takes a chunk at a time and finds its tensor by bisection. The update is the CPU
+// kernel's, operation for operation: g' = g·gscale, m' = β1·m + (1−β1)·g',
+// v' = β2·v + (1−β2)·g'², p' = p − m'/(√v'/√bc2 + ε)·step − p·decay; in place.
 #define PREFOPT_ADAMW_CHUNK 4096
-__global__ void adamw_many(const i64* tab, int count, i64 chunks, float gscale, float beta1, float one_minus_beta1, float beta2, float one_minus_beta2, float sqrt_bc2, float eps,
-                           float step) {
+#define PREFOPT_ADAMW_WORDS 15
+__global__ void adamw(const i64* tab, int count, i64 chunks) {
   for (i64 c = blockIdx.x; c < chunks; c += gridDim.x) {
     int lo = 0, hi = count - 1;
     while (lo < hi) {
       const int mid = (lo + hi + 1) / 2;
-      if (tab[mid * 7 + 5] <= c) lo = mid;
+      if (tab[mid * PREFOPT_ADAMW_WORDS + 5] <= c) lo = mid;
       else hi = mid - 1;
     }
-    const i64* e = tab + lo * 7;
+    const i64* e = tab + lo * PREFOPT_ADAMW_WORDS;
     float* p = reinterpret_cast<float*>(e[0]);
     const float* g = reinterpret_cast<const float*>(e[1]);
     float* m = reinterpret_cast<float*>(e[2]);
     float* v = reinterpret_cast<float*>(e[3]);
     const i64 begin = (c - e[5]) * PREFOPT_ADAMW_CHUNK;
     const i64 end = begin + PREFOPT_ADAMW_CHUNK < e[4] ? begin + PREFOPT_ADAMW_CHUNK : e[4];
-    const float decay = __uint_as_float((unsigned)e[6]);
-    for (i64 i = begin + threadIdx.x; i < end; i += blockDim.x)
-      adamw_at(p, g, m, v, i, gscale, beta1, one_minus_beta1, beta2, one_minus_beta2, sqrt_bc2, eps, step, decay);
+    float s[9];
+    for (int k = 0; k < 9; k++) s[k] = __uint_as_float((unsigned)e[6 + k]);
+    for (i64 i = begin + threadIdx.x; i < end; i += blockDim.x) {
+      float gi = g[i] * s[0];
+      float mi = m[i] * s[1] + gi * s[2];
+      float vi = v[i] * s[3] + gi * gi * s[4];
+      float next = p[i] - (mi / (sqrtf(vi) / s[5] + s[6])) * s[7];
+      if (s[8] != 0.f) next -= p[i] * s[8];
+      p[i] = next;
+      m[i] = mi;
+      v[i] = vi;
+    }
   }
 }
 

@@ -203,7 +203,7 @@ export function cudaFused(dev: CudaDevice, jumps: AleaJumps): FusedAddon {
         else gemm({ m, n: din, k: r, a: g, b: a, tb: true, c: dxd });
       }),
     matmulWeight: (tb, m, n, kk, a: any, b: any, bdt, c: any) => byWeight({ m, n, k: kk, a, w: weight(b, bdt), tb, c }),
-    adamwInPlace: (ps: any[], gs: any[], ms: any[], vs: any[], scalars) => adamwMany(dev, ps, gs, ms, vs, scalars),
+    adamwInPlace: (ps: any[], gs: any[], ms: any[], vs: any[], scalars) => adamwAll(dev, ps, gs, ms, vs, scalars),
     sumSquares: (x: any, n, out: any) => dev.single('sum_squares', [x, n, out]),
     splitQkv: (qkv: any, n, kv, g, hd, q: any, kk: any, v: any, merge) => dev.each('split_qkv', n * kv * (g + 2) * hd, [qkv, n, kv, g, hd, q, kk, v, merge ? 1 : 0]),
     embed: (table: any, v, d, ids: any, n, out: any, dt) => {
@@ -251,34 +251,27 @@ export function rowsById(idx: Int32Array, v: number): { ids: Int32Array; starts:
   return { ids: Int32Array.from(ids), starts: Int32Array.from(starts), rows: order };
 }
 
-/** Elements a block of kernels.cu's adamw_many takes at a time (PREFOPT_ADAMW_CHUNK). */
+/** Elements a block of kernels.cu's adamw takes at a time (PREFOPT_ADAMW_CHUNK), and a tensor's words in its table (PREFOPT_ADAMW_WORDS). */
 const ADAMW_CHUNK = 4096;
+const ADAMW_WORDS = 15;
 
 /**
- * One optimizer step over every tensor in one launch (kernels.cu: adamw_many): the tensors'
- * addresses, sizes, first chunks and decays in one table, uploaded. The step's other scalars are
- * the same for every tensor (train/adamw), only the decay is a tensor's own; where they are not
- * (a caller of its own), each tensor gets its own adamw launch.
+ * One optimizer step over every tensor in one launch (kernels.cu: adamw): per tensor, its
+ * addresses, size, first chunk and the float bits of its nine scalars, in one table, uploaded.
  */
-function adamwMany(dev: CudaDevice, ps: DeviceArray[], gs: DeviceArray[], ms: DeviceArray[], vs: DeviceArray[], scalars: Float32Array): void {
-  const shared = (i: number) => scalars.subarray(9 * i, 9 * i + 8);
-  const uniform = ps.every((_, i) => shared(i).every((x, k) => x === scalars[k]));
-  if (!uniform) {
-    ps.forEach((p, i) => dev.each('adamw', p.length, [p.addr, gs[i].addr, ms[i].addr, vs[i].addr, p.length, ...scalars.subarray(9 * i, 9 * i + 9)]));
-    return;
-  }
-  const tab = new BigInt64Array(7 * ps.length);
-  const decayBits = new Uint32Array(scalars.buffer, scalars.byteOffset, scalars.length);
+function adamwAll(dev: CudaDevice, ps: DeviceArray[], gs: DeviceArray[], ms: DeviceArray[], vs: DeviceArray[], scalars: Float32Array): void {
+  const tab = new BigInt64Array(ADAMW_WORDS * ps.length);
+  const bits = new Uint32Array(scalars.buffer, scalars.byteOffset, scalars.length);
   let chunks = 0;
   ps.forEach((p, i) => {
-    tab.set([p.addr, gs[i].addr, ms[i].addr, vs[i].addr, p.length, chunks].map(BigInt), 7 * i);
-    tab[7 * i + 6] = BigInt(decayBits[9 * i + 8]);
+    tab.set([p.addr, gs[i].addr, ms[i].addr, vs[i].addr, p.length, chunks].map(BigInt), ADAMW_WORDS * i);
+    tab.set(Array.from(bits.subarray(9 * i, 9 * i + 9), BigInt), ADAMW_WORDS * i + 6);
     chunks += Math.ceil(p.length / ADAMW_CHUNK);
   });
   if (!chunks) return;
   dev.withTemp([tab.byteLength], ([t]) => {
     dev.upload(t, tab);
-    dev.blocks('adamw_many', chunks, [t, ps.length, chunks, ...shared(0)], 256);
+    dev.blocks('adamw', chunks, [t, ps.length, chunks], 256);
   });
 }
 

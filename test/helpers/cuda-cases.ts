@@ -176,7 +176,7 @@ export function cudaBackendCases(): void {
       compareLora(res);
     });
 
-  it('AdamW on the device (weight decay, gradient scale, bias corrections; tensors over several of adamw_many\'s chunks) gives the host\'s update on the same gradients', async () => {
+  it('AdamW on the device (weight decay, gradient scale, bias corrections; tensors over several of the kernel\'s chunks) gives the host\'s update on the same gradients', async () => {
     if (!native.active) return;
     const rng = new Rng(11);
     const n = 15000;
