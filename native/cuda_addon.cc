@@ -27,6 +27,10 @@ struct Timing {
   double count = 0, seconds = 0, work = 0;  // work: flops of a product, bytes of a copy
 };
 bool g_profiling = false;
+// Times the host waited for the device's queued work to finish (cudaStats' `waits`): downloads,
+// syncs and uploads too large to stage. Each one drains the queue, so the device idles while the
+// host issues what comes next.
+double g_waits = 0;
 std::map<std::string, Timing> g_profile;
 
 // Run the device operation f (which returns false on failure), timed under `key` when profiling.
@@ -121,6 +125,7 @@ napi_value Transfer(napi_env env, napi_callback_info info) {
   size_t n = 0;
   void* data = a.bytes(1, &n, "argument 1");
   if (!a.ok() || !need_device(env)) return nullptr;
+  if (!up || n > cuda::kStagedUpload) g_waits++;
   if (!timed(up ? "upload" : "download", (double)n, [&] { return up ? g_device->upload(addr, data, n) : g_device->download(data, addr, n); })) return throw_error(env, g_device->error);
   return nullptr;
 }
@@ -205,15 +210,17 @@ napi_value GemmCall(napi_env env, napi_callback_info info) {
 
 napi_value Sync(napi_env env, napi_callback_info) {
   if (!need_device(env)) return nullptr;
+  g_waits++;
   if (!g_device->sync()) return throw_error(env, g_device->error);
   return nullptr;
 }
 
-// cudaStats() → { live, cached, peak, free, total } bytes; cudaStats(true) restarts the peak.
+// cudaStats() → { live, cached, peak, free, total } bytes and the host's waits; cudaStats(true)
+// restarts the peak from what is live and the waits from 0.
 napi_value Stats(napi_env env, napi_callback_info info) {
   Args a(env, info, 0, "cudaStats");
   if (!need_device(env)) return nullptr;
-  if (a.count() > 0 && a.flag(0)) g_memory->reset_peak();
+  if (a.count() > 0 && a.flag(0)) g_memory->reset_peak(), g_waits = 0;
   size_t fr = 0, total = 0;
   g_device->memory(&fr, &total);
   napi_value o;
@@ -223,6 +230,7 @@ napi_value Stats(napi_env env, napi_callback_info info) {
   napi_set_named_property(env, o, "peak", number(env, (double)g_memory->peak()));
   napi_set_named_property(env, o, "free", number(env, (double)fr));
   napi_set_named_property(env, o, "total", number(env, (double)total));
+  napi_set_named_property(env, o, "waits", number(env, g_waits));
   return o;
 }
 

@@ -155,6 +155,11 @@ struct Driver {
   CUresult (*launch)(Handle, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, Handle, void**, void**);
   CUresult (*synchronize)();
   CUresult (*error_string)(CUresult, const char**);
+  CUresult (*host_alloc)(void**, size_t);
+  CUresult (*htod_async)(CUdeviceptr, const void*, size_t, Handle);
+  CUresult (*event_create)(Handle*, unsigned);
+  CUresult (*event_record)(Handle, Handle);
+  CUresult (*event_sync)(Handle);
 };
 
 struct Nvrtc {
@@ -221,7 +226,8 @@ class Gpu : public Device {
     d(cu_.primary_ctx, "cuDevicePrimaryCtxRetain"), d(cu_.set_ctx, "cuCtxSetCurrent"), d(cu_.mem_alloc, "cuMemAlloc_v2"), d(cu_.mem_free, "cuMemFree_v2");
     d(cu_.htod, "cuMemcpyHtoD_v2"), d(cu_.dtoh, "cuMemcpyDtoH_v2"), d(cu_.dtod, "cuMemcpyDtoD_v2"), d(cu_.mem_info, "cuMemGetInfo_v2");
     d(cu_.module_load, "cuModuleLoadData"), d(cu_.get_function, "cuModuleGetFunction"), d(cu_.launch, "cuLaunchKernel"), d(cu_.synchronize, "cuCtxSynchronize");
-    d(cu_.error_string, "cuGetErrorString");
+    d(cu_.error_string, "cuGetErrorString"), d(cu_.host_alloc, "cuMemAllocHost_v2"), d(cu_.htod_async, "cuMemcpyHtoDAsync_v2");
+    d(cu_.event_create, "cuEventCreate"), d(cu_.event_record, "cuEventRecord"), d(cu_.event_sync, "cuEventSynchronize");
     n(rtc_.create, "nvrtcCreateProgram"), n(rtc_.compile, "nvrtcCompileProgram"), n(rtc_.log_size, "nvrtcGetProgramLogSize"), n(rtc_.log, "nvrtcGetProgramLog");
     n(rtc_.cubin_size, "nvrtcGetCUBINSize"), n(rtc_.cubin, "nvrtcGetCUBIN"), n(rtc_.destroy, "nvrtcDestroyProgram"), n(rtc_.error_string, "nvrtcGetErrorString");
     n(rtc_.version, "nvrtcVersion");
@@ -249,6 +255,9 @@ class Gpu : public Device {
     if (!compile(source, major * 10 + minor, why)) return false;
     if (lt_.create(&lt_handle_) != 0) return *why = "cublasLtCreate failed", false;
     if (!ok(cu_.mem_alloc(&workspace_, kWorkspace), "cuMemAlloc (cuBLASLt workspace)")) return *why = error, false;
+    if (!ok(cu_.host_alloc(reinterpret_cast<void**>(&stage_), kStageSegments * kStagedUpload), "cuMemAllocHost (upload staging)")) return *why = error, false;
+    for (Handle& e : stage_done_)
+      if (!ok(cu_.event_create(&e, kEventDisableTiming), "cuEventCreate")) return *why = error, false;
     return true;
   }
 
@@ -261,7 +270,25 @@ class Gpu : public Device {
     return true;
   }
   void raw_free(uint64_t p) override { cu_.mem_free(p); }
-  bool upload(uint64_t dst, const void* src, size_t n) override { return ok(cu_.htod(dst, src, n), "cuMemcpyHtoD"); }
+  // A copy from pageable memory first waits for all the device's work (CUDA's API synchronization
+  // rules): small uploads go through pinned staging instead and queue behind that work. The
+  // staging is a ring of segments; the event recorded as one is left says when its copies are
+  // done, and it is refilled only after.
+  bool upload(uint64_t dst, const void* src, size_t n) override {
+    if (n > kStagedUpload) return ok(cu_.htod(dst, src, n), "cuMemcpyHtoD");
+    if (stage_at_ + n > kStagedUpload) {
+      if (!ok(cu_.event_record(stage_done_[stage_seg_], nullptr), "cuEventRecord")) return false;
+      stage_pending_[stage_seg_] = true;
+      stage_seg_ = (stage_seg_ + 1) % kStageSegments;
+      stage_at_ = 0;
+      if (stage_pending_[stage_seg_] && !ok(cu_.event_sync(stage_done_[stage_seg_]), "cuEventSynchronize")) return false;
+      stage_pending_[stage_seg_] = false;
+    }
+    char* at = stage_ + stage_seg_ * kStagedUpload + stage_at_;
+    std::memcpy(at, src, n);
+    stage_at_ = (stage_at_ + n + 15) / 16 * 16;
+    return ok(cu_.htod_async(dst, at, n, nullptr), "cuMemcpyHtoDAsync");
+  }
   bool download(void* dst, uint64_t src, size_t n) override { return ok(cu_.dtoh(dst, src, n), "cuMemcpyDtoH"); }
   bool copy(uint64_t dst, uint64_t src, size_t n) override { return ok(cu_.dtod(dst, src, n), "cuMemcpyDtoD"); }
   bool launch(const KernelInfo& k, unsigned grid, unsigned block, void** args) override {
@@ -398,6 +425,13 @@ class Gpu : public Device {
   Lt lt_{};
   Handle lt_handle_ = nullptr, module_ = nullptr;
   CUdeviceptr workspace_ = 0;
+  static constexpr int kStageSegments = 16;
+  static constexpr unsigned kEventDisableTiming = 2;  // CU_EVENT_DISABLE_TIMING
+  char* stage_ = nullptr;
+  Handle stage_done_[kStageSegments] = {};
+  bool stage_pending_[kStageSegments] = {};
+  int stage_seg_ = 0;
+  size_t stage_at_ = 0;
   int sms_ = 1;
   bool tf32_ = true;
   std::string name_, cache_dir_;

@@ -42,6 +42,10 @@ struct Gemm {
   int adt = 0, bdt = 0;
 };
 
+// Uploads up to this size queue behind the device's work (a GPU stages them in pinned memory);
+// larger ones wait for it.
+constexpr size_t kStagedUpload = 256u << 10;
+
 class Device {
  public:
   virtual ~Device() = default;

@@ -55,7 +55,7 @@ export interface CudaAddon {
   /** [ta, tb, batch, m, n, k, a, sa, b, sb, c, sc, alpha, beta, adt, bdt] (strides in elements; dt 1: bf16). */
   cudaGemm(args: number[]): void;
   cudaSync(): void;
-  cudaStats(resetPeak?: boolean): { live: number; cached: number; peak: number; free: number; total: number };
+  cudaStats(resetPeak?: boolean): { live: number; cached: number; peak: number; free: number; total: number; waits: number };
   cudaTrim(): void;
   cudaKernels(): Record<string, string>;
   /** The profile so far (then cleared); on starts or stops timing each device operation. */

@@ -158,6 +158,35 @@ export function cudaBackendCases(): void {
     expect(a.cudaStats().cached).toBe(0);
   });
 
+  it('uploads queue behind the device\'s work and arrive in order: 24 MiB in small uploads without a wait between (six times the GPU\'s staging ring), a large one after them; only downloads and large uploads wait', async () => {
+    if (!native.active) return;
+    await initBackend('cuda');
+    const a = cudaAddon()!;
+    const dev = openedCudaDevice()!;
+    const n = 16_000; // 64 KB each: four to a staging segment, so segments fill and are left
+    const blocks = Array.from({ length: 400 }, () => dev.alloc(4 * n));
+    a.cudaStats(true);
+    blocks.forEach((b, i) => dev.upload(b, Float32Array.from({ length: n }, (_, j) => i * n + j)));
+    expect(a.cudaStats().waits).toBe(0);
+    // A large upload over a block whose small upload may still be queued: the large one is last.
+    const big = Float32Array.from({ length: 100_000 }, (_, j) => -j);
+    const wide = dev.alloc(4 * big.length);
+    dev.upload(wide, Float32Array.from({ length: 16 }, () => 7));
+    dev.upload(wide, big);
+    expect(a.cudaStats().waits).toBe(1);
+    const out = new Float32Array(n);
+    blocks.forEach((b, i) => {
+      dev.download(b, out);
+      expect(out[0], `block ${i}`).toBe(i * n);
+      expect(out[n - 1], `block ${i}`).toBe(i * n + n - 1);
+    });
+    const back = new Float32Array(big.length);
+    dev.download(wide, back);
+    expect(back).toEqual(big);
+    expect(a.cudaStats().waits).toBe(1 + blocks.length + 1);
+    [...blocks, wide].forEach((b) => dev.free(b));
+  });
+
   for (const arch of ['qwen2 biases tied rope 1e6', 'qwen3 q/k norms, head_dim 12 apart from hidden / heads, tied', 'zhinao fused qkv GQA', 'mistral sliding window 3', 'llama with attention_bias'])
     it(`LoRA DPO with dropout (${arch}): loss, adapter gradients and two AdamW steps as on the native backend; no tensor or device memory kept`, async () => {
       if (!native.active) return;

@@ -35,9 +35,31 @@ int cuDevicePrimaryCtxRetain(void** c, int d) { *c = (void*)1; return 0; }
 int cuCtxSetCurrent(void* c) { return c ? 0 : 1; }
 int cuMemAlloc_v2(unsigned long long* p, size_t n) { void* m = aligned_alloc(256, (n + 255) / 256 * 256); if (!m) return 2; *p = (unsigned long long)m; return 0; }
 int cuMemFree_v2(unsigned long long p) { free((void*)p); return 0; }
-int cuMemcpyHtoD_v2(unsigned long long d, const void* s, size_t n) { memcpy((void*)d, s, n); return 0; }
-int cuMemcpyDtoH_v2(void* d, unsigned long long s, size_t n) { memcpy(d, (void*)s, n); return 0; }
-int cuMemcpyDtoD_v2(unsigned long long d, unsigned long long s, size_t n) { memmove((void*)d, (void*)s, n); return 0; }
+/*
+ * The stream: asynchronous copies wait in a queue and run only when the stream must have reached
+ * them — before a launch, a product or a synchronous copy, at a synchronize, or at an event
+ * synchronize up to where the event was recorded — as late as a GPU may run them, so staging
+ * memory refilled before its copy ran shows as wrong data. They are taken only from pinned memory.
+ */
+typedef struct { unsigned long long d; const char* s; size_t n; } pending;
+static pending queue[1 << 16];
+static long done, queued;
+static char *pinned_at, *pinned_end;
+static void run_to(long upto) { for (; done < upto; done++) { pending* p = &queue[done % (1 << 16)]; memcpy((void*)p->d, p->s, p->n); } }
+void standin_flush(void) { run_to(queued); }
+int cuMemAllocHost_v2(void** p, size_t n) { *p = pinned_at = malloc(n); pinned_end = pinned_at + n; return pinned_at ? 0 : 2; }
+int cuMemcpyHtoDAsync_v2(unsigned long long d, const void* s, size_t n, void* stream) {
+  if (stream || (const char*)s < pinned_at || (const char*)s + n > pinned_end) return 1;
+  if (queued - done == (1 << 16)) run_to(done + 1);
+  queue[queued++ % (1 << 16)] = (pending){d, s, n};
+  return 0;
+}
+int cuEventCreate(void** e, unsigned flags) { *e = calloc(1, sizeof(long)); return 0; }
+int cuEventRecord(void* e, void* stream) { *(long*)e = queued; return stream ? 1 : 0; }
+int cuEventSynchronize(void* e) { run_to(*(long*)e); return 0; }
+int cuMemcpyHtoD_v2(unsigned long long d, const void* s, size_t n) { standin_flush(); memcpy((void*)d, s, n); return 0; }
+int cuMemcpyDtoH_v2(void* d, unsigned long long s, size_t n) { standin_flush(); memcpy(d, (void*)s, n); return 0; }
+int cuMemcpyDtoD_v2(unsigned long long d, unsigned long long s, size_t n) { standin_flush(); memmove((void*)d, (void*)s, n); return 0; }
 int cuMemGetInfo_v2(size_t* f, size_t* t) { *f = (size_t)1 << 29; *t = (size_t)1 << 30; return 0; }
 /* The image the stand-in NVRTC made: its architecture line, then the source. */
 int cuModuleLoadData(void** m, const void* im) { if (strncmp((const char*)im, "STANDIN-CUBIN sm_90\n", 20)) return 200; image = strdup((const char*)im); *m = image; return 0; }
@@ -50,9 +72,10 @@ int cuModuleGetFunction(void** f, void* m, const char* name) {
 }
 int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, unsigned shm, void* stream, void** params, void** extra) {
   if (gy != 1 || gz != 1 || by != 1 || bz != 1 || bx > 1024 || extra || !params) return 1;
+  standin_flush();
   return run_kernel && run_kernel((const char*)f, gx, bx, params) ? 0 : 500;
 }
-int cuCtxSynchronize(void) { return 0; }
+int cuCtxSynchronize(void) { standin_flush(); return 0; }
 `;
 
 const NVRTC = String.raw`
@@ -161,7 +184,9 @@ static double at(const void* p, const layout* l, long long e, int tf32) {
   memcpy(&f, &u, 4);
   return f;
 }
+void standin_flush(void); /* the stand-in driver's stream, which a product comes after */
 int cublasLtMatmul(void* h, void* dd, const void* alpha, const void* A, void* Ad, const void* B, void* Bd, const void* beta, const void* C, void* Cd, void* D, void* Dd, const void* algo, void* ws, size_t wss, void* stream) {
+  standin_flush();
   desc* x = dd;
   layout *a = Ad, *b = Bd, *c = Cd, *d = Dd;
   long long m = d->rows, n = d->cols, k = x->ta ? a->rows : a->cols;
@@ -198,7 +223,9 @@ export function buildCudaStandIns(): string | null {
   for (const [name, src] of [['libcuda.so.1', DRIVER], ['libnvrtc.so.13', NVRTC], ['libcublasLt.so.13', CUBLASLT]]) {
     const c = path.join(dir, `${name}.c`);
     fs.writeFileSync(c, src);
-    const r = spawnSync('cc', ['-O2', '-shared', '-fPIC', '-o', path.join(dir, name), c], { encoding: 'utf8' });
+    // cuBLASLt's stand-in runs on the driver's stream: linked to that very file.
+    const link = name.startsWith('libcublasLt') ? [path.join(dir, 'libcuda.so.1')] : [];
+    const r = spawnSync('cc', ['-O2', '-shared', '-fPIC', '-o', path.join(dir, name), c, ...link], { encoding: 'utf8' });
     if (r.status !== 0) throw new Error(`${name}: ${r.stderr}`);
   }
   return dir;
