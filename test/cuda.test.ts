@@ -118,7 +118,7 @@ describe('the CUDA backend\'s state', () => {
     // Every kernel is in the addon's launch table (native/cuda_emulated.cc), which is how the
     // backend reaches it, and the table names nothing else.
     if (native.active) expect([...names].sort()).toEqual(Object.keys(cudaAddon()!.cudaKernels()).sort());
-    expect(names.length).toBe(33);
+    expect(names.length).toBe(35);
     for (const arch of ['sm_80', 'sm_90']) {
       const cubin = path.join(d, `${arch}.cubin`);
       const r = spawnSync(nvcc, ['--cubin', `-arch=${arch}`, '--fmad=false', '-o', cubin, 'native/cuda/kernels.cu'], { encoding: 'utf8' });

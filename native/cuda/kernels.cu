@@ -12,6 +12,7 @@
 // Launch shapes: elementwise kernels take any grid (grid-stride loops); row kernels take one
 // block per row and a power-of-two block size from 32 to 1024.
 
+typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
 typedef long long i64;
@@ -563,20 +564,74 @@ __global__ void strided_copy(const u32* src, u32* dst, i64 n, int rank, Dims d) 
   }
 }
 
-// y[i] = a[·] op b[·] (op: 0 add, 1 subtract, 2 multiply, 3 divide) with numpy broadcasting
-// through the strides; y is contiguous over d.shape.
+// y[i] = a[·] op b[·] with numpy broadcasting through the strides, y contiguous over d.shape; op:
+// 0 add, 1 subtract, 2 multiply, 3 divide, 4 minimum, 5 maximum — those two as JavaScript's
+// Math.min and Math.max (tfjs's cpu kernels): NaN if either is, −0 below +0.
 __global__ void binary(int op, const float* a, const float* b, float* y, i64 n, int rank, Dims d) {
   for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
     i64 oa, ob;
     dims_offsets(d, rank, i, &oa, &ob);
-    float x = a[oa], z = b[ob];
-    y[i] = op == 0 ? x + z : op == 1 ? x - z : op == 2 ? x * z : x / z;
+    const float x = a[oa], z = b[ob];
+    if (op < 4) {
+      y[i] = op == 0 ? x + z : op == 1 ? x - z : op == 2 ? x * z : x / z;
+      continue;
+    }
+    const bool xneg = (__float_as_uint(x) >> 31) != 0;
+    const bool pick_x = op == 4 ? x < z || (x == z && xneg) : x > z || (x == z && !xneg);
+    y[i] = x != x || z != z ? x + z : pick_x ? x : z;
   }
 }
 
-// y = −x (op 0), eˣ (1), the only elementwise functions with device work of any size.
-__global__ void unary(int op, const float* x, float* y, i64 n) {
-  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) y[i] = op == 0 ? -x[i] : expf(x[i]);
+// y[i] = a[·] op b[·] ? 1 : 0 as bytes (tfjs's bool), broadcast as in binary; op: 0 <, 1 ≤, 2 >,
+// 3 ≥, 4 =, 5 ≠ (a NaN compares unequal to everything).
+__global__ void compare(int op, const float* a, const float* b, u8* y, i64 n, int rank, Dims d) {
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+    i64 oa, ob;
+    dims_offsets(d, rank, i, &oa, &ob);
+    const float x = a[oa], z = b[ob];
+    y[i] = op == 0 ? x < z : op == 1 ? x <= z : op == 2 ? x > z : op == 3 ? x >= z : op == 4 ? x == z : x != z;
+  }
+}
+
+// y = op(x) as tfjs's cpu kernels compute it: 0 −x, 1 eˣ, 2 |x|, 3 ln x, 4 ln(1 + x), 5 max(0, x)
+// (NaN kept), 6 x², 7 √x, 8 1 / (1 + e⁻ˣ), 9 step: 1 where x > 0, else alpha (NaN kept) — the
+// gradients of |x| and max(0, x).
+__global__ void unary(int op, const float* x, float* y, i64 n, float alpha) {
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+    const float v = x[i];
+    float r;
+    switch (op) {
+      case 0: r = -v; break;
+      case 1: r = expf(v); break;
+      case 2: r = fabsf(v); break;
+      case 3: r = logf(v); break;
+      case 4: r = log1pf(v); break;
+      case 5: r = v != v || v > 0.f ? v : 0.f; break;
+      case 6: r = v * v; break;
+      case 7: r = sqrtf(v); break;
+      case 8: r = 1.f / (1.f + expf(-v)); break;
+      default: r = v != v ? v : v > 0.f ? 1.f : alpha;
+    }
+    y[i] = r;
+  }
+}
+
+// y = x converted between tfjs's dtypes (0 float32, 1 int32, 2 bool bytes), as its cpu kernel
+// does: to int32 as JavaScript's ToInt32 (truncated, modulo 2³², NaN and ±∞ to 0), to bool x ≠ 0.
+__global__ void cast(const void* x, int from, int to, i64 n, void* y) {
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+    const float f = from == 0 ? ((const float*)x)[i] : 0.f;
+    const int k = from == 1 ? ((const int*)x)[i] : from == 2 ? (int)((const u8*)x)[i] : 0;
+    if (to == 0) ((float*)y)[i] = from == 0 ? f : (float)k;
+    else if (to == 2) ((u8*)y)[i] = from == 0 ? f != 0.f : k != 0;
+    else if (from != 0) ((int*)y)[i] = k;
+    else if (f != f || f - f != 0.f) ((int*)y)[i] = 0;  // NaN or ±∞
+    else if (fabsf(f) < 2147483648.f) ((int*)y)[i] = (int)f;
+    else {
+      double m = fmod((double)f, 4294967296.0);  // |f| ≥ 2³¹ is an integer
+      ((int*)y)[i] = (int)(u32)(m < 0 ? m + 4294967296.0 : m);
+    }
+  }
 }
 
 // n 4-byte words set to the bits v (a float's or an int's).

@@ -43,24 +43,43 @@ function broadcastStrides(shape: number[], out: number[]): number[] {
   return out.map((_, i) => (i < off || shape[i - off] === 1 ? 0 : s[i - off]));
 }
 
-const binary = (op: number): Kernel => (be, { a, b }) => {
-  if (!f32(a) || !f32(b)) return null;
+/** The launch arguments of an elementwise op over a and b broadcast together (null past MAX_RANK). */
+function broadcastArgs(a: Info, b: Info): { shape: number[]; n: number; rest: (number | number[])[] } | null {
   const shape = tf.broadcast_util.assertAndGetBroadcastShape(a.shape, b.shape);
   if (shape.length > MAX_RANK) return null;
-  const y = be.makeTensorInfo(shape, 'float32');
   const n = size(shape);
-  const r = Math.max(shape.length, 1);
   const sh = shape.length ? shape : [1];
-  be.device.each('binary', n, [op, be.addr(a), be.addr(b), be.addr(y), n, r, dims(sh, shape.length ? broadcastStrides(a.shape, shape) : [0], shape.length ? broadcastStrides(b.shape, shape) : [0])]);
+  return { shape, n, rest: [n, Math.max(shape.length, 1), dims(sh, shape.length ? broadcastStrides(a.shape, shape) : [0], shape.length ? broadcastStrides(b.shape, shape) : [0])] };
+}
+
+/** kernels.cu's binary (op: 0 add … 5 maximum) on float32 operands. */
+const binary = (op: number): Kernel => (be, { a, b }) => {
+  const args = f32(a) && f32(b) ? broadcastArgs(a, b) : null;
+  if (!args) return null;
+  const y = be.makeTensorInfo(args.shape, 'float32');
+  be.device.each('binary', args.n, [op, be.addr(a), be.addr(b), be.addr(y), ...args.rest]);
   return y;
 };
 
-const unary = (op: number): Kernel => (be, { x }) => {
-  if (!f32(x)) return null;
-  const y = be.makeTensorInfo(x.shape, 'float32');
-  be.device.each('unary', size(x.shape), [op, be.addr(x), be.addr(y), size(x.shape)]);
+/** kernels.cu's compare (op: 0 < … 5 ≠) of float32 operands, a bool tensor. */
+const compare = (op: number): Kernel => (be, { a, b }) => {
+  const args = f32(a) && f32(b) ? broadcastArgs(a, b) : null;
+  if (!args) return null;
+  const y = be.makeTensorInfo(args.shape, 'bool');
+  be.device.each('compare', args.n, [op, be.addr(a), be.addr(b), be.addr(y), ...args.rest]);
   return y;
 };
+
+/** kernels.cu's unary (op: 0 −x … 9 step with `alpha`) on a float32 tensor. */
+const unary = (op: number): Kernel => (be, { x }, { alpha }) => {
+  if (!f32(x)) return null;
+  const y = be.makeTensorInfo(x.shape, 'float32');
+  be.device.each('unary', size(x.shape), [op, be.addr(x), be.addr(y), size(x.shape), alpha ?? 0]);
+  return y;
+};
+
+/** kernels.cu's cast codes of the dtypes it converts between. */
+const CAST_CODE: Partial<Record<tf.DataType, number>> = { float32: 0, int32: 1, bool: 2 };
 
 function slice(be: CudaBackend, x: Info, begin: number[], sz: number[]): Info {
   const y = be.makeTensorInfo(sz, x.dtype);
@@ -89,13 +108,40 @@ const filledLike = (v: number): Kernel => (be, { x }) => {
 const KERNELS: Record<string, Kernel> = {
   Reshape: (be, { x }, { shape }) => alias(be, x, tf.util.inferFromImplicitShape(shape, size(x.shape))),
   Identity: (be, { x }) => alias(be, x, x.shape),
-  Cast: (be, { x }, { dtype }) => (x.dtype === dtype ? alias(be, x, x.shape) : null),
+  Cast: (be, { x }, { dtype }) => {
+    if (x.dtype === dtype) return alias(be, x, x.shape);
+    const from = CAST_CODE[x.dtype as tf.DataType];
+    const to = CAST_CODE[dtype as tf.DataType];
+    if (from === undefined || to === undefined) return null;
+    const y = be.makeTensorInfo(x.shape, dtype);
+    be.device.each('cast', size(x.shape), [be.addr(x), from, to, size(x.shape), be.addr(y)]);
+    return y;
+  },
+  // The ops of the DPO losses and their gradients (dpo/loss: log σ, hinge, IPO; tfjs's gradients
+  // of min, |x| and max(0, x) go through step, comparisons and casts) and of the logged metrics:
+  // on the host, each would wait for the device's queued work to read its inputs.
   Add: binary(0),
   Sub: binary(1),
   Multiply: binary(2),
   RealDiv: binary(3),
+  Minimum: binary(4),
+  Maximum: binary(5),
+  Less: compare(0),
+  LessEqual: compare(1),
+  Greater: compare(2),
+  GreaterEqual: compare(3),
+  Equal: compare(4),
+  NotEqual: compare(5),
   Neg: unary(0),
   Exp: unary(1),
+  Abs: unary(2),
+  Log: unary(3),
+  Log1p: unary(4),
+  Relu: unary(5),
+  Square: unary(6),
+  Sqrt: unary(7),
+  Sigmoid: unary(8),
+  Step: unary(9),
   ZerosLike: filledLike(0),
   // The seed of every backward pass through a loss's scalar ops (tf.grad's dy): on the host it cost
   // a copy each way.
@@ -157,6 +203,17 @@ const KERNELS: Record<string, Kernel> = {
     const y = be.makeTensorInfo(keepDims ? tf.backend_util.expandShapeToKeepDim(outShape, axes) : outShape, 'float32');
     be.device.rows('sum_rows', size(outShape), [be.addr(moved), size(reduceShape), be.addr(y)]);
     if (moved !== x) be.disposeData(moved.dataId);
+    return y;
+  },
+  // As tfjs's cpu kernel: each element divided by the count, then summed.
+  Mean: (be, { x }, attrs) => {
+    if (!f32(x)) return null;
+    const axes = tf.util.parseAxisParam(attrs.axis, x.shape);
+    const count = be.makeTensorInfo([], 'float32', Float32Array.of(size(tf.backend_util.computeOutAndReduceShapes(x.shape, axes)[1])));
+    const scaled = KERNELS.RealDiv(be, { a: x, b: count }, {}) as Info;
+    const y = KERNELS.Sum(be, { x: scaled }, attrs) as Info;
+    be.disposeData(count.dataId);
+    be.disposeData(scaled.dataId);
     return y;
   },
   GatherV2: (be, { x, indices }, { axis, batchDims }) => {

@@ -16,6 +16,7 @@ import { Rng } from '../../src/util/rng.js';
 import { loraDpoTrace, worstRel } from '../../bench/steps.js';
 import { ARCH_SPECS, makeTestModel } from './models.js';
 import { dropout } from '../../src/engine/dropout.js';
+import { DEFAULT_DPO, dpoLosses } from '../../src/dpo/loss.js';
 
 /*
  * The cuda backend's cases (engine/cuda-backend, -glue, -fused), run on whichever device the
@@ -107,6 +108,71 @@ export function cudaBackendCases(): void {
       expect(res.cuda, name).toEqual(res.native.map((o) => ({ ...o, values: expect.anything() })));
       res.native.forEach((o, i) => expect(worstRel(res.cuda[i].values, o.values), name).toBeLessThan(1e-6));
     }
+  });
+
+  it('the losses\' elementwise ops on the device give tfjs cpu kernels\' values, NaN, ±∞ and −0 included (min/max, comparisons, casts, |x|, logs, relu, step, mean); a DPO loss with its gradient and metrics runs no host kernel', async () => {
+    if (!native.active) return;
+    const special = [NaN, Infinity, -Infinity, 0, -0, 1.5, -2.5, 3e9, -3e9, 5e9, 1e-30, -0.75, 2, 0.5];
+    const x = () => tf.tensor1d(special);
+    const y = () => tf.tensor1d([...special].reverse());
+    const cases: [string, () => tf.Tensor][] = [
+      ['minimum', () => tf.minimum(x(), y())],
+      ['maximum broadcast', () => tf.maximum(tf.reshape(x(), [2, 7]), tf.tensor1d([0, -0, 1, NaN, -1, 2, 3]))],
+      ['minimum −0 +0', () => tf.minimum(tf.tensor1d([0, -0, -0, 0]), tf.tensor1d([-0, 0, -0, 0]))],
+      ...(['less', 'lessEqual', 'greater', 'greaterEqual', 'equal', 'notEqual'] as const).map((op): [string, () => tf.Tensor] => [op, () => (tf[op] as any)(x(), tf.tensor1d([NaN, Infinity, 0, -0, 0, 1.5, 2, 3e9, -3e9, 1, 1e-30, -0.75, 2, -1]))]),
+      ['abs', () => tf.abs(x())],
+      ['log', () => tf.log(x())],
+      ['log1p', () => tf.log1p(x())],
+      ['relu', () => tf.relu(x())],
+      ['square', () => tf.square(x())],
+      ['sqrt', () => tf.sqrt(x())],
+      ['sigmoid', () => tf.sigmoid(x())],
+      ['step alpha −1', () => tf.step(x(), -1)],
+      ['cast float32 → int32', () => tf.cast(x(), 'int32')],
+      ['cast float32 → bool', () => tf.cast(x(), 'bool')],
+      ['cast bool → float32', () => tf.cast(tf.greater(x(), 0), 'float32')],
+      ['cast int32 → float32', () => tf.cast(tf.tensor1d([-7, 0, 2147483647, 16777217], 'int32'), 'float32')],
+      ['cast bool → int32', () => tf.cast(tf.tensor1d([true, false, true], 'bool'), 'int32')],
+      ['mean axis 1', () => tf.mean(tf.tensor2d([[1, 2, 3], [4, 5, 7.5]]), 1)],
+      ['mean all keepDims', () => tf.mean(tf.tensor2d([[1, 2, 3], [4, 5, 7.5]]), undefined, true)],
+    ];
+    for (const [name, f] of cases) {
+      const res = await both(() => tf.tidy(() => {
+        const t = f();
+        return { shape: t.shape, dtype: t.dtype, values: Array.from(t.dataSync()) };
+      }));
+      expect({ ...res.cuda, values: [] }, name).toEqual({ ...res.native, values: [] });
+      res.native.values.forEach((v, i) => {
+        const c = res.cuda.values[i];
+        if (Object.is(v, c) || (Number.isNaN(v) && Number.isNaN(c))) return;
+        expect(v === 0 || !Number.isFinite(v), `${name}[${i}]: ${Object.is(c, -0) ? '-0' : c} for ${Object.is(v, -0) ? '-0' : v}`).toBe(false);
+        expect(Math.abs(c - v), `${name}[${i}]: ${c} for ${v}`).toBeLessThanOrEqual(1e-6 * Math.abs(v));
+      });
+    }
+    // The sigmoid DPO loss (log σ through min, |x|, log1p) with label smoothing, its gradient and
+    // the stage's metrics, from log-probs on the device: nothing goes to the host.
+    await initBackend('cuda');
+    const dev = openedCudaDevice()!;
+    const lp = tf.variable(tf.tensor1d([-3, -5, -4, -2]));
+    dev.profile(true);
+    const { value, grads } = tf.variableGrads(() => {
+      const l = dpoLosses({ policyChosen: tf.slice(lp, [0], [2]), policyRejected: tf.slice(lp, [2], [2]), refChosen: tf.tensor1d([-3.5, -4]), refRejected: tf.tensor1d([-4, -3]), lenChosen: tf.tensor1d([3, 4]), lenRejected: tf.tensor1d([5, 2]) }, { ...DEFAULT_DPO, labelSmoothing: 0.1 });
+      tf.mean(tf.cast(tf.greater(l, 0.5), 'float32')).dispose();
+      return tf.mean(l) as tf.Scalar;
+    }, [lp]);
+    const ops = dev.profile(false);
+    expect(Object.keys(ops).filter((k) => k.startsWith('host '))).toEqual([]);
+    const g = grads[lp.name].dataSync();
+    // d/dΔ of −(1−ε)·log σ(βΔ) − ε·log σ(−βΔ) by hand, Δ = (π_w − ref_w) − (π_l − ref_l) of each
+    // pair (β 0.1, ε 0.1), halved by the mean.
+    const sig = (t: number) => 1 / (1 + Math.exp(-t));
+    [0.5 - 0, -1 - 1].forEach((d, i) => {
+      const dl = 0.5 * 0.1 * (-(0.9) * (1 - sig(0.1 * d)) + 0.1 * sig(0.1 * d));
+      expect(g[i]).toBeCloseTo(dl, 6);
+      expect(g[i + 2]).toBeCloseTo(-dl, 6);
+    });
+    expect(value.dataSync()[0]).toBeCloseTo(0.5 * [0.5, -2].reduce((s, d) => s - 0.9 * Math.log(sig(0.1 * d)) - 0.1 * Math.log(sig(-0.1 * d)), 0), 6);
+    tf.dispose([value, lp, ...Object.values(grads)]);
   });
 
   it('attention masks made on the device equal the host\'s bit for bit (padding, packed segments, sliding windows, queries after a cache)', async () => {
