@@ -8,7 +8,7 @@
  *   native backend (the CPU) and on the cuda backend — the loss and every adapter gradient;
  * - time: the real-size bench's LoRA DPO step (4 pairs × 256 tokens, dropout 0.05, reference
  *   cached), its log-probs job and its sampling job (4 × 64 new tokens, KV cache) on the cuda
- *   backend, tokens/s and the device's peak bytes;
+ *   backend, tokens/s, the device's peak bytes and how often a call waits for the device;
  * - profile: that LoRA DPO step once more with every device operation timed alone
  *   (CudaDevice.profile): one line per kernel, product shape, copy and host kernel, the slowest
  *   first, with its share of the step — what to speed up next.
@@ -224,8 +224,17 @@ async function time(): Promise<void> {
       tokens = 4 * fresh;
       f = () => void generate(model, [{ prompt, seeds: [1, 2, 3, 4] }], { ...DEFAULT_SAMPLING, maxNewTokens: fresh, stopIds: [] });
     }
-    const s = timeIt(f, job === 'generate' ? Math.min(reps, 3) : reps);
-    say({ step: 'cuda_time', job, device: dev.cudaOpen('gpu').name, tf32, bf16, layers, tokens_per_s: +(tokens / s).toFixed(1), seconds: +s.toFixed(4), peak_device_bytes: dev.cudaStats().peak });
+    // Each timed call ends when the device has done its work, as torch_ref's (torch.cuda.synchronize).
+    const s = timeIt(() => {
+      f();
+      dev.cudaSync();
+    }, job === 'generate' ? Math.min(reps, 3) : reps);
+    const peak = dev.cudaStats().peak;
+    // Each wait drains the device's queue: the host's issuing is then no longer hidden behind it.
+    dev.cudaStats(true);
+    f();
+    const waits = dev.cudaStats().waits;
+    say({ step: 'cuda_time', job, device: dev.cudaOpen('gpu').name, tf32, bf16, layers, tokens_per_s: +(tokens / s).toFixed(1), seconds: +s.toFixed(4), peak_device_bytes: peak, waits_per_call: waits });
   }
 }
 
@@ -236,7 +245,10 @@ async function profile(): Promise<void> {
   const model = Decoder.fromHF(cfg, (n) => w.get(n)!, false);
   const pb = rows(8);
   const step = loraDpoStepOf(model, pb, { dropout: 0.05, cachedReference: true }).step;
-  const seconds = timeIt(step, reps);
+  const seconds = timeIt(() => {
+    step();
+    dev.sync();
+  }, reps);
   dev.profile(true);
   const t0 = performance.now();
   step();

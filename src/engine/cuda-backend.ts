@@ -51,7 +51,9 @@ export class CudaBackend extends tf.KernelBackend {
     const addr = this.device.alloc(size * bytesPer(dtype));
     this.entries.set(dataId, { addr, dtype, size, refCount: 1 });
     this.count++;
-    if (values) this.device.upload(addr, typed(values, dtype));
+    // tfjs never writes a tensor's data after making it, and prefopt's kernels write in place only
+    // into float32 ones (AdamW): int32 and bool ones keep a host copy, read without a wait.
+    if (values) this.device.upload(addr, typed(values, dtype), dtype !== 'float32');
     return { dataId, shape, dtype };
   }
 

@@ -25,15 +25,29 @@ export class CudaDevice {
   }
 
   free(addr: number): void {
+    this.mirrors.delete(addr);
     this.addon.cudaFree(addr);
   }
 
-  upload(addr: number, src: ArrayBufferView): void {
-    if (src.byteLength) this.addon.cudaUpload(addr, src);
+  /**
+   * Host copies of memory that nothing writes while it is allocated (the backend's int32 and bool
+   * tensors made from host values: token ids, positions, gather indices), by address: reading one
+   * back (the embedding gradient groups rows by id on the host) then costs no wait for the device.
+   */
+  private readonly mirrors = new Map<number, Uint8Array>();
+
+  /** src's bytes to addr; `immutable`: nothing will write there until it is freed, so reads are answered from a host copy. */
+  upload(addr: number, src: ArrayBufferView, immutable = false): void {
+    if (!src.byteLength) return;
+    this.addon.cudaUpload(addr, src);
+    if (immutable) this.mirrors.set(addr, new Uint8Array(src.buffer, src.byteOffset, src.byteLength).slice());
   }
 
   download(addr: number, dst: ArrayBufferView): void {
-    if (dst.byteLength) this.addon.cudaDownload(addr, dst);
+    if (!dst.byteLength) return;
+    const m = this.mirrors.get(addr);
+    if (m && m.byteLength === dst.byteLength) new Uint8Array(dst.buffer, dst.byteOffset, dst.byteLength).set(m);
+    else this.addon.cudaDownload(addr, dst);
   }
 
   copy(dst: number, src: number, bytes: number): void {

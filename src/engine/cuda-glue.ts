@@ -165,6 +165,29 @@ const KERNELS: Record<string, Kernel> = {
     }
     return y;
   },
+  // tf.stack: each input given the new axis (a view), then concatenated along it.
+  Pack: (be, inputs: Info[], { axis }) => {
+    if (!inputs.every(words) || new Set(inputs.map((t) => t.dtype)).size !== 1 || inputs[0].shape.length >= MAX_RANK) return null;
+    const ax = axis < 0 ? axis + inputs[0].shape.length + 1 : axis;
+    const views = inputs.map((t) => alias(be, t, [...t.shape.slice(0, ax), 1, ...t.shape.slice(ax)]));
+    try {
+      return KERNELS.Concat(be, views, { axis: ax });
+    } finally {
+      views.forEach((v) => be.disposeData(v.dataId));
+    }
+  },
+  // Added in order, as tfjs's cpu kernel does.
+  AddN: (be, inputs: Info[]) => {
+    if (!inputs.every(f32) || inputs[0].shape.length > MAX_RANK) return null;
+    if (inputs.length === 1) return alias(be, inputs[0], inputs[0].shape);
+    let y = KERNELS.Add(be, { a: inputs[0], b: inputs[1] }, {}) as Info;
+    for (const t of inputs.slice(2)) {
+      const next = KERNELS.Add(be, { a: y, b: t }, {}) as Info;
+      be.disposeData(y.dataId);
+      y = next;
+    }
+    return y;
+  },
   Slice: (be, { x }, { begin, size: sz }) => {
     if (!words(x)) return null;
     const [b, s] = tf.slice_util.parseSliceParams(x, begin, sz);

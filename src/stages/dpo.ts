@@ -1,6 +1,6 @@
 import * as path from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
-import { DEFAULT_TRAIN, TrainConfig, Trainer, TrainResult } from '../train/trainer.js';
+import { DEFAULT_TRAIN, LossOut, TrainConfig, Trainer, TrainResult } from '../train/trainer.js';
 import { checkTrainingFits } from '../model/memory.js';
 import { paramsCheckpoint } from '../train/params-io.js';
 import { DEFAULT_LORA, LoraAdapter, LoraConfig, attach, withAdapterOff } from '../lora/lora.js';
@@ -60,7 +60,7 @@ export const DEFAULT_DPO_STAGE: Omit<DpoConfig, 'model' | 'data' | 'out'> = {
   resume: false,
 };
 
-interface DpoBatch {
+export interface DpoBatch {
   sb: SeqBatch;
   n: number;
   refChosen: Float32Array;
@@ -69,7 +69,7 @@ interface DpoBatch {
   lenRejected: Float32Array;
 }
 
-function makeDpoBatches(pairs: PrefPair[], ref: { chosen: number[]; rejected: number[] }, bs: number, padId: number): DpoBatch[] {
+export function makeDpoBatches(pairs: PrefPair[], ref: { chosen: number[]; rejected: number[] }, bs: number, padId: number): DpoBatch[] {
   const idx = pairs.map((_, i) => i);
   return chunk(idx, bs).map((ids) => ({
     sb: pairBatch(ids.map((i) => pairs[i]), padId),
@@ -91,6 +91,25 @@ function batchLosses(model: Decoder, b: DpoBatch, p: DpoParams): { losses: tf.Te
   const nll = p.rpoAlpha > 0 ? chosenNll(pc, lenChosen) : null;
   if (nll) losses = tf.add(losses, tf.mul(nll, p.rpoAlpha)) as tf.Tensor1D;
   return { losses, pc, pr, nll };
+}
+
+/** A training step's loss on one batch: the pairs' mean loss, and TRL's logged metrics as tensors. */
+export function dpoBatchLoss(model: Decoder, b: DpoBatch, p: DpoParams): LossOut {
+  const { losses, pc, pr, nll } = batchLosses(model, b, p);
+  const lw = tf.sub(pc, tf.tensor1d(b.refChosen));
+  const ll = tf.sub(pr, tf.tensor1d(b.refRejected));
+  return {
+    loss: tf.mean(losses) as tf.Scalar,
+    metrics: {
+      'rewards/chosen': tf.mean(tf.mul(lw, p.beta)) as tf.Scalar,
+      'rewards/rejected': tf.mean(tf.mul(ll, p.beta)) as tf.Scalar,
+      'rewards/accuracies': tf.mean(tf.cast(tf.greater(lw, ll), 'float32')) as tf.Scalar,
+      'rewards/margins': tf.mean(tf.mul(tf.sub(lw, ll), p.beta)) as tf.Scalar,
+      'logps/chosen': tf.mean(pc) as tf.Scalar,
+      'logps/rejected': tf.mean(pr) as tf.Scalar,
+      ...(nll ? { nll_loss: nll } : {}),
+    },
+  };
 }
 
 /** TRL's metrics over pairs for the model as it is now (adapter state untouched). */
@@ -204,23 +223,7 @@ export async function runDpo(c: DpoConfig): Promise<DpoResult> {
         tokens: (b) => validTokens(b.sb),
         loss: (b, rng, training) => {
           adapter.setTraining(training, rng);
-          const { losses, pc, pr, nll } = batchLosses(model, b, c.dpo);
-          const rc = tf.tensor1d(b.refChosen);
-          const rr = tf.tensor1d(b.refRejected);
-          const lw = tf.sub(pc, rc);
-          const ll = tf.sub(pr, rr);
-          return {
-            loss: tf.mean(losses) as tf.Scalar,
-            metrics: {
-              'rewards/chosen': tf.mean(tf.mul(lw, c.dpo.beta)) as tf.Scalar,
-              'rewards/rejected': tf.mean(tf.mul(ll, c.dpo.beta)) as tf.Scalar,
-              'rewards/accuracies': tf.mean(tf.cast(tf.greater(lw, ll), 'float32')) as tf.Scalar,
-              'rewards/margins': tf.mean(tf.mul(tf.sub(lw, ll), c.dpo.beta)) as tf.Scalar,
-              'logps/chosen': tf.mean(pc) as tf.Scalar,
-              'logps/rejected': tf.mean(pr) as tf.Scalar,
-              ...(nll ? { nll_loss: nll } : {}),
-            },
-          };
+          return dpoBatchLoss(model, b, c.dpo);
         },
         evaluate: evalPairs.length
           ? () => {

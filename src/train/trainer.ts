@@ -193,17 +193,34 @@ export class Trainer<B> {
     return this.cfg.lr * lrMultiplier(this.cfg.scheduler, step, this.totalSteps, warmupSteps(this.totalSteps, this.cfg.warmupRatio));
   }
 
-  /** One optimizer step over gradAccum micro-batches; returns the logged scalars. */
+  /**
+   * One optimizer step over gradAccum micro-batches; returns the logged scalars. The micro-batches'
+   * losses and metrics and the gradients' norm are read together, once all are queued: on a GPU a
+   * read waits for the device to finish what was queued before it, and one wait a step, where the
+   * update needs the norm, keeps it busy. --detect-anomaly reads each micro-batch as it comes.
+   */
   trainStep(): Record<string, number> {
     const names = [...this.task.params.keys()];
     const vars = names.map((n) => this.task.params.get(n)!);
     const sums = new Map<string, tf.Tensor>();
-    const metricSums: Record<string, number> = {};
-    let lossSum = 0;
+    /** Per micro-batch: its loss, then its metrics in metricNames' order. */
+    const scalars: tf.Tensor[] = [];
+    let metricNames: string[] = [];
     let tokens = 0;
     const A = this.cfg.gradAccum;
+    const first = this.step * A;
+    const stop = (what: string, i: number, grads: tf.Tensor[] = []) => {
+      tf.dispose([...grads, ...sums.values(), ...scalars]);
+      return new UserError(`${what} at step ${this.step + 1}, micro-batch ${i} (epoch ${Math.floor(i / this.micro)}); stopped before the update, the last good checkpoint is kept`);
+    };
+    /** The first non-finite loss or metric in a micro-batch's read scalars, as stop's words. */
+    const badScalar = (v: ArrayLike<number>): string | null => {
+      if (!Number.isFinite(v[0])) return `non-finite loss (${v[0]})`;
+      const m = metricNames.findIndex((_, k) => !Number.isFinite(v[1 + k]));
+      return m < 0 ? null : `non-finite metric ${metricNames[m]} (${v[1 + m]})`;
+    };
     for (let a = 0; a < A; a++) {
-      const i = this.step * A + a;
+      const i = first + a;
       const b = this.batchAt(i);
       tokens += this.task.tokens(b);
       const rng = new Rng(this.cfg.seed, 'dropout', i);
@@ -213,26 +230,15 @@ export class Trainer<B> {
         metrics = Object.fromEntries(Object.entries(out.metrics ?? {}).map(([k, v]) => [k, tf.keep(v)]));
         return out.loss;
       }, vars);
-      const lv = value.dataSync()[0];
-      value.dispose();
-      for (const [k, v] of Object.entries(metrics)) {
-        metricSums[k] = (metricSums[k] ?? 0) + v.dataSync()[0] / A;
-        v.dispose();
-      }
-      const where = `step ${this.step + 1}, micro-batch ${i} (epoch ${Math.floor(i / this.micro)})`;
-      const stop = (what: string) => {
-        for (const g of Object.values(grads)) g.dispose();
-        for (const g of sums.values()) g.dispose();
-        return new UserError(`${what} at ${where}; stopped before the update, the last good checkpoint is kept`);
-      };
-      if (!Number.isFinite(lv)) throw stop(`non-finite loss (${lv})`);
+      metricNames = Object.keys(metrics);
+      scalars.push(tf.stack([value, ...metricNames.map((k) => metrics[k])]));
+      tf.dispose([value, ...Object.values(metrics)]);
       if (this.cfg.detectAnomaly) {
-        const badMetric = Object.entries(metricSums).find(([, v]) => !Number.isFinite(v));
-        if (badMetric) throw stop(`non-finite metric ${badMetric[0]} (${badMetric[1]})`);
-        const bad = nonFinite(names.flatMap((n, k) => (grads[vars[k].name] ? [[n, grads[vars[k].name]] as [string, tf.Tensor]] : [])));
-        if (bad.length) throw stop(`non-finite gradient of ${bad[0]}${bad.length > 1 ? ` (and ${bad.length - 1} more tensors)` : ''}`);
+        const bad = badScalar(scalars[a].dataSync());
+        if (bad) throw stop(bad, i, Object.values(grads));
+        const badGrads = nonFinite(names.flatMap((n, k) => (grads[vars[k].name] ? [[n, grads[vars[k].name]] as [string, tf.Tensor]] : [])));
+        if (badGrads.length) throw stop(`non-finite gradient of ${badGrads[0]}${badGrads.length > 1 ? ` (and ${badGrads.length - 1} more tensors)` : ''}`, i, Object.values(grads));
       }
-      lossSum += lv / A;
       names.forEach((n, k) => {
         const g = grads[vars[k].name];
         if (!g) return;
@@ -245,12 +251,19 @@ export class Trainer<B> {
       });
     }
     // Average over micro-batches, then clip by the global norm.
-    const sq = tf.tidy(() => tf.addN([...sums.values()].map((g) => sumSquares(g))));
-    const norm = Math.sqrt(sq.dataSync()[0]) / A;
-    sq.dispose();
+    const read = tf.tidy(() => tf.concat([...scalars, tf.reshape(tf.addN([...sums.values()].map((g) => sumSquares(g))), [1])]).dataSync());
+    const width = 1 + metricNames.length;
+    for (let a = 0; a < A; a++) {
+      const bad = badScalar(read.subarray(a * width, (a + 1) * width));
+      if (bad) throw stop(bad, first + a);
+    }
+    tf.dispose(scalars);
+    const norm = Math.sqrt(read[A * width]) / A;
+    const mean = (k: number) => Array.from({ length: A }, (_, a) => read[a * width + k]).reduce((x, y) => x + y / A, 0);
+    const lossSum = mean(0);
+    const metricSums = Object.fromEntries(metricNames.map((n, m) => [n, mean(1 + m)]));
     if (!Number.isFinite(norm)) {
       for (const g of sums.values()) g.dispose();
-      const first = this.step * A;
       throw new UserError(`non-finite gradient norm at step ${this.step + 1}, micro-batch${A > 1 ? `es ${first}–${first + A - 1}` : ` ${first}`}; stopped before the update, the last good checkpoint is kept (--detect-anomaly names the tensor)`);
     }
     const scale = clipFactor(norm, this.cfg.maxGradNorm) / A;

@@ -17,6 +17,13 @@ import { loraDpoTrace, worstRel } from '../../bench/steps.js';
 import { ARCH_SPECS, makeTestModel } from './models.js';
 import { dropout } from '../../src/engine/dropout.js';
 import { DEFAULT_DPO, dpoLosses } from '../../src/dpo/loss.js';
+import { dpoBatchLoss, makeDpoBatches } from '../../src/stages/dpo.js';
+import { DEFAULT_TRAIN, Trainer } from '../../src/train/trainer.js';
+import { LoraAdapter, attach } from '../../src/lora/lora.js';
+import type { PrefPair } from '../../src/data/prefs.js';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
 
 /*
  * The cuda backend's cases (engine/cuda-backend, -glue, -fused), run on whichever device the
@@ -68,7 +75,7 @@ function compareLora(r: { native: ReturnType<typeof loraDpo>; cuda: ReturnType<t
 
 /** The cases, inside the caller's describe. */
 export function cudaBackendCases(): void {
-  it('glue kernels give tfjs cpu kernels\' values: broadcast arithmetic, concat/slice/split/transpose/pad, sums, gather, batched products', async () => {
+  it('glue kernels give tfjs cpu kernels\' values: broadcast arithmetic, concat/stack/slice/split/transpose/pad, sums and addN, gather, batched products', async () => {
     if (!native.active) return;
     const rng = new Rng(1);
     const r = (shape: number[]) => tf.tensor(Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, () => rng.normal()), shape);
@@ -80,6 +87,9 @@ export function cudaBackendCases(): void {
       ['neg exp', () => tf.exp(tf.neg(r([33])))],
       ['concat axis 1', () => tf.concat([r([2, 3, 4]), r([2, 1, 4]), r([2, 5, 4])], 1)],
       ['concat int32', () => tf.concat([tf.tensor1d([1, 2], 'int32'), tf.tensor1d([3], 'int32')])],
+      ['stack axis 1', () => tf.stack([r([2, 3]), r([2, 3]), r([2, 3])], 1)],
+      ['stack scalars', () => tf.stack([tf.scalar(1.5), tf.scalar(-2), tf.scalar(3)])],
+      ['addN', () => tf.addN([r([4, 5]), r([4, 5]), r([4, 5]), r([4, 5])])],
       ['slice', () => tf.slice(r([4, 6, 5]), [1, 2, 0], [2, -1, 3])],
       ['split', () => tf.split(r([3, 10]), [2, 5, 3], 1)],
       ['transpose', () => tf.transpose(r([2, 3, 4, 5]), [0, 2, 1, 3])],
@@ -270,6 +280,34 @@ export function cudaBackendCases(): void {
       });
       compareLora(res);
     });
+
+  it('a LoRA DPO training step (the dpo stage\'s loss and metrics, two micro-batches, dropout, clipping, AdamW) waits for the device once, and logs the native backend\'s values', async () => {
+    if (!native.active) return;
+    const m = makeTestModel(ARCH_SPECS['qwen2 biases tied rope 1e6'], 4, 0.2);
+    const rng = new Rng(8);
+    const ids = (n: number) => Array.from({ length: n }, () => 2 + rng.int(m.cfg.vocab_size - 2));
+    const pairs: PrefPair[] = Array.from({ length: 4 }, (_, i) => ({ prompt: ids(3 + i), chosen: ids(4), rejected: ids(2 + i), where: `pair ${i}` }));
+    const batches = makeDpoBatches(pairs, { chosen: [-20, -21, -19, -22], rejected: [-18, -23, -20, -21] }, 2, 0);
+    let waits = -1;
+    const res = await both(() => {
+      const model = Decoder.fromHF(m.cfg, (n) => m.w.get(n)!, false);
+      const ad = LoraAdapter.create(model, { r: 4, alpha: 8, dropout: 0.1, targets: LINEARS, useRslora: false }, 0);
+      attach(model, ad);
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'prefopt-waits-'));
+      const tr = new Trainer({ params: ad.params(), model, trainBatches: batches, tokens: () => 1, loss: (b, r, training) => (ad.setTraining(training, r), dpoBatchLoss(model, b, DEFAULT_DPO)) }, { ...DEFAULT_TRAIN, gradAccum: 2, lr: 1e-2, maxGradNorm: 1e-3 }, dir);
+      const a = cudaAddon()!;
+      if (tf.getBackend() === 'cuda') a.cudaStats(true);
+      const logged = tr.trainStep();
+      if (tf.getBackend() === 'cuda') waits = a.cudaStats().waits;
+      ad.dispose();
+      model.dispose();
+      return logged;
+    });
+    expect(waits).toBe(1);
+    expect(Object.keys(res.cuda).sort()).toEqual(Object.keys(res.native).sort());
+    expect(res.native['rewards/accuracies']).toBeGreaterThanOrEqual(0);
+    for (const k of Object.keys(res.native)) expect(Math.abs(res.cuda[k] - res.native[k]), k).toBeLessThanOrEqual(1e-5 * Math.max(1, Math.abs(res.native[k])));
+  });
 
   it('AdamW on the device (weight decay, gradient scale, bias corrections; tensors over several of the kernel\'s chunks) gives the host\'s update on the same gradients', async () => {
     if (!native.active) return;
