@@ -43,8 +43,9 @@ struct Gemm {
 };
 
 // Uploads up to this size queue behind the device's work (a GPU stages them in pinned memory);
-// larger ones wait for it.
-constexpr size_t kStagedUpload = 256u << 10;
+// larger ones wait for it. A step's rotary tables (0.5 MiB each for 2,048 tokens of head_dim 64)
+// are under it; weights are over it, uploaded once.
+constexpr size_t kStagedUpload = 1u << 20;
 
 class Device {
  public:

@@ -234,18 +234,18 @@ export function cudaBackendCases(): void {
     expect(a.cudaStats().cached).toBe(0);
   });
 
-  it('uploads queue behind the device\'s work and arrive in order: 24 MiB in small uploads without a wait between (six times the GPU\'s staging ring), a large one after them; only downloads and large uploads wait', async () => {
+  it('uploads queue behind the device\'s work and arrive in order: 25 MB in small uploads without a wait between (one and a half times the GPU\'s staging ring), a large one after them; only downloads and large uploads wait', async () => {
     if (!native.active) return;
     await initBackend('cuda');
     const a = cudaAddon()!;
     const dev = openedCudaDevice()!;
-    const n = 16_000; // 64 KB each: four to a staging segment, so segments fill and are left
-    const blocks = Array.from({ length: 400 }, () => dev.alloc(4 * n));
+    const n = 64_000; // 256 KB each: four to a staging segment, so segments fill and are left
+    const blocks = Array.from({ length: 100 }, () => dev.alloc(4 * n));
     a.cudaStats(true);
     blocks.forEach((b, i) => dev.upload(b, Float32Array.from({ length: n }, (_, j) => i * n + j)));
     expect(a.cudaStats().waits).toBe(0);
     // A large upload over a block whose small upload may still be queued: the large one is last.
-    const big = Float32Array.from({ length: 100_000 }, (_, j) => -j);
+    const big = Float32Array.from({ length: 300_000 }, (_, j) => -j);
     const wide = dev.alloc(4 * big.length);
     dev.upload(wide, Float32Array.from({ length: 16 }, () => 7));
     dev.upload(wide, big);
