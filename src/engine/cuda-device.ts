@@ -26,7 +26,32 @@ export class CudaDevice {
 
   free(addr: number): void {
     this.mirrors.delete(addr);
+    const c = this.companions.get(addr);
+    if (c !== undefined) {
+      this.companions.delete(addr);
+      this.addon.cudaFree(c);
+    }
     this.addon.cudaFree(addr);
+  }
+
+  /** Memory that lives as long as the allocation at `owner` (see companion), by owner. */
+  private readonly companions = new Map<number, number>();
+
+  /**
+   * `bytes` allocated for as long as `owner` is: what a kernel leaves beside its output for that
+   * output's gradient (attention's row statistics), freed with it.
+   */
+  allocCompanion(owner: number, bytes: number): number {
+    const addr = this.alloc(bytes);
+    const old = this.companions.get(owner);
+    if (old !== undefined) this.addon.cudaFree(old);
+    this.companions.set(owner, addr);
+    return addr;
+  }
+
+  /** The memory allocCompanion gave `owner`, if it is still allocated. */
+  companion(owner: number): number | undefined {
+    return this.companions.get(owner);
   }
 
   /**

@@ -103,25 +103,31 @@ function aleaJumpTable(dev: CudaDevice, jumps: AleaJumps) {
   };
 }
 
-/** Attention forward and backward on the device (kernels.cu's attention section). */
-function deviceAttention(dev: CudaDevice): Pick<FusedAddon, 'attention' | 'attentionGrad'> {
+/**
+ * Attention forward and backward on the device (kernels.cu's attention section). The forward pass
+ * keeps each query row's max and log Σ exp beside its output (a companion of o's memory, freed
+ * with it), and the op saves o for the backward pass (savesAttentionOutput): the backward pass
+ * starts from them, not from a second forward pass (about a fifth of attention's arithmetic).
+ */
+function deviceAttention(dev: CudaDevice): Pick<FusedAddon, 'attention' | 'attentionGrad' | 'savesAttentionOutput'> {
+  const statBytes = (b: number, h: number, t: number) => 8 * b * h * t;
   return {
+    savesAttentionOutput: true,
     attention: (q: any, kk: any, v: any, mask: any, scale, b, t, tk, h, kv, hd, o: any) => {
       checkHeadDim(hd);
-      dev.withTemp([8 * b * h * t], ([stat]) => dev.blocks('attention_fwd', attentionJobs(b * h, t, hd), [q, kk, v, mask, scale, b, t, tk, h, kv, hd, o, stat], ATTENTION_BLOCK));
+      const stat = dev.allocCompanion(o, statBytes(b, h, t));
+      dev.blocks('attention_fwd', attentionJobs(b * h, t, hd), [q, kk, v, mask, scale, b, t, tk, h, kv, hd, o, stat], ATTENTION_BLOCK);
     },
-    // The forward pass again for o and each row's max and log Σ exp (the forward op keeps none), then
-    // the flash-style backward pass; with grouped heads, dk and dv per query head first, summed
-    // over each group after (kernels.cu: no atomics).
-    attentionGrad: (q: any, kk: any, v: any, mask: any, scale, b, t, tk, h, kv, hd, dout: any, dq: any, dk: any, dv: any) => {
+    // With grouped heads, dk and dv per query head first, summed over each group after (kernels.cu: no atomics).
+    attentionGrad: (q: any, kk: any, v: any, mask: any, scale, b, t, tk, h, kv, hd, dout: any, dq: any, dk: any, dv: any, o: any) => {
       checkHeadDim(hd);
+      const stat = o === null ? undefined : dev.companion(o);
+      if (stat === undefined) throw new Error("cuda backend: attention's backward pass needs the forward pass's output and row statistics");
       const g = h / kv;
       const perHead = g > 1 ? 4 * b * tk * h * hd : 0;
-      dev.withTemp([4 * b * t * h * hd, 8 * b * h * t, 4 * b * h * t, perHead, perHead], ([o, stat, delta, pk, pv]) => {
-        const queryJobs = attentionJobs(b * h, t, hd);
-        dev.blocks('attention_fwd', queryJobs, [q, kk, v, mask, scale, b, t, tk, h, kv, hd, o, stat], ATTENTION_BLOCK);
+      dev.withTemp([4 * b * h * t, perHead, perHead], ([delta, pk, pv]) => {
         dev.warps('attention_bwd_delta', b * h * t, [o, dout, b, t, h, hd, delta]);
-        dev.blocks('attention_bwd_dq', queryJobs, [q, kk, v, mask, dout, stat, delta, scale, b, t, tk, h, kv, hd, dq], ATTENTION_BLOCK);
+        dev.blocks('attention_bwd_dq', attentionJobs(b * h, t, hd), [q, kk, v, mask, dout, stat, delta, scale, b, t, tk, h, kv, hd, dq], ATTENTION_BLOCK);
         dev.blocks('attention_bwd_dkdv', attentionJobs(b * h, tk, hd), [q, kk, v, mask, dout, stat, delta, scale, b, t, tk, h, kv, hd, g > 1 ? pk : dk, g > 1 ? pv : dv], ATTENTION_BLOCK);
         if (g > 1) {
           dev.each('head_group_sum', b * tk * kv * hd, [pk, b * tk, kv, g, hd, dk]);

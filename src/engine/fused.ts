@@ -20,7 +20,8 @@ export interface FusedAddon {
   swigluGrad(g: Float32Array, u: Float32Array, dy: Float32Array, n: number, dg: Float32Array | null, du: Float32Array | null): void;
   rope(x: Float32Array, cos: Float32Array, sin: Float32Array, rows: number, heads: number, hd: number, inverse: boolean, y: Float32Array): void;
   attention(q: Float32Array, k: Float32Array, v: Float32Array, mask: Float32Array, scale: number, b: number, t: number, tk: number, h: number, kv: number, hd: number, o: Float32Array): void;
-  attentionGrad(q: Float32Array, k: Float32Array, v: Float32Array, mask: Float32Array, scale: number, b: number, t: number, tk: number, h: number, kv: number, hd: number, dout: Float32Array, dq: Float32Array, dk: Float32Array, dv: Float32Array): void;
+  /** o: the forward pass's output where savesAttentionOutput, else null. */
+  attentionGrad(q: Float32Array, k: Float32Array, v: Float32Array, mask: Float32Array, scale: number, b: number, t: number, tk: number, h: number, kv: number, hd: number, dout: Float32Array, dq: Float32Array, dk: Float32Array, dv: Float32Array, o: Float32Array | null): void;
   biasAdd(x: Float32Array, b: Float32Array, n: number, d: number, y: Float32Array): void;
   columnSum(dy: Float32Array, n: number, d: number, out: Float32Array): void;
   add(a: Float32Array, b: Float32Array, n: number, y: Float32Array): void;
@@ -39,6 +40,13 @@ export interface FusedAddon {
    * host round trip): dropout then draws at each use and records nothing.
    */
   readonly drawsMasks?: boolean;
+  /**
+   * The backward pass of attention reuses the forward pass's output and what the forward kept with
+   * it (a GPU: each query row's softmax statistics) instead of running the forward pass again.
+   * Where that pass is cheap next to its backward (the host), keeping the output costs memory for
+   * nothing.
+   */
+  readonly savesAttentionOutput?: boolean;
 }
 
 /** Input views: Float32Array, or Int32Array for int32 inputs (labels). */
@@ -214,12 +222,12 @@ const DEFS: Record<string, Def> = {
     },
   },
   PrefoptAttentionGrad: {
-    inputs: ['q', 'k', 'v', 'mask', 'dy'],
+    inputs: ['q', 'k', 'v', 'mask', 'dy', 'o'],
     outputs: (ins) => [ins[0].shape, ins[1].shape, ins[2].shape],
-    run: (a, [q, k, v, m, dy], [dq, dk, dv], ins, { scale }) => {
+    run: (a, [q, k, v, m, dy, o], [dq, dk, dv], ins, { scale }) => {
       const [B, T, H, hd] = ins[0].shape;
       const [, Tk, KV] = ins[1].shape;
-      a.attentionGrad(q, k, v, m, scale, B, T, Tk, H, KV, hd, dy, dq, dk, dv);
+      a.attentionGrad(q, k, v, m, scale, B, T, Tk, H, KV, hd, dy, dq, dk, dv, o);
     },
   },
 };
@@ -370,15 +378,16 @@ export function setFused(on: boolean): void {
  * call). `extra` holds inputs that are not differentiated but the backward pass reads (the
  * attention mask), kept alive with the rest.
  */
-function withJointGrad(name: string, grad: string, xs: Record<string, tf.Tensor>, attrs: Record<string, unknown> = {}, extra: Record<string, tf.Tensor> = {}): tf.Tensor {
-  const names = [...Object.keys(xs), ...Object.keys(extra)];
+function withJointGrad(name: string, grad: string, xs: Record<string, tf.Tensor>, attrs: Record<string, unknown> = {}, extra: Record<string, tf.Tensor> = {}, outputAs?: string): tf.Tensor {
+  const names = [...Object.keys(xs), ...Object.keys(extra), ...(outputAs ? [outputAs] : [])];
   const named = (ts: tf.Tensor[]) => Object.fromEntries(names.map((n, i) => [n, ts[i]]));
   const n = Object.keys(xs).length;
   const f = tf.customGrad(((...args: any[]) => {
     const ins = [...(args.slice(0, n) as tf.Tensor[]), ...Object.values(extra)];
-    (args[n] as tf.GradSaveFunc)(ins);
+    const value = run(name, named(ins), attrs) as tf.Tensor;
+    (args[n] as tf.GradSaveFunc)(outputAs ? [...ins, value] : ins);
     return {
-      value: run(name, named(ins), attrs) as tf.Tensor,
+      value,
       gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => run(grad, { ...named(saved), dy }, attrs) as tf.Tensor[],
     };
   }) as any) as (...ts: tf.Tensor[]) => tf.Tensor;
@@ -473,5 +482,5 @@ export const fused = {
   rope: (x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor) => run('PrefoptRope', { x: f32(x), cos, sin }, { inverse: false }) as tf.Tensor,
   /** dq, dk and dv come from one kernel call. */
   attention: (q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, mask: tf.Tensor, scale: number) =>
-    withJointGrad('PrefoptAttention', 'PrefoptAttentionGrad', { q: f32(q), k: f32(k), v: f32(v) }, { scale }, { mask }),
+    withJointGrad('PrefoptAttention', 'PrefoptAttentionGrad', { q: f32(q), k: f32(k), v: f32(v) }, { scale }, { mask }, registered.get(tf.getBackend())?.addon.savesAttentionOutput ? 'o' : undefined),
 };
