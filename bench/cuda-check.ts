@@ -2,8 +2,8 @@
  * The cuda backend on a GPU, the node part of bench/gpu-check.sh (docs/REFERENCE.md §11): on
  * Qwen2.5-0.5B's shape with random bf16 weights (built in memory, nothing to download),
  *
- * - gemm: the device's products against float64, one line per case (transposes, broadcast
- *   batches, bf16 and float32, alpha and beta, misaligned operands);
+ * - gemm: the device's products against float64, one line per case (transposes, broadcast and
+ *   strided batches, bf16 and float32, alpha and beta, misaligned operands);
  * - compare: one LoRA DPO step (r 16 on every linear, B non-zero, 2 pairs × 256 tokens) on the
  *   native backend (the CPU) and on the cuda backend — the loss and every adapter gradient;
  * - time: the real-size bench's LoRA DPO step (4 pairs × 256 tokens, dropout 0.05, reference
@@ -28,7 +28,7 @@ import { initBackend } from '../src/engine/backend.js';
 import { cudaAddon } from '../src/engine/native.js';
 import { cudaReport } from '../src/engine/cuda.js';
 import { openedCudaDevice } from '../src/engine/cuda-device.js';
-import { cudaBf16Products } from '../src/engine/cuda-fused.js';
+import { attentionPath, cudaBf16Products } from '../src/engine/cuda-fused.js';
 import { HalfWeight } from '../src/engine/half.js';
 import { Decoder } from '../src/model/decoder.js';
 import { expectedShapes, isLinearWeight, parseConfig, presetConfig } from '../src/model/config.js';
@@ -36,7 +36,7 @@ import { sequenceLogps } from '../src/dpo/logps.js';
 import { generate } from '../src/infer/generate.js';
 import { DEFAULT_SAMPLING } from '../src/infer/sampling.js';
 import { f32ToBf16Bits } from '../src/io/safetensors.js';
-import { ALL_LINEARS, PROMPT, QWEN05_SHAPE, benchRows, loraDpoStepOf, loraDpoTrace, timeIt, worstRel } from './steps.js';
+import { ALL_LINEARS, COMPLETION, PROMPT, QWEN05_SHAPE, benchRows, loraDpoStepOf, loraDpoTrace, timeIt, worstRel } from './steps.js';
 import { envOff } from '../src/util/env.js';
 
 const say = (o: object) => process.stdout.write(JSON.stringify(o) + '\n');
@@ -58,6 +58,8 @@ const reps = Number(arg('--reps') ?? 10);
 const rows = (n: number) => (tiny ? benchRows(n, 8, shape.vocab_size, 32) : benchRows(n, PROMPT));
 const tf32 = !envOff('PREFOPT_CUDA_TF32');
 const bf16 = cudaBf16Products();
+/** How the LoRA DPO step's attention runs (engine/cuda-fused: attentionPath). */
+const attention = attentionPath(8, tiny ? 32 : PROMPT + COMPLETION, tiny ? 32 : PROMPT + COMPLETION, shape.num_attention_heads);
 
 const cfg = parseConfig(presetConfig('qwen2', { ...shape, num_hidden_layers: layers }, shape.vocab_size, { eos: 1, pad: 0 }));
 
@@ -109,6 +111,8 @@ async function gemmCases(): Promise<void> {
     cases.push({ ta: false, tb: true, batch: 3, sa: 1, sb: 0, half, alpha: 1, beta: 0, shift: 0 });
     cases.push({ ta: true, tb: false, batch: 3, sa: 0, sb: 1, half, alpha: 0.5, beta: 1, shift: 1 });
   }
+  // Attention's products (engine/cuda-fused: attentionByProducts): both operands batched.
+  for (const [ta, tb] of [[false, true], [true, false]]) cases.push({ ta, tb, batch: 3, sa: 1, sb: 1, half: false, alpha: 1, beta: 0, shift: 0 });
   const [m, n, k] = tiny ? [7, 5, 9] : [67, 45, 131];
   for (const c of cases) {
     const esize = c.half ? 2 : 4;
@@ -234,7 +238,7 @@ async function time(): Promise<void> {
     dev.cudaStats(true);
     f();
     const waits = dev.cudaStats().waits;
-    say({ step: 'cuda_time', job, device: dev.cudaOpen('gpu').name, tf32, bf16, layers, tokens_per_s: +(tokens / s).toFixed(1), seconds: +s.toFixed(4), peak_device_bytes: peak, waits_per_call: waits });
+    say({ step: 'cuda_time', job, device: dev.cudaOpen('gpu').name, tf32, bf16, ...(job === 'lora_dpo' ? { attention } : {}), layers, tokens_per_s: +(tokens / s).toFixed(1), seconds: +s.toFixed(4), peak_device_bytes: peak, waits_per_call: waits });
   }
 }
 
@@ -255,7 +259,7 @@ async function profile(): Promise<void> {
   const profiled = (performance.now() - t0) / 1000;
   const ops = Object.entries(dev.profile(false)).sort((a, b) => b[1].seconds - a[1].seconds);
   const total = ops.reduce((s, [, t]) => s + t.seconds, 0);
-  say({ step: 'cuda_profile', device: dev.name, tf32, bf16, layers, tokens: pb.batch * pb.len, step_seconds: +seconds.toFixed(4), profiled_seconds: +profiled.toFixed(4), timed_seconds: +total.toFixed(4), operations: ops.reduce((s, [, t]) => s + t.count, 0) });
+  say({ step: 'cuda_profile', device: dev.name, tf32, bf16, attention, layers, tokens: pb.batch * pb.len, step_seconds: +seconds.toFixed(4), profiled_seconds: +profiled.toFixed(4), timed_seconds: +total.toFixed(4), operations: ops.reduce((s, [, t]) => s + t.count, 0) });
   for (const [key, t] of ops) {
     const rate = key.startsWith('gemm') ? { tflops: +(t.work / t.seconds / 1e12).toPrecision(3) } : t.work ? { gb_per_s: +(t.work / t.seconds / 1e9).toPrecision(3) } : {};
     say({ step: 'cuda_profile_op', key, count: t.count, ms: +(t.seconds * 1000).toPrecision(4), share: +(t.seconds / total).toFixed(4), ...rate });

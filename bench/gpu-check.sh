@@ -12,8 +12,9 @@
 #    (transposes, broadcast batches, bf16, misaligned operands), a 0.5B LoRA DPO step's loss and gradients against
 #    the CPU path with exact float32 products and with the defaults (bf16 × bf16 for the bf16
 #    weights, TF32 for the rest), then its speed both ways, then a profile of the step (each
-#    kernel, product shape, copy and host kernel timed alone), and the host floor (the same step
-#    with its kernels issued but not run: PREFOPT_CUDA_DEVICE=dry);
+#    kernel, product shape, copy and host kernel timed alone), the host floor (the same step
+#    with its kernels issued but not run: PREFOPT_CUDA_DEVICE=dry), and the step with attention
+#    by the flash kernels rather than products;
 # 4. the PyTorch bf16 eager baseline of the real-size jobs (bench/torch_ref.py), the figures the
 #    cuda backend is measured against — LoRA DPO's right after the cuda timing, the rest last.
 set -u
@@ -57,6 +58,8 @@ if [ -d .gpu/app ]; then
   # The host floor: the same steps on the dry device (kernels issued, not run) on this machine's
   # CPU — how close the GPU step is to what the host alone takes to issue it.
   (export PREFOPT_CUDA_DEVICE=dry; node_step 120 time)
+  # Attention by the flash kernels instead of products (engine/cuda-fused: attentionPath).
+  (export PREFOPT_CUDA_ATTENTION=flash; node_step 120 time)
   node_step 120 time 0
 else
   say '{"step":"cuda_backend","error":".gpu/ is missing: run sh scripts/gpu-bundle.sh here and carry .gpu"}'

@@ -65,7 +65,8 @@ const std::vector<KernelInfo>& kernels() {
       PREFOPT_KERNEL(column_sum),      PREFOPT_KERNEL(sum_squares),       PREFOPT_KERNEL(rms_inv),             PREFOPT_KERNEL(split_qkv),
       PREFOPT_KERNEL(embed),           PREFOPT_KERNEL(embed_grad),        PREFOPT_KERNEL(dropout_bits),        PREFOPT_KERNEL(gather),
       PREFOPT_KERNEL(to_bf16),         PREFOPT_KERNEL(embed_half),        PREFOPT_KERNEL(head_group_sum),    PREFOPT_KERNEL(alea_bits),
-      PREFOPT_KERNEL(attention_mask),  PREFOPT_KERNEL(compare),           PREFOPT_KERNEL(cast),
+      PREFOPT_KERNEL(attention_mask),  PREFOPT_KERNEL(compare),           PREFOPT_KERNEL(cast),                PREFOPT_KERNEL(softmax_rows),
+      PREFOPT_KERNEL(softmax_grad_rows),
   };
   return all;
 }

@@ -98,7 +98,7 @@ describe("the GPU check's node part (bench/cuda-check.ts) on the emulated device
   it('gemm: every product case matches float64 within its tolerance', () => {
     if (!native.active) return;
     const cases = run('gemm');
-    expect(cases.length).toBe(12);
+    expect(cases.length).toBe(14);
     for (const c of cases) expect(c, JSON.stringify(c)).toMatchObject({ step: 'cuda_gemm', ok: true });
   }, 120_000);
 
@@ -113,7 +113,7 @@ describe("the GPU check's node part (bench/cuda-check.ts) on the emulated device
     expect(def.worst_grad_rel).toBeGreaterThan(exact.worst_grad_rel);
   }, 120_000);
 
-  it('time and profile: tokens/s and device peak per job; the profile accounts every operation of a step (attention\'s forward once per layer, products with their flops); the dry device issues the same operations without running them', () => {
+  it('time and profile: tokens/s and device peak per job; the profile accounts every operation of a step (attention as products or flash kernels, products with their flops); the dry device issues the same operations without running them', () => {
     if (!native.active) return;
     const times = run('time');
     expect(times.map((t) => t.job)).toEqual(['lora_dpo', 'logprobs', 'generate']);
@@ -127,12 +127,18 @@ describe("the GPU check's node part (bench/cuda-check.ts) on the emulated device
     expect(ops.reduce((s, o) => s + o.count, 0)).toBe(head.operations);
     expect(ops.reduce((s, o) => s + o.ms, 0) / 1000).toBeCloseTo(head.timed_seconds, 2);
     expect(ops.reduce((s, o) => s + o.share, 0)).toBeCloseTo(1, 2);
-    // One forward pass per layer (the reference is cached): the backward pass starts from its
-    // output and row statistics, not from a second forward pass.
-    expect(byKey.get('attention_fwd')?.count).toBe(2);
-    expect(byKey.get('attention_bwd_dkdv')?.count).toBe(2);
-    // The tiny model's grouped heads (4 query heads, 2 kv heads): dk and dv summed per group.
-    expect(byKey.get('head_group_sum')?.count).toBe(4);
+    // Attention as products at these lengths (32-token rows): per layer, the probabilities once
+    // forward (the reference is cached) and again backward, their gradient once; the tiny model's
+    // grouped heads (4 query heads, 2 kv heads) summed by the products themselves.
+    expect(byKey.get('softmax_rows')?.count).toBe(4);
+    expect(byKey.get('softmax_grad_rows')?.count).toBe(2);
+    expect(byKey.has('attention_fwd') || byKey.has('head_group_sum')).toBe(false);
+    // With the flash kernels: one forward pass per layer, the backward pass starting from its
+    // output and row statistics; dk and dv summed per group after.
+    const flash = new Map(run('profile', { PREFOPT_CUDA_ATTENTION: 'flash' }).slice(1).map((o) => [o.key, o]));
+    expect(flash.get('attention_fwd')?.count).toBe(2);
+    expect(flash.get('attention_bwd_dkdv')?.count).toBe(2);
+    expect(flash.get('head_group_sum')?.count).toBe(4);
     // A product's rate is its 2·m·n·k flops per launch over its time.
     const gemm = ops.find((o) => o.key.startsWith('gemm bf16 NT'))!;
     const [m, n, k] = gemm.key.split(' ')[3].split('x').map(Number);

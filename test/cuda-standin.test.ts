@@ -94,7 +94,7 @@ describe("the GPU check's product cases (bench/cuda-check.ts gemm) over the stan
     const r = spawnSync(process.execPath, ['dist/bench/cuda-check.js', 'gemm', '--tiny'], { encoding: 'utf8', env });
     const cases = r.stdout.trim().split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l));
     expect(r.status, r.stderr.slice(-1500) + r.stdout.slice(-1500)).toBe(0);
-    expect(cases.length).toBe(12);
+    expect(cases.length).toBe(14);
     expect(cases.every((c) => c.step === 'cuda_gemm' && c.ok)).toBe(true);
     // A bf16 operand 2 bytes into a word: cuBLASLt must be told so (it was told 4, and refused).
     expect(cases.some((c) => c.half && c.shift === 1)).toBe(true);

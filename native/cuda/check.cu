@@ -170,6 +170,34 @@ void check_label_logprobs(Rand& rnd) {
 // the first masked whole (uniform over every key, as float32 rounds its scores), grouped heads; hd
 // picks the threads per row (64: 2; 12: 1, most of a thread's 32 slots unused; 80: 4, uneven;
 // 256: 8, and tiles of 16 rows), and the launch's 8 blocks of 64 threads take several jobs each.
+// Attention by products' row kernels: rows of scores with a mask (a masked key, a fully masked
+// row), their softmax and its gradient, against float64.
+void check_softmax_rows(Rand& rnd) {
+  const int B = 2, H = 3, T = 5, Tk = 300, rows = B * H * T;
+  const float scale = 0.125f;
+  auto s = rnd.vec(rows * Tk, 20.f), m = rnd.vec(B * T * Tk, 0.f), dp = rnd.vec(rows * Tk);
+  for (int b = 0; b < B; b++)
+    for (int t = 0; t < T; t++)
+      for (int j = 0; j < Tk; j++) m[(b * T + t) * Tk + j] = (j % 7 == 3 || (b == 1 && t == 2)) ? -1e9f : 0.f;
+  float *ds_ = dev(s), *dm = dev(m), *ddp = dev(dp);
+  LAUNCH(softmax_rows, rows, 256)(ds_, dm, T, Tk, H * T, scale);
+  auto p = host(ds_, (size_t)rows * Tk);
+  LAUNCH(softmax_grad_rows, rows, 256)(ds_, ddp, Tk, scale);
+  std::vector<double> wp((size_t)rows * Tk), wd((size_t)rows * Tk);
+  for (int r = 0; r < rows; r++) {
+    // The masked score as the kernel has it, in float32: a fully masked row's are all −1e9 (uniform).
+    const float* mi = m.data() + ((size_t)(r / (H * T)) * T + r % T) * Tk;
+    std::vector<double> x(Tk);
+    double mx = -1e300, sum = 0, dot = 0;
+    for (int j = 0; j < Tk; j++) x[j] = scale * s[r * Tk + j] + mi[j], mx = std::fmax(mx, x[j]);
+    for (int j = 0; j < Tk; j++) sum += std::exp(x[j] - mx);
+    for (int j = 0; j < Tk; j++) wp[r * Tk + j] = std::exp(x[j] - mx) / sum, dot += wp[r * Tk + j] * dp[r * Tk + j];
+    for (int j = 0; j < Tk; j++) wd[r * Tk + j] = scale * wp[r * Tk + j] * (dp[r * Tk + j] - dot);
+  }
+  report("softmax_rows", p, wp, 1e-6);
+  report("softmax_grad_rows", host(ddp, (size_t)rows * Tk), wd, 1e-6);
+}
+
 void check_attention(Rand& rnd, int hd) {
   const int B = 2, T = 67, Tk = 67, H = 4, KV = 2, G = H / KV;
   const float scale = 1.f / std::sqrt((float)hd);
@@ -358,6 +386,7 @@ int main() {
   check_swiglu(rnd);
   check_rope(rnd);
   check_label_logprobs(rnd);
+  check_softmax_rows(rnd);
   for (int hd : {64, 12, 80, 256}) check_attention(rnd, hd);
   check_alea(rnd);
   check_adamw(rnd);

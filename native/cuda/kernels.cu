@@ -491,6 +491,39 @@ __global__ void head_group_sum(const float* part, i64 n, i64 KV, i64 G, i64 hd, 
   }
 }
 
+// ---- attention by products ------------------------------------------------------------------------
+// For sequences whose scores fit in memory, engine/cuda-fused runs attention as cuBLASLt products
+// (tensor cores) around these two row kernels: with q, k, v as [B, KV, G·T or Tk, hd], the scores
+// of every batch entry's kv group are one product, [G·T, Tk] — rows ordered (b, kv head, query
+// head of the group, t), B·H·T of them.
+//
+// s ← softmax(scale·s + mask[b, 0, t]) over each row of Tk, in place (rows_per_b = H·T). One
+// block per row; the backward pass runs it again on the same scores for the same bits.
+__global__ void softmax_rows(float* s, const float* mask, i64 T, i64 Tk, i64 rows_per_b, float scale) {
+  const i64 row = blockIdx.x;
+  float* si = s + row * Tk;
+  const float* mi = mask + (row / rows_per_b * T + row % T) * Tk;
+  float m = -3.402823466e38f;
+  for (i64 j = threadIdx.x; j < Tk; j += blockDim.x) m = fmaxf(m, scale * si[j] + mi[j]);
+  m = block_max(m);
+  float sum = 0.f;
+  for (i64 j = threadIdx.x; j < Tk; j += blockDim.x) sum += expf(scale * si[j] + mi[j] - m);
+  const float inv = 1.f / block_sum(sum);
+  for (i64 j = threadIdx.x; j < Tk; j += blockDim.x) si[j] = expf(scale * si[j] + mi[j] - m) * inv;
+}
+
+// dp ← scale·p·(dp − Σ_j p_j·dp_j) over each row of Tk, in place: the gradient of the scaled
+// scores from that of the probabilities (the mask is constant). One block per row.
+__global__ void softmax_grad_rows(const float* p, float* dp, i64 Tk, float scale) {
+  const i64 row = blockIdx.x;
+  const float* pi = p + row * Tk;
+  float* di = dp + row * Tk;
+  float d = 0.f;
+  for (i64 j = threadIdx.x; j < Tk; j += blockDim.x) d += pi[j] * di[j];
+  d = block_sum(d);
+  for (i64 j = threadIdx.x; j < Tk; j += blockDim.x) di[j] = scale * pi[j] * (di[j] - d);
+}
+
 // ---- AdamW -------------------------------------------------------------------------------------
 // Every parameter of an optimizer step in one launch (an adapter has hundreds of small ones, a
 // launch each otherwise). tab holds, per tensor, PREFOPT_ADAMW_WORDS words: p, g, m, v

@@ -103,24 +103,101 @@ function aleaJumpTable(dev: CudaDevice, jumps: AleaJumps) {
   };
 }
 
+/** Bytes of one [B·H·T, Tk] score matrix up to which attention runs as products (attentionByProducts). */
+const PRODUCT_SCORES_BYTES = 256 << 20;
+
 /**
- * Attention forward and backward on the device (kernels.cu's attention section). The forward pass
- * keeps each query row's max and log Σ exp beside its output (a companion of o's memory, freed
- * with it), and the op saves o for the backward pass (savesAttentionOutput): the backward pass
- * starts from them, not from a second forward pass (about a fifth of attention's arithmetic).
+ * Which way attention of these sizes runs: `products` (cuBLASLt's tensor cores, the scores held
+ * whole: training and prefill rows) or `flash` (kernels.cu's, the scores never held: long rows, and
+ * decoding's single query, where products would also copy the cache to a heads-first layout).
+ * PREFOPT_CUDA_ATTENTION=flash or =products forces one (bench/gpu-check times both).
+ */
+export function attentionPath(b: number, t: number, tk: number, h: number, env: NodeJS.ProcessEnv = process.env): 'products' | 'flash' {
+  const forced = (env.PREFOPT_CUDA_ATTENTION ?? '').toLowerCase();
+  if (forced === 'flash' || forced === 'products') return forced;
+  return t >= 16 && 4 * b * h * t * tk <= PRODUCT_SCORES_BYTES ? 'products' : 'flash';
+}
+
+/**
+ * Attention as products: q [B, T, H, hd], k and v [B, Tk, KV, hd] copied heads-first, so that
+ * the G query heads of a kv group and their T rows are one [G·T, hd] matrix; then per (b, kv
+ * head), one strided batch of products each: scores = q·kᵀ, p = softmax_rows(scores), o = p·v.
+ * The backward pass computes p again the same way (the same bits), then dp = dO·vᵀ,
+ * ds = softmax_grad_rows(p, dp), dq = ds·k, dk = dsᵀ·q (which sums the group's heads), dv = pᵀ·dO.
+ */
+function attentionByProducts(dev: CudaDevice) {
+  const gemm = (o: Parameters<CudaDevice['gemm']>[0]) => dev.gemm(o);
+  // x [B, T, N, hd] ↔ [B, N, T, hd]
+  const headsFirst = (x: number, y: number, b: number, t: number, n: number, hd: number, back = false) => {
+    const rowMajor = [t * n * hd, hd, n * hd, 1];
+    const headMajor = [n * t * hd, t * hd, hd, 1];
+    const count = b * n * t * hd;
+    dev.each('strided_copy', count, [x, y, count, 4, dims([b, n, t, hd], back ? headMajor : rowMajor, back ? rowMajor : headMajor)]);
+  };
+  /** scores [B·KV batches of G·T × Tk] of q·kᵀ, turned into probabilities in place. */
+  const probabilities = (qh: number, kh: number, mask: number, s: number, scale: number, b: number, t: number, tk: number, h: number, kv: number, hd: number) => {
+    const g = h / kv;
+    gemm({ batch: b * kv, m: g * t, n: tk, k: hd, a: qh, sa: g * t * hd, b: kh, sb: tk * hd, tb: true, c: s, sc: g * t * tk });
+    dev.rows('softmax_rows', b * h * t, [s, mask, t, tk, h * t, scale]);
+  };
+  const bytes = (...n: number[]) => 4 * n.reduce((x, y) => x * y, 1);
+  return {
+    forward: (q: number, k: number, v: number, mask: number, scale: number, b: number, t: number, tk: number, h: number, kv: number, hd: number, o: number) => {
+      const g = h / kv;
+      dev.withTemp([bytes(b, h, t, hd), bytes(b, kv, tk, hd), bytes(b, kv, tk, hd), bytes(b, h, t, tk), bytes(b, h, t, hd)], ([qh, kh, vh, s, oh]) => {
+        headsFirst(q, qh, b, t, h, hd);
+        headsFirst(k, kh, b, tk, kv, hd);
+        headsFirst(v, vh, b, tk, kv, hd);
+        probabilities(qh, kh, mask, s, scale, b, t, tk, h, kv, hd);
+        gemm({ batch: b * kv, m: g * t, n: hd, k: tk, a: s, sa: g * t * tk, b: vh, sb: tk * hd, c: oh, sc: g * t * hd });
+        headsFirst(oh, o, b, t, h, hd, true);
+      });
+    },
+    backward: (q: number, k: number, v: number, mask: number, scale: number, b: number, t: number, tk: number, h: number, kv: number, hd: number, dout: number, dq: number, dk: number, dv: number) => {
+      const g = h / kv;
+      const side = bytes(b, kv, tk, hd);
+      const rows = bytes(b, h, t, hd);
+      dev.withTemp([rows, side, side, rows, bytes(b, h, t, tk), bytes(b, h, t, tk), rows, side, side], ([qh, kh, vh, doh, p, ds, dqh, dkh, dvh]) => {
+        headsFirst(q, qh, b, t, h, hd);
+        headsFirst(k, kh, b, tk, kv, hd);
+        headsFirst(v, vh, b, tk, kv, hd);
+        headsFirst(dout, doh, b, t, h, hd);
+        probabilities(qh, kh, mask, p, scale, b, t, tk, h, kv, hd);
+        const batch = { batch: b * kv };
+        gemm({ ...batch, m: g * t, n: tk, k: hd, a: doh, sa: g * t * hd, b: vh, sb: tk * hd, tb: true, c: ds, sc: g * t * tk });
+        dev.rows('softmax_grad_rows', b * h * t, [p, ds, tk, scale]);
+        gemm({ ...batch, m: g * t, n: hd, k: tk, a: ds, sa: g * t * tk, b: kh, sb: tk * hd, c: dqh, sc: g * t * hd });
+        gemm({ ...batch, ta: true, m: tk, n: hd, k: g * t, a: ds, sa: g * t * tk, b: qh, sb: g * t * hd, c: dkh, sc: tk * hd });
+        gemm({ ...batch, ta: true, m: tk, n: hd, k: g * t, a: p, sa: g * t * tk, b: doh, sb: g * t * hd, c: dvh, sc: tk * hd });
+        headsFirst(dqh, dq, b, t, h, hd, true);
+        headsFirst(dkh, dk, b, tk, kv, hd, true);
+        headsFirst(dvh, dv, b, tk, kv, hd, true);
+      });
+    },
+  };
+}
+
+/**
+ * Attention forward and backward on the device: as products (attentionByProducts) where
+ * attentionPath says, else kernels.cu's flash-style kernels. Those keep each query row's max and
+ * log Σ exp beside the output (a companion of o's memory, freed with it), and the op saves o for
+ * the backward pass (savesAttentionOutput): the backward pass starts from them, not from a second
+ * forward pass (about a fifth of attention's arithmetic).
  */
 function deviceAttention(dev: CudaDevice): Pick<FusedAddon, 'attention' | 'attentionGrad' | 'savesAttentionOutput'> {
-  const statBytes = (b: number, h: number, t: number) => 8 * b * h * t;
+  const products = attentionByProducts(dev);
   return {
     savesAttentionOutput: true,
     attention: (q: any, kk: any, v: any, mask: any, scale, b, t, tk, h, kv, hd, o: any) => {
       checkHeadDim(hd);
-      const stat = dev.allocCompanion(o, statBytes(b, h, t));
+      if (attentionPath(b, t, tk, h) === 'products') return products.forward(q, kk, v, mask, scale, b, t, tk, h, kv, hd, o);
+      const stat = dev.allocCompanion(o, 8 * b * h * t);
       dev.blocks('attention_fwd', attentionJobs(b * h, t, hd), [q, kk, v, mask, scale, b, t, tk, h, kv, hd, o, stat], ATTENTION_BLOCK);
     },
     // With grouped heads, dk and dv per query head first, summed over each group after (kernels.cu: no atomics).
     attentionGrad: (q: any, kk: any, v: any, mask: any, scale, b, t, tk, h, kv, hd, dout: any, dq: any, dk: any, dv: any, o: any) => {
       checkHeadDim(hd);
+      if (attentionPath(b, t, tk, h) === 'products') return products.backward(q, kk, v, mask, scale, b, t, tk, h, kv, hd, dout, dq, dk, dv);
       const stat = o === null ? undefined : dev.companion(o);
       if (stat === undefined) throw new Error("cuda backend: attention's backward pass needs the forward pass's output and row statistics");
       const g = h / kv;

@@ -16,6 +16,7 @@ import { Rng } from '../../src/util/rng.js';
 import { loraDpoTrace, worstRel } from '../../bench/steps.js';
 import { ARCH_SPECS, makeTestModel } from './models.js';
 import { dropout } from '../../src/engine/dropout.js';
+import { fused } from '../../src/engine/fused.js';
 import { DEFAULT_DPO, dpoLosses } from '../../src/dpo/loss.js';
 import { dpoBatchLoss, makeDpoBatches } from '../../src/stages/dpo.js';
 import { DEFAULT_TRAIN, Trainer } from '../../src/train/trainer.js';
@@ -208,6 +209,46 @@ export function cudaBackendCases(): void {
     }
     // Made by the device kernel each time, not by the host's loop.
     expect(dev.profile(false).attention_mask?.count).toBe(40);
+  });
+
+  it('attention as products and as flash kernels gives the native backend\'s output and gradients: grouped heads, padded and packed rows, a sliding window, queries after cached keys', async () => {
+    if (!native.active) return;
+    const shapes = [
+      { B: 2, T: 20, Tk: 20, H: 4, KV: 2, hd: 16 },
+      { B: 1, T: 17, Tk: 24, H: 3, KV: 3, hd: 8 },
+      { B: 3, T: 32, Tk: 32, H: 2, KV: 1, hd: 64 },
+    ];
+    const runs: Record<string, number> = {};
+    try {
+      for (const way of ['products', 'flash'])
+        for (const [i, { B, T, Tk, H, KV, hd }] of shapes.entries()) {
+          process.env.PREFOPT_CUDA_ATTENTION = way;
+          const rng = new Rng(30 + i);
+          const spec = { batch: B, queryLen: T, keyLen: Tk, keyValid: Array.from({ length: B * Tk }, (_, j) => (j % Tk < Tk - (j < Tk ? 3 : 0) ? 1 : 0)), segments: i === 1 ? Array.from({ length: B * Tk }, (_, j) => (j % Tk < 10 ? 0 : 1)) : undefined, window: i === 2 ? 9 : undefined };
+          const r = (shape: number[]) => Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, () => rng.normal());
+          const data = { q: r([B, T, H, hd]), k: r([B, Tk, KV, hd]), v: r([B, Tk, KV, hd]), w: r([B, T, H, hd]) };
+          const res = await both(() => tf.tidy(() => {
+            const dev = openedCudaDevice();
+            if (tf.getBackend() === 'cuda') dev!.profile(true);
+            const mask = maskTensor(spec);
+            const w = tf.tensor(data.w, [B, T, H, hd]);
+            const f = (q: tf.Tensor, k: tf.Tensor, v: tf.Tensor) => tf.sum(tf.mul(fused.attention(q, k, v, mask, 1 / Math.sqrt(hd)), w));
+            const { value, grads } = tf.valueAndGrads(f)([tf.tensor(data.q, [B, T, H, hd]), tf.tensor(data.k, [B, Tk, KV, hd]), tf.tensor(data.v, [B, Tk, KV, hd])]);
+            const out = [value, ...grads].map((t) => Float32Array.from(t.dataSync()));
+            if (tf.getBackend() === 'cuda') for (const [k, t] of Object.entries(dev!.profile(false))) runs[`${way} ${k}`] = (runs[`${way} ${k}`] ?? 0) + t.count;
+            return out;
+          }));
+          res.native.forEach((x, j) => expect(worstRel(res.cuda[j], x), `${way} shape ${i} output ${j}`).toBeLessThan(2e-5));
+        }
+    } finally {
+      delete process.env.PREFOPT_CUDA_ATTENTION;
+    }
+    // Each way ran as asked: the products' row kernels, or the flash kernels, never both.
+    expect(runs['products softmax_rows']).toBe(2 * shapes.length);
+    expect(runs['products softmax_grad_rows']).toBe(shapes.length);
+    expect(runs['products attention_fwd']).toBeUndefined();
+    expect(runs['flash attention_fwd']).toBe(shapes.length);
+    expect(runs['flash softmax_rows']).toBeUndefined();
   });
 
   it('launches are checked against the kernel\'s parameters; device memory is freed with the tensors and cached for reuse', async () => {
