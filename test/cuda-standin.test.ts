@@ -30,6 +30,7 @@ describe('the cuda backend over stand-in CUDA libraries', () => {
     if (!libs) return;
     const r = cudaReport();
     expect(r.state).toBe('available');
+    expect(cudaReport()).toBe(r); // probed once per process and search path
     expect(r.driver?.path).toBe(path.join(libs, 'libcuda.so.1'));
     const b = await initBackend('cuda');
     expect(b.chosen).toBe('cuda');

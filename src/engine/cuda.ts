@@ -115,6 +115,16 @@ export function cudaReport(): CudaReport {
   };
   if (emulation) return { state: 'emulated', reason: emulatedHow[emulation], driver: null, devices: [], cublasLt: null, nvrtc: null, searched: [], kernel_cache: '' };
   const dirs = cudaSearchDirs();
-  const probe = cudaProbe(candidates(CUDA_LIBS.driver, dirs), candidates(CUDA_LIBS.cublasLt, dirs), candidates(CUDA_LIBS.nvrtc, dirs));
-  return cudaReportOf(probe.result, dirs, probe.reason);
+  // Probing opens the libraries (cuBLASLt alone is hundreds of MB): once per process and search
+  // path, though choosing the backend and opening it both ask.
+  const key = dirs.join('\0');
+  let report = probed.get(key);
+  if (!report) {
+    const probe = cudaProbe(candidates(CUDA_LIBS.driver, dirs), candidates(CUDA_LIBS.cublasLt, dirs), candidates(CUDA_LIBS.nvrtc, dirs));
+    report = cudaReportOf(probe.result, dirs, probe.reason);
+    probed.set(key, report);
+  }
+  return report;
 }
+
+const probed = new Map<string, CudaReport>();
