@@ -763,8 +763,11 @@ __global__ void embed_grad(const int* ids, const int* starts, const int* rows, i
 // + S1·b + S0 (b = 2³²) is k draws later Y·J_k mod m, m = a·b³ − 1 < 2¹¹⁷. The host gives J for
 // every chunk's start (alea_jumps: J_{i·PREFOPT_ALEA_CHUNK}); a thread takes a chunk, jumps with
 // one modular product (117-bit words as two 64-bit halves: no __int128, which NVRTC does not
-// take by default) and draws it, writing its mask words — the CPU's bits exactly.
-#define PREFOPT_ALEA_CHUNK 1024
+// take by default) and draws it, writing its mask words — the CPU's bits exactly. A thread's
+// draws are one serial chain and a 0.5B LoRA input's mask is 1.8M draws, a few thousand chunks:
+// too few threads to hide latency, so the chain is kept short (the jump costs about as much as
+// 256 draws).
+#define PREFOPT_ALEA_CHUNK 256
 typedef unsigned long long u64;
 struct AleaWide {
   u64 lo, hi;

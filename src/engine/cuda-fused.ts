@@ -76,7 +76,7 @@ function deviceWeights(dev: CudaDevice) {
 export type AleaJumps = (step: number, count: number, out: BigUint64Array) => void;
 
 /** Mask draws per thread of kernels.cu's alea_bits (PREFOPT_ALEA_CHUNK). */
-const ALEA_CHUNK = 1024;
+const ALEA_CHUNK = 256;
 
 /**
  * The multipliers that start each chunk of a mask (kernels.cu: alea_bits), on the device for the
