@@ -39,6 +39,8 @@ const lines = [
   '| measure | prefopt | PyTorch | ratio (PyTorch / prefopt) |',
   '|---|---|---|---|',
   `| host time of one step, ms | ${ms(lora.seconds)} | ${ms(torch.seconds)} | ${(torch.seconds / lora.seconds).toFixed(2)} |`,
+  // Each wait drains the device's queue (docs/REFERENCE.md §11, "Waits"); PyTorch's step is timed without reading anything back.
+  `| waits for the device in one step | ${lora.waits_per_call} | — | |`,
 ];
 fs.appendFileSync(path.join(root, 'bench', 'RESULTS.md'), lines.join('\n') + '\n');
 process.stdout.write(lines.join('\n') + '\n');
