@@ -18,8 +18,56 @@ describe('sampling processors', () => {
     expect(k2[2]).toBe(0);
     const p = filteredProbs(logits, { ...DEFAULT_SAMPLING, topP: 0.85 });
     expect(Array.from(p).map((x) => +x.toFixed(6))).toEqual([+(0.5 / 0.95).toFixed(6), +(0.3 / 0.95).toFixed(6), +(0.15 / 0.95).toFixed(6), 0]);
+    // Ties go to the lower id, also when a later, likelier token displaces one of them.
+    const tied = filteredProbs(Float32Array.from([1, 1, 1, 2]), { ...DEFAULT_SAMPLING, topK: 2 });
+    expect(Array.from(tied, (x) => x > 0)).toEqual([true, false, false, true]);
     const t = filteredProbs(Float32Array.from([1, 0]), { ...DEFAULT_SAMPLING, temperature: 0.5 });
     expect(t[0]).toBeCloseTo(Math.exp(2) / (Math.exp(2) + 1), 6);
+  });
+
+  it('top-k and top-p over a vocabulary keep what sorting every token keeps, bit for bit: peaked, flat, tied, underflowing to zero, a mass reached late', () => {
+    // The whole-vocabulary form the selection replaces: every token sorted, then the prefix.
+    const reference = (probs: Float64Array, k: number, topP: number) => {
+      const order = Array.from({ length: probs.length }, (_, i) => i).sort((a, b) => probs[b] - probs[a] || a - b);
+      let n = k;
+      if (topP < 1) {
+        let cum = 0;
+        for (let i = 0; i < n; i++) {
+          cum += probs[order[i]];
+          if (cum >= topP) {
+            n = i + 1;
+            break;
+          }
+        }
+      }
+      const out = new Float64Array(probs.length);
+      let s = 0;
+      for (let i = 0; i < n; i++) s += probs[order[i]];
+      for (let i = 0; i < n; i++) out[order[i]] = probs[order[i]] / s;
+      return out;
+    };
+    const rng = new Rng(12);
+    const V = 20_000;
+    const shapes: [string, () => Float32Array][] = [
+      ['peaked', () => Float32Array.from({ length: V }, () => rng.normal() * 4)],
+      ['flat', () => Float32Array.from({ length: V }, () => rng.normal() * 0.01)],
+      ['tied in steps', () => Float32Array.from({ length: V }, () => Math.floor(rng.next() * 6))],
+      ['one token, the rest spread thin', () => Float32Array.from({ length: V }, (_, i) => (i === 777 ? 12 : rng.normal() * 0.001))],
+      ['underflowing to zero', () => Float32Array.from({ length: V }, (_, i) => (i < 30 ? 50 + i : -800 + rng.next()))],
+    ];
+    let cases = 0;
+    for (const [name, make] of shapes) {
+      const logits = make();
+      for (const temperature of [1, 0.05])
+        for (const [topK, topP] of [[0, 0.9], [0, 0.999999], [0, 0.5], [50, 1], [40, 0.95], [V - 1, 0.97], [1, 1], [100, 0.3]]) {
+          const p = { ...DEFAULT_SAMPLING, temperature, topK, topP };
+          const got = filteredProbs(logits, p);
+          const want = reference(filteredProbs(logits, { ...p, topK: 0, topP: 1 }), topK > 0 ? topK : V, topP);
+          expect(Buffer.from(got.buffer).equals(Buffer.from(want.buffer)), `${name}, T ${temperature}, k ${topK}, p ${topP}`).toBe(true);
+          cases++;
+        }
+    }
+    expect(cases).toBe(80);
   });
 
   it('penalties follow transformers (repetition) and OpenAI (presence/frequency)', () => {

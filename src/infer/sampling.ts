@@ -69,24 +69,86 @@ export function filteredProbs(logits: Float32Array, p: SamplingParams): Float64A
   const keepK = p.topK > 0 && p.topK < V;
   const keepP = p.topP < 1;
   if (!keepK && !keepP) return scaled;
-  const order = Array.from({ length: V }, (_, i) => i).sort((a, b) => scaled[b] - scaled[a] || a - b);
-  let n = keepK ? p.topK : V;
-  if (keepP) {
-    // Keep the smallest prefix whose mass reaches top_p (always at least one token).
-    let cum = 0;
-    for (let i = 0; i < n; i++) {
-      cum += scaled[order[i]];
-      if (cum >= p.topP) {
-        n = i + 1;
-        break;
-      }
-    }
-  }
+  const { order, n } = keptPrefix(scaled, keepK ? p.topK : V, keepP ? p.topP : 1);
   const out = new Float64Array(V);
   let s = 0;
   for (let i = 0; i < n; i++) s += scaled[order[i]];
   for (let i = 0; i < n; i++) out[order[i]] = scaled[order[i]] / s;
   return out;
+}
+
+/**
+ * The tokens top-k and top-p keep: the first n of the tokens by probability (descending, ties by
+ * id), n = k, cut to the shortest prefix whose mass reaches top_p (at least one token). Only a
+ * prefix of that order matters, and the prefix sums over it are the whole sort's bit for bit, so
+ * neither form sorts the vocabulary (most of a sampling step's time, where it did): a small k is
+ * selected in one pass (topOf); otherwise the tokens with probability ≥ τ are sorted — they
+ * precede every other token, so they are the prefix — for a falling τ until they hold k tokens
+ * or reach the mass. A peaked distribution is settled on its first few hundred tokens.
+ */
+export function keptPrefix(probs: Float64Array, k: number, topP: number): { order: number[]; n: number } {
+  const cut = (order: number[]) => {
+    let n = Math.min(k, order.length);
+    let reached = false;
+    let cum = 0;
+    for (let i = 0; i < n && topP < 1 && !reached; i++) {
+      cum += probs[order[i]];
+      if (cum >= topP) [n, reached] = [i + 1, true];
+    }
+    return { order, n, reached };
+  };
+  if (k <= SELECTED_K) return cut(topOf(probs, k));
+  let top = 0;
+  for (let i = 0; i < probs.length; i++) if (probs[i] > top) top = probs[i];
+  // τ: top/64, top/4096, top/262144, then 0 (every token: the whole sort, a bounded worst case).
+  for (let round = 0; ; round++) {
+    const tau = round < 3 ? top / 64 ** (round + 1) : 0;
+    const order: number[] = [];
+    for (let i = 0; i < probs.length; i++) if (probs[i] >= tau) order.push(i);
+    const settled = order.length >= k || order.length === probs.length || tau === 0;
+    if (!settled && topP >= 1) continue;
+    const r = cut(order.sort(byProbability(probs)));
+    if (settled || r.reached) return r;
+  }
+}
+
+/** Largest k that topOf selects with a heap. */
+const SELECTED_K = 4096;
+
+/** Descending probability, ties by ascending id: the order top-k and top-p read. */
+const byProbability = (probs: Float64Array) => (a: number, b: number) => probs[b] - probs[a] || a - b;
+
+/**
+ * The first k ids in byProbability's order, in that order: one pass keeping the best k in a
+ * heap whose root is the worst of them.
+ */
+function topOf(probs: Float64Array, k: number): number[] {
+  const cmp = byProbability(probs);
+  const heap: number[] = [];
+  // a below b in the heap: a comes after b in the order (the root comes last of all).
+  const below = (a: number, b: number) => cmp(a, b) > 0;
+  const down = (i: number) => {
+    for (;;) {
+      const l = 2 * i + 1;
+      const r = l + 1;
+      let w = i;
+      if (l < heap.length && below(heap[l], heap[w])) w = l;
+      if (r < heap.length && below(heap[r], heap[w])) w = r;
+      if (w === i) return;
+      [heap[i], heap[w]] = [heap[w], heap[i]];
+      i = w;
+    }
+  };
+  for (let id = 0; id < probs.length; id++) {
+    if (heap.length < k) {
+      heap.push(id);
+      for (let i = heap.length - 1; i > 0 && below(heap[i], heap[(i - 1) >> 1]); i = (i - 1) >> 1) [heap[i], heap[(i - 1) >> 1]] = [heap[(i - 1) >> 1], heap[i]];
+    } else if (below(heap[0], id)) {
+      heap[0] = id;
+      down(0);
+    }
+  }
+  return heap.sort(cmp);
 }
 
 export function sampleToken(logits: Float32Array, p: SamplingParams, rng: Rng): number {
