@@ -174,6 +174,7 @@ napi_value Launch(napi_env env, napi_callback_info info) {
     if (napi_get_value_double(env, e, &x) != napi_ok || std::isnan(x)) return throw_error(env, "cudaLaunch " + name + ": argument " + std::to_string(i) + " is not a number");
     void* slot = &words[i];
     if (t == 'f') *static_cast<float*>(slot) = (float)x;
+    else if (t == 'd') *static_cast<double*>(slot) = x;
     else if (t == 'i') *static_cast<int32_t*>(slot) = (int32_t)x;
     else if (t == 'u') *static_cast<uint32_t*>(slot) = (uint32_t)x;
     else if (t == 'p') *static_cast<uint64_t*>(slot) = (uint64_t)x;

@@ -16,7 +16,7 @@ namespace prefopt {
 namespace cuda {
 
 // A kernel of kernels.cu: its name, its parameters as one character each (p pointer, l int64,
-// i int, u unsigned, f float, D the Dims struct) and its host-compiled form for the emulation.
+// i int, u unsigned, f float, d double, D the Dims struct) and its host-compiled form for the emulation.
 struct KernelInfo {
   const char* name;
   std::string sig;

@@ -25,6 +25,7 @@ constexpr char sig_char() {
   else if constexpr (std::is_same_v<T, int>) return 'i';
   else if constexpr (std::is_same_v<T, unsigned>) return 'u';
   else if constexpr (std::is_same_v<T, float>) return 'f';
+  else if constexpr (std::is_same_v<T, double>) return 'd';
   else {
     static_assert(std::is_same_v<T, Dims>, "a kernel parameter type the launcher cannot pack");
     return 'D';
@@ -66,7 +67,7 @@ const std::vector<KernelInfo>& kernels() {
       PREFOPT_KERNEL(embed),           PREFOPT_KERNEL(embed_grad),        PREFOPT_KERNEL(dropout_bits),        PREFOPT_KERNEL(gather),
       PREFOPT_KERNEL(to_bf16),         PREFOPT_KERNEL(embed_half),        PREFOPT_KERNEL(head_group_sum),    PREFOPT_KERNEL(alea_bits),
       PREFOPT_KERNEL(attention_mask),  PREFOPT_KERNEL(compare),           PREFOPT_KERNEL(cast),                PREFOPT_KERNEL(softmax_rows),
-      PREFOPT_KERNEL(softmax_grad_rows),
+      PREFOPT_KERNEL(softmax_grad_rows), PREFOPT_KERNEL(sample_exps),
   };
   return all;
 }

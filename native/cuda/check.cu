@@ -198,6 +198,37 @@ void check_softmax_rows(Rand& rnd) {
   report("softmax_grad_rows", host(ddp, (size_t)rows * Tk), wd, 1e-6);
 }
 
+// The sampler's exps: the GPU's bits against the same function compiled for the host (the one
+// test/helpers/cuda-cases.ts holds to Math.exp), and against std::exp within a few ulps.
+void check_sample_exps(Rand& rnd) {
+  const int rows = 3, V = 5000;
+  const double t = 0.7;
+  auto x = rnd.vec(rows * V, 40.f);
+  for (int i = 0; i < V; i += 11) x[i] = -900.f;  // underflowing
+  for (int i = 5; i < V; i += 13) x[V + i] = 1e-9f * x[V + i];
+  float* dx_ = dev(x);
+  double* e;
+  cudaMalloc(&e, (size_t)rows * V * 8);
+  LAUNCH(sample_exps, rows, 256)(dx_, V, t, e);
+  std::vector<double> got(rows * V), host(rows * V);
+  check(cudaDeviceSynchronize(), "kernel");
+  check(cudaMemcpy(got.data(), e, got.size() * 8, cudaMemcpyDeviceToHost), "cudaMemcpy");
+  double worst = 0;
+  for (int r = 0; r < rows; r++) {
+    double m = -INFINITY;
+    for (int i = 0; i < V; i++) m = std::fmax(m, (double)x[r * V + i] / t);
+    for (int i = 0; i < V; i++) {
+      host[r * V + i] = js_exp((double)x[r * V + i] / t - m);
+      const double want = std::exp((double)x[r * V + i] / t - m);
+      if (want > 1e-300) worst = std::fmax(worst, std::fabs(got[r * V + i] - want) / want);
+    }
+  }
+  const bool bits = memcmp(got.data(), host.data(), got.size() * 8) == 0;
+  const bool ok = bits && worst <= 1e-15;
+  if (!ok) failures++;
+  printf("{\"kernel\":\"sample_exps\",\"n\":%d,\"max_rel_err\":%.3g,\"tol\":1e-15,\"cpu_bits_equal\":%s,\"ok\":%s}\n", rows * V, worst, bits ? "true" : "false", ok ? "true" : "false");
+}
+
 void check_attention(Rand& rnd, int hd) {
   const int B = 2, T = 67, Tk = 67, H = 4, KV = 2, G = H / KV;
   const float scale = 1.f / std::sqrt((float)hd);
@@ -387,6 +418,7 @@ int main() {
   check_rope(rnd);
   check_label_logprobs(rnd);
   check_softmax_rows(rnd);
+  check_sample_exps(rnd);
   for (int hd : {64, 12, 80, 256}) check_attention(rnd, hd);
   check_alea(rnd);
   check_adamw(rnd);

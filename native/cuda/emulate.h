@@ -15,6 +15,7 @@
 
 #define __global__
 #define __device__
+#define __host__
 #define __forceinline__ inline
 // One launch at a time, its blocks in turn: a block's shared memory may be the function's static.
 #define __shared__ static
@@ -144,6 +145,7 @@ inline unsigned __float_as_uint(float f) {
   return u;
 }
 inline float fmaxf(float a, float b) { return std::fmax(a, b); }
+
 
 // Run body() as `grid` blocks of `block` threads. Blocks run 64 threads at most (still two warps,
 // a valid size for every kernel).

@@ -524,6 +524,91 @@ __global__ void softmax_grad_rows(const float* p, float* dp, i64 Tk, float scale
   for (i64 j = threadIdx.x; j < Tk; j += blockDim.x) di[j] = scale * pi[j] * (di[j] - d);
 }
 
+// ---- sampling ------------------------------------------------------------------------------------
+// JavaScript's Math.exp (V8's is fdlibm's exp) step for step in double: argument reduction
+// x = k·ln2 + r (ln2 in two parts), a degree-10 rational approximation on r, scaling by 2^k.
+// With --fmad=false every operation rounds as the host's do, so the bits are Math.exp's
+// (test/helpers/cuda-cases.ts holds them to it).
+// The double's bits and back (a union: usable on the host too, where check.cu compares).
+__host__ __device__ __forceinline__ unsigned long long js_bits(double d) {
+  union {
+    double d;
+    unsigned long long u;
+  } v;
+  v.d = d;
+  return v.u;
+}
+__host__ __device__ __forceinline__ double js_double(unsigned long long u) {
+  union {
+    double d;
+    unsigned long long u;
+  } v;
+  v.u = u;
+  return v.d;
+}
+__host__ __device__ __forceinline__ double js_exp(double x) {
+  const double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10, inv_ln2 = 1.44269504088896338700e+00;
+  const double p1 = 1.66666666666666019037e-01, p2 = -2.77777777770155933842e-03, p3 = 6.61375632143793436117e-05, p4 = -1.65339022054652515390e-06,
+               p5 = 4.13813679705723846039e-08;
+  const unsigned long long bits = js_bits(x);
+  const unsigned high = (unsigned)(bits >> 32) & 0x7fffffffu;
+  const bool negative = (bits >> 63) != 0;
+  if (high >= 0x40862E42u) {  // |x| ≥ 709.78: NaN, ±∞, overflow or underflow
+    if (high >= 0x7ff00000u) return x != x ? x + x : negative ? 0.0 : x;
+    if (x > 7.09782712893383973096e+02) return js_double(0x7ff0000000000000ull);
+    if (x < -7.45133219101941108420e+02) return 0.0;
+  }
+  double hi = 0.0, lo = 0.0;
+  int k = 0;
+  if (high > 0x3fd62e42u) {  // |x| > ln2 / 2
+    if (high < 0x3FF0A2B2u) {  // |x| < 3·ln2 / 2: k = ±1
+      hi = negative ? x + ln2_hi : x - ln2_hi;
+      lo = negative ? -ln2_lo : ln2_lo;
+      k = negative ? -1 : 1;
+    } else {
+      k = (int)(inv_ln2 * x + (negative ? -0.5 : 0.5));
+      hi = x - (double)k * ln2_hi;
+      lo = (double)k * ln2_lo;
+    }
+    x = hi - lo;
+  } else if (high < 0x3e300000u) {
+    return 1.0 + x;  // |x| < 2⁻²⁸
+  }
+  const double t = x * x;
+  const double c = x - t * (p1 + t * (p2 + t * (p3 + t * (p4 + t * p5))));
+  if (k == 0) return 1.0 - ((x * c) / (c - 2.0) - x);
+  const double y = 1.0 - ((lo - (x * c) / (2.0 - c)) - hi);
+  if (k >= -1021) {
+    if (k == 1024) return y * 2.0 * 8.988465674311579539e307;
+    return y * js_double((unsigned long long)(0x3ff00000u + ((unsigned)k << 20)) << 32);
+  }
+  return y * js_double((unsigned long long)(0x3ff00000u + ((unsigned)(k + 1000) << 20)) << 32) * 9.33263618503218878990e-302;
+}
+
+// exps[row, i] = Math.exp(x_i / t − max_j x_j / t) in double for a row x of V float32 logits: the
+// host sampler's first pass (infer/sampling: filteredProbs), which then needs only to sum, divide
+// and draw. One block per row; the max is taken in shared memory (order does not matter to it).
+__global__ void sample_exps(const float* logits, i64 V, double t, double* exps) {
+  __shared__ double part[1024];
+  const i64 row = blockIdx.x;
+  const float* x = logits + row * V;
+  double m = -js_double(0x7ff0000000000000ull);
+  for (i64 i = threadIdx.x; i < V; i += blockDim.x) {
+    const double s = (double)x[i] / t;
+    if (s > m) m = s;
+  }
+  part[threadIdx.x] = m;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (unsigned j = 1; j < blockDim.x; j++)
+      if (part[j] > m) m = part[j];
+    part[0] = m;
+  }
+  __syncthreads();
+  m = part[0];
+  for (i64 i = threadIdx.x; i < V; i += blockDim.x) exps[row * V + i] = js_exp((double)x[i] / t - m);
+}
+
 // ---- AdamW -------------------------------------------------------------------------------------
 // Every parameter of an optimizer step in one launch (an adapter has hundreds of small ones, a
 // launch each otherwise). tab holds, per tensor, PREFOPT_ADAMW_WORDS words: p, g, m, v

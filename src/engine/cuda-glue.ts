@@ -2,7 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { CUDA_BACKEND, CudaBackend } from './cuda-backend.js';
 import { evenSteps, shapesOf } from './native.js';
 import { MAX_RANK, dims } from './cuda-device.js';
-import { MASK_KERNEL, overrideKernel } from './kernels.js';
+import { MASK_KERNEL, SAMPLE_EXPS_KERNEL, overrideKernel } from './kernels.js';
 
 /**
  * The tfjs kernels around prefopt's fused ones, on the device: views (Reshape, Identity),
@@ -273,6 +273,14 @@ function attentionMask(be: CudaBackend, { valid, segments }: { valid: Info; segm
   return y;
 }
 
+/** infer/sampling's exps on the device (kernels.cu: sample_exps): only they come down, not the logits. */
+function sampleExps(be: CudaBackend, { logits }: { logits: Info }, { temperature }: { temperature: number }): Info {
+  const [B, V] = logits.shape;
+  const y = be.makeTensorInfo([B, 2 * V], 'float32');
+  be.device.rows('sample_exps', B, [be.addr(logits), V, temperature, be.addr(y)], 1024);
+  return y;
+}
+
 let glueRegistered = false;
 
 /**
@@ -283,5 +291,6 @@ export function registerCudaGlue(): void {
   if (glueRegistered) return;
   glueRegistered = true;
   tf.registerKernel({ kernelName: MASK_KERNEL, backendName: CUDA_BACKEND, kernelFunc: ({ inputs, backend, attrs }: any) => attentionMask(backend, inputs, attrs) });
+  tf.registerKernel({ kernelName: SAMPLE_EXPS_KERNEL, backendName: CUDA_BACKEND, kernelFunc: ({ inputs, backend, attrs }: any) => sampleExps(backend, inputs, attrs) });
   for (const [name, run] of Object.entries(KERNELS)) overrideKernel(name, CUDA_BACKEND, (args, onHost) => run(args.backend as CudaBackend, args.inputs, args.attrs ?? {}) ?? onHost(args));
 }

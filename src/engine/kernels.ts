@@ -44,3 +44,10 @@ export function overrideKernel(name: string, backend: string, f: (args: any, ori
   tf.registerKernel({ kernelName: name, backendName: backend, kernelFunc: (args) => f(args, original.kernelFunc), setupFunc: original.setupFunc, disposeFunc: original.disposeFunc });
   return true;
 }
+
+/**
+ * The kernel a backend may register to take infer/sampling's first pass where its tensors live
+ * (the cuda backend's, engine/cuda-glue): input logits [B, V] float32, attr temperature; output
+ * [B, 2V] float32 holding the bytes of B·V doubles, exp(x/t − max x/t) with Math.exp's bits.
+ */
+export const SAMPLE_EXPS_KERNEL = 'PrefoptSampleExps';

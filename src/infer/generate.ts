@@ -1,7 +1,8 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { Decoder, KVCache } from '../model/decoder.js';
 import { Rng } from '../util/rng.js';
-import { SamplingParams, applyPenalties, sampleToken } from './sampling.js';
+import { SamplingParams, applyPenalties, penalises, sampleFromExps, sampleToken } from './sampling.js';
+import { SAMPLE_EXPS_KERNEL } from '../engine/kernels.js';
 
 /**
  * Batched sampling with the KV cache. Prompts are left-padded so every row decodes its next
@@ -92,12 +93,14 @@ function* generateGroup(model: Decoder, reqs: GenRequest[], opts: GenOptions, gl
   reqs.forEach((r, k) => r.seeds.forEach((seed, s) => rows.push({ req: k, sample: s, rng: new Rng(seed), gen: [], seen: new Set(r.prompt), counts: new Map(), done: false, finish: 'length', pos: r.prompt.length, stopId: undefined })));
   const B = rows.length;
   try {
-    let logits = lastLogits(model, { ids, batch: B0, len: P, valid, positions }, cache);
+    const V = cfg.vocab_size;
+    let scores = lastScores(model, { ids, batch: B0, len: P, valid, positions }, cache, opts);
     if (uniform && nSamples > 1) {
       cache.repeatRows(nSamples);
-      const rep = new Float32Array(B * cfg.vocab_size);
-      for (let b = 0; b < B; b++) rep.set(logits.subarray(Math.floor(b / nSamples) * cfg.vocab_size, (Math.floor(b / nSamples) + 1) * cfg.vocab_size), b * cfg.vocab_size);
-      logits = rep;
+      const from = scores;
+      const rep = from instanceof Float32Array ? new Float32Array(B * V) : new Float64Array(B * V);
+      for (let b = 0; b < B; b++) rep.set(from.subarray(Math.floor(b / nSamples) * V, (Math.floor(b / nSamples) + 1) * V), b * V);
+      scores = rep;
     }
     const stopSet = new Set(opts.stopIds);
     for (let step = 0; step < opts.maxNewTokens; step++) {
@@ -108,9 +111,13 @@ function* generateGroup(model: Decoder, reqs: GenRequest[], opts: GenOptions, gl
           next.push(padId);
           continue;
         }
-        const lg = logits.slice(b * cfg.vocab_size, (b + 1) * cfg.vocab_size);
-        applyPenalties(lg, opts, r.seen, r.counts);
-        const tok = sampleToken(lg, opts, r.rng);
+        let tok: number;
+        if (scores instanceof Float64Array) tok = sampleFromExps(scores.subarray(b * V, (b + 1) * V), opts, r.rng);
+        else {
+          const lg = scores.slice(b * V, (b + 1) * V);
+          applyPenalties(lg, opts, r.seen, r.counts);
+          tok = sampleToken(lg, opts, r.rng);
+        }
         next.push(tok);
         if (stopSet.has(tok)) {
           r.done = true;
@@ -132,7 +139,7 @@ function* generateGroup(model: Decoder, reqs: GenRequest[], opts: GenOptions, gl
       }
       if (rows.every((r) => r.done) || step === opts.maxNewTokens - 1) break;
       yield;
-      logits = lastLogits(model, { ids: next, batch: B, len: 1, valid: rows.map((r) => (r.done ? 0 : 1)), positions: rows.map((r) => r.pos + step) }, cache);
+      scores = lastScores(model, { ids: next, batch: B, len: 1, valid: rows.map((r) => (r.done ? 0 : 1)), positions: rows.map((r) => r.pos + step) }, cache, opts);
     }
   } finally {
     cache.dispose();
@@ -153,13 +160,21 @@ function* generateGroup(model: Decoder, reqs: GenRequest[], opts: GenOptions, gl
   return res;
 }
 
-function lastLogits(model: Decoder, batch: { ids: number[]; batch: number; len: number; valid: number[]; positions: number[] }, cache: KVCache): Float32Array {
+/**
+ * The last position's logits of each row, [B·V] — or, where the backend takes the sampler's first
+ * pass (engine/kernels: SAMPLE_EXPS_KERNEL) and nothing needs the logits themselves (no penalty,
+ * not greedy), the exps that pass would compute, [B·V] float64 with the same bits: on a GPU a
+ * decoding step's host work was mostly Math.exp over the vocabulary.
+ */
+function lastScores(model: Decoder, batch: { ids: number[]; batch: number; len: number; valid: number[]; positions: number[] }, cache: KVCache, opts: SamplingParams): Float32Array | Float64Array {
+  const onDevice = opts.temperature > 0 && !penalises(opts) && tf.getKernel(SAMPLE_EXPS_KERNEL, tf.getBackend()) !== undefined;
   const t = tf.tidy(() => {
     const h = model.hidden(batch, cache);
     const last = tf.reshape(tf.slice(h, [0, batch.len - 1, 0], [batch.batch, 1, model.cfg.hidden_size]), [batch.batch, model.cfg.hidden_size]) as tf.Tensor2D;
-    return model.logits(last);
+    const logits = model.logits(last);
+    return onDevice ? (tf.engine().runKernel(SAMPLE_EXPS_KERNEL, { logits }, { temperature: opts.temperature }) as tf.Tensor) : logits;
   });
   const d = t.dataSync() as Float32Array;
   t.dispose();
-  return d;
+  return onDevice ? new Float64Array(d.buffer, d.byteOffset, d.length / 2) : d;
 }

@@ -55,25 +55,36 @@ export function argmax(a: ArrayLike<number>): number {
 
 /** Probabilities after temperature, top-k and top-p; zero outside the kept set. */
 export function filteredProbs(logits: Float32Array, p: SamplingParams): Float64Array {
+  return probsFromExps(scaledExps(logits, p.temperature), p);
+}
+
+/** exp(x/t − max x/t) for each logit x, in float64: the sampler's first pass (a backend may take it: generate). */
+export function scaledExps(logits: Float32Array, t: number): Float64Array {
   const V = logits.length;
-  const t = p.temperature;
-  const scaled = new Float64Array(V);
+  const e = new Float64Array(V);
   let m = -Infinity;
   for (let i = 0; i < V; i++) {
-    scaled[i] = logits[i] / t;
-    if (scaled[i] > m) m = scaled[i];
+    e[i] = logits[i] / t;
+    if (e[i] > m) m = e[i];
   }
+  for (let i = 0; i < V; i++) e[i] = Math.exp(e[i] - m);
+  return e;
+}
+
+/** filteredProbs from scaledExps' values, which it normalises in place. */
+export function probsFromExps(e: Float64Array, p: SamplingParams): Float64Array {
+  const V = e.length;
   let z = 0;
-  for (let i = 0; i < V; i++) z += (scaled[i] = Math.exp(scaled[i] - m));
-  for (let i = 0; i < V; i++) scaled[i] /= z;
+  for (let i = 0; i < V; i++) z += e[i];
+  for (let i = 0; i < V; i++) e[i] /= z;
   const keepK = p.topK > 0 && p.topK < V;
   const keepP = p.topP < 1;
-  if (!keepK && !keepP) return scaled;
-  const { order, n } = keptPrefix(scaled, keepK ? p.topK : V, keepP ? p.topP : 1);
+  if (!keepK && !keepP) return e;
+  const { order, n } = keptPrefix(e, keepK ? p.topK : V, keepP ? p.topP : 1);
   const out = new Float64Array(V);
   let s = 0;
-  for (let i = 0; i < n; i++) s += scaled[order[i]];
-  for (let i = 0; i < n; i++) out[order[i]] = scaled[order[i]] / s;
+  for (let i = 0; i < n; i++) s += e[order[i]];
+  for (let i = 0; i < n; i++) out[order[i]] = e[order[i]] / s;
   return out;
 }
 
@@ -153,7 +164,20 @@ function topOf(probs: Float64Array, k: number): number[] {
 
 export function sampleToken(logits: Float32Array, p: SamplingParams, rng: Rng): number {
   if (p.temperature <= 0) return argmax(logits);
-  const probs = filteredProbs(logits, p);
+  return draw(filteredProbs(logits, p), rng);
+}
+
+/** sampleToken from scaledExps' values (temperature above 0). */
+export function sampleFromExps(e: Float64Array, p: SamplingParams, rng: Rng): number {
+  return draw(probsFromExps(e, p), rng);
+}
+
+/** Whether any penalty changes the logits (then they are needed on the host). */
+export function penalises(p: SamplingParams): boolean {
+  return p.repetitionPenalty !== 1 || p.presencePenalty !== 0 || p.frequencyPenalty !== 0;
+}
+
+function draw(probs: Float64Array, rng: Rng): number {
   let u = rng.next();
   for (let i = 0; i < probs.length; i++) {
     u -= probs[i];

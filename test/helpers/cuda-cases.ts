@@ -17,6 +17,8 @@ import { loraDpoTrace, worstRel } from '../../bench/steps.js';
 import { ARCH_SPECS, makeTestModel } from './models.js';
 import { dropout } from '../../src/engine/dropout.js';
 import { fused } from '../../src/engine/fused.js';
+import { SAMPLE_EXPS_KERNEL } from '../../src/engine/kernels.js';
+import { DEFAULT_SAMPLING, SamplingParams, scaledExps } from '../../src/infer/sampling.js';
 import { DEFAULT_DPO, dpoLosses } from '../../src/dpo/loss.js';
 import { dpoBatchLoss, makeDpoBatches } from '../../src/stages/dpo.js';
 import { DEFAULT_TRAIN, Trainer } from '../../src/train/trainer.js';
@@ -470,6 +472,47 @@ export function cudaBackendCases(): void {
     expect(got[0]).toBe(0x3f80); // a tie, to even
     expect(got[1]).toBe(0x3f82); // a tie, up to even
     expect(got[3]).toBe(0x7f80); // past bf16's largest: +Inf
+  });
+
+  it('sampling\'s exps on the device are Math.exp\'s bits (fdlibm\'s exp in double), and sampled decoding draws the native backend\'s tokens: top-p, several samples a prompt; penalties keep the host\'s path', async () => {
+    if (!native.active) return;
+    await initBackend('cuda');
+    const rng = new Rng(21);
+    // Logits spread over every branch of exp: |x| under 2⁻²⁸, under 3·ln2/2, large, underflowing.
+    const V = 3000;
+    const rows = [
+      Float32Array.from({ length: V }, () => rng.normal() * 3),
+      Float32Array.from({ length: V }, (_, i) => (i % 5 === 0 ? -800 - i : i % 7 === 0 ? 1e-9 * rng.normal() : rng.normal() * 0.4)),
+      Float32Array.from({ length: V }, (_, i) => (i === 17 ? 3e4 : rng.normal() * 1e3)),
+    ];
+    for (const t of [1, 0.7, 0.013]) {
+      const x = tf.tensor2d(Float32Array.from(rows.flatMap((r) => Array.from(r))), [rows.length, V]);
+      const y = tf.engine().runKernel(SAMPLE_EXPS_KERNEL, { logits: x }, { temperature: t }) as tf.Tensor;
+      const got = new Float64Array((y.dataSync() as Float32Array).buffer);
+      tf.dispose([x, y]);
+      rows.forEach((r, i) => {
+        const want = scaledExps(r, t);
+        expect(Buffer.from(got.buffer, i * V * 8, V * 8).equals(Buffer.from(want.buffer)), `row ${i}, t ${t}`).toBe(true);
+      });
+    }
+    const m = makeTestModel(ARCH_SPECS['qwen2 biases tied rope 1e6'], 2, 0.3);
+    const dev = openedCudaDevice()!;
+    const decode = (p: Partial<SamplingParams>) =>
+      both(() => {
+        const model = Decoder.fromHF(m.cfg, (n) => m.w.get(n)!, false);
+        if (tf.getBackend() === 'cuda') dev.profile(true);
+        const gen = generate(model, [{ prompt: [5, 6, 7, 8], seeds: [1, 2, 3] }, { prompt: [9, 3], seeds: [4, 5, 6] }], { ...DEFAULT_SAMPLING, ...p, maxNewTokens: 12, stopIds: [] });
+        const used = tf.getBackend() === 'cuda' ? dev.profile(false).sample_exps?.count ?? 0 : 0;
+        model.dispose();
+        return { ids: gen.map((r) => r.map((s) => s.ids)), used };
+      });
+    const sampled = await decode({ temperature: 0.9, topP: 0.95 });
+    expect(sampled.cuda.ids).toEqual(sampled.native.ids);
+    expect(sampled.cuda.used).toBe(12); // every step's exps from the device
+    expect(new Set(sampled.native.ids.flat(2)).size).toBeGreaterThan(5);
+    const penalised = await decode({ temperature: 0.9, repetitionPenalty: 1.3 });
+    expect(penalised.cuda.ids).toEqual(penalised.native.ids);
+    expect(penalised.cuda.used).toBe(0);
   });
 
   it('a full SFT step (every weight trains) and greedy decoding with the KV cache match the native backend', async () => {
