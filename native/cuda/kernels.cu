@@ -530,19 +530,17 @@ __global__ void softmax_grad_rows(const float* p, float* dp, i64 Tk, float scale
 // With --fmad=false every operation rounds as the host's do, so the bits are Math.exp's
 // (test/helpers/cuda-cases.ts holds them to it).
 // The double's bits and back (a union: usable on the host too, where check.cu compares).
+union JsDouble {
+  double d;
+  unsigned long long u;
+};
 __host__ __device__ __forceinline__ unsigned long long js_bits(double d) {
-  union {
-    double d;
-    unsigned long long u;
-  } v;
+  JsDouble v;
   v.d = d;
   return v.u;
 }
 __host__ __device__ __forceinline__ double js_double(unsigned long long u) {
-  union {
-    double d;
-    unsigned long long u;
-  } v;
+  JsDouble v;
   v.u = u;
   return v.d;
 }

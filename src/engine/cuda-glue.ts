@@ -52,23 +52,19 @@ function broadcastArgs(a: Info, b: Info): { shape: number[]; n: number; rest: (n
   return { shape, n, rest: [n, Math.max(shape.length, 1), dims(sh, shape.length ? broadcastStrides(a.shape, shape) : [0], shape.length ? broadcastStrides(b.shape, shape) : [0])] };
 }
 
-/** kernels.cu's binary (op: 0 add … 5 maximum) on float32 operands. */
-const binary = (op: number): Kernel => (be, { a, b }) => {
+/**
+ * A kernel of two float32 operands broadcast together (kernels.cu: `binary`, op 0 add … 5 maximum,
+ * a float32 result; `compare`, op 0 < … 5 ≠, a bool one).
+ */
+const elementwise = (kernel: 'binary' | 'compare', op: number): Kernel => (be, { a, b }) => {
   const args = f32(a) && f32(b) ? broadcastArgs(a, b) : null;
   if (!args) return null;
-  const y = be.makeTensorInfo(args.shape, 'float32');
-  be.device.each('binary', args.n, [op, be.addr(a), be.addr(b), be.addr(y), ...args.rest]);
+  const y = be.makeTensorInfo(args.shape, kernel === 'binary' ? 'float32' : 'bool');
+  be.device.each(kernel, args.n, [op, be.addr(a), be.addr(b), be.addr(y), ...args.rest]);
   return y;
 };
-
-/** kernels.cu's compare (op: 0 < … 5 ≠) of float32 operands, a bool tensor. */
-const compare = (op: number): Kernel => (be, { a, b }) => {
-  const args = f32(a) && f32(b) ? broadcastArgs(a, b) : null;
-  if (!args) return null;
-  const y = be.makeTensorInfo(args.shape, 'bool');
-  be.device.each('compare', args.n, [op, be.addr(a), be.addr(b), be.addr(y), ...args.rest]);
-  return y;
-};
+const binary = (op: number) => elementwise('binary', op);
+const compare = (op: number) => elementwise('compare', op);
 
 /** kernels.cu's unary (op: 0 −x … 9 step with `alpha`) on a float32 tensor. */
 const unary = (op: number): Kernel => (be, { x }, { alpha }) => {
