@@ -108,6 +108,17 @@ napi_value LoraBackward(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
+// sampleExps(logits, V, t, out)
+napi_value SampleExps(napi_env env, napi_callback_info info) {
+  Args a(env, info, 4, "sampleExps");
+  int64_t V = a.num(1);
+  const double t = a.real(2);
+  const float* x = a.f32(0, V, "logits");
+  double* out = a.f64(3, V, "out");
+  if (a.ok()) host_sample_exps(x, V, t, out);
+  return nullptr;
+}
+
 // labelLogProbs(x, N, V, labels, out)
 napi_value LabelLogProbs(napi_env env, napi_callback_info info) {
   Args a(env, info, 5, "labelLogProbs");
@@ -762,6 +773,7 @@ napi_value Init(napi_env env, napi_value exports) {
       {"loraForward", nullptr, LoraForward, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"loraBackward", nullptr, LoraBackward, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"labelLogProbs", nullptr, LabelLogProbs, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"sampleExps", nullptr, SampleExps, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"labelLogProbsGrad", nullptr, LabelLogProbsGrad, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"rmsNorm", nullptr, RmsNorm, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"rmsNormGrad", nullptr, RmsNormGrad, nullptr, nullptr, nullptr, napi_default, nullptr},

@@ -3,6 +3,8 @@
 // launch's arguments — so a call that does not match a kernel's parameters fails on any machine.
 #include "cuda_device.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
@@ -10,6 +12,7 @@
 
 #include "cuda/emulate.h"
 #include "cuda/kernels.cu"
+#include "parallel.h"
 
 namespace prefopt {
 namespace cuda {
@@ -71,6 +74,30 @@ const std::vector<KernelInfo>& kernels() {
   };
   return all;
 }
+
+}  // namespace cuda
+
+// Chunks of the row over the pool; the max is exact in any order, each exp its element's own.
+void host_sample_exps(const float* x, int64_t V, double t, double* out) {
+  const int64_t chunk = 1 << 14;
+  const int chunks = (int)((V + chunk - 1) / chunk);
+  std::vector<double> part(chunks, -INFINITY);
+  const auto over = [&](auto f) {
+    parallel(chunks, V >= (1 << 15) ? g_threads : 1, [&](int lo, int hi) {
+      for (int c = lo; c < hi; c++) f(c * chunk, std::min(V, (c + 1) * chunk), c);
+    });
+  };
+  over([&](int64_t i0, int64_t i1, int c) {
+    for (int64_t i = i0; i < i1; i++) part[c] = std::fmax(part[c], (double)x[i] / t);
+  });
+  double m = -INFINITY;
+  for (double p : part) m = std::fmax(m, p);
+  over([&](int64_t i0, int64_t i1, int) {
+    for (int64_t i = i0; i < i1; i++) out[i] = js_exp((double)x[i] / t - m);
+  });
+}
+
+namespace cuda {
 
 const KernelInfo* find_kernel(const std::string& name) {
   for (const auto& k : kernels())

@@ -86,6 +86,11 @@ void lora_forward(const LoraLayer& l, const float* x, float* y, float* u, const 
 // dxd = s·(dy·Bᵀ)·Aᵀ.
 void lora_backward(const LoraLayer& l, const float* dy, const float* u, float* dx, float* dxd, float* da, float* db);
 
+// cuda_emulated.cc — infer/sampling's first pass over a row of V logits: out[i] = exp(x_i / t −
+// max_j x_j / t) in double, Math.exp's bits: kernels.cu's js_exp (fdlibm's exp, which V8's is),
+// the device's sample_exps' own.
+void host_sample_exps(const float* x, int64_t V, double t, double* out);
+
 // fused.cc — each forward with the backward pass that goes with it.
 // out[i] = x[i, y_i] − logsumexp(x_i) (0 where y_i ∉ [0, V)).
 void label_logprobs(const float* x, int64_t N, int64_t V, const int32_t* y, float* out);

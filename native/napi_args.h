@@ -64,6 +64,7 @@ class Args {
     if (ok_ && napi_get_array_length(env_, argv_[i], &n) != napi_ok) fail((std::string(what) + " must be an array").c_str(), napi_throw_type_error);
     return n;
   }
+  double* f64(int i, int64_t need, const char* what) { return static_cast<double*>(array(i, need, what, napi_float64_array, "Float64Array")); }
   int32_t* i32(int i, int64_t need, const char* what) { return static_cast<int32_t*>(array(i, need, what, napi_int32_array, "Int32Array")); }
   uint32_t* u32(int i, int64_t need, const char* what) { return static_cast<uint32_t*>(array(i, need, what, napi_uint32_array, "Uint32Array")); }
   uint64_t* u64(int i, int64_t need, const char* what) { return static_cast<uint64_t*>(array(i, need, what, napi_biguint64_array, "BigUint64Array")); }

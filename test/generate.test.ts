@@ -2,7 +2,8 @@ import { describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
 import { Decoder } from '../src/model/decoder.js';
 import { generate } from '../src/infer/generate.js';
-import { DEFAULT_SAMPLING, applyPenalties, filteredProbs, sampleToken } from '../src/infer/sampling.js';
+import { DEFAULT_SAMPLING, applyPenalties, filteredProbs, sampleToken, scaledExps } from '../src/infer/sampling.js';
+import { loadNative, nativeSampleExps } from '../src/engine/native.js';
 import { Rng } from '../src/util/rng.js';
 import { referenceLogits } from './helpers/reference.js';
 import { ARCH_SPECS, makeTestModel } from './helpers/models.js';
@@ -64,10 +65,41 @@ describe('sampling processors', () => {
           const got = filteredProbs(logits, p);
           const want = reference(filteredProbs(logits, { ...p, topK: 0, topP: 1 }), topK > 0 ? topK : V, topP);
           expect(Buffer.from(got.buffer).equals(Buffer.from(want.buffer)), `${name}, T ${temperature}, k ${topK}, p ${topP}`).toBe(true);
+          // The draw walks only the kept tokens: the walk over every token, as it was, draws the same.
+          const walk = (probs: Float64Array, r: Rng) => {
+            let u = r.next();
+            for (let i = 0; i < probs.length; i++) if ((u -= probs[i]) < 0) return i;
+            return probs.indexOf(Math.max(...probs));
+          };
+          const [a, b] = [new Rng(cases), new Rng(cases)];
+          for (let d = 0; d < 5; d++) expect(sampleToken(logits, p, a)).toBe(walk(want, b));
           cases++;
         }
     }
     expect(cases).toBe(80);
+  });
+
+  it('the first pass, exp(x/t − max x/t), is Math.exp\'s to the bit when the addon takes it (every branch of exp, on every core)', () => {
+    const rng = new Rng(31);
+    const V = 100_003; // several of the addon's chunks, the last one short
+    const rows = [
+      Float32Array.from({ length: V }, () => rng.normal() * 3),
+      Float32Array.from({ length: V }, (_, i) => (i % 5 === 0 ? -800 - (i % 97) : i % 7 === 0 ? 1e-9 * rng.normal() : rng.normal() * 0.4)),
+      Float32Array.from({ length: V }, (_, i) => (i === 17 ? 3e4 : rng.normal() * 1e3)),
+    ];
+    let taken = 0;
+    for (const t of [1, 0.7, 0.013])
+      for (const [i, x] of rows.entries()) {
+        const got = new Float64Array(V);
+        if (!nativeSampleExps(x, t, got)) continue; // no addon: scaledExps is the loop below
+        taken++;
+        let m = -Infinity;
+        for (let j = 0; j < V; j++) m = Math.max(m, x[j] / t);
+        const want = Float64Array.from(x, (v) => Math.exp(v / t - m));
+        expect(Buffer.from(got.buffer).equals(Buffer.from(want.buffer)), `row ${i}, t ${t}`).toBe(true);
+        expect(Buffer.from(scaledExps(x, t).buffer).equals(Buffer.from(want.buffer))).toBe(true);
+      }
+    expect(taken).toBe(loadNative().active ? 9 : 0);
   });
 
   it('penalties follow transformers (repetition) and OpenAI (presence/frequency)', () => {

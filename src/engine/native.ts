@@ -22,6 +22,7 @@ interface Addon extends FusedAddon {
   info(): { blas: string; threads: number; isa: string };
   transpose(a: Float32Array, rows: number, cols: number, out: Float32Array): void;
   firstNonFinite(x: Float32Array | Uint16Array, n: number, dt: number): number;
+  sampleExps(logits: Float32Array, v: number, t: number, out: Float64Array): void;
   matmulWeight(tb: boolean, m: number, n: number, k: number, a: Float32Array, b: Float32Array | Uint16Array, bdt: number, c: Float32Array): void;
   widen(src: Uint16Array, n: number, dt: number, out: Float32Array): void;
   mapFile(path: string): ArrayBuffer | null;
@@ -147,6 +148,16 @@ export function firstNonFinite(x: Float32Array): number {
   if (loadNative().active && addon) return addon.firstNonFinite(x, x.length, DT_CODE.f32);
   for (let i = 0; i < x.length; i++) if (!Number.isFinite(x[i])) return i;
   return -1;
+}
+
+/**
+ * out[i] = exp(x_i/t − max x/t) over a row of logits (infer/sampling's first pass) on every core,
+ * with Math.exp's bits (native/kernels.h: host_sample_exps); false where the addon is not loaded.
+ */
+export function nativeSampleExps(logits: Float32Array, t: number, out: Float64Array): boolean {
+  if (!(loadNative().active && addon)) return false;
+  addon.sampleExps(logits, logits.length, t, out);
+  return true;
 }
 
 // 16-bit weights exist only where the native kernels serve the backend (model/load), so these

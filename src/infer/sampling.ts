@@ -1,4 +1,5 @@
 import { Rng } from '../util/rng.js';
+import { nativeSampleExps } from '../engine/native.js';
 import { UserError } from '../util/errors.js';
 import { OptionRow, firstViolation, int, num } from '../util/schema.js';
 
@@ -55,13 +56,21 @@ export function argmax(a: ArrayLike<number>): number {
 
 /** Probabilities after temperature, top-k and top-p; zero outside the kept set. */
 export function filteredProbs(logits: Float32Array, p: SamplingParams): Float64Array {
-  return probsFromExps(scaledExps(logits, p.temperature), p);
+  const e = scaledExps(logits, p.temperature);
+  const kept = keptTokens(normalise(e), p);
+  if (!kept) return e;
+  const out = new Float64Array(e.length);
+  kept.ids.forEach((id, j) => (out[id] = kept.probs[j]));
+  return out;
 }
 
-/** exp(x/t − max x/t) for each logit x, in float64: the sampler's first pass (a backend may take it: generate). */
-export function scaledExps(logits: Float32Array, t: number): Float64Array {
+/**
+ * exp(x/t − max x/t) for each logit x, in float64: the sampler's first pass, most of its time —
+ * the addon's where it is loaded, on every core with Math.exp's bits (a GPU takes it too: generate).
+ */
+export function scaledExps(logits: Float32Array, t: number, e = new Float64Array(logits.length)): Float64Array {
   const V = logits.length;
-  const e = new Float64Array(V);
+  if (nativeSampleExps(logits, t, e)) return e;
   let m = -Infinity;
   for (let i = 0; i < V; i++) {
     e[i] = logits[i] / t;
@@ -71,21 +80,27 @@ export function scaledExps(logits: Float32Array, t: number): Float64Array {
   return e;
 }
 
-/** filteredProbs from scaledExps' values, which it normalises in place. */
-export function probsFromExps(e: Float64Array, p: SamplingParams): Float64Array {
-  const V = e.length;
+/** e / Σe in place, the sum in index order. */
+function normalise(e: Float64Array): Float64Array {
   let z = 0;
-  for (let i = 0; i < V; i++) z += e[i];
-  for (let i = 0; i < V; i++) e[i] /= z;
+  for (let i = 0; i < e.length; i++) z += e[i];
+  for (let i = 0; i < e.length; i++) e[i] /= z;
+  return e;
+}
+
+/**
+ * The tokens top-k and top-p keep from probabilities `probs`, ids ascending, with their
+ * probabilities renormalised over the kept set; null when neither is on (every token kept).
+ */
+function keptTokens(probs: Float64Array, p: SamplingParams): { ids: number[]; probs: Float64Array } | null {
+  const V = probs.length;
   const keepK = p.topK > 0 && p.topK < V;
-  const keepP = p.topP < 1;
-  if (!keepK && !keepP) return e;
-  const { order, n } = keptPrefix(e, keepK ? p.topK : V, keepP ? p.topP : 1);
-  const out = new Float64Array(V);
+  if (!keepK && p.topP >= 1) return null;
+  const { order, n } = keptPrefix(probs, keepK ? p.topK : V, p.topP);
   let s = 0;
-  for (let i = 0; i < n; i++) s += e[order[i]];
-  for (let i = 0; i < n; i++) out[order[i]] = e[order[i]] / s;
-  return out;
+  for (let i = 0; i < n; i++) s += probs[order[i]];
+  const ids = order.slice(0, n).sort((a, b) => a - b);
+  return { ids, probs: Float64Array.from(ids, (id) => probs[id] / s) };
 }
 
 /**
@@ -162,14 +177,20 @@ function topOf(probs: Float64Array, k: number): number[] {
   return heap.sort(cmp);
 }
 
+/** The exps' buffer sampleToken reuses (its rows never escape it). */
+let scratch = new Float64Array(0);
+
 export function sampleToken(logits: Float32Array, p: SamplingParams, rng: Rng): number {
   if (p.temperature <= 0) return argmax(logits);
-  return draw(filteredProbs(logits, p), rng);
+  if (scratch.length !== logits.length) scratch = new Float64Array(logits.length);
+  return sampleFromExps(scaledExps(logits, p.temperature, scratch), p, rng);
 }
 
-/** sampleToken from scaledExps' values (temperature above 0). */
+/** sampleToken from scaledExps' values (temperature above 0), which it overwrites. */
 export function sampleFromExps(e: Float64Array, p: SamplingParams, rng: Rng): number {
-  return draw(probsFromExps(e, p), rng);
+  const probs = normalise(e);
+  const kept = keptTokens(probs, p);
+  return kept ? draw(kept.probs, rng, kept.ids) : draw(probs, rng);
 }
 
 /** Whether any penalty changes the logits (then they are needed on the host). */
@@ -177,11 +198,17 @@ export function penalises(p: SamplingParams): boolean {
   return p.repetitionPenalty !== 1 || p.presencePenalty !== 0 || p.frequencyPenalty !== 0;
 }
 
-function draw(probs: Float64Array, rng: Rng): number {
+/**
+ * The first token, in id order, at which u (one draw) minus the probabilities so far falls below
+ * 0; else the most probable. With `ids`, probs are those tokens' (ascending ids) and every other
+ * token's is 0, which leaves u as it is: the same token as the walk over the whole vocabulary.
+ */
+function draw(probs: Float64Array, rng: Rng, ids?: number[]): number {
   let u = rng.next();
   for (let i = 0; i < probs.length; i++) {
     u -= probs[i];
-    if (u < 0) return i;
+    if (u < 0) return ids ? ids[i] : i;
   }
-  return argmax(probs);
+  const best = argmax(probs);
+  return ids ? ids[best] : best;
 }
