@@ -7,7 +7,7 @@ import { loadNative } from '../src/engine/native.js';
 import { onlineFixture } from './helpers/online-fixture.js';
 import { prefopt } from './helpers/cli.js';
 import { cudaBackendCases } from './helpers/cuda-cases.js';
-import { rowsById } from '../src/engine/cuda-fused.js';
+import { attentionPath, rowsById } from '../src/engine/cuda-fused.js';
 
 /*
  * The cuda backend on its emulated device: the same host code that drives a GPU — allocation,
@@ -27,6 +27,9 @@ describe('the cuda backend from the command line (emulated device)', () => {
     const doctor = prefopt(['--json', 'doctor'], { env: EMU });
     expect(doctor.code, doctor.stderr).toBe(0);
     expect(JSON.parse(doctor.stdout.trim().split('\n').at(-1)!).cuda.state).toBe('emulated');
+    const typo = prefopt(['--backend', 'cuda', 'doctor'], { env: { ...EMU, PREFOPT_CUDA_ATTENTION: 'fast' } });
+    expect(typo.code).toBe(2);
+    expect(typo.stderr).toMatch(/PREFOPT_CUDA_ATTENTION: expected products, flash or auto, found "fast"/);
     const f = await onlineFixture();
     const data = path.join(f.d, 'pairs.jsonl');
     fs.writeFileSync(data, Array.from({ length: 8 }, (_, i) => JSON.stringify({ prompt: `What is ${i} plus 2?`, chosen: `The answer is ${i + 2}.`, rejected: `The answer is ${i}.` })).join('\n') + '\n');
@@ -156,6 +159,20 @@ describe("the GPU check's node part (bench/cuda-check.ts) on the emulated device
     const kernelMs = (list: any[]) => list.filter((o) => o.key === 'attention_fwd' || o.key.startsWith('gemm')).reduce((s, o) => s + o.ms, 0);
     expect(kernelMs(dryOps)).toBeLessThan(kernelMs(ops) / 5);
   }, 120_000);
+});
+
+describe('attentionPath (products or flash kernels)', () => {
+  it('products for training and prefill rows whose scores fit in 256 MiB; flash for decoding, short rows and longer ones; the variable forces either, and a value it does not know is refused', () => {
+    expect(attentionPath(8, 256, 256, 14, {})).toBe('products'); // the 0.5B bench step: 29 MB of scores
+    expect(attentionPath(4, 1, 300, 14, {})).toBe('flash'); // a decoding step
+    expect(attentionPath(2, 15, 15, 8, {})).toBe('flash');
+    expect(attentionPath(1, 2048, 2048, 16, {})).toBe('products'); // exactly 256 MiB
+    expect(attentionPath(1, 2048, 2049, 16, {})).toBe('flash');
+    expect(attentionPath(8, 256, 256, 14, { PREFOPT_CUDA_ATTENTION: 'flash' })).toBe('flash');
+    expect(attentionPath(4, 1, 300, 14, { PREFOPT_CUDA_ATTENTION: 'Products' })).toBe('products');
+    expect(attentionPath(4, 1, 300, 14, { PREFOPT_CUDA_ATTENTION: 'auto' })).toBe('flash');
+    expect(() => attentionPath(8, 256, 256, 14, { PREFOPT_CUDA_ATTENTION: 'fast' })).toThrow('PREFOPT_CUDA_ATTENTION: expected products, flash or auto, found "fast"');
+  });
 });
 
 describe('rowsById (the embedding gradient\'s grouping)', () => {

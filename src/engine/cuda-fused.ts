@@ -4,6 +4,7 @@ import { FusedAddon, Placement, registerFusedKernels } from './fused.js';
 import { CUDA_BACKEND, CudaBackend } from './cuda-backend.js';
 import { CudaDevice, dims } from './cuda-device.js';
 import { envOff } from '../util/env.js';
+import { UserError } from '../util/errors.js';
 
 /**
  * prefopt's fused kernels (engine/fused's table) on the device: the FusedAddon calls with device
@@ -113,9 +114,17 @@ const PRODUCT_SCORES_BYTES = 256 << 20;
  * PREFOPT_CUDA_ATTENTION=flash or =products forces one (bench/gpu-check times both).
  */
 export function attentionPath(b: number, t: number, tk: number, h: number, env: NodeJS.ProcessEnv = process.env): 'products' | 'flash' {
-  const forced = (env.PREFOPT_CUDA_ATTENTION ?? '').toLowerCase();
-  if (forced === 'flash' || forced === 'products') return forced;
+  const forced = forcedAttention(env);
+  if (forced) return forced;
   return t >= 16 && 4 * b * h * t * tk <= PRODUCT_SCORES_BYTES ? 'products' : 'flash';
+}
+
+/** PREFOPT_CUDA_ATTENTION's way, null for auto (unset or empty); anything else is refused. */
+export function forcedAttention(env: NodeJS.ProcessEnv = process.env): 'products' | 'flash' | null {
+  const v = (env.PREFOPT_CUDA_ATTENTION ?? '').trim().toLowerCase();
+  if (v === '' || v === 'auto') return null;
+  if (v === 'products' || v === 'flash') return v;
+  throw new UserError(`PREFOPT_CUDA_ATTENTION: expected products, flash or auto, found "${env.PREFOPT_CUDA_ATTENTION}"`);
 }
 
 /**
@@ -386,5 +395,6 @@ const devicePlacement: Placement = {
 };
 
 export function registerCudaFused(dev: CudaDevice, jumps: AleaJumps): void {
+  forcedAttention(); // a bad value stops the job before it starts
   registerFusedKernels(CUDA_BACKEND, cudaFused(dev, jumps), devicePlacement);
 }
