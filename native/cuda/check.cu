@@ -210,7 +210,7 @@ void check_sample_exps(Rand& rnd) {
   double* e;
   cudaMalloc(&e, (size_t)rows * V * 8);
   LAUNCH(sample_exps, rows, 256)(dx_, V, t, e);
-  std::vector<double> got(rows * V), host(rows * V);
+  std::vector<double> got(rows * V), mine(rows * V);
   check(cudaDeviceSynchronize(), "kernel");
   check(cudaMemcpy(got.data(), e, got.size() * 8, cudaMemcpyDeviceToHost), "cudaMemcpy");
   double worst = 0;
@@ -218,15 +218,33 @@ void check_sample_exps(Rand& rnd) {
     double m = -INFINITY;
     for (int i = 0; i < V; i++) m = std::fmax(m, (double)x[r * V + i] / t);
     for (int i = 0; i < V; i++) {
-      host[r * V + i] = js_exp((double)x[r * V + i] / t - m);
+      mine[r * V + i] = js_exp((double)x[r * V + i] / t - m);
       const double want = std::exp((double)x[r * V + i] / t - m);
       if (want > 1e-300) worst = std::fmax(worst, std::fabs(got[r * V + i] - want) / want);
     }
   }
-  const bool bits = memcmp(got.data(), host.data(), got.size() * 8) == 0;
+  const bool bits = memcmp(got.data(), mine.data(), got.size() * 8) == 0;
   const bool ok = bits && worst <= 1e-15;
   if (!ok) failures++;
   printf("{\"kernel\":\"sample_exps\",\"n\":%d,\"max_rel_err\":%.3g,\"tol\":1e-15,\"cpu_bits_equal\":%s,\"ok\":%s}\n", rows * V, worst, bits ? "true" : "false", ok ? "true" : "false");
+  // The draw from those exps: the host sampler's walk, written out here in its order.
+  const std::vector<double> u = {0.3, 0.999, 1e-9};
+  double* du = dev(u);
+  int* ids;
+  cudaMalloc(&ids, rows * 4);
+  LAUNCH(sample_draw, rows, 256)(e, V, du, ids);
+  const auto drawn = host(ids, rows);
+  bool same = true;
+  for (int r = 0; r < rows; r++) {
+    double z = 0, w = u[r];
+    for (int i = 0; i < V; i++) z += mine[r * V + i];
+    int want = -1;
+    for (int i = 0; i < V && want < 0; i++)
+      if ((w -= mine[r * V + i] / z) < 0) want = i;
+    same = same && drawn[r] == want;
+  }
+  if (!same) failures++;
+  printf("{\"kernel\":\"sample_draw\",\"n\":%d,\"cpu_bits_equal\":%s,\"ok\":%s}\n", rows, same ? "true" : "false", same ? "true" : "false");
 }
 
 void check_attention(Rand& rnd, int hd) {

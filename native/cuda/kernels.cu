@@ -607,6 +607,55 @@ __global__ void sample_exps(const float* logits, i64 V, double t, double* exps) 
   for (i64 i = threadIdx.x; i < V; i += blockDim.x) exps[row * V + i] = js_exp((double)x[i] / t - m);
 }
 
+// ids[row] = infer/sampling's draw from a row's exps when nothing is filtered: p_i = e_i / Σe (the
+// sum in index order), the first i at which u − p_0 − … − p_i falls below 0, else the first most
+// probable — the host's operations in the host's order, so the host's token. The sum and the walk
+// are one thread's sequential chains (their order is their result); the block stages each chunk
+// of the row in shared memory, divided, so that the thread reads at shared memory's latency.
+__global__ void sample_draw(const double* exps, i64 V, const double* u, int* ids) {
+  __shared__ double buf[1024];
+  __shared__ double total;
+  __shared__ long long found;
+  const i64 row = blockIdx.x;
+  const double* e = exps + row * V;
+  const i64 B = blockDim.x;
+  double z = 0.0;
+  for (i64 c = 0; c < V; c += B) {
+    const i64 n = V - c < B ? V - c : B;
+    __syncthreads();
+    if (threadIdx.x < n) buf[threadIdx.x] = e[c + threadIdx.x];
+    __syncthreads();
+    if (threadIdx.x == 0)
+      for (i64 j = 0; j < n; j++) z += buf[j];
+  }
+  if (threadIdx.x == 0) total = z, found = -1;
+  __syncthreads();
+  z = total;
+  double w = u[row];
+  for (i64 c = 0; c < V && found < 0; c += B) {
+    const i64 n = V - c < B ? V - c : B;
+    if (threadIdx.x < n) buf[threadIdx.x] = e[c + threadIdx.x] / z;
+    __syncthreads();
+    if (threadIdx.x == 0)
+      for (i64 j = 0; j < n; j++) {
+        w -= buf[j];
+        if (w < 0) {
+          found = c + j;
+          break;
+        }
+      }
+    __syncthreads();
+  }
+  if (threadIdx.x != 0) return;
+  if (found < 0) {  // rounding left u above the total: the first most probable
+    double best = e[0] / z;
+    found = 0;
+    for (i64 i = 1; i < V; i++)
+      if (e[i] / z > best) best = e[i] / z, found = i;
+  }
+  ids[row] = (int)found;
+}
+
 // ---- AdamW -------------------------------------------------------------------------------------
 // Every parameter of an optimizer step in one launch (an adapter has hundreds of small ones, a
 // launch each otherwise). tab holds, per tensor, PREFOPT_ADAMW_WORDS words: p, g, m, v

@@ -2,7 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { CUDA_BACKEND, CudaBackend } from './cuda-backend.js';
 import { evenSteps, shapesOf } from './native.js';
 import { MAX_RANK, dims } from './cuda-device.js';
-import { MASK_KERNEL, SAMPLE_EXPS_KERNEL, overrideKernel } from './kernels.js';
+import { MASK_KERNEL, SAMPLE_DRAW_KERNEL, SAMPLE_EXPS_KERNEL, overrideKernel } from './kernels.js';
 
 /**
  * The tfjs kernels around prefopt's fused ones, on the device: views (Reshape, Identity),
@@ -277,6 +277,18 @@ function sampleExps(be: CudaBackend, { logits }: { logits: Info }, { temperature
   return y;
 }
 
+/** The token of each row drawn on the device (kernels.cu: sample_exps, sample_draw): one id per row comes down. */
+function sampleDraw(be: CudaBackend, { logits }: { logits: Info }, { temperature, draws }: { temperature: number; draws: number[] }): Info {
+  const [B, V] = logits.shape;
+  const y = be.makeTensorInfo([B], 'int32');
+  be.device.withTemp([8 * B * V, 8 * B], ([e, u]) => {
+    be.device.rows('sample_exps', B, [be.addr(logits), V, temperature, e], 1024);
+    be.device.upload(u, Float64Array.from(draws));
+    be.device.rows('sample_draw', B, [e, V, u, be.addr(y)], 1024);
+  });
+  return y;
+}
+
 let glueRegistered = false;
 
 /**
@@ -288,5 +300,6 @@ export function registerCudaGlue(): void {
   glueRegistered = true;
   tf.registerKernel({ kernelName: MASK_KERNEL, backendName: CUDA_BACKEND, kernelFunc: ({ inputs, backend, attrs }: any) => attentionMask(backend, inputs, attrs) });
   tf.registerKernel({ kernelName: SAMPLE_EXPS_KERNEL, backendName: CUDA_BACKEND, kernelFunc: ({ inputs, backend, attrs }: any) => sampleExps(backend, inputs, attrs) });
+  tf.registerKernel({ kernelName: SAMPLE_DRAW_KERNEL, backendName: CUDA_BACKEND, kernelFunc: ({ inputs, backend, attrs }: any) => sampleDraw(backend, inputs, attrs) });
   for (const [name, run] of Object.entries(KERNELS)) overrideKernel(name, CUDA_BACKEND, (args, onHost) => run(args.backend as CudaBackend, args.inputs, args.attrs ?? {}) ?? onHost(args));
 }

@@ -51,3 +51,10 @@ export function overrideKernel(name: string, backend: string, f: (args: any, ori
  * [B, 2V] float32 holding the bytes of B·V doubles, exp(x/t − max x/t) with Math.exp's bits.
  */
 export const SAMPLE_EXPS_KERNEL = 'PrefoptSampleExps';
+
+/**
+ * The kernel a backend may register to draw the next token where its tensors live when nothing is
+ * filtered (infer/sampling's whole sampler, bit for bit): input logits [B, V] float32, attrs
+ * temperature and draws (each row's uniform from its own stream); output ids [B] int32.
+ */
+export const SAMPLE_DRAW_KERNEL = 'PrefoptSampleDraw';

@@ -1,8 +1,8 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { Decoder, KVCache } from '../model/decoder.js';
 import { Rng } from '../util/rng.js';
-import { SamplingParams, applyPenalties, penalises, sampleFromExps, sampleToken } from './sampling.js';
-import { SAMPLE_EXPS_KERNEL } from '../engine/kernels.js';
+import { SamplingParams, applyPenalties, filters, penalises, sampleFromExps, sampleToken } from './sampling.js';
+import { SAMPLE_DRAW_KERNEL, SAMPLE_EXPS_KERNEL } from '../engine/kernels.js';
 
 /**
  * Batched sampling with the KV cache. Prompts are left-padded so every row decodes its next
@@ -94,8 +94,9 @@ function* generateGroup(model: Decoder, reqs: GenRequest[], opts: GenOptions, gl
   const B = rows.length;
   try {
     const V = cfg.vocab_size;
-    let scores = lastScores(model, { ids, batch: B0, len: P, valid, positions }, cache, opts);
-    if (uniform && nSamples > 1) {
+    // The prompts' rows are repeated for their samples: each then draws on the host.
+    let scores = lastScores(model, { ids, batch: B0, len: P, valid, positions }, cache, opts, uniform && nSamples > 1 ? null : rows.map((r) => r.rng));
+    if (uniform && nSamples > 1 && !(scores instanceof Int32Array)) {
       cache.repeatRows(nSamples);
       const from = scores;
       const rep = from instanceof Float32Array ? new Float32Array(B * V) : new Float64Array(B * V);
@@ -112,7 +113,8 @@ function* generateGroup(model: Decoder, reqs: GenRequest[], opts: GenOptions, gl
           continue;
         }
         let tok: number;
-        if (scores instanceof Float64Array) tok = sampleFromExps(scores.subarray(b * V, (b + 1) * V), opts, r.rng);
+        if (scores instanceof Int32Array) tok = scores[b];
+        else if (scores instanceof Float64Array) tok = sampleFromExps(scores.subarray(b * V, (b + 1) * V), opts, r.rng);
         else {
           const lg = scores.slice(b * V, (b + 1) * V);
           applyPenalties(lg, opts, r.seen, r.counts);
@@ -139,7 +141,7 @@ function* generateGroup(model: Decoder, reqs: GenRequest[], opts: GenOptions, gl
       }
       if (rows.every((r) => r.done) || step === opts.maxNewTokens - 1) break;
       yield;
-      scores = lastScores(model, { ids: next, batch: B, len: 1, valid: rows.map((r) => (r.done ? 0 : 1)), positions: rows.map((r) => r.pos + step) }, cache, opts);
+      scores = lastScores(model, { ids: next, batch: B, len: 1, valid: rows.map((r) => (r.done ? 0 : 1)), positions: rows.map((r) => r.pos + step) }, cache, opts, rows.map((r) => (r.done ? null : r.rng)));
     }
   } finally {
     cache.dispose();
@@ -161,20 +163,29 @@ function* generateGroup(model: Decoder, reqs: GenRequest[], opts: GenOptions, gl
 }
 
 /**
- * The last position's logits of each row, [B·V] — or, where the backend takes the sampler's first
- * pass (engine/kernels: SAMPLE_EXPS_KERNEL) and nothing needs the logits themselves (no penalty,
- * not greedy), the exps that pass would compute, [B·V] float64 with the same bits: on a GPU a
- * decoding step's host work was mostly Math.exp over the vocabulary.
+ * What the sampler needs of the last position of each row, where the backend can take part of it
+ * (engine/kernels): with nothing to filter and each row's stream (`rngs`; null for a finished row,
+ * which draws nothing), the tokens themselves, drawn on the device (SAMPLE_DRAW_KERNEL, one id a
+ * row comes back); with top-k or top-p, the exps of the sampler's first pass, [B·V] float64
+ * (SAMPLE_EXPS_KERNEL); else, or with penalties or greedy decoding (they read the logits), the
+ * logits [B·V]. Each gives the host sampler's tokens bit for bit: on a GPU a decoding step's host
+ * work was mostly its exps over the vocabulary.
  */
-function lastScores(model: Decoder, batch: { ids: number[]; batch: number; len: number; valid: number[]; positions: number[] }, cache: KVCache, opts: SamplingParams): Float32Array | Float64Array {
-  const onDevice = opts.temperature > 0 && !penalises(opts) && tf.getKernel(SAMPLE_EXPS_KERNEL, tf.getBackend()) !== undefined;
+function lastScores(model: Decoder, batch: { ids: number[]; batch: number; len: number; valid: number[]; positions: number[] }, cache: KVCache, opts: SamplingParams, rngs: (Rng | null)[] | null): Float32Array | Float64Array | Int32Array {
+  const has = (k: string) => tf.getKernel(k, tf.getBackend()) !== undefined;
+  const sampled = opts.temperature > 0 && !penalises(opts);
+  const mode = sampled && rngs && !filters(opts) && has(SAMPLE_DRAW_KERNEL) ? 'ids' : sampled && has(SAMPLE_EXPS_KERNEL) ? 'exps' : 'logits';
+  // A row's uniform, taken from its stream in the order the host's draw takes it.
+  const draws = mode === 'ids' ? rngs!.map((r) => (r ? r.next() : 0)) : [];
   const t = tf.tidy(() => {
     const h = model.hidden(batch, cache);
     const last = tf.reshape(tf.slice(h, [0, batch.len - 1, 0], [batch.batch, 1, model.cfg.hidden_size]), [batch.batch, model.cfg.hidden_size]) as tf.Tensor2D;
     const logits = model.logits(last);
-    return onDevice ? (tf.engine().runKernel(SAMPLE_EXPS_KERNEL, { logits }, { temperature: opts.temperature }) as tf.Tensor) : logits;
+    if (mode === 'ids') return tf.engine().runKernel(SAMPLE_DRAW_KERNEL, { logits }, { temperature: opts.temperature, draws }) as tf.Tensor;
+    return mode === 'exps' ? (tf.engine().runKernel(SAMPLE_EXPS_KERNEL, { logits }, { temperature: opts.temperature }) as tf.Tensor) : logits;
   });
-  const d = t.dataSync() as Float32Array;
+  const d = t.dataSync() as Float32Array | Int32Array;
   t.dispose();
-  return onDevice ? new Float64Array(d.buffer, d.byteOffset, d.length / 2) : d;
+  if (mode === 'exps') return new Float64Array(d.buffer, d.byteOffset, d.length / 2);
+  return d;
 }

@@ -193,6 +193,11 @@ export function sampleFromExps(e: Float64Array, p: SamplingParams, rng: Rng): nu
   return kept ? draw(kept.probs, rng, kept.ids) : draw(probs, rng);
 }
 
+/** Whether top-k or top-p is asked for (it filters any vocabulary larger than k). */
+export function filters(p: SamplingParams): boolean {
+  return p.topK > 0 || p.topP < 1;
+}
+
 /** Whether any penalty changes the logits (then they are needed on the host). */
 export function penalises(p: SamplingParams): boolean {
   return p.repetitionPenalty !== 1 || p.presencePenalty !== 0 || p.frequencyPenalty !== 0;

@@ -17,8 +17,8 @@ import { loraDpoTrace, worstRel } from '../../bench/steps.js';
 import { ARCH_SPECS, makeTestModel } from './models.js';
 import { dropout } from '../../src/engine/dropout.js';
 import { fused } from '../../src/engine/fused.js';
-import { SAMPLE_EXPS_KERNEL } from '../../src/engine/kernels.js';
-import { DEFAULT_SAMPLING, SamplingParams, scaledExps } from '../../src/infer/sampling.js';
+import { SAMPLE_DRAW_KERNEL, SAMPLE_EXPS_KERNEL } from '../../src/engine/kernels.js';
+import { DEFAULT_SAMPLING, SamplingParams, sampleFromExps, scaledExps } from '../../src/infer/sampling.js';
 import { DEFAULT_DPO, dpoLosses } from '../../src/dpo/loss.js';
 import { dpoBatchLoss, makeDpoBatches } from '../../src/stages/dpo.js';
 import { DEFAULT_TRAIN, Trainer } from '../../src/train/trainer.js';
@@ -474,7 +474,7 @@ export function cudaBackendCases(): void {
     expect(got[3]).toBe(0x7f80); // past bf16's largest: +Inf
   });
 
-  it('sampling\'s exps on the device are Math.exp\'s bits (fdlibm\'s exp in double), and sampled decoding draws the native backend\'s tokens: top-p, several samples a prompt; penalties keep the host\'s path', async () => {
+  it('sampling\'s exps on the device are Math.exp\'s bits (fdlibm\'s exp in double), and sampled decoding draws the native backend\'s tokens: exps for top-p, the draw itself unfiltered, several samples a prompt or one; penalties keep the host\'s path', async () => {
     if (!native.active) return;
     await initBackend('cuda');
     const rng = new Rng(21);
@@ -495,24 +495,45 @@ export function cudaBackendCases(): void {
         expect(Buffer.from(got.buffer, i * V * 8, V * 8).equals(Buffer.from(want.buffer)), `row ${i}, t ${t}`).toBe(true);
       });
     }
+    // The draw itself: 64 rows, each row's uniform also handed to the host's draw.
+    {
+      const R = 64;
+      const logits = Float32Array.from({ length: R * V }, (_, i) => rng.normal() * (1 + (i % 3)) + (i % 97 === 0 ? 6 : 0));
+      const draws = Array.from({ length: R }, (_, i) => (i === 0 ? 0.9999999999999999 : i === 1 ? 0 : rng.next()));
+      const x = tf.tensor2d(logits, [R, V]);
+      const y = tf.engine().runKernel(SAMPLE_DRAW_KERNEL, { logits: x }, { temperature: 0.8, draws }) as tf.Tensor;
+      const got = Array.from(y.dataSync());
+      tf.dispose([x, y]);
+      const want = draws.map((u, r) => sampleFromExps(scaledExps(logits.subarray(r * V, (r + 1) * V), 0.8), DEFAULT_SAMPLING, { next: () => u } as Rng));
+      expect(got).toEqual(want);
+      expect(new Set(want).size).toBeGreaterThan(20);
+    }
     const m = makeTestModel(ARCH_SPECS['qwen2 biases tied rope 1e6'], 2, 0.3);
     const dev = openedCudaDevice()!;
-    const decode = (p: Partial<SamplingParams>) =>
+    const decode = (p: Partial<SamplingParams>, seeds = [[1, 2, 3], [4, 5, 6]]) =>
       both(() => {
         const model = Decoder.fromHF(m.cfg, (n) => m.w.get(n)!, false);
         if (tf.getBackend() === 'cuda') dev.profile(true);
-        const gen = generate(model, [{ prompt: [5, 6, 7, 8], seeds: [1, 2, 3] }, { prompt: [9, 3], seeds: [4, 5, 6] }], { ...DEFAULT_SAMPLING, ...p, maxNewTokens: 12, stopIds: [] });
-        const used = tf.getBackend() === 'cuda' ? dev.profile(false).sample_exps?.count ?? 0 : 0;
+        const gen = generate(model, [{ prompt: [5, 6, 7, 8], seeds: seeds[0] }, { prompt: [9, 3], seeds: seeds[1] }], { ...DEFAULT_SAMPLING, ...p, maxNewTokens: 12, stopIds: [] });
+        const ops = tf.getBackend() === 'cuda' ? dev.profile(false) : {};
         model.dispose();
-        return { ids: gen.map((r) => r.map((s) => s.ids)), used };
+        return { ids: gen.map((r) => r.map((s) => s.ids)), exps: ops.sample_exps?.count ?? 0, drawn: ops.sample_draw?.count ?? 0 };
       });
-    const sampled = await decode({ temperature: 0.9, topP: 0.95 });
-    expect(sampled.cuda.ids).toEqual(sampled.native.ids);
-    expect(sampled.cuda.used).toBe(12); // every step's exps from the device
-    expect(new Set(sampled.native.ids.flat(2)).size).toBeGreaterThan(5);
+    const filtered = await decode({ temperature: 0.9, topP: 0.95 });
+    expect(filtered.cuda.ids).toEqual(filtered.native.ids);
+    expect([filtered.cuda.exps, filtered.cuda.drawn]).toEqual([12, 0]); // every step's exps from the device
+    expect(new Set(filtered.native.ids.flat(2)).size).toBeGreaterThan(5);
+    // Nothing filtered: the tokens themselves are drawn on the device, once the prompts' rows are
+    // repeated for their samples (the prefill draws on the host); with one row a sample from the start.
+    const plain = await decode({ temperature: 0.9 });
+    expect(plain.cuda.ids).toEqual(plain.native.ids);
+    expect([plain.cuda.exps, plain.cuda.drawn]).toEqual([12, 11]);
+    const apart = await decode({ temperature: 1.3 }, [[7], [8, 9]]);
+    expect(apart.cuda.ids).toEqual(apart.native.ids);
+    expect([apart.cuda.exps, apart.cuda.drawn]).toEqual([12, 12]);
     const penalised = await decode({ temperature: 0.9, repetitionPenalty: 1.3 });
     expect(penalised.cuda.ids).toEqual(penalised.native.ids);
-    expect(penalised.cuda.used).toBe(0);
+    expect([penalised.cuda.exps, penalised.cuda.drawn]).toEqual([0, 0]);
   });
 
   it('a full SFT step (every weight trains) and greedy decoding with the KV cache match the native backend', async () => {
