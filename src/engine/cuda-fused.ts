@@ -135,7 +135,7 @@ export function forcedAttention(env: NodeJS.ProcessEnv = process.env): 'products
  * ds = softmax_grad_rows(p, dp), dq = ds·k, dk = dsᵀ·q (which sums the group's heads), dv = pᵀ·dO.
  */
 function attentionByProducts(dev: CudaDevice) {
-  const gemm = (o: Parameters<CudaDevice['gemm']>[0]) => dev.gemm(o);
+  const gemm = dev.gemm.bind(dev);
   // x [B, T, N, hd] ↔ [B, N, T, hd]
   const headsFirst = (x: number, y: number, b: number, t: number, n: number, hd: number, back = false) => {
     const rowMajor = [t * n * hd, hd, n * hd, 1];
@@ -143,9 +143,15 @@ function attentionByProducts(dev: CudaDevice) {
     const count = b * n * t * hd;
     dev.each('strided_copy', count, [x, y, count, 4, dims([b, n, t, hd], back ? headMajor : rowMajor, back ? rowMajor : headMajor)]);
   };
-  /** scores [B·KV batches of G·T × Tk] of q·kᵀ, turned into probabilities in place. */
-  const probabilities = (qh: number, kh: number, mask: number, s: number, scale: number, b: number, t: number, tk: number, h: number, kv: number, hd: number) => {
+  /**
+   * q, k and v heads-first into qh, kh and vh, and the scores [B·KV batches of G·T × Tk] of
+   * qh·khᵀ into s, turned into probabilities in place: what both passes start from.
+   */
+  const probabilities = (q: number, k: number, v: number, [qh, kh, vh, s]: number[], mask: number, scale: number, b: number, t: number, tk: number, h: number, kv: number, hd: number) => {
     const g = h / kv;
+    headsFirst(q, qh, b, t, h, hd);
+    headsFirst(k, kh, b, tk, kv, hd);
+    headsFirst(v, vh, b, tk, kv, hd);
     gemm({ batch: b * kv, m: g * t, n: tk, k: hd, a: qh, sa: g * t * hd, b: kh, sb: tk * hd, tb: true, c: s, sc: g * t * tk });
     dev.rows('softmax_rows', b * h * t, [s, mask, t, tk, h * t, scale]);
   };
@@ -154,10 +160,7 @@ function attentionByProducts(dev: CudaDevice) {
     forward: (q: number, k: number, v: number, mask: number, scale: number, b: number, t: number, tk: number, h: number, kv: number, hd: number, o: number) => {
       const g = h / kv;
       dev.withTemp([bytes(b, h, t, hd), bytes(b, kv, tk, hd), bytes(b, kv, tk, hd), bytes(b, h, t, tk), bytes(b, h, t, hd)], ([qh, kh, vh, s, oh]) => {
-        headsFirst(q, qh, b, t, h, hd);
-        headsFirst(k, kh, b, tk, kv, hd);
-        headsFirst(v, vh, b, tk, kv, hd);
-        probabilities(qh, kh, mask, s, scale, b, t, tk, h, kv, hd);
+        probabilities(q, k, v, [qh, kh, vh, s], mask, scale, b, t, tk, h, kv, hd);
         gemm({ batch: b * kv, m: g * t, n: hd, k: tk, a: s, sa: g * t * tk, b: vh, sb: tk * hd, c: oh, sc: g * t * hd });
         headsFirst(oh, o, b, t, h, hd, true);
       });
@@ -167,11 +170,8 @@ function attentionByProducts(dev: CudaDevice) {
       const side = bytes(b, kv, tk, hd);
       const rows = bytes(b, h, t, hd);
       dev.withTemp([rows, side, side, rows, bytes(b, h, t, tk), bytes(b, h, t, tk), rows, side, side], ([qh, kh, vh, doh, p, ds, dqh, dkh, dvh]) => {
-        headsFirst(q, qh, b, t, h, hd);
-        headsFirst(k, kh, b, tk, kv, hd);
-        headsFirst(v, vh, b, tk, kv, hd);
+        probabilities(q, k, v, [qh, kh, vh, p], mask, scale, b, t, tk, h, kv, hd);
         headsFirst(dout, doh, b, t, h, hd);
-        probabilities(qh, kh, mask, p, scale, b, t, tk, h, kv, hd);
         const batch = { batch: b * kv };
         gemm({ ...batch, m: g * t, n: tk, k: hd, a: doh, sa: g * t * hd, b: vh, sb: tk * hd, tb: true, c: ds, sc: g * t * tk });
         dev.rows('softmax_grad_rows', b * h * t, [p, ds, tk, scale]);

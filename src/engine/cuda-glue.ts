@@ -269,20 +269,25 @@ function attentionMask(be: CudaBackend, { valid, segments }: { valid: Info; segm
   return y;
 }
 
-/** infer/sampling's exps on the device (kernels.cu: sample_exps): only they come down, not the logits. */
-function sampleExps(be: CudaBackend, { logits }: { logits: Info }, { temperature }: { temperature: number }): Info {
+/** kernels.cu's sample_exps: each row's B·V exps, as doubles, to the address `out`. */
+function launchExps(be: CudaBackend, logits: Info, temperature: number, out: number): void {
   const [B, V] = logits.shape;
-  const y = be.makeTensorInfo([B, 2 * V], 'float32');
-  be.device.rows('sample_exps', B, [be.addr(logits), V, temperature, be.addr(y)], 1024);
+  be.device.rows('sample_exps', B, [be.addr(logits), V, temperature, out], 1024);
+}
+
+/** infer/sampling's exps on the device: only they come down, not the logits. */
+function sampleExps(be: CudaBackend, { logits }: { logits: Info }, { temperature }: { temperature: number }): Info {
+  const y = be.makeTensorInfo([logits.shape[0], 2 * logits.shape[1]], 'float32');
+  launchExps(be, logits, temperature, be.addr(y));
   return y;
 }
 
-/** The token of each row drawn on the device (kernels.cu: sample_exps, sample_draw): one id per row comes down. */
+/** The token of each row drawn on the device (kernels.cu: sample_draw, from launchExps' exps): one id per row comes down. */
 function sampleDraw(be: CudaBackend, { logits }: { logits: Info }, { temperature, draws }: { temperature: number; draws: number[] }): Info {
   const [B, V] = logits.shape;
   const y = be.makeTensorInfo([B], 'int32');
   be.device.withTemp([8 * B * V, 8 * B], ([e, u]) => {
-    be.device.rows('sample_exps', B, [be.addr(logits), V, temperature, e], 1024);
+    launchExps(be, logits, temperature, e);
     be.device.upload(u, Float64Array.from(draws));
     be.device.rows('sample_draw', B, [e, V, u, be.addr(y)], 1024);
   });
