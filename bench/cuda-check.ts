@@ -209,7 +209,7 @@ async function time(): Promise<void> {
   const dev = cudaAddon()!;
   const w = weights();
   const model = Decoder.fromHF(cfg, (n) => w.get(n)!, false);
-  for (const job of ['lora_dpo', 'logprobs', 'generate']) {
+  for (const job of ['lora_dpo', 'logprobs', 'generate', 'generate_filtered']) {
     dev.cudaStats(true);
     let f: () => void;
     let tokens: number;
@@ -222,17 +222,19 @@ async function time(): Promise<void> {
       tokens = sb.batch * sb.len;
       f = () => void tf.tidy(() => sequenceLogps(model, sb)).dataSync();
     } else {
-      // torch_ref's and real-size's sampling job: 4 samples of 64 new tokens (8 with --tiny) after the rows' prompt, KV cache on the device.
+      // torch_ref's and real-size's sampling job: 4 samples of 64 new tokens (8 with --tiny) after the rows' prompt, KV cache on the device;
+      // generate_filtered with Qwen's generation_config (temperature 0.7, top_k 20, top_p 0.8).
       const fresh = tiny ? 8 : 64;
       const prompt = Array.from(rows(1).ids).slice(0, tiny ? 8 : PROMPT);
+      const sampling = job === 'generate' ? DEFAULT_SAMPLING : { ...DEFAULT_SAMPLING, temperature: 0.7, topK: 20, topP: 0.8 };
       tokens = 4 * fresh;
-      f = () => void generate(model, [{ prompt, seeds: [1, 2, 3, 4] }], { ...DEFAULT_SAMPLING, maxNewTokens: fresh, stopIds: [] });
+      f = () => void generate(model, [{ prompt, seeds: [1, 2, 3, 4] }], { ...sampling, maxNewTokens: fresh, stopIds: [] });
     }
     // Each timed call ends when the device has done its work, as torch_ref's (torch.cuda.synchronize).
     const s = timeIt(() => {
       f();
       dev.cudaSync();
-    }, job === 'generate' ? Math.min(reps, 3) : reps);
+    }, job.startsWith('generate') ? Math.min(reps, 3) : reps);
     const peak = dev.cudaStats().peak;
     // Each wait drains the device's queue: the host's issuing is then no longer hidden behind it.
     dev.cudaStats(true);

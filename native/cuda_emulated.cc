@@ -70,7 +70,7 @@ const std::vector<KernelInfo>& kernels() {
       PREFOPT_KERNEL(embed),           PREFOPT_KERNEL(embed_grad),        PREFOPT_KERNEL(dropout_bits),        PREFOPT_KERNEL(gather),
       PREFOPT_KERNEL(to_bf16),         PREFOPT_KERNEL(embed_half),        PREFOPT_KERNEL(head_group_sum),    PREFOPT_KERNEL(alea_bits),
       PREFOPT_KERNEL(attention_mask),  PREFOPT_KERNEL(compare),           PREFOPT_KERNEL(cast),                PREFOPT_KERNEL(softmax_rows),
-      PREFOPT_KERNEL(softmax_grad_rows), PREFOPT_KERNEL(sample_exps),        PREFOPT_KERNEL(sample_draw),
+      PREFOPT_KERNEL(softmax_grad_rows), PREFOPT_KERNEL(sample_exps),        PREFOPT_KERNEL(sample_draw), PREFOPT_KERNEL(sample_kept),
   };
   return all;
 }

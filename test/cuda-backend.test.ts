@@ -119,7 +119,7 @@ describe("the GPU check's node part (bench/cuda-check.ts) on the emulated device
   it('time and profile: tokens/s and device peak per job; the profile accounts every operation of a step (attention as products or flash kernels, products with their flops); the dry device issues the same operations without running them', () => {
     if (!native.active) return;
     const times = run('time');
-    expect(times.map((t) => t.job)).toEqual(['lora_dpo', 'logprobs', 'generate']);
+    expect(times.map((t) => t.job)).toEqual(['lora_dpo', 'logprobs', 'generate', 'generate_filtered']);
     for (const t of times) {
       expect(t.tokens_per_s).toBeGreaterThan(0);
       expect(t.peak_device_bytes).toBeGreaterThan(0);

@@ -118,7 +118,7 @@ describe('the CUDA backend\'s state', () => {
     // Every kernel is in the addon's launch table (native/cuda_emulated.cc), which is how the
     // backend reaches it, and the table names nothing else.
     if (native.active) expect([...names].sort()).toEqual(Object.keys(cudaAddon()!.cudaKernels()).sort());
-    expect(names.length).toBe(39);
+    expect(names.length).toBe(40);
     for (const arch of ['sm_80', 'sm_90']) {
       const cubin = path.join(d, `${arch}.cubin`);
       const r = spawnSync(nvcc, ['--cubin', `-arch=${arch}`, '--fmad=false', '-o', cubin, 'native/cuda/kernels.cu'], { encoding: 'utf8' });
@@ -146,9 +146,9 @@ describe('the CUDA backend\'s state', () => {
     const run = spawnSync(exe, [], { encoding: 'utf8' });
     const lines = run.stdout.trim().split('\n').map((l) => JSON.parse(l));
     const checked = lines.filter((l) => 'ok' in l);
-    expect(checked.map((l) => l.kernel)).toEqual(['widen(bf16)', 'widen(f16)', 'rms_norm', 'rms_norm_grad_x', 'rms_norm_grad_w', 'swiglu', 'swiglu_grad(g)', 'swiglu_grad(u)', 'rope', 'rope(inverse)', 'label_logprobs', 'label_logprobs_grad', 'softmax_rows', 'softmax_grad_rows', 'sample_exps', 'sample_draw', ...[64, 12, 80, 256].flatMap((hd) => ['attention_fwd', 'attention_bwd(dq)', 'attention_bwd(dk)', 'attention_bwd(dv)'].map((k) => `${k}(hd ${hd})`)), 'alea_bits', 'adamw(1 tensor)', 'adamw(3 tensors)']);
+    expect(checked.map((l) => l.kernel)).toEqual(['widen(bf16)', 'widen(f16)', 'rms_norm', 'rms_norm_grad_x', 'rms_norm_grad_w', 'swiglu', 'swiglu_grad(g)', 'swiglu_grad(u)', 'rope', 'rope(inverse)', 'label_logprobs', 'label_logprobs_grad', 'softmax_rows', 'softmax_grad_rows', 'sample_exps', 'sample_draw', 'sample_kept', ...[64, 12, 80, 256].flatMap((hd) => ['attention_fwd', 'attention_bwd(dq)', 'attention_bwd(dk)', 'attention_bwd(dv)'].map((k) => `${k}(hd ${hd})`)), 'alea_bits', 'adamw(1 tensor)', 'adamw(3 tensors)']);
     for (const l of checked) expect(l.ok, JSON.stringify(l)).toBe(true);
-    for (const k of ['rope', 'adamw(1 tensor)', 'adamw(3 tensors)', 'widen(f16)', 'sample_exps', 'sample_draw']) expect(checked.find((l) => l.kernel === k).cpu_bits_equal).toBe(true);
+    for (const k of ['rope', 'adamw(1 tensor)', 'adamw(3 tensors)', 'widen(f16)', 'sample_exps', 'sample_draw', 'sample_kept']) expect(checked.find((l) => l.kernel === k).cpu_bits_equal).toBe(true);
     expect(run.status).toBe(0);
     // Attention passes over the tiles a causal mask hides (kernels.cu: tile_masked); built to
     // compute every tile, it must give the same bits.

@@ -13,6 +13,7 @@
 #define LAUNCH(kernel, grid, block) kernel<<<grid, block>>>
 #endif
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -245,6 +246,64 @@ void check_sample_exps(Rand& rnd) {
   }
   if (!same) failures++;
   printf("{\"kernel\":\"sample_draw\",\"n\":%d,\"cpu_bits_equal\":%s,\"ok\":%s}\n", rows, same ? "true" : "false", same ? "true" : "false");
+  // Top-k and top-p: infer/sampling's keptPrefix written out as the whole sort, then the draw over
+  // the kept tokens in id order; −1 where more than KEPT_MAX tokens are kept. Rows: the exps above
+  // (peaked), then ties (logits on a grid of eighths) and underflowing zeros with draws spread
+  // over [0, 1), so that which of a run of ties a cut keeps shows in the tokens.
+  const int R = 64;
+  std::vector<double> ex(mine), uk(u);
+  ex.resize((size_t)R * V), uk.resize(R);
+  for (int r = rows; r < R; r++) {
+    uk[r] = (r - rows + 0.5) / (R - rows);
+    for (int i = 0; i < V; i++) ex[(size_t)r * V + i] = i % 3 ? 0.0 : std::exp(-(double)(i % 24) / 8);
+  }
+  double* duk = dev(uk);
+  int* kids;
+  cudaMalloc(&kids, R * 4);
+  struct Setting { long long k; double p; };
+  const Setting settings[] = {{20, 1}, {V, 0.9}, {50, 0.5}, {3000, 1}, {V, 0.99999}, {1, 1}, {2048, 0.999}, {V, 0.3}};
+  bool kept_same = true;
+  int drawn_here = 0, unsettled = 0;
+  for (const Setting& st : settings) {
+    double* de = dev(ex);
+    LAUNCH(sample_kept, R, 256)(de, V, st.k, st.p, duk, kids);
+    const auto got_ids = host(kids, R);
+    const auto probs = host(de, (size_t)R * V);
+    for (int r = 0; r < R; r++) {
+      const double* er = ex.data() + (size_t)r * V;
+      double z = 0;
+      for (int i = 0; i < V; i++) z += er[i];
+      std::vector<double> p(V);
+      for (int i = 0; i < V; i++) p[i] = er[i] / z;
+      std::vector<int> order(V);
+      for (int i = 0; i < V; i++) order[i] = i;
+      std::sort(order.begin(), order.end(), [&](int a, int b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+      long long n = std::min<long long>(st.k, V);
+      double cum = 0;
+      for (long long i = 0; i < n && st.p < 1; i++)
+        if ((cum += p[order[i]]) >= st.p) n = i + 1;
+      double s = 0;
+      for (long long i = 0; i < n; i++) s += p[order[i]];
+      std::vector<int> kept(order.begin(), order.begin() + n);
+      std::sort(kept.begin(), kept.end());
+      int want = -1;
+      double w = uk[r];
+      for (size_t i = 0; i < kept.size() && want < 0; i++)
+        if ((w -= p[kept[i]] / s) < 0) want = kept[i];
+      if (want < 0) {
+        size_t best = 0;
+        for (size_t i = 1; i < kept.size(); i++)
+          if (p[kept[i]] / s > p[kept[best]] / s) best = i;
+        want = kept[best];
+      }
+      if (n > 2048) want = -1;
+      drawn_here += want >= 0, unsettled += want < 0;
+      kept_same = kept_same && got_ids[r] == want && memcmp(probs.data() + (size_t)r * V, p.data(), V * 8) == 0;
+    }
+  }
+  kept_same = kept_same && drawn_here > 0 && unsettled > 0;
+  if (!kept_same) failures++;
+  printf("{\"kernel\":\"sample_kept\",\"n\":%d,\"unsettled\":%d,\"cpu_bits_equal\":%s,\"ok\":%s}\n", drawn_here + unsettled, unsettled, kept_same ? "true" : "false", kept_same ? "true" : "false");
 }
 
 void check_attention(Rand& rnd, int hd) {

@@ -607,17 +607,11 @@ __global__ void sample_exps(const float* logits, i64 V, double t, double* exps) 
   for (i64 i = threadIdx.x; i < V; i += blockDim.x) exps[row * V + i] = js_exp((double)x[i] / t - m);
 }
 
-// ids[row] = infer/sampling's draw from a row's exps when nothing is filtered: p_i = e_i / Σe (the
-// sum in index order), the first i at which u − p_0 − … − p_i falls below 0, else the first most
-// probable — the host's operations in the host's order, so the host's token. The sum and the walk
-// are one thread's sequential chains (their order is their result); the block stages each chunk
-// of the row in shared memory, divided, so that the thread reads at shared memory's latency.
-__global__ void sample_draw(const double* exps, i64 V, const double* u, int* ids) {
-  __shared__ double buf[1024];
+// Σ e_0 + … + e_{V−1} in index order, for every thread of the block: one thread's sequential chain
+// (its order is its result), the block staging each chunk of the row in `buf` (blockDim doubles)
+// so that the thread reads at shared memory's latency.
+__device__ double row_sum_in_order(const double* e, i64 V, double* buf) {
   __shared__ double total;
-  __shared__ long long found;
-  const i64 row = blockIdx.x;
-  const double* e = exps + row * V;
   const i64 B = blockDim.x;
   double z = 0.0;
   for (i64 c = 0; c < V; c += B) {
@@ -628,9 +622,24 @@ __global__ void sample_draw(const double* exps, i64 V, const double* u, int* ids
     if (threadIdx.x == 0)
       for (i64 j = 0; j < n; j++) z += buf[j];
   }
-  if (threadIdx.x == 0) total = z, found = -1;
+  if (threadIdx.x == 0) total = z;
   __syncthreads();
-  z = total;
+  return total;
+}
+
+// ids[row] = infer/sampling's draw from a row's exps when nothing is filtered: p_i = e_i / Σe (the
+// sum in index order), the first i at which u − p_0 − … − p_i falls below 0, else the first most
+// probable — the host's operations in the host's order, so the host's token. The walk is one
+// thread's chain too, over chunks staged divided.
+__global__ void sample_draw(const double* exps, i64 V, const double* u, int* ids) {
+  __shared__ double buf[1024];
+  __shared__ long long found;
+  const i64 row = blockIdx.x;
+  const double* e = exps + row * V;
+  const i64 B = blockDim.x;
+  const double z = row_sum_in_order(e, V, buf);
+  if (threadIdx.x == 0) found = -1;
+  __syncthreads();
   double w = u[row];
   for (i64 c = 0; c < V && found < 0; c += B) {
     const i64 n = V - c < B ? V - c : B;
@@ -654,6 +663,146 @@ __global__ void sample_draw(const double* exps, i64 V, const double* u, int* ids
       if (e[i] / z > best) best = e[i] / z, found = i;
   }
   ids[row] = (int)found;
+}
+
+// The most tokens sample_kept sorts (engine/kernels.ts: SAMPLE_KEPT_MAX says it to the host).
+#define KEPT_MAX 2048
+#define KEPT_BLOCK 256
+
+// Bitonic sort of n (a power of two, ≤ KEPT_MAX) entries (p, id) in shared memory, into
+// infer/sampling's order — p descending, ties by id — or, by_id, ids ascending.
+__device__ void kept_sort(double* p, int* id, unsigned n, bool by_id) {
+  for (unsigned size = 2; size <= n; size <<= 1)
+    for (unsigned stride = size / 2; stride > 0; stride >>= 1) {
+      for (unsigned i = threadIdx.x; i < n / 2; i += blockDim.x) {
+        const unsigned a = 2 * i - (i & (stride - 1)), b = a + stride;
+        const unsigned lo = (a & size) == 0 ? a : b, hi = lo == a ? b : a;
+        // lo must precede hi: swap where hi's entry comes first.
+        const bool first = by_id ? id[hi] < id[lo] : p[hi] > p[lo] || (p[hi] == p[lo] && id[hi] < id[lo]);
+        if (first) {
+          const double tp = p[lo];
+          const int ti = id[lo];
+          p[lo] = p[hi], id[lo] = id[hi], p[hi] = tp, id[hi] = ti;
+        }
+      }
+      __syncthreads();
+    }
+}
+
+// ids[row] = infer/sampling's draw with top-k and top-p (k = V: no top-k; top_p = 1: no top-p):
+// probs_i = e_i / Σe (the host's normalise, written over the exps), then keptPrefix — the first
+// min(k, V) tokens in the order p descending, ties by id, cut at the shortest prefix whose mass
+// reaches top_p — and the draw over those tokens in id order with probabilities p / (their sum
+// in the order's order): the host's operations in its order, so its token. The first
+// C = min(k, V, KEPT_MAX) tokens of the order are found without sorting the row: a radix select
+// on p's bits (a non-negative double's bits order as it does), four bits a pass, gives the C-th
+// one's value; the tokens above it and the first of its ties by id are gathered and sorted. Where
+// more than KEPT_MAX tokens are kept (top-p not reached within them, k larger), ids[row] = −1: the
+// host samples that row from probs. Blocks of KEPT_BLOCK threads at most.
+__global__ void sample_kept(double* exps, i64 V, i64 k, double top_p, const double* u, int* ids) {
+  __shared__ double buf[KEPT_BLOCK];
+  __shared__ double cp[KEPT_MAX];
+  __shared__ int ci[KEPT_MAX];
+  __shared__ unsigned red[16 * KEPT_BLOCK];
+  __shared__ long long kept;  // n, or −1 where the prefix is not settled
+  __shared__ double mass;
+  const i64 row = blockIdx.x;
+  double* e = exps + row * V;
+  const unsigned B = blockDim.x, t = threadIdx.x;
+  const double z = row_sum_in_order(e, V, buf);
+  for (i64 i = t; i < V; i += B) e[i] /= z;
+  __syncthreads();
+  const i64 want = k < V ? k : V, C = want < KEPT_MAX ? want : KEPT_MAX;
+  // The C-th largest bits: each pass fixes four more bits of it, counting the tokens that match
+  // it so far by their next digit; `rank` is its place among those.
+  unsigned long long prefix = 0, mask = 0;
+  i64 rank = C;
+  for (int shift = 60; shift >= 0; shift -= 4) {
+    unsigned c[16];
+    for (int d = 0; d < 16; d++) c[d] = 0;
+    for (i64 i = t; i < V; i += B) {
+      const unsigned long long b = js_bits(e[i]);
+      if ((b & mask) == prefix) c[(b >> shift) & 15]++;
+    }
+    for (int d = 0; d < 16; d++) red[d * KEPT_BLOCK + t] = c[d];
+    __syncthreads();
+    for (unsigned s = B / 2; s > 0; s >>= 1) {
+      if (t < s)
+        for (int d = 0; d < 16; d++) red[d * KEPT_BLOCK + t] += red[d * KEPT_BLOCK + t + s];
+      __syncthreads();
+    }
+    int d = 15;
+    for (; d > 0 && red[d * KEPT_BLOCK] < rank; d--) rank -= red[d * KEPT_BLOCK];
+    prefix |= (unsigned long long)d << shift;
+    mask |= 15ull << shift;
+    __syncthreads();
+  }
+  // Gathered: the C − rank tokens above the C-th value, then its first `rank` ties by id. Each
+  // thread takes a contiguous stretch, so the ties' places follow id order.
+  const i64 L = (V + B - 1) / B, lo = t * L < V ? t * L : V, hi = lo + L < V ? lo + L : V;
+  unsigned above = 0, ties = 0;
+  for (i64 i = lo; i < hi; i++) {
+    const unsigned long long b = js_bits(e[i]);
+    above += b > prefix;
+    ties += b == prefix;
+  }
+  red[t] = above, red[KEPT_BLOCK + t] = ties;
+  __syncthreads();
+  if (t == 0) {
+    unsigned sa = 0, st = 0;
+    for (unsigned j = 0; j < B; j++) {
+      const unsigned a = red[j], s = red[KEPT_BLOCK + j];
+      red[j] = sa, red[KEPT_BLOCK + j] = st, sa += a, st += s;
+    }
+  }
+  __syncthreads();
+  unsigned at = red[t], tie = red[KEPT_BLOCK + t];
+  const unsigned first_tie = (unsigned)(C - rank);
+  for (i64 i = lo; i < hi; i++) {
+    const unsigned long long b = js_bits(e[i]);
+    if (b > prefix) cp[at] = e[i], ci[at++] = (int)i;
+    else if (b == prefix && tie < rank) cp[first_tie + tie] = e[i], ci[first_tie + tie++] = (int)i;
+  }
+  unsigned n2 = 1;
+  while (n2 < C) n2 <<= 1;
+  for (unsigned i = (unsigned)C + t; i < n2; i += B) cp[i] = -1.0, ci[i] = 0x7fffffff;
+  __syncthreads();
+  kept_sort(cp, ci, n2, false);
+  if (t == 0) {  // keptPrefix's cut, then the kept mass in the order's order
+    i64 n = C;
+    bool reached = false;
+    double cum = 0;
+    for (i64 i = 0; i < n && top_p < 1 && !reached; i++) {
+      cum += cp[i];
+      if (cum >= top_p) n = i + 1, reached = true;
+    }
+    double s = 0;
+    for (i64 i = 0; i < n; i++) s += cp[i];
+    kept = !reached && C < want ? -1 : n, mass = s;
+  }
+  __syncthreads();
+  const i64 n = kept;
+  if (n < 0) {
+    if (t == 0) ids[row] = -1;
+    return;
+  }
+  for (unsigned i = (unsigned)n + t; i < n2; i += B) ci[i] = 0x7fffffff;
+  __syncthreads();
+  kept_sort(cp, ci, n2, true);
+  if (t != 0) return;
+  const double s = mass;
+  double w = u[row];
+  for (i64 i = 0; i < n; i++) {
+    w -= cp[i] / s;
+    if (w < 0) {
+      ids[row] = ci[i];
+      return;
+    }
+  }
+  i64 best = 0;  // rounding left u above the total: the first most probable
+  for (i64 i = 1; i < n; i++)
+    if (cp[i] / s > cp[best] / s) best = i;
+  ids[row] = ci[best];
 }
 
 // ---- AdamW -------------------------------------------------------------------------------------

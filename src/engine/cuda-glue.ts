@@ -282,16 +282,24 @@ function sampleExps(be: CudaBackend, { logits }: { logits: Info }, { temperature
   return y;
 }
 
-/** The token of each row drawn on the device (kernels.cu: sample_draw, from launchExps' exps): one id per row comes down. */
-function sampleDraw(be: CudaBackend, { logits }: { logits: Info }, { temperature, draws }: { temperature: number; draws: number[] }): Info {
+/**
+ * The token of each row drawn on the device from launchExps' exps (kernels.cu: sample_draw, or
+ * sample_kept with top-k or top-p): one id per row comes down, and the probabilities of the rows
+ * whose filters keep too many tokens (id −1) where the host needs them.
+ */
+function sampleDraw(be: CudaBackend, { logits }: { logits: Info }, a: { temperature: number; draws: number[]; topK?: number; topP?: number }): Info[] {
+  const [topK, topP] = [a.topK ?? 0, a.topP ?? 1];
   const [B, V] = logits.shape;
-  const y = be.makeTensorInfo([B], 'int32');
-  be.device.withTemp([8 * B * V, 8 * B], ([e, u]) => {
-    launchExps(be, logits, temperature, e);
-    be.device.upload(u, Float64Array.from(draws));
-    be.device.rows('sample_draw', B, [e, V, u, be.addr(y)], 1024);
+  const ids = be.makeTensorInfo([B], 'int32');
+  const probs = be.makeTensorInfo([B, 2 * V], 'float32');
+  const e = be.addr(probs);
+  be.device.withTemp([8 * B], ([u]) => {
+    launchExps(be, logits, a.temperature, e);
+    be.device.upload(u, Float64Array.from(a.draws));
+    if (topK > 0 || topP < 1) be.device.rows('sample_kept', B, [e, V, topK > 0 ? Math.min(topK, V) : V, topP, u, be.addr(ids)], 256);
+    else be.device.rows('sample_draw', B, [e, V, u, be.addr(ids)], 1024);
   });
-  return y;
+  return [ids, probs];
 }
 
 let glueRegistered = false;

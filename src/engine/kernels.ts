@@ -53,8 +53,14 @@ export function overrideKernel(name: string, backend: string, f: (args: any, ori
 export const SAMPLE_EXPS_KERNEL = 'PrefoptSampleExps';
 
 /**
- * The kernel a backend may register to draw the next token where its tensors live when nothing is
- * filtered (infer/sampling's whole sampler, bit for bit): input logits [B, V] float32, attrs
- * temperature and draws (each row's uniform from its own stream); output ids [B] int32.
+ * The kernel a backend may register to draw the next token where its tensors live (infer/sampling's
+ * whole sampler, top-k and top-p included, bit for bit): input logits [B, V] float32, attrs
+ * temperature, draws (each row's uniform from its own stream), topK (0: off) and topP (1: off);
+ * outputs ids [B] int32 and probs [B, 2V] float32 holding the bytes of B·V doubles. A row whose
+ * filters keep more than SAMPLE_KEPT_MAX tokens gets id −1 and its probabilities e/Σe in probs,
+ * for the host to draw from; no other row of probs is to be read.
  */
 export const SAMPLE_DRAW_KERNEL = 'PrefoptSampleDraw';
+
+/** The most tokens SAMPLE_DRAW_KERNEL's filters keep on the device (native/cuda/kernels.cu: KEPT_MAX). */
+export const SAMPLE_KEPT_MAX = 2048;

@@ -1,8 +1,8 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { Decoder, KVCache } from '../model/decoder.js';
 import { Rng } from '../util/rng.js';
-import { SamplingParams, applyPenalties, filters, penalises, sampleFromExps, sampleToken } from './sampling.js';
-import { SAMPLE_DRAW_KERNEL, SAMPLE_EXPS_KERNEL } from '../engine/kernels.js';
+import { SamplingParams, applyPenalties, penalises, sampleFromExps, sampleFromProbs, sampleToken } from './sampling.js';
+import { SAMPLE_DRAW_KERNEL, SAMPLE_EXPS_KERNEL, SAMPLE_KEPT_MAX } from '../engine/kernels.js';
 
 /**
  * Batched sampling with the KV cache. Prompts are left-padded so every row decodes its next
@@ -164,28 +164,42 @@ function* generateGroup(model: Decoder, reqs: GenRequest[], opts: GenOptions, gl
 
 /**
  * What the sampler needs of the last position of each row, where the backend can take part of it
- * (engine/kernels): with nothing to filter and each row's stream (`rngs`; null for a finished row,
- * which draws nothing), the tokens themselves, drawn on the device (SAMPLE_DRAW_KERNEL, one id a
- * row comes back); with top-k or top-p, the exps of the sampler's first pass, [B·V] float64
+ * (engine/kernels): with each row's stream (`rngs`; null for a finished row, which draws
+ * nothing), the tokens themselves, drawn on the device (SAMPLE_DRAW_KERNEL: one id a row comes
+ * back; a row whose top-p keeps more tokens than the device sorts is drawn here from its
+ * probabilities); without them (a prompt's row to repeat for its samples) or with a top-k the
+ * device does not take, the exps of the sampler's first pass, [B·V] float64
  * (SAMPLE_EXPS_KERNEL); else, or with penalties or greedy decoding (they read the logits), the
  * logits [B·V]. Each gives the host sampler's tokens bit for bit: on a GPU a decoding step's host
- * work was mostly its exps over the vocabulary.
+ * work was mostly its exps over the vocabulary, then its sort.
  */
 function lastScores(model: Decoder, batch: { ids: number[]; batch: number; len: number; valid: number[]; positions: number[] }, cache: KVCache, opts: SamplingParams, rngs: (Rng | null)[] | null): Float32Array | Float64Array | Int32Array {
   const has = (k: string) => tf.getKernel(k, tf.getBackend()) !== undefined;
   const sampled = opts.temperature > 0 && !penalises(opts);
-  const mode = sampled && rngs && !filters(opts) && has(SAMPLE_DRAW_KERNEL) ? 'ids' : sampled && has(SAMPLE_EXPS_KERNEL) ? 'exps' : 'logits';
+  const drawable = opts.topP < 1 || opts.topK <= SAMPLE_KEPT_MAX;
+  const mode = sampled && rngs && drawable && has(SAMPLE_DRAW_KERNEL) ? 'ids' : sampled && has(SAMPLE_EXPS_KERNEL) ? 'exps' : 'logits';
   // A row's uniform, taken from its stream in the order the host's draw takes it.
   const draws = mode === 'ids' ? rngs!.map((r) => (r ? r.next() : 0)) : [];
-  const t = tf.tidy(() => {
+  const out = tf.tidy(() => {
     const h = model.hidden(batch, cache);
     const last = tf.reshape(tf.slice(h, [0, batch.len - 1, 0], [batch.batch, 1, model.cfg.hidden_size]), [batch.batch, model.cfg.hidden_size]) as tf.Tensor2D;
     const logits = model.logits(last);
-    if (mode === 'ids') return tf.engine().runKernel(SAMPLE_DRAW_KERNEL, { logits }, { temperature: opts.temperature, draws }) as tf.Tensor;
-    return mode === 'exps' ? (tf.engine().runKernel(SAMPLE_EXPS_KERNEL, { logits }, { temperature: opts.temperature }) as tf.Tensor) : logits;
+    if (mode === 'ids') return tf.engine().runKernel(SAMPLE_DRAW_KERNEL, { logits }, { temperature: opts.temperature, draws, topK: opts.topK, topP: opts.topP }) as tf.Tensor[];
+    return [mode === 'exps' ? (tf.engine().runKernel(SAMPLE_EXPS_KERNEL, { logits }, { temperature: opts.temperature }) as tf.Tensor) : logits];
   });
-  const d = t.dataSync() as Float32Array | Int32Array;
-  t.dispose();
-  if (mode === 'exps') return new Float64Array(d.buffer, d.byteOffset, d.length / 2);
-  return d;
+  try {
+    const d = out[0].dataSync() as Float32Array | Int32Array;
+    if (mode === 'exps') return new Float64Array(d.buffer, d.byteOffset, d.length / 2);
+    if (mode === 'logits') return d;
+    const ids = Int32Array.from(d);
+    if (ids.some((id) => id < 0)) {
+      const V = model.cfg.vocab_size;
+      const p = out[1].dataSync() as Float32Array;
+      const probs = new Float64Array(p.buffer, p.byteOffset, p.length / 2);
+      ids.forEach((id, b) => id < 0 && (ids[b] = sampleFromProbs(probs.subarray(b * V, (b + 1) * V), opts, draws[b])));
+    }
+    return ids;
+  } finally {
+    tf.dispose(out);
+  }
 }

@@ -188,9 +188,13 @@ export function sampleToken(logits: Float32Array, p: SamplingParams, rng: Rng): 
 
 /** sampleToken from scaledExps' values (temperature above 0), which it overwrites. */
 export function sampleFromExps(e: Float64Array, p: SamplingParams, rng: Rng): number {
-  const probs = normalise(e);
+  return sampleFromProbs(normalise(e), p, rng.next());
+}
+
+/** The token from normalised probabilities (scaledExps' values over their sum) and the draw's uniform u. */
+export function sampleFromProbs(probs: Float64Array, p: SamplingParams, u: number): number {
   const kept = keptTokens(probs, p);
-  return kept ? draw(kept.probs, rng, kept.ids) : draw(probs, rng);
+  return kept ? draw(kept.probs, u, kept.ids) : draw(probs, u);
 }
 
 /** Whether top-k or top-p is asked for (it filters any vocabulary larger than k). */
@@ -204,12 +208,11 @@ export function penalises(p: SamplingParams): boolean {
 }
 
 /**
- * The first token, in id order, at which u (one draw) minus the probabilities so far falls below
+ * The first token, in id order, at which u (one uniform draw) minus the probabilities so far falls below
  * 0; else the most probable. With `ids`, probs are those tokens' (ascending ids) and every other
  * token's is 0, which leaves u as it is: the same token as the walk over the whole vocabulary.
  */
-function draw(probs: Float64Array, rng: Rng, ids?: number[]): number {
-  let u = rng.next();
+function draw(probs: Float64Array, u: number, ids?: number[]): number {
   for (let i = 0; i < probs.length; i++) {
     u -= probs[i];
     if (u < 0) return ids ? ids[i] : i;

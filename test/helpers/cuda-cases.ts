@@ -17,8 +17,8 @@ import { loraDpoTrace, worstRel } from '../../bench/steps.js';
 import { ARCH_SPECS, makeTestModel } from './models.js';
 import { dropout } from '../../src/engine/dropout.js';
 import { fused } from '../../src/engine/fused.js';
-import { SAMPLE_DRAW_KERNEL, SAMPLE_EXPS_KERNEL } from '../../src/engine/kernels.js';
-import { DEFAULT_SAMPLING, SamplingParams, sampleFromExps, scaledExps } from '../../src/infer/sampling.js';
+import { SAMPLE_DRAW_KERNEL, SAMPLE_EXPS_KERNEL, SAMPLE_KEPT_MAX } from '../../src/engine/kernels.js';
+import { DEFAULT_SAMPLING, SamplingParams, sampleFromExps, sampleFromProbs, scaledExps } from '../../src/infer/sampling.js';
 import { DEFAULT_DPO, dpoLosses } from '../../src/dpo/loss.js';
 import { dpoBatchLoss, makeDpoBatches } from '../../src/stages/dpo.js';
 import { DEFAULT_TRAIN, Trainer } from '../../src/train/trainer.js';
@@ -474,7 +474,7 @@ export function cudaBackendCases(): void {
     expect(got[3]).toBe(0x7f80); // past bf16's largest: +Inf
   });
 
-  it('sampling\'s exps on the device are Math.exp\'s bits (fdlibm\'s exp in double), and sampled decoding draws the native backend\'s tokens: exps for top-p, the draw itself unfiltered, several samples a prompt or one; penalties keep the host\'s path', async () => {
+  it('sampling\'s exps on the device are Math.exp\'s bits (fdlibm\'s exp in double), and sampled decoding draws the native backend\'s tokens: drawn on the device with or without top-k/top-p (a row keeping more tokens than the device sorts drawn on the host), exps for a prompt\'s repeated samples; penalties keep the host\'s path', async () => {
     if (!native.active) return;
     await initBackend('cuda');
     const rng = new Rng(21);
@@ -501,28 +501,72 @@ export function cudaBackendCases(): void {
       const logits = Float32Array.from({ length: R * V }, (_, i) => rng.normal() * (1 + (i % 3)) + (i % 97 === 0 ? 6 : 0));
       const draws = Array.from({ length: R }, (_, i) => (i === 0 ? 0.9999999999999999 : i === 1 ? 0 : rng.next()));
       const x = tf.tensor2d(logits, [R, V]);
-      const y = tf.engine().runKernel(SAMPLE_DRAW_KERNEL, { logits: x }, { temperature: 0.8, draws }) as tf.Tensor;
-      const got = Array.from(y.dataSync());
-      tf.dispose([x, y]);
+      const y = tf.engine().runKernel(SAMPLE_DRAW_KERNEL, { logits: x }, { temperature: 0.8, draws }) as tf.Tensor[];
+      const got = Array.from(y[0].dataSync());
+      tf.dispose([x, ...y]);
       const want = draws.map((u, r) => sampleFromExps(scaledExps(logits.subarray(r * V, (r + 1) * V), 0.8), DEFAULT_SAMPLING, { next: () => u } as Rng));
       expect(got).toEqual(want);
       expect(new Set(want).size).toBeGreaterThan(20);
+      // With top-k and top-p (sample_kept): rows peaked, flat, and of ties with zeros, so that cuts
+      // fall inside runs of ties; a row keeping more than the device sorts comes back as −1 with
+      // its probabilities, the host's bit for bit.
+      const tied = Float32Array.from({ length: V }, (_, i) => (i % 3 ? -1e4 : -(i % 24) / 8));
+      const rowsK = Array.from({ length: R }, (_, r) => (r % 4 === 3 ? tied : r % 4 === 2 ? logits.subarray(r * V, (r + 1) * V).map((v) => v * 0.05) : logits.subarray(r * V, (r + 1) * V)));
+      const xk = tf.tensor2d(Float32Array.from(rowsK.flatMap((r) => Array.from(r))), [R, V]);
+      let unsettled = 0;
+      for (const f of [{ topK: 20, topP: 1 }, { topK: 20, topP: 0.8 }, { topK: 0, topP: 0.95 }, { topK: 0, topP: 0.6 }, { topK: 2500, topP: 1 }, { topK: 1, topP: 1 }]) {
+        const [yi, yp] = tf.engine().runKernel(SAMPLE_DRAW_KERNEL, { logits: xk }, { temperature: 0.8, draws, ...f }) as tf.Tensor[];
+        const ids = Array.from(yi.dataSync());
+        const probs = new Float64Array((yp.dataSync() as Float32Array).slice().buffer);
+        tf.dispose([yi, yp]);
+        const p = { ...DEFAULT_SAMPLING, temperature: 0.8, ...f };
+        rowsK.forEach((row, r) => {
+          const e = scaledExps(row, 0.8);
+          const z = e.reduce((a, b) => a + b, 0);
+          const mine = Float64Array.from(e, (v) => v / z);
+          const want = sampleFromExps(e, p, { next: () => draws[r] } as Rng);
+          if (ids[r] >= 0) expect(ids[r], `row ${r}, ${JSON.stringify(f)}`).toBe(want);
+          else {
+            unsettled++;
+            expect(Buffer.from(probs.buffer, r * V * 8, V * 8).equals(Buffer.from(mine.buffer)), `row ${r} probs`).toBe(true);
+            expect(sampleFromProbs(mine, p, draws[r])).toBe(want);
+          }
+        });
+        if (f.topK === 2500) expect(ids.every((id) => id === -1)).toBe(true);
+        if (f.topK === 20) expect(ids.every((id) => id >= 0)).toBe(true);
+      }
+      expect(unsettled).toBeGreaterThan(R); // top_k 2500's rows, and top_p 0.95's flat rows
+      expect(unsettled).toBeLessThan(3 * R);
+      xk.dispose();
     }
-    const m = makeTestModel(ARCH_SPECS['qwen2 biases tied rope 1e6'], 2, 0.3);
+    const small = makeTestModel(ARCH_SPECS['qwen2 biases tied rope 1e6'], 2, 0.3);
     const dev = openedCudaDevice()!;
-    const decode = (p: Partial<SamplingParams>, seeds = [[1, 2, 3], [4, 5, 6]]) =>
+    const decode = (p: Partial<SamplingParams>, seeds = [[1, 2, 3], [4, 5, 6]], m = small) =>
       both(() => {
         const model = Decoder.fromHF(m.cfg, (n) => m.w.get(n)!, false);
         if (tf.getBackend() === 'cuda') dev.profile(true);
         const gen = generate(model, [{ prompt: [5, 6, 7, 8], seeds: seeds[0] }, { prompt: [9, 3], seeds: seeds[1] }], { ...DEFAULT_SAMPLING, ...p, maxNewTokens: 12, stopIds: [] });
         const ops = tf.getBackend() === 'cuda' ? dev.profile(false) : {};
         model.dispose();
-        return { ids: gen.map((r) => r.map((s) => s.ids)), exps: ops.sample_exps?.count ?? 0, drawn: ops.sample_draw?.count ?? 0 };
+        return { ids: gen.map((r) => r.map((s) => s.ids)), exps: ops.sample_exps?.count ?? 0, drawn: ops.sample_draw?.count ?? 0, kept: ops.sample_kept?.count ?? 0 };
       });
+    // Top-p: the prompts' exps come down to be drawn for each sample, then each step's tokens are
+    // drawn on the device.
     const filtered = await decode({ temperature: 0.9, topP: 0.95 });
     expect(filtered.cuda.ids).toEqual(filtered.native.ids);
-    expect([filtered.cuda.exps, filtered.cuda.drawn]).toEqual([12, 0]); // every step's exps from the device
+    expect([filtered.cuda.exps, filtered.cuda.drawn, filtered.cuda.kept]).toEqual([12, 0, 11]);
     expect(new Set(filtered.native.ids.flat(2)).size).toBeGreaterThan(5);
+    // Top-k past what the device sorts: every step's exps come down.
+    const wide = await decode({ temperature: 0.9, topK: SAMPLE_KEPT_MAX + 1, topP: 1 });
+    expect(wide.cuda.ids).toEqual(wide.native.ids);
+    expect([wide.cuda.exps, wide.cuda.kept]).toEqual([12, 0]);
+    // A vocabulary of 3000 nearly flat logits: top-p 0.99 keeps more tokens than the device sorts,
+    // and those rows are drawn on the host from the probabilities that come back with the ids.
+    const flat = makeTestModel({ ...ARCH_SPECS['qwen2 biases tied rope 1e6'], vocab: 3000 }, 2, 0.05);
+    const many = await decode({ temperature: 1, topP: 0.99 }, [[1], [2]], flat);
+    expect(many.cuda.ids).toEqual(many.native.ids);
+    expect([many.cuda.exps, many.cuda.kept]).toEqual([12, 12]);
+    expect(new Set(many.native.ids.flat(2)).size).toBeGreaterThan(15);
     // Nothing filtered: the tokens themselves are drawn on the device, once the prompts' rows are
     // repeated for their samples (the prefill draws on the host); with one row a sample from the start.
     const plain = await decode({ temperature: 0.9 });
