@@ -272,6 +272,17 @@ napi_value Kernels(napi_env env, napi_callback_info) {
   return o;
 }
 
+// cudaAttentionRows(hd, block) → cuda::attention_rows: how the host sizes an attention launch's grid.
+napi_value AttentionRows(napi_env env, napi_callback_info info) {
+  Args a(env, info, 2, "cudaAttentionRows");
+  const double hd = a.real(0), block = a.real(1);
+  if (!a.ok()) return nullptr;
+  if (!(hd >= 1 && hd < 1e9 && block >= 1 && block <= 1024)) return throw_error(env, "cudaAttentionRows: head_dim or block out of range");
+  napi_value v;
+  napi_create_int64(env, cuda::attention_rows((int64_t)hd, (unsigned)block), &v);
+  return v;
+}
+
 // A function property of the exports.
 napi_property_descriptor method(const char* name, napi_callback f, void* data = nullptr) { return {name, nullptr, f, nullptr, nullptr, nullptr, napi_default, data}; }
 
@@ -283,7 +294,7 @@ void define_cuda(napi_env env, napi_value exports) {
       method("cudaUpload", Transfer, (void*)"up"), method("cudaDownload", Transfer), method("cudaCopy", Copy),
       method("cudaLaunch", Launch),     method("cudaGemm", GemmCall),     method("cudaSync", Sync),
       method("cudaStats", Stats),       method("cudaTrim", Trim),         method("cudaKernels", Kernels),
-      method("cudaProfile", Profile),
+      method("cudaProfile", Profile),   method("cudaAttentionRows", AttentionRows),
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
 }

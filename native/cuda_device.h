@@ -25,6 +25,9 @@ struct KernelInfo {
 // The kernels.cu entry point named `name`, or nullptr (native/cuda_emulated.cc).
 const KernelInfo* find_kernel(const std::string& name);
 const std::vector<KernelInfo>& kernels();
+// Rows of one head that an attention block of `block` threads covers (kernels.cu: attn_group's
+// threads a row), or 0 where head_dim is more than a group holds.
+int64_t attention_rows(int64_t hd, unsigned block);
 // kernels.cu's Dims, as the launcher packs it: shape, then two operands' strides.
 struct DimsArg {
   int64_t v[18];

@@ -59,6 +59,11 @@ void emulate(unsigned grid, unsigned block, void** args) {
 
 }  // namespace
 
+int64_t attention_rows(int64_t hd, unsigned block) {
+  const int p = attn_group(hd);
+  return hd <= (int64_t)p * PREFOPT_ATT_DIMS ? block / p : 0;
+}
+
 const std::vector<KernelInfo>& kernels() {
   static const std::vector<KernelInfo> all = {
       PREFOPT_KERNEL(widen),           PREFOPT_KERNEL(rms_norm),          PREFOPT_KERNEL(rms_norm_grad_x),     PREFOPT_KERNEL(column_sum_part),

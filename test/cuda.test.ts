@@ -118,6 +118,12 @@ describe('the CUDA backend\'s state', () => {
     // Every kernel is in the addon's launch table (native/cuda_emulated.cc), which is how the
     // backend reaches it, and the table names nothing else.
     if (native.active) expect([...names].sort()).toEqual(Object.keys(cudaAddon()!.cudaKernels()).sort());
+    // How the host sizes attention's grids, from kernels.cu's own rule: a row in 1, 2, 4 or 8
+    // threads of at most 32 dimensions each, so a block of 128 threads covers 128 / P rows.
+    if (native.active) {
+      const rowsOf = (hd: number) => cudaAddon()!.cudaAttentionRows(hd, 128);
+      expect([12, 32, 33, 64, 80, 128, 129, 256, 257, 512].map(rowsOf)).toEqual([128, 128, 64, 64, 32, 32, 16, 16, 0, 0]);
+    }
     expect(names.length).toBe(40);
     for (const arch of ['sm_80', 'sm_90']) {
       const cubin = path.join(d, `${arch}.cubin`);

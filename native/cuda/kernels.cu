@@ -228,6 +228,8 @@ __global__ void label_logprobs_grad(const float* x, i64 V, const int* y, const f
 #endif
 
 __device__ __forceinline__ int attn_group(i64 hd) { return hd <= 32 ? 1 : hd <= 64 ? 2 : hd <= 128 ? 4 : 8; }
+// The most dimensions a thread of a group holds (its registers' arrays below).
+#define PREFOPT_ATT_DIMS 32
 // Rows per staged tile: PREFOPT_ATT_TILE floats, at most 64 rows.
 __device__ __forceinline__ int attn_tile(i64 hd) { return PREFOPT_ATT_TILE / hd < 64 ? (int)(PREFOPT_ATT_TILE / hd) : 64; }
 
@@ -352,7 +354,7 @@ __device__ __forceinline__ void attention_fwd_p(float* ks, float* vs, const floa
   const AttnLanes<P> L(hd);
   L.jobs(B, H, T, [&](const typename AttnLanes<P>::Job& J) {
     const i64 h = J.h, b = J.b, i = J.row, ic = J.at;
-    float qv[32], acc[32];
+    float qv[PREFOPT_ATT_DIMS], acc[PREFOPT_ATT_DIMS];
     L.load(q + ((b * T + ic) * H + h) * hd, qv);
     L.zero(acc);
     float m = -3.402823466e38f, l = 0.f;
@@ -377,7 +379,7 @@ __device__ __forceinline__ void attention_bwd_dq_p(float* ks, float* vs, const f
   L.jobs(B, H, T, [&](const typename AttnLanes<P>::Job& J) {
     const i64 h = J.h, b = J.b, i = J.row, ic = J.at, at = ((b * T + ic) * H + h) * hd;
     const float mr = stat[2 * ((b * H + h) * T + ic)], ll = stat[2 * ((b * H + h) * T + ic) + 1], de = delta[(b * H + h) * T + ic];
-    float qv[32], dov[32], acc[32];
+    float qv[PREFOPT_ATT_DIMS], dov[PREFOPT_ATT_DIMS], acc[PREFOPT_ATT_DIMS];
     L.load(q + at, qv);
     L.load(dout + at, dov);
     L.zero(acc);
@@ -398,7 +400,7 @@ __device__ __forceinline__ void attention_bwd_dkdv_p(float* qs, float* dos, floa
   L.jobs(B, H, Tk, [&](const typename AttnLanes<P>::Job& J) {
     const i64 h = J.h, b = J.b, g = h / (H / KV), j = J.row, jc = J.at, kat = ((b * Tk + jc) * KV + g) * hd;
     const float* mj = mask + b * T * Tk + jc;
-    float kv[32], vv[32], ak[32], av[32];
+    float kv[PREFOPT_ATT_DIMS], vv[PREFOPT_ATT_DIMS], ak[PREFOPT_ATT_DIMS], av[PREFOPT_ATT_DIMS];
     L.load(k + kat, kv);
     L.load(v + kat, vv);
     L.zero(ak);

@@ -198,14 +198,14 @@ function deviceAttention(dev: CudaDevice): Pick<FusedAddon, 'attention' | 'atten
   return {
     savesAttentionOutput: true,
     attention: (q: any, kk: any, v: any, mask: any, scale, b, t, tk, h, kv, hd, o: any) => {
-      checkHeadDim(hd);
+      checkHeadDim(dev, hd);
       if (attentionPath(b, t, tk, h) === 'products') return products.forward(q, kk, v, mask, scale, b, t, tk, h, kv, hd, o);
       const stat = dev.allocCompanion(o, 8 * b * h * t);
-      dev.blocks('attention_fwd', attentionJobs(b * h, t, hd), [q, kk, v, mask, scale, b, t, tk, h, kv, hd, o, stat], ATTENTION_BLOCK);
+      dev.blocks('attention_fwd', attentionJobs(dev, b * h, t, hd), [q, kk, v, mask, scale, b, t, tk, h, kv, hd, o, stat], ATTENTION_BLOCK);
     },
     // With grouped heads, dk and dv per query head first, summed over each group after (kernels.cu: no atomics).
     attentionGrad: (q: any, kk: any, v: any, mask: any, scale, b, t, tk, h, kv, hd, dout: any, dq: any, dk: any, dv: any, o: any) => {
-      checkHeadDim(hd);
+      checkHeadDim(dev, hd);
       if (attentionPath(b, t, tk, h) === 'products') return products.backward(q, kk, v, mask, scale, b, t, tk, h, kv, hd, dout, dq, dk, dv);
       const stat = o === null ? undefined : dev.companion(o);
       if (stat === undefined) throw new Error("cuda backend: attention's backward pass needs the forward pass's output and row statistics");
@@ -213,8 +213,8 @@ function deviceAttention(dev: CudaDevice): Pick<FusedAddon, 'attention' | 'atten
       const perHead = g > 1 ? 4 * b * tk * h * hd : 0;
       dev.withTemp([4 * b * h * t, perHead, perHead], ([delta, pk, pv]) => {
         dev.warps('attention_bwd_delta', b * h * t, [o, dout, b, t, h, hd, delta]);
-        dev.blocks('attention_bwd_dq', attentionJobs(b * h, t, hd), [q, kk, v, mask, dout, stat, delta, scale, b, t, tk, h, kv, hd, dq], ATTENTION_BLOCK);
-        dev.blocks('attention_bwd_dkdv', attentionJobs(b * h, tk, hd), [q, kk, v, mask, dout, stat, delta, scale, b, t, tk, h, kv, hd, g > 1 ? pk : dk, g > 1 ? pv : dv], ATTENTION_BLOCK);
+        dev.blocks('attention_bwd_dq', attentionJobs(dev, b * h, t, hd), [q, kk, v, mask, dout, stat, delta, scale, b, t, tk, h, kv, hd, dq], ATTENTION_BLOCK);
+        dev.blocks('attention_bwd_dkdv', attentionJobs(dev, b * h, tk, hd), [q, kk, v, mask, dout, stat, delta, scale, b, t, tk, h, kv, hd, g > 1 ? pk : dk, g > 1 ? pv : dv], ATTENTION_BLOCK);
         if (g > 1) {
           dev.each('head_group_sum', b * tk * kv * hd, [pk, b * tk, kv, g, hd, dk]);
           dev.each('head_group_sum', b * tk * kv * hd, [pv, b * tk, kv, g, hd, dv]);
@@ -371,17 +371,22 @@ function adamwAll(dev: CudaDevice, ps: DeviceArray[], gs: DeviceArray[], ms: Dev
 const ATTENTION_BLOCK = 128;
 
 /**
- * kernels.cu's attention jobs for `heads` (b, head) pairs of `rows` rows: a block covers
- * ATTENTION_BLOCK / P rows of one pair, P threads a row (attn_group: hd ≤ 32·P).
+ * kernels.cu's attention jobs for `heads` (b, head) pairs of `rows` rows: a block covers the rows
+ * of one pair that the kernels' own rule gives (attn_group, through the addon).
  */
-export function attentionJobs(heads: number, rows: number, hd: number): number {
-  const p = hd <= 32 ? 1 : hd <= 64 ? 2 : hd <= 128 ? 4 : 8;
-  return heads * Math.ceil(rows / (ATTENTION_BLOCK / p));
+function attentionJobs(dev: CudaDevice, heads: number, rows: number, hd: number): number {
+  return heads * Math.ceil(rows / dev.addon.cudaAttentionRows(hd, ATTENTION_BLOCK));
 }
 
-function checkHeadDim(hd: number): void {
-  // kernels.cu's attention holds a row in at most 8 threads of 32 dimensions each (attn_group).
-  if (hd > 256) throw new Error(`cuda backend: attention supports head_dim up to 256, not ${hd}`);
+/** The flash kernels' limit on head_dim (a row's dimensions spread over a group's registers). */
+function checkHeadDim(dev: CudaDevice, hd: number): void {
+  if (!dev.addon.cudaAttentionRows(hd, ATTENTION_BLOCK)) throw new Error(`cuda backend: attention's kernels take head_dim up to ${maxHeadDim(dev)}, not ${hd}`);
+}
+
+function maxHeadDim(dev: CudaDevice): number {
+  let hd = 1;
+  while (dev.addon.cudaAttentionRows(hd * 2, ATTENTION_BLOCK)) hd *= 2;
+  return hd;
 }
 
 /** Outputs allocated on the device; kernels get addresses, adamwInPlace {addr, length}. */

@@ -59,6 +59,8 @@ export interface CudaAddon {
   cudaStats(resetPeak?: boolean): { live: number; cached: number; peak: number; free: number; total: number; waits: number };
   cudaTrim(): void;
   cudaKernels(): Record<string, string>;
+  /** Rows of one head an attention block of `block` threads covers (kernels.cu: attn_group); 0 where head_dim is past what it holds. */
+  cudaAttentionRows(hd: number, block: number): number;
   /** The profile so far (then cleared); on starts or stops timing each device operation. */
   cudaProfile(on: boolean): Record<string, ProfileTiming>;
 }
