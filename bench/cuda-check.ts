@@ -59,7 +59,7 @@ const rows = (n: number) => (tiny ? benchRows(n, 8, shape.vocab_size, 32) : benc
 const tf32 = !envOff('PREFOPT_CUDA_TF32');
 const bf16 = cudaBf16Products();
 /** How the LoRA DPO step's attention runs (engine/cuda-fused: attentionPath). */
-const attention = attentionPath(8, tiny ? 32 : PROMPT + COMPLETION, tiny ? 32 : PROMPT + COMPLETION, shape.num_attention_heads);
+const attention = attentionPath(8, tiny ? 32 : PROMPT + COMPLETION, tiny ? 32 : PROMPT + COMPLETION, shape.num_attention_heads, shape.num_key_value_heads);
 
 const cfg = parseConfig(presetConfig('qwen2', { ...shape, num_hidden_layers: layers }, shape.vocab_size, { eos: 1, pad: 0 }));
 
@@ -209,13 +209,16 @@ async function time(): Promise<void> {
   const dev = cudaAddon()!;
   const w = weights();
   const model = Decoder.fromHF(cfg, (n) => w.get(n)!, false);
-  for (const job of ['lora_dpo', 'logprobs', 'generate', 'generate_filtered']) {
+  for (const job of ['lora_dpo', 'lora_dpo_2k', 'logprobs', 'generate', 'generate_filtered']) {
     dev.cudaStats(true);
     let f: () => void;
     let tokens: number;
-    if (job === 'lora_dpo') {
-      const pb = rows(8);
+    let how = {};
+    if (job.startsWith('lora_dpo')) {
+      // torch_ref's: 4 pairs of the real-size bench's rows, or 2 pairs of 2,048 tokens (128 with --tiny) scored after 512 (8).
+      const pb = job === 'lora_dpo' ? rows(8) : tiny ? benchRows(4, 8, shape.vocab_size, 128) : benchRows(4, 512, shape.vocab_size, 2048);
       tokens = pb.batch * pb.len;
+      how = { attention: attentionPath(pb.batch, pb.len, pb.len, shape.num_attention_heads, shape.num_key_value_heads) };
       f = loraDpoStepOf(model, pb, { dropout: 0.05, cachedReference: true }).step;
     } else if (job === 'logprobs') {
       const sb = rows(2);
@@ -240,7 +243,7 @@ async function time(): Promise<void> {
     dev.cudaStats(true);
     f();
     const waits = dev.cudaStats().waits;
-    say({ step: 'cuda_time', job, device: dev.cudaOpen('gpu').name, tf32, bf16, ...(job === 'lora_dpo' ? { attention } : {}), layers, tokens_per_s: +(tokens / s).toFixed(1), seconds: +s.toFixed(4), peak_device_bytes: peak, waits_per_call: waits });
+    say({ step: 'cuda_time', job, device: dev.cudaOpen('gpu').name, tf32, bf16, ...how, layers, tokens_per_s: +(tokens / s).toFixed(1), seconds: +s.toFixed(4), peak_device_bytes: peak, waits_per_call: waits });
   }
 }
 

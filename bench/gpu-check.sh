@@ -11,12 +11,14 @@
 # 3. the cuda backend (bench/cuda-check.ts): cuBLASLt's products case by case against float64
 #    (transposes, broadcast batches, bf16, misaligned operands), a 0.5B LoRA DPO step's loss and gradients against
 #    the CPU path with exact float32 products and with the defaults (bf16 × bf16 for the bf16
-#    weights, TF32 for the rest), then its speed both ways, then a profile of the step (each
+#    weights, TF32 for the rest), then its speed both ways (and on rows of 2,048 tokens, and
+#    sampling with Qwen's top-k/top-p), then a profile of the step (each
 #    kernel, product shape, copy and host kernel timed alone), the host floor (the same step
 #    with its kernels issued but not run: PREFOPT_CUDA_DEVICE=dry), and the step with attention
 #    by the flash kernels rather than products;
 # 4. the PyTorch bf16 eager baseline of the real-size jobs (bench/torch_ref.py), the figures the
-#    cuda backend is measured against — LoRA DPO's right after the cuda timing, the rest last.
+#    cuda backend is measured against — LoRA DPO's (256- and 2,048-token rows) right after the
+#    cuda timing, the rest last.
 set -u
 say() { printf '%s\n' "$1"; }
 NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
@@ -52,8 +54,9 @@ if [ -d .gpu/app ]; then
   node_step 60 gemm         # the products case by case against float64 (the wrapper's mapping, alignments)
   node_step 200 compare 0   # exact float32 products: float32 tolerance
   node_step 200 compare     # the defaults (bf16 weights' products in bf16, TF32): bf16 tolerance
-  node_step 120 time
+  node_step 150 time
   torch_job lora_dpo
+  torch_job lora_dpo_2k
   node_step 120 profile     # where the default step's time goes, operation by operation
   # The host floor: the same steps on the dry device (kernels issued, not run) on this machine's
   # CPU — how close the GPU step is to what the host alone takes to issue it.
@@ -64,5 +67,6 @@ if [ -d .gpu/app ]; then
 else
   say '{"step":"cuda_backend","error":".gpu/ is missing: run sh scripts/gpu-bundle.sh here and carry .gpu"}'
   torch_job lora_dpo
+  torch_job lora_dpo_2k
 fi
 for job in logprobs sft generate; do torch_job "$job"; done

@@ -5,11 +5,12 @@
 sampling); prints one JSON line of tokens/s.
 
 `torch_ref.py real JOB`: one job of bench/real-size.ts on Qwen2.5-0.5B's shape (random weights):
-lora_dpo, sft, logprobs or generate; prints one JSON line with its tokens/s and peak RSS. One job
-per process, so that each peak is its own.
+lora_dpo, sft, logprobs or generate, and lora_dpo_2k (2 pairs of 2,048 tokens: long rows); prints
+one JSON line with its tokens/s and peak RSS. One job per process, so that each peak is its own.
 
-`TORCH_DEVICE=cuda torch_ref.py real JOB`: the same job on the GPU in bfloat16 (PyTorch 2 eager),
-the baseline a CUDA backend is measured against (bench/gpu-check.sh); peak memory is the GPU's.
+`TORCH_DEVICE=cuda torch_ref.py real JOB`: the same job on the GPU in bfloat16 (PyTorch 2 eager,
+attention by sdpa as transformers runs it there), the baseline a CUDA backend is measured against
+(bench/gpu-check.sh); peak memory is the GPU's.
 
 `TORCH_DEVICE=meta torch_ref.py real lora_dpo`: the same step on the meta device, where every op is
 dispatched and shaped but nothing is computed: PyTorch's own host time for the step, the figure
@@ -32,6 +33,9 @@ GPU = DEVICE not in ("cpu", "meta")
 if GPU:  # PyTorch >= 2: every tensor below is created there
     torch.set_default_device(DEVICE)
 REAL = sys.argv[1:2] == ["real"]
+# On a GPU, attention as transformers runs it by default there (sdpa: PyTorch's fused kernels,
+# flash attention among them); elsewhere, and in PyTorch 1.13, which has no sdpa, written out.
+SDPA = GPU and hasattr(F, "scaled_dot_product_attention")
 if REAL:  # Qwen2.5-0.5B
     V, D, L, H, KV, FF, THETA = 151936, 896, 24, 14, 2, 4864, 1e6
 else:
@@ -101,10 +105,13 @@ class Model(torch.nn.Module):
                 k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)
             new.append((k, v))
             k, v = k.repeat_interleave(H // KV, 1, output_size=H), v.repeat_interleave(H // KV, 1, output_size=H)
-            s = q @ k.transpose(-1, -2) / math.sqrt(HD)
-            if t > 1:
-                s = s + torch.full((t, k.shape[2]), float("-inf"), dtype=s.dtype, device=s.device).triu(k.shape[2] - t + 1)
-            a = torch.softmax(s, -1) @ v
+            if SDPA and (t == 1 or k.shape[2] == t):
+                a = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
+            else:
+                s = q @ k.transpose(-1, -2) / math.sqrt(HD)
+                if t > 1:
+                    s = s + torch.full((t, k.shape[2]), float("-inf"), dtype=s.dtype, device=s.device).triu(k.shape[2] - t + 1)
+                a = torch.softmax(s, -1) @ v
             x = x + blk.o(a.transpose(1, 2).reshape(b, t, D))
             h = rms(x, blk.n2)
             x = x + blk.d(F.silu(blk.g(h)) * blk.u(h))
@@ -188,9 +195,9 @@ def real(job):
     m = Model()
     if GPU:
         m = m.to(torch.bfloat16)
-    P, C = 64, 192
-    ids = torch.randint(0, V, (8, P + C))
-    if job == "lora_dpo":  # 4 pairs, reference log-probs computed once (cached, as a DPO stage does)
+    P, C = (512, 1536) if job == "lora_dpo_2k" else (64, 192)
+    ids = torch.randint(0, V, (4 if job == "lora_dpo_2k" else 8, P + C))
+    if job in ("lora_dpo", "lora_dpo_2k"):  # 4 pairs (2 of 2,048 tokens), reference log-probs computed once (cached, as a DPO stage does)
         loras = add_lora(m, dropout=0.05)
         if GPU:
             m = m.to(torch.bfloat16)
@@ -221,7 +228,7 @@ def real(job):
     s = bench(f, 1 if not (GPU or META) else 10)  # on a GPU as bench/cuda-check.ts times the cuda backend
     out = {"tokens_per_s": round(tokens / s, 2), "seconds": round(s, 4), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if GPU:
-        out.update(device=torch.cuda.get_device_name(), dtype="bfloat16", peak_gpu_bytes=torch.cuda.max_memory_allocated(), torch=torch.__version__)
+        out.update(device=torch.cuda.get_device_name(), dtype="bfloat16", attention="sdpa" if SDPA else "math", peak_gpu_bytes=torch.cuda.max_memory_allocated(), torch=torch.__version__)
     elif META:
         out.update(device="meta", torch=torch.__version__)
     else:

@@ -125,7 +125,7 @@ napi_value Transfer(napi_env env, napi_callback_info info) {
   size_t n = 0;
   void* data = a.bytes(1, &n, "argument 1");
   if (!a.ok() || !need_device(env)) return nullptr;
-  if (!up || n > cuda::kStagedUpload) g_waits++;
+  if (!up || n > cuda::kStagedUploadMax) g_waits++;
   if (!timed(up ? "upload" : "download", (double)n, [&] { return up ? g_device->upload(addr, data, n) : g_device->download(data, addr, n); })) return throw_error(env, g_device->error);
   return nullptr;
 }

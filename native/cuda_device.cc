@@ -273,9 +273,14 @@ class Gpu : public Device {
   // A copy from pageable memory first waits for all the device's work (CUDA's API synchronization
   // rules): small uploads go through pinned staging instead and queue behind that work. The
   // staging is a ring of segments; the event recorded as one is left says when its copies are
-  // done, and it is refilled only after.
+  // done, and it is refilled only after. An upload larger than a segment goes a segment at a time.
   bool upload(uint64_t dst, const void* src, size_t n) override {
-    if (n > kStagedUpload) return ok(cu_.htod(dst, src, n), "cuMemcpyHtoD");
+    if (n > kStagedUploadMax) return ok(cu_.htod(dst, src, n), "cuMemcpyHtoD");
+    for (size_t at = 0; at < n; at += kStagedUpload)
+      if (!staged(dst + at, static_cast<const char*>(src) + at, std::min(kStagedUpload, n - at))) return false;
+    return true;
+  }
+  bool staged(uint64_t dst, const void* src, size_t n) {
     if (stage_at_ + n > kStagedUpload) {
       if (!ok(cu_.event_record(stage_done_[stage_seg_], nullptr), "cuEventRecord")) return false;
       stage_pending_[stage_seg_] = true;

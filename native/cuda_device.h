@@ -45,10 +45,11 @@ struct Gemm {
   int adt = 0, bdt = 0;
 };
 
-// Uploads up to this size queue behind the device's work (a GPU stages them in pinned memory);
-// larger ones wait for it. A step's rotary tables (0.5 MiB each for 2,048 tokens of head_dim 64)
-// are under it; weights are over it, uploaded once.
+// Uploads up to kStagedUploadMax queue behind the device's work (a GPU stages them in pinned
+// memory, kStagedUpload at a time); larger ones wait for it. A step's rotary tables (2 MiB each
+// for 4 rows of 2,048 tokens of head_dim 64) are under it; weights are over it, uploaded once.
 constexpr size_t kStagedUpload = 1u << 20;
+constexpr size_t kStagedUploadMax = 4u << 20;
 
 class Device {
  public:

@@ -7,7 +7,8 @@ import { loadNative } from '../src/engine/native.js';
 import { onlineFixture } from './helpers/online-fixture.js';
 import { prefopt } from './helpers/cli.js';
 import { cudaBackendCases } from './helpers/cuda-cases.js';
-import { attentionPath, rowsById } from '../src/engine/cuda-fused.js';
+import { attentionPath, rowsById, scoreChunks, scoresBudget } from '../src/engine/cuda-fused.js';
+import { Rng } from '../src/util/rng.js';
 
 /*
  * The cuda backend on its emulated device: the same host code that drives a GPU — allocation,
@@ -119,7 +120,7 @@ describe("the GPU check's node part (bench/cuda-check.ts) on the emulated device
   it('time and profile: tokens/s and device peak per job; the profile accounts every operation of a step (attention as products or flash kernels, products with their flops); the dry device issues the same operations without running them', () => {
     if (!native.active) return;
     const times = run('time');
-    expect(times.map((t) => t.job)).toEqual(['lora_dpo', 'logprobs', 'generate', 'generate_filtered']);
+    expect(times.map((t) => t.job)).toEqual(['lora_dpo', 'lora_dpo_2k', 'logprobs', 'generate', 'generate_filtered']);
     for (const t of times) {
       expect(t.tokens_per_s).toBeGreaterThan(0);
       expect(t.peak_device_bytes).toBeGreaterThan(0);
@@ -161,17 +162,45 @@ describe("the GPU check's node part (bench/cuda-check.ts) on the emulated device
   }, 120_000);
 });
 
-describe('attentionPath (products or flash kernels)', () => {
-  it('products for training and prefill rows whose scores fit in 256 MiB; flash for decoding, short rows and longer ones; the variable forces either, and a value it does not know is refused', () => {
-    expect(attentionPath(8, 256, 256, 14, {})).toBe('products'); // the 0.5B bench step: 29 MB of scores
-    expect(attentionPath(4, 1, 300, 14, {})).toBe('flash'); // a decoding step
-    expect(attentionPath(2, 15, 15, 8, {})).toBe('flash');
-    expect(attentionPath(1, 2048, 2048, 16, {})).toBe('products'); // exactly 256 MiB
-    expect(attentionPath(1, 2048, 2049, 16, {})).toBe('flash');
-    expect(attentionPath(8, 256, 256, 14, { PREFOPT_CUDA_ATTENTION: 'flash' })).toBe('flash');
-    expect(attentionPath(4, 1, 300, 14, { PREFOPT_CUDA_ATTENTION: 'Products' })).toBe('products');
-    expect(attentionPath(4, 1, 300, 14, { PREFOPT_CUDA_ATTENTION: 'auto' })).toBe('flash');
-    expect(() => attentionPath(8, 256, 256, 14, { PREFOPT_CUDA_ATTENTION: 'fast' })).toThrow('PREFOPT_CUDA_ATTENTION: expected products, flash or auto, found "fast"');
+describe('attentionPath (products or flash kernels) and scoreChunks (runs of kv groups)', () => {
+  it('products for training and prefill rows where one kv group\'s scores fit in the budget (256 MiB, or PREFOPT_CUDA_ATTENTION_MIB); flash for decoding, short rows and longer ones; the variables force either, and values they do not know are refused', () => {
+    expect(attentionPath(8, 256, 256, 14, 2, {})).toBe('products'); // the 0.5B bench step
+    expect(attentionPath(8, 2048, 2048, 14, 2, {})).toBe('products'); // 112 MiB a group, 8 × 2 groups in runs
+    expect(attentionPath(4, 1, 300, 14, 2, {})).toBe('flash'); // a decoding step
+    expect(attentionPath(2, 15, 15, 8, 8, {})).toBe('flash');
+    expect(attentionPath(1, 2048, 2048, 16, 1, {})).toBe('products'); // exactly 256 MiB
+    expect(attentionPath(1, 2048, 2049, 16, 1, {})).toBe('flash');
+    expect(attentionPath(8, 2048, 2048, 14, 2, { PREFOPT_CUDA_ATTENTION_MIB: '100' })).toBe('flash');
+    expect(attentionPath(8, 2048, 2048, 14, 2, { PREFOPT_CUDA_ATTENTION_MIB: ' 112 ' })).toBe('products');
+    expect(attentionPath(8, 256, 256, 14, 2, { PREFOPT_CUDA_ATTENTION: 'flash' })).toBe('flash');
+    expect(attentionPath(4, 1, 300, 14, 2, { PREFOPT_CUDA_ATTENTION: 'Products' })).toBe('products');
+    expect(attentionPath(4, 1, 300, 14, 2, { PREFOPT_CUDA_ATTENTION: 'auto' })).toBe('flash');
+    expect(() => attentionPath(8, 256, 256, 14, 2, { PREFOPT_CUDA_ATTENTION: 'fast' })).toThrow('PREFOPT_CUDA_ATTENTION: expected products, flash or auto, found "fast"');
+    for (const bad of ['0', '-5', 'lots', 'Infinity']) expect(() => scoresBudget({ PREFOPT_CUDA_ATTENTION_MIB: bad })).toThrow(`PREFOPT_CUDA_ATTENTION_MIB: expected a positive number of MiB, found "${bad}"`);
+    expect(scoresBudget({})).toBe(256 * 2 ** 20);
+  });
+
+  it('runs take whole batch entries where they fit, else one entry\'s groups; every group once, in order', () => {
+    // 3 entries of 2 kv groups whose scores (G 2, 4 × 4) are 128 bytes each.
+    expect(scoreChunks(3, 2, 2, 4, 4, 512)).toEqual([{ group: 0, groups: 4 }, { group: 4, groups: 2 }]);
+    expect(scoreChunks(3, 2, 2, 4, 4, 4096)).toEqual([{ group: 0, groups: 6 }]);
+    expect(scoreChunks(3, 2, 2, 4, 4, 300)).toEqual([{ group: 0, groups: 2 }, { group: 2, groups: 2 }, { group: 4, groups: 2 }]);
+    expect(scoreChunks(3, 2, 2, 4, 4, 200)).toEqual([0, 1, 2, 3, 4, 5].map((group) => ({ group, groups: 1 })));
+    expect(scoreChunks(3, 2, 2, 4, 4, 10)).toEqual([0, 1, 2, 3, 4, 5].map((group) => ({ group, groups: 1 }))); // one group even past the budget
+    // 2 entries of 3 groups, two groups' worth of budget: 2 + 1 in each entry, none across.
+    expect(scoreChunks(2, 3, 1, 4, 4, 128)).toEqual([{ group: 0, groups: 2 }, { group: 2, groups: 1 }, { group: 3, groups: 2 }, { group: 5, groups: 1 }]);
+    const rng = new Rng(3);
+    for (let trial = 0; trial < 200; trial++) {
+      const [b, kv, g, t, tk] = [1 + rng.int(5), 1 + rng.int(4), 1 + rng.int(4), 1 + rng.int(9), 1 + rng.int(9)];
+      const budget = 1 + rng.int(4 * b * kv * g * t * tk * 2);
+      const runs = scoreChunks(b, kv, g, t, tk, budget);
+      expect(runs.flatMap((r) => Array.from({ length: r.groups }, (_, j) => r.group + j))).toEqual(Array.from({ length: b * kv }, (_, j) => j));
+      for (const r of runs) {
+        if (r.groups > 1) expect(4 * r.groups * g * t * tk).toBeLessThanOrEqual(budget);
+        // within one entry, or whole entries
+        expect(Math.floor(r.group / kv) === Math.floor((r.group + r.groups - 1) / kv) || (r.group % kv === 0 && r.groups % kv === 0)).toBe(true);
+      }
+    }
   });
 });
 

@@ -104,19 +104,49 @@ function aleaJumpTable(dev: CudaDevice, jumps: AleaJumps) {
   };
 }
 
-/** Bytes of one [B·H·T, Tk] score matrix up to which attention runs as products (attentionByProducts). */
-const PRODUCT_SCORES_BYTES = 256 << 20;
+/**
+ * The most score memory attention by products holds at once, by default: batches of kv groups
+ * whose [G·T, Tk] scores fit in it run one after another (scoreChunks). PREFOPT_CUDA_ATTENTION_MIB
+ * changes it.
+ */
+const PRODUCT_SCORES_MIB = 256;
 
 /**
- * Which way attention of these sizes runs: `products` (cuBLASLt's tensor cores, the scores held
- * whole: training and prefill rows) or `flash` (kernels.cu's, the scores never held: long rows, and
- * decoding's single query, where products would also copy the cache to a heads-first layout).
- * PREFOPT_CUDA_ATTENTION=flash or =products forces one (bench/gpu-check times both).
+ * Which way attention of these sizes runs: `products` (cuBLASLt's tensor cores; the scores of as
+ * many kv groups at a time as fit in the budget) wherever one group's [G·T, Tk] scores fit —
+ * training and prefill rows — or `flash` (kernels.cu's, the scores never held): decoding's single
+ * query, where products would also copy the cache to a heads-first layout, and rows too long for
+ * the budget. PREFOPT_CUDA_ATTENTION=flash or =products forces one (bench/gpu-check times both).
  */
-export function attentionPath(b: number, t: number, tk: number, h: number, env: NodeJS.ProcessEnv = process.env): 'products' | 'flash' {
+export function attentionPath(b: number, t: number, tk: number, h: number, kv: number, env: NodeJS.ProcessEnv = process.env): 'products' | 'flash' {
   const forced = forcedAttention(env);
   if (forced) return forced;
-  return t >= 16 && 4 * b * h * t * tk <= PRODUCT_SCORES_BYTES ? 'products' : 'flash';
+  return t >= 16 && b > 0 && 4 * (h / kv) * t * tk <= scoresBudget(env) ? 'products' : 'flash';
+}
+
+/** PREFOPT_CUDA_ATTENTION_MIB in bytes (default PRODUCT_SCORES_MIB); anything but a positive number is refused. */
+export function scoresBudget(env: NodeJS.ProcessEnv = process.env): number {
+  const v = (env.PREFOPT_CUDA_ATTENTION_MIB ?? '').trim();
+  const mib = v === '' ? PRODUCT_SCORES_MIB : Number(v);
+  if (!(mib > 0 && Number.isFinite(mib))) throw new UserError(`PREFOPT_CUDA_ATTENTION_MIB: expected a positive number of MiB, found "${env.PREFOPT_CUDA_ATTENTION_MIB}"`);
+  return Math.floor(mib * 2 ** 20);
+}
+
+/**
+ * The kv groups (b·KV + kv head, ascending) whose scores attention by products computes together:
+ * as many whole batch entries as fit in `budget` bytes, or, where one entry does not fit, as many
+ * of one entry's groups — never a run across entries' edges unless it takes them whole, so that a
+ * run's rows find their mask rows from its first entry (kernels.cu: softmax_rows). At least one
+ * group a run, even past the budget (attentionPath keeps such sizes off this path).
+ */
+export function scoreChunks(b: number, kv: number, g: number, t: number, tk: number, budget: number): { group: number; groups: number }[] {
+  const fit = Math.max(1, Math.floor(budget / (4 * g * t * tk)));
+  const runs: { group: number; groups: number }[] = [];
+  if (fit >= kv) {
+    const entries = Math.floor(fit / kv);
+    for (let b0 = 0; b0 < b; b0 += entries) runs.push({ group: b0 * kv, groups: Math.min(entries, b - b0) * kv });
+  } else for (let b0 = 0; b0 < b; b0++) for (let k0 = 0; k0 < kv; k0 += fit) runs.push({ group: b0 * kv + k0, groups: Math.min(fit, kv - k0) });
+  return runs;
 }
 
 /** PREFOPT_CUDA_ATTENTION's way, null for auto (unset or empty); anything else is refused. */
@@ -129,10 +159,11 @@ export function forcedAttention(env: NodeJS.ProcessEnv = process.env): 'products
 
 /**
  * Attention as products: q [B, T, H, hd], k and v [B, Tk, KV, hd] copied heads-first, so that
- * the G query heads of a kv group and their T rows are one [G·T, hd] matrix; then per (b, kv
- * head), one strided batch of products each: scores = q·kᵀ, p = softmax_rows(scores), o = p·v.
- * The backward pass computes p again the same way (the same bits), then dp = dO·vᵀ,
- * ds = softmax_grad_rows(p, dp), dq = ds·k, dk = dsᵀ·q (which sums the group's heads), dv = pᵀ·dO.
+ * the G query heads of a kv group and their T rows are one [G·T, hd] matrix; then for each run of
+ * kv groups (scoreChunks), one strided batch of products each: scores = q·kᵀ,
+ * p = softmax_rows(scores), o = p·v. The backward pass computes p again the same way (the same
+ * bits), then dp = dO·vᵀ, ds = softmax_grad_rows(p, dp), dq = ds·k, dk = dsᵀ·q (which sums the
+ * group's heads), dv = pᵀ·dO — each group's own, so runs need nothing from each other.
  */
 function attentionByProducts(dev: CudaDevice) {
   const gemm = dev.gemm.bind(dev);
@@ -143,41 +174,58 @@ function attentionByProducts(dev: CudaDevice) {
     const count = b * n * t * hd;
     dev.each('strided_copy', count, [x, y, count, 4, dims([b, n, t, hd], back ? headMajor : rowMajor, back ? rowMajor : headMajor)]);
   };
-  /**
-   * q, k and v heads-first into qh, kh and vh, and the scores [B·KV batches of G·T × Tk] of
-   * qh·khᵀ into s, turned into probabilities in place: what both passes start from.
-   */
-  const probabilities = (q: number, k: number, v: number, [qh, kh, vh, s]: number[], mask: number, scale: number, b: number, t: number, tk: number, h: number, kv: number, hd: number) => {
-    const g = h / kv;
-    headsFirst(q, qh, b, t, h, hd);
-    headsFirst(k, kh, b, tk, kv, hd);
-    headsFirst(v, vh, b, tk, kv, hd);
-    gemm({ batch: b * kv, m: g * t, n: tk, k: hd, a: qh, sa: g * t * hd, b: kh, sb: tk * hd, tb: true, c: s, sc: g * t * tk });
-    dev.rows('softmax_rows', b * h * t, [s, mask, t, tk, h * t, scale]);
-  };
   const bytes = (...n: number[]) => 4 * n.reduce((x, y) => x * y, 1);
+  type Sizes = { b: number; t: number; tk: number; h: number; kv: number; hd: number; g: number };
+  /** The runs of kv groups, the most groups a run holds, and where a run's part of a heads-first operand starts. */
+  const plan = (z: Sizes) => {
+    const runs = scoreChunks(z.b, z.kv, z.g, z.t, z.tk, scoresBudget());
+    return { runs, scores: bytes(Math.max(...runs.map((r) => r.groups)), z.g, z.t, z.tk) };
+  };
+  const at = (addr: number, run: { group: number }, perGroup: number) => addr + bytes(run.group, perGroup);
+  /** q, k and v heads-first into qh, kh and vh: what both passes start from. */
+  const qkvHeadsFirst = (q: number, k: number, v: number, [qh, kh, vh]: number[], z: Sizes) => {
+    headsFirst(q, qh, z.b, z.t, z.h, z.hd);
+    headsFirst(k, kh, z.b, z.tk, z.kv, z.hd);
+    headsFirst(v, vh, z.b, z.tk, z.kv, z.hd);
+  };
+  /** A run's scores qh·khᵀ into s, turned into probabilities in place. */
+  const probabilities = (run: { group: number; groups: number }, qh: number, kh: number, s: number, mask: number, scale: number, z: Sizes) => {
+    const { t, tk, g, hd } = z;
+    gemm({ batch: run.groups, m: g * t, n: tk, k: hd, a: at(qh, run, g * t * hd), sa: g * t * hd, b: at(kh, run, tk * hd), sb: tk * hd, tb: true, c: s, sc: g * t * tk });
+    dev.rows('softmax_rows', run.groups * g * t, [s, mask + bytes(Math.floor(run.group / z.kv), t, tk), t, tk, z.h * t, scale]);
+  };
   return {
     forward: (q: number, k: number, v: number, mask: number, scale: number, b: number, t: number, tk: number, h: number, kv: number, hd: number, o: number) => {
-      const g = h / kv;
-      dev.withTemp([bytes(b, h, t, hd), bytes(b, kv, tk, hd), bytes(b, kv, tk, hd), bytes(b, h, t, tk), bytes(b, h, t, hd)], ([qh, kh, vh, s, oh]) => {
-        probabilities(q, k, v, [qh, kh, vh, s], mask, scale, b, t, tk, h, kv, hd);
-        gemm({ batch: b * kv, m: g * t, n: hd, k: tk, a: s, sa: g * t * tk, b: vh, sb: tk * hd, c: oh, sc: g * t * hd });
+      const z = { b, t, tk, h, kv, hd, g: h / kv };
+      const { runs, scores } = plan(z);
+      dev.withTemp([bytes(b, h, t, hd), bytes(b, kv, tk, hd), bytes(b, kv, tk, hd), scores, bytes(b, h, t, hd)], ([qh, kh, vh, s, oh]) => {
+        qkvHeadsFirst(q, k, v, [qh, kh, vh], z);
+        for (const run of runs) {
+          probabilities(run, qh, kh, s, mask, scale, z);
+          gemm({ batch: run.groups, m: z.g * t, n: hd, k: tk, a: s, sa: z.g * t * tk, b: at(vh, run, tk * hd), sb: tk * hd, c: at(oh, run, z.g * t * hd), sc: z.g * t * hd });
+        }
         headsFirst(oh, o, b, t, h, hd, true);
       });
     },
     backward: (q: number, k: number, v: number, mask: number, scale: number, b: number, t: number, tk: number, h: number, kv: number, hd: number, dout: number, dq: number, dk: number, dv: number) => {
-      const g = h / kv;
+      const z = { b, t, tk, h, kv, hd, g: h / kv };
+      const { g } = z;
+      const { runs, scores } = plan(z);
       const side = bytes(b, kv, tk, hd);
       const rows = bytes(b, h, t, hd);
-      dev.withTemp([rows, side, side, rows, bytes(b, h, t, tk), bytes(b, h, t, tk), rows, side, side], ([qh, kh, vh, doh, p, ds, dqh, dkh, dvh]) => {
-        probabilities(q, k, v, [qh, kh, vh, p], mask, scale, b, t, tk, h, kv, hd);
+      dev.withTemp([rows, side, side, rows, scores, scores, rows, side, side], ([qh, kh, vh, doh, p, ds, dqh, dkh, dvh]) => {
+        qkvHeadsFirst(q, k, v, [qh, kh, vh], z);
         headsFirst(dout, doh, b, t, h, hd);
-        const batch = { batch: b * kv };
-        gemm({ ...batch, m: g * t, n: tk, k: hd, a: doh, sa: g * t * hd, b: vh, sb: tk * hd, tb: true, c: ds, sc: g * t * tk });
-        dev.rows('softmax_grad_rows', b * h * t, [p, ds, tk, scale]);
-        gemm({ ...batch, m: g * t, n: hd, k: tk, a: ds, sa: g * t * tk, b: kh, sb: tk * hd, c: dqh, sc: g * t * hd });
-        gemm({ ...batch, ta: true, m: tk, n: hd, k: g * t, a: ds, sa: g * t * tk, b: qh, sb: g * t * hd, c: dkh, sc: tk * hd });
-        gemm({ ...batch, ta: true, m: tk, n: hd, k: g * t, a: p, sa: g * t * tk, b: doh, sb: g * t * hd, c: dvh, sc: tk * hd });
+        for (const run of runs) {
+          probabilities(run, qh, kh, p, mask, scale, z);
+          const batch = { batch: run.groups };
+          const [qr, dor, kr, vr] = [at(qh, run, g * t * hd), at(doh, run, g * t * hd), at(kh, run, tk * hd), at(vh, run, tk * hd)];
+          gemm({ ...batch, m: g * t, n: tk, k: hd, a: dor, sa: g * t * hd, b: vr, sb: tk * hd, tb: true, c: ds, sc: g * t * tk });
+          dev.rows('softmax_grad_rows', run.groups * g * t, [p, ds, tk, scale]);
+          gemm({ ...batch, m: g * t, n: hd, k: tk, a: ds, sa: g * t * tk, b: kr, sb: tk * hd, c: at(dqh, run, g * t * hd), sc: g * t * hd });
+          gemm({ ...batch, ta: true, m: tk, n: hd, k: g * t, a: ds, sa: g * t * tk, b: qr, sb: g * t * hd, c: at(dkh, run, tk * hd), sc: tk * hd });
+          gemm({ ...batch, ta: true, m: tk, n: hd, k: g * t, a: p, sa: g * t * tk, b: dor, sb: g * t * hd, c: at(dvh, run, tk * hd), sc: tk * hd });
+        }
         headsFirst(dqh, dq, b, t, h, hd, true);
         headsFirst(dkh, dk, b, tk, kv, hd, true);
         headsFirst(dvh, dv, b, tk, kv, hd, true);
@@ -199,14 +247,14 @@ function deviceAttention(dev: CudaDevice): Pick<FusedAddon, 'attention' | 'atten
     savesAttentionOutput: true,
     attention: (q: any, kk: any, v: any, mask: any, scale, b, t, tk, h, kv, hd, o: any) => {
       checkHeadDim(dev, hd);
-      if (attentionPath(b, t, tk, h) === 'products') return products.forward(q, kk, v, mask, scale, b, t, tk, h, kv, hd, o);
+      if (attentionPath(b, t, tk, h, kv) === 'products') return products.forward(q, kk, v, mask, scale, b, t, tk, h, kv, hd, o);
       const stat = dev.allocCompanion(o, 8 * b * h * t);
       dev.blocks('attention_fwd', attentionJobs(dev, b * h, t, hd), [q, kk, v, mask, scale, b, t, tk, h, kv, hd, o, stat], ATTENTION_BLOCK);
     },
     // With grouped heads, dk and dv per query head first, summed over each group after (kernels.cu: no atomics).
     attentionGrad: (q: any, kk: any, v: any, mask: any, scale, b, t, tk, h, kv, hd, dout: any, dq: any, dk: any, dv: any, o: any) => {
       checkHeadDim(dev, hd);
-      if (attentionPath(b, t, tk, h) === 'products') return products.backward(q, kk, v, mask, scale, b, t, tk, h, kv, hd, dout, dq, dk, dv);
+      if (attentionPath(b, t, tk, h, kv) === 'products') return products.backward(q, kk, v, mask, scale, b, t, tk, h, kv, hd, dout, dq, dk, dv);
       const stat = o === null ? undefined : dev.companion(o);
       if (stat === undefined) throw new Error("cuda backend: attention's backward pass needs the forward pass's output and row statistics");
       const g = h / kv;
@@ -401,5 +449,6 @@ const devicePlacement: Placement = {
 
 export function registerCudaFused(dev: CudaDevice, jumps: AleaJumps): void {
   forcedAttention(); // a bad value stops the job before it starts
+  scoresBudget();
   registerFusedKernels(CUDA_BACKEND, cudaFused(dev, jumps), devicePlacement);
 }

@@ -213,7 +213,7 @@ export function cudaBackendCases(): void {
     expect(dev.profile(false).attention_mask?.count).toBe(40);
   });
 
-  it('attention as products and as flash kernels gives the native backend\'s output and gradients: grouped heads, padded and packed rows, a sliding window, queries after cached keys', async () => {
+  it('attention as products (all groups at once, or in runs of kv groups within and across batch entries) and as flash kernels gives the native backend\'s output and gradients: grouped heads, padded and packed rows, a sliding window, queries after cached keys', async () => {
     if (!native.active) return;
     const shapes = [
       { B: 2, T: 20, Tk: 20, H: 4, KV: 2, hd: 16 },
@@ -222,9 +222,13 @@ export function cudaBackendCases(): void {
     ];
     const runs: Record<string, number> = {};
     try {
-      for (const way of ['products', 'flash'])
+      // runs: a budget of 4194 bytes of scores — shape 0's groups (3200 bytes) one at a time, shape
+      // 1's two and one, shape 2's (8192, past the budget) one batch entry at a time.
+      const ways = { products: {}, flash: {}, runs: { PREFOPT_CUDA_ATTENTION_MIB: String(4194 / 2 ** 20) } };
+      for (const [way, env] of Object.entries(ways))
         for (const [i, { B, T, Tk, H, KV, hd }] of shapes.entries()) {
-          process.env.PREFOPT_CUDA_ATTENTION = way;
+          process.env.PREFOPT_CUDA_ATTENTION = way === 'flash' ? 'flash' : 'products';
+          Object.assign(process.env, env);
           const rng = new Rng(30 + i);
           const spec = { batch: B, queryLen: T, keyLen: Tk, keyValid: Array.from({ length: B * Tk }, (_, j) => (j % Tk < Tk - (j < Tk ? 3 : 0) ? 1 : 0)), segments: i === 1 ? Array.from({ length: B * Tk }, (_, j) => (j % Tk < 10 ? 0 : 1)) : undefined, window: i === 2 ? 9 : undefined };
           const r = (shape: number[]) => Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, () => rng.normal());
@@ -244,8 +248,12 @@ export function cudaBackendCases(): void {
         }
     } finally {
       delete process.env.PREFOPT_CUDA_ATTENTION;
+      delete process.env.PREFOPT_CUDA_ATTENTION_MIB;
     }
-    // Each way ran as asked: the products' row kernels, or the flash kernels, never both.
+    // Each way ran as asked: the products' row kernels, or the flash kernels, never both; in runs,
+    // each run's probabilities forward and backward: (4 + 2 + 3) runs.
+    expect(runs['runs softmax_rows']).toBe(2 * (4 + 2 + 3));
+    expect(runs['runs softmax_grad_rows']).toBe(4 + 2 + 3);
     expect(runs['products softmax_rows']).toBe(2 * shapes.length);
     expect(runs['products softmax_grad_rows']).toBe(shapes.length);
     expect(runs['products attention_fwd']).toBeUndefined();
@@ -277,7 +285,7 @@ export function cudaBackendCases(): void {
     expect(a.cudaStats().cached).toBe(0);
   });
 
-  it('uploads queue behind the device\'s work and arrive in order: 25 MB in small uploads without a wait between (one and a half times the GPU\'s staging ring), a large one after them; only downloads and large uploads wait', async () => {
+  it('uploads queue behind the device\'s work and arrive in order: 25 MB in small uploads without a wait between (one and a half times the GPU\'s staging ring), 2.4 MB ones a staging segment at a time, a large one after them; only downloads and large uploads wait', async () => {
     if (!native.active) return;
     await initBackend('cuda');
     const a = cudaAddon()!;
@@ -286,9 +294,13 @@ export function cudaBackendCases(): void {
     const blocks = Array.from({ length: 100 }, () => dev.alloc(4 * n));
     a.cudaStats(true);
     blocks.forEach((b, i) => dev.upload(b, Float32Array.from({ length: n }, (_, j) => i * n + j)));
+    // Uploads over one staging segment (rotary tables of long rows), in segments: no wait either.
+    const mid = Array.from({ length: 9 }, (_, i) => Float32Array.from({ length: 600_000 }, (_, j) => i + j / 4));
+    const mids = mid.map((m) => dev.alloc(m.byteLength));
+    mid.forEach((m, i) => dev.upload(mids[i], m));
     expect(a.cudaStats().waits).toBe(0);
     // A large upload over a block whose small upload may still be queued: the large one is last.
-    const big = Float32Array.from({ length: 300_000 }, (_, j) => -j);
+    const big = Float32Array.from({ length: 1_200_000 }, (_, j) => -j);
     const wide = dev.alloc(4 * big.length);
     dev.upload(wide, Float32Array.from({ length: 16 }, () => 7));
     dev.upload(wide, big);
@@ -301,9 +313,14 @@ export function cudaBackendCases(): void {
     });
     const back = new Float32Array(big.length);
     dev.download(wide, back);
-    expect(back).toEqual(big);
-    expect(a.cudaStats().waits).toBe(1 + blocks.length + 1);
-    [...blocks, wide].forEach((b) => dev.free(b));
+    expect(Buffer.from(back.buffer).equals(Buffer.from(big.buffer))).toBe(true);
+    mid.forEach((m, i) => {
+      const got = new Float32Array(m.length);
+      dev.download(mids[i], got);
+      expect(Buffer.from(got.buffer).equals(Buffer.from(m.buffer)), `upload ${i} in segments`).toBe(true);
+    });
+    expect(a.cudaStats().waits).toBe(1 + blocks.length + 1 + mid.length);
+    [...blocks, ...mids, wide].forEach((b) => dev.free(b));
   });
 
   for (const arch of ['qwen2 biases tied rope 1e6', 'qwen3 q/k norms, head_dim 12 apart from hidden / heads, tied', 'zhinao fused qkv GQA', 'mistral sliding window 3', 'llama with attention_bias'])
