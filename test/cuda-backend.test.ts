@@ -31,6 +31,9 @@ describe('the cuda backend from the command line (emulated device)', () => {
     const typo = prefopt(['--backend', 'cuda', 'doctor'], { env: { ...EMU, PREFOPT_CUDA_ATTENTION: 'fast' } });
     expect(typo.code).toBe(2);
     expect(typo.stderr).toMatch(/PREFOPT_CUDA_ATTENTION: expected products, flash or auto, found "fast"/);
+    const budget = prefopt(['--backend', 'cuda', 'doctor'], { env: { ...EMU, PREFOPT_CUDA_ATTENTION_MIB: '0' } });
+    expect(budget.code).toBe(2);
+    expect(budget.stderr).toMatch(/PREFOPT_CUDA_ATTENTION_MIB: expected a positive number of MiB, found "0"/);
     const f = await onlineFixture();
     const data = path.join(f.d, 'pairs.jsonl');
     fs.writeFileSync(data, Array.from({ length: 8 }, (_, i) => JSON.stringify({ prompt: `What is ${i} plus 2?`, chosen: `The answer is ${i + 2}.`, rejected: `The answer is ${i}.` })).join('\n') + '\n');
