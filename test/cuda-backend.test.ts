@@ -7,7 +7,7 @@ import { loadNative } from '../src/engine/native.js';
 import { onlineFixture } from './helpers/online-fixture.js';
 import { prefopt } from './helpers/cli.js';
 import { cudaBackendCases } from './helpers/cuda-cases.js';
-import { attentionPath, rowsById, scoreChunks, scoresBudget } from '../src/engine/cuda-fused.js';
+import { attentionPath, rowsById, scoreRuns, scoresBudget } from '../src/engine/cuda-fused.js';
 import { Rng } from '../src/util/rng.js';
 
 /*
@@ -165,16 +165,16 @@ describe("the GPU check's node part (bench/cuda-check.ts) on the emulated device
   }, 120_000);
 });
 
-describe('attentionPath (products or flash kernels) and scoreChunks (runs of kv groups)', () => {
-  it('products for training and prefill rows where one kv group\'s scores fit in the budget (256 MiB, or PREFOPT_CUDA_ATTENTION_MIB); flash for decoding, short rows and longer ones; the variables force either, and values they do not know are refused', () => {
+describe('attentionPath (products or flash kernels) and scoreRuns (the products\' runs)', () => {
+  it('products for training and prefill rows where one query head\'s scores fit in the budget (256 MiB, or PREFOPT_CUDA_ATTENTION_MIB); flash for decoding, short rows and longer ones; the variables force either, and values they do not know are refused', () => {
     expect(attentionPath(8, 256, 256, 14, 2, {})).toBe('products'); // the 0.5B bench step
-    expect(attentionPath(8, 2048, 2048, 14, 2, {})).toBe('products'); // 112 MiB a group, 8 × 2 groups in runs
+    expect(attentionPath(8, 2048, 2048, 14, 2, {})).toBe('products'); // 16 MiB a head, in runs
     expect(attentionPath(4, 1, 300, 14, 2, {})).toBe('flash'); // a decoding step
     expect(attentionPath(2, 15, 15, 8, 8, {})).toBe('flash');
-    expect(attentionPath(1, 2048, 2048, 16, 1, {})).toBe('products'); // exactly 256 MiB
-    expect(attentionPath(1, 2048, 2049, 16, 1, {})).toBe('flash');
-    expect(attentionPath(8, 2048, 2048, 14, 2, { PREFOPT_CUDA_ATTENTION_MIB: '100' })).toBe('flash');
-    expect(attentionPath(8, 2048, 2048, 14, 2, { PREFOPT_CUDA_ATTENTION_MIB: ' 112 ' })).toBe('products');
+    expect(attentionPath(1, 8192, 8192, 16, 1, {})).toBe('products'); // exactly 256 MiB a head
+    expect(attentionPath(1, 8192, 8193, 16, 1, {})).toBe('flash');
+    expect(attentionPath(8, 2048, 2048, 14, 2, { PREFOPT_CUDA_ATTENTION_MIB: '15' })).toBe('flash');
+    expect(attentionPath(8, 2048, 2048, 14, 2, { PREFOPT_CUDA_ATTENTION_MIB: ' 16 ' })).toBe('products');
     expect(attentionPath(8, 256, 256, 14, 2, { PREFOPT_CUDA_ATTENTION: 'flash' })).toBe('flash');
     expect(attentionPath(4, 1, 300, 14, 2, { PREFOPT_CUDA_ATTENTION: 'Products' })).toBe('products');
     expect(attentionPath(4, 1, 300, 14, 2, { PREFOPT_CUDA_ATTENTION: 'auto' })).toBe('flash');
@@ -183,23 +183,29 @@ describe('attentionPath (products or flash kernels) and scoreChunks (runs of kv 
     expect(scoresBudget({})).toBe(256 * 2 ** 20);
   });
 
-  it('runs take whole batch entries where they fit, else one entry\'s groups; every group once, in order', () => {
-    // 3 entries of 2 kv groups whose scores (G 2, 4 × 4) are 128 bytes each.
-    expect(scoreChunks(3, 2, 2, 4, 4, 512)).toEqual([{ group: 0, groups: 4 }, { group: 4, groups: 2 }]);
-    expect(scoreChunks(3, 2, 2, 4, 4, 4096)).toEqual([{ group: 0, groups: 6 }]);
-    expect(scoreChunks(3, 2, 2, 4, 4, 300)).toEqual([{ group: 0, groups: 2 }, { group: 2, groups: 2 }, { group: 4, groups: 2 }]);
-    expect(scoreChunks(3, 2, 2, 4, 4, 200)).toEqual([0, 1, 2, 3, 4, 5].map((group) => ({ group, groups: 1 })));
-    expect(scoreChunks(3, 2, 2, 4, 4, 10)).toEqual([0, 1, 2, 3, 4, 5].map((group) => ({ group, groups: 1 }))); // one group even past the budget
+  it('runs take whole batch entries where they fit, else one entry\'s kv groups, else one group\'s query heads; every query head once, in order', () => {
+    const whole = (group: number, groups: number) => ({ group, groups, head: 0, heads: 2 });
+    // 3 entries of 2 kv groups of 2 query heads, whose scores (4 × 4) are 64 bytes a head.
+    expect(scoreRuns(3, 2, 2, 4, 4, 512)).toEqual([whole(0, 4), whole(4, 2)]);
+    expect(scoreRuns(3, 2, 2, 4, 4, 4096)).toEqual([whole(0, 6)]);
+    expect(scoreRuns(3, 2, 2, 4, 4, 300)).toEqual([whole(0, 2), whole(2, 2), whole(4, 2)]);
+    expect(scoreRuns(3, 2, 2, 4, 4, 200)).toEqual([0, 1, 2, 3, 4, 5].map((g) => whole(g, 1)));
+    expect(scoreRuns(3, 2, 2, 4, 4, 100)).toEqual([0, 1, 2, 3, 4, 5].flatMap((group) => [0, 1].map((head) => ({ group, groups: 1, head, heads: 1 }))));
+    expect(scoreRuns(3, 2, 2, 4, 4, 10)).toEqual(scoreRuns(3, 2, 2, 4, 4, 100)); // one head even past the budget
     // 2 entries of 3 groups, two groups' worth of budget: 2 + 1 in each entry, none across.
-    expect(scoreChunks(2, 3, 1, 4, 4, 128)).toEqual([{ group: 0, groups: 2 }, { group: 2, groups: 1 }, { group: 3, groups: 2 }, { group: 5, groups: 1 }]);
+    expect(scoreRuns(2, 3, 1, 4, 4, 128)).toEqual([{ group: 0, groups: 2 }, { group: 2, groups: 1 }, { group: 3, groups: 2 }, { group: 5, groups: 1 }].map((r) => ({ ...r, head: 0, heads: 1 })));
+    // one group of 7 heads, three heads' worth: 3 + 3 + 1
+    expect(scoreRuns(1, 1, 7, 4, 4, 200).map((r) => [r.head, r.heads])).toEqual([[0, 3], [3, 3], [6, 1]]);
     const rng = new Rng(3);
-    for (let trial = 0; trial < 200; trial++) {
+    for (let trial = 0; trial < 300; trial++) {
       const [b, kv, g, t, tk] = [1 + rng.int(5), 1 + rng.int(4), 1 + rng.int(4), 1 + rng.int(9), 1 + rng.int(9)];
       const budget = 1 + rng.int(4 * b * kv * g * t * tk * 2);
-      const runs = scoreChunks(b, kv, g, t, tk, budget);
-      expect(runs.flatMap((r) => Array.from({ length: r.groups }, (_, j) => r.group + j))).toEqual(Array.from({ length: b * kv }, (_, j) => j));
+      const runs = scoreRuns(b, kv, g, t, tk, budget);
+      const heads = runs.flatMap((r) => Array.from({ length: r.groups }, (_, j) => Array.from({ length: r.heads }, (_, i) => (r.group + j) * g + r.head + i)).flat());
+      expect(heads).toEqual(Array.from({ length: b * kv * g }, (_, j) => j));
       for (const r of runs) {
-        if (r.groups > 1) expect(4 * r.groups * g * t * tk).toBeLessThanOrEqual(budget);
+        if (r.heads > 1 || r.groups > 1) expect(4 * r.groups * r.heads * t * tk).toBeLessThanOrEqual(budget);
+        expect(r.groups === 1 || r.heads === g).toBe(true); // heads are split only within one group
         // within one entry, or whole entries
         expect(Math.floor(r.group / kv) === Math.floor((r.group + r.groups - 1) / kv) || (r.group % kv === 0 && r.groups % kv === 0)).toBe(true);
       }

@@ -105,23 +105,23 @@ function aleaJumpTable(dev: CudaDevice, jumps: AleaJumps) {
 }
 
 /**
- * The most score memory attention by products holds at once, by default: batches of kv groups
- * whose [G·T, Tk] scores fit in it run one after another (scoreChunks). PREFOPT_CUDA_ATTENTION_MIB
- * changes it.
+ * The most score memory attention by products holds at once, by default: runs of kv groups, or
+ * of one group's query heads, whose scores fit in it go one after another (scoreRuns).
+ * PREFOPT_CUDA_ATTENTION_MIB changes it.
  */
 const PRODUCT_SCORES_MIB = 256;
 
 /**
- * Which way attention of these sizes runs: `products` (cuBLASLt's tensor cores; the scores of as
- * many kv groups at a time as fit in the budget) wherever one group's [G·T, Tk] scores fit —
- * training and prefill rows — or `flash` (kernels.cu's, the scores never held): decoding's single
- * query, where products would also copy the cache to a heads-first layout, and rows too long for
- * the budget. PREFOPT_CUDA_ATTENTION=flash or =products forces one (bench/gpu-check times both).
+ * Which way attention of these sizes runs: `products` (cuBLASLt's tensor cores, the scores held a
+ * run at a time) wherever one query head's [T, Tk] scores fit in the budget — training and
+ * prefill, up to 8,192 tokens by default — or `flash` (kernels.cu's, the scores never held):
+ * decoding's single query, where products would also copy the cache to a heads-first layout, and
+ * longer rows. PREFOPT_CUDA_ATTENTION=flash or =products forces one (bench/gpu-check times both).
  */
 export function attentionPath(b: number, t: number, tk: number, h: number, kv: number, env: NodeJS.ProcessEnv = process.env): 'products' | 'flash' {
   const forced = forcedAttention(env);
   if (forced) return forced;
-  return t >= 16 && b > 0 && 4 * (h / kv) * t * tk <= scoresBudget(env) ? 'products' : 'flash';
+  return t >= 16 && b > 0 && h >= kv && 4 * t * tk <= scoresBudget(env) ? 'products' : 'flash';
 }
 
 /** PREFOPT_CUDA_ATTENTION_MIB in bytes (default PRODUCT_SCORES_MIB); anything but a positive number is refused. */
@@ -133,19 +133,38 @@ export function scoresBudget(env: NodeJS.ProcessEnv = process.env): number {
 }
 
 /**
- * The kv groups (b·KV + kv head, ascending) whose scores attention by products computes together:
- * as many whole batch entries as fit in `budget` bytes, or, where one entry does not fit, as many
- * of one entry's groups — never a run across entries' edges unless it takes them whole, so that a
- * run's rows find their mask rows from its first entry (kernels.cu: softmax_rows). At least one
- * group a run, even past the budget (attentionPath keeps such sizes off this path).
+ * One run of attention by products: kv groups `group` … `group + groups − 1` (b·KV + kv head),
+ * and of each, the query heads `head` … `head + heads − 1` (of G).
  */
-export function scoreChunks(b: number, kv: number, g: number, t: number, tk: number, budget: number): { group: number; groups: number }[] {
-  const fit = Math.max(1, Math.floor(budget / (4 * g * t * tk)));
-  const runs: { group: number; groups: number }[] = [];
-  if (fit >= kv) {
-    const entries = Math.floor(fit / kv);
-    for (let b0 = 0; b0 < b; b0 += entries) runs.push({ group: b0 * kv, groups: Math.min(entries, b - b0) * kv });
-  } else for (let b0 = 0; b0 < b; b0++) for (let k0 = 0; k0 < kv; k0 += fit) runs.push({ group: b0 * kv + k0, groups: Math.min(fit, kv - k0) });
+export interface ScoreRun {
+  group: number;
+  groups: number;
+  head: number;
+  heads: number;
+}
+
+/**
+ * The runs attention by products goes in, their scores within `budget` bytes: as many whole batch
+ * entries as fit; where one entry does not, as many of one entry's kv groups; where one group does
+ * not, as many of one group's query heads (their dk and dv then add up over the runs). A run never
+ * crosses an entry's edge unless it takes entries whole, so that its rows find their mask rows
+ * from its first entry (kernels.cu: softmax_rows). At least one query head a run, even past the
+ * budget (attentionPath keeps such sizes off this path).
+ */
+export function scoreRuns(b: number, kv: number, g: number, t: number, tk: number, budget: number): ScoreRun[] {
+  const head = 4 * t * tk;
+  const groupsFit = Math.floor(budget / (g * head));
+  const runs: ScoreRun[] = [];
+  const whole = (group: number, groups: number) => runs.push({ group, groups, head: 0, heads: g });
+  if (groupsFit >= kv) {
+    const entries = Math.floor(groupsFit / kv);
+    for (let b0 = 0; b0 < b; b0 += entries) whole(b0 * kv, Math.min(entries, b - b0) * kv);
+  } else if (groupsFit >= 1) {
+    for (let b0 = 0; b0 < b; b0++) for (let k0 = 0; k0 < kv; k0 += groupsFit) whole(b0 * kv + k0, Math.min(groupsFit, kv - k0));
+  } else {
+    const heads = Math.max(1, Math.floor(budget / head));
+    for (let j = 0; j < b * kv; j++) for (let h0 = 0; h0 < g; h0 += heads) runs.push({ group: j, groups: 1, head: h0, heads: Math.min(heads, g - h0) });
+  }
   return runs;
 }
 
@@ -159,11 +178,11 @@ export function forcedAttention(env: NodeJS.ProcessEnv = process.env): 'products
 
 /**
  * Attention as products: q [B, T, H, hd], k and v [B, Tk, KV, hd] copied heads-first, so that
- * the G query heads of a kv group and their T rows are one [G·T, hd] matrix; then for each run of
- * kv groups (scoreChunks), one strided batch of products each: scores = q·kᵀ,
+ * the G query heads of a kv group and their T rows are one [G·T, hd] matrix; then for each run
+ * (scoreRuns), one strided batch of products over its kv groups each: scores = q·kᵀ,
  * p = softmax_rows(scores), o = p·v. The backward pass computes p again the same way (the same
  * bits), then dp = dO·vᵀ, ds = softmax_grad_rows(p, dp), dq = ds·k, dk = dsᵀ·q (which sums the
- * group's heads), dv = pᵀ·dO — each group's own, so runs need nothing from each other.
+ * run's query heads) and dv = pᵀ·dO, added to what the group's earlier runs left.
  */
 function attentionByProducts(dev: CudaDevice) {
   const gemm = dev.gemm.bind(dev);
@@ -176,12 +195,22 @@ function attentionByProducts(dev: CudaDevice) {
   };
   const bytes = (...n: number[]) => 4 * n.reduce((x, y) => x * y, 1);
   type Sizes = { b: number; t: number; tk: number; h: number; kv: number; hd: number; g: number };
-  /** The runs of kv groups, the most groups a run holds, and where a run's part of a heads-first operand starts. */
+  /** The runs, and the bytes of the largest one's scores. */
   const plan = (z: Sizes) => {
-    const runs = scoreChunks(z.b, z.kv, z.g, z.t, z.tk, scoresBudget());
-    return { runs, scores: bytes(Math.max(...runs.map((r) => r.groups)), z.g, z.t, z.tk) };
+    const runs = scoreRuns(z.b, z.kv, z.g, z.t, z.tk, scoresBudget());
+    return { runs, scores: Math.max(...runs.map((r) => bytes(r.groups, r.heads, z.t, z.tk))) };
   };
-  const at = (addr: number, run: { group: number }, perGroup: number) => addr + bytes(run.group, perGroup);
+  /**
+   * A run in the heads-first operands: where it starts on the query side (its groups' rows
+   * `query` floats apart) and on the key side, its m rows of scores a group and their size.
+   */
+  const place = (run: ScoreRun, z: Sizes) => ({
+    q: (addr: number) => addr + bytes(run.group * z.g + run.head, z.t, z.hd),
+    k: (addr: number) => addr + bytes(run.group, z.tk, z.hd),
+    m: run.heads * z.t,
+    query: z.g * z.t * z.hd,
+    scores: run.heads * z.t * z.tk,
+  });
   /** q, k and v heads-first into qh, kh and vh: what both passes start from. */
   const qkvHeadsFirst = (q: number, k: number, v: number, [qh, kh, vh]: number[], z: Sizes) => {
     headsFirst(q, qh, z.b, z.t, z.h, z.hd);
@@ -189,10 +218,10 @@ function attentionByProducts(dev: CudaDevice) {
     headsFirst(v, vh, z.b, z.tk, z.kv, z.hd);
   };
   /** A run's scores qh·khᵀ into s, turned into probabilities in place. */
-  const probabilities = (run: { group: number; groups: number }, qh: number, kh: number, s: number, mask: number, scale: number, z: Sizes) => {
-    const { t, tk, g, hd } = z;
-    gemm({ batch: run.groups, m: g * t, n: tk, k: hd, a: at(qh, run, g * t * hd), sa: g * t * hd, b: at(kh, run, tk * hd), sb: tk * hd, tb: true, c: s, sc: g * t * tk });
-    dev.rows('softmax_rows', run.groups * g * t, [s, mask + bytes(Math.floor(run.group / z.kv), t, tk), t, tk, z.h * t, scale]);
+  const probabilities = (run: ScoreRun, qh: number, kh: number, s: number, mask: number, scale: number, z: Sizes) => {
+    const r = place(run, z);
+    gemm({ batch: run.groups, m: r.m, n: z.tk, k: z.hd, a: r.q(qh), sa: r.query, b: r.k(kh), sb: z.tk * z.hd, tb: true, c: s, sc: r.scores });
+    dev.rows('softmax_rows', run.groups * r.m, [s, mask + bytes(Math.floor(run.group / z.kv), z.t, z.tk), z.t, z.tk, z.h * z.t, scale]);
   };
   return {
     forward: (q: number, k: number, v: number, mask: number, scale: number, b: number, t: number, tk: number, h: number, kv: number, hd: number, o: number) => {
@@ -201,15 +230,15 @@ function attentionByProducts(dev: CudaDevice) {
       dev.withTemp([bytes(b, h, t, hd), bytes(b, kv, tk, hd), bytes(b, kv, tk, hd), scores, bytes(b, h, t, hd)], ([qh, kh, vh, s, oh]) => {
         qkvHeadsFirst(q, k, v, [qh, kh, vh], z);
         for (const run of runs) {
+          const r = place(run, z);
           probabilities(run, qh, kh, s, mask, scale, z);
-          gemm({ batch: run.groups, m: z.g * t, n: hd, k: tk, a: s, sa: z.g * t * tk, b: at(vh, run, tk * hd), sb: tk * hd, c: at(oh, run, z.g * t * hd), sc: z.g * t * hd });
+          gemm({ batch: run.groups, m: r.m, n: hd, k: tk, a: s, sa: r.scores, b: r.k(vh), sb: tk * hd, c: r.q(oh), sc: r.query });
         }
         headsFirst(oh, o, b, t, h, hd, true);
       });
     },
     backward: (q: number, k: number, v: number, mask: number, scale: number, b: number, t: number, tk: number, h: number, kv: number, hd: number, dout: number, dq: number, dk: number, dv: number) => {
       const z = { b, t, tk, h, kv, hd, g: h / kv };
-      const { g } = z;
       const { runs, scores } = plan(z);
       const side = bytes(b, kv, tk, hd);
       const rows = bytes(b, h, t, hd);
@@ -217,14 +246,16 @@ function attentionByProducts(dev: CudaDevice) {
         qkvHeadsFirst(q, k, v, [qh, kh, vh], z);
         headsFirst(dout, doh, b, t, h, hd);
         for (const run of runs) {
+          const r = place(run, z);
           probabilities(run, qh, kh, p, mask, scale, z);
-          const batch = { batch: run.groups };
-          const [qr, dor, kr, vr] = [at(qh, run, g * t * hd), at(doh, run, g * t * hd), at(kh, run, tk * hd), at(vh, run, tk * hd)];
-          gemm({ ...batch, m: g * t, n: tk, k: hd, a: dor, sa: g * t * hd, b: vr, sb: tk * hd, tb: true, c: ds, sc: g * t * tk });
-          dev.rows('softmax_grad_rows', run.groups * g * t, [p, ds, tk, scale]);
-          gemm({ ...batch, m: g * t, n: hd, k: tk, a: ds, sa: g * t * tk, b: kr, sb: tk * hd, c: at(dqh, run, g * t * hd), sc: g * t * hd });
-          gemm({ ...batch, ta: true, m: tk, n: hd, k: g * t, a: ds, sa: g * t * tk, b: qr, sb: g * t * hd, c: at(dkh, run, tk * hd), sc: tk * hd });
-          gemm({ ...batch, ta: true, m: tk, n: hd, k: g * t, a: p, sa: g * t * tk, b: dor, sb: g * t * hd, c: at(dvh, run, tk * hd), sc: tk * hd });
+          gemm({ batch: run.groups, m: r.m, n: tk, k: hd, a: r.q(doh), sa: r.query, b: r.k(vh), sb: tk * hd, tb: true, c: ds, sc: r.scores });
+          dev.rows('softmax_grad_rows', run.groups * r.m, [p, ds, tk, scale]);
+          const each = { batch: run.groups, sa: r.scores };
+          gemm({ ...each, m: r.m, n: hd, k: tk, a: ds, b: r.k(kh), sb: tk * hd, c: r.q(dqh), sc: r.query });
+          // dk and dv: a group's later query heads add to what its first ones left.
+          const onto = { ...each, ta: true, m: tk, n: hd, k: r.m, sb: r.query, sc: tk * hd, beta: run.head > 0 ? 1 : 0 };
+          gemm({ ...onto, a: ds, b: r.q(qh), c: r.k(dkh) });
+          gemm({ ...onto, a: p, b: r.q(doh), c: r.k(dvh) });
         }
         headsFirst(dqh, dq, b, t, h, hd, true);
         headsFirst(dkh, dk, b, tk, kv, hd, true);

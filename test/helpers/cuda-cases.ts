@@ -213,7 +213,7 @@ export function cudaBackendCases(): void {
     expect(dev.profile(false).attention_mask?.count).toBe(40);
   });
 
-  it('attention as products (all groups at once, or in runs of kv groups within and across batch entries) and as flash kernels gives the native backend\'s output and gradients: grouped heads, padded and packed rows, a sliding window, queries after cached keys', async () => {
+  it('attention as products (all at once, or in runs of batch entries, of an entry\'s kv groups, of a group\'s query heads) and as flash kernels gives the native backend\'s output and gradients: grouped heads, padded and packed rows, a sliding window, queries after cached keys', async () => {
     if (!native.active) return;
     const shapes = [
       { B: 2, T: 20, Tk: 20, H: 4, KV: 2, hd: 16 },
@@ -222,9 +222,12 @@ export function cudaBackendCases(): void {
     ];
     const runs: Record<string, number> = {};
     try {
-      // runs: a budget of 4194 bytes of scores — shape 0's groups (3200 bytes) one at a time, shape
-      // 1's two and one, shape 2's (8192, past the budget) one batch entry at a time.
-      const ways = { products: {}, flash: {}, runs: { PREFOPT_CUDA_ATTENTION_MIB: String(4194 / 2 ** 20) } };
+      // Smaller budgets, in bytes of scores (a head's: shape 0's 1600, 1's 1632, 2's 4096):
+      // entries — shape 2's entries two and one at a time, the others whole (1 + 1 + 2 runs);
+      // groups — shape 0's groups one at a time, 1's two then one, 2's heads one at a time (4 + 2 + 6);
+      // heads — every query head alone, shape 2's past the budget (8 + 3 + 6).
+      const MiB = (n: number) => ({ PREFOPT_CUDA_ATTENTION_MIB: String(n / 2 ** 20) });
+      const ways = { products: {}, flash: {}, entries: MiB(16384), groups: MiB(4194), heads: MiB(1700) };
       for (const [way, env] of Object.entries(ways))
         for (const [i, { B, T, Tk, H, KV, hd }] of shapes.entries()) {
           process.env.PREFOPT_CUDA_ATTENTION = way === 'flash' ? 'flash' : 'products';
@@ -251,9 +254,11 @@ export function cudaBackendCases(): void {
       delete process.env.PREFOPT_CUDA_ATTENTION_MIB;
     }
     // Each way ran as asked: the products' row kernels, or the flash kernels, never both; in runs,
-    // each run's probabilities forward and backward: (4 + 2 + 3) runs.
-    expect(runs['runs softmax_rows']).toBe(2 * (4 + 2 + 3));
-    expect(runs['runs softmax_grad_rows']).toBe(4 + 2 + 3);
+    // each run's probabilities forward and backward.
+    for (const [way, n] of [['entries', 1 + 1 + 2], ['groups', 4 + 2 + 6], ['heads', 8 + 3 + 6]] as const) {
+      expect(runs[`${way} softmax_rows`], way).toBe(2 * n);
+      expect(runs[`${way} softmax_grad_rows`], way).toBe(n);
+    }
     expect(runs['products softmax_rows']).toBe(2 * shapes.length);
     expect(runs['products softmax_grad_rows']).toBe(shapes.length);
     expect(runs['products attention_fwd']).toBeUndefined();
