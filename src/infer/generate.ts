@@ -94,14 +94,18 @@ function* generateGroup(model: Decoder, reqs: GenRequest[], opts: GenOptions, gl
   const B = rows.length;
   try {
     const V = cfg.vocab_size;
-    // The prompts' rows are repeated for their samples: each then draws on the host.
-    let scores = lastScores(model, { ids, batch: B0, len: P, valid, positions }, cache, opts, uniform && nSamples > 1 ? null : rows.map((r) => r.rng));
-    if (uniform && nSamples > 1 && !(scores instanceof Int32Array)) {
-      cache.repeatRows(nSamples);
-      const from = scores;
-      const rep = from instanceof Float32Array ? new Float32Array(B * V) : new Float64Array(B * V);
-      for (let b = 0; b < B; b++) rep.set(from.subarray(Math.floor(b / nSamples) * V, (Math.floor(b / nSamples) + 1) * V), b * V);
-      scores = rep;
+    // Each prompt's row stands for its samples' rows (`repeat`): then the cache is repeated, and
+    // the scores too where they came back (the tokens drawn on the device already are the rows').
+    const repeat = uniform ? nSamples : 1;
+    let scores = lastScores(model, { ids, batch: B0, len: P, valid, positions }, cache, opts, rows.map((r) => r.rng), repeat);
+    if (repeat > 1) {
+      cache.repeatRows(repeat);
+      if (!(scores instanceof Int32Array)) {
+        const from = scores;
+        const rep = from instanceof Float32Array ? new Float32Array(B * V) : new Float64Array(B * V);
+        for (let b = 0; b < B; b++) rep.set(from.subarray(Math.floor(b / repeat) * V, (Math.floor(b / repeat) + 1) * V), b * V);
+        scores = rep;
+      }
     }
     const stopSet = new Set(opts.stopIds);
     for (let step = 0; step < opts.maxNewTokens; step++) {
@@ -164,27 +168,30 @@ function* generateGroup(model: Decoder, reqs: GenRequest[], opts: GenOptions, gl
 
 /**
  * What the sampler needs of the last position of each row, where the backend can take part of it
- * (engine/kernels): with each row's stream (`rngs`; null for a finished row, which draws
- * nothing), the tokens themselves, drawn on the device (SAMPLE_DRAW_KERNEL: one id a row comes
- * back; a row whose top-p keeps more tokens than the device sorts is drawn here from its
- * probabilities); without them (a prompt's row to repeat for its samples) or with a top-k the
- * device does not take, the exps of the sampler's first pass, [B·V] float64
- * (SAMPLE_EXPS_KERNEL); else, or with penalties or greedy decoding (they read the logits), the
- * logits [B·V]. Each gives the host sampler's tokens bit for bit: on a GPU a decoding step's host
+ * (engine/kernels): the tokens themselves, drawn on the device with each row's stream (`rngs`,
+ * `repeat` rows for each of the batch's; null for a finished row, which draws nothing) —
+ * SAMPLE_DRAW_KERNEL: one id a row comes back; a row whose top-p keeps more tokens than the
+ * device sorts is drawn here from its probabilities; with a top-k the device does not take, the
+ * exps of the sampler's first pass, [B·V] float64 (SAMPLE_EXPS_KERNEL); else, or with penalties
+ * or greedy decoding (they read the logits), the logits [B·V]. The last two are the batch's rows,
+ * not repeated. Each gives the host sampler's tokens bit for bit: on a GPU a decoding step's host
  * work was mostly its exps over the vocabulary, then its sort.
  */
-function lastScores(model: Decoder, batch: { ids: number[]; batch: number; len: number; valid: number[]; positions: number[] }, cache: KVCache, opts: SamplingParams, rngs: (Rng | null)[] | null): Float32Array | Float64Array | Int32Array {
+function lastScores(model: Decoder, batch: { ids: number[]; batch: number; len: number; valid: number[]; positions: number[] }, cache: KVCache, opts: SamplingParams, rngs: (Rng | null)[], repeat = 1): Float32Array | Float64Array | Int32Array {
   const has = (k: string) => tf.getKernel(k, tf.getBackend()) !== undefined;
   const sampled = opts.temperature > 0 && !penalises(opts);
   const drawable = opts.topP < 1 || opts.topK <= SAMPLE_KEPT_MAX;
-  const mode = sampled && rngs && drawable && has(SAMPLE_DRAW_KERNEL) ? 'ids' : sampled && has(SAMPLE_EXPS_KERNEL) ? 'exps' : 'logits';
+  const mode = sampled && drawable && has(SAMPLE_DRAW_KERNEL) ? 'ids' : sampled && has(SAMPLE_EXPS_KERNEL) ? 'exps' : 'logits';
   // A row's uniform, taken from its stream in the order the host's draw takes it.
-  const draws = mode === 'ids' ? rngs!.map((r) => (r ? r.next() : 0)) : [];
+  const draws = mode === 'ids' ? rngs.map((r) => (r ? r.next() : 0)) : [];
   const out = tf.tidy(() => {
     const h = model.hidden(batch, cache);
     const last = tf.reshape(tf.slice(h, [0, batch.len - 1, 0], [batch.batch, 1, model.cfg.hidden_size]), [batch.batch, model.cfg.hidden_size]) as tf.Tensor2D;
     const logits = model.logits(last);
-    if (mode === 'ids') return tf.engine().runKernel(SAMPLE_DRAW_KERNEL, { logits }, { temperature: opts.temperature, draws, topK: opts.topK, topP: opts.topP }) as tf.Tensor[];
+    if (mode === 'ids') {
+      const rows = repeat > 1 ? tf.gather(logits, Array.from({ length: batch.batch * repeat }, (_, b) => Math.floor(b / repeat))) : logits;
+      return tf.engine().runKernel(SAMPLE_DRAW_KERNEL, { logits: rows }, { temperature: opts.temperature, draws, topK: opts.topK, topP: opts.topP }) as tf.Tensor[];
+    }
     return [mode === 'exps' ? (tf.engine().runKernel(SAMPLE_EXPS_KERNEL, { logits }, { temperature: opts.temperature }) as tf.Tensor) : logits];
   });
   try {

@@ -572,28 +572,29 @@ export function cudaBackendCases(): void {
         model.dispose();
         return { ids: gen.map((r) => r.map((s) => s.ids)), exps: ops.sample_exps?.count ?? 0, drawn: ops.sample_draw?.count ?? 0, kept: ops.sample_kept?.count ?? 0 };
       });
-    // Top-p: the prompts' exps come down to be drawn for each sample, then each step's tokens are
-    // drawn on the device.
+    // Top-p: every step's tokens are drawn on the device, the prefill's too (each prompt's logits
+    // repeated there for its three samples).
     const filtered = await decode({ temperature: 0.9, topP: 0.95 });
     expect(filtered.cuda.ids).toEqual(filtered.native.ids);
-    expect([filtered.cuda.exps, filtered.cuda.drawn, filtered.cuda.kept]).toEqual([12, 0, 11]);
+    expect([filtered.cuda.exps, filtered.cuda.drawn, filtered.cuda.kept]).toEqual([12, 0, 12]);
     expect(new Set(filtered.native.ids.flat(2)).size).toBeGreaterThan(5);
-    // Top-k past what the device sorts: every step's exps come down.
+    // Top-k past what the device sorts: every step's exps come down (the prefill's, a prompt's
+    // row, repeated on the host).
     const wide = await decode({ temperature: 0.9, topK: SAMPLE_KEPT_MAX + 1, topP: 1 });
     expect(wide.cuda.ids).toEqual(wide.native.ids);
     expect([wide.cuda.exps, wide.cuda.kept]).toEqual([12, 0]);
     // A vocabulary of 3000 nearly flat logits: top-p 0.99 keeps more tokens than the device sorts,
-    // and those rows are drawn on the host from the probabilities that come back with the ids.
+    // and those rows are drawn on the host from the probabilities that come back with the ids
+    // (the prefill's rows, two samples a prompt, repeated on the device).
     const flat = makeTestModel({ ...ARCH_SPECS['qwen2 biases tied rope 1e6'], vocab: 3000 }, 2, 0.05);
-    const many = await decode({ temperature: 1, topP: 0.99 }, [[1], [2]], flat);
+    const many = await decode({ temperature: 1, topP: 0.99 }, [[1, 2], [3, 4]], flat);
     expect(many.cuda.ids).toEqual(many.native.ids);
     expect([many.cuda.exps, many.cuda.kept]).toEqual([12, 12]);
     expect(new Set(many.native.ids.flat(2)).size).toBeGreaterThan(15);
-    // Nothing filtered: the tokens themselves are drawn on the device, once the prompts' rows are
-    // repeated for their samples (the prefill draws on the host); with one row a sample from the start.
+    // Nothing filtered: the same, by sample_draw; prompts with samples of their own too.
     const plain = await decode({ temperature: 0.9 });
     expect(plain.cuda.ids).toEqual(plain.native.ids);
-    expect([plain.cuda.exps, plain.cuda.drawn]).toEqual([12, 11]);
+    expect([plain.cuda.exps, plain.cuda.drawn]).toEqual([12, 12]);
     const apart = await decode({ temperature: 1.3 }, [[7], [8, 9]]);
     expect(apart.cuda.ids).toEqual(apart.native.ids);
     expect([apart.cuda.exps, apart.cuda.drawn]).toEqual([12, 12]);
