@@ -280,20 +280,6 @@ class Gpu : public Device {
       if (!staged(dst + at, static_cast<const char*>(src) + at, std::min(kStagedUpload, n - at))) return false;
     return true;
   }
-  bool staged(uint64_t dst, const void* src, size_t n) {
-    if (stage_at_ + n > kStagedUpload) {
-      if (!ok(cu_.event_record(stage_done_[stage_seg_], nullptr), "cuEventRecord")) return false;
-      stage_pending_[stage_seg_] = true;
-      stage_seg_ = (stage_seg_ + 1) % kStageSegments;
-      stage_at_ = 0;
-      if (stage_pending_[stage_seg_] && !ok(cu_.event_sync(stage_done_[stage_seg_]), "cuEventSynchronize")) return false;
-      stage_pending_[stage_seg_] = false;
-    }
-    char* at = stage_ + stage_seg_ * kStagedUpload + stage_at_;
-    std::memcpy(at, src, n);
-    stage_at_ = (stage_at_ + n + 15) / 16 * 16;
-    return ok(cu_.htod_async(dst, at, n, nullptr), "cuMemcpyHtoDAsync");
-  }
   bool download(void* dst, uint64_t src, size_t n) override { return ok(cu_.dtoh(dst, src, n), "cuMemcpyDtoH"); }
   bool copy(uint64_t dst, uint64_t src, size_t n) override { return ok(cu_.dtod(dst, src, n), "cuMemcpyDtoD"); }
   bool launch(const KernelInfo& k, unsigned grid, unsigned block, void** args) override {
@@ -327,6 +313,21 @@ class Gpu : public Device {
   }
 
  private:
+  // One staging segment's piece of an upload (see upload).
+  bool staged(uint64_t dst, const void* src, size_t n) {
+    if (stage_at_ + n > kStagedUpload) {
+      if (!ok(cu_.event_record(stage_done_[stage_seg_], nullptr), "cuEventRecord")) return false;
+      stage_pending_[stage_seg_] = true;
+      stage_seg_ = (stage_seg_ + 1) % kStageSegments;
+      stage_at_ = 0;
+      if (stage_pending_[stage_seg_] && !ok(cu_.event_sync(stage_done_[stage_seg_]), "cuEventSynchronize")) return false;
+      stage_pending_[stage_seg_] = false;
+    }
+    char* at = stage_ + stage_seg_ * kStagedUpload + stage_at_;
+    std::memcpy(at, src, n);
+    stage_at_ = (stage_at_ + n + 15) / 16 * 16;
+    return ok(cu_.htod_async(dst, at, n, nullptr), "cuMemcpyHtoDAsync");
+  }
   // cuBLASLt's best algorithm for this product's shapes and its operands' actual alignments
   // (its default preference assumes 256-byte aligned buffers, which a batch entry or a view
   // need not be), found once per distinct product.

@@ -146,7 +146,6 @@ inline unsigned __float_as_uint(float f) {
 }
 inline float fmaxf(float a, float b) { return std::fmax(a, b); }
 
-
 // Run body() as `grid` blocks of `block` threads. Blocks run 64 threads at most (still two warps,
 // a valid size for every kernel).
 template <typename F>

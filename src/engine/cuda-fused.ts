@@ -269,13 +269,13 @@ function attentionByProducts(dev: CudaDevice) {
  * Attention forward and backward on the device: as products (attentionByProducts) where
  * attentionPath says, else kernels.cu's flash-style kernels. Those keep each query row's max and
  * log Σ exp beside the output (a companion of o's memory, freed with it), and the op saves o for
- * the backward pass (savesAttentionOutput): the backward pass starts from them, not from a second
- * forward pass (about a fifth of attention's arithmetic).
+ * the backward pass (savesAttentionOutput, on that path only): the backward pass starts from them,
+ * not from a second forward pass (about a fifth of attention's arithmetic).
  */
 function deviceAttention(dev: CudaDevice): Pick<FusedAddon, 'attention' | 'attentionGrad' | 'savesAttentionOutput'> {
   const products = attentionByProducts(dev);
   return {
-    savesAttentionOutput: true,
+    savesAttentionOutput: (b, t, tk, h, kv) => attentionPath(b, t, tk, h, kv) === 'flash',
     attention: (q: any, kk: any, v: any, mask: any, scale, b, t, tk, h, kv, hd, o: any) => {
       checkHeadDim(dev, hd);
       if (attentionPath(b, t, tk, h, kv) === 'products') return products.forward(q, kk, v, mask, scale, b, t, tk, h, kv, hd, o);

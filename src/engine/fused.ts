@@ -41,12 +41,13 @@ export interface FusedAddon {
    */
   readonly drawsMasks?: boolean;
   /**
-   * The backward pass of attention reuses the forward pass's output and what the forward kept with
-   * it (a GPU: each query row's softmax statistics) instead of running the forward pass again.
-   * Where that pass is cheap next to its backward (the host), keeping the output costs memory for
-   * nothing.
+   * Whether attention of these sizes (q [b, t, h, ·], k [b, tk, kv, ·]) keeps its output for its
+   * backward pass, which then reuses it and what the forward kept with it (a GPU's flash kernels:
+   * each query row's softmax statistics) instead of running the forward pass again. Absent: never —
+   * where that pass is cheap next to its backward (the host), or has nothing to reuse (a GPU's
+   * products), keeping the output costs memory for nothing.
    */
-  readonly savesAttentionOutput?: boolean;
+  savesAttentionOutput?(b: number, t: number, tk: number, h: number, kv: number): boolean;
 }
 
 /** Input views: Float32Array, or Int32Array for int32 inputs (labels). */
@@ -481,6 +482,10 @@ export const fused = {
   splitQkv: (qkv: tf.Tensor, g: number) => run('PrefoptSplitQkv', { qkv: f32(qkv) }, { g }) as tf.Tensor[],
   rope: (x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor) => run('PrefoptRope', { x: f32(x), cos, sin }, { inverse: false }) as tf.Tensor,
   /** dq, dk and dv come from one kernel call. */
-  attention: (q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, mask: tf.Tensor, scale: number) =>
-    withJointGrad('PrefoptAttention', 'PrefoptAttentionGrad', { q: f32(q), k: f32(k), v: f32(v) }, { scale }, { mask }, registered.get(tf.getBackend())?.addon.savesAttentionOutput ? 'o' : undefined),
+  attention: (q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, mask: tf.Tensor, scale: number) => {
+    const [b, t, h] = q.shape;
+    const [, tk, kv] = k.shape;
+    const saves = registered.get(tf.getBackend())?.addon.savesAttentionOutput?.(b, t, tk, h, kv);
+    return withJointGrad('PrefoptAttention', 'PrefoptAttentionGrad', { q: f32(q), k: f32(k), v: f32(v) }, { scale }, { mask }, saves ? 'o' : undefined);
+  },
 };

@@ -197,11 +197,6 @@ export function sampleFromProbs(probs: Float64Array, p: SamplingParams, u: numbe
   return kept ? draw(kept.probs, u, kept.ids) : draw(probs, u);
 }
 
-/** Whether top-k or top-p is asked for (it filters any vocabulary larger than k). */
-export function filters(p: SamplingParams): boolean {
-  return p.topK > 0 || p.topP < 1;
-}
-
 /** Whether any penalty changes the logits (then they are needed on the host). */
 export function penalises(p: SamplingParams): boolean {
   return p.repetitionPenalty !== 1 || p.presencePenalty !== 0 || p.frequencyPenalty !== 0;
